@@ -1,0 +1,303 @@
+"""The `gamestream` command."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from gamestream.settings import Settings
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None,
+    help="Data directory (default ./gamestream-data, or GAMESTREAM_DATA_DIR).",
+)
+partitions_option = click.option(
+    "--partitions", "partitions", type=int, default=None,
+    help="Log partitions, fixed when the log is created (default 4, or GAMESTREAM_PARTITIONS).",
+)
+
+
+def _settings(**options: object) -> Settings:
+    return Settings.from_env(**options)
+
+
+def _open_log(settings: Settings):
+    from gamestream.log import open_log
+
+    return open_log(settings.data_dir, partitions=settings.partitions)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """gamestream: mobile-game events → durable log → Delta Lake, exactly once → live KPIs."""
+
+
+# ------------------------------------------------------------------------------------------------------- schema
+@cli.command()
+@click.option("--markdown", is_flag=True, help="The Markdown reference (docs/schema.md).")
+@click.option("--spark", is_flag=True, help="Spark SQL DDL.")
+def schema(markdown: bool, spark: bool) -> None:
+    """Prints the event schema."""
+    from gamestream import schema as event_schema
+
+    if markdown:
+        out.out(event_schema.markdown_reference(), end="")
+    elif spark:
+        out.out(event_schema.spark_ddl())
+    else:
+        out.out(str(event_schema.arrow_schema()))
+
+
+# --------------------------------------------------------------------------------------------------------- load
+def _print_load_report(report, path: Path, seconds: float) -> None:
+    rate = report.lines / seconds if seconds > 0 else 0
+    out.print(f"[bold]{path}[/]: {report.lines:,} events read in {seconds:.1f}s ({rate:,.0f}/s) — "
+              f"[green]{report.accepted:,} accepted[/], [red]{report.rejected:,} rejected[/]")
+    for number, reason in report.first_rejections:
+        out.print(f"  line {number}: {reason}", markup=False, highlight=False)
+    if report.rejected > len(report.first_rejections):
+        out.print(f"  … and {report.rejected - len(report.first_rejections):,} more rejections")
+
+
+def _load(settings: Settings, path: Path):
+    from gamestream.loader import load_file
+
+    log = _open_log(settings)
+    size = path.stat().st_size
+    with Progress(
+        TextColumn("loading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console, transient=True, disable=size < (4 << 20),
+    ) as progress:
+        task = progress.add_task("load", total=size)
+        started = time.monotonic()
+        try:
+            report = load_file(path, log, max_event_bytes=settings.max_event_bytes,
+                               on_progress=lambda n: progress.advance(task, n))
+        finally:
+            log.close()
+    # the progress counts raw bytes; a gzip file's are more than its size, which is fine for a bar
+    _print_load_report(report, path, time.monotonic() - started)
+    return report
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@data_dir_option
+@partitions_option
+def load(file: Path, data_dir: Path | None, partitions: int | None) -> None:
+    """Validates an NDJSON file (or .gz) and appends its events to the log.
+
+    Events keep their own eventTime and eventId; absent ones are stamped now / given a UUIDv7. Rejected lines
+    are reported with line number, field and reason; the exit status is non-zero only when loading cannot run.
+    """
+    _load(_settings(data_dir=data_dir, partitions=partitions), file)
+
+
+# ------------------------------------------------------------------------------------------------------ process
+def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None) -> None:
+    from gamestream.processor import Processor
+
+    log = _open_log(settings)
+    try:
+        processor = Processor(settings, log, only)
+        processor.install_signal_handlers()
+        started = time.monotonic()
+        last_print = [0.0]
+
+        def show(stats) -> None:
+            now = time.monotonic()
+            if now - last_print[0] < 1.0:
+                return
+            last_print[0] = now
+            rate = stats.events_committed / max(now - started, 1e-9)
+            console.print(f"processed {stats.events_committed:,} events ({rate:,.0f}/s), "
+                          f"{stats.events_quarantined:,} quarantined, {stats.commits:,} commits", highlight=False)
+
+        mode = "until the log is drained" if until_idle else "until stopped (Ctrl-C)"
+        console.print(f"processing partitions {processor.partitions} of {settings.data_dir / 'log'} {mode}")
+        processor.run(until_idle=until_idle, on_progress=show)
+        stats = processor.stats
+        seconds = time.monotonic() - started
+        out.print(f"committed {stats.events_committed:,} events in {stats.commits:,} commits "
+                  f"({stats.events_committed / max(seconds, 1e-9):,.0f}/s over {seconds:.1f}s); "
+                  f"quarantined {stats.events_quarantined:,}; table {settings.table_uri('events')}")
+    finally:
+        log.close()
+
+
+@cli.command()
+@data_dir_option
+@partitions_option
+@click.option("--until-idle", is_flag=True, help="Drain every partition, then exit 0.")
+@click.option("--only", "only", type=str, default=None, help="Own only these partitions, e.g. 0,1 (scale-out).")
+@click.option("--max-batch-events", type=int, default=None, help="Flush a micro-batch at this many events.")
+@click.option("--max-batch-wait", type=float, default=None, help="…or after this many seconds.")
+def process(data_dir: Path | None, partitions: int | None, until_idle: bool, only: str | None,
+            max_batch_events: int | None, max_batch_wait: float | None) -> None:
+    """Streams the log into the Delta tables, exactly once."""
+    settings = _settings(data_dir=data_dir, partitions=partitions, batch_max_events=max_batch_events,
+                         batch_max_wait_s=max_batch_wait)
+    owned = [int(p) for p in only.split(",")] if only else None
+    _process(settings, until_idle=until_idle, only=owned)
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+@cli.command()
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Write NDJSON to this file.")
+@click.option("--events", type=int, default=10_000, show_default=True)
+@click.option("--users", type=int, default=1000, show_default=True)
+@click.option("--days", type=float, default=1.0, show_default=True, help="Spread sessions over this many days.")
+@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day (UTC).")
+@click.option("--seed", type=int, default=7, show_default=True)
+def generate(out_file: Path, events: int, users: int, days: float, start: dt.datetime | None, seed: int) -> None:
+    """Simulates players and writes their events as NDJSON."""
+    from gamestream.generator import simulate
+
+    start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
+    with open(out_file, "w") as handle:
+        for event in simulate(events=events, users=users, seed=seed, start=start_utc, days=days):
+            handle.write(json.dumps(event, separators=(",", ":")))
+            handle.write("\n")
+    out.print(f"wrote {events:,} events of {users:,} players to {out_file}")
+
+
+# ------------------------------------------------------------------------------------------------------- status
+@cli.command()
+@data_dir_option
+@partitions_option
+def status(data_dir: Path | None, partitions: int | None) -> None:
+    """Shows the log backlog per partition and the tables' versions and sizes."""
+    from deltalake import DeltaTable
+
+    from gamestream.log.sqlite import SqliteEventLog
+
+    settings = _settings(data_dir=data_dir, partitions=partitions)
+    log_path = settings.data_dir / "log" / "events.sqlite"
+    if log_path.exists():
+        log = _open_log(settings)
+        try:
+            table = Table(title="event log")
+            for column in ("partition", "last offset", "committed", "backlog events"):
+                table.add_column(column, justify="right")
+            for p in range(log.partitions):
+                committed = log.committed(settings.pipeline, p)
+                backlog = log.events_after(p, committed) if isinstance(log, SqliteEventLog) else "?"
+                table.add_row(str(p), f"{log.last_offset(p):,}", f"{committed:,}", f"{backlog:,}")
+            out.print(table)
+        finally:
+            log.close()
+    else:
+        out.print(f"no log at {log_path}")
+    table = Table(title="tables")
+    for column in ("table", "version", "files", "rows", "size"):
+        table.add_column(column, justify="right")
+    for name in ("events", "events_quarantine"):
+        uri = settings.table_uri(name)
+        if not DeltaTable.is_deltatable(uri):
+            table.add_row(name, "—", "—", "—", "—")
+            continue
+        actions = DeltaTable(uri).get_add_actions(flatten=True)
+        rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
+        size = sum(actions.column("size_bytes").to_pylist()) if actions.num_rows else 0
+        table.add_row(name, str(DeltaTable(uri).version()), f"{actions.num_rows:,}", f"{rows:,}",
+                      f"{size / 1e6:,.1f} MB")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------------- demo
+@cli.command()
+@data_dir_option
+def demo(data_dir: Path | None) -> None:
+    """Loads the bundled sample events and processes them into Delta (the HTTP collector joins in a later
+    release), then shows what landed where."""
+    settings = _settings(data_dir=data_dir)
+    sample = resources.files("gamestream") / "data" / "sample_events.ndjson.gz"
+    with resources.as_file(sample) as path:
+        out.print(f"[bold]1. load[/] the bundled sample ({path.name}) into the log at {settings.data_dir / 'log'}")
+        _load(settings, path)
+    out.print("[bold]2. process[/] the log into Delta Lake, exactly once")
+    _process(settings, until_idle=True)
+    out.print("[bold]3. query[/] the table with DuckDB")
+    _demo_query(settings)
+    out.print(f"\nThe tables are plain Delta Lake under {settings.data_dir / 'tables'}; see README.md to query "
+              "them from DuckDB, Polars or Spark.")
+
+
+def _demo_query(settings: Settings) -> None:
+    import duckdb
+    from deltalake import DeltaTable
+
+    events = DeltaTable(settings.table_uri("events")).to_pyarrow_dataset()
+    quarantine = DeltaTable(settings.table_uri("events_quarantine")).to_pyarrow_dataset()
+    connection = duckdb.connect()
+    connection.register("events", events)
+    connection.register("events_quarantine", quarantine)
+    rows = connection.execute(
+        "SELECT eventDate, count(*) AS events, count(DISTINCT eventParams.device_id) AS dau, "
+        "round(sum(CASE WHEN eventName = 'purchaseEvent' THEN eventParams.amount END), 2) AS bookings "
+        "FROM events GROUP BY eventDate ORDER BY eventDate"
+    ).fetchall()
+    table = Table(title="events per day")
+    for column in ("eventDate", "events", "DAU", "bookings"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
+    for reason, count in connection.execute(
+        "SELECT reason, count(*) FROM events_quarantine GROUP BY reason ORDER BY 2 DESC"
+    ).fetchall():
+        out.print(f"quarantined: {count} × {reason}", markup=False, highlight=False)
+    connection.close()
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    """Runs the command, then ends the process deliberately.
+
+    deltalake 1.6.3 can abort the interpreter at exit ("terminate called without an active exception", exit 134)
+    after reading a table; a command that succeeded must still exit 0, so we flush and `os._exit`.
+    """
+    code = 0
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        code = 130
+    except click.ClickException as error:
+        error.show()
+        code = error.exit_code
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as error:  # a clear line, not a traceback, for errors we know how to explain
+        from gamestream.log.sqlite import LogPartitionsMismatch
+        from gamestream.processor import PartitionBusy
+
+        if isinstance(error, (LogPartitionsMismatch, PartitionBusy)):
+            console.print(f"[red]error:[/] {error}", highlight=False)
+            code = 2
+        else:
+            console.print_exception()
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Turning log records into Arrow rows for the events table, and quarantine rows for what does not fit.
+
+Fast path: the records' canonical NDJSON is decoded in one call by pyarrow's JSON reader with the explicit
+schema, then checked column-wise (eventTime, eventName, device_id present). Records that pyarrow cannot decode
+(written by a foreign producer, say) fall back to the line-by-line validator, so one bad line costs its own row,
+never its batch's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from gamestream import schema
+from gamestream.log import LogRecord
+
+_DECODE_SCHEMA = schema.decode_schema()
+_PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_DECODE_SCHEMA, unexpected_field_behavior="ignore")
+_READ_OPTIONS = pj.ReadOptions(block_size=8 << 20)
+
+
+@dataclass
+class Decoded:
+    events: list[pa.Table] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+
+    def events_table(self) -> pa.Table:
+        if not self.events:
+            return schema.arrow_schema().empty_table()
+        return pa.concat_tables(self.events)
+
+    def quarantine_table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.quarantine, schema=schema.QUARANTINE_SCHEMA)
+
+
+def _read_json(payload: bytes) -> pa.Table:
+    return pj.read_json(io.BytesIO(payload), read_options=_READ_OPTIONS, parse_options=_PARSE_OPTIONS)
+
+
+def _lines(payload: bytes) -> list[bytes]:
+    return [line for line in payload.split(b"\n") if line.strip()]
+
+
+def decode_records(records: list[LogRecord], now: dt.datetime | None = None) -> Decoded:
+    """Decodes `records` (any partitions) into event rows with `eventDate`, and quarantine rows with reasons."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    out = Decoded()
+    if not records:
+        return out
+    try:
+        table = _read_json(b"\n".join(r.payload for r in records))
+        line_counts = [len(_lines(r.payload)) for r in records] if _needs_line_map(table) else None
+        if line_counts is not None and sum(line_counts) != table.num_rows:
+            raise ValueError("lines and rows disagree")
+        _check_and_split(table, records, line_counts, out, now)
+    except (pa.ArrowInvalid, ValueError):
+        for record in records:  # slow path, one record at a time
+            _decode_record_slowly(record, out, now)
+    return out
+
+
+def _needs_line_map(table: pa.Table) -> bool:
+    return bool(pc.any(_invalid_mask(table)).as_py())
+
+
+def _invalid_mask(table: pa.Table) -> pa.ChunkedArray:
+    name = table["eventName"]
+    device = pc.struct_field(table["eventParams"], "device_id")
+    return pc.or_(
+        pc.or_(pc.is_null(table["eventTime"]), pc.is_null(table["eventParams"])),
+        pc.or_(pc.fill_null(pc.equal(name, ""), True), pc.fill_null(pc.equal(device, ""), True)),
+    )
+
+
+def _reason(row: dict) -> str:
+    if row["eventTime"] is None:
+        return "eventTime: null (the seed's eventTime.isNotNull() filter)"
+    if not row["eventName"]:
+        return "eventName: required"
+    return "eventParams.device_id: required"
+
+
+def _check_and_split(table: pa.Table, records: list[LogRecord], line_counts: list[int] | None, out: Decoded,
+                     now: dt.datetime) -> None:
+    if line_counts is None:  # every row is good
+        out.events.append(_with_event_date(table))
+        return
+    invalid = _invalid_mask(table)
+    out.events.append(_with_event_date(table.filter(pc.invert(invalid))))
+    bad_rows = pc.indices_nonzero(pc.fill_null(invalid, True)).to_pylist()
+    bad = set(bad_rows)
+    row = 0
+    for record, count in zip(records, line_counts):
+        if any(row <= i < row + count for i in bad_rows):
+            for i, line in enumerate(_lines(record.payload), start=row):
+                if i in bad:
+                    out.quarantine.append(_quarantine_row(record, line, _reason(table.slice(i, 1).to_pylist()[0]), now))
+        row += count
+
+
+def _decode_record_slowly(record: LogRecord, out: Decoded, now: dt.datetime) -> None:
+    validator = schema.EventValidator(event_time="input")
+    good: list[bytes] = []
+    for line in _lines(record.payload):
+        # now=None: an event that reached the log without eventTime is not stamped here; it is quarantined
+        result = validator.validate(line, now=None)
+        if isinstance(result, schema.Rejection):
+            out.quarantine.append(_quarantine_row(record, line, str(result), now))
+        else:
+            good.append(result.line)
+    if good:
+        canonical = LogRecord(record.partition, record.offset, b"\n".join(good), len(good), record.appended_at)
+        table = _read_json(canonical.payload)
+        _check_and_split(table, [canonical], [len(good)] if _needs_line_map(table) else None, out, now)
+
+
+def _with_event_date(table: pa.Table) -> pa.Table:
+    table = table.select([f.name for f in _DECODE_SCHEMA])
+    return table.append_column(schema.PARTITION_COLUMN, pc.cast(table["eventTime"], pa.date32()))
+
+
+def _quarantine_row(record: LogRecord, line: bytes, reason: str, now: dt.datetime) -> dict:
+    return {
+        "quarantinedAt": now,
+        "reason": reason,
+        "payload": line.decode("utf-8", errors="replace"),
+        "logPartition": record.partition,
+        "logOffset": record.offset,
+        "quarantineDate": now.date(),
+    }

@@ -1,0 +1,86 @@
+"""The event log: partitioned, durable, replayable.
+
+Every backend implements `EventLog` and passes the shared conformance suite (tests/log_conformance.py). The
+embedded default is SQLite (`gamestream.log.sqlite`); NATS JetStream and Kinesis come as further modules.
+
+Invariants every backend keeps:
+- `append` returns only once its records are durable (fsync'd or replicated); its offsets are then final.
+- Offsets are positive and strictly increase within a partition, also across restarts and trims. They need not
+  be contiguous (JetStream's are not).
+- `read(p, after, n)` returns records of partition p with offset > after, in offset order, at most n. A record
+  is never visible before every record of the same partition with a lower offset is.
+- Records are trimmed only once every registered consumer has committed them and they are older than the
+  retention.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    partition: int
+    offset: int
+    payload: bytes  # canonical NDJSON lines of one batch, "\n"-separated
+    events: int  # how many events the payload holds
+    appended_at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One record to append: a batch of events bound for one partition."""
+
+    partition: int
+    payload: bytes
+    events: int
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    @property
+    def partitions(self) -> int:
+        """How many partitions the log has; fixed when it is created."""
+        ...
+
+    def append(self, records: Sequence[Append]) -> list[int]:
+        """Appends the records durably, in order, and returns their offsets (same order)."""
+        ...
+
+    def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
+        """Records of `partition` with offset > `after_offset`, oldest first, at most `max_records`."""
+        ...
+
+    def last_offset(self, partition: int) -> int:
+        """The highest offset ever appended to `partition`, 0 when none."""
+        ...
+
+    def commit(self, consumer: str, partition: int, offset: int) -> None:
+        """Records that `consumer` has committed `partition` up to `offset` downstream (never moves back)."""
+        ...
+
+    def committed(self, consumer: str, partition: int) -> int:
+        """What `consumer` last committed for `partition`, 0 when nothing."""
+        ...
+
+    def trim(self, retention_seconds: float, now: float | None = None) -> int:
+        """Deletes records that every consumer has committed and that are older than the retention."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def partition_for(device_id: str, partitions: int) -> int:
+    """The log partition of a device: stable across processes and releases (CRC-32, not Python's hash), so a
+    device's events stay in one partition and keep their order."""
+    return zlib.crc32(device_id.encode()) % partitions
+
+
+def open_log(data_dir: Path, *, partitions: int) -> EventLog:
+    """Opens (or creates) the embedded log under `<data_dir>/log/`."""
+    from gamestream.log.sqlite import SqliteEventLog
+
+    return SqliteEventLog(Path(data_dir) / "log", partitions=partitions)

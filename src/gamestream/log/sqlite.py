@@ -1,0 +1,253 @@
+"""The embedded event log: one SQLite database in WAL mode.
+
+Durability: `synchronous=FULL`, so a commit is fsync'd before `append` returns (in WAL mode NORMAL can lose the
+last transactions on power loss). Appends from concurrent threads are group-committed: a writer thread takes
+every append waiting in its queue and commits them in one transaction, so the fsync is paid per group, not per
+caller. Appenders in other processes (a collector and a `load`, say) are serialised by SQLite's write lock;
+each transaction reads and advances the partition heads inside `BEGIN IMMEDIATE`, so offsets stay unique and
+growing across processes.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Sequence
+
+from gamestream.log import Append, LogRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS heads (partition INTEGER PRIMARY KEY, last_offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    appended_at REAL NOT NULL,
+    events INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (partition, offset)
+);
+CREATE TABLE IF NOT EXISTS consumers (
+    consumer TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    committed_offset INTEGER NOT NULL,
+    PRIMARY KEY (consumer, partition)
+);
+"""
+
+_BUSY_TIMEOUT_MS = 60_000
+_MAX_GROUP = 512  # appends per group commit
+
+
+class LogPartitionsMismatch(ValueError):
+    """The log exists with another partition count; partitions are fixed when the log is created."""
+
+
+class SqliteEventLog:
+    """`EventLog` on SQLite. Thread-safe; several processes may open the same directory."""
+
+    def __init__(self, directory: Path, *, partitions: int) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "events.sqlite"
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._partitions = self._initialise(partitions)
+        self._queue: queue.Queue[tuple[Sequence[Append], Future[list[int]]] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------- connections
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                     check_same_thread=False)
+        connection.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        with self._connections_lock:
+            self._connections.append(connection)
+        return connection
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        return connection
+
+    def _initialise(self, partitions: int) -> int:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                connection.execute(statement)
+            row = connection.execute("SELECT value FROM meta WHERE key='partitions'").fetchone()
+            if row is None:
+                connection.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(partitions),))
+                connection.executemany(
+                    "INSERT OR IGNORE INTO heads VALUES (?, 0)", [(p,) for p in range(partitions)]
+                )
+                existing = partitions
+            else:
+                existing = int(row[0])
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        if existing != partitions:
+            raise LogPartitionsMismatch(
+                f"the log at {self.path} has {existing} partitions, not {partitions}; "
+                f"use --partitions {existing} or a new data directory"
+            )
+        return existing
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    # ------------------------------------------------------------------------------------------------ append
+    def append(self, records: Sequence[Append]) -> list[int]:
+        """Appends durably; returns the offsets once the group's transaction is committed."""
+        if not records:
+            return []
+        for record in records:
+            if not 0 <= record.partition < self._partitions:
+                raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
+        if self._closed:
+            raise RuntimeError("the log is closed")
+        self._ensure_writer()
+        done: Future[list[int]] = Future()
+        self._queue.put((records, done))
+        return done.result()
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
+                    self._writer.start()
+
+    def _write_loop(self) -> None:
+        connection = self._connect()
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < _MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this group
+                    break
+                group.append(item)
+            try:
+                offsets = self._commit_group(connection, [records for records, _ in group])
+            except BaseException as error:  # every waiter learns of the failure; nothing was committed
+                for _, done in group:
+                    done.set_exception(error)
+                continue
+            for (_, done), assigned in zip(group, offsets):
+                done.set_result(assigned)
+
+    @staticmethod
+    def _commit_group(connection: sqlite3.Connection, groups: list[Sequence[Append]]) -> list[list[int]]:
+        now = time.time()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            heads = dict(connection.execute("SELECT partition, last_offset FROM heads").fetchall())
+            rows = []
+            result = []
+            for records in groups:
+                assigned = []
+                for record in records:
+                    offset = heads[record.partition] + 1
+                    heads[record.partition] = offset
+                    rows.append((record.partition, offset, now, record.events, record.payload))
+                    assigned.append(offset)
+                result.append(assigned)
+            connection.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+            connection.executemany(
+                "UPDATE heads SET last_offset = ? WHERE partition = ?",
+                [(offset, partition) for partition, offset in heads.items()],
+            )
+            connection.execute("COMMIT")  # synchronous=FULL: durable when this returns
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        return result
+
+    # -------------------------------------------------------------------------------------------------- read
+    def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
+        rows = self._connection().execute(
+            "SELECT offset, payload, events, appended_at FROM records "
+            "WHERE partition = ? AND offset > ? ORDER BY offset LIMIT ?",
+            (partition, after_offset, max_records),
+        )
+        return [LogRecord(partition, offset, bytes(payload), events, appended) for offset, payload, events, appended
+                in rows]
+
+    def last_offset(self, partition: int) -> int:
+        row = self._connection().execute("SELECT last_offset FROM heads WHERE partition = ?", (partition,)).fetchone()
+        return row[0] if row else 0
+
+    def events_after(self, partition: int, after_offset: int) -> int:
+        """How many events partition `partition` holds past `after_offset` (the backlog)."""
+        row = self._connection().execute(
+            "SELECT COALESCE(SUM(events), 0) FROM records WHERE partition = ? AND offset > ?",
+            (partition, after_offset),
+        ).fetchone()
+        return int(row[0])
+
+    # ------------------------------------------------------------------------------------ consumers and trim
+    def commit(self, consumer: str, partition: int, offset: int) -> None:
+        # MAX(): a committed position only moves forward, whatever order the calls arrive in.
+        self._connection().execute(
+            "INSERT INTO consumers VALUES (?, ?, ?) ON CONFLICT (consumer, partition) "
+            "DO UPDATE SET committed_offset = MAX(committed_offset, excluded.committed_offset)",
+            (consumer, partition, offset),
+        )
+
+    def committed(self, consumer: str, partition: int) -> int:
+        row = self._connection().execute(
+            "SELECT committed_offset FROM consumers WHERE consumer = ? AND partition = ?", (consumer, partition)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def trim(self, retention_seconds: float, now: float | None = None) -> int:
+        cutoff = (time.time() if now is None else now) - retention_seconds
+        connection = self._connection()
+        deleted = 0
+        for partition in range(self._partitions):
+            row = connection.execute(
+                "SELECT MIN(committed_offset), COUNT(*) FROM consumers WHERE partition = ?", (partition,)
+            ).fetchone()
+            safe_offset, consumers = row
+            if not consumers:
+                continue  # nobody has committed anything: nothing is safe to delete
+            cursor = connection.execute(
+                "DELETE FROM records WHERE partition = ? AND offset <= ? AND appended_at < ?",
+                (partition, safe_offset, cutoff),
+            )
+            deleted += cursor.rowcount
+        return deleted
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()

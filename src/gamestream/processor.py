@@ -1,0 +1,226 @@
+"""The processor: log partitions → micro-batches → the Delta `events` table, exactly once.
+
+One processor owns a set of log partitions (all of them by default) and holds a lock file per partition, so two
+processors never write the same partition's appId. Each micro-batch is flushed when it holds
+`batch_max_events` events or its oldest record has waited `batch_max_wait_s`, and becomes
+
+1. one commit to `events_quarantine` (only when some rows failed validation), carrying txn
+   `<pipeline>-events_quarantine-p<p>` = the batch's last offset of p for every partition p in the batch, then
+2. one commit to `events` carrying txn `<pipeline>-p<p>` = the batch's last offset of p, for every p — even when
+   every row was quarantined, so the position always moves.
+
+Both commits go through `lake.commit_exactly_once`, which skips the offsets each table already has; a crash
+between 1 and 2 replays the batch, and each table takes only what it lacks. The position a restart resumes from
+is the `events` table's txn version, read from Delta itself: the log's own record of consumer positions is only
+used to know what may be trimmed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+from deltalake import DeltaTable
+
+from gamestream import lake
+from gamestream.decode import Decoded, decode_records
+from gamestream.log import EventLog, LogRecord
+from gamestream.schema import PARTITION_COLUMN
+from gamestream.settings import Settings
+
+_READ_CHUNK = 1000  # records per log read
+_TRIM_EVERY_S = 60.0
+
+
+class PartitionBusy(RuntimeError):
+    """Another processor holds this partition's lock."""
+
+
+@dataclass
+class ProcessorStats:
+    events_committed: int = 0
+    events_quarantined: int = 0
+    commits: int = 0
+    batches_skipped: int = 0  # flushes that found everything already committed
+    positions: dict[int, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+class _PartitionLocks:
+    """flock()s on `<log dir>/processor-p<N>.lock`: released by the kernel when the process dies."""
+
+    def __init__(self, directory: Path, partitions: list[int]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._files = []
+        try:
+            for partition in partitions:
+                handle = open(directory / f"processor-p{partition}.lock", "a+")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise PartitionBusy(f"log partition {partition} is being processed by {holder}") from None
+                handle.truncate(0)
+                handle.write(f"pid {os.getpid()}")
+                handle.flush()
+                self._files.append(handle)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+
+
+class Processor:
+    def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None) -> None:
+        self.settings = settings
+        self.log = log
+        self.partitions = sorted(partitions if partitions is not None else range(log.partitions))
+        for partition in self.partitions:
+            if not 0 <= partition < log.partitions:
+                raise ValueError(f"partition {partition} is outside 0..{log.partitions - 1}")
+        self._locks = _PartitionLocks(settings.data_dir / "log", self.partitions)
+        self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"))
+        self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
+        self._app_ids = {p: lake.txn_app_id(settings.pipeline, p) for p in self.partitions}
+        self._quarantine_app_ids = {
+            p: lake.txn_app_id(settings.pipeline, p, "events_quarantine") for p in self.partitions
+        }
+        committed = lake.committed_versions(self.events_table, list(self._app_ids.values()))
+        self.stats = ProcessorStats(positions={p: committed[self._app_ids[p]] for p in self.partitions})
+        self._pending: dict[int, list[LogRecord]] = {p: [] for p in self.partitions}
+        self._pending_events = 0
+        self._pending_since: float | None = None
+        self._last_trim = time.monotonic()
+        self.stop_requested = threading.Event()
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
+        """Processes until stopped (`stop_requested`, SIGTERM/SIGINT via `install_signal_handlers`) or, with
+        `until_idle`, until every owned partition is drained. Pending events are committed before returning."""
+        try:
+            while not self.stop_requested.is_set():
+                read_any = self._read_available()
+                if self._flush_due(drained=until_idle and not read_any):
+                    self.flush()
+                    if on_progress:
+                        on_progress(self.stats)
+                if not read_any:
+                    if until_idle and self._pending_events == 0:
+                        break
+                    self._maybe_trim()
+                    self.stop_requested.wait(self.settings.poll_interval_s)
+            self.flush()
+            if on_progress:
+                on_progress(self.stats)
+        finally:
+            self._locks.release()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop after committing what has been read (acknowledged events included)."""
+
+        def request_stop(signum: int, frame: object) -> None:
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _read_available(self) -> bool:
+        read_any = False
+        for partition in self.partitions:
+            while self._pending_events < self.settings.batch_max_events:
+                pending = self._pending[partition]
+                after = pending[-1].offset if pending else self.stats.positions[partition]
+                records = self.log.read(partition, after, _READ_CHUNK)
+                if not records:
+                    break
+                read_any = True
+                pending.extend(records)
+                self._pending_events += sum(r.events for r in records)
+                if self._pending_since is None:
+                    self._pending_since = time.monotonic()
+                if len(records) < _READ_CHUNK:
+                    break
+        return read_any
+
+    def _flush_due(self, *, drained: bool) -> bool:
+        """Due at `batch_max_events`, after `batch_max_wait_s`, or (draining until idle) when the log is empty."""
+        if self._pending_since is None:
+            return False
+        return (
+            drained
+            or self._pending_events >= self.settings.batch_max_events
+            or time.monotonic() - self._pending_since >= self.settings.batch_max_wait_s
+        )
+
+    # ------------------------------------------------------------------------------------------------ flush
+    def flush(self) -> None:
+        """Commits every pending record: quarantine first, then events (see the module docstring)."""
+        records = [r for p in self.partitions for r in self._pending[p]]
+        if not records:
+            return
+        last_offsets = {p: self._pending[p][-1].offset for p in self.partitions if self._pending[p]}
+        decoded: dict[tuple, Decoded] = {}  # decode once per distinct starting point (normally once)
+        built: dict[str, int] = {}  # rows in the batch each table's last attempt built
+
+        def decode_after(after: dict[int, int]) -> Decoded:
+            key = tuple(sorted(after.items()))
+            if key not in decoded:
+                decoded.clear()
+                decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]])
+            return decoded[key]
+
+        def builder(app_ids: dict[int, str], rows_of: Callable[[Decoded], pa.Table], name: str,
+                    skip_empty: bool) -> Callable[[dict[str, int]], lake.Batch | None]:
+            def build(versions: dict[str, int]) -> lake.Batch | None:
+                after = {p: versions[app_ids[p]] for p in last_offsets}
+                todo = {app_ids[p]: offset for p, offset in last_offsets.items() if offset > after[p]}
+                if not todo:
+                    return None
+                rows = rows_of(decode_after(after))
+                if skip_empty and rows.num_rows == 0:
+                    return None
+                built[name] = rows.num_rows
+                return lake.Batch(rows, todo)
+
+            return build
+
+        # 1. quarantine (only when there is something to quarantine), 2. events (always: the position moves)
+        if lake.commit_exactly_once(
+            self.quarantine_table, [self._quarantine_app_ids[p] for p in last_offsets],
+            builder(self._quarantine_app_ids, Decoded.quarantine_table, "quarantine", skip_empty=True),
+            partition_by=None, retries=self.settings.commit_retries,
+        ) is not None:
+            self.stats.events_quarantined += built["quarantine"]
+        if lake.commit_exactly_once(
+            self.events_table, [self._app_ids[p] for p in last_offsets],
+            builder(self._app_ids, Decoded.events_table, "events", skip_empty=False),
+            partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries,
+        ) is None:
+            self.stats.batches_skipped += 1
+        else:
+            self.stats.commits += 1
+            self.stats.events_committed += built["events"]
+        for partition, offset in last_offsets.items():
+            self.stats.positions[partition] = offset
+            self.log.commit(self.settings.pipeline, partition, offset)
+            self._pending[partition] = []
+        self._pending_events = 0
+        self._pending_since = None
+
+    def _maybe_trim(self) -> None:
+        if time.monotonic() - self._last_trim >= _TRIM_EVERY_S:
+            self._last_trim = time.monotonic()
+            self.log.trim(self.settings.log_retention_h * 3600)

@@ -1,0 +1,67 @@
+"""The one settings object. Every command builds it from its options, falling back on GAMESTREAM_* environment
+variables, then on the defaults below (docs/configuration.md lists them all)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("gamestream-data")
+    """Where the log and the tables live (`--data-dir`, GAMESTREAM_DATA_DIR)."""
+    partitions: int = 4
+    """Log partitions; fixed when the log is created. The unit of parallelism for processors."""
+    pipeline: str = "gamestream"
+    """Names the Delta txn appIds (`<pipeline>-p<partition>`) and the log consumer."""
+    batch_max_events: int = 100_000
+    """A micro-batch is flushed once it holds this many events…"""
+    batch_max_wait_s: float = 0.5
+    """…or once its oldest record has waited this long: freshness under load stays under a second."""
+    poll_interval_s: float = 0.05
+    """How long the processor sleeps when every partition is empty."""
+    log_retention_h: float = 24.0
+    """Log records are deleted once committed to the table and older than this."""
+    commit_retries: int = 20
+    """Attempts at a Delta commit that keeps conflicting before the processor gives up."""
+    max_event_bytes: int = 32 * 1024
+    """An event over this size is rejected (a whole body may hold many)."""
+    tables: dict[str, str] = field(default_factory=dict)
+    """Table locations by name; unset ones are `<data_dir>/tables/<name>`. May be object-store URLs."""
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Settings":
+        """Defaults, then GAMESTREAM_<NAME> variables, then the non-None `overrides` (command-line options)."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"GAMESTREAM_{f.name.upper()}")
+            if raw is None or f.name == "tables":
+                continue
+            values[f.name] = _parse(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+    def table_uri(self, name: str) -> str:
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
+        return self.tables.get(name) or str((self.data_dir / "tables" / name).absolute())
+
+    def with_(self, **changes: object) -> "Settings":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse(type_name: object, raw: str) -> object:
+    kind = str(type_name)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw)
+    return raw
