@@ -1,0 +1,3 @@
+from gamestream.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""The SQLite event log: the conformance suite, plus what only a local file can show (other processes, SIGKILL)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gamestream.log import Append, partition_for
+from gamestream.log.sqlite import LogPartitionsMismatch, SqliteEventLog
+from log_conformance import LogConformance, read_all
+
+
+class TestSqliteConformance(LogConformance):
+    @pytest.fixture
+    def open_log(self, tmp_path: Path):
+        return lambda partitions: SqliteEventLog(tmp_path / "log", partitions=partitions)
+
+
+def test_log_is_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "log", partitions=2)
+    try:
+        log.append([Append(0, b"{}", 1)])
+        connection = log._connection()
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert (tmp_path / "log" / "events.sqlite").exists()
+    finally:
+        log.close()
+
+
+def test_reopening_with_another_partition_count_is_refused(tmp_path: Path) -> None:
+    SqliteEventLog(tmp_path / "log", partitions=4).close()
+    with pytest.raises(LogPartitionsMismatch, match="has 4 partitions"):
+        SqliteEventLog(tmp_path / "log", partitions=8)
+
+
+def _append_from_process(directory: str, worker: int, count: int, queue) -> None:
+    log = SqliteEventLog(Path(directory), partitions=3)
+    acked = []
+    for i in range(count):
+        (offset,) = log.append([Append(i % 3, f"p{worker}-{i}".encode(), 1)])
+        acked.append((i % 3, offset, f"p{worker}-{i}".encode()))
+    log.close()
+    queue.put(acked)
+
+
+def test_appenders_in_several_processes_share_one_offset_sequence(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    SqliteEventLog(directory, partitions=3).close()
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_append_from_process, args=(str(directory), w, 200, queue)) for w in range(3)]
+    for w in workers:
+        w.start()
+    acked = [entry for _ in workers for entry in queue.get(timeout=120)]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    log = SqliteEventLog(directory, partitions=3)
+    try:
+        for partition in range(3):
+            expected = sorted((offset, body) for p, offset, body in acked if p == partition)
+            assert [(r.offset, r.payload) for r in read_all(log, partition)] == expected
+    finally:
+        log.close()
+
+
+_KILLED_WRITER = """
+import sys
+from pathlib import Path
+from gamestream.log import Append
+from gamestream.log.sqlite import SqliteEventLog
+log = SqliteEventLog(Path(sys.argv[1]), partitions=2)
+i = 0
+while True:
+    batch = [Append(i % 2, b"%d" % (i * 100 + k), 1) for k in range(100)]
+    offsets = log.append(batch)
+    print(i, offsets[0], offsets[-1], flush=True)  # acknowledged: committed and fsync'd
+    i += 1
+"""
+
+
+def test_sigkill_of_a_writer_loses_no_acknowledged_record(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    acked_total = 0
+    for attempt in range(5):
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(directory)], stdout=subprocess.PIPE,
+                                 text=True)
+        acked = []
+        deadline = time.monotonic() + 0.3 + attempt * 0.1
+        while time.monotonic() < deadline or not acked:
+            line = child.stdout.readline()
+            if line:
+                acked.append(tuple(map(int, line.split())))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        log = SqliteEventLog(directory, partitions=2)
+        try:
+            stored = {(p, r.offset) for p in range(2) for r in read_all(log, p, chunk=1000)}
+        finally:
+            log.close()
+        for i, first, last in acked:
+            for offset in range(first, last + 1):
+                assert (i % 2, offset) in stored
+        acked_total += len(acked)
+    assert acked_total >= 5
+
+
+def test_partition_for_is_stable_and_spreads_devices() -> None:
+    assert partition_for("device-1", 4) == partition_for("device-1", 4)
+    # CRC-32, not Python's per-process hash(): the same in every process, every release
+    assert partition_for("device-1", 4) == 3073368697 % 4
+    counts = [0] * 4
+    for i in range(4000):
+        counts[partition_for(f"device-{i}", 4)] += 1
+    assert min(counts) > 800
