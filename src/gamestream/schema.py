@@ -233,6 +233,7 @@ _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
 def _rejection_from_msgspec(error: msgspec.DecodeError) -> Rejection:
     message = str(error)
     if not isinstance(error, msgspec.ValidationError):
+        message = message.removeprefix("JSON is malformed: ")
         return Rejection("", f"invalid JSON: {message[:1].lower()}{message[1:]}")
     path = ""
     match = _AT_PATH.search(message)
@@ -274,7 +275,7 @@ class EventValidator:
 
     >>> v = EventValidator(event_time="input")
     >>> v.validate(b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventTime":0,"eventId":"e1"}', now=None)
-    ValidEvent(device_id='d1', line=b'{"eventId":"e1","eventName":"x","eventTime":"1970-01-01T00:00:00Z","eventParams":{"device_id":"d1"}}')
+    ValidEvent(device_id='d1', line=b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventId":"e1","eventTime":"1970-01-01T00:00:00Z"}')
     """
 
     def __init__(self, *, event_time: Literal["server", "input"]) -> None:
