@@ -103,6 +103,7 @@ class Processor:
         self._pending: dict[int, list[LogRecord]] = {p: [] for p in self.partitions}
         self._pending_events = 0
         self._pending_since: float | None = None
+        self._events_per_record = settings.batch_max_events  # no estimate yet: the first read takes 1 record
         self._last_trim = time.monotonic()
         self.stop_requested = threading.Event()
 
@@ -143,15 +144,21 @@ class Processor:
             while self._pending_events < self.settings.batch_max_events:
                 pending = self._pending[partition]
                 after = pending[-1].offset if pending else self.stats.positions[partition]
-                records = self.log.read(partition, after, _READ_CHUNK)
+                # Records hold whole batches (one request, one chunk of a file): read about as many as fit
+                # in what is left of the micro-batch, judged by the size of the records seen so far.
+                room = self.settings.batch_max_events - self._pending_events
+                limit = max(1, min(_READ_CHUNK, room // self._events_per_record))
+                records = self.log.read(partition, after, limit)
                 if not records:
                     break
                 read_any = True
                 pending.extend(records)
-                self._pending_events += sum(r.events for r in records)
+                events = sum(r.events for r in records)
+                self._pending_events += events
+                self._events_per_record = max(1, events // len(records))
                 if self._pending_since is None:
                     self._pending_since = time.monotonic()
-                if len(records) < _READ_CHUNK:
+                if len(records) < limit:
                     break
         return read_any
 
