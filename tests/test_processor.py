@@ -1,0 +1,145 @@
+"""The processor in-process: records other producers wrote, crashes between its two commits, scale-out."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from conftest import table_rows
+from gamestream import lake
+from gamestream.log import Append, open_log
+from gamestream.processor import Processor
+from gamestream.settings import Settings
+
+
+def line(event_id: str, **extra) -> bytes:
+    event = {"eventId": event_id, "eventName": "levelStart", "eventTime": "2026-11-01T10:00:00Z",
+             "eventParams": {"device_id": "d1"}}
+    event.update(extra)
+    return json.dumps(event).encode()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", partitions=2)
+
+
+def drain(settings: Settings, partitions: list[int] | None = None) -> Processor:
+    log = open_log(settings.data_dir, partitions=settings.partitions)
+    try:
+        processor = Processor(settings, log, partitions)
+        processor.run(until_idle=True)
+        return processor
+    finally:
+        log.close()
+
+
+def test_bad_lines_from_another_producer_are_quarantined_one_by_one(settings: Settings) -> None:
+    log = open_log(settings.data_dir, partitions=2)
+    payload = b"\n".join([
+        line("ok-1"),
+        b'{"eventName": "x", "eventParams": {"devi',  # truncated
+        line("bad-type", eventParams={"device_id": "d1", "scoreAdjustment": "lots"}),
+        line("no-time", eventTime=None),
+        line("no-device", eventParams={"platform": "ios"}),
+        line("empty-name", eventName=""),
+        line("ok-2"),
+    ])
+    log.append([Append(0, payload, 7), Append(1, line("ok-3"), 1)])
+    log.close()
+    processor = drain(settings)
+    assert sorted(r["eventId"] for r in table_rows(processor.settings.table_uri("events"))) == ["ok-1", "ok-2", "ok-3"]
+    quarantined = table_rows(processor.settings.table_uri("events_quarantine"))
+    reasons = sorted(q["reason"].split(":")[0] for q in quarantined)
+    assert reasons == ["eventName", "eventParams.device_id", "eventParams.scoreAdjustment", "eventTime",
+                       "invalid JSON"]
+    assert {q["logPartition"] for q in quarantined} == {0} and {q["logOffset"] for q in quarantined} == {1}
+    assert any(q["payload"].startswith('{"eventName": "x"') for q in quarantined)  # the raw bytes, as sent
+    assert processor.stats.events_committed == 3 and processor.stats.events_quarantined == 5
+
+
+def test_a_crash_between_the_quarantine_and_the_events_commit_duplicates_nothing(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(0, b"\n".join([line("a"), line("q", eventTime=None), line("b")]), 3)])
+    log.close()
+
+    real_commit = lake.commit_exactly_once
+
+    def crash_before_events(table, app_ids, build, **kwargs):
+        if table.table_uri.rstrip("/").endswith("events"):
+            raise SystemExit("simulated crash after the quarantine commit")
+        return real_commit(table, app_ids, build, **kwargs)
+
+    monkeypatch.setattr(lake, "commit_exactly_once", crash_before_events)
+    with pytest.raises(SystemExit):
+        drain(settings)
+    assert len(table_rows(settings.table_uri("events_quarantine"))) == 1
+    assert table_rows(settings.table_uri("events")) == []
+
+    monkeypatch.setattr(lake, "commit_exactly_once", real_commit)
+    processor = drain(settings)  # the restart replays the batch; each table takes only what it lacks
+    assert sorted(r["eventId"] for r in table_rows(settings.table_uri("events"))) == ["a", "b"]
+    assert len(table_rows(settings.table_uri("events_quarantine"))) == 1
+    assert processor.stats.events_quarantined == 0 and processor.stats.events_committed == 2
+
+
+def test_a_batch_already_in_the_table_is_skipped_by_its_txn_version(settings: Settings) -> None:
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(1, line("x"), 1)])
+    log.close()
+    drain(settings)
+    table = DeltaTable(settings.table_uri("events"))
+    assert table.transaction_version(lake.txn_app_id("gamestream", 1)) == 1
+    version = table.version()
+    # a processor that believes it is behind (its position is forced back) still writes nothing twice
+    log = open_log(settings.data_dir, partitions=2)
+    try:
+        processor = Processor(settings, log)
+        processor.stats.positions[1] = 0
+        processor.run(until_idle=True)
+        assert processor.stats.batches_skipped == 1 and processor.stats.events_committed == 0
+    finally:
+        log.close()
+    assert DeltaTable(settings.table_uri("events")).version() == version
+
+
+def test_processors_owning_different_partitions_write_one_table_concurrently(settings: Settings) -> None:
+    import threading
+
+    records_per_partition = 30
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(p, b"\n".join(line(f"p{p}-{i}") for i in range(100)), 100)
+                for p in (0, 1) for _ in range(records_per_partition)])
+    log.close()
+    small_batches = settings.with_(batch_max_events=100)  # a commit per record: many chances to conflict
+    threads = [threading.Thread(target=drain, args=(small_batches, [p])) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = Counter(r["eventId"] for r in table_rows(settings.table_uri("events")))
+    assert len(ids) == 200 and set(ids.values()) == {records_per_partition}  # every record once
+    table = DeltaTable(settings.table_uri("events"))
+    assert [table.transaction_version(lake.txn_app_id("gamestream", p)) for p in (0, 1)] == [30, 30]
+    assert table.version() == 2 * records_per_partition
+
+
+def test_log_records_are_trimmed_only_after_commit_and_retention(settings: Settings) -> None:
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(0, line("t"), 1)])
+    assert log.trim(0) == 0  # not committed downstream yet
+    log.close()
+    drain(settings)
+    log = open_log(settings.data_dir, partitions=2)
+    try:
+        assert log.committed("gamestream", 0) == 1
+        assert log.trim(3600) == 0  # committed, still inside the retention
+        assert log.trim(0) == 1
+    finally:
+        log.close()
