@@ -1,0 +1,24 @@
+from pathlib import Path
+
+import pytest
+
+from gamestream.settings import Settings
+
+
+def test_options_override_environment_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GAMESTREAM_DATA_DIR", "/srv/gs")
+    monkeypatch.setenv("GAMESTREAM_BATCH_MAX_WAIT_S", "0.25")
+    monkeypatch.setenv("GAMESTREAM_PARTITIONS", "8")
+    settings = Settings.from_env(partitions=16, batch_max_events=None)
+    assert settings.data_dir == Path("/srv/gs")
+    assert settings.batch_max_wait_s == 0.25
+    assert settings.partitions == 16
+    assert settings.batch_max_events == Settings().batch_max_events
+
+
+def test_table_locations_default_under_the_data_dir_and_unknown_names_are_refused(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.table_uri("events") == str(tmp_path / "tables" / "events")
+    assert Settings(tables={"events": "s3://bucket/events"}).table_uri("events") == "s3://bucket/events"
+    with pytest.raises(KeyError, match="unknown table"):
+        settings.table_uri("nope")
