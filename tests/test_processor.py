@@ -143,3 +143,16 @@ def test_log_records_are_trimmed_only_after_commit_and_retention(settings: Setti
         assert log.trim(0) == 1
     finally:
         log.close()
+
+
+def test_processors_starting_together_create_each_table_once(tmp_path: Path) -> None:
+    import threading
+
+    for attempt in range(10):
+        uri = str(tmp_path / f"events-{attempt}")
+        openers = [threading.Thread(target=lake.open_events, args=(uri,)) for _ in range(3)]
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join()
+        assert DeltaTable(uri).version() == 0  # one create commit, not a create per racer

@@ -38,8 +38,11 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
         except TableNotFoundError:
             pass
         try:
-            return DeltaTable.create(uri, schema=arrow_schema, partition_by=partition_by, mode="ignore",
-                                     configuration=dict(configuration or {}))
+            # max_commit_retries=0: the loser of a creation race must fail and open the winner's table, not
+            # "retry" its create as a second metadata commit on top of the winner's.
+            return DeltaTable.create(uri, schema=arrow_schema, partition_by=partition_by, mode="error",
+                                     configuration=dict(configuration or {}),
+                                     commit_properties=CommitProperties(max_commit_retries=0))
         except DeltaError:
             time.sleep(0.05)  # the other creator's commit is landing; open it on the next round
     return DeltaTable(uri)
