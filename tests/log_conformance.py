@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from gamestream.log import Append, EventLog
+from gamestream.log import Append, EventLog, Idempotency
 
 OpenLog = Callable[[int], EventLog]
 
@@ -165,3 +165,26 @@ class LogConformance:
             assert log.append([Append(1, payload("y"), 1)])[0] > last
         finally:
             log.close()
+
+    def test_an_idempotency_key_appends_once_and_replays_the_first_response(self, log: EventLog) -> None:
+        first = log.submit([Append(0, payload("i1"), 1)], Idempotency("key-1", b'{"accepted":1}')).result()
+        assert len(first.offsets) == 1 and first.replayed is None
+        again = log.submit([Append(0, payload("i1-retry"), 1)], Idempotency("key-1", b"other")).result()
+        assert again.offsets == [] and again.replayed == b'{"accepted":1}'
+        assert [r.payload for r in read_all(log, 0)] == [payload("i1")]
+        other = log.submit([Append(0, payload("i2"), 1)], Idempotency("key-2", b"{}")).result()
+        assert other.replayed is None and other.offsets[0] > first.offsets[0]
+
+    def test_concurrent_appends_with_one_idempotency_key_store_once(self, log: EventLog) -> None:
+        futures = [log.submit([Append(1, payload(f"c{i}"), 1)], Idempotency("same", b"first")) for i in range(20)]
+        results = [f.result() for f in futures]
+        assert sum(1 for r in results if r.replayed is None) == 1
+        assert len(read_all(log, 1)) == 1
+
+    def test_pending_events_counts_what_a_consumer_has_not_committed(self, log: EventLog) -> None:
+        assert log.pending_events("c") == 0
+        a = log.append([Append(0, payload("a"), 10), Append(1, payload("b"), 5)])
+        assert log.pending_events("c") == 15
+        log.commit("c", 0, a[0])
+        assert log.pending_events("c") == 5
+        assert log.pending_events("other") == 15

@@ -16,6 +16,7 @@ Invariants every backend keeps:
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -39,6 +40,21 @@ class Append:
     events: int
 
 
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """Makes an append happen at most once per key: the first append stores `response` with its records, in the
+    same transaction; a later append with the key stores nothing and gets that response back."""
+
+    key: str
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    offsets: list[int]  # empty when `replayed` is set
+    replayed: bytes | None = None  # the first append's response, when the idempotency key was already used
+
+
 @runtime_checkable
 class EventLog(Protocol):
     @property
@@ -48,6 +64,10 @@ class EventLog(Protocol):
 
     def append(self, records: Sequence[Append]) -> list[int]:
         """Appends the records durably, in order, and returns their offsets (same order)."""
+        ...
+
+    def submit(self, records: Sequence[Append], idempotency: Idempotency | None = None) -> Future[AppendResult]:
+        """Starts a durable append; the future resolves once it is durable (for asyncio: wrap_future)."""
         ...
 
     def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
@@ -66,8 +86,13 @@ class EventLog(Protocol):
         """What `consumer` last committed for `partition`, 0 when nothing."""
         ...
 
+    def pending_events(self, consumer: str) -> int:
+        """Events appended but not yet committed by `consumer`, over all partitions (the backlog)."""
+        ...
+
     def trim(self, retention_seconds: float, now: float | None = None) -> int:
-        """Deletes records that every consumer has committed and that are older than the retention."""
+        """Deletes records that every consumer has committed and that are older than the retention, and
+        idempotency keys older than the retention or 24 h, whichever is longer."""
         ...
 
     def close(self) -> None: ...

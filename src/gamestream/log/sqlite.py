@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
-from gamestream.log import Append, LogRecord
+from gamestream.log import Append, AppendResult, Idempotency, LogRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS records (
     payload BLOB NOT NULL,
     PRIMARY KEY (partition, offset)
 );
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, response BLOB NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS consumers (
     consumer TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS consumers (
 
 _BUSY_TIMEOUT_MS = 60_000
 _MAX_GROUP = 512  # appends per group commit
+IDEMPOTENCY_MIN_SECONDS = 24 * 3600  # keys are kept at least this long
 
 
 class LogPartitionsMismatch(ValueError):
@@ -59,7 +61,8 @@ class SqliteEventLog:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._partitions = self._initialise(partitions)
-        self._queue: queue.Queue[tuple[Sequence[Append], Future[list[int]]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Sequence[Append], Idempotency | None, Future[AppendResult]] | None] = (
+            queue.Queue())
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self._closed = False
@@ -114,17 +117,21 @@ class SqliteEventLog:
     # ------------------------------------------------------------------------------------------------ append
     def append(self, records: Sequence[Append]) -> list[int]:
         """Appends durably; returns the offsets once the group's transaction is committed."""
-        if not records:
-            return []
+        return self.submit(records).result().offsets
+
+    def submit(self, records: Sequence[Append], idempotency: Idempotency | None = None) -> Future[AppendResult]:
+        done: Future[AppendResult] = Future()
+        if not records and idempotency is None:
+            done.set_result(AppendResult([]))
+            return done
         for record in records:
             if not 0 <= record.partition < self._partitions:
                 raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
         if self._closed:
             raise RuntimeError("the log is closed")
         self._ensure_writer()
-        done: Future[list[int]] = Future()
-        self._queue.put((records, done))
-        return done.result()
+        self._queue.put((records, idempotency, done))
+        return done
 
     def _ensure_writer(self) -> None:
         if self._writer is None:
@@ -150,31 +157,44 @@ class SqliteEventLog:
                     break
                 group.append(item)
             try:
-                offsets = self._commit_group(connection, [records for records, _ in group])
+                results = self._commit_group(connection, [(records, key) for records, key, _ in group])
             except BaseException as error:  # every waiter learns of the failure; nothing was committed
-                for _, done in group:
+                for *_, done in group:
                     done.set_exception(error)
                 continue
-            for (_, done), assigned in zip(group, offsets):
-                done.set_result(assigned)
+            for (*_, done), result in zip(group, results):
+                done.set_result(result)
 
     @staticmethod
-    def _commit_group(connection: sqlite3.Connection, groups: list[Sequence[Append]]) -> list[list[int]]:
+    def _commit_group(connection: sqlite3.Connection,
+                      group: list[tuple[Sequence[Append], Idempotency | None]]) -> list[AppendResult]:
         now = time.time()
         connection.execute("BEGIN IMMEDIATE")
         try:
             heads = dict(connection.execute("SELECT partition, last_offset FROM heads").fetchall())
-            rows = []
-            result = []
-            for records in groups:
+            rows, keys, results = [], [], []
+            seen_keys: dict[str, bytes] = {}
+            for records, idempotency in group:
+                if idempotency is not None:
+                    stored = seen_keys.get(idempotency.key)
+                    if stored is None:
+                        row = connection.execute("SELECT response FROM idempotency WHERE key = ?",
+                                                 (idempotency.key,)).fetchone()
+                        stored = bytes(row[0]) if row else None
+                    if stored is not None:
+                        results.append(AppendResult([], replayed=stored))
+                        continue
+                    seen_keys[idempotency.key] = idempotency.response
+                    keys.append((idempotency.key, idempotency.response, now))
                 assigned = []
                 for record in records:
                     offset = heads[record.partition] + 1
                     heads[record.partition] = offset
                     rows.append((record.partition, offset, now, record.events, record.payload))
                     assigned.append(offset)
-                result.append(assigned)
+                results.append(AppendResult(assigned))
             connection.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+            connection.executemany("INSERT INTO idempotency VALUES (?, ?, ?)", keys)
             connection.executemany(
                 "UPDATE heads SET last_offset = ? WHERE partition = ?",
                 [(offset, partition) for partition, offset in heads.items()],
@@ -183,7 +203,7 @@ class SqliteEventLog:
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-        return result
+        return results
 
     # -------------------------------------------------------------------------------------------------- read
     def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
@@ -222,9 +242,15 @@ class SqliteEventLog:
         ).fetchone()
         return row[0] if row else 0
 
+    def pending_events(self, consumer: str) -> int:
+        return sum(self.events_after(p, self.committed(consumer, p)) for p in range(self._partitions))
+
     def trim(self, retention_seconds: float, now: float | None = None) -> int:
-        cutoff = (time.time() if now is None else now) - retention_seconds
+        now = time.time() if now is None else now
+        cutoff = now - retention_seconds
         connection = self._connection()
+        connection.execute("DELETE FROM idempotency WHERE created_at < ?",
+                           (now - max(retention_seconds, IDEMPOTENCY_MIN_SECONDS),))
         deleted = 0
         for partition in range(self._partitions):
             row = connection.execute(
