@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -156,23 +157,71 @@ def process(data_dir: Path | None, partitions: int | None, until_idle: bool, onl
 
 # ----------------------------------------------------------------------------------------------------- generate
 @cli.command()
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Write NDJSON to this file.")
-@click.option("--events", type=int, default=10_000, show_default=True)
+@click.option("--target", type=str, default=None, help="Collector base URL to post to, e.g. http://127.0.0.1:8000.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write NDJSON to this file instead of posting.")
+@click.option("--events", type=int, default=None, help="How many events (default 10,000 with --out).")
+@click.option("--duration", type=float, default=None, help="Post for this many seconds.")
+@click.option("--rate", type=float, default=None, help="Events per second (default: as fast as it can).")
+@click.option("--batch", type=int, default=100, show_default=True, help="Events per request.")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight.")
+@click.option("--api-key", type=str, default=None, envvar="GAMESTREAM_API_KEY", help="Write key for the collector.")
 @click.option("--users", type=int, default=1000, show_default=True)
-@click.option("--days", type=float, default=1.0, show_default=True, help="Spread sessions over this many days.")
-@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day (UTC).")
+@click.option("--days", type=float, default=1.0, show_default=True, help="--out: spread sessions over this many days.")
+@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="--out: first day (UTC).")
 @click.option("--seed", type=int, default=7, show_default=True)
-def generate(out_file: Path, events: int, users: int, days: float, start: dt.datetime | None, seed: int) -> None:
-    """Simulates players and writes their events as NDJSON."""
+def generate(target: str | None, out_file: Path | None, events: int | None, duration: float | None,
+             rate: float | None, batch: int, concurrency: int, api_key: str | None, users: int, days: float,
+             start: dt.datetime | None, seed: int) -> None:
+    """Simulates players: posts their events to a collector (--target) or writes NDJSON (--out)."""
     from gamestream.generator import simulate
 
-    start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
-    with open(out_file, "w") as handle:
-        for event in simulate(events=events, users=users, seed=seed, start=start_utc, days=days):
-            handle.write(json.dumps(event, separators=(",", ":")))
-            handle.write("\n")
-    out.print(f"wrote {events:,} events of {users:,} players to {out_file}")
+    if (target is None) == (out_file is None):
+        raise click.UsageError("give exactly one of --target URL or --out FILE")
+    if out_file is not None:
+        count = events if events is not None else 10_000
+        start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
+        with open(out_file, "w") as handle:
+            for event in simulate(events=count, users=users, seed=seed, start=start_utc, days=days):
+                handle.write(json.dumps(event, separators=(",", ":")))
+                handle.write("\n")
+        out.print(f"wrote {count:,} events of {users:,} players to {out_file}")
+        return
+    if events is None and duration is None:
+        raise click.UsageError("give --events N or --duration SECONDS to bound the run")
+    stats = asyncio.run(_post_with_progress(target, events=events, duration=duration, rate=rate, batch=batch,
+                                            concurrency=concurrency, api_key=api_key, users=users, seed=seed))
+    _print_send_summary(stats)
+    if stats.failed_events:
+        raise SystemExit(1)
+
+
+def _print_send_summary(stats) -> None:
+    seconds = stats.finished - stats.started
+    out.print(f"sent {stats.events_sent:,} events in {stats.requests:,} requests over {seconds:.1f}s "
+              f"({stats.rate:,.0f} events/s): [green]{stats.accepted:,} accepted[/], "
+              f"[red]{stats.rejected:,} rejected[/], {stats.retries:,} retries, {stats.failed_events:,} failed")
+
+
+async def _post_with_progress(target: str, *, events: int | None, duration: float | None, rate: float | None,
+                              batch: int, concurrency: int, api_key: str | None, users: int, seed: int,
+                              stop: "asyncio.Event | None" = None):
+    from gamestream.generator import SendStats, live_events, send
+
+    stats = SendStats()
+    with Progress(TextColumn("posting"), BarColumn(), TextColumn("{task.fields[counters]}"), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("posting", total=events if events is not None else duration, counters="")
+        sending = asyncio.ensure_future(send(
+            target, live_events(users=users, seed=seed, limit=events), batch=batch, concurrency=concurrency,
+            rate=rate, duration=duration, api_key=api_key, stop=stop, stats=stats))
+        while not sending.done():
+            await asyncio.wait([sending], timeout=0.5)
+            done = stats.events_sent if events is not None else time.monotonic() - stats.started
+            progress.update(task, completed=done, counters=(
+                f"sent {stats.events_sent:,} · accepted {stats.accepted:,} · rejected {stats.rejected:,} · "
+                f"{stats.rate:,.0f} events/s"))
+        return sending.result()
 
 
 # ------------------------------------------------------------------------------------------------------- status
@@ -218,23 +267,109 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
     out.print(table)
 
 
+# -------------------------------------------------------------------------------------------------------- serve
+def _api_keys(api_key: tuple[str, ...], api_keys_file: Path | None) -> tuple[str, ...] | None:
+    keys = list(api_key)
+    if api_keys_file is not None:
+        keys += [line.strip() for line in api_keys_file.read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+    return tuple(keys) or None  # None: fall back on GAMESTREAM_API_KEYS
+
+
+api_key_options = [
+    click.option("--api-key", "api_key", multiple=True, help="A write key (repeatable); or GAMESTREAM_API_KEYS."),
+    click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="A file with one write key per line."),
+    click.option("--host", default=None, help="Address to listen on (default 127.0.0.1)."),
+]
+
+
+def _with_options(options):
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+    return decorate
+
+
+def _announce_keys(settings: Settings) -> None:
+    if settings.api_keys:
+        console.print(f"write keys: {len(settings.api_keys)} configured; requests need "
+                      "'Authorization: Bearer <key>' or 'X-API-Key'")
+    else:
+        console.print("[yellow]no API keys configured: the endpoint is open to anyone who can reach it[/] "
+                      "(--api-key, --api-keys-file or GAMESTREAM_API_KEYS)")
+
+
+@cli.command()
+@data_dir_option
+@partitions_option
+@click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
+@_with_options(api_key_options)
+def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_key: tuple[str, ...],
+          api_keys_file: Path | None, host: str | None) -> None:
+    """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
+    from gamestream import server
+    from gamestream.collector import create_app
+
+    settings = _settings(data_dir=data_dir, partitions=partitions, port=port, host=host,
+                         api_keys=_api_keys(api_key, api_keys_file))
+
+    async def main_() -> None:
+        sock = server.bind(settings.host, settings.port)
+        stop = asyncio.Event()
+        server.install_stop_signals(stop)
+        _announce_keys(settings)
+        url = f"http://{settings.host}:{sock.getsockname()[1]}"
+        console.print(f"collector listening on {url}/v1/events  (health {url}/healthz, metrics {url}/metrics, "
+                      f"API {url}/openapi.json); Ctrl-C stops", highlight=False)
+        await server.serve(create_app(settings), sock, stop)
+
+    server.run(main_())
+
+
 # --------------------------------------------------------------------------------------------------------- demo
 @cli.command()
 @data_dir_option
-def demo(data_dir: Path | None) -> None:
-    """Loads the bundled sample events and processes them into Delta (the HTTP collector joins in a later
-    release), then shows what landed where."""
-    settings = _settings(data_dir=data_dir)
-    sample = resources.files("gamestream") / "data" / "sample_events.ndjson.gz"
-    with resources.as_file(sample) as path:
-        out.print(f"[bold]1. load[/] the bundled sample ({path.name}) into the log at {settings.data_dir / 'log'}")
-        _load(settings, path)
-    out.print("[bold]2. process[/] the log into Delta Lake, exactly once")
-    _process(settings, until_idle=True)
-    out.print("[bold]3. query[/] the table with DuckDB")
+@click.option("--port", type=int, default=None, help="Collector port (default 8000; 0 picks a free one).")
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Generated events per second.")
+@click.option("--users", type=int, default=2000, show_default=True, help="Simulated players.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
+@click.option("--seed", type=int, default=None, help="Generator seed (default: a new one each run).")
+@_with_options(api_key_options)
+def demo(data_dir: Path | None, port: int | None, rate: float, users: int, duration: float | None,
+         seed: int | None, api_key: tuple[str, ...], api_keys_file: Path | None, host: str | None) -> None:
+    """Everything at once on the embedded defaults: collector + processor + a generator posting live events.
+
+    Ctrl-C or SIGTERM stops it cleanly: every acknowledged event is committed to the table first.
+    """
+    import random
+
+    from gamestream import server
+    from gamestream.demo import run_demo
+
+    settings = _settings(data_dir=data_dir, port=port, host=host, api_keys=_api_keys(api_key, api_keys_file))
+
+    def started(url: str) -> None:
+        _announce_keys(settings)
+        out.print(f"[bold]gamestream demo[/] — collector {url}/v1/events · metrics {url}/metrics · "
+                  f"API {url}/openapi.json", highlight=False)
+        out.print(f"tables under {settings.data_dir / 'tables'}; Ctrl-C stops "
+                  f"(acknowledged events are committed first)", highlight=False)
+
+    def tick(sent, processed, backlog: int) -> None:
+        out.print(f"sent {sent.events_sent:,} · accepted {sent.accepted:,} · rejected {sent.rejected:,} · "
+                  f"committed {processed.events_committed:,} · backlog {backlog:,} · "
+                  f"{sent.rate:,.0f} events/s", highlight=False)
+
+    summary = server.run(run_demo(settings, port=settings.port, rate=rate, users=users, duration=duration,
+                                  seed=seed if seed is not None else random.randrange(1 << 30),
+                                  on_started=started, on_tick=tick))
+    out.print(f"stopped after {summary.seconds:.1f}s: generator accepted {summary.sent.accepted:,} events; "
+              f"table committed {summary.processed.events_committed:,} "
+              f"(quarantined {summary.processed.events_quarantined:,}) in {summary.processed.commits:,} commits",
+              highlight=False)
     _demo_query(settings)
-    out.print(f"\nThe tables are plain Delta Lake under {settings.data_dir / 'tables'}; see README.md to query "
-              "them from DuckDB, Polars or Spark.")
 
 
 def _demo_query(settings: Settings) -> None:

@@ -11,7 +11,10 @@ import datetime as dt
 import random
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    import asyncio
 
 GAMES = (("dragon-quest", "Dragon Quest Mobile"), ("space-miner", "Space Miner"), ("puzzle-pop", "Puzzle Pop"))
 PLATFORMS = (("ios", ("3.2.0", "3.2.1", "3.3.0")), ("android", ("3.1.4", "3.2.0", "3.3.0")))
@@ -100,3 +103,141 @@ def simulate(*, events: int, users: int = 1000, seed: int = 7, start: dt.datetim
                 event["eventId"] = str(uuid.UUID(int=rng.getrandbits(128), version=4))
             produced += 1
             yield event
+
+
+# ------------------------------------------------------------------------------------------------ sending (HTTP)
+@dataclass
+class SendStats:
+    """What a sender saw: `accepted` counts only events the collector acknowledged (200)."""
+
+    requests: int = 0
+    events_sent: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    retries: int = 0
+    failed_events: int = 0  # given up after every retry
+    latencies: list[float] | None = None
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        import time
+
+        end = self.finished or time.monotonic()
+        return self.events_sent / max(end - self.started, 1e-9)
+
+
+def live_events(*, users: int, seed: int, limit: int | None = None) -> Iterator[dict]:
+    """Simulated events for posting now: client_event_time is the moment the event is drawn, and each event
+    carries a client eventId (so a test can follow every event into the table)."""
+    rng = random.Random(seed)
+    sessions = simulate(events=limit if limit is not None else 10**12, users=users, seed=seed,
+                        with_event_time=False)
+    for event in sessions:
+        event["eventParams"]["client_event_time"] = dt.datetime.now(dt.timezone.utc).isoformat().replace(
+            "+00:00", "Z")
+        event["eventId"] = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        yield event
+
+
+async def send(
+    target: str,
+    events: Iterator[dict],
+    *,
+    batch: int = 100,
+    concurrency: int = 4,
+    rate: float | None = None,
+    duration: float | None = None,
+    api_key: str | None = None,
+    max_retries: int = 20,
+    timeout: float = 10.0,
+    stop: "asyncio.Event | None" = None,
+    on_ack: "Callable[[list[dict], dict], None] | None" = None,
+    record_latency: bool = False,
+    stats: SendStats | None = None,
+) -> SendStats:
+    """Posts `events` to `target` (the collector's base URL) in batches over keep-alive connections.
+
+    `rate` (events/s) paces the sending, `duration` (s) ends it, `stop` ends it from outside. A timeout, a
+    connection error, a 429 or a 5xx is retried with the same Idempotency-Key, so a retry never duplicates.
+    `on_ack(events, answer)` is called for every acknowledged batch. Pass `stats` to watch it while it runs.
+    """
+    import asyncio
+    import time
+
+    import httpx
+    import msgspec
+
+    encoder = msgspec.json.Encoder()
+    stats = stats or SendStats()
+    stats.started = time.monotonic()
+    if record_latency:
+        stats.latencies = []
+    deadline = stats.started + duration if duration else None
+    url = target.rstrip("/") + "/v1/events"
+    headers = {"Content-Type": "application/x-ndjson" if batch > 1 else "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    exhausted = False
+
+    def next_batch() -> list[dict]:
+        nonlocal exhausted
+        taken = []
+        for event in events:
+            taken.append(event)
+            if len(taken) >= batch:
+                break
+        else:
+            exhausted = True
+        return taken
+
+    async def post(client: httpx.AsyncClient, chunk: list[dict]) -> None:
+        body = (b"\n".join(encoder.encode(e) for e in chunk) if batch > 1 else encoder.encode(chunk[0]))
+        request_headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+        for attempt in range(max_retries + 1):
+            sent_at = time.perf_counter()
+            retry_after = min(0.05 * 2**attempt, 2.0)
+            try:
+                response = await client.post(url, content=body, headers=request_headers)
+            except (httpx.TimeoutException, httpx.TransportError):
+                response = None
+            if response is not None and response.status_code == 200:
+                answer = response.json()
+                stats.accepted += answer["accepted"]
+                stats.rejected += answer["rejected"]
+                if stats.latencies is not None:
+                    stats.latencies.append(time.perf_counter() - sent_at)
+                if on_ack:
+                    on_ack(chunk, answer)
+                return
+            if response is not None and response.status_code not in (429, 500, 502, 503, 504):
+                stats.rejected += len(chunk)  # 4xx: the request itself is wrong; retrying will not help
+                return
+            if response is not None and response.headers.get("retry-after", "").isdigit():
+                retry_after = float(response.headers["retry-after"])
+            stats.retries += 1
+            await asyncio.sleep(retry_after)
+        stats.failed_events += len(chunk)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not exhausted and not (stop and stop.is_set()):
+            if deadline and time.monotonic() >= deadline:
+                return
+            if rate:
+                ahead = stats.events_sent / rate - (time.monotonic() - stats.started)
+                if ahead > 0:
+                    await asyncio.sleep(min(ahead, 0.5))
+                    continue
+            chunk = next_batch()
+            if not chunk:
+                return
+            stats.events_sent += len(chunk)
+            stats.requests += 1
+            await post(client, chunk)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    stats.finished = time.monotonic()
+    return stats

@@ -106,6 +106,7 @@ class Processor:
         self._events_per_record = settings.batch_max_events  # no estimate yet: the first read takes 1 record
         self._last_trim = time.monotonic()
         self.stop_requested = threading.Event()
+        self.drain_requested = threading.Event()
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
@@ -114,12 +115,13 @@ class Processor:
         try:
             while not self.stop_requested.is_set():
                 read_any = self._read_available()
-                if self._flush_due(drained=until_idle and not read_any):
+                draining = until_idle or self.drain_requested.is_set()
+                if self._flush_due(drained=draining and not read_any):
                     self.flush()
                     if on_progress:
                         on_progress(self.stats)
                 if not read_any:
-                    if until_idle and self._pending_events == 0:
+                    if draining and self._pending_events == 0:
                         break
                     self._maybe_trim()
                     self.stop_requested.wait(self.settings.poll_interval_s)
@@ -128,6 +130,11 @@ class Processor:
                 on_progress(self.stats)
         finally:
             self._locks.release()
+
+    def stop(self, *, drain: bool) -> None:
+        """Asks `run` to return: at once after committing what it has read, or (`drain`) once the log is empty —
+        what a shutdown wants after the collector has stopped taking events."""
+        (self.drain_requested if drain else self.stop_requested).set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop after committing what has been read (acknowledged events included)."""

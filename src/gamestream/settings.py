@@ -30,6 +30,20 @@ class Settings:
     """Attempts at a Delta commit that keeps conflicting before the processor gives up."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
+    max_body_bytes: int = 1024 * 1024
+    """Collector: a larger request body (also once gunzipped) gets 413."""
+    max_events_per_request: int = 500
+    """Collector: more events in one request gets 413."""
+    max_backlog_events: int = 5_000_000
+    """Collector: above this many unprocessed events in the log, requests get 503 with Retry-After."""
+    retry_after_s: int = 1
+    """Collector: the Retry-After of a 503."""
+    min_free_disk_bytes: int = 100 * 1024 * 1024
+    """Collector: /healthz reports unhealthy under this much free disk."""
+    api_keys: tuple[str, ...] = ()
+    """Collector: write keys (GAMESTREAM_API_KEYS, comma-separated). None: the endpoint is open."""
+    host: str = "127.0.0.1"
+    port: int = 8000
     tables: dict[str, str] = field(default_factory=dict)
     """Table locations by name; unset ones are `<data_dir>/tables/<name>`. May be object-store URLs."""
 
@@ -64,4 +78,6 @@ def _parse(type_name: object, raw: str) -> object:
         return float(raw)
     if kind == "Path":
         return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

@@ -266,6 +266,12 @@ class SqliteEventLog:
             deleted += cursor.rowcount
         return deleted
 
+    def check_writable(self) -> None:
+        """Raises when the log cannot take a write lock (read-only file system, a stuck writer, …)."""
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("ROLLBACK")
+
     def close(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,375 @@
+"""The HTTP collector: `POST /v1/events` → validate → stamp → durable log append → answer.
+
+Stateless apart from the log: any number can run behind a load balancer. A request is answered only once its
+accepted events are durable in the log (group-committed and fsync'd), so a 200 means "will be in the table".
+
+Answers:
+- 200 `{"accepted": n, "rejected": m, "errors": [{"index": i, "error": "<field>: <reason>"}]}`; a batch may
+  partly succeed; indices count from 0 in the order sent.
+- 400 when the body cannot be parsed at all or nothing in it is valid; 401 without a valid key (when keys are
+  set); 413 over the body / event-count limits; 415 for a content type or encoding it does not take;
+  503 with Retry-After when the unprocessed backlog passes its bound, or the log cannot take writes.
+- `Idempotency-Key`: the first answer is stored with the events in the same log transaction; a retry with the
+  key gets that answer again and appends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gamestream import schema
+from gamestream.log import Append, EventLog, Idempotency, partition_for
+from gamestream.settings import Settings
+
+JSON_TYPES = {"application/json"}
+NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
+                "application/jsonlines"}
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class ErrorItem(msgspec.Struct):
+    index: int
+    error: str
+
+
+class IngestAnswer(msgspec.Struct):
+    accepted: int
+    rejected: int
+    errors: list[ErrorItem]
+
+
+_encode = msgspec.json.Encoder().encode
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+class _Refuse(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class _Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    accepted: Counter
+    rejected: Counter
+    latency: Histogram
+    backlog: Gauge
+
+    @classmethod
+    def create(cls) -> "_Metrics":
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter("gamestream_http_requests", "HTTP requests by path and status", ["path", "status"],
+                             registry=registry),
+            accepted=Counter("gamestream_events_accepted", "Events accepted into the log", registry=registry),
+            rejected=Counter("gamestream_events_rejected", "Events rejected with a reason", registry=registry),
+            latency=Histogram("gamestream_ingest_latency_seconds", "POST /v1/events from request to answer",
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5),
+                              registry=registry),
+            backlog=Gauge("gamestream_log_backlog_events", "Events in the log not yet committed to the table",
+                          registry=registry),
+        )
+
+
+class Collector:
+    """The ingest endpoint's logic, bound to a log and the settings' limits."""
+
+    def __init__(self, settings: Settings, log: EventLog) -> None:
+        self.settings = settings
+        self.log = log
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.validator = schema.EventValidator(event_time="server")
+        self.metrics = _Metrics.create()
+        self.backlog = 0
+        self._backlog_task: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await self._refresh_backlog()
+        self._backlog_task = asyncio.create_task(self._watch_backlog())
+
+    async def stop(self) -> None:
+        if self._backlog_task:
+            self._backlog_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backlog_task
+
+    async def _refresh_backlog(self) -> None:
+        self.backlog = await asyncio.to_thread(self.log.pending_events, self.settings.pipeline)
+        self.metrics.backlog.set(self.backlog)
+
+    async def _watch_backlog(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):  # a busy log must not kill the watcher; the next round retries
+                await self._refresh_backlog()
+
+    # -------------------------------------------------------------------------------------------------- ingest
+    def authorised(self, request: Request) -> bool:
+        if not self.keys:
+            return True
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        if not given:
+            return False
+        presented = given.encode()
+        return any(hmac.compare_digest(presented, key) for key in self.keys)
+
+    async def ingest(self, request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await self._ingest(request)
+        except _Refuse as refusal:
+            response = JSONResponse({"error": refusal.message}, status_code=refusal.status, headers=refusal.headers)
+        self.metrics.requests.labels("/v1/events", str(response.status_code)).inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _ingest(self, request: Request) -> Response:
+        received = dt.datetime.now(dt.timezone.utc)
+        if not self.authorised(request):
+            raise _Refuse(401, "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key'",
+                          {"WWW-Authenticate": "Bearer"})
+        if self.backlog > self.settings.max_backlog_events:
+            raise _Refuse(503, f"backlog of {self.backlog:,} unprocessed events is over the bound of "
+                               f"{self.settings.max_backlog_events:,}; retry later",
+                          {"Retry-After": str(self.settings.retry_after_s)})
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise _Refuse(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        kind = self._body_kind(request)
+        body = await self._read_body(request)
+        events = self._split(body, kind)
+        if len(events) > self.settings.max_events_per_request:
+            raise _Refuse(413, f"{len(events)} events in one request; the limit is "
+                               f"{self.settings.max_events_per_request}")
+
+        by_partition: dict[int, list[bytes]] = {}
+        errors: list[ErrorItem] = []
+        for index, event in enumerate(events):
+            if isinstance(event, str):  # already known bad (an NDJSON line that is not JSON is one event)
+                errors.append(ErrorItem(index, event))
+                continue
+            if len(event) > self.settings.max_event_bytes:
+                errors.append(ErrorItem(index, f"event is {len(event)} bytes, over the "
+                                               f"{self.settings.max_event_bytes}-byte limit"))
+                continue
+            result = self.validator.validate(event, received)
+            if isinstance(result, schema.Rejection):
+                errors.append(ErrorItem(index, str(result)))
+                continue
+            by_partition.setdefault(partition_for(result.device_id, self.log.partitions), []).append(result.line)
+        accepted = len(events) - len(errors)
+        self.metrics.rejected.inc(len(errors))
+        answer = IngestAnswer(accepted=accepted, rejected=len(errors), errors=errors)
+        if accepted == 0:
+            message = "no events in the body" if not events else "no valid event in the body"
+            return Response(_encode({"error": message, **msgspec.structs.asdict(answer)}), status_code=400,
+                            media_type="application/json")
+        encoded = _encode(answer)
+        appends = [Append(p, b"\n".join(lines), len(lines)) for p, lines in by_partition.items()]
+        try:
+            result = await asyncio.wrap_future(self.log.submit(
+                appends, Idempotency(idempotency_key, encoded) if idempotency_key else None))
+        except Exception as error:  # the log cannot take writes (disk full, locked): nothing was stored
+            raise _Refuse(503, f"the event log cannot take writes right now ({type(error).__name__}); "
+                               "nothing was stored, retry later", {"Retry-After": str(self.settings.retry_after_s)})
+        if result.replayed is not None:
+            return Response(result.replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
+        self.metrics.accepted.inc(accepted)
+        return Response(encoded, media_type="application/json")
+
+    @staticmethod
+    def _body_kind(request: Request) -> str:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type in JSON_TYPES:
+            return "json"
+        if content_type in NDJSON_TYPES:
+            return "ndjson"
+        if content_type == "":
+            return "sniff"
+        raise _Refuse(415, f"content type {content_type!r} is not taken; send application/json (one event or an "
+                           "array) or application/x-ndjson (one event per line)")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip"):
+            raise _Refuse(415, f"content encoding {encoding!r} is not taken; use gzip or none")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _Refuse(413, f"body of {int(declared):,} bytes is over the {limit:,}-byte limit")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Refuse(413, f"body is over the {limit:,}-byte limit")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if encoding == "gzip":
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            try:
+                body = inflater.decompress(body, limit + 1)
+            except zlib.error as error:
+                raise _Refuse(400, f"body is not valid gzip: {error}") from None
+            if len(body) > limit or inflater.unconsumed_tail:
+                raise _Refuse(413, f"decompressed body is over the {limit:,}-byte limit")
+        return body
+
+    def _split(self, body: bytes, kind: str) -> list[bytes | str]:
+        """The body's events, each as raw JSON bytes, or as a reason string when it is already known bad."""
+        stripped = body.strip()
+        if not stripped:
+            raise _Refuse(400, "the body is empty; send one event, an array of events or NDJSON")
+        if kind == "sniff":
+            kind = "json" if stripped[:1] == b"[" else "ndjson"
+        if kind == "json":
+            if stripped[:1] == b"[":
+                try:
+                    return [bytes(raw) for raw in _raw_list.decode(stripped)]
+                except msgspec.DecodeError as error:
+                    raise _Refuse(400, f"the body is not a valid JSON array: {error}") from None
+            return [stripped]
+        events: list[bytes | str] = []
+        for line in stripped.split(b"\n"):
+            line = line.strip()
+            if line:
+                events.append(line)
+        return events
+
+
+# ------------------------------------------------------------------------------------------------------ the app
+def openapi(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI description, with the event schema taken from `schema.InputEvent`."""
+    (event_schema,), components = msgspec.json.schema_components([schema.InputEvent],
+                                                                 ref_template="#/components/schemas/{name}")
+    error = {"type": "object", "properties": {"error": {"type": "string"}}}
+    answer = {"type": "object", "required": ["accepted", "rejected", "errors"], "properties": {
+        "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
+        "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer", "description": "0-based position in the request"},
+            "error": {"type": "string", "description": "<field>: <reason>"}}}}}}
+
+    def reply(description: str, body: dict) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": body}}}
+
+    retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gamestream collector", "version": "1",
+                 "description": "Mobile-game events in; durable before answered. eventTime is stamped by the "
+                                "server; the client's time belongs in eventParams.client_event_time."},
+        "paths": {
+            "/v1/events": {"post": {
+                "summary": "Send events",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                                "description": "A retry with the same key gets the first answer and stores "
+                                               "nothing (kept at least 24 h)."}],
+                "security": [{"bearer": []}, {"apiKey": []}, {}],
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"oneOf": [event_schema,
+                                                              {"type": "array", "items": event_schema,
+                                                               "maxItems": settings.max_events_per_request}]}},
+                    "application/x-ndjson": {"schema": {"type": "string",
+                                                        "description": "one Event per line"}},
+                }},
+                "responses": {
+                    "200": reply("Accepted events are durable in the log; a batch may partly succeed", answer),
+                    "400": reply("Nothing in the body is usable", error),
+                    "401": reply("Missing or invalid API key", error),
+                    "413": reply(f"Body over {settings.max_body_bytes} bytes (also once decompressed) or over "
+                                 f"{settings.max_events_per_request} events", error),
+                    "415": reply("Content type or encoding not taken", error),
+                    "503": {**reply("Backlog over its bound or log unavailable: retry after", error),
+                            "headers": retry},
+                },
+            }},
+            "/healthz": {"get": {"summary": "Log writable and disk space",
+                                 "responses": {"200": {"description": "healthy"},
+                                               "503": {"description": "unhealthy"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 "responses": {"200": {"description": "text exposition format"}}}},
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        },
+    }
+
+
+def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
+    """The collector as an ASGI app. Opens the embedded log when `log` is not given (and closes it on exit)."""
+    from gamestream.log import open_log
+
+    own_log = log is None
+    the_log = log if log is not None else open_log(settings.data_dir, partitions=settings.partitions)
+    collector = Collector(settings, the_log)
+
+    async def healthz(request: Request) -> Response:
+        checks: dict[str, Any] = {}
+        healthy = True
+        free = shutil.disk_usage(settings.data_dir).free
+        checks["disk_free_bytes"] = free
+        if free < settings.min_free_disk_bytes:
+            healthy = False
+            checks["disk"] = f"under {settings.min_free_disk_bytes:,} bytes free"
+        check = getattr(the_log, "check_writable", None)
+        try:
+            if check:
+                await asyncio.to_thread(check)
+            checks["log"] = "writable"
+        except Exception as error:
+            healthy = False
+            checks["log"] = f"not writable: {error}"
+        checks["backlog_events"] = collector.backlog
+        checks["status"] = "ok" if healthy else "unhealthy"
+        collector.metrics.requests.labels("/healthz", "200" if healthy else "503").inc()
+        return JSONResponse(checks, status_code=200 if healthy else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(collector.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi(settings))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await collector.start()
+        try:
+            yield
+        finally:
+            await collector.stop()
+            if own_log:
+                the_log.close()
+
+    app = Starlette(routes=[
+        Route("/v1/events", collector.ingest, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ], lifespan=lifespan)
+    app.state.collector = collector
+    return app
