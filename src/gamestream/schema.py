@@ -172,7 +172,7 @@ _TIMESTAMP_INPUT = dt.datetime | int | float | None
 
 def _input_type(field: Field) -> Any:
     if field.kind == "struct":
-        return _input_struct(field.name, field.children)
+        return _input_struct(field.name[:1].upper() + field.name[1:], field.children)
     if field.name == "eventId":
         return Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_ID_MAX)] | None
     base: Any = {
@@ -199,10 +199,10 @@ def _input_struct(name: str, fields: tuple[Field, ...]) -> type:
             specs.append((f.name, _input_type(f), None))
     # required fields first: msgspec wants fields without defaults before those with defaults
     specs.sort(key=lambda s: len(s) != 2)
-    return msgspec.defstruct(f"Input_{name}", specs, omit_defaults=True)
+    return msgspec.defstruct(name, specs, omit_defaults=True)
 
 
-InputEvent = _input_struct("event", EVENT_FIELDS)
+InputEvent = _input_struct("Event", EVENT_FIELDS)
 _TIMESTAMP_PATHS = [f.name for f in EVENT_FIELDS if f.kind == "timestamp"] + [
     f"eventParams.{c.name}" for c in EVENT_PARAMS.children if c.kind == "timestamp"
 ]

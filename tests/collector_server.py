@@ -1,0 +1,50 @@
+"""A real `gamestream serve` on a loopback port, for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServeProcess:
+    def __init__(self, data_dir: Path, *args: str, env: dict | None = None) -> None:
+        self.data_dir = data_dir
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        )
+        self.url = self._wait_for_url()
+
+    def _wait_for_url(self) -> str:
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+            if match:
+                return match[1]
+        self.kill()
+        raise RuntimeError("serve did not start:\n" + "".join(seen))
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        if self.process.stderr:
+            self.process.stderr.close()
+        return code
