@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
 import os
 import sys
@@ -425,6 +426,10 @@ def main() -> None:
 
         if isinstance(error, (LogPartitionsMismatch, PartitionBusy)):
             console.print(f"[red]error:[/] {error}", highlight=False)
+            code = 2
+        elif isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+            console.print(f"[red]error:[/] the port is already in use ({error}); choose another with --port",
+                          highlight=False)
             code = 2
         else:
             console.print_exception()
