@@ -158,7 +158,10 @@ def process(data_dir: Path | None, partitions: int | None, until_idle: bool, onl
 
 # ----------------------------------------------------------------------------------------------------- generate
 @cli.command()
+@data_dir_option
+@partitions_option
 @click.option("--target", type=str, default=None, help="Collector base URL to post to, e.g. http://127.0.0.1:8000.")
+@click.option("--to-log", is_flag=True, help="Append straight to the log in --data-dir (as `load` does).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write NDJSON to this file instead of posting.")
 @click.option("--events", type=int, default=None, help="How many events (default 10,000 with --out).")
@@ -171,17 +174,33 @@ def process(data_dir: Path | None, partitions: int | None, until_idle: bool, onl
 @click.option("--days", type=float, default=1.0, show_default=True, help="--out: spread sessions over this many days.")
 @click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="--out: first day (UTC).")
 @click.option("--seed", type=int, default=7, show_default=True)
-def generate(target: str | None, out_file: Path | None, events: int | None, duration: float | None,
+def generate(data_dir: Path | None, partitions: int | None, target: str | None, to_log: bool,
+             out_file: Path | None, events: int | None, duration: float | None,
              rate: float | None, batch: int, concurrency: int, api_key: str | None, users: int, days: float,
              start: dt.datetime | None, seed: int) -> None:
-    """Simulates players: posts their events to a collector (--target) or writes NDJSON (--out)."""
+    """Simulates players: posts their events to a collector (--target), appends them straight to the log
+    (--to-log) or writes NDJSON (--out)."""
     from gamestream.generator import simulate
 
-    if (target is None) == (out_file is None):
-        raise click.UsageError("give exactly one of --target URL or --out FILE")
+    if sum((target is not None, out_file is not None, to_log)) != 1:
+        raise click.UsageError("give exactly one of --target URL, --to-log or --out FILE")
+    count = events if events is not None else 10_000
+    start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
+    if to_log:
+        from gamestream.loader import load_lines
+
+        settings = _settings(data_dir=data_dir, partitions=partitions)
+        log = _open_log(settings)
+        try:
+            lines = (json.dumps(e, separators=(",", ":")).encode() for e in
+                     simulate(events=count, users=users, seed=seed, start=start_utc, days=days))
+            started = time.monotonic()
+            report = load_lines(lines, log, max_event_bytes=settings.max_event_bytes)
+        finally:
+            log.close()
+        _print_load_report(report, Path("generator"), time.monotonic() - started)
+        return
     if out_file is not None:
-        count = events if events is not None else 10_000
-        start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
         with open(out_file, "w") as handle:
             for event in simulate(events=count, users=users, seed=seed, start=start_utc, days=days):
                 handle.write(json.dumps(event, separators=(",", ":")))

@@ -11,7 +11,7 @@ import datetime as dt
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from gamestream.log import Append, EventLog, partition_for
 from gamestream.schema import EventValidator, Rejection
@@ -38,7 +38,7 @@ def open_events_file(path: Path) -> BinaryIO:
     return handle
 
 
-def _chunks(handle: BinaryIO, lines_per_chunk: int) -> Iterator[list[tuple[int, bytes]]]:
+def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[list[tuple[int, bytes]]]:
     chunk: list[tuple[int, bytes]] = []
     for number, line in enumerate(handle, start=1):
         chunk.append((number, line))
@@ -61,33 +61,46 @@ def load_file(
 
     `on_progress` receives the number of raw bytes consumed since its last call.
     """
+    with open_events_file(path) as handle:
+        return load_lines(handle, log, max_event_bytes=max_event_bytes, lines_per_chunk=lines_per_chunk,
+                          on_progress=on_progress)
+
+
+def load_lines(
+    lines: Iterable[bytes],
+    log: EventLog,
+    *,
+    max_event_bytes: int,
+    lines_per_chunk: int = 5000,
+    on_progress: Callable[[int], None] | None = None,
+) -> LoadReport:
+    """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
     validator = EventValidator(event_time="input")
     report = LoadReport()
-    with open_events_file(path) as handle:
-        for chunk in _chunks(handle, lines_per_chunk):
-            now = dt.datetime.now(dt.timezone.utc)
-            by_partition: dict[int, list[bytes]] = {}
-            consumed = 0
-            for number, raw in chunk:
-                consumed += len(raw)
-                line = raw.strip()
-                if not line:
-                    continue
-                report.lines += 1
-                if len(line) > max_event_bytes:
-                    result: object = Rejection("", f"event is {len(line)} bytes, over the {max_event_bytes} limit")
-                else:
-                    result = validator.validate(line, now)
-                if isinstance(result, Rejection):
-                    report.rejected += 1
-                    if len(report.first_rejections) < MAX_REPORTED_REJECTIONS:
-                        report.first_rejections.append((number, str(result)))
-                    continue
-                report.accepted += 1
-                by_partition.setdefault(partition_for(result.device_id, log.partitions), []).append(result.line)
-            appends = [Append(p, b"\n".join(lines), len(lines)) for p, lines in sorted(by_partition.items())]
-            log.append(appends)
-            report.records += len(appends)
-            if on_progress:
-                on_progress(consumed)
+    for chunk in _chunks(lines, lines_per_chunk):
+        now = dt.datetime.now(dt.timezone.utc)
+        by_partition: dict[int, list[bytes]] = {}
+        consumed = 0
+        for number, raw in chunk:
+            consumed += len(raw)
+            line = raw.strip()
+            if not line:
+                continue
+            report.lines += 1
+            if len(line) > max_event_bytes:
+                result: object = Rejection("", f"event is {len(line)} bytes, over the {max_event_bytes} limit")
+            else:
+                result = validator.validate(line, now)
+            if isinstance(result, Rejection):
+                report.rejected += 1
+                if len(report.first_rejections) < MAX_REPORTED_REJECTIONS:
+                    report.first_rejections.append((number, str(result)))
+                continue
+            report.accepted += 1
+            by_partition.setdefault(partition_for(result.device_id, log.partitions), []).append(result.line)
+        appends = [Append(p, b"\n".join(lines), len(lines)) for p, lines in sorted(by_partition.items())]
+        log.append(appends)
+        report.records += len(appends)
+        if on_progress:
+            on_progress(consumed)
     return report
