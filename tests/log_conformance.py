@@ -188,3 +188,10 @@ class LogConformance:
         log.commit("c", 0, a[0])
         assert log.pending_events("c") == 5
         assert log.pending_events("other") == 15
+
+    def test_last_appended_at_tells_how_recent_a_partition_is(self, log: EventLog) -> None:
+        assert log.last_appended_at(2) is None
+        before = time.time()
+        log.append([Append(2, payload("x"), 1)])
+        appended = log.last_appended_at(2)
+        assert appended is not None and before - 1 <= appended <= time.time() + 1

@@ -103,7 +103,9 @@ def test_table_is_partitioned_by_event_date_and_readable_by_duckdb_and_polars(tm
 
     table = DeltaTable(str(root))
     protocol = table.protocol()
-    assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2)  # no timestampNtz upgrade
+    # reader 1 / writer 4 (the change data feed): no timestampNtz upgrade to reader 3 / writer 7
+    assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 4)
+    assert not protocol.reader_features and not protocol.writer_features
 
     connection = duckdb.connect()
     connection.register("events", table.to_pyarrow_dataset())

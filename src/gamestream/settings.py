@@ -28,6 +28,14 @@ class Settings:
     """Log records are deleted once committed to the table and older than this."""
     commit_retries: int = 20
     """Attempts at a Delta commit that keeps conflicting before the processor gives up."""
+    window_minutes: int = 60
+    """KPI: tumbling window size on eventTime."""
+    watermark_delay_minutes: int = 180
+    """KPI: watermark = min over log partitions of (max eventTime seen) minus this (the seed's 180 minutes)."""
+    partition_idle_s: float = 300.0
+    """KPI: a fully consumed partition with no new record for this long stops holding the watermark back."""
+    kpi_interval_s: float = 1.0
+    """KPI: how often the stage folds new versions of the events table into the KPI tables."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024

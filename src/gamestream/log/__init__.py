@@ -78,6 +78,10 @@ class EventLog(Protocol):
         """The highest offset ever appended to `partition`, 0 when none."""
         ...
 
+    def last_appended_at(self, partition: int) -> float | None:
+        """When the newest record still held in `partition` was appended (unix seconds); None when it holds none."""
+        ...
+
     def commit(self, consumer: str, partition: int, offset: int) -> None:
         """Records that `consumer` has committed `partition` up to `offset` downstream (never moves back)."""
         ...

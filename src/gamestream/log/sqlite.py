@@ -219,6 +219,12 @@ class SqliteEventLog:
         row = self._connection().execute("SELECT last_offset FROM heads WHERE partition = ?", (partition,)).fetchone()
         return row[0] if row else 0
 
+    def last_appended_at(self, partition: int) -> float | None:
+        row = self._connection().execute(
+            "SELECT appended_at FROM records WHERE partition = ? ORDER BY offset DESC LIMIT 1", (partition,)
+        ).fetchone()
+        return row[0] if row else None
+
     def events_after(self, partition: int, after_offset: int) -> int:
         """How many events partition `partition` holds past `after_offset` (the backlog)."""
         row = self._connection().execute(
