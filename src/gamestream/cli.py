@@ -109,12 +109,12 @@ def load(file: Path, data_dir: Path | None, partitions: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ process
-def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None) -> None:
-    from gamestream.processor import Processor
+def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None, kpi: bool = True) -> None:
+    from gamestream.pipeline import Pipeline
 
     log = _open_log(settings)
     try:
-        processor = Processor(settings, log, only)
+        processor = Pipeline(settings, log, only, kpi=kpi)
         processor.install_signal_handlers()
         started = time.monotonic()
         last_print = [0.0]
@@ -129,7 +129,9 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
                           f"{stats.events_quarantined:,} quarantined, {stats.commits:,} commits", highlight=False)
 
         mode = "until the log is drained" if until_idle else "until stopped (Ctrl-C)"
-        console.print(f"processing partitions {processor.partitions} of {settings.data_dir / 'log'} {mode}")
+        kpi_note = "" if processor.kpi else " (KPI stage: off or run by another process)"
+        console.print(f"processing partitions {processor.processor.partitions} of {settings.data_dir / 'log'} "
+                      f"{mode}{kpi_note}")
         processor.run(until_idle=until_idle, on_progress=show)
         stats = processor.stats
         seconds = time.monotonic() - started
@@ -147,13 +149,14 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @click.option("--only", "only", type=str, default=None, help="Own only these partitions, e.g. 0,1 (scale-out).")
 @click.option("--max-batch-events", type=int, default=None, help="Flush a micro-batch at this many events.")
 @click.option("--max-batch-wait", type=float, default=None, help="…or after this many seconds.")
+@click.option("--no-kpi", is_flag=True, help="Only ingest; leave the KPI tables to another process.")
 def process(data_dir: Path | None, partitions: int | None, until_idle: bool, only: str | None,
-            max_batch_events: int | None, max_batch_wait: float | None) -> None:
-    """Streams the log into the Delta tables, exactly once."""
+            max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool) -> None:
+    """Streams the log into the events table and the KPI tables, exactly once."""
     settings = _settings(data_dir=data_dir, partitions=partitions, batch_max_events=max_batch_events,
                          batch_max_wait_s=max_batch_wait)
     owned = [int(p) for p in only.split(",")] if only else None
-    _process(settings, until_idle=until_idle, only=owned)
+    _process(settings, until_idle=until_idle, only=owned, kpi=not no_kpi)
 
 
 # ----------------------------------------------------------------------------------------------------- generate

@@ -17,7 +17,8 @@ from gamestream import server
 from gamestream.collector import create_app
 from gamestream.generator import SendStats, live_events, send
 from gamestream.log import open_log
-from gamestream.processor import Processor, ProcessorStats
+from gamestream.pipeline import Pipeline
+from gamestream.processor import ProcessorStats
 from gamestream.settings import Settings
 
 
@@ -36,7 +37,7 @@ async def run_demo(settings: Settings, *, port: int, rate: float | None, users: 
     stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
     log = open_log(settings.data_dir, partitions=settings.partitions)
-    processor = Processor(settings, log)
+    processor = Pipeline(settings, log)
     failures: list[BaseException] = []
 
     def process() -> None:

@@ -53,22 +53,22 @@ class ProcessorStats:
     started: float = field(default_factory=time.monotonic)
 
 
-class _PartitionLocks:
-    """flock()s on `<log dir>/processor-p<N>.lock`: released by the kernel when the process dies."""
+class ProcessLocks:
+    """flock()s on `<directory>/<name>.lock` files: released by the kernel when the process dies."""
 
-    def __init__(self, directory: Path, partitions: list[int]) -> None:
+    def __init__(self, directory: Path, names: list[str], what: Callable[[str], str]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._files = []
         try:
-            for partition in partitions:
-                handle = open(directory / f"processor-p{partition}.lock", "a+")
+            for name in names:
+                handle = open(directory / f"{name}.lock", "a+")
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     handle.seek(0)
                     holder = handle.read().strip() or "another process"
                     handle.close()
-                    raise PartitionBusy(f"log partition {partition} is being processed by {holder}") from None
+                    raise PartitionBusy(f"{what(name)} is being processed by {holder}") from None
                 handle.truncate(0)
                 handle.write(f"pid {os.getpid()}")
                 handle.flush()
@@ -91,7 +91,8 @@ class Processor:
         for partition in self.partitions:
             if not 0 <= partition < log.partitions:
                 raise ValueError(f"partition {partition} is outside 0..{log.partitions - 1}")
-        self._locks = _PartitionLocks(settings.data_dir / "log", self.partitions)
+        self._locks = ProcessLocks(settings.data_dir / "log", [f"processor-p{p}" for p in self.partitions],
+                                   lambda name: f"log partition {name.removeprefix('processor-p')}")
         self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"))
         self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
         self._app_ids = {p: lake.txn_app_id(settings.pipeline, p) for p in self.partitions}

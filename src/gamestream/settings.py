@@ -36,6 +36,8 @@ class Settings:
     """KPI: a fully consumed partition with no new record for this long stops holding the watermark back."""
     kpi_interval_s: float = 1.0
     """KPI: how often the stage folds new versions of the events table into the KPI tables."""
+    kpi_versions_per_fold: int = 50
+    """KPI: at most this many events-table versions are folded per KPI commit (bounds a catch-up's memory)."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024

@@ -1,0 +1,380 @@
+"""The KPI stage: the events table's new versions → hourly and daily KPI tables, exactly once.
+
+Delta is the streaming source: the stage reads what each commit of `events` added through the change data feed
+(OPTIMIZE's rewrites carry no data change and are skipped), in commit order, and folds it into
+
+- `kpi_events_hourly`   (window_start, window_end, events, final, late_events)
+- `kpi_bookings_hourly` (window_start, window_end, bookings, purchases, final, late_events)
+- `kpi_daily`           (eventDate, dau, events, bookings, paying_users, arpdau)
+
+Event time and watermark, as Flink does it: the watermark is the minimum over log partitions of the greatest
+eventTime folded from that partition, minus the delay (180 minutes, the seed's `withWatermark`). A partition
+with no records at all, or fully consumed and idle past `partition_idle_s`, does not hold it back. The
+watermark only moves forward and is advanced after each events-table version, so the result does not depend on
+how versions are grouped into folds. A window whose end is at or below the watermark is final; an event that
+arrives for a final window is still counted (the KPI stays exact, unlike Spark, which drops it) and is counted
+in that window's `late_events`.
+
+Exactly once: every KPI commit carries txn `<pipeline>-kpi` = the events-table version folded in, plus the
+stage's state (watermark, greatest eventTime per partition) in its commit metadata. Hourly windows are
+upserted with additive MERGEs that take only the versions above the table's own txn version, so a crash
+between the three commits re-folds each table from where it is. Daily rows are absolute values (exact distinct
+device counts) computed from the distinct devices of the days not yet final, which are the only state held in
+memory; a late event for a final day recomputes that day from the events table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import CommitFailedError
+
+from gamestream import lake, schema
+from gamestream.log import EventLog, partition_for
+from gamestream.settings import Settings
+
+UTC = dt.timezone.utc
+TS = pa.timestamp("us", tz="UTC")
+STATE_KEY = "gamestream.kpi"
+
+EVENTS_HOURLY = pa.schema([("window_start", TS), ("window_end", TS), ("events", pa.int64()), ("final", pa.bool_()),
+                           ("late_events", pa.int64())])
+BOOKINGS_HOURLY = pa.schema([("window_start", TS), ("window_end", TS), ("bookings", pa.float64()),
+                             ("purchases", pa.int64()), ("final", pa.bool_()), ("late_events", pa.int64())])
+DAILY = pa.schema([("eventDate", pa.date32()), ("dau", pa.int64()), ("events", pa.int64()),
+                   ("bookings", pa.float64()), ("paying_users", pa.int64()), ("arpdau", pa.float64())])
+PURCHASE = "purchaseEvent"
+
+
+def _us(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000_000) if moment.tzinfo else int(moment.replace(tzinfo=UTC).timestamp() * 1e6)
+
+
+def _from_us(value: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=value)
+
+
+@dataclass
+class StageState:
+    version: int = 0  # events-table version folded in; 0 is the table's creation (no rows)
+    max_seen: dict[int, int] = field(default_factory=dict)  # log partition → greatest eventTime folded (µs)
+    watermark: int | None = None  # µs; only moves forward
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "watermark": self.watermark,
+                           "max_seen": {str(p): v for p, v in self.max_seen.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "StageState":
+        raw = json.loads(text)
+        return cls(raw["version"], {int(p): v for p, v in raw["max_seen"].items()}, raw["watermark"])
+
+
+@dataclass
+class _Day:
+    devices: set[str] = field(default_factory=set)
+    payers: set[str] = field(default_factory=set)
+    events: int = 0
+    bookings: float = 0.0
+
+
+@dataclass
+class _WindowDelta:
+    events: int = 0
+    late: int = 0
+    purchases: int = 0
+    bookings: float = 0.0
+    late_purchases: int = 0
+
+
+class KpiStage:
+    def __init__(self, settings: Settings, log: EventLog) -> None:
+        self.settings = settings
+        self.log = log
+        self.window_us = settings.window_minutes * 60 * 1_000_000
+        self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
+        self.app_id = f"{settings.pipeline}-kpi"
+        self.events = lake.open_events(settings.table_uri("events"))
+        self.tables = {
+            "kpi_events_hourly": lake.open_or_create(settings.table_uri("kpi_events_hourly"), EVENTS_HOURLY, None),
+            "kpi_bookings_hourly": lake.open_or_create(settings.table_uri("kpi_bookings_hourly"), BOOKINGS_HOURLY,
+                                                       None),
+            "kpi_daily": lake.open_or_create(settings.table_uri("kpi_daily"), DAILY, None),
+        }
+        self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
+        start = min(self.folded.values())
+        self.state = self._read_state(start)
+        # non-final windows per hourly table (to mark them final when the watermark passes them)
+        self.open_windows: dict[str, set[int]] = {name: self._read_open_windows(name) for name in
+                                                  ("kpi_events_hourly", "kpi_bookings_hourly")}
+        self.days: dict[dt.date, _Day] = self._read_open_days(start)
+
+    # ------------------------------------------------------------------------------------------- restart
+    def _read_state(self, version: int) -> StageState:
+        if version == 0:
+            return StageState()
+        for table in self.tables.values():
+            if (table.transaction_version(self.app_id) or 0) != version:
+                continue
+            for commit in table.history():
+                text = commit.get(STATE_KEY)
+                if text:
+                    state = StageState.from_json(text)
+                    if state.version == version:
+                        return state
+        raise RuntimeError(f"no KPI state for events version {version} in the KPI tables' history")
+
+    def _read_open_windows(self, name: str) -> set[int]:
+        table = self.tables[name]
+        if table.version() == 0:
+            return set()
+        rows = table.to_pyarrow_table(columns=["window_start", "final"])
+        open_rows = rows.filter(pc.invert(rows["final"]))
+        return {_us(w) for w in open_rows["window_start"].to_pylist()}
+
+    def _day_is_final(self, day: dt.date) -> bool:
+        end = _us(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), UTC))
+        return self.state.watermark is not None and end <= self.state.watermark
+
+    def _read_open_days(self, version: int) -> dict[dt.date, _Day]:
+        if version == 0:
+            return {}
+        dataset = DeltaTable(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+        days: dict[dt.date, _Day] = {}
+        for day in sorted({d for d in self._event_dates(dataset)}):
+            if not self._day_is_final(day):
+                days[day] = self._day_from_table(dataset, day)
+        return days
+
+    @staticmethod
+    def _event_dates(dataset) -> set[dt.date]:
+        table = dataset.to_table(columns=["eventDate"])
+        return set(pc.unique(table["eventDate"]).to_pylist())
+
+    @staticmethod
+    def _day_from_table(dataset, day: dt.date) -> _Day:
+        import pyarrow.dataset as ds
+
+        rows = dataset.to_table(filter=ds.field("eventDate") == day, columns=["eventName", "eventParams"])
+        devices = pc.struct_field(rows["eventParams"], "device_id")
+        purchase = pc.equal(rows["eventName"], PURCHASE)
+        amount = pc.struct_field(rows["eventParams"], "amount")
+        bookings = pc.sum(pc.if_else(purchase, amount, None)).as_py() or 0.0
+        return _Day(devices=set(pc.unique(devices).to_pylist()) - {None},
+                    payers=set(pc.unique(devices.filter(pc.fill_null(purchase, False))).to_pylist()) - {None},
+                    events=rows.num_rows, bookings=bookings)
+
+    # ---------------------------------------------------------------------------------------------- folding
+    def fold(self) -> int:
+        """Folds every events-table version not yet in the KPI tables; returns how many versions it folded."""
+        self.events.update_incremental()
+        latest = self.events.version()
+        folded = 0
+        while self.state.version < latest:
+            upto = min(latest, self.state.version + self.settings.kpi_versions_per_fold)
+            self._fold_range(self.state.version + 1, upto)
+            folded += upto - self.state.version
+            self.state.version = upto
+        return folded
+
+    def _fold_range(self, first: int, last: int) -> None:
+        # names quoted: delta-rs plans this with DataFusion, which lower-cases unquoted identifiers
+        reader = self.events.load_cdf(starting_version=first, ending_version=last, columns=[
+            '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
+        changes = pa.table(reader.read_all())
+        # delta-rs hands out string_view columns; cast to the table's own schema for pyarrow's kernels
+        events_schema = schema.arrow_schema()
+        changes = changes.cast(pa.schema([events_schema.field(n) if n in events_schema.names
+                                          else pa.field(n, pa.string() if n == "_change_type" else pa.int64())
+                                          for n in changes.column_names]))
+        if changes.num_rows:
+            changes = changes.filter(pc.equal(changes["_change_type"], "insert"))
+        deltas: dict[int, dict[int, _WindowDelta]] = {}  # version → window start → delta
+        touched_days: set[dt.date] = set()
+        recompute_days: set[dt.date] = set()
+        versions = sorted(set(changes["_commit_version"].to_pylist())) if changes.num_rows else []
+        for version in versions:
+            rows = changes.filter(pc.equal(changes["_commit_version"], version))
+            deltas[version] = self._fold_version(rows, touched_days, recompute_days)
+        self._advance_watermark()  # partitions may have gone idle meanwhile
+        state_json = StageState(last, dict(self.state.max_seen), self.state.watermark).to_json()
+        for name in ("kpi_events_hourly", "kpi_bookings_hourly"):
+            self._commit_hourly(name, deltas, last, state_json)
+        self._commit_daily(touched_days, recompute_days, last, state_json)
+        for day in [d for d in self.days if self._day_is_final(d)]:
+            del self.days[day]  # final days leave memory
+
+    def _partitions_of(self, devices: pa.Array) -> pa.Array:
+        """The log partition of each row, from its device id (the producers' own rule)."""
+        encoded = pc.dictionary_encode(devices).combine_chunks() if isinstance(devices, pa.ChunkedArray) else (
+            pc.dictionary_encode(devices))
+        partitions = pa.array([partition_for(d, self.log.partitions) if d is not None else 0
+                               for d in encoded.dictionary.to_pylist()], pa.int32())
+        return pc.take(partitions, encoded.indices)
+
+    def _fold_version(self, rows: pa.Table, touched_days: set[dt.date],
+                      recompute_days: set[dt.date]) -> dict[int, _WindowDelta]:
+        """Folds the rows one events-table version added, then advances the watermark."""
+        watermark = self.state.watermark
+        times = pc.cast(pc.cast(rows["eventTime"], pa.timestamp("us")), pa.int64())
+        starts = pc.subtract(times, pc.modulo(times, self.window_us))
+        late = (pc.less_equal(pc.add(starts, self.window_us), watermark) if watermark is not None
+                else pa.array([False] * rows.num_rows))
+        purchase = pc.fill_null(pc.equal(rows["eventName"], PURCHASE), False)
+        devices = pc.struct_field(rows["eventParams"], "device_id")
+        amount = pc.fill_null(pc.struct_field(rows["eventParams"], "amount"), 0.0)
+        frame = pa.table({
+            "start": starts, "late": pc.cast(late, pa.int64()), "purchase": pc.cast(purchase, pa.int64()),
+            "bookings": pc.if_else(purchase, amount, 0.0),
+            "late_purchase": pc.cast(pc.and_(late, purchase), pa.int64()),
+        })
+        grouped = frame.group_by("start").aggregate([("start", "count"), ("late", "sum"), ("purchase", "sum"),
+                                                     ("bookings", "sum"), ("late_purchase", "sum")])
+        windows = {
+            start: _WindowDelta(events, late_sum, purchases, bookings, late_purchases)
+            for start, events, late_sum, purchases, bookings, late_purchases in zip(
+                *(grouped[c].to_pylist() for c in ("start", "start_count", "late_sum", "purchase_sum",
+                                                   "bookings_sum", "late_purchase_sum")))
+        }
+        # greatest eventTime per log partition
+        seen = pa.table({"partition": self._partitions_of(devices), "t": times}).group_by("partition").aggregate(
+            [("t", "max")])
+        for partition, greatest in zip(seen["partition"].to_pylist(), seen["t_max"].to_pylist()):
+            if greatest > self.state.max_seen.get(partition, -(1 << 62)):
+                self.state.max_seen[partition] = greatest
+        # days: distinct devices and payers of the days not yet final; a final day is recomputed
+        day_column = rows["eventDate"]
+        for day in pc.unique(day_column).to_pylist():
+            touched_days.add(day)
+            if day not in self.days and self._day_is_final(day):
+                recompute_days.add(day)  # a late event for a final day
+                continue
+            mask = pc.equal(day_column, day)
+            state = self.days.setdefault(day, _Day())
+            day_devices = devices.filter(mask)
+            day_purchase = purchase.filter(mask)
+            state.devices.update(pc.unique(day_devices).to_pylist())
+            state.payers.update(pc.unique(day_devices.filter(day_purchase)).to_pylist())
+            state.events += len(day_devices)
+            state.bookings += pc.sum(pc.if_else(day_purchase, amount.filter(mask), 0.0)).as_py() or 0.0
+        self._advance_watermark()
+        return windows
+
+    def _holding_partitions(self) -> list[int]:
+        """Log partitions that hold the watermark back: every partition with records, except those that are
+        fully consumed and idle past the timeout."""
+        now = time.time()
+        holding = []
+        for p in range(self.log.partitions):
+            last = self.log.last_offset(p)
+            if last == 0:
+                continue
+            consumed = (self.events.transaction_version(lake.txn_app_id(self.settings.pipeline, p)) or 0) >= last
+            appended = self.log.last_appended_at(p)
+            idle = appended is None or now - appended > self.settings.partition_idle_s
+            if consumed and idle:
+                continue
+            holding.append(p)
+        return holding
+
+    def _advance_watermark(self) -> None:
+        holding = self._holding_partitions()
+        if not holding:
+            return
+        seen = [self.state.max_seen.get(p) for p in holding]
+        if any(s is None for s in seen):
+            return  # a partition that has not shown its first event yet holds the watermark at -∞
+        candidate = min(seen) - self.delay_us  # type: ignore[type-var]
+        if self.state.watermark is None or candidate > self.state.watermark:
+            self.state.watermark = candidate
+
+    # --------------------------------------------------------------------------------------------- commits
+    def _commit(self, name: str, source: pa.Table, predicate: str, updates: dict[str, str] | None, version: int,
+                state_json: str) -> None:
+        table = self.tables[name]
+        for attempt in range(self.settings.commit_retries):
+            if (table.transaction_version(self.app_id) or 0) >= version:
+                return  # exactly once: this table already has this version folded in
+            try:
+                merge = table.merge(source, predicate=predicate, source_alias="s", target_alias="t",
+                                    commit_properties=CommitProperties(
+                                        app_transactions=[Transaction(self.app_id, version)],
+                                        custom_metadata={STATE_KEY: state_json}))
+                merge = merge.when_matched_update(updates) if updates else merge.when_matched_update_all()
+                merge.when_not_matched_insert_all().execute()
+                self.folded[name] = version
+                return
+            except CommitFailedError:  # a concurrent OPTIMIZE of a KPI table: reload, re-check, retry
+                time.sleep(min(0.01 * 2**attempt, 1.0))
+                table.update_incremental()
+        raise lake.CommitGaveUp(f"gave up merging into {name}")
+
+    def _commit_hourly(self, name: str, deltas: dict[int, dict[int, _WindowDelta]], version: int,
+                       state_json: str) -> None:
+        if self.folded[name] >= version:
+            return
+        totals: dict[int, _WindowDelta] = defaultdict(_WindowDelta)
+        for commit_version, windows in deltas.items():
+            if commit_version <= self.folded[name]:
+                continue  # already in this table (a crash between the three commits)
+            for start, delta in windows.items():
+                total = totals[start]
+                total.events += delta.events
+                total.late += delta.late
+                total.purchases += delta.purchases
+                total.bookings += delta.bookings
+                total.late_purchases += delta.late_purchases
+        bookings = name == "kpi_bookings_hourly"
+        if bookings:
+            totals = {s: d for s, d in totals.items() if d.purchases}
+        watermark = self.state.watermark
+        is_final = (lambda start: watermark is not None and start + self.window_us <= watermark)
+        open_windows = self.open_windows[name]
+        starts = sorted(set(totals) | {s for s in open_windows if is_final(s)})
+        columns: dict[str, list] = defaultdict(list)
+        for start in starts:
+            delta = totals.get(start, _WindowDelta())
+            columns["window_start"].append(_from_us(start))
+            columns["window_end"].append(_from_us(start + self.window_us))
+            if bookings:
+                columns["bookings"].append(delta.bookings)
+                columns["purchases"].append(delta.purchases)
+                columns["late_events"].append(delta.late_purchases)
+            else:
+                columns["events"].append(delta.events)
+                columns["late_events"].append(delta.late)
+            columns["final"].append(is_final(start))
+        schema = BOOKINGS_HOURLY if bookings else EVENTS_HOURLY
+        source = pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+        additive = ["bookings", "purchases", "late_events"] if bookings else ["events", "late_events"]
+        updates = {c: f"t.{c} + s.{c}" for c in additive}
+        updates["final"] = "s.final OR t.final"
+        self._commit(name, source, "t.window_start = s.window_start", updates, version, state_json)
+        for start in starts:
+            (open_windows.discard if is_final(start) else open_windows.add)(start)
+
+    def _commit_daily(self, touched: set[dt.date], recompute: set[dt.date], version: int, state_json: str) -> None:
+        if self.folded["kpi_daily"] >= version:
+            return
+        rows = []
+        dataset = None
+        for day in sorted(touched):
+            state = self.days.get(day)
+            if state is None or day in recompute:
+                if dataset is None:
+                    dataset = DeltaTable(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+                state = self._day_from_table(dataset, day)
+                if day in self.days:
+                    self.days[day] = state
+            dau = len(state.devices)
+            rows.append({"eventDate": day, "dau": dau, "events": state.events, "bookings": state.bookings,
+                         "paying_users": len(state.payers), "arpdau": state.bookings / dau if dau else 0.0})
+        source = pa.Table.from_pylist(rows, schema=DAILY)
+        self._commit("kpi_daily", source, "t.eventDate = s.eventDate", None, version, state_json)
