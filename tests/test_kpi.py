@@ -1,0 +1,185 @@
+"""KPI tables against answers computed independently, in plain Python, from the NDJSON that was loaded."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from conftest import gamestream, table_rows, write_ndjson
+from gamestream.generator import simulate
+from gamestream.log import partition_for
+
+UTC = dt.timezone.utc
+HOUR = dt.timedelta(hours=1)
+DELAY = dt.timedelta(minutes=180)
+
+
+def parse(ts: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def window_of(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def watermark(events: list[dict]) -> dt.datetime:
+    """min over log partitions of the greatest eventTime seen in it, minus 180 minutes."""
+    greatest: dict[int, dt.datetime] = {}
+    for e in events:
+        p = partition_for(e["eventParams"]["device_id"], 4)
+        greatest[p] = max(greatest.get(p, parse(e["eventTime"])), parse(e["eventTime"]))
+    return min(greatest.values()) - DELAY
+
+
+def late_events(start: dt.datetime, count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    events = []
+    for i in range(count):
+        moment = start + dt.timedelta(seconds=rng.uniform(0, 18 * 3600))
+        purchase = rng.random() < 0.3
+        params = {"device_id": f"late-device-{rng.randrange(40)}", "platform": "ios"}
+        if purchase:
+            params["amount"] = rng.choice([0.99, 4.99, 19.99])
+        events.append({"eventId": f"late-{seed}-{i}", "eventName": "purchaseEvent" if purchase else "levelEnd",
+                       "eventTime": moment.isoformat().replace("+00:00", "Z"), "eventParams": params})
+    return events
+
+
+def expected_kpis(phases: list[list[dict]]) -> tuple[dict, dict, dict]:
+    hourly: dict = defaultdict(lambda: {"events": 0, "late_events": 0})
+    bookings: dict = defaultdict(lambda: {"bookings": 0.0, "purchases": 0, "late_events": 0})
+    days: dict = defaultdict(lambda: {"devices": set(), "payers": set(), "events": 0, "bookings": 0.0})
+    seen: list[dict] = []
+    for phase in phases:  # each phase is loaded and processed before the next: one events-table version
+        wm = watermark(seen) if seen else None
+        for e in phase:
+            t = parse(e["eventTime"])
+            w = window_of(t)
+            late = wm is not None and w + HOUR <= wm
+            hourly[w]["events"] += 1
+            hourly[w]["late_events"] += late
+            day = days[t.date()]
+            day["devices"].add(e["eventParams"]["device_id"])
+            day["events"] += 1
+            if e["eventName"] == "purchaseEvent":
+                amount = e["eventParams"].get("amount") or 0.0
+                bookings[w]["bookings"] += amount
+                bookings[w]["purchases"] += 1
+                bookings[w]["late_events"] += late
+                day["payers"].add(e["eventParams"]["device_id"])
+                day["bookings"] += amount
+        seen += phase
+    final_wm = watermark(seen)
+    for table in (hourly, bookings):
+        for w, row in table.items():
+            row["window_end"] = w + HOUR
+            row["final"] = w + HOUR <= final_wm
+    daily = {d: {"dau": len(v["devices"]), "events": v["events"], "bookings": v["bookings"],
+                 "paying_users": len(v["payers"]), "arpdau": v["bookings"] / len(v["devices"])}
+             for d, v in days.items()}
+    return dict(hourly), dict(bookings), daily
+
+
+def rounded(row: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def kpi_tables(data: Path) -> tuple[dict, dict, dict]:
+    hourly = {r.pop("window_start"): r for r in table_rows(data / "tables" / "kpi_events_hourly")}
+    bookings = {r.pop("window_start"): r for r in table_rows(data / "tables" / "kpi_bookings_hourly")}
+    daily = {r.pop("eventDate"): r for r in table_rows(data / "tables" / "kpi_daily")}
+    return hourly, bookings, daily
+
+
+def load_and_process(tmp_path: Path, data: Path, events: list[dict], name: str) -> None:
+    write_ndjson(tmp_path / f"{name}.ndjson", events)
+    gamestream("load", str(tmp_path / f"{name}.ndjson"), data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+
+
+def test_kpi_tables_equal_independent_answers_including_late_events_after_the_watermark(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    start = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    on_time = list(simulate(events=20_000, users=400, seed=21, start=start, days=3))
+    late = late_events(start, 300, seed=1)  # all of day 1: long final by then
+    later = list(simulate(events=3000, users=400, seed=22, start=start + dt.timedelta(days=3), days=0.5))
+    phases = [on_time, late, later]
+    for i, phase in enumerate(phases):
+        load_and_process(tmp_path, data, phase, f"phase{i}")
+
+    want_hourly, want_bookings, want_daily = expected_kpis(phases)
+    got_hourly, got_bookings, got_daily = kpi_tables(data)
+    assert sum(r["late_events"] for r in want_hourly.values()) == 300  # the late phase is entirely late
+    assert any(not r["final"] for r in want_hourly.values()) and any(r["final"] for r in want_hourly.values())
+    assert got_hourly == want_hourly
+    assert {w: rounded(r) for w, r in got_bookings.items()} == {w: rounded(r) for w, r in want_bookings.items()}
+    assert {d: rounded(r) for d, r in got_daily.items()} == {d: rounded(r) for d, r in want_daily.items()}
+    # windows are upserted, never duplicated
+    assert len(table_rows(data / "tables" / "kpi_events_hourly")) == len(want_hourly)
+
+
+def test_processing_again_changes_no_kpi_table(tmp_path: Path) -> None:
+    from deltalake import DeltaTable
+
+    data = tmp_path / "data"
+    load_and_process(tmp_path, data, list(simulate(events=3000, users=100, seed=3, days=1)), "a")
+    names = ("kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily")
+    versions = [DeltaTable(str(data / "tables" / n)).version() for n in names]
+    gamestream("process", "--until-idle", data_dir=data)
+    assert [DeltaTable(str(data / "tables" / n)).version() for n in names] == versions
+
+
+@pytest.mark.slow
+def test_kpi_stage_killed_during_catch_up_ends_with_the_same_tables(tmp_path: Path) -> None:
+    ingested = tmp_path / "ingested"
+    start = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    events = list(simulate(events=60_000, users=1000, seed=8, start=start, days=4))
+    events += late_events(start, 200, seed=2)  # in the same load: late only if the watermark passed them
+    write_ndjson(tmp_path / "all.ndjson", events)
+    gamestream("load", str(tmp_path / "all.ndjson"), data_dir=ingested)
+    # many small events-table versions, no KPI yet: the KPI stage will have to catch up
+    gamestream("process", "--until-idle", "--no-kpi", "--max-batch-events", "300", data_dir=ingested)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    shutil.copytree(ingested, reference)
+    shutil.copytree(ingested, killed)
+    env = {"GAMESTREAM_KPI_VERSIONS_PER_FOLD": "1"}
+    gamestream("process", "--until-idle", data_dir=reference, env=env)
+
+    rng = random.Random(4)
+    kills = 0
+    for _ in range(8):
+        child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--data-dir",
+                                  str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **env})
+        child.stderr.readline()
+        time.sleep(rng.uniform(0.0, 0.2))
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.wait()
+        child.stderr.close()
+    assert kills >= 5
+    from deltalake import DeltaTable
+
+    folded = DeltaTable(str(killed / "tables" / "kpi_daily")).transaction_version("gamestream-kpi") or 0
+    events_version = DeltaTable(str(killed / "tables" / "events")).version()
+    assert 0 < folded < events_version, (folded, events_version)  # the kills interrupted a catch-up under way
+    gamestream("process", "--until-idle", data_dir=killed, env=env)
+
+    def normalised(data: Path) -> list[dict]:
+        return [{k: {key: rounded(row) for key, row in table.items()}} for k, table in
+                zip(("hourly", "bookings", "daily"), kpi_tables(data))]
+
+    assert normalised(killed) == normalised(reference)
+    hourly = kpi_tables(reference)[0]
+    assert sum(r["late_events"] for r in hourly.values()) > 0  # the late rows did count as late
