@@ -247,6 +247,49 @@ async def _post_with_progress(target: str, *, events: int | None, duration: floa
         return sending.result()
 
 
+# ---------------------------------------------------------------------------------------------------------- sql
+@cli.command()
+@click.argument("query")
+@data_dir_option
+@click.option("--format", "output", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+def sql(query: str, data_dir: Path | None, output: str) -> None:
+    """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
+    events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily). Dates are UTC."""
+    from gamestream.query import QueryError, SqlEngine, to_csv, to_json
+
+    try:
+        result = SqlEngine(_settings(data_dir=data_dir)).run(query)
+    except QueryError as error:
+        from rich.text import Text
+
+        console.print(Text.assemble(("error: ", "red"), error.pointed()))
+        raise SystemExit(2)
+    if output == "csv":
+        out.out(to_csv(result), end="")
+    elif output == "json":
+        out.out(to_json(result))
+    else:
+        table = Table()
+        for name in result.column_names:
+            table.add_column(name, justify="right" if pa_is_number(result.schema.field(name).type) else "left")
+        for row in result.slice(0, MAX_TABLE_ROWS).to_pylist():
+            table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
+        out.print(table)
+        shown = f" (showing the first {MAX_TABLE_ROWS:,}; --format csv or json prints all)" if (
+            result.num_rows > MAX_TABLE_ROWS) else ""
+        out.print(f"{result.num_rows:,} row{'s' if result.num_rows != 1 else ''}{shown}", highlight=False)
+
+
+MAX_TABLE_ROWS = 1000
+
+
+def pa_is_number(type_) -> bool:
+    import pyarrow.types as types
+
+    return types.is_integer(type_) or types.is_floating(type_) or types.is_decimal(type_)
+
+
 # ------------------------------------------------------------------------------------------------------- status
 @cli.command()
 @data_dir_option
@@ -301,6 +344,8 @@ def _api_keys(api_key: tuple[str, ...], api_keys_file: Path | None) -> tuple[str
 
 api_key_options = [
     click.option("--api-key", "api_key", multiple=True, help="A write key (repeatable); or GAMESTREAM_API_KEYS."),
+    click.option("--admin-key", "admin_key", multiple=True,
+                 help="A key for POST /v1/sql (repeatable); or GAMESTREAM_ADMIN_KEYS."),
     click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                  help="A file with one write key per line."),
     click.option("--host", default=None, help="Address to listen on (default 127.0.0.1)."),
@@ -316,6 +361,8 @@ def _with_options(options):
 
 
 def _announce_keys(settings: Settings) -> None:
+    if settings.keys_configured and not settings.admin_keys:
+        console.print("no admin key configured: POST /v1/sql is refused (--admin-key)")
     if settings.api_keys:
         console.print(f"write keys: {len(settings.api_keys)} configured; requests need "
                       "'Authorization: Bearer <key>' or 'X-API-Key'")
@@ -330,13 +377,13 @@ def _announce_keys(settings: Settings) -> None:
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
 @_with_options(api_key_options)
 def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_key: tuple[str, ...],
-          api_keys_file: Path | None, host: str | None) -> None:
+          admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
     from gamestream import server
     from gamestream.collector import create_app
 
     settings = _settings(data_dir=data_dir, partitions=partitions, port=port, host=host,
-                         api_keys=_api_keys(api_key, api_keys_file))
+                         api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None)
 
     async def main_() -> None:
         sock = server.bind(settings.host, settings.port)
@@ -361,7 +408,8 @@ def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_k
 @click.option("--seed", type=int, default=None, help="Generator seed (default: a new one each run).")
 @_with_options(api_key_options)
 def demo(data_dir: Path | None, port: int | None, rate: float, users: int, duration: float | None,
-         seed: int | None, api_key: tuple[str, ...], api_keys_file: Path | None, host: str | None) -> None:
+         seed: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
+         host: str | None) -> None:
     """Everything at once on the embedded defaults: collector + processor + a generator posting live events.
 
     Ctrl-C or SIGTERM stops it cleanly: every acknowledged event is committed to the table first.
@@ -371,7 +419,8 @@ def demo(data_dir: Path | None, port: int | None, rate: float, users: int, durat
     from gamestream import server
     from gamestream.demo import run_demo
 
-    settings = _settings(data_dir=data_dir, port=port, host=host, api_keys=_api_keys(api_key, api_keys_file))
+    settings = _settings(data_dir=data_dir, port=port, host=host, api_keys=_api_keys(api_key, api_keys_file),
+                         admin_keys=tuple(admin_key) or None)
 
     def started(url: str) -> None:
         _announce_keys(settings)

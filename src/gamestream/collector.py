@@ -58,6 +58,18 @@ _encode = msgspec.json.Encoder().encode
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
+def _presented_key_in(request: Request, keys: list[bytes]) -> bool:
+    """Whether the request carries one of `keys` as `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else None
+    if not given:
+        return False
+    presented = given.encode()
+    return any(hmac.compare_digest(presented, key) for key in keys)
+
+
 class _Refuse(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.status, self.message, self.headers = status, message, headers or {}
@@ -126,14 +138,7 @@ class Collector:
     def authorised(self, request: Request) -> bool:
         if not self.keys:
             return True
-        given = request.headers.get("x-api-key")
-        if given is None:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else None
-        if not given:
-            return False
-        presented = given.encode()
-        return any(hmac.compare_digest(presented, key) for key in self.keys)
+        return _presented_key_in(request, self.keys)
 
     async def ingest(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -306,6 +311,19 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "headers": retry},
                 },
             }},
+            "/v1/sql": {"post": {
+                "summary": "Run a read-only Spark SQL query over the tables (DuckDB underneath; dates in UTC)",
+                "security": [{"bearer": []}, {"apiKey": []}, {}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["query"], "properties": {"query": {"type": "string"}}}}}},
+                "responses": {
+                    "200": reply("Result", {"type": "object", "properties": {
+                        "columns": {"type": "array", "items": {"type": "string"}},
+                        "rows": {"type": "array", "items": {"type": "array"}}}}),
+                    "400": reply("Not a query, or it failed: error, line, column", error),
+                    "401": reply("Keys are configured and no admin key was given", error),
+                },
+            }},
             "/healthz": {"get": {"summary": "Log writable and disk space",
                                  "responses": {"200": {"description": "healthy"},
                                                "503": {"description": "unhealthy"}}}},
@@ -355,6 +373,30 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(openapi(settings))
 
+    admin_keys = [key.encode() for key in settings.admin_keys]
+
+    async def sql(request: Request) -> Response:
+        """POST /v1/sql {"query": "<Spark SQL>"} → {"columns": [...], "rows": [[...], ...]}."""
+        from gamestream.query import QueryError, SqlEngine, to_json
+
+        if settings.keys_configured and not _presented_key_in(request, admin_keys):
+            return JSONResponse({"error": "POST /v1/sql needs an admin key ('Authorization: Bearer <key>' or "
+                                          "'X-API-Key')"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            body = msgspec.json.decode(await request.body())
+            query = body["query"]
+            if not isinstance(query, str):
+                raise TypeError
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return JSONResponse({"error": 'send {"query": "<Spark SQL>"} as JSON'}, status_code=400)
+        try:
+            table = await asyncio.to_thread(SqlEngine(settings).run, query)
+        except QueryError as error:
+            return JSONResponse({"error": str(error), "line": error.line, "column": error.column,
+                                 "detail": error.pointed()}, status_code=400)
+        rows = msgspec.json.decode(to_json(table))
+        return JSONResponse({"columns": table.column_names, "rows": [list(r.values()) for r in rows]})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await collector.start()
@@ -370,6 +412,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/v1/sql", sql, methods=["POST"]),
     ], lifespan=lifespan)
     app.state.collector = collector
     return app

@@ -52,6 +52,8 @@ class Settings:
     """Collector: /healthz reports unhealthy under this much free disk."""
     api_keys: tuple[str, ...] = ()
     """Collector: write keys (GAMESTREAM_API_KEYS, comma-separated). None: the endpoint is open."""
+    admin_keys: tuple[str, ...] = ()
+    """Keys for POST /v1/sql (GAMESTREAM_ADMIN_KEYS). With no key of either kind configured, it is open."""
     host: str = "127.0.0.1"
     port: int = 8000
     tables: dict[str, str] = field(default_factory=dict)
@@ -75,6 +77,10 @@ class Settings:
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
         return self.tables.get(name) or str((self.data_dir / "tables" / name).absolute())
+
+    @property
+    def keys_configured(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
 
     def with_(self, **changes: object) -> "Settings":
         return replace(self, **changes)  # type: ignore[arg-type]
