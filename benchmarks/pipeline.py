@@ -56,6 +56,10 @@ def main() -> None:
         processor = Processor(settings, log)
         _, process_s = timed(lambda: processor.run(until_idle=True))
         assert processor.stats.events_committed == n
+        from gamestream.kpi import KpiStage
+
+        kpi = KpiStage(settings, log)
+        _, kpi_s = timed(kpi.fold)
         log.close()
 
         # decode peers over the canonical lines the log holds
@@ -83,6 +87,7 @@ def main() -> None:
     rows = [
         ("load: validate + append to SQLite log", load_s),
         ("process: log → Delta (until idle)", process_s),
+        ("kpi: fold the events table (catch-up)", kpi_s),
         ("validate only (msgspec)", validate_s),
         ("  peer: json.loads only (no checks)", json_loads_s),
         ("decode to Arrow (pyarrow.json, schema)", arrow_decode_s),
@@ -90,7 +95,7 @@ def main() -> None:
     ]
     for name, seconds in rows:
         print(f"{name:<42}{seconds:>9.2f}{n / seconds:>14,.0f}")
-    print(f"RESULT load_eps={n / load_s:.0f} process_eps={n / process_s:.0f} "
+    print(f"RESULT load_eps={n / load_s:.0f} process_eps={n / process_s:.0f} kpi_eps={n / kpi_s:.0f} "
           f"decode_speedup_vs_python={python_decode_s / arrow_decode_s:.1f} "
           f"validate_cost_vs_json_loads={validate_s / json_loads_s:.2f}")
     sys.stdout.flush()
