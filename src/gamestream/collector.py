@@ -23,6 +23,7 @@ import shutil
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,10 +31,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from gamestream import schema
+from gamestream.dashboard import DashboardData, IngestRate
 from gamestream.log import Append, EventLog, Idempotency, partition_for
 from gamestream.settings import Settings
 
@@ -111,6 +114,8 @@ class Collector:
         self.validator = schema.EventValidator(event_time="server")
         self.metrics = _Metrics.create()
         self.backlog = 0
+        self.accepted_total = 0
+        self.ingest_rate = IngestRate()
         self._backlog_task: asyncio.Task | None = None
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -131,6 +136,7 @@ class Collector:
     async def _watch_backlog(self) -> None:
         while True:
             await asyncio.sleep(0.5)
+            self.ingest_rate.sample(self.accepted_total)
             with contextlib.suppress(Exception):  # a busy log must not kill the watcher; the next round retries
                 await self._refresh_backlog()
 
@@ -202,6 +208,7 @@ class Collector:
         if result.replayed is not None:
             return Response(result.replayed, media_type="application/json", headers={"Idempotent-Replayed": "true"})
         self.metrics.accepted.inc(accepted)
+        self.accepted_total += accepted
         return Response(encoded, media_type="application/json")
 
     @staticmethod
@@ -324,6 +331,26 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "401": reply("Keys are configured and no admin key was given", error),
                 },
             }},
+            "/v1/dashboard": {"get": {
+                "summary": "What the dashboard at / shows, as JSON (the page polls it every second)",
+                "parameters": [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "admin key, when keys are configured (or a header)"}],
+                "responses": {"200": reply("KPIs, lag, quarantine and table health", {
+                    "type": "object", "properties": {
+                        "generated_at": {"type": "string", "format": "date-time"},
+                        "hourly": {"type": "array", "description": "last 48 windows of kpi_events_hourly"},
+                        "bookings": {"type": "array", "description": "last 48 windows of kpi_bookings_hourly"},
+                        "today": {"type": "object", "description": "kpi_daily's row for today (UTC)"},
+                        "ingest": {"type": "object", "properties": {"events_per_second": {"type": "number"}}},
+                        "lag": {"type": "object", "properties": {
+                            "backlog_events": {"type": "integer"},
+                            "newest_event_time": {"type": ["string", "null"]},
+                            "freshness_seconds": {"type": ["number", "null"]}}},
+                        "quarantine": {"type": "object", "properties": {"count": {"type": "integer"},
+                                                                         "latest": {"type": "array"}}},
+                        "tables": {"type": "object", "description": "events table health"}}}),
+                    "401": reply("Keys are configured and no admin key was given", error)},
+            }},
             "/healthz": {"get": {"summary": "Log writable and disk space",
                                  "responses": {"200": {"description": "healthy"},
                                                "503": {"description": "unhealthy"}}}},
@@ -374,6 +401,29 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         return JSONResponse(openapi(settings))
 
     admin_keys = [key.encode() for key in settings.admin_keys]
+    dashboard = DashboardData(settings)
+    static = Path(__file__).parent / "dashboard" / "static"
+
+    def admin(request: Request) -> bool:
+        if not settings.keys_configured:
+            return True
+        if _presented_key_in(request, admin_keys):
+            return True
+        given = request.query_params.get("key", "").encode()
+        return bool(given) and any(hmac.compare_digest(given, key) for key in admin_keys)
+
+    async def page(request: Request) -> Response:
+        if not admin(request):
+            return HTMLResponse("<!doctype html><title>gamestream</title><h1>401: admin key needed</h1>"
+                                "<p>Open this page as <code>/?key=&lt;admin key&gt;</code>.</p>", status_code=401)
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def dashboard_json(request: Request) -> Response:
+        if not admin(request):
+            return JSONResponse({"error": "the dashboard needs an admin key"}, status_code=401)
+        data = await asyncio.to_thread(dashboard.snapshot, backlog=collector.backlog,
+                                       events_per_second=collector.ingest_rate.per_second())
+        return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
     async def sql(request: Request) -> Response:
         """POST /v1/sql {"query": "<Spark SQL>"} → {"columns": [...], "rows": [[...], ...]}."""
@@ -413,6 +463,9 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/sql", sql, methods=["POST"]),
+        Route("/", page, methods=["GET"]),
+        Route("/v1/dashboard", dashboard_json, methods=["GET"]),
+        Mount("/static", app=StaticFiles(directory=static), name="static"),
     ], lifespan=lifespan)
     app.state.collector = collector
     return app

@@ -1,0 +1,159 @@
+"""The live dashboard: a page at `/` and the small JSON API it polls, `GET /v1/dashboard`.
+
+The page (static/index.html, app.js, style.css, with uPlot vendored under static/vendor/) asks for
+`/v1/dashboard` every second and redraws: events per hourly window (bars; provisional windows marked),
+bookings per hourly window (line, with purchases), today's DAU, ARPDAU and paying users (UTC), incoming events/s,
+processing lag (log backlog, freshness = now − newest committed eventTime), the quarantine with its latest
+reasons, and the events table's health (files per partition, average file size, last OPTIMIZE and VACUUM).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltalake import DeltaTable
+
+from gamestream.settings import Settings
+
+UTC = dt.timezone.utc
+HOURS_SHOWN = 48  # the charts show the windows of the last 48 hours of event time
+SMALL_FILE_BYTES = 16 * 1024 * 1024
+
+
+def _iso(value: dt.datetime | dt.date | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass
+class IngestRate:
+    """Events accepted per second over the last few seconds, from samples of a running total."""
+
+    window_s: float = 5.0
+    samples: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    def sample(self, total: float, now: float | None = None) -> None:
+        self.samples.append((time.monotonic() if now is None else now, total))
+
+    def per_second(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        newest_t, newest = self.samples[-1]
+        oldest_t, oldest = next(((t, v) for t, v in self.samples if newest_t - t <= self.window_s),
+                                self.samples[0])
+        return (newest - oldest) / (newest_t - oldest_t) if newest_t > oldest_t else 0.0
+
+
+class DashboardData:
+    """Builds the `/v1/dashboard` answer from the Delta tables (cached for `ttl_s`, rebuilt in a thread)."""
+
+    def __init__(self, settings: Settings, ttl_s: float = 0.5) -> None:
+        self.settings = settings
+        self.ttl_s = ttl_s
+        self._cached: tuple[float, dict] | None = None
+        self._lock = threading.Lock()
+
+    def snapshot(self, *, backlog: int | None, events_per_second: float) -> dict[str, Any]:
+        with self._lock:
+            if self._cached and time.monotonic() - self._cached[0] < self.ttl_s:
+                tables = self._cached[1]
+            else:
+                tables = self._read_tables()
+                self._cached = (time.monotonic(), tables)
+        now = dt.datetime.now(UTC)
+        newest = tables.pop("_newest_event_time", None)
+        return {
+            "generated_at": now.isoformat(),
+            **tables,
+            "ingest": {"events_per_second": round(events_per_second, 1)},
+            "lag": {"backlog_events": backlog,
+                    "newest_event_time": _iso(newest),
+                    "freshness_seconds": round((now - newest).total_seconds(), 1) if newest else None},
+        }
+
+    def _table(self, name: str) -> DeltaTable | None:
+        uri = self.settings.table_uri(name)
+        return DeltaTable(uri) if DeltaTable.is_deltatable(uri) else None
+
+    def _recent_windows(self, name: str) -> list[dict]:
+        """The table's windows within HOURS_SHOWN of its newest one, oldest first."""
+        table = self._table(name)
+        if table is None:
+            return []
+        rows = sorted(table.to_pyarrow_table().to_pylist(), key=lambda r: r["window_start"])
+        if not rows:
+            return []
+        since = rows[-1]["window_start"] - dt.timedelta(hours=HOURS_SHOWN - 1)
+        return [r for r in rows if r["window_start"] >= since]
+
+    def _read_tables(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"hourly": [], "bookings": [], "today": None, "quarantine": {"count": 0,
+                                                                                             "latest": []}}
+        hourly = self._recent_windows("kpi_events_hourly")
+        result["hourly"] = [{**r, "window_start": _iso(r["window_start"]), "window_end": _iso(r["window_end"])}
+                            for r in hourly]
+        if hourly:
+            since = hourly[0]["window_start"]
+            bookings = [r for r in self._recent_windows("kpi_bookings_hourly") if r["window_start"] >= since]
+            result["bookings"] = [{**r, "window_start": _iso(r["window_start"]),
+                                   "window_end": _iso(r["window_end"]), "bookings": round(r["bookings"], 2)}
+                                  for r in bookings]
+        today = dt.datetime.now(UTC).date()
+        result["today"] = {"eventDate": today.isoformat(), "dau": 0, "events": 0, "bookings": 0.0,
+                           "paying_users": 0, "arpdau": 0.0}
+        daily = self._table("kpi_daily")
+        if daily is not None:
+            for row in daily.to_pyarrow_table().to_pylist():
+                if row["eventDate"] == today:
+                    result["today"] = {**row, "eventDate": today.isoformat(), "bookings": round(row["bookings"], 2),
+                                       "arpdau": round(row["arpdau"], 4)}
+        quarantine = self._table("events_quarantine")
+        if quarantine is not None:
+            actions = quarantine.get_add_actions(flatten=True)
+            if actions.num_rows:
+                result["quarantine"]["count"] = sum(actions.column("num_records").to_pylist())
+                rows = quarantine.to_pyarrow_table(columns=["quarantinedAt", "reason"]).to_pylist()
+                rows.sort(key=lambda r: r["quarantinedAt"], reverse=True)
+                result["quarantine"]["latest"] = [{"at": _iso(r["quarantinedAt"]), "reason": r["reason"]}
+                                                  for r in rows[:5]]
+        result["tables"], result["_newest_event_time"] = self._events_health()
+        return result
+
+    def _events_health(self) -> tuple[dict[str, Any], dt.datetime | None]:
+        events = self._table("events")
+        if events is None:
+            return {}, None
+        actions = events.get_add_actions(flatten=True)
+        sizes = actions.column("size_bytes").to_pylist() if actions.num_rows else []
+        partitions = actions.column("partition.eventDate").to_pylist() if actions.num_rows else []
+        per_partition: dict[Any, int] = {}
+        for p in partitions:
+            per_partition[p] = per_partition.get(p, 0) + 1
+        newest = None
+        if actions.num_rows and "max.eventTime" in actions.column_names:
+            values = [v for v in actions.column("max.eventTime").to_pylist() if v is not None]
+            newest = max(values) if values else None
+            if newest is not None and newest.tzinfo is None:
+                newest = newest.replace(tzinfo=UTC)
+        last = {"OPTIMIZE": None, "VACUUM": None}
+        for commit in events.history(limit=500):
+            operation = str(commit.get("operation", ""))
+            for kind in last:
+                if last[kind] is None and operation.startswith(kind):
+                    last[kind] = dt.datetime.fromtimestamp(commit["timestamp"] / 1000, UTC).isoformat()
+        health = {"events": {
+            "version": events.version(),
+            "files": len(sizes),
+            "partitions": len(per_partition),
+            "files_per_partition": round(len(sizes) / len(per_partition), 1) if per_partition else 0,
+            "max_files_in_a_partition": max(per_partition.values(), default=0),
+            "average_file_bytes": int(sum(sizes) / len(sizes)) if sizes else 0,
+            "small_files": sum(1 for s in sizes if s < SMALL_FILE_BYTES),
+            "last_optimize": last["OPTIMIZE"],
+            "last_vacuum": last["VACUUM"],
+        }}
+        return health, newest
