@@ -16,6 +16,9 @@
   // windows are UTC (as the KPI tables and the SQL are), whatever the viewer's time zone
   const utc = (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC");
 
+  // bars and amounts start at zero: an auto-ranged axis would exaggerate small differences
+  const fromZero = (u, min, max) => [0, max > 0 ? max * 1.1 : 1];
+
   function axes() {
     const stroke = css("--muted"), grid = { stroke: css("--grid") };
     return [{ stroke, grid, ticks: grid }, { stroke, grid, ticks: grid, size: 64 }];
@@ -31,7 +34,7 @@
     const bars = uPlot.paths.bars({ size: [0.8, 60] });
     eventsPlot = new uPlot({
       width: width(el), height: 260, axes: axes(), legend: { show: true }, tzDate: utc,
-      scales: { x: { time: true } },
+      scales: { x: { time: true }, y: { range: fromZero } },
       series: [{}, { label: "final", fill: css("--final"), stroke: css("--final"), paths: bars, points: { show: false } },
                { label: "provisional", fill: css("--provisional"), stroke: css("--final"), dash: [4, 3],
                  paths: bars, points: { show: false } }],
@@ -44,7 +47,7 @@
     if (bookingsPlot) { bookingsPlot.setData(data); return; }
     const [x, y] = axes();
     bookingsPlot = new uPlot({
-      width: width(el), height: 260, scales: { x: { time: true }, n: {} }, tzDate: utc,
+      width: width(el), height: 260, scales: { x: { time: true }, y: { range: fromZero }, n: { range: fromZero } }, tzDate: utc,
       axes: [x, y, { ...y, scale: "n", side: 1, size: 48, grid: { show: false } }],
       series: [{}, { label: "bookings", stroke: css("--line"), width: 2, points: { size: 5 } },
                { label: "purchases", stroke: css("--line2"), width: 1.5, scale: "n", dash: [5, 4] }],
