@@ -391,8 +391,8 @@ def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_k
         server.install_stop_signals(stop)
         _announce_keys(settings)
         url = f"http://{settings.host}:{sock.getsockname()[1]}"
-        console.print(f"collector listening on {url}/v1/events  (health {url}/healthz, metrics {url}/metrics, "
-                      f"API {url}/openapi.json); Ctrl-C stops", highlight=False)
+        console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
+                      f"metrics {url}/metrics, API {url}/openapi.json); Ctrl-C stops", highlight=False)
         await server.serve(create_app(settings), sock, stop)
 
     server.run(main_())
@@ -424,8 +424,8 @@ def demo(data_dir: Path | None, port: int | None, rate: float, users: int, durat
 
     def started(url: str) -> None:
         _announce_keys(settings)
-        out.print(f"[bold]gamestream demo[/] — collector {url}/v1/events · metrics {url}/metrics · "
-                  f"API {url}/openapi.json", highlight=False)
+        out.print(f"[bold]gamestream demo[/] — dashboard {url}/ · collector {url}/v1/events · "
+                  f"metrics {url}/metrics · API {url}/openapi.json", highlight=False)
         out.print(f"tables under {settings.data_dir / 'tables'}; Ctrl-C stops "
                   f"(acknowledged events are committed first)", highlight=False)
 
