@@ -121,3 +121,17 @@ def test_partition_for_is_stable_and_spreads_devices() -> None:
     for i in range(4000):
         counts[partition_for(f"device-{i}", 4)] += 1
     assert min(counts) > 800
+
+
+def test_reopening_without_a_partition_count_takes_the_logs_own(tmp_path: Path) -> None:
+    SqliteEventLog(tmp_path / "log", partitions=6).close()
+    log = SqliteEventLog(tmp_path / "log", partitions=None)
+    try:
+        assert log.partitions == 6
+    finally:
+        log.close()
+    fresh = SqliteEventLog(tmp_path / "other", partitions=None)
+    try:
+        assert fresh.partitions == 4
+    finally:
+        fresh.close()

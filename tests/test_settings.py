@@ -13,6 +13,7 @@ def test_options_override_environment_which_overrides_defaults(monkeypatch: pyte
     assert settings.data_dir == Path("/srv/gs")
     assert settings.batch_max_wait_s == 0.25
     assert settings.partitions == 16
+    assert Settings.from_env(partitions=None).partitions == 8 and Settings().partitions is None
     assert settings.batch_max_events == Settings().batch_max_events
 
 

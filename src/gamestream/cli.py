@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from gamestream.settings import Settings
+from gamestream.settings import TABLES, Settings
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # logs and pipes get wide tables
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(path_type=Path), default=None,
@@ -109,12 +109,13 @@ def load(file: Path, data_dir: Path | None, partitions: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ process
-def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None, kpi: bool = True) -> None:
+def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None, kpi: bool = True,
+             maintenance: bool = False) -> None:
     from gamestream.pipeline import Pipeline
 
     log = _open_log(settings)
     try:
-        processor = Pipeline(settings, log, only, kpi=kpi)
+        processor = Pipeline(settings, log, only, kpi=kpi, maintenance=maintenance)
         processor.install_signal_handlers()
         started = time.monotonic()
         last_print = [0.0]
@@ -150,13 +151,14 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @click.option("--max-batch-events", type=int, default=None, help="Flush a micro-batch at this many events.")
 @click.option("--max-batch-wait", type=float, default=None, help="…or after this many seconds.")
 @click.option("--no-kpi", is_flag=True, help="Only ingest; leave the KPI tables to another process.")
+@click.option("--maintenance", is_flag=True, help="Compact, checkpoint and vacuum automatically while running.")
 def process(data_dir: Path | None, partitions: int | None, until_idle: bool, only: str | None,
-            max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool) -> None:
+            max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool, maintenance: bool) -> None:
     """Streams the log into the events table and the KPI tables, exactly once."""
     settings = _settings(data_dir=data_dir, partitions=partitions, batch_max_events=max_batch_events,
                          batch_max_wait_s=max_batch_wait)
     owned = [int(p) for p in only.split(",")] if only else None
-    _process(settings, until_idle=until_idle, only=owned, kpi=not no_kpi)
+    _process(settings, until_idle=until_idle, only=owned, kpi=not no_kpi, maintenance=maintenance)
 
 
 # ----------------------------------------------------------------------------------------------------- generate
@@ -290,15 +292,123 @@ def pa_is_number(type_) -> bool:
     return types.is_integer(type_) or types.is_floating(type_) or types.is_decimal(type_)
 
 
+# ------------------------------------------------------------------------------------------------- maintenance
+table_option = click.option("--table", "table_name", default="events", show_default=True,
+                            type=click.Choice(list(TABLES)), help="Which table.")
+
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def _locked(settings: Settings):
+    from gamestream.maintenance import MaintenanceLock
+
+    lock = MaintenanceLock(settings)
+    handle = lock.acquire(wait=False)
+    if handle is None:
+        console.print("another compactor holds the maintenance lock; waiting for it…")
+        handle = lock.acquire(wait=True)
+    return handle
+
+
+def print_optimize_report(report) -> None:
+    before, after = report.before, report.after
+    out.print(f"{report.table}: {report.partitions_optimized} partition(s) compacted "
+              f"({report.files_removed:,} files rewritten into {report.files_added:,}) in {report.seconds:.1f}s",
+              highlight=False)
+    table = Table()
+    for column in ("", "files", "bytes", "partitions", "most files in a partition", "average file"):
+        table.add_column(column, justify="right")
+    for label, stats in (("before", before), ("after", after)):
+        most = max((files for files, _ in stats.partitions.values()), default=0)
+        table.add_row(label, f"{stats.files:,}", _human_bytes(stats.bytes), f"{len(stats.partitions):,}",
+                      f"{most:,}", _human_bytes(stats.average_bytes))
+    out.print(table)
+
+
+@cli.command()
+@data_dir_option
+@table_option
+@click.option("--partition", "partitions", multiple=True, help="Only this eventDate (YYYY-MM-DD; repeatable).")
+@click.option("--since", default=None, help="Only partitions from this eventDate on (YYYY-MM-DD).")
+@click.option("--target-size", default="1GiB", show_default=True, help="Target file size.")
+@click.option("--zorder", "zorder", multiple=True, help="Z-order by this column (repeatable).")
+def optimize(data_dir: Path | None, table_name: str, partitions: tuple[str, ...], since: str | None,
+             target_size: str, zorder: tuple[str, ...]) -> None:
+    """Compacts small files (bin-packing per partition, or Z-order); prints files and bytes before and after."""
+    from gamestream import maintenance
+
+    if partitions and since:
+        raise click.UsageError("give --partition or --since, not both")
+    settings = _settings(data_dir=data_dir)
+    handle = _locked(settings)
+    try:
+        with Progress(TextColumn("optimizing"), BarColumn(), TextColumn("{task.completed}/{task.total} partitions"),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("optimize", total=None)
+            report = maintenance.optimize(
+                settings.table_uri(table_name), partitions=list(partitions) or None, since=since,
+                target_size=maintenance.parse_size(target_size), zorder=list(zorder) or None,
+                on_partition=lambda key, done, total: progress.update(task, completed=done, total=total))
+    finally:
+        handle.close()
+    print_optimize_report(report)
+
+
+def print_vacuum_report(report) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    out.print(f"{report.table}: {verb} {len(report.files):,} unreferenced file(s), "
+              f"{_human_bytes(report.bytes)}, removed from the table more than {report.retention_hours:g} hours ago",
+              highlight=False)
+    if report.dry_run:
+        for name in report.files[:50]:
+            out.print(f"  {name}", highlight=False)
+        if len(report.files) > 50:
+            out.print(f"  … and {len(report.files) - 50:,} more")
+
+
+@cli.command()
+@data_dir_option
+@table_option
+@click.option("--retain", default=None, help="Retention, e.g. 168h or 7d (default: the table's, 7 days).")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option("--force", is_flag=True, help="Allow a retention under the table's minimum (nothing else may be "
+                                            "reading or writing the table).")
+def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: bool, force: bool) -> None:
+    """Deletes files the table no longer references, once removed longer ago than the retention."""
+    from gamestream import maintenance
+
+    settings = _settings(data_dir=data_dir)
+    hours = maintenance.parse_hours(retain) if retain else None
+    handle = _locked(settings)
+    try:
+        report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
+                                    force=force)
+    except maintenance.RetentionTooShort as error:
+        console.print(f"[red]refused:[/] {error}", highlight=False)
+        raise SystemExit(2)
+    finally:
+        handle.close()
+    print_vacuum_report(report)
+
+
 # ------------------------------------------------------------------------------------------------------- status
 @cli.command()
 @data_dir_option
 @partitions_option
 def status(data_dir: Path | None, partitions: int | None) -> None:
-    """Shows the log backlog per partition and the tables' versions and sizes."""
+    """Shows the log backlog per partition, and per table: version, files per partition, average file size,
+    small files, last OPTIMIZE and VACUUM."""
     from deltalake import DeltaTable
 
-    from gamestream.log.sqlite import SqliteEventLog
+    from gamestream.maintenance import file_stats, last_operations
 
     settings = _settings(data_dir=data_dir, partitions=partitions)
     log_path = settings.data_dir / "log" / "events.sqlite"
@@ -310,26 +420,32 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
                 table.add_column(column, justify="right")
             for p in range(log.partitions):
                 committed = log.committed(settings.pipeline, p)
-                backlog = log.events_after(p, committed) if isinstance(log, SqliteEventLog) else "?"
-                table.add_row(str(p), f"{log.last_offset(p):,}", f"{committed:,}", f"{backlog:,}")
+                table.add_row(str(p), f"{log.last_offset(p):,}", f"{committed:,}",
+                              f"{log.pending_events_in(p, settings.pipeline):,}")
             out.print(table)
         finally:
             log.close()
     else:
         out.print(f"no log at {log_path}")
     table = Table(title="tables")
-    for column in ("table", "version", "files", "rows", "size"):
+    for column in ("table", "version", "rows", "files", "partitions", "files/partition (max)", "average file",
+                   "small files", "last OPTIMIZE", "last VACUUM"):
         table.add_column(column, justify="right")
-    for name in ("events", "events_quarantine"):
+    for name in TABLES:
         uri = settings.table_uri(name)
         if not DeltaTable.is_deltatable(uri):
-            table.add_row(name, "—", "—", "—", "—")
+            table.add_row(name, *["—"] * 9)
             continue
-        actions = DeltaTable(uri).get_add_actions(flatten=True)
+        delta = DeltaTable(uri)
+        stats = file_stats(delta, settings.target_file_bytes)
+        actions = delta.get_add_actions(flatten=True)
         rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
-        size = sum(actions.column("size_bytes").to_pylist()) if actions.num_rows else 0
-        table.add_row(name, str(DeltaTable(uri).version()), f"{actions.num_rows:,}", f"{rows:,}",
-                      f"{size / 1e6:,.1f} MB")
+        most = max((files for files, _ in stats.partitions.values()), default=0)
+        per = stats.files / len(stats.partitions) if stats.partitions else 0
+        last = last_operations(delta)
+        table.add_row(name, str(delta.version()), f"{rows:,}", f"{stats.files:,}", f"{len(stats.partitions):,}",
+                      f"{per:,.1f} ({most:,})", _human_bytes(stats.average_bytes), f"{stats.small:,}",
+                      (last["OPTIMIZE"] or "never")[:19], (last["VACUUM"] or "never")[:19])
     out.print(table)
 
 

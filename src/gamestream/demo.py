@@ -37,7 +37,7 @@ async def run_demo(settings: Settings, *, port: int, rate: float | None, users: 
     stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
     log = open_log(settings.data_dir, partitions=settings.partitions)
-    processor = Pipeline(settings, log)
+    processor = Pipeline(settings, log, maintenance=True)
     failures: list[BaseException] = []
 
     def process() -> None:

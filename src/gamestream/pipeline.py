@@ -8,7 +8,8 @@ from typing import Callable
 from gamestream.kpi import KpiStage
 from gamestream.log import EventLog
 from gamestream.processor import PartitionBusy, ProcessLocks, Processor, ProcessorStats
-from gamestream.settings import Settings
+from gamestream.maintenance import AutoMaintenance
+from gamestream.settings import TABLES, Settings
 
 
 class Pipeline:
@@ -17,9 +18,10 @@ class Pipeline:
     the KPI tables reflect everything committed."""
 
     def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
-                 kpi: bool = True) -> None:
+                 kpi: bool = True, maintenance: bool = False) -> None:
         self.settings = settings
         self.processor = Processor(settings, log, partitions)
+        self.maintenance = AutoMaintenance(settings, list(TABLES)) if maintenance else None
         # One KPI stage per data directory: with several processors (scale-out) the first one to take the lock
         # runs it; the others only ingest.
         self.kpi: KpiStage | None = None
@@ -41,11 +43,15 @@ class Pipeline:
             if on_progress:
                 on_progress(stats)
 
+        if self.maintenance:
+            self.maintenance.start()
         try:
             self.processor.run(until_idle=until_idle, on_progress=after_flush)
             if self.kpi:
                 self.kpi.fold()
         finally:
+            if self.maintenance:
+                self.maintenance.stop()
             if self._kpi_lock:
                 self._kpi_lock.release()
 

@@ -89,18 +89,83 @@ def translate(query: str, today: dt.date | None = None) -> Translated:
     (statement,) = statements
     if not isinstance(statement, exp.Query):
         kind = statement.key.upper() if not isinstance(statement, exp.Command) else statement.this.upper()
-        raise QueryError(f"{kind} is not allowed here: the SQL interface is read-only (SELECT / WITH queries "
-                         "only). Table maintenance has its own commands.", query, 1, 1)
+        raise QueryError(f"{kind} is not allowed here: the SQL interface is read-only (SELECT / WITH queries, "
+                         "and the maintenance statements OPTIMIZE and VACUUM).", query, 1, 1)
     rewritten = statement.transform(lambda node: _rewrite(node, today))
     tables = {t.name.lower() for t in rewritten.find_all(exp.Table)}
     return Translated(rewritten.sql(dialect="duckdb"), tables)
 
 
+_OPTIMIZE = re.compile(
+    r"^\s*OPTIMIZE\s+(?:'(?P<path>[^']+)'|`?(?P<table>\w+)`?)"
+    r"(?:\s+WHERE\s+(?P<where>.+?))?"
+    r"(?:\s+ZORDER\s+BY\s*\(?(?P<columns>[^)]+?)\)?)?\s*;?\s*$", re.IGNORECASE | re.DOTALL)
+_VACUUM = re.compile(
+    r"^\s*VACUUM\s+(?:'(?P<path>[^']+)'|`?(?P<table>\w+)`?)"
+    r"(?:\s+RETAIN\s+(?P<hours>\d+(?:\.\d+)?)\s+HOURS?)?(?P<dry>\s+DRY\s+RUN)?\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL)
+_WHERE_DATE = re.compile(r"^\s*`?eventDate`?\s*(?P<op>=|>=)\s*(?:DATE\s*)?'(?P<date>\d{4}-\d{2}-\d{2})'\s*$",
+                         re.IGNORECASE)
+
+
 class SqlEngine:
-    """DuckDB over the Delta tables, opened afresh for each query so that it sees their latest versions."""
+    """DuckDB over the Delta tables, opened afresh for each query so that it sees their latest versions.
+
+    The seed's maintenance statements are taken too, and run by `gamestream.maintenance` under its lock:
+    `OPTIMIZE '<path>' | <table> [WHERE eventDate = | >= '<date>'] [ZORDER BY (col, …)]` and
+    `VACUUM '<path>' | <table> [RETAIN n HOURS] [DRY RUN]` (a retention under the table's minimum is refused,
+    as the seed's retentionDurationCheck does; `gamestream vacuum --force` overrides it).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    def _maintenance_target(self, match: re.Match, query: str) -> str:
+        if match["path"]:
+            return match["path"]
+        name = ALIASES.get(match["table"].lower(), match["table"].lower())
+        if name not in TABLES:
+            raise QueryError(f"unknown table {match['table']}; tables are {', '.join(TABLES)}", query, 1,
+                             match.start("table") + 1)
+        return self.settings.table_uri(name)
+
+    def _maintenance(self, query: str) -> pa.Table | None:
+        from gamestream import maintenance
+
+        optimize, vacuum = _OPTIMIZE.match(query), _VACUUM.match(query)
+        if not optimize and not vacuum:
+            return None
+        match = optimize or vacuum
+        uri = self._maintenance_target(match, query)
+        if not DeltaTable.is_deltatable(uri):
+            raise QueryError(f"no Delta table at {uri}", query)
+        lock = maintenance.MaintenanceLock(self.settings).acquire(wait=True)
+        try:
+            if optimize:
+                partitions = since = None
+                if optimize["where"]:
+                    where = _WHERE_DATE.match(optimize["where"])
+                    if not where:
+                        raise QueryError("OPTIMIZE … WHERE takes eventDate = '<date>' or eventDate >= '<date>'",
+                                         query, 1, optimize.start("where") + 1)
+                    partitions, since = ([where["date"]], None) if where["op"] == "=" else (None, where["date"])
+                columns = [c.strip().strip("`") for c in optimize["columns"].split(",")] if optimize["columns"] else None
+                report = maintenance.optimize(uri, partitions=partitions, since=since, zorder=columns,
+                                              target_size=self.settings.target_file_bytes)
+                return pa.table({"path": [uri], "partitions_optimized": [report.partitions_optimized],
+                                 "files_removed": [report.files_removed], "files_added": [report.files_added],
+                                 "files_before": [report.before.files], "files_after": [report.after.files],
+                                 "bytes_before": [report.before.bytes], "bytes_after": [report.after.bytes]})
+            hours = float(vacuum["hours"]) if vacuum["hours"] else None
+            try:
+                result = maintenance.vacuum(uri, retention_hours=hours, dry_run=bool(vacuum["dry"]))
+            except maintenance.RetentionTooShort as error:
+                raise QueryError(f"{error}".replace("run again with --force", "use `gamestream vacuum --force`"),
+                                 query) from None
+            return pa.table({"path": [f"{uri}/{name}" for name in result.files]}, schema=pa.schema([
+                ("path", pa.string())]))
+        finally:
+            lock.close()
 
     def _connect(self, tables: set[str]) -> duckdb.DuckDBPyConnection:
         connection = duckdb.connect()
@@ -116,6 +181,9 @@ class SqlEngine:
         return connection
 
     def run(self, query: str) -> pa.Table:
+        maintained = self._maintenance(query)
+        if maintained is not None:
+            return maintained
         translated = translate(query)
         connection = self._connect(translated.tables)
         try:

@@ -14,8 +14,9 @@ TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hour
 class Settings:
     data_dir: Path = Path("gamestream-data")
     """Where the log and the tables live (`--data-dir`, GAMESTREAM_DATA_DIR)."""
-    partitions: int = 4
-    """Log partitions; fixed when the log is created. The unit of parallelism for processors."""
+    partitions: int | None = None
+    """Log partitions; fixed when the log is created (4 unless given). The unit of parallelism for processors.
+    None opens an existing log with the count it has."""
     pipeline: str = "gamestream"
     """Names the Delta txn appIds (`<pipeline>-p<partition>`) and the log consumer."""
     batch_max_events: int = 100_000
@@ -38,6 +39,18 @@ class Settings:
     """KPI: how often the stage folds new versions of the events table into the KPI tables."""
     kpi_versions_per_fold: int = 50
     """KPI: at most this many events-table versions are folded per KPI commit (bounds a catch-up's memory)."""
+    maintenance_interval_s: float = 30.0
+    """Automatic maintenance (demo, `process --maintenance`): how often it looks at the tables."""
+    target_file_bytes: int = 1024 * 1024 * 1024
+    """OPTIMIZE's target file size (1 GiB, as the seed's OPTIMIZE); files under a quarter of it count as small."""
+    compact_small_files: int = 16
+    """Automatic maintenance compacts a partition once it holds this many small files."""
+    checkpoint_every: int = 100
+    """Automatic maintenance checkpoints a table every this many versions and cleans up expired log entries."""
+    vacuum_every_h: float = 24.0
+    """Automatic maintenance vacuums every this many hours…"""
+    vacuum_retain_h: float = 168.0
+    """…with this retention (7 days, the Delta default)."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024
@@ -88,7 +101,7 @@ class Settings:
 
 def _parse(type_name: object, raw: str) -> object:
     kind = str(type_name)
-    if kind == "int":
+    if kind in ("int", "int | None"):
         return int(raw)
     if kind == "float":
         return float(raw)

@@ -18,6 +18,7 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from gamestream.maintenance import last_operations
 from gamestream.settings import Settings
 
 UTC = dt.timezone.utc
@@ -139,12 +140,7 @@ class DashboardData:
             newest = max(values) if values else None
             if newest is not None and newest.tzinfo is None:
                 newest = newest.replace(tzinfo=UTC)
-        last = {"OPTIMIZE": None, "VACUUM": None}
-        for commit in events.history(limit=500):
-            operation = str(commit.get("operation", ""))
-            for kind in last:
-                if last[kind] is None and operation.startswith(kind):
-                    last[kind] = dt.datetime.fromtimestamp(commit["timestamp"] / 1000, UTC).isoformat()
+        last = last_operations(events)
         health = {"events": {
             "version": events.version(),
             "files": len(sizes),

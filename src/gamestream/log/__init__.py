@@ -94,6 +94,10 @@ class EventLog(Protocol):
         """Events appended but not yet committed by `consumer`, over all partitions (the backlog)."""
         ...
 
+    def pending_events_in(self, partition: int, consumer: str) -> int:
+        """The backlog of one partition."""
+        ...
+
     def trim(self, retention_seconds: float, now: float | None = None) -> int:
         """Deletes records that every consumer has committed and that are older than the retention, and
         idempotency keys older than the retention or 24 h, whichever is longer."""
@@ -108,8 +112,12 @@ def partition_for(device_id: str, partitions: int) -> int:
     return zlib.crc32(device_id.encode()) % partitions
 
 
-def open_log(data_dir: Path, *, partitions: int) -> EventLog:
-    """Opens (or creates) the embedded log under `<data_dir>/log/`."""
+DEFAULT_PARTITIONS = 4
+
+
+def open_log(data_dir: Path, *, partitions: int | None) -> EventLog:
+    """Opens (or creates) the embedded log under `<data_dir>/log/`. `partitions=None` takes the existing log's
+    count, or DEFAULT_PARTITIONS for a new log; an explicit count must match an existing log's."""
     from gamestream.log.sqlite import SqliteEventLog
 
     return SqliteEventLog(Path(data_dir) / "log", partitions=partitions)

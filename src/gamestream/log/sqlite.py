@@ -52,8 +52,8 @@ class LogPartitionsMismatch(ValueError):
 class SqliteEventLog:
     """`EventLog` on SQLite. Thread-safe; several processes may open the same directory."""
 
-    def __init__(self, directory: Path, *, partitions: int) -> None:
-        if partitions < 1:
+    def __init__(self, directory: Path, *, partitions: int | None) -> None:
+        if partitions is not None and partitions < 1:
             raise ValueError("partitions must be >= 1")
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "events.sqlite"
@@ -84,7 +84,7 @@ class SqliteEventLog:
             connection = self._local.connection = self._connect()
         return connection
 
-    def _initialise(self, partitions: int) -> int:
+    def _initialise(self, partitions: int | None) -> int:
         connection = self._connection()
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -92,6 +92,9 @@ class SqliteEventLog:
                 connection.execute(statement)
             row = connection.execute("SELECT value FROM meta WHERE key='partitions'").fetchone()
             if row is None:
+                from gamestream.log import DEFAULT_PARTITIONS
+
+                partitions = partitions or DEFAULT_PARTITIONS
                 connection.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(partitions),))
                 connection.executemany(
                     "INSERT OR IGNORE INTO heads VALUES (?, 0)", [(p,) for p in range(partitions)]
@@ -103,7 +106,7 @@ class SqliteEventLog:
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-        if existing != partitions:
+        if partitions is not None and existing != partitions:
             raise LogPartitionsMismatch(
                 f"the log at {self.path} has {existing} partitions, not {partitions}; "
                 f"use --partitions {existing} or a new data directory"
@@ -249,7 +252,10 @@ class SqliteEventLog:
         return row[0] if row else 0
 
     def pending_events(self, consumer: str) -> int:
-        return sum(self.events_after(p, self.committed(consumer, p)) for p in range(self._partitions))
+        return sum(self.pending_events_in(p, consumer) for p in range(self._partitions))
+
+    def pending_events_in(self, partition: int, consumer: str) -> int:
+        return self.events_after(partition, self.committed(consumer, partition))
 
     def trim(self, retention_seconds: float, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -1,0 +1,337 @@
+"""Table maintenance against the small-files problem: OPTIMIZE (bin-packing, Z-order), VACUUM, checkpoints —
+safe while the processor streams.
+
+- OPTIMIZE rewrites a partition's small files into files of up to `target_size` (1 GiB by default) in a commit
+  that changes no data (dataChange=false): readers, the KPI stage (which reads the change data feed) and the
+  processor's exactly-once checks are unaffected. It runs partition by partition, so each commit is small and a
+  conflict with a concurrent append costs one partition's retry, never blocks ingest.
+- VACUUM deletes the files that the table no longer references once their removal is older than the retention
+  (7 days by default, the table's `delta.deletedFileRetentionDuration`). A shorter retention is refused unless
+  forced, because a reader still running on an older version, or time travel to it, would find its files gone.
+- One compactor at a time per data directory: a lock file (`log/maintenance.lock`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError
+
+from gamestream.settings import Settings
+
+GiB = 1 << 30
+DEFAULT_TARGET_SIZE = GiB
+DEFAULT_RETENTION_HOURS = 168
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|hours?|d|days?)?\s*$", re.IGNORECASE)
+_INTERVAL = re.compile(r"interval\s+(\d+)\s+(\w+)", re.IGNORECASE)
+
+
+class RetentionTooShort(ValueError):
+    """VACUUM with a retention under the table's minimum, without --force."""
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MB', '1048576' → bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 1GiB, 256MiB, 134217728)")
+    number, unit = float(match[1]), (match[2] or "").upper().rstrip("B").rstrip("I")
+    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+def parse_hours(text: str) -> float:
+    """'168h', '7d', '12' (hours) → hours."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 168h or 7d)")
+    unit = (match[2] or "h").lower()
+    return float(match[1]) * (24 if unit.startswith("d") else 1)
+
+
+@dataclass
+class FileStats:
+    files: int = 0
+    bytes: int = 0
+    partitions: dict[str, tuple[int, int]] = field(default_factory=dict)  # partition → (files, bytes)
+
+    small: int = 0  # files under a quarter of the target size
+
+    @property
+    def average_bytes(self) -> int:
+        return self.bytes // self.files if self.files else 0
+
+
+def files_by_partition(table: DeltaTable) -> list[tuple[str, int]]:
+    """(partition key, size) of every file in the table's current version; the key is the partition values
+    joined by '/' (the eventDate for the events table), '' for an unpartitioned table."""
+    actions = table.get_add_actions(flatten=True)
+    if not actions.num_rows:
+        return []
+    sizes = actions.column("size_bytes").to_pylist()
+    partition_columns = [c for c in actions.column_names if c.startswith("partition.")]
+    if not partition_columns:
+        return [("", size) for size in sizes]
+    keys = ["/".join(str(v) for v in values) for values in zip(*(actions.column(c).to_pylist()
+                                                                  for c in partition_columns))]
+    return list(zip(keys, sizes))
+
+
+def file_stats(table: DeltaTable, target_size: int = DEFAULT_TARGET_SIZE) -> FileStats:
+    """Files and bytes in the table's current version, per partition."""
+    stats = FileStats()
+    for key, size in files_by_partition(table):
+        stats.files += 1
+        stats.bytes += size
+        stats.small += size < target_size // 4
+        files, total = stats.partitions.get(key, (0, 0))
+        stats.partitions[key] = (files + 1, total + size)
+    return stats
+
+
+class MaintenanceLock:
+    """The one-compactor-at-a-time lock: flock on `<data_dir>/log/maintenance.lock`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.data_dir / "log" / "maintenance.lock"
+
+    def acquire(self, *, wait: bool) -> object | None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
+
+
+# --------------------------------------------------------------------------------------------------- OPTIMIZE
+@dataclass
+class OptimizeReport:
+    table: str
+    before: FileStats
+    after: FileStats
+    partitions_optimized: int
+    files_removed: int
+    files_added: int
+    seconds: float
+
+
+def _partition_filter(table: DeltaTable, key: str) -> list[tuple[str, str, str]] | None:
+    columns = table.metadata().partition_columns
+    if not columns:
+        return None
+    return [(column, "=", value) for column, value in zip(columns, key.split("/"))]
+
+
+def optimize(
+    uri: str,
+    *,
+    partitions: list[str] | None = None,
+    since: str | None = None,
+    target_size: int = DEFAULT_TARGET_SIZE,
+    zorder: list[str] | None = None,
+    retries: int = 20,
+    on_partition: Callable[[str, int, int], None] | None = None,
+    only_with_at_least: int = 2,
+) -> OptimizeReport:
+    """Compacts (or Z-orders) the table one partition at a time; returns files and bytes before and after.
+
+    `partitions` / `since` choose partitions by their value (eventDate, YYYY-MM-DD). Partitions already made of
+    fewer than `only_with_at_least` files are left alone (bin-packing one file gains nothing) unless Z-ordering.
+    `on_partition(key, done, total)` reports progress.
+    """
+    started = time.monotonic()
+    table = DeltaTable(uri)
+    before = file_stats(table)
+    chosen = [key for key in sorted(before.partitions)
+              if (partitions is None or key in partitions) and (since is None or key >= since)
+              and (zorder or before.partitions[key][0] >= only_with_at_least)]
+    removed = added = optimized = 0
+    for number, key in enumerate(chosen, start=1):
+        for attempt in range(retries):
+            try:
+                filters = _partition_filter(table, key)
+                if zorder:
+                    metrics = table.optimize.z_order(zorder, partition_filters=filters, target_size=target_size)
+                else:
+                    metrics = table.optimize.compact(partition_filters=filters, target_size=target_size)
+                removed += metrics["numFilesRemoved"]
+                added += metrics["numFilesAdded"]
+                optimized += 1 if metrics["numFilesRemoved"] else 0
+                break
+            except CommitFailedError:
+                # an append or another compactor committed first: reload and redo this partition
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+                table.update_incremental()
+        else:
+            raise CommitFailedError(f"OPTIMIZE of partition {key} kept conflicting after {retries} attempts")
+        if on_partition:
+            on_partition(key, number, len(chosen))
+    table.update_incremental()
+    return OptimizeReport(uri, before, file_stats(table), optimized, removed, added, time.monotonic() - started)
+
+
+# ----------------------------------------------------------------------------------------------------- VACUUM
+@dataclass
+class VacuumReport:
+    table: str
+    retention_hours: float
+    dry_run: bool
+    files: list[str]
+    bytes: int | None  # None when the files' sizes cannot be read (object stores)
+
+
+def minimum_retention_hours(table: DeltaTable) -> float:
+    """The table's `delta.deletedFileRetentionDuration` (e.g. 'interval 7 days'), in hours; 168 by default."""
+    value = table.metadata().configuration.get("delta.deletedFileRetentionDuration")
+    if not value:
+        return DEFAULT_RETENTION_HOURS
+    match = _INTERVAL.search(value)
+    if not match:
+        return DEFAULT_RETENTION_HOURS
+    amount, unit = int(match[1]), match[2].lower()
+    per_unit = {"hour": 1, "hours": 1, "day": 24, "days": 24, "week": 168, "weeks": 168, "minute": 1 / 60,
+                "minutes": 1 / 60}
+    return amount * per_unit.get(unit, 1)
+
+
+def vacuum(uri: str, *, retention_hours: float | None = None, dry_run: bool = False,
+           force: bool = False) -> VacuumReport:
+    """Deletes the files no longer referenced whose removal is older than the retention.
+
+    Refuses (RetentionTooShort) a retention under the table's minimum unless `force`: files a running reader
+    or a time-travel query still needs could go. With `dry_run`, lists what would go and deletes nothing.
+    """
+    table = DeltaTable(uri)
+    minimum = minimum_retention_hours(table)
+    hours = minimum if retention_hours is None else retention_hours
+    if hours < minimum and not force:
+        raise RetentionTooShort(
+            f"a retention of {hours:g} hours is under this table's minimum of {minimum:g} hours "
+            "(delta.deletedFileRetentionDuration). Files removed from the table more recently than that may "
+            "still be read: by a query or a stream that started on an older version, or by time travel to it; "
+            "deleting them makes those fail. If nothing else reads or writes the table, run again with --force "
+            "(the seed's retentionDurationCheck).")
+    if hours != int(hours):
+        raise ValueError("delta-rs takes whole hours for the retention")
+    candidates = table.vacuum(retention_hours=int(hours), dry_run=True, enforce_retention_duration=False)
+    size = _local_sizes(uri, candidates)
+    if not dry_run and candidates:
+        table.vacuum(retention_hours=int(hours), dry_run=False, enforce_retention_duration=False)
+    return VacuumReport(uri, hours, dry_run, sorted(candidates), size)
+
+
+def _local_sizes(uri: str, files: list[str]) -> int | None:
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    root = Path(uri.removeprefix("file://"))
+    total = 0
+    for name in files:
+        path = Path(name) if os.path.isabs(name) else root / name
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+# ------------------------------------------------------------------------------------------ while streaming
+class AutoMaintenance:
+    """Background maintenance while streaming (on in the demo, `process --maintenance`):
+
+    every `maintenance_interval_s`, under the maintenance lock (skipped when another process holds it),
+    1. compact each partition of each table whose small files (under `target_size / 4`) reach
+       `compact_small_files` — one partition per commit, so ingest waits at most one partition's compaction;
+    2. checkpoint a table once `checkpoint_every` versions passed since the last one, and clean up log entries
+       older than the table's log retention;
+    3. vacuum with the configured retention every `vacuum_every_h` hours.
+    """
+
+    def __init__(self, settings: Settings, tables: list[str]) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.lock = MaintenanceLock(settings)
+        self.stop_requested = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.last_checkpoint: dict[str, int] = {}
+        self.last_vacuum = time.monotonic()
+        self.runs = 0
+        self.errors: list[str] = []
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+        if self.thread:
+            self.thread.join()
+
+    def _loop(self) -> None:
+        while not self.stop_requested.wait(self.settings.maintenance_interval_s):
+            try:
+                self.run_once()
+            except Exception as error:  # maintenance must never take ingest down; it retries next round
+                self.errors.append(f"{type(error).__name__}: {error}")
+
+    def run_once(self) -> bool:
+        """One round; False when another process held the lock."""
+        handle = self.lock.acquire(wait=False)
+        if handle is None:
+            return False
+        try:
+            small = max(self.settings.target_file_bytes // 4, 1)
+            for name in self.tables:
+                uri = self.settings.table_uri(name)
+                if not DeltaTable.is_deltatable(uri):
+                    continue
+                table = DeltaTable(uri)
+                crowded = self._crowded_partitions(table, small)
+                if crowded:
+                    optimize(uri, partitions=crowded, target_size=self.settings.target_file_bytes)
+                    table.update_incremental()
+                version = table.version()
+                if version - self.last_checkpoint.get(name, 0) >= self.settings.checkpoint_every:
+                    table.create_checkpoint()
+                    table.cleanup_metadata()
+                    self.last_checkpoint[name] = version
+            if time.monotonic() - self.last_vacuum >= self.settings.vacuum_every_h * 3600:
+                for name in self.tables:
+                    uri = self.settings.table_uri(name)
+                    if DeltaTable.is_deltatable(uri):
+                        vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
+                self.last_vacuum = time.monotonic()
+            self.runs += 1
+            return True
+        finally:
+            handle.close()
+
+    def _crowded_partitions(self, table: DeltaTable, small: int) -> list[str]:
+        counts: dict[str, int] = {}
+        for key, size in files_by_partition(table):
+            if size < small:
+                counts[key] = counts.get(key, 0) + 1
+        return [key for key, count in counts.items() if count >= self.settings.compact_small_files]
+
+
+def last_operations(table: DeltaTable, limit: int = 1000) -> dict[str, str | None]:
+    """When the table was last OPTIMIZEd and VACUUMed (ISO time, UTC), from its history."""
+    last: dict[str, str | None] = {"OPTIMIZE": None, "VACUUM": None}
+    for commit in table.history(limit=limit):
+        operation = str(commit.get("operation", ""))
+        for kind in last:
+            if last[kind] is None and operation.startswith(kind):
+                last[kind] = dt.datetime.fromtimestamp(commit["timestamp"] / 1000, dt.timezone.utc).isoformat()
+    return last
