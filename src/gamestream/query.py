@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 
 import duckdb
@@ -35,6 +36,8 @@ from gamestream.settings import TABLES, Settings
 ALIASES = {"mobile_events_delta_raw": "events"}
 _TOKEN = re.compile(r"<Token token_type: TokenType\.(\w+), text: (.*?), line: .*?>")
 logging.getLogger("sqlglot").setLevel(logging.ERROR)  # "falling back to parsing as a Command": we refuse those
+# execute() is chosen for its error positions; the copy it warns about is of a query result, small here
+warnings.filterwarnings("ignore", message="Arrow output on a DB-API result", category=UserWarning)
 
 
 class QueryError(ValueError):
