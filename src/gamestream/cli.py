@@ -96,16 +96,18 @@ def _load(settings: Settings, path: Path):
 
 
 @cli.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @data_dir_option
 @partitions_option
-def load(file: Path, data_dir: Path | None, partitions: int | None) -> None:
-    """Validates an NDJSON file (or .gz) and appends its events to the log.
+def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None) -> None:
+    """Validates NDJSON files (or .gz) and appends their events to the log.
 
     Events keep their own eventTime and eventId; absent ones are stamped now / given a UUIDv7. Rejected lines
     are reported with line number, field and reason; the exit status is non-zero only when loading cannot run.
     """
-    _load(_settings(data_dir=data_dir, partitions=partitions), file)
+    settings = _settings(data_dir=data_dir, partitions=partitions)
+    for file in files:
+        _load(settings, file)
 
 
 # ------------------------------------------------------------------------------------------------------ process
@@ -137,7 +139,7 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
         stats = processor.stats
         seconds = time.monotonic() - started
         out.print(f"committed {stats.events_committed:,} events in {stats.commits:,} commits "
-                  f"({stats.events_committed / max(seconds, 1e-9):,.0f}/s over {seconds:.1f}s); "
+                  f"({stats.events_committed / max(seconds, 1e-9):,.0f}/s over {seconds:.2f}s); "
                   f"quarantined {stats.events_quarantined:,}; table {settings.table_uri('events')}")
     finally:
         log.close()
