@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -115,6 +116,9 @@ class KpiStage:
         self.open_windows: dict[str, set[int]] = {name: self._read_open_windows(name) for name in
                                                   ("kpi_events_hourly", "kpi_bookings_hourly")}
         self.days: dict[dt.date, _Day] = self._read_open_days(start)
+        self._rows_per_version = 1
+        self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
+        self._committed_here_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------- restart
     def _read_state(self, version: int) -> StageState:
@@ -172,19 +176,41 @@ class KpiStage:
                     events=rows.num_rows, bookings=bookings)
 
     # ---------------------------------------------------------------------------------------------- folding
+    def offer(self, version: int, rows: pa.Table) -> None:
+        """The rows that events-table `version` added, from the processor that committed them in this process:
+        a fold whose versions are all offered uses them instead of reading the change data feed back."""
+        with self._committed_here_lock:
+            self._committed_here[version] = rows.select(["eventTime", "eventName", "eventParams", "eventDate"])
+
+    def _offered(self, first: int, last: int) -> pa.Table | None:
+        with self._committed_here_lock:
+            for version in [v for v in self._committed_here if v < first]:
+                del self._committed_here[version]  # folded already
+            if not all(v in self._committed_here for v in range(first, last + 1)):
+                return None
+            parts = [t.append_column("_commit_version", pa.array([v] * t.num_rows, pa.int64()))
+                     for v, t in sorted(self._committed_here.items()) if first <= v <= last]
+        return pa.concat_tables(parts)
+
     def fold(self) -> int:
         """Folds every events-table version not yet in the KPI tables; returns how many versions it folded."""
         self.events.update_incremental()
         latest = self.events.version()
         folded = 0
         while self.state.version < latest:
-            upto = min(latest, self.state.version + self.settings.kpi_versions_per_fold)
+            # about `kpi_rows_per_fold` rows per fold (bounded memory), judged by the versions seen so far
+            by_rows = max(1, self.settings.kpi_rows_per_fold // self._rows_per_version)
+            upto = min(latest, self.state.version + min(self.settings.kpi_versions_per_fold, by_rows))
             self._fold_range(self.state.version + 1, upto)
             folded += upto - self.state.version
             self.state.version = upto
         return folded
 
-    def _fold_range(self, first: int, last: int) -> None:
+    def _changes(self, first: int, last: int) -> pa.Table:
+        """The rows versions first..last added: offered by our processor, or read from the change data feed."""
+        offered = self._offered(first, last)
+        if offered is not None:
+            return offered
         # names quoted: delta-rs plans this with DataFusion, which lower-cases unquoted identifiers
         reader = self.events.load_cdf(starting_version=first, ending_version=last, columns=[
             '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
@@ -196,10 +222,15 @@ class KpiStage:
                                           for n in changes.column_names]))
         if changes.num_rows:
             changes = changes.filter(pc.equal(changes["_change_type"], "insert"))
+        return changes.drop_columns(["_change_type"])
+
+    def _fold_range(self, first: int, last: int) -> None:
+        changes = self._changes(first, last)
+        self._rows_per_version = max(1, changes.num_rows // (last - first + 1))
         deltas: dict[int, dict[int, _WindowDelta]] = {}  # version → window start → delta
         touched_days: set[dt.date] = set()
         recompute_days: set[dt.date] = set()
-        versions = sorted(set(changes["_commit_version"].to_pylist())) if changes.num_rows else []
+        versions = sorted(pc.unique(changes["_commit_version"]).to_pylist()) if changes.num_rows else []
         for version in versions:
             rows = changes.filter(pc.equal(changes["_commit_version"], version))
             deltas[version] = self._fold_version(rows, touched_days, recompute_days)

@@ -30,6 +30,7 @@ class Pipeline:
             try:
                 self._kpi_lock = ProcessLocks(settings.data_dir / "log", ["kpi"], lambda _: "the KPI stage")
                 self.kpi = KpiStage(settings, log)
+                self.processor.on_commit = self.kpi.offer
             except PartitionBusy:
                 self.kpi = None
         self._last_fold = 0.0

@@ -108,6 +108,9 @@ class Processor:
         self._last_trim = time.monotonic()
         self.stop_requested = threading.Event()
         self.drain_requested = threading.Event()
+        # told (version, rows) after each events commit: the KPI stage in the same process folds those rows
+        # without reading them back from the table
+        self.on_commit: Callable[[int, pa.Table], None] | None = None
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
@@ -189,6 +192,7 @@ class Processor:
         last_offsets = {p: self._pending[p][-1].offset for p in self.partitions if self._pending[p]}
         decoded: dict[tuple, Decoded] = {}  # decode once per distinct starting point (normally once)
         built: dict[str, int] = {}  # rows in the batch each table's last attempt built
+        built_rows: dict[str, pa.Table] = {}
 
         def decode_after(after: dict[int, int]) -> Decoded:
             key = tuple(sorted(after.items()))
@@ -208,6 +212,7 @@ class Processor:
                 if skip_empty and rows.num_rows == 0:
                     return None
                 built[name] = rows.num_rows
+                built_rows[name] = rows
                 return lake.Batch(rows, todo)
 
             return build
@@ -219,15 +224,18 @@ class Processor:
             partition_by=None, retries=self.settings.commit_retries,
         ) is not None:
             self.stats.events_quarantined += built["quarantine"]
-        if lake.commit_exactly_once(
+        version = lake.commit_exactly_once(
             self.events_table, [self._app_ids[p] for p in last_offsets],
             builder(self._app_ids, Decoded.events_table, "events", skip_empty=False),
             partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries,
-        ) is None:
+        )
+        if version is None:
             self.stats.batches_skipped += 1
         else:
             self.stats.commits += 1
             self.stats.events_committed += built["events"]
+            if self.on_commit:
+                self.on_commit(version, built_rows["events"])
         for partition, offset in last_offsets.items():
             self.stats.positions[partition] = offset
             self.log.commit(self.settings.pipeline, partition, offset)

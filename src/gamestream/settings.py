@@ -38,7 +38,9 @@ class Settings:
     kpi_interval_s: float = 1.0
     """KPI: how often the stage folds new versions of the events table into the KPI tables."""
     kpi_versions_per_fold: int = 50
-    """KPI: at most this many events-table versions are folded per KPI commit (bounds a catch-up's memory)."""
+    """KPI: at most this many events-table versions are folded per KPI commit…"""
+    kpi_rows_per_fold: int = 250_000
+    """…and about this many rows (judged by the versions folded so far): bounds a catch-up's memory."""
     maintenance_interval_s: float = 30.0
     """Automatic maintenance (demo, `process --maintenance`): how often it looks at the tables."""
     target_file_bytes: int = 1024 * 1024 * 1024
