@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Callable
 
 from gamestream.kpi import KpiStage
@@ -13,9 +13,8 @@ from gamestream.settings import TABLES, Settings
 
 
 class Pipeline:
-    """Runs the processor and, every `kpi_interval_s` after a commit and once more at the end, the KPI stage,
-    in one thread: the KPI stage reads what the processor committed, so `run(until_idle=True)` returns only once
-    the KPI tables reflect everything committed."""
+    """Runs the processor and the KPI stage, which folds what the processor committed; `run(until_idle=True)`
+    returns only once the KPI tables reflect everything committed."""
 
     def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
                  kpi: bool = True, maintenance: bool = False) -> None:
@@ -33,24 +32,39 @@ class Pipeline:
                 self.processor.on_commit = self.kpi.offer
             except PartitionBusy:
                 self.kpi = None
-        self._last_fold = 0.0
 
     def run(self, *, until_idle: bool = False,
             on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
-        def after_flush(stats: ProcessorStats) -> None:
-            if self.kpi and time.monotonic() - self._last_fold >= self.settings.kpi_interval_s:
-                self.kpi.fold()
-                self._last_fold = time.monotonic()
-            if on_progress:
-                on_progress(stats)
+        """The processor in this thread; the KPI stage in another, folding every `kpi_interval_s` (its work is
+        mostly in Arrow and delta-rs, which release the GIL, so the two overlap on two cores), and once more
+        after the processor has finished."""
+        failures: list[BaseException] = []
+        done = threading.Event()
 
+        def fold_until_done() -> None:
+            try:
+                while not done.wait(self.settings.kpi_interval_s):
+                    self.kpi.fold()  # type: ignore[union-attr]
+            except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
+                failures.append(error)
+                self.processor.stop(drain=False)
+
+        folding = threading.Thread(target=fold_until_done, name="kpi", daemon=True) if self.kpi else None
         if self.maintenance:
             self.maintenance.start()
+        if folding:
+            folding.start()
         try:
-            self.processor.run(until_idle=until_idle, on_progress=after_flush)
+            self.processor.run(until_idle=until_idle, on_progress=on_progress)
+            done.set()
+            if folding:
+                folding.join()
+            if failures:
+                raise failures[0]
             if self.kpi:
                 self.kpi.fold()
         finally:
+            done.set()
             if self.maintenance:
                 self.maintenance.stop()
             if self._kpi_lock:
