@@ -117,8 +117,8 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 
     log = _open_log(settings)
     try:
-        processor = Pipeline(settings, log, only, kpi=kpi, maintenance=maintenance)
-        processor.install_signal_handlers()
+        pipeline = Pipeline(settings, log, only, kpi=kpi, maintenance=maintenance)
+        pipeline.install_signal_handlers()
         started = time.monotonic()
         last_print = [0.0]
 
@@ -132,11 +132,11 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
                           f"{stats.events_quarantined:,} quarantined, {stats.commits:,} commits", highlight=False)
 
         mode = "until the log is drained" if until_idle else "until stopped (Ctrl-C)"
-        kpi_note = "" if processor.kpi else " (KPI stage: off or run by another process)"
-        console.print(f"processing partitions {processor.processor.partitions} of {settings.data_dir / 'log'} "
+        kpi_note = "" if pipeline.kpi else " (KPI stage: off or run by another process)"
+        console.print(f"processing partitions {pipeline.processor.partitions} of {settings.data_dir / 'log'} "
                       f"{mode}{kpi_note}")
-        processor.run(until_idle=until_idle, on_progress=show)
-        stats = processor.stats
+        pipeline.run(until_idle=until_idle, on_progress=show)
+        stats = pipeline.stats
         seconds = time.monotonic() - started
         out.print(f"committed {stats.events_committed:,} events in {stats.commits:,} commits "
                   f"({stats.events_committed / max(seconds, 1e-9):,.0f}/s over {seconds:.2f}s); "
