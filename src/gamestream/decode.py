@@ -22,6 +22,8 @@ from gamestream.log import LogRecord
 _DECODE_SCHEMA = schema.decode_schema()
 _PARSE_OPTIONS = pj.ParseOptions(explicit_schema=_DECODE_SCHEMA, unexpected_field_behavior="ignore")
 _READ_OPTIONS = pj.ReadOptions(block_size=8 << 20)
+# now=None when validating: an event that reached the log without eventTime is not stamped here, it is quarantined
+_VALIDATOR = schema.EventValidator(event_time="input")
 
 
 @dataclass
@@ -104,11 +106,9 @@ def _check_and_split(table: pa.Table, records: list[LogRecord], line_counts: lis
 
 
 def _decode_record_slowly(record: LogRecord, out: Decoded, now: dt.datetime) -> None:
-    validator = schema.EventValidator(event_time="input")
     good: list[bytes] = []
     for line in _lines(record.payload):
-        # now=None: an event that reached the log without eventTime is not stamped here; it is quarantined
-        result = validator.validate(line, now=None)
+        result = _VALIDATOR.validate(line, now=None)
         if isinstance(result, schema.Rejection):
             out.quarantine.append(_quarantine_row(record, line, str(result), now))
         else:

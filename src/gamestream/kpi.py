@@ -152,7 +152,7 @@ class KpiStage:
             return {}
         dataset = DeltaTable(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
         days: dict[dt.date, _Day] = {}
-        for day in sorted({d for d in self._event_dates(dataset)}):
+        for day in sorted(self._event_dates(dataset)):
             if not self._day_is_final(day):
                 days[day] = self._day_from_table(dataset, day)
         return days
