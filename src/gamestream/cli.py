@@ -439,7 +439,7 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
             table.add_row(name, *["—"] * 9)
             continue
         delta = DeltaTable(uri)
-        stats = file_stats(delta, settings.target_file_bytes)
+        stats = file_stats(delta, settings.target_file_bytes // 4)
         actions = delta.get_add_actions(flatten=True)
         rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
         most = max((files for files, _ in stats.partitions.values()), default=0)

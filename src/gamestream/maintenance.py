@@ -63,7 +63,7 @@ class FileStats:
     bytes: int = 0
     partitions: dict[str, tuple[int, int]] = field(default_factory=dict)  # partition → (files, bytes)
 
-    small: int = 0  # files under a quarter of the target size
+    small: int = 0  # files under file_stats' `small_under`
 
     @property
     def average_bytes(self) -> int:
@@ -85,13 +85,14 @@ def files_by_partition(table: DeltaTable) -> list[tuple[str, int]]:
     return list(zip(keys, sizes))
 
 
-def file_stats(table: DeltaTable, target_size: int = DEFAULT_TARGET_SIZE) -> FileStats:
-    """Files and bytes in the table's current version, per partition."""
+def file_stats(table: DeltaTable, small_under: int = DEFAULT_TARGET_SIZE // 4) -> FileStats:
+    """Files and bytes in the table's current version, per partition; files under `small_under` bytes count as
+    small."""
     stats = FileStats()
     for key, size in files_by_partition(table):
         stats.files += 1
         stats.bytes += size
-        stats.small += size < target_size // 4
+        stats.small += size < small_under
         files, total = stats.partitions.get(key, (0, 0))
         stats.partitions[key] = (files + 1, total + size)
     return stats

@@ -18,7 +18,7 @@ from typing import Any
 
 from deltalake import DeltaTable
 
-from gamestream.maintenance import last_operations
+from gamestream.maintenance import file_stats, last_operations
 from gamestream.settings import Settings
 
 UTC = dt.timezone.utc
@@ -128,12 +128,8 @@ class DashboardData:
         events = self._table("events")
         if events is None:
             return {}, None
+        stats = file_stats(events, small_under=SMALL_FILE_BYTES)
         actions = events.get_add_actions(flatten=True)
-        sizes = actions.column("size_bytes").to_pylist() if actions.num_rows else []
-        partitions = actions.column("partition.eventDate").to_pylist() if actions.num_rows else []
-        per_partition: dict[Any, int] = {}
-        for p in partitions:
-            per_partition[p] = per_partition.get(p, 0) + 1
         newest = None
         if actions.num_rows and "max.eventTime" in actions.column_names:
             values = [v for v in actions.column("max.eventTime").to_pylist() if v is not None]
@@ -143,12 +139,12 @@ class DashboardData:
         last = last_operations(events)
         health = {"events": {
             "version": events.version(),
-            "files": len(sizes),
-            "partitions": len(per_partition),
-            "files_per_partition": round(len(sizes) / len(per_partition), 1) if per_partition else 0,
-            "max_files_in_a_partition": max(per_partition.values(), default=0),
-            "average_file_bytes": int(sum(sizes) / len(sizes)) if sizes else 0,
-            "small_files": sum(1 for s in sizes if s < SMALL_FILE_BYTES),
+            "files": stats.files,
+            "partitions": len(stats.partitions),
+            "files_per_partition": round(stats.files / len(stats.partitions), 1) if stats.partitions else 0,
+            "max_files_in_a_partition": max((files for files, _ in stats.partitions.values()), default=0),
+            "average_file_bytes": stats.average_bytes,
+            "small_files": stats.small,
             "last_optimize": last["OPTIMIZE"],
             "last_vacuum": last["VACUUM"],
         }}
