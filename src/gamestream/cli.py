@@ -43,8 +43,15 @@ def _open_log(settings: Settings):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.version_option(package_name="gamestream", prog_name="gamestream")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log records (errors, retries, start/stop) on stderr as text or JSON lines "
+                   "(default text, or GAMESTREAM_LOG_FORMAT).")
+def cli(log_format: str | None) -> None:
     """gamestream: mobile-game events → durable log → Delta Lake, exactly once → live KPIs."""
+    from gamestream import logs
+
+    logs.setup(log_format or Settings.from_env().log_format)
 
 
 # ------------------------------------------------------------------------------------------------------- schema
@@ -439,7 +446,7 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
             table.add_row(name, *["—"] * 9)
             continue
         delta = DeltaTable(uri)
-        stats = file_stats(delta, settings.target_file_bytes // 4)
+        stats = file_stats(delta, settings.small_file_bytes)
         actions = delta.get_add_actions(flatten=True)
         rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
         most = max((files for files, _ in stats.partitions.values()), default=0)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hmac
+import logging
 import shutil
 import time
 import zlib
@@ -44,6 +45,7 @@ JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
                 "application/jsonlines"}
 MAX_IDEMPOTENCY_KEY = 200
+logger = logging.getLogger(__name__)
 
 
 class ErrorItem(msgspec.Struct):
@@ -134,11 +136,20 @@ class Collector:
         self.metrics.backlog.set(self.backlog)
 
     async def _watch_backlog(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(0.5)
             self.ingest_rate.sample(self.accepted_total)
-            with contextlib.suppress(Exception):  # a busy log must not kill the watcher; the next round retries
+            try:
                 await self._refresh_backlog()
+            except Exception:  # a busy log must not kill the watcher; the next round retries
+                if not failing:  # once per episode, not twice a second
+                    logger.warning("cannot read the log backlog; retrying every 0.5 s", exc_info=True)
+                failing = True
+            else:
+                if failing:
+                    logger.info("log backlog readable again", extra={"backlog_events": self.backlog})
+                failing = False
 
     # -------------------------------------------------------------------------------------------------- ingest
     def authorised(self, request: Request) -> bool:
@@ -395,7 +406,10 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         return JSONResponse(checks, status_code=200 if healthy else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(collector.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        from gamestream.metrics import REGISTRY as stages  # the processor's figures, when it runs in this process
+
+        return Response(generate_latest(collector.metrics.registry) + generate_latest(stages),
+                        media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(openapi(settings))

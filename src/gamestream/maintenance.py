@@ -85,9 +85,9 @@ def files_by_partition(table: DeltaTable) -> list[tuple[str, int]]:
     return list(zip(keys, sizes))
 
 
-def file_stats(table: DeltaTable, small_under: int = DEFAULT_TARGET_SIZE // 4) -> FileStats:
+def file_stats(table: DeltaTable, small_under: int = 0) -> FileStats:
     """Files and bytes in the table's current version, per partition; files under `small_under` bytes count as
-    small."""
+    small (pass `Settings.small_file_bytes`, the one definition of "small"; 0 counts none)."""
     stats = FileStats()
     for key, size in files_by_partition(table):
         stats.files += 1
@@ -293,7 +293,7 @@ class AutoMaintenance:
         if handle is None:
             return False
         try:
-            small = max(self.settings.target_file_bytes // 4, 1)
+            small = max(self.settings.small_file_bytes, 1)
             for name in self.tables:
                 uri = self.settings.table_uri(name)
                 if not DeltaTable.is_deltatable(uri):

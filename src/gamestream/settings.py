@@ -69,6 +69,27 @@ class Settings:
     """Collector: write keys (GAMESTREAM_API_KEYS, comma-separated). None: the endpoint is open."""
     admin_keys: tuple[str, ...] = ()
     """Keys for POST /v1/sql (GAMESTREAM_ADMIN_KEYS). With no key of either kind configured, it is open."""
+    insecure_no_auth: bool = False
+    """Collector: allow a non-loopback --host with no key configured (`--insecure-no-auth`; warns at start)."""
+    body_timeout_s: float = 30.0
+    """Collector: a request body not received in full within this many seconds gets 408 and the connection
+    is closed (a client trickling bytes does not hold a connection for ever)."""
+    header_timeout_s: float = 10.0
+    """Collector: a connection that has not sent a complete request head within this many seconds of opening
+    (or of its previous answer) is closed."""
+    max_header_bytes: int = 32 * 1024
+    """Collector: a request line plus headers over this size gets 431."""
+    max_connections: int = 1024
+    """Collector: connections at once; beyond it, requests get 503."""
+    drain_max_bytes: int = 64 * 1024 * 1024
+    """Collector: an over-limit body is read and discarded up to this size before the 413, so a client that
+    writes its whole body before reading gets the answer instead of a connection reset."""
+    sql_timeout_s: float = 30.0
+    """SQL: a query running longer is interrupted (400 with the reason)."""
+    sql_max_rows: int = 100_000
+    """SQL: a result with more rows is refused (400 with the reason); aggregate or add a LIMIT."""
+    log_format: str = "text"
+    """Log lines on stderr: `text` or `json` (one JSON object per line)."""
     host: str = "127.0.0.1"
     port: int = 8000
     tables: dict[str, str] = field(default_factory=dict)
@@ -94,6 +115,12 @@ class Settings:
         return self.tables.get(name) or str((self.data_dir / "tables" / name).absolute())
 
     @property
+    def small_file_bytes(self) -> int:
+        """One definition of a "small" file, for status, the dashboard and automatic compaction: under a
+        quarter of OPTIMIZE's target size."""
+        return self.target_file_bytes // 4
+
+    @property
     def keys_configured(self) -> bool:
         return bool(self.api_keys or self.admin_keys)
 
@@ -107,6 +134,8 @@ def _parse(type_name: object, raw: str) -> object:
         return int(raw)
     if kind == "float":
         return float(raw)
+    if kind == "bool":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
     if kind == "Path":
         return Path(raw)
     if kind.startswith("tuple"):

@@ -23,7 +23,6 @@ from gamestream.settings import Settings
 
 UTC = dt.timezone.utc
 HOURS_SHOWN = 48  # the charts show the windows of the last 48 hours of event time
-SMALL_FILE_BYTES = 16 * 1024 * 1024
 
 
 def _iso(value: dt.datetime | dt.date | None) -> str | None:
@@ -128,7 +127,7 @@ class DashboardData:
         events = self._table("events")
         if events is None:
             return {}, None
-        stats = file_stats(events, small_under=SMALL_FILE_BYTES)
+        stats = file_stats(events, small_under=self.settings.small_file_bytes)
         actions = events.get_add_actions(flatten=True)
         newest = None
         if actions.num_rows and "max.eventTime" in actions.column_names:
