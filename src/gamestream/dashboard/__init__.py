@@ -4,7 +4,8 @@ The page (static/index.html, app.js, style.css, with uPlot vendored under static
 `/v1/dashboard` every second and redraws: events per hourly window (bars; provisional windows marked),
 bookings per hourly window (line, with purchases), today's DAU, ARPDAU and paying users (UTC), incoming events/s,
 processing lag (log backlog, freshness = now − newest committed eventTime), the quarantine with its latest
-reasons, and the events table's health (files per partition, average file size, last OPTIMIZE and VACUUM).
+reasons, and the events table's health (files per partition, average file size, small files — under
+`Settings.small_file_bytes`, returned with them so the page names the threshold it counts — last OPTIMIZE and VACUUM).
 """
 
 from __future__ import annotations
@@ -48,27 +49,40 @@ class IngestRate:
         return (newest - oldest) / (newest_t - oldest_t) if newest_t > oldest_t else 0.0
 
 
+@dataclass(frozen=True)
+class _Cached:
+    """One read of the tables: when (monotonic), what the answer shows of them, and the newest committed
+    eventTime, kept apart because freshness is measured from it at each request, not at the read."""
+
+    read_at: float
+    tables: dict[str, Any]
+    newest_event_time: dt.datetime | None
+
+
 class DashboardData:
     """Builds the `/v1/dashboard` answer from the Delta tables (cached for `ttl_s`, rebuilt in a thread)."""
 
     def __init__(self, settings: Settings, ttl_s: float = 0.5) -> None:
         self.settings = settings
         self.ttl_s = ttl_s
-        self._cached: tuple[float, dict] | None = None
+        self._cached: _Cached | None = None
         self._lock = threading.Lock()
 
     def snapshot(self, *, backlog: int | None, events_per_second: float) -> dict[str, Any]:
+        """The `/v1/dashboard` answer. The cached tables are shared by every request within `ttl_s` (several open
+        pages, or one page polling faster than the cache expires), so nothing here may change them: freshness is
+        computed anew from the cached newest eventTime each time, which keeps it right on every cache hit."""
         with self._lock:
-            if self._cached and time.monotonic() - self._cached[0] < self.ttl_s:
-                tables = self._cached[1]
+            if self._cached and time.monotonic() - self._cached.read_at < self.ttl_s:
+                cached = self._cached
             else:
-                tables = self._read_tables()
-                self._cached = (time.monotonic(), tables)
+                tables, newest = self._read_tables()
+                cached = self._cached = _Cached(time.monotonic(), tables, newest)
         now = dt.datetime.now(UTC)
-        newest = tables.pop("_newest_event_time", None)
+        newest = cached.newest_event_time
         return {
             "generated_at": now.isoformat(),
-            **tables,
+            **cached.tables,
             "ingest": {"events_per_second": round(events_per_second, 1)},
             "lag": {"backlog_events": backlog,
                     "newest_event_time": _iso(newest),
@@ -90,7 +104,7 @@ class DashboardData:
         since = rows[-1]["window_start"] - dt.timedelta(hours=HOURS_SHOWN - 1)
         return [r for r in rows if r["window_start"] >= since]
 
-    def _read_tables(self) -> dict[str, Any]:
+    def _read_tables(self) -> tuple[dict[str, Any], dt.datetime | None]:
         result: dict[str, Any] = {"hourly": [], "bookings": [], "today": None, "quarantine": {"count": 0,
                                                                                              "latest": []}}
         hourly = self._recent_windows("kpi_events_hourly")
@@ -120,8 +134,8 @@ class DashboardData:
                 rows.sort(key=lambda r: r["quarantinedAt"], reverse=True)
                 result["quarantine"]["latest"] = [{"at": _iso(r["quarantinedAt"]), "reason": r["reason"]}
                                                   for r in rows[:5]]
-        result["tables"], result["_newest_event_time"] = self._events_health()
-        return result
+        result["tables"], newest = self._events_health()
+        return result, newest
 
     def _events_health(self) -> tuple[dict[str, Any], dt.datetime | None]:
         events = self._table("events")
@@ -144,6 +158,7 @@ class DashboardData:
             "max_files_in_a_partition": max((files for files, _ in stats.partitions.values()), default=0),
             "average_file_bytes": stats.average_bytes,
             "small_files": stats.small,
+            "small_file_bytes": self.settings.small_file_bytes,
             "last_optimize": last["OPTIMIZE"],
             "last_vacuum": last["VACUUM"],
         }}
