@@ -36,6 +36,23 @@ def _settings(**options: object) -> Settings:
     return Settings.from_env(**options)
 
 
+class DataDirUnusable(RuntimeError):
+    """The data directory cannot be created or written: one line for the user, not a traceback."""
+
+
+def _check_writable(path: Path) -> None:
+    """Fails early, in one line naming the path and the reason, when a command that writes cannot."""
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise DataDirUnusable(f"cannot write to the data directory {path.absolute()}: {reason} "
+                              f"(choose another with --data-dir or GAMESTREAM_DATA_DIR)") from None
+
+
 def _open_log(settings: Settings):
     from gamestream.log import open_log
 
@@ -113,6 +130,7 @@ def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None)
     are reported with line number, field and reason; the exit status is non-zero only when loading cannot run.
     """
     settings = _settings(data_dir=data_dir, partitions=partitions)
+    _check_writable(settings.data_dir)
     for file in files:
         _load(settings, file)
 
@@ -161,11 +179,23 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @click.option("--max-batch-wait", type=float, default=None, help="…or after this many seconds.")
 @click.option("--no-kpi", is_flag=True, help="Only ingest; leave the KPI tables to another process.")
 @click.option("--maintenance", is_flag=True, help="Compact, checkpoint and vacuum automatically while running.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Expose the processor's Prometheus metrics on this port (0: a free one).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 def process(data_dir: Path | None, partitions: int | None, until_idle: bool, only: str | None,
-            max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool, maintenance: bool) -> None:
+            max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool, maintenance: bool,
+            metrics_port: int | None, metrics_host: str) -> None:
     """Streams the log into the events table and the KPI tables, exactly once."""
     settings = _settings(data_dir=data_dir, partitions=partitions, batch_max_events=max_batch_events,
                          batch_max_wait_s=max_batch_wait)
+    _check_writable(settings.data_dir)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from gamestream.metrics import REGISTRY
+
+        metrics_server, _ = start_http_server(metrics_port, addr=metrics_host, registry=REGISTRY)
+        console.print(f"metrics on http://{metrics_host}:{metrics_server.server_port}/metrics", highlight=False)
     owned = [int(p) for p in only.split(",")] if only else None
     _process(settings, until_idle=until_idle, only=owned, kpi=not no_kpi, maintenance=maintenance)
 
@@ -204,6 +234,7 @@ def generate(data_dir: Path | None, partitions: int | None, target: str | None, 
         from gamestream.loader import load_lines
 
         settings = _settings(data_dir=data_dir, partitions=partitions)
+        _check_writable(settings.data_dir)
         log = _open_log(settings)
         try:
             lines = (json.dumps(e, separators=(",", ":")).encode() for e in
@@ -347,16 +378,20 @@ def print_optimize_report(report) -> None:
 @table_option
 @click.option("--partition", "partitions", multiple=True, help="Only this eventDate (YYYY-MM-DD; repeatable).")
 @click.option("--since", default=None, help="Only partitions from this eventDate on (YYYY-MM-DD).")
-@click.option("--target-size", default="1GiB", show_default=True, help="Target file size.")
+@click.option("--target-size", default=None,
+              help="Target file size, e.g. 512MiB (default: the target_file_bytes setting, 1 GiB, or "
+                   "GAMESTREAM_TARGET_FILE_BYTES).")
 @click.option("--zorder", "zorder", multiple=True, help="Z-order by this column (repeatable).")
 def optimize(data_dir: Path | None, table_name: str, partitions: tuple[str, ...], since: str | None,
-             target_size: str, zorder: tuple[str, ...]) -> None:
+             target_size: str | None, zorder: tuple[str, ...]) -> None:
     """Compacts small files (bin-packing per partition, or Z-order); prints files and bytes before and after."""
     from gamestream import maintenance
 
     if partitions and since:
         raise click.UsageError("give --partition or --since, not both")
-    settings = _settings(data_dir=data_dir)
+    settings = _settings(data_dir=data_dir,
+                         target_file_bytes=maintenance.parse_size(target_size) if target_size else None)
+    _check_writable(settings.data_dir)
     handle = _locked(settings)
     try:
         with Progress(TextColumn("optimizing"), BarColumn(), TextColumn("{task.completed}/{task.total} partitions"),
@@ -364,7 +399,7 @@ def optimize(data_dir: Path | None, table_name: str, partitions: tuple[str, ...]
             task = progress.add_task("optimize", total=None)
             report = maintenance.optimize(
                 settings.table_uri(table_name), partitions=list(partitions) or None, since=since,
-                target_size=maintenance.parse_size(target_size), zorder=list(zorder) or None,
+                target_size=settings.target_file_bytes, zorder=list(zorder) or None,
                 on_partition=lambda key, done, total: progress.update(task, completed=done, total=total))
     finally:
         handle.close()
@@ -396,7 +431,11 @@ def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: 
 
     settings = _settings(data_dir=data_dir)
     hours = maintenance.parse_hours(retain) if retain else None
-    handle = _locked(settings)
+    # A dry run only reads: no lock file, no write access needed (a read-only copy of the tables will do).
+    handle = None
+    if not dry_run:
+        _check_writable(settings.data_dir)
+        handle = _locked(settings)
     try:
         report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
                                     force=force)
@@ -404,7 +443,8 @@ def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: 
         console.print(f"[red]refused:[/] {error}", highlight=False)
         raise SystemExit(2)
     finally:
-        handle.close()
+        if handle is not None:
+            handle.close()
     print_vacuum_report(report)
 
 
@@ -421,11 +461,18 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
 
     settings = _settings(data_dir=data_dir, partitions=partitions)
     log_path = settings.data_dir / "log" / "events.sqlite"
+    log = None
     if log_path.exists():
-        log = _open_log(settings)
         try:
-            table = Table(title="event log")
-            for column in ("partition", "last offset", "committed", "backlog events"):
+            log = _open_log(settings)
+        except Exception as error:  # e.g. a read-only copy: the tables can still be shown
+            out.print(f"event log at {log_path}: {_unusable_storage(error) or error}", highlight=False)
+    if log is not None:
+        try:
+            table = Table(title="event log", caption="offsets are positions in a partition, not event counts; "
+                                                     "a record holds a batch of events")
+            for column in ("partition", "appended up to (offset)", "committed up to (offset)",
+                           "events not yet committed"):
                 table.add_column(column, justify="right")
             for p in range(log.partitions):
                 committed = log.committed(settings.pipeline, p)
@@ -434,7 +481,7 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
             out.print(table)
         finally:
             log.close()
-    else:
+    elif not log_path.exists():
         out.print(f"no log at {log_path}")
     table = Table(title="tables")
     for column in ("table", "version", "rows", "files", "partitions", "files/partition (max)", "average file",
@@ -473,7 +520,11 @@ api_key_options = [
                  help="A key for POST /v1/sql (repeatable); or GAMESTREAM_ADMIN_KEYS."),
     click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                  help="A file with one write key per line."),
-    click.option("--host", default=None, help="Address to listen on (default 127.0.0.1)."),
+    click.option("--host", default=None, help="Address to listen on (default 127.0.0.1). Any other address "
+                                              "needs keys, or --insecure-no-auth."),
+    click.option("--insecure-no-auth", is_flag=True, default=None,
+                 help="Listen on a non-loopback address with no keys (anyone reaching the port can write and "
+                      "read everything); warns at every start."),
 ]
 
 
@@ -485,15 +536,40 @@ def _with_options(options):
     return decorate
 
 
+def _refuse_open_exposure(settings: Settings) -> None:
+    """Exit 2 before binding when the server would be reachable from elsewhere with no key (auth.py)."""
+    from gamestream.auth import exposure_problem
+
+    problem = exposure_problem(settings)
+    if problem:
+        from rich.text import Text
+
+        console.print(Text.assemble(("error: ", "red"), problem))
+        raise SystemExit(2)
+
+
 def _announce_keys(settings: Settings) -> None:
+    """Says how the server is protected; counts keys, never shows one."""
+    import logging
+
+    from gamestream.auth import is_loopback
+
     if settings.keys_configured and not settings.admin_keys:
-        console.print("no admin key configured: POST /v1/sql is refused (--admin-key)")
+        console.print("no admin key configured: the dashboard and POST /v1/sql are refused (--admin-key)")
     if settings.api_keys:
         console.print(f"write keys: {len(settings.api_keys)} configured; requests need "
                       "'Authorization: Bearer <key>' or 'X-API-Key'")
+    elif not is_loopback(settings.host):
+        logging.getLogger("gamestream.auth").warning(
+            "listening on %s with no write key (--insecure-no-auth): anyone who can reach the port can send "
+            "events%s", settings.host, "" if settings.admin_keys else ", read every table and run maintenance",
+            extra={"host": settings.host})
+        console.print(f"[bold red]warning:[/] listening on {settings.host} without keys (--insecure-no-auth)",
+                      highlight=False)
     else:
-        console.print("[yellow]no API keys configured: the endpoint is open to anyone who can reach it[/] "
-                      "(--api-key, --api-keys-file or GAMESTREAM_API_KEYS)")
+        console.print(f"no API keys configured: open to local clients only ({settings.host}); "
+                      "--api-key / --admin-key (or GAMESTREAM_API_KEYS / GAMESTREAM_ADMIN_KEYS) protect it",
+                      highlight=False)
 
 
 @cli.command()
@@ -502,13 +578,17 @@ def _announce_keys(settings: Settings) -> None:
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
 @_with_options(api_key_options)
 def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_key: tuple[str, ...],
-          admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None) -> None:
+          admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None,
+          insecure_no_auth: bool | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
     from gamestream import server
     from gamestream.collector import create_app
 
     settings = _settings(data_dir=data_dir, partitions=partitions, port=port, host=host,
-                         api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None)
+                         api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None,
+                         insecure_no_auth=insecure_no_auth)
+    _refuse_open_exposure(settings)
+    _check_writable(settings.data_dir)
 
     async def main_() -> None:
         sock = server.bind(settings.host, settings.port)
@@ -534,7 +614,7 @@ def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_k
 @_with_options(api_key_options)
 def demo(data_dir: Path | None, port: int | None, rate: float, users: int, duration: float | None,
          seed: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
-         host: str | None) -> None:
+         host: str | None, insecure_no_auth: bool | None) -> None:
     """Everything at once on the embedded defaults: collector + processor + a generator posting live events.
 
     Ctrl-C or SIGTERM stops it cleanly: every acknowledged event is committed to the table first.
@@ -545,7 +625,9 @@ def demo(data_dir: Path | None, port: int | None, rate: float, users: int, durat
     from gamestream.demo import run_demo
 
     settings = _settings(data_dir=data_dir, port=port, host=host, api_keys=_api_keys(api_key, api_keys_file),
-                         admin_keys=tuple(admin_key) or None)
+                         admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth)
+    _refuse_open_exposure(settings)
+    _check_writable(settings.data_dir)
 
     def started(url: str) -> None:
         _announce_keys(settings)
@@ -597,6 +679,25 @@ def _demo_query(settings: Settings) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- main
+_STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT}
+_STORAGE_MESSAGES = ("permission denied", "read-only file system", "no space left", "readonly database",
+                     "unable to open database file", "disk is full", "disk quota")
+
+
+def _unusable_storage(error: BaseException) -> str | None:
+    """One line for an error that means "this path cannot be read or written" (a read-only or full disk,
+    missing permissions), from the OS, SQLite or delta-rs; None for anything else."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        where = f" {error.filename}" if error.filename else ""
+        return f"cannot use{where}: {error.strerror or error}"
+    text = str(error)
+    lowered = text.lower()
+    if any(message in lowered for message in _STORAGE_MESSAGES):
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return f"cannot use the data directory ({type(error).__name__}: {first[:300]})"
+    return None
+
+
 def main() -> None:
     """Runs the command, then ends the process deliberately.
 
@@ -620,8 +721,14 @@ def main() -> None:
         from gamestream.log.sqlite import LogPartitionsMismatch
         from gamestream.processor import PartitionBusy
 
-        if isinstance(error, (LogPartitionsMismatch, PartitionBusy)):
-            console.print(f"[red]error:[/] {error}", highlight=False)
+        unusable = None if isinstance(error, DataDirUnusable) else _unusable_storage(error)
+        if type(error).__name__ == "TableNotFoundError":
+            unusable = f"no Delta table there yet ({str(error).strip().splitlines()[0][:300]}); " \
+                       "run `gamestream process` first"
+        if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable)) or unusable:
+            from rich.text import Text
+
+            console.print(Text.assemble(("error: ", "red"), unusable or str(error)))
             code = 2
         elif isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
             console.print(f"[red]error:[/] the port is already in use ({error}); choose another with --port",

@@ -141,6 +141,17 @@ def live_events(*, users: int, seed: int, limit: int | None = None) -> Iterator[
         yield event
 
 
+RETRIED_STATUSES = (429, 500, 502, 503, 504)
+
+
+class _RetryableAnswer(Exception):
+    """A 429 or 5xx answer: the request may succeed later (after `retry_after` seconds when the server said)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status, self.retry_after = status, retry_after
+
+
 async def send(
     target: str,
     events: Iterator[dict],
@@ -168,6 +179,7 @@ async def send(
 
     import httpx
     import msgspec
+    import stamina
 
     encoder = msgspec.json.Encoder()
     stats = stats or SendStats()
@@ -192,33 +204,45 @@ async def send(
             exhausted = True
         return taken
 
+    transient = (_RetryableAnswer, httpx.TimeoutException, httpx.TransportError)
+
+    def backoff(error: Exception) -> bool | float:
+        """Retry timeouts, connection errors, 429 and 5xx; wait what the server's Retry-After says when it
+        says one, else stamina's exponential backoff."""
+        if isinstance(error, _RetryableAnswer) and error.retry_after is not None:
+            return error.retry_after
+        return isinstance(error, transient)
+
     async def post(client: httpx.AsyncClient, chunk: list[dict]) -> None:
         body = (b"\n".join(encoder.encode(e) for e in chunk) if batch > 1 else encoder.encode(chunk[0]))
+        # the same key on every attempt: a retry of a request that did land is answered from the log, not
+        # stored twice
         request_headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
-        for attempt in range(max_retries + 1):
-            sent_at = time.perf_counter()
-            retry_after = min(0.05 * 2**attempt, 2.0)
-            try:
-                response = await client.post(url, content=body, headers=request_headers)
-            except (httpx.TimeoutException, httpx.TransportError):
-                response = None
-            if response is not None and response.status_code == 200:
-                answer = response.json()
-                stats.accepted += answer["accepted"]
-                stats.rejected += answer["rejected"]
-                if stats.latencies is not None:
-                    stats.latencies.append(time.perf_counter() - sent_at)
-                if on_ack:
-                    on_ack(chunk, answer)
-                return
-            if response is not None and response.status_code not in (429, 500, 502, 503, 504):
-                stats.rejected += len(chunk)  # 4xx: the request itself is wrong; retrying will not help
-                return
-            if response is not None and response.headers.get("retry-after", "").isdigit():
-                retry_after = float(response.headers["retry-after"])
-            stats.retries += 1
-            await asyncio.sleep(retry_after)
-        stats.failed_events += len(chunk)
+        try:
+            async for attempt in stamina.retry_context(on=backoff, attempts=max_retries + 1, timeout=None,
+                                                       wait_initial=0.05, wait_max=2.0, wait_jitter=0.05):
+                with attempt:
+                    if attempt.num > 1:
+                        stats.retries += 1
+                    sent_at = time.perf_counter()
+                    response = await client.post(url, content=body, headers=request_headers)
+                    if response.status_code in RETRIED_STATUSES:
+                        retry_after = response.headers.get("retry-after", "")
+                        raise _RetryableAnswer(response.status_code,
+                                               float(retry_after) if retry_after.isdigit() else None)
+        except transient:
+            stats.failed_events += len(chunk)
+            return
+        if response.status_code != 200:
+            stats.rejected += len(chunk)  # 4xx: the request itself is wrong; retrying will not help
+            return
+        answer = response.json()
+        stats.accepted += answer["accepted"]
+        stats.rejected += answer["rejected"]
+        if stats.latencies is not None:
+            stats.latencies.append(time.perf_counter() - sent_at)
+        if on_ack:
+            on_ack(chunk, answer)
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not exhausted and not (stop and stop.is_set()):

@@ -14,6 +14,7 @@ safe while the processor streams.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import stamina
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
@@ -33,6 +35,7 @@ DEFAULT_RETENTION_HOURS = 168
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|hours?|d|days?)?\s*$", re.IGNORECASE)
 _INTERVAL = re.compile(r"interval\s+(\d+)\s+(\w+)", re.IGNORECASE)
+logger = logging.getLogger(__name__)
 
 
 class RetentionTooShort(ValueError):
@@ -161,23 +164,27 @@ def optimize(
               and (zorder or before.partitions[key][0] >= only_with_at_least)]
     removed = added = optimized = 0
     for number, key in enumerate(chosen, start=1):
-        for attempt in range(retries):
-            try:
-                filters = _partition_filter(table, key)
-                if zorder:
-                    metrics = table.optimize.z_order(zorder, partition_filters=filters, target_size=target_size)
-                else:
-                    metrics = table.optimize.compact(partition_filters=filters, target_size=target_size)
-                removed += metrics["numFilesRemoved"]
-                added += metrics["numFilesAdded"]
-                optimized += 1 if metrics["numFilesRemoved"] else 0
-                break
-            except CommitFailedError:
-                # an append or another compactor committed first: reload and redo this partition
-                time.sleep(min(0.05 * 2**attempt, 2.0))
-                table.update_incremental()
-        else:
-            raise CommitFailedError(f"OPTIMIZE of partition {key} kept conflicting after {retries} attempts")
+        try:
+            # an append or another compactor committed first: reload and redo this partition
+            for attempt in stamina.retry_context(on=CommitFailedError, attempts=retries, timeout=None,
+                                                 wait_initial=0.05, wait_max=2.0):
+                with attempt:
+                    if attempt.num > 1:
+                        logger.info("OPTIMIZE conflicted with another commit; retrying the partition",
+                                    extra={"table": uri, "partition": key, "attempt": attempt.num})
+                        table.update_incremental()
+                    filters = _partition_filter(table, key)
+                    if zorder:
+                        metrics = table.optimize.z_order(zorder, partition_filters=filters,
+                                                         target_size=target_size)
+                    else:
+                        metrics = table.optimize.compact(partition_filters=filters, target_size=target_size)
+        except CommitFailedError as error:
+            raise CommitFailedError(f"OPTIMIZE of partition {key} kept conflicting after {retries} attempts: "
+                                    f"{error}") from None
+        removed += metrics["numFilesRemoved"]
+        added += metrics["numFilesAdded"]
+        optimized += 1 if metrics["numFilesRemoved"] else 0
         if on_partition:
             on_partition(key, number, len(chosen))
     table.update_incremental()
@@ -253,7 +260,7 @@ class AutoMaintenance:
     """Background maintenance while streaming (on in the demo, `process --maintenance`):
 
     every `maintenance_interval_s`, under the maintenance lock (skipped when another process holds it),
-    1. compact each partition of each table whose small files (under `target_size / 4`) reach
+    1. compact each partition of each table whose small files (under `Settings.small_file_bytes`, a quarter of the target size) reach
        `compact_small_files` — one partition per commit, so ingest waits at most one partition's compaction;
     2. checkpoint a table once `checkpoint_every` versions passed since the last one, and clean up log entries
        older than the table's log retention;
@@ -269,7 +276,7 @@ class AutoMaintenance:
         self.last_checkpoint: dict[str, int] = {}
         self.last_vacuum = time.monotonic()
         self.runs = 0
-        self.errors: list[str] = []
+        self.failed_rounds = 0
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
@@ -281,11 +288,17 @@ class AutoMaintenance:
             self.thread.join()
 
     def _loop(self) -> None:
+        from gamestream import metrics
+
+        logger.info("automatic maintenance started", extra={"interval_s": self.settings.maintenance_interval_s})
         while not self.stop_requested.wait(self.settings.maintenance_interval_s):
             try:
                 self.run_once()
-            except Exception as error:  # maintenance must never take ingest down; it retries next round
-                self.errors.append(f"{type(error).__name__}: {error}")
+            except Exception:  # maintenance must never take ingest down; it retries next round
+                self.failed_rounds += 1
+                metrics.stage_errors.labels("maintenance").inc()
+                logger.exception("maintenance round failed; the next round retries",
+                                 extra={"failed_rounds": self.failed_rounds})
 
     def run_once(self) -> bool:
         """One round; False when another process held the lock."""
@@ -301,7 +314,10 @@ class AutoMaintenance:
                 table = DeltaTable(uri)
                 crowded = self._crowded_partitions(table, small)
                 if crowded:
-                    optimize(uri, partitions=crowded, target_size=self.settings.target_file_bytes)
+                    report = optimize(uri, partitions=crowded, target_size=self.settings.target_file_bytes)
+                    logger.info("compacted %d partition(s)", report.partitions_optimized,
+                                extra={"table": name, "files_removed": report.files_removed,
+                                       "files_added": report.files_added})
                     table.update_incremental()
                 version = table.version()
                 if version - self.last_checkpoint.get(name, 0) >= self.settings.checkpoint_every:
@@ -312,7 +328,8 @@ class AutoMaintenance:
                 for name in self.tables:
                     uri = self.settings.table_uri(name)
                     if DeltaTable.is_deltatable(uri):
-                        vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
+                        swept = vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
+                        logger.info("vacuumed %d file(s)", len(swept.files), extra={"table": name})
                 self.last_vacuum = time.monotonic()
             self.runs += 1
             return True
