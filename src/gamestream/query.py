@@ -243,7 +243,9 @@ def translate(query: str, today: dt.date | None = None, max_rows: int | None = N
         raise QueryError(f"one statement at a time, please (got {len(statements)})", query)
     (statement,) = statements
     if not isinstance(statement, exp.Query):
-        kind = statement.key.upper() if not isinstance(statement, exp.Command) else statement.this.upper()
+        # named by the query's first word: sqlglot reads some statements as something else (`INSTALL httpfs`
+        # as a column with an alias, `CHECKPOINT` as a column)
+        kind = sqlglot.tokenize(query, read="spark")[0].text.upper()
         raise QueryError(f"{kind} is not allowed here: the SQL interface is read-only (SELECT / WITH queries, "
                          "and the maintenance statements OPTIMIZE and VACUUM).", query, 1, 1)
     tables = _check_sandbox(statement, query)
