@@ -1,0 +1,86 @@
+"""What a new user meets on the command line: --version, one-line errors for an unusable data directory,
+read-only commands on a read-only copy, `./dev` running from the caller's directory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import gamestream, write_ndjson
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_printed() -> None:
+    completed = subprocess.run([sys.executable, "-m", "gamestream", "--version"], capture_output=True, text=True,
+                               timeout=60)
+    assert completed.returncode == 0
+    assert completed.stdout.startswith("gamestream, version ")
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, view: Path):
+    """A read-only bind mount of `source` at `view` (root only): nothing under it can be written, not even by
+    root, as on a read-only volume."""
+    view.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(source), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root (CI runs as root)")
+def test_read_only_data_dir_gives_one_line_and_readers_still_work(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    gamestream("generate", "--to-log", "--events", "500", data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+    with read_only_view(data, tmp_path / "ro") as ro:
+        writers = [("process", "--until-idle"), ("load", str(write_ndjson(tmp_path / "e.ndjson", []))),
+                   ("demo", "--duration", "1", "--port", "0"), ("serve", "--port", "0"),
+                   ("optimize",), ("vacuum",), ("generate", "--to-log", "--events", "10")]
+        for args in writers:
+            completed = gamestream(*args, data_dir=ro, check=False, timeout=120)
+            assert completed.returncode == 2, (args, completed.stdout, completed.stderr)
+            assert "Traceback" not in completed.stderr, args
+            lines = [line for line in completed.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1, (args, completed.stderr)
+            assert str(ro) in lines[0] and "Read-only file system" in lines[0], (args, lines[0])
+
+        status = gamestream("status", data_dir=ro, check=False)
+        assert status.returncode == 0, status.stderr
+        assert "Traceback" not in status.stderr
+        assert "500" in status.stdout  # the events table's rows are still shown
+        dry = gamestream("vacuum", "--dry-run", data_dir=ro, check=False)
+        assert dry.returncode == 0, dry.stderr
+        assert "would delete 0 unreferenced file(s)" in dry.stdout
+        counted = gamestream("sql", "select count(*) as n from events", "--format", "csv", data_dir=ro)
+        assert counted.stdout.splitlines() == ["n", "500"]
+    assert not any(tmp_path.glob("ro/**/.write-probe-*"))
+
+
+def test_status_labels_log_offsets_as_offsets(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    gamestream("generate", "--to-log", "--events", "300", data_dir=data)
+    status = gamestream("status", data_dir=data).stdout
+    assert "appended up to (offset)" in status and "committed up to (offset)" in status
+    assert "events not yet committed" in status and "not event counts" in status
+
+
+def test_dev_runs_commands_in_the_callers_directory(tmp_path: Path) -> None:
+    """`./dev gamestream load my.ndjson` from elsewhere finds my.ndjson, and a relative --data-dir is the
+    caller's."""
+    write_ndjson(tmp_path / "my.ndjson", [{"eventName": "levelStart", "eventParams": {"device_id": "d1"}},
+                                          {"eventName": "levelStart", "eventParams": {"device_id": 5}}])
+    completed = subprocess.run([str(REPO / "dev"), "gamestream", "load", "my.ndjson", "--data-dir", "here"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    assert "1 accepted" in completed.stdout and "1 rejected" in completed.stdout
+    assert (tmp_path / "here" / "log").is_dir()
+    assert not (REPO / "here").exists()
