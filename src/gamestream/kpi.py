@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -35,9 +36,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction
-from deltalake.exceptions import CommitFailedError
 
-from gamestream import lake, schema
+from gamestream import lake, metrics, schema
 from gamestream.log import EventLog, partition_for
 from gamestream.settings import Settings
 
@@ -52,6 +52,8 @@ BOOKINGS_HOURLY = pa.schema([("window_start", TS), ("window_end", TS), ("booking
 DAILY = pa.schema([("eventDate", pa.date32()), ("dau", pa.int64()), ("events", pa.int64()),
                    ("bookings", pa.float64()), ("paying_users", pa.int64()), ("arpdau", pa.float64())])
 PURCHASE = "purchaseEvent"
+
+logger = logging.getLogger(__name__)
 
 
 def _us(moment: dt.datetime) -> int:
@@ -96,9 +98,12 @@ class _WindowDelta:
 
 
 class KpiStage:
-    def __init__(self, settings: Settings, log: EventLog) -> None:
+    def __init__(self, settings: Settings, log: EventLog, *, stop: threading.Event | None = None) -> None:
+        """`stop`, once set, makes a commit waiting for disk space give up (`lake.RetryInterrupted`) instead of
+        waiting on: the pipeline shares its processor's stop request."""
         self.settings = settings
         self.log = log
+        self.stop = stop
         self.window_us = settings.window_minutes * 60 * 1_000_000
         self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
         self.app_id = f"{settings.pipeline}-kpi"
@@ -119,6 +124,11 @@ class KpiStage:
         self._rows_per_version = 1
         self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
         self._committed_here_lock = threading.Lock()
+        if self.state.watermark is not None:
+            metrics.watermark.set(self.state.watermark / 1e6)
+        logger.info("KPI stage started", extra={
+            "version": start, "watermark": _from_us(self.state.watermark).isoformat() if self.state.watermark
+            is not None else None, "open_days": len(self.days)})
 
     # ------------------------------------------------------------------------------------------- restart
     def _read_state(self, version: int) -> StageState:
@@ -193,7 +203,11 @@ class KpiStage:
         return pa.concat_tables(parts)
 
     def fold(self) -> int:
-        """Folds every events-table version not yet in the KPI tables; returns how many versions it folded."""
+        """Folds every events-table version not yet in the KPI tables; returns how many versions it folded.
+
+        A fold updates the in-memory state (greatest eventTime per partition, open days) before its commits:
+        after `fold` raised (`lake.RetryInterrupted`, `lake.CommitGaveUp`, …) this stage must not fold again;
+        a new `KpiStage` recovers the state from the tables."""
         self.events.update_incremental()
         latest = self.events.version()
         folded = 0
@@ -241,6 +255,11 @@ class KpiStage:
         self._commit_daily(touched_days, recompute_days, last, state_json)
         for day in [d for d in self.days if self._day_is_final(d)]:
             del self.days[day]  # final days leave memory
+        metrics.kpi_commits.inc()
+        metrics.late_events.inc(sum(d.late for windows in deltas.values() for d in windows.values()))
+        if self.state.watermark is not None:
+            metrics.watermark.set(self.state.watermark / 1e6)
+        logger.debug("KPI fold committed", extra={"version": last, "rows": changes.num_rows})
 
     def _partitions_of(self, devices: pa.Array) -> pa.Array:
         """The log partition of each row, from its device id (the producers' own rule)."""
@@ -329,23 +348,32 @@ class KpiStage:
     # --------------------------------------------------------------------------------------------- commits
     def _commit(self, name: str, source: pa.Table, predicate: str, updates: dict[str, str] | None, version: int,
                 state_json: str) -> None:
+        """MERGEs `source` into table `name` with txn `<pipeline>-kpi` = `version`, once: every attempt first
+        re-reads the table's txn version and does nothing when the table already has `version` folded in (an
+        earlier attempt may have committed after all). Conflicts (a concurrent OPTIMIZE of a KPI table) and a
+        full disk are retried by `lake.CommitRetries`; a stop requested while the disk is full abandons the fold
+        (`lake.RetryInterrupted`), and the next run re-folds from the tables' txn versions."""
         table = self.tables[name]
-        for attempt in range(self.settings.commit_retries):
-            if (table.transaction_version(self.app_id) or 0) >= version:
-                return  # exactly once: this table already has this version folded in
-            try:
-                merge = table.merge(source, predicate=predicate, source_alias="s", target_alias="t",
-                                    commit_properties=CommitProperties(
-                                        app_transactions=[Transaction(self.app_id, version)],
-                                        custom_metadata={STATE_KEY: state_json}))
-                merge = merge.when_matched_update(updates) if updates else merge.when_matched_update_all()
-                merge.when_not_matched_insert_all().execute()
-                self.folded[name] = version
-                return
-            except CommitFailedError:  # a concurrent OPTIMIZE of a KPI table: reload, re-check, retry
-                time.sleep(min(0.01 * 2**attempt, 1.0))
-                table.update_incremental()
-        raise lake.CommitGaveUp(f"gave up merging into {name}")
+        started = time.perf_counter()
+        merged = False
+        for attempt in lake.CommitRetries(name, stage="kpi", conflicts=self.settings.commit_retries,
+                                          stop=self.stop, context={"version": version}):
+            with attempt:
+                if attempt.num > 1:
+                    table.update_incremental()
+                # exactly once: nothing to do when this table already has this version folded in
+                if (table.transaction_version(self.app_id) or 0) < version:
+                    merge = table.merge(source, predicate=predicate, source_alias="s", target_alias="t",
+                                        commit_properties=CommitProperties(
+                                            app_transactions=[Transaction(self.app_id, version)],
+                                            custom_metadata={STATE_KEY: state_json}))
+                    merge = merge.when_matched_update(updates) if updates else merge.when_matched_update_all()
+                    merge.when_not_matched_insert_all().execute()
+                    merged = True
+        self.folded[name] = version
+        if merged:
+            metrics.commits.labels(name).inc()
+            metrics.commit_seconds.labels(name).observe(time.perf_counter() - started)
 
     def _commit_hourly(self, name: str, deltas: dict[int, dict[int, _WindowDelta]], version: int,
                        state_json: str) -> None:

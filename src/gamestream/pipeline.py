@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
+from gamestream import lake
 from gamestream.kpi import KpiStage
 from gamestream.log import EventLog
 from gamestream.processor import PartitionBusy, ProcessLocks, Processor, ProcessorStats
 from gamestream.maintenance import AutoMaintenance
 from gamestream.settings import TABLES, Settings
+
+logger = logging.getLogger(__name__)
 
 
 class Pipeline:
@@ -28,7 +32,8 @@ class Pipeline:
         if kpi:
             try:
                 self._kpi_lock = ProcessLocks(settings.data_dir / "log", ["kpi"], lambda _: "the KPI stage")
-                self.kpi = KpiStage(settings, log)
+                # a stop request also ends the KPI stage's wait for disk space, so a SIGTERM is never stuck
+                self.kpi = KpiStage(settings, log, stop=self.processor.stop_requested)
                 self.processor.on_commit = self.kpi.offer
             except PartitionBusy:
                 self.kpi = None
@@ -37,15 +42,24 @@ class Pipeline:
             on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
         """The processor in this thread; the KPI stage in another, folding every `kpi_interval_s` (its work is
         mostly in Arrow and delta-rs, which release the GIL, so the two overlap on two cores), and once more
-        after the processor has finished."""
+        after the processor has finished.
+
+        A KPI fold that fails stops the pipeline and is raised here (KPIs must not silently fall behind); one
+        abandoned because a stop was requested while the disk was full is not a failure: the next run re-folds
+        from the KPI tables' txn versions."""
         failures: list[BaseException] = []
         done = threading.Event()
+        interrupted = False
 
         def fold_until_done() -> None:
+            nonlocal interrupted
             try:
                 while not done.wait(self.settings.kpi_interval_s):
                     self.kpi.fold()  # type: ignore[union-attr]
+            except lake.RetryInterrupted:
+                interrupted = True
             except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
+                logger.error("KPI stage failed; stopping the pipeline", exc_info=True)
                 failures.append(error)
                 self.processor.stop(drain=False)
 
@@ -61,8 +75,13 @@ class Pipeline:
                 folding.join()
             if failures:
                 raise failures[0]
+            if self.kpi and not interrupted:
+                try:
+                    self.kpi.fold()
+                except lake.RetryInterrupted:
+                    pass  # logged by the retry policy; the next run folds it
             if self.kpi:
-                self.kpi.fold()
+                logger.info("KPI stage stopped", extra={"version": self.kpi.state.version})
         finally:
             done.set()
             if self.maintenance:

@@ -13,11 +13,17 @@ Both commits go through `lake.commit_exactly_once`, which skips the offsets each
 between 1 and 2 replays the batch, and each table takes only what it lacks. The position a restart resumes from
 is the `events` table's txn version, read from Delta itself: the log's own record of consumer positions is only
 used to know what may be trimmed.
+
+A full disk stops nothing for good: a commit that fails for want of space is retried (`lake.CommitRetries`)
+until space is freed, then the same batch is committed — exactly once, because every attempt re-reads the txn
+versions first. Meanwhile nothing is acknowledged that is not in the log, and the log keeps every record the
+processor has not committed, so a processor stopped while waiting loses nothing either.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import threading
@@ -29,7 +35,7 @@ from typing import Callable
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from gamestream import lake
+from gamestream import lake, metrics
 from gamestream.decode import Decoded, decode_records
 from gamestream.log import EventLog, LogRecord
 from gamestream.schema import PARTITION_COLUMN
@@ -37,6 +43,9 @@ from gamestream.settings import Settings
 
 _READ_CHUNK = 1000  # records per log read
 _TRIM_EVERY_S = 60.0
+_LAG_EVERY_S = 1.0  # the per-partition lag gauges cost a query per partition: at most this often
+
+logger = logging.getLogger(__name__)
 
 
 class PartitionBusy(RuntimeError):
@@ -106,6 +115,8 @@ class Processor:
         self._pending_since: float | None = None
         self._events_per_record = settings.batch_max_events  # no estimate yet: the first read takes 1 record
         self._last_trim = time.monotonic()
+        self._last_lag = 0.0
+        self._log_write_failing = False  # an episode of failed writes of log bookkeeping (positions, trim)
         self.stop_requested = threading.Event()
         self.drain_requested = threading.Event()
         # told (version, rows) after each events commit: the KPI stage in the same process folds those rows
@@ -115,23 +126,43 @@ class Processor:
     # ------------------------------------------------------------------------------------------------- loop
     def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
         """Processes until stopped (`stop_requested`, SIGTERM/SIGINT via `install_signal_handlers`) or, with
-        `until_idle`, until every owned partition is drained. Pending events are committed before returning."""
+        `until_idle`, until every owned partition is drained. Pending events are committed before returning —
+        unless the disk is full when a stop is requested: then they stay in the log for the next run."""
+        logger.info("processor started", extra={
+            "partitions": self.partitions, "positions": dict(self.stats.positions), "pipeline": self.settings.pipeline,
+            "until_idle": until_idle})
+        for partition, offset in self.stats.positions.items():
+            metrics.log_position.labels(str(partition)).set(offset)
         try:
-            while not self.stop_requested.is_set():
-                read_any = self._read_available()
-                draining = until_idle or self.drain_requested.is_set()
-                if self._flush_due(drained=draining and not read_any):
-                    self.flush()
-                    if on_progress:
-                        on_progress(self.stats)
-                if not read_any:
-                    if draining and self._pending_events == 0:
-                        break
-                    self._maybe_trim()
-                    self.stop_requested.wait(self.settings.poll_interval_s)
-            self.flush()
-            if on_progress:
-                on_progress(self.stats)
+            try:
+                while not self.stop_requested.is_set():
+                    read_any = self._read_available()
+                    draining = until_idle or self.drain_requested.is_set()
+                    if self._flush_due(drained=draining and not read_any):
+                        self.flush()
+                        if on_progress:
+                            on_progress(self.stats)
+                    if not read_any:
+                        if draining and self._pending_events == 0:
+                            break
+                        self._maybe_trim()
+                        self.stop_requested.wait(self.settings.poll_interval_s)
+                if self.stop_requested.is_set():
+                    logger.info("processor stopping: committing what it has read",
+                                extra={"pending_events": self._pending_events})
+                self.flush()
+                if on_progress:
+                    on_progress(self.stats)
+            except lake.RetryInterrupted:
+                logger.warning("processor stopped while the disk was full; the uncommitted events stay in the log "
+                               "and are committed by the next run", extra={"pending_events": self._pending_events})
+            self._record_lag(force=True)
+            logger.info("processor stopped", extra={
+                "positions": dict(self.stats.positions), "events_committed": self.stats.events_committed,
+                "commits": self.stats.commits})
+        except BaseException:
+            logger.error("processor failed", exc_info=True, extra={"positions": dict(self.stats.positions)})
+            raise
         finally:
             self._locks.release()
 
@@ -217,33 +248,80 @@ class Processor:
 
             return build
 
+        context = {"partitions": sorted(last_offsets), "offsets": dict(last_offsets)}
         # 1. quarantine (only when there is something to quarantine), 2. events (always: the position moves)
+        started = time.perf_counter()
         if lake.commit_exactly_once(
             self.quarantine_table, [self._quarantine_app_ids[p] for p in last_offsets],
             builder(self._quarantine_app_ids, Decoded.quarantine_table, "quarantine", skip_empty=True),
-            partition_by=None, retries=self.settings.commit_retries,
+            partition_by=None, retries=self.settings.commit_retries, name="events_quarantine",
+            stop=self.stop_requested, context=context,
         ) is not None:
             self.stats.events_quarantined += built["quarantine"]
+            metrics.events_quarantined.inc(built["quarantine"])
+            metrics.commits.labels("events_quarantine").inc()
+            metrics.commit_seconds.labels("events_quarantine").observe(time.perf_counter() - started)
+        started = time.perf_counter()
         version = lake.commit_exactly_once(
             self.events_table, [self._app_ids[p] for p in last_offsets],
             builder(self._app_ids, Decoded.events_table, "events", skip_empty=False),
-            partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries,
+            partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries, name="events",
+            stop=self.stop_requested, context=context,
         )
         if version is None:
             self.stats.batches_skipped += 1
         else:
             self.stats.commits += 1
             self.stats.events_committed += built["events"]
+            metrics.events_committed.inc(built["events"])
+            metrics.commits.labels("events").inc()
+            metrics.commit_seconds.labels("events").observe(time.perf_counter() - started)
             if self.on_commit:
                 self.on_commit(version, built_rows["events"])
+        metrics.batch_events.observe(self._pending_events)
         for partition, offset in last_offsets.items():
+            # Offsets only grow: the batch was read after the position, so its last offset is above it.
+            if offset <= self.stats.positions[partition]:
+                raise AssertionError(f"partition {partition} would go from {self.stats.positions[partition]} "
+                                     f"back to {offset}")
             self.stats.positions[partition] = offset
-            self.log.commit(self.settings.pipeline, partition, offset)
+            metrics.log_position.labels(str(partition)).set(offset)
             self._pending[partition] = []
         self._pending_events = 0
         self._pending_since = None
+        self._write_log_bookkeeping(lambda: [self.log.commit(self.settings.pipeline, partition, offset)
+                                             for partition, offset in last_offsets.items()])
+        self._record_lag()
+
+    def _write_log_bookkeeping(self, write: Callable[[], object]) -> None:
+        """Runs a write of the log's bookkeeping (the consumer position, the trim). Only used to know what may
+        be trimmed — the position a restart resumes from is the table's txn version — so a full disk only
+        postpones it: the next flush writes a later position (positions never move back)."""
+        try:
+            write()
+        except Exception as error:
+            if not lake.is_out_of_space(error):
+                raise
+            metrics.stage_errors.labels("processor").inc()
+            if not self._log_write_failing:
+                logger.warning("disk full: cannot write the log's bookkeeping (consumer position, trim); retrying "
+                               "at the next flush", extra={"error": type(error).__name__})
+            self._log_write_failing = True
+        else:
+            if self._log_write_failing:
+                logger.info("log bookkeeping written again")
+            self._log_write_failing = False
+
+    def _record_lag(self, *, force: bool = False) -> None:
+        """Sets the per-partition lag gauges (events in the log not yet committed), at most every `_LAG_EVERY_S`."""
+        if not force and time.monotonic() - self._last_lag < _LAG_EVERY_S:
+            return
+        self._last_lag = time.monotonic()
+        for partition in self.partitions:
+            metrics.log_lag_events.labels(str(partition)).set(
+                self.log.pending_events_in(partition, self.settings.pipeline))
 
     def _maybe_trim(self) -> None:
         if time.monotonic() - self._last_trim >= _TRIM_EVERY_S:
             self._last_trim = time.monotonic()
-            self.log.trim(self.settings.log_retention_h * 3600)
+            self._write_log_bookkeeping(lambda: self.log.trim(self.settings.log_retention_h * 3600))

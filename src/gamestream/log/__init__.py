@@ -5,6 +5,8 @@ embedded default is SQLite (`gamestream.log.sqlite`); NATS JetStream and Kinesis
 
 Invariants every backend keeps:
 - `append` returns only once its records are durable (fsync'd or replicated); its offsets are then final.
+- An append that fails (the disk is full, …) raises and leaves none of its records visible; the log stays usable
+  and takes appends again once the cause is gone. A failed append is never reported as done.
 - Offsets are positive and strictly increase within a partition, also across restarts and trims. They need not
   be contiguous (JetStream's are not).
 - `read(p, after, n)` returns records of partition p with offset > after, in offset order, at most n. A record

@@ -6,10 +6,16 @@ every append waiting in its queue and commits them in one transaction, so the fs
 caller. Appenders in other processes (a collector and a `load`, say) are serialised by SQLite's write lock;
 each transaction reads and advances the partition heads inside `BEGIN IMMEDIATE`, so offsets stay unique and
 growing across processes.
+
+A full disk (SQLITE_FULL) fails the appends of the group that hit it — their callers learn it, the collector
+answers 503 — and nothing else: SQLite rolls the transaction back, so no offset of a failed append is ever
+visible or reused by a reader, and the writer thread takes the next group as usual, succeeding again as soon
+as there is space.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
 import threading
@@ -43,6 +49,8 @@ CREATE TABLE IF NOT EXISTS consumers (
 _BUSY_TIMEOUT_MS = 60_000
 _MAX_GROUP = 512  # appends per group commit
 IDEMPOTENCY_MIN_SECONDS = 24 * 3600  # keys are kept at least this long
+
+logger = logging.getLogger(__name__)
 
 
 class LogPartitionsMismatch(ValueError):
@@ -144,7 +152,10 @@ class SqliteEventLog:
                     self._writer.start()
 
     def _write_loop(self) -> None:
+        """The writer thread: one transaction per group. A group that fails (disk full, …) fails its callers'
+        futures and the loop goes on — it must outlive any error, or every later append would hang."""
         connection = self._connect()
+        failing = False  # an episode of failed groups: warned about once, its end logged once
         while True:
             first = self._queue.get()
             if first is None:
@@ -162,9 +173,17 @@ class SqliteEventLog:
             try:
                 results = self._commit_group(connection, [(records, key) for records, key, _ in group])
             except BaseException as error:  # every waiter learns of the failure; nothing was committed
+                if not failing:
+                    logger.warning("log append failed; failing the affected appends until it works again",
+                                   extra={"appends": len(group), "error": type(error).__name__,
+                                          "reason": str(error)})
+                failing = True
                 for *_, done in group:
                     done.set_exception(error)
                 continue
+            if failing:
+                logger.info("log appends succeed again", extra={"appends": len(group)})
+                failing = False
             for (*_, done), result in zip(group, results):
                 done.set_result(result)
 
@@ -204,7 +223,10 @@ class SqliteEventLog:
             )
             connection.execute("COMMIT")  # synchronous=FULL: durable when this returns
         except BaseException:
-            connection.execute("ROLLBACK")
+            # On SQLITE_FULL, SQLite may already have rolled the transaction back itself; a second ROLLBACK would
+            # fail and hide the error that matters.
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise
         return results
 
