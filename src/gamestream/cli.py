@@ -298,7 +298,7 @@ async def _post_with_progress(target: str, *, events: int | None, duration: floa
 def sql(query: str, data_dir: Path | None, output: str) -> None:
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily). Dates are UTC."""
-    from gamestream.query import QueryError, SqlEngine, to_csv, to_json
+    from gamestream.query import QueryError, SqlEngine, display_value, to_csv, to_json
 
     try:
         result = SqlEngine(_settings(data_dir=data_dir)).run(query)
@@ -315,8 +315,11 @@ def sql(query: str, data_dir: Path | None, output: str) -> None:
         table = Table()
         for name in result.column_names:
             table.add_column(name, justify="right" if pa_is_number(result.schema.field(name).type) else "left")
+        types = [(name, result.schema.field(name).type) for name in result.column_names]
         for row in result.slice(0, MAX_TABLE_ROWS).to_pylist():
-            table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
+            # floats rounded for reading (money to cents); --format json keeps them exact
+            table.add_row(*("NULL" if v is None else display_value(v, type_, name)
+                            for v, (name, type_) in zip(row.values(), types)))
         out.print(table)
         shown = f" (showing the first {MAX_TABLE_ROWS:,}; --format csv or json prints all)" if (
             result.num_rows > MAX_TABLE_ROWS) else ""
@@ -598,7 +601,7 @@ def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_k
         url = f"http://{settings.host}:{sock.getsockname()[1]}"
         console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
                       f"metrics {url}/metrics, API {url}/openapi.json); Ctrl-C stops", highlight=False)
-        await server.serve(create_app(settings), sock, stop)
+        await server.serve(create_app(settings), sock, stop, settings)
 
     server.run(main_())
 

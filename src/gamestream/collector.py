@@ -7,8 +7,11 @@ Answers:
 - 200 `{"accepted": n, "rejected": m, "errors": [{"index": i, "error": "<field>: <reason>"}]}`; a batch may
   partly succeed; indices count from 0 in the order sent.
 - 400 when the body cannot be parsed at all or nothing in it is valid; 401 without a valid key (when keys are
-  set); 413 over the body / event-count limits; 415 for a content type or encoding it does not take;
-  503 with Retry-After when the unprocessed backlog passes its bound, or the log cannot take writes.
+  set); 413 over the body / event-count limits (with `Connection: close` when over the body limit); 415 for a
+  content type or encoding it does not take; 503 with Retry-After when the unprocessed backlog passes its bound,
+  or the log cannot take writes.
+- No input earns a 5xx: whatever a client sends is answered with a 4xx and a readable reason. The connection-level
+  answers (408 slow body, 431 oversized head, 503 too many connections) come from `http_guard`.
 - `Idempotency-Key`: the first answer is stored with the events in the same log transaction; a retry with the
   key gets that answer again and appends nothing.
 """
@@ -31,13 +34,14 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gamestream import schema
 from gamestream.dashboard import DashboardData, IngestRate
+from gamestream.http_guard import MAX_HEADER_LINES
 from gamestream.log import Append, EventLog, Idempotency, partition_for
 from gamestream.settings import Settings
 
@@ -45,6 +49,8 @@ JSON_TYPES = {"application/json"}
 NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
                 "application/jsonlines"}
 MAX_IDEMPOTENCY_KEY = 200
+CLOSE = {"Connection": "close"}
+"""On a 413 over the body size: the rest of the body is not wanted (http_guard drains it before closing)."""
 logger = logging.getLogger(__name__)
 
 
@@ -163,6 +169,8 @@ class Collector:
             response = await self._ingest(request)
         except _Refuse as refusal:
             response = JSONResponse({"error": refusal.message}, status_code=refusal.status, headers=refusal.headers)
+        except ClientDisconnect:  # gone, or cut off by the body timer (http_guard answered 408): nobody to answer
+            response = Response(status_code=408)
         self.metrics.requests.labels("/v1/events", str(response.status_code)).inc()
         self.metrics.latency.observe(time.perf_counter() - started)
         return response
@@ -239,26 +247,38 @@ class Collector:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip"):
             raise _Refuse(415, f"content encoding {encoding!r} is not taken; use gzip or none")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _Refuse(413, f"body of {int(declared):,} bytes is over the {limit:,}-byte limit")
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            # Answered before reading (with Expect: 100-continue the client has not sent the body at all).
+            raise _Refuse(413, f"body of {int(declared):,} bytes is over the {limit:,}-byte limit", CLOSE)
         chunks = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _Refuse(413, f"body is over the {limit:,}-byte limit")
+                raise _Refuse(413, f"body is over the {limit:,}-byte limit", CLOSE)
             chunks.append(chunk)
         body = b"".join(chunks)
         if encoding == "gzip":
-            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            try:
-                body = inflater.decompress(body, limit + 1)
-            except zlib.error as error:
-                raise _Refuse(400, f"body is not valid gzip: {error}") from None
-            if len(body) > limit or inflater.unconsumed_tail:
-                raise _Refuse(413, f"decompressed body is over the {limit:,}-byte limit")
+            body = self._gunzip(body, limit)
         return body
+
+    @staticmethod
+    def _gunzip(body: bytes, limit: int) -> bytes:
+        """Inflates one gzip member, never past `limit` + 1 bytes (a gzip bomb costs at most that much)."""
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            inflated = inflater.decompress(body, limit + 1)
+        except zlib.error as error:
+            raise _Refuse(400, f"body is not valid gzip: {error}") from None
+        if len(inflated) > limit or inflater.unconsumed_tail:
+            raise _Refuse(413, f"decompressed body is over the {limit:,}-byte limit", CLOSE)
+        if not inflater.eof:  # a cut-off upload would otherwise be taken as the events before the cut
+            raise _Refuse(400, "body is not valid gzip: the compressed data is truncated")
+        if inflater.unused_data:
+            raise _Refuse(400, "body is not valid gzip: data after the end of the compressed stream "
+                               "(send one gzip member)")
+        return inflated
 
     def _split(self, body: bytes, kind: str) -> list[bytes | str]:
         """The body's events, each as raw JSON bytes, or as a reason string when it is already known bad."""
@@ -273,6 +293,8 @@ class Collector:
                     return [bytes(raw) for raw in _raw_list.decode(stripped)]
                 except msgspec.DecodeError as error:
                     raise _Refuse(400, f"the body is not a valid JSON array: {error}") from None
+                except RecursionError:  # msgspec's answer to nesting deeper than it will follow
+                    raise _Refuse(400, "the body is not a valid JSON array: nested too deeply") from None
             return [stripped]
         events: list[bytes | str] = []
         for line in stripped.split(b"\n"):
@@ -287,17 +309,32 @@ def openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI description, with the event schema taken from `schema.InputEvent`."""
     (event_schema,), components = msgspec.json.schema_components([schema.InputEvent],
                                                                  ref_template="#/components/schemas/{name}")
-    error = {"type": "object", "properties": {"error": {"type": "string"}}}
-    answer = {"type": "object", "required": ["accepted", "rejected", "errors"], "properties": {
-        "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
-        "errors": {"type": "array", "items": {"type": "object", "properties": {
-            "index": {"type": "integer", "description": "0-based position in the request"},
-            "error": {"type": "string", "description": "<field>: <reason>"}}}}}}
+    error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
+    counts = {
+        "accepted": {"type": "integer", "minimum": 0}, "rejected": {"type": "integer", "minimum": 0},
+        "errors": {"type": "array", "items": {"type": "object", "required": ["index", "error"], "properties": {
+            "index": {"type": "integer", "minimum": 0, "description": "0-based position in the request"},
+            "error": {"type": "string", "minLength": 1, "description": "<field>: <reason>"}},
+            "additionalProperties": False}}}
+    answer = {"type": "object", "required": ["accepted", "rejected", "errors"], "properties": counts,
+              "additionalProperties": False}
+    # A 400 carries the counts when the body was read as events and none was valid; not when it was unreadable.
+    unusable = {"type": "object", "required": ["error"], "properties": {**error["properties"], **counts},
+                "additionalProperties": False}
 
     def reply(description: str, body: dict) -> dict:
         return {"description": description, "content": {"application/json": {"schema": body}}}
 
     retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    # Answered by http_guard before any route sees the request, so every operation can get them.
+    connection_limits = {
+        "431": reply(f"Request line and headers over {settings.max_header_bytes} bytes, or over "
+                     f"{MAX_HEADER_LINES} header lines; the connection is closed", error),
+        "503": {**reply(f"More than {settings.max_connections} connections open: retry after; the connection is "
+                        "closed", error), "headers": retry},
+    }
+    slow_body = {"408": reply(f"The body did not arrive within {settings.body_timeout_s:g} s; the connection is "
+                              "closed", error)}
     return {
         "openapi": "3.1.0",
         "info": {"title": "gamestream collector", "version": "1",
@@ -319,14 +356,16 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                                         "description": "one Event per line"}},
                 }},
                 "responses": {
+                    **connection_limits, **slow_body,
                     "200": reply("Accepted events are durable in the log; a batch may partly succeed", answer),
-                    "400": reply("Nothing in the body is usable", error),
+                    "400": reply("Nothing in the body is usable: unreadable (error only), or no valid event "
+                                 "(error with the counts and each event's reason)", unusable),
                     "401": reply("Missing or invalid API key", error),
-                    "413": reply(f"Body over {settings.max_body_bytes} bytes (also once decompressed) or over "
-                                 f"{settings.max_events_per_request} events", error),
+                    "413": reply(f"Body over {settings.max_body_bytes} bytes (also once decompressed; then with "
+                                 f"Connection: close) or over {settings.max_events_per_request} events", error),
                     "415": reply("Content type or encoding not taken", error),
-                    "503": {**reply("Backlog over its bound or log unavailable: retry after", error),
-                            "headers": retry},
+                    "503": {**reply("Backlog over its bound, log unavailable, or too many connections: retry "
+                                    "after", error), "headers": retry},
                 },
             }},
             "/v1/sql": {"post": {
@@ -335,6 +374,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["query"], "properties": {"query": {"type": "string"}}}}}},
                 "responses": {
+                    **connection_limits, **slow_body,
                     "200": reply("Result", {"type": "object", "properties": {
                         "columns": {"type": "array", "items": {"type": "string"}},
                         "rows": {"type": "array", "items": {"type": "array"}}}}),
@@ -346,7 +386,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                 "summary": "What the dashboard at / shows, as JSON (the page polls it every second)",
                 "parameters": [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
                                 "description": "admin key, when keys are configured (or a header)"}],
-                "responses": {"200": reply("KPIs, lag, quarantine and table health", {
+                "responses": {**connection_limits, "200": reply("KPIs, lag, quarantine and table health", {
                     "type": "object", "properties": {
                         "generated_at": {"type": "string", "format": "date-time"},
                         "hourly": {"type": "array", "description": "last 48 windows of kpi_events_hourly"},
@@ -363,10 +403,11 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "401": reply("Keys are configured and no admin key was given", error)},
             }},
             "/healthz": {"get": {"summary": "Log writable and disk space",
-                                 "responses": {"200": {"description": "healthy"},
-                                               "503": {"description": "unhealthy"}}}},
+                                 "responses": {**connection_limits, "200": {"description": "healthy"},
+                                               "503": {"description": "unhealthy, or too many connections"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
-                                 "responses": {"200": {"description": "text exposition format"}}}},
+                                 "responses": {**connection_limits,
+                                               "200": {"description": "text exposition format"}}}},
         },
         "components": {
             "schemas": components,
@@ -447,11 +488,15 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
             return JSONResponse({"error": "POST /v1/sql needs an admin key ('Authorization: Bearer <key>' or "
                                           "'X-API-Key')"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         try:
-            body = msgspec.json.decode(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:  # gone, or cut off by the body timer (http_guard answered 408)
+            return Response(status_code=408)
+        try:
+            body = msgspec.json.decode(raw)
             query = body["query"]
             if not isinstance(query, str):
                 raise TypeError
-        except (msgspec.DecodeError, KeyError, TypeError):
+        except (msgspec.DecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             return JSONResponse({"error": 'send {"query": "<Spark SQL>"} as JSON'}, status_code=400)
         try:
             table = await asyncio.to_thread(SqlEngine(settings).run, query)

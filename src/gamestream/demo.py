@@ -53,7 +53,7 @@ async def run_demo(settings: Settings, *, port: int, rate: float | None, users: 
     sock = server.bind(settings.host, port)
     url = f"http://{settings.host}:{sock.getsockname()[1]}"
     collector_stop = asyncio.Event()
-    serving = asyncio.create_task(server.serve(app, sock, collector_stop))
+    serving = asyncio.create_task(server.serve(app, sock, collector_stop, settings))
     await _wait_until_up(url)
     on_started(url)
 

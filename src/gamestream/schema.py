@@ -254,7 +254,10 @@ def _to_utc(value: dt.datetime | int | float, path: str) -> dt.datetime:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise _Invalid(path, "timestamp needs a zone: end it with Z or an offset such as +02:00")
-        return value.astimezone(dt.timezone.utc)
+        try:
+            return value.astimezone(dt.timezone.utc)
+        except OverflowError:  # 9999-12-31T23:59:59-01:00 is in year 10000 in UTC
+            raise _Invalid(path, "timestamp out of range: in UTC it must fall within years 1 to 9999") from None
     if isinstance(value, bool) or not (0 <= value <= EPOCH_MAX):
         raise _Invalid(path, f"epoch seconds out of range: {value!r}")
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
@@ -292,6 +295,12 @@ class EventValidator:
             return _rejection_from_msgspec(error)
         except _Invalid as invalid:
             return invalid.rejection
+        # msgspec raises these two outside its DecodeError: bytes that are not UTF-8 inside a string, and
+        # nesting deeper than it follows (inside an unknown field, which is otherwise skipped).
+        except UnicodeDecodeError:
+            return Rejection("", "invalid JSON: a string is not valid UTF-8")
+        except RecursionError:
+            return Rejection("", "invalid JSON: nested too deeply")
 
     def _normalise(self, event: Any, now: dt.datetime | None) -> ValidEvent:
         params = event.eventParams

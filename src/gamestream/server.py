@@ -11,6 +11,9 @@ from typing import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
+from gamestream.http_guard import protocol_for
+from gamestream.settings import Settings
+
 
 class _Server(uvicorn.Server):
     # The commands own SIGINT/SIGTERM (they stop the generator and drain the processor first); uvicorn must not
@@ -32,9 +35,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event) -> None:
-    """Serves `app` on `sock` until `stop` is set; in-flight requests finish before it returns."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http="httptools",
+def listen_backlog(settings: Settings) -> int:
+    """Connections the kernel queues before we accept them: as many as we serve at once, within the bounds
+    Linux applies anyway (somaxconn is 4096 on current kernels). A burst past it is refused by the kernel,
+    which a client sees at once, instead of waiting in a queue we would not serve in time."""
+    return max(128, min(settings.max_connections, 4096))
+
+
+async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settings: Settings) -> None:
+    """Serves `app` on `sock` until `stop` is set; in-flight requests finish before it returns.
+
+    Connections go through `http_guard` (head and body timers, head limits, draining before a close, the
+    connection limit); `settings` carries those limits."""
+    sock.listen(listen_backlog(settings))  # listening already (see `bind`); this sets the backlog
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            http=protocol_for(settings), ws="none",
+                            # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
+                            timeout_keep_alive=settings.header_timeout_s,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=10)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
