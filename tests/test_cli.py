@@ -84,3 +84,22 @@ def test_dev_runs_commands_in_the_callers_directory(tmp_path: Path) -> None:
     assert "1 accepted" in completed.stdout and "1 rejected" in completed.stdout
     assert (tmp_path / "here" / "log").is_dir()
     assert not (REPO / "here").exists()
+
+
+def test_sql_text_output_rounds_money_and_json_stays_exact(tmp_path: Path) -> None:
+    import json
+
+    amounts = [0.1, 0.2]  # 0.30000000000000004 in binary floating point
+    events = [{"eventName": "purchaseEvent", "eventParams": {"device_id": f"d{i}", "amount": a}}
+              for i, a in enumerate(amounts)]
+    data = tmp_path / "data"
+    gamestream("load", str(write_ndjson(tmp_path / "buys.ndjson", events)), data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+    query = "select sum(eventParams.amount) as bookings, sum(eventParams.amount) / 7 as per_day from events"
+    exact = json.loads(gamestream("sql", query, "--format", "json", data_dir=data).stdout)[0]
+    assert exact["bookings"] == 0.30000000000000004  # the exact double, noise and all
+    table = gamestream("sql", query, data_dir=data).stdout
+    assert "0.30 " in table and "0.3000000" not in table
+    assert f"{exact['per_day']:.6f}".rstrip("0") in table
+    csv_lines = gamestream("sql", query, "--format", "csv", data_dir=data).stdout.splitlines()
+    assert csv_lines == ["bookings,per_day", f"{sum(amounts):.2f},{exact['per_day']:.6f}".rstrip("0")]
