@@ -20,7 +20,7 @@
   function width(el) { return Math.max(280, el.clientWidth); }
   // windows are UTC (as the KPI tables and the SQL are), whatever the viewer's time zone
   const utc = (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC");
-  // a window is drawn at its middle, so that its bar covers its own hour rather than straddling two
+  // a window is drawn at its middle, so that its bar sits within its own hour rather than straddling two
   const middle = (r) => seconds(r.window_start) + HOUR / 2;
   const clock = (ts) => new Date(ts * 1e3).toISOString().slice(11, 16);
   const day = (ts) => new Date(ts * 1e3).toISOString().slice(5, 10);
