@@ -156,3 +156,36 @@ def test_processors_starting_together_create_each_table_once(tmp_path: Path) -> 
         for t in openers:
             t.join()
         assert DeltaTable(uri).version() == 0  # one create commit, not a create per racer
+
+
+def test_stage_metrics_count_the_committed_events_commits_and_positions(settings: Settings) -> None:
+    from gamestream import metrics
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    # the registry is process-global: count from what earlier tests left in it
+    before = {
+        "events": sample("gamestream_events_committed_total"),
+        "quarantined": sample("gamestream_events_quarantined_total"),
+        "events_commits": sample("gamestream_commits_total", table="events"),
+        "quarantine_commits": sample("gamestream_commits_total", table="events_quarantine"),
+        "batches": sample("gamestream_batch_events_count"),
+        "commit_latencies": sample("gamestream_commit_seconds_count", table="events"),
+    }
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(0, b"\n".join([line("m1"), line("m2"), line("mq", eventTime=None)]), 3)])
+    log.append([Append(1, line("m3"), 1)])
+    log.close()
+    drain(settings.with_(batch_max_events=3))  # the first record fills a batch: two commits in all
+
+    assert sample("gamestream_events_committed_total") - before["events"] == 3
+    assert sample("gamestream_events_quarantined_total") - before["quarantined"] == 1
+    assert sample("gamestream_commits_total", table="events") - before["events_commits"] == 2
+    assert sample("gamestream_commits_total", table="events_quarantine") - before["quarantine_commits"] == 1
+    assert sample("gamestream_batch_events_count") - before["batches"] == 2
+    assert sample("gamestream_commit_seconds_count", table="events") - before["commit_latencies"] == 2
+    assert sample("gamestream_log_committed_offset", partition="0") == 1
+    assert sample("gamestream_log_committed_offset", partition="1") == 1
+    assert sample("gamestream_log_lag_events", partition="0") == 0  # drained
+    assert sample("gamestream_log_lag_events", partition="1") == 0
