@@ -226,3 +226,49 @@ def test_a_full_disk_is_refused_with_503_waited_out_by_the_processor_and_loses_n
         assert commit_files_are_whole_and_txn_versions_only_grow(table) >= 1
         DeltaTable(str(table)).to_pyarrow_table()
     assert len(stored) == len(client.acknowledged) and os.path.exists(data / "log" / "events.sqlite")
+
+
+def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_the_next_run(small_disk: Path) -> None:
+    import threading
+
+    from gamestream import metrics
+    from gamestream.log import Append, open_log
+    from gamestream.pipeline import Pipeline
+    from gamestream.settings import Settings
+
+    def out_of_space_retries() -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "gamestream_commit_retries_total", {"table": "events", "reason": "out_of_space"}) or 0.0
+
+    settings = Settings(data_dir=small_disk, partitions=2, batch_max_wait_s=0.05, kpi_interval_s=0.2)
+    lines = [json.dumps({"eventId": f"e-{i}", "eventName": "levelStart", "eventTime": "2026-11-01T10:00:00Z",
+                         "eventParams": {"device_id": f"d{i}"}}).encode() for i in range(100)]
+    log = open_log(small_disk, partitions=2)
+    try:
+        log.append([Append(0, b"\n".join(lines[:50]), 50), Append(1, b"\n".join(lines[50:]), 50)])
+        pipeline = Pipeline(settings, log)  # creates the tables
+        fill(small_disk / "ballast")
+        retries_before = out_of_space_retries()
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                pipeline.run()
+            except BaseException as error:
+                failures.append(error)
+
+        running = threading.Thread(target=run)
+        running.start()
+        wait_for(lambda: out_of_space_retries() >= retries_before + 2, "commits failing for want of space", 30)
+        pipeline.stop(drain=False)  # what SIGTERM does: the wait for space ends, the run returns
+        running.join(timeout=30)
+        assert not running.is_alive() and failures == []
+        assert DeltaTable(settings.table_uri("events")).version() == 0  # nothing committed, nothing half-done
+
+        (small_disk / "ballast").unlink()
+        Pipeline(settings, log).run(until_idle=True)  # the next run commits what the stopped one could not
+    finally:
+        log.close()
+    assert table_ids(Path(settings.table_uri("events"))) == Counter({f"e-{i}": 1 for i in range(100)})
+    hourly = DeltaTable(settings.table_uri("kpi_events_hourly")).to_pyarrow_table(columns=["events"])
+    assert sum(hourly["events"].to_pylist()) == 100
