@@ -205,7 +205,9 @@ def _check_duckdb_tree(connection: duckdb.DuckDBPyConnection, duckdb_sql: str, t
     did not itself see when it parsed the Spark SQL."""
     (serialized,) = connection.execute("SELECT json_serialize_sql($1)", [duckdb_sql]).fetchone()
     tree = json.loads(serialized)
-    if tree.get("error") or len(tree.get("statements", [])) != 1:
+    if tree.get("error"):
+        raise QueryError(f"DuckDB does not read this as one SELECT: {tree.get('error_message')}", duckdb_sql)
+    if len(tree.get("statements", [])) != 1:
         raise QueryError("one SELECT statement at a time, please: the SQL interface is read-only", duckdb_sql)
     nodes = list(_walk_json(tree["statements"]))
     ctes = {entry["key"].lower() for node in nodes if isinstance(node.get("cte_map"), dict)
