@@ -228,7 +228,7 @@ def test_a_full_disk_is_refused_with_503_waited_out_by_the_processor_and_loses_n
     assert len(stored) == len(client.acknowledged) and os.path.exists(data / "log" / "events.sqlite")
 
 
-def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_the_next_run(small_disk: Path) -> None:
+def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_a_run_started_on_a_full_disk(small_disk: Path) -> None:
     import threading
 
     from gamestream import metrics
@@ -265,8 +265,14 @@ def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_the_next
         assert not running.is_alive() and failures == []
         assert DeltaTable(settings.table_uri("events")).version() == 0  # nothing committed, nothing half-done
 
+        # the next run starts on the still-full disk, waits, and commits what the stopped one could not
+        retries_before = out_of_space_retries()
+        draining = threading.Thread(target=Pipeline(settings, log).run, kwargs={"until_idle": True})
+        draining.start()
+        wait_for(lambda: out_of_space_retries() >= retries_before + 2, "the restarted run waiting for space", 30)
         (small_disk / "ballast").unlink()
-        Pipeline(settings, log).run(until_idle=True)  # the next run commits what the stopped one could not
+        draining.join(timeout=60)
+        assert not draining.is_alive()
     finally:
         log.close()
     assert table_ids(Path(settings.table_uri("events"))) == Counter({f"e-{i}": 1 for i in range(100)})

@@ -54,7 +54,9 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
             return DeltaTable.create(uri, schema=arrow_schema, partition_by=partition_by, mode="error",
                                      configuration=dict(configuration or {}),
                                      commit_properties=CommitProperties(max_commit_retries=0))
-        except DeltaError:
+        except DeltaError as error:
+            if is_out_of_space(error):
+                raise  # not a race: nothing can be created until space is freed
             time.sleep(0.05)  # the other creator's commit is landing; open it on the next round
     return DeltaTable(uri)
 

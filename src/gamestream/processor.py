@@ -78,10 +78,13 @@ class ProcessLocks:
                     holder = handle.read().strip() or "another process"
                     handle.close()
                     raise PartitionBusy(f"{what(name)} is being processed by {holder}") from None
-                handle.truncate(0)
-                handle.write(f"pid {os.getpid()}")
-                handle.flush()
                 self._files.append(handle)
+                try:  # who holds it, for the message above: a note, so a full disk must not stop the start
+                    handle.truncate(0)
+                    os.write(handle.fileno(), f"pid {os.getpid()}".encode())  # unbuffered: close cannot fail
+                except OSError as error:
+                    if not lake.is_out_of_space(error):
+                        raise
         except BaseException:
             self.release()
             raise
@@ -144,6 +147,7 @@ class Processor:
                             on_progress(self.stats)
                     if not read_any:
                         if draining and self._pending_events == 0:
+                            logger.info("log drained", extra={"positions": dict(self.stats.positions)})
                             break
                         self._maybe_trim()
                         self.stop_requested.wait(self.settings.poll_interval_s)
