@@ -183,3 +183,38 @@ def test_kpi_stage_killed_during_catch_up_ends_with_the_same_tables(tmp_path: Pa
     assert normalised(killed) == normalised(reference)
     hourly = kpi_tables(reference)[0]
     assert sum(r["late_events"] for r in hourly.values()) > 0  # the late rows did count as late
+
+
+def test_kpi_metrics_show_the_folds_the_watermark_and_the_late_events(tmp_path: Path) -> None:
+    import json
+
+    from gamestream import metrics
+    from gamestream.log import Append, open_log
+    from gamestream.pipeline import Pipeline
+    from gamestream.settings import Settings
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def record(*times: str) -> Append:
+        lines = [json.dumps({"eventId": f"m-{t}", "eventName": "levelEnd", "eventTime": t,
+                             "eventParams": {"device_id": "d1"}}).encode() for t in times]
+        return Append(0, b"\n".join(lines), len(lines))
+
+    settings = Settings(data_dir=tmp_path / "data", partitions=1)
+    folds, late = sample("gamestream_kpi_folds_total"), sample("gamestream_kpi_late_events_total")
+    merges = sample("gamestream_commits_total", table="kpi_events_hourly")
+    log = open_log(settings.data_dir, partitions=1)
+    try:
+        log.append([record("2026-11-01T10:00:00Z", "2026-11-01T20:30:00Z")])
+        Pipeline(settings, log).run(until_idle=True)
+        # 20:30 − 180 minutes: the window 12:00–13:00 is final, so an event for it is late
+        assert sample("gamestream_kpi_watermark_seconds") == dt.datetime(2026, 11, 1, 17, 30, tzinfo=UTC).timestamp()
+        log.append([record("2026-11-01T12:15:00Z")])
+        Pipeline(settings, log).run(until_idle=True)
+    finally:
+        log.close()
+    assert sample("gamestream_kpi_late_events_total") - late == 1
+    assert sum(r["late_events"] for r in table_rows(settings.table_uri("kpi_events_hourly"))) == 1
+    assert sample("gamestream_kpi_folds_total") - folds == 2
+    assert sample("gamestream_commits_total", table="kpi_events_hourly") - merges == 2
