@@ -189,3 +189,34 @@ def test_stage_metrics_count_the_committed_events_commits_and_positions(settings
     assert sample("gamestream_log_committed_offset", partition="1") == 1
     assert sample("gamestream_log_lag_events", partition="0") == 0  # drained
     assert sample("gamestream_log_lag_events", partition="1") == 0
+
+
+def test_a_conflicting_commit_is_retried_from_the_txn_check_and_given_up_past_the_budget(tmp_path: Path) -> None:
+    import pyarrow as pa
+    from deltalake.exceptions import CommitFailedError
+
+    from gamestream import metrics, schema
+
+    table = lake.open_quarantine(str(tmp_path / "q"))
+    rows = pa.Table.from_pylist([{"payload": "x", "reason": "r", "logPartition": 0, "logOffset": 1}],
+                                schema=schema.QUARANTINE_SCHEMA)
+    seen: list[dict[str, int]] = []
+
+    def conflicting(times: int):
+        def build(versions: dict[str, int]) -> lake.Batch:
+            seen.append(dict(versions))  # step 1 ran again before this attempt
+            if len(seen) <= times:
+                raise CommitFailedError("Failed to commit transaction: 15")  # what delta-rs raises on a conflict
+            return lake.Batch(rows, {"app": versions["app"] + 1})
+        return build
+
+    conflicts = metrics.REGISTRY.get_sample_value("gamestream_commit_retries_total",
+                                                  {"table": "q", "reason": "conflict"}) or 0.0
+    assert lake.commit_exactly_once(table, ["app"], conflicting(2), partition_by=None, retries=5) == 1
+    assert seen == [{"app": 0}] * 3
+    assert metrics.REGISTRY.get_sample_value("gamestream_commit_retries_total",
+                                             {"table": "q", "reason": "conflict"}) - conflicts == 2
+    seen.clear()
+    with pytest.raises(lake.CommitGaveUp):
+        lake.commit_exactly_once(table, ["app"], conflicting(99), partition_by=None, retries=4)
+    assert seen == [{"app": 1}] * 4  # the budget is attempts in all, each starting from the committed version
