@@ -187,7 +187,8 @@ class CommitRetries:
                            extra={**extra, "waited_s": round(now - self._episode_started, 1)})
         else:
             logger.debug("disk full: commit retry", extra=extra)
-        return min(OUT_OF_SPACE_WAIT_INITIAL_S * 2 ** (self.out_of_space - 1), OUT_OF_SPACE_WAIT_MAX_S)
+        # the exponent is capped: an outage of hours must not overflow the float
+        return min(OUT_OF_SPACE_WAIT_INITIAL_S * 2 ** min(self.out_of_space - 1, 16), OUT_OF_SPACE_WAIT_MAX_S)
 
     def _count(self, reason: str) -> None:
         metrics.commit_retries.labels(self.table, reason).inc()
