@@ -7,11 +7,11 @@ writes get ENOSPC from the kernel, not from a mock.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -225,7 +225,12 @@ def test_a_full_disk_is_refused_with_503_waited_out_by_the_processor_and_loses_n
         table = data / "tables" / name
         assert commit_files_are_whole_and_txn_versions_only_grow(table) >= 1
         DeltaTable(str(table)).to_pyarrow_table()
-    assert len(stored) == len(client.acknowledged) and os.path.exists(data / "log" / "events.sqlite")
+    # the log's file is consistent after the failed transactions were rolled back
+    connection = sqlite3.connect(data / "log" / "events.sqlite")
+    try:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        connection.close()
 
 
 def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_a_run_started_on_a_full_disk(small_disk: Path) -> None:
