@@ -305,10 +305,25 @@ class Collector:
 
 
 # ------------------------------------------------------------------------------------------------------ the app
+def _describe_timestamps(components: dict[str, Any]) -> None:
+    """Timestamps in the document as the validator takes them (msgspec only says "a string or a number"):
+    RFC 3339 with a zone, or epoch seconds from 0 to the end of year 9999."""
+    timestamp = {"anyOf": [{"type": "string", "format": "date-time"},
+                           {"type": "integer", "minimum": 0, "maximum": schema.EPOCH_MAX},
+                           {"type": "number", "minimum": 0, "maximum": schema.EPOCH_MAX}, {"type": "null"}]}
+    fields_by_struct = {"Event": schema.EVENT_FIELDS, "EventParams": schema.EVENT_PARAMS.children}
+    for struct, fields in fields_by_struct.items():
+        properties = components[struct]["properties"]
+        for field in fields:
+            if field.kind == "timestamp" and field.name in properties:
+                properties[field.name] = {**properties[field.name], **timestamp}
+
+
 def openapi(settings: Settings) -> dict[str, Any]:
     """The OpenAPI description, with the event schema taken from `schema.InputEvent`."""
     (event_schema,), components = msgspec.json.schema_components([schema.InputEvent],
                                                                  ref_template="#/components/schemas/{name}")
+    _describe_timestamps(components)
     error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
     counts = {
         "accepted": {"type": "integer", "minimum": 0}, "rejected": {"type": "integer", "minimum": 0},
@@ -344,20 +359,24 @@ def openapi(settings: Settings) -> dict[str, Any]:
             "/v1/events": {"post": {
                 "summary": "Send events",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
                                 "description": "A retry with the same key gets the first answer and stores "
                                                "nothing (kept at least 24 h)."}],
                 "security": [{"bearer": []}, {"apiKey": []}, {}],
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"oneOf": [event_schema,
-                                                              {"type": "array", "items": event_schema,
+                                                              {"type": "array", "items": event_schema, "minItems": 1,
                                                                "maxItems": settings.max_events_per_request}]}},
                     "application/x-ndjson": {"schema": {"type": "string",
                                                         "description": "one Event per line"}},
                 }},
                 "responses": {
                     **connection_limits, **slow_body,
-                    "200": reply("Accepted events are durable in the log; a batch may partly succeed", answer),
+                    "200": {**reply("Accepted events are durable in the log; a batch may partly succeed", answer),
+                            "headers": {"Idempotent-Replayed": {
+                                "schema": {"type": "string", "enum": ["true"]},
+                                "description": "present when this is the stored answer to an earlier request "
+                                               "with the same Idempotency-Key"}}},
                     "400": reply("Nothing in the body is usable: unreadable (error only), or no valid event "
                                  "(error with the counts and each event's reason)", unusable),
                     "401": reply("Missing or invalid API key", error),
@@ -482,6 +501,8 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
 
     async def sql(request: Request) -> Response:
         """POST /v1/sql {"query": "<Spark SQL>"} → {"columns": [...], "rows": [[...], ...]}."""
+        import sqlglot
+
         from gamestream.query import QueryError, SqlEngine, to_json
 
         if settings.keys_configured and not _presented_key_in(request, admin_keys):
@@ -503,6 +524,9 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         except QueryError as error:
             return JSONResponse({"error": str(error), "line": error.line, "column": error.column,
                                  "detail": error.pointed()}, status_code=400)
+        except sqlglot.errors.SqlglotError as error:  # a query sqlglot cannot even tokenize: still the sender's
+            return JSONResponse({"error": f"syntax error: {error}", "line": None, "column": None,
+                                 "detail": str(error)}, status_code=400)
         rows = msgspec.json.decode(to_json(table))
         return JSONResponse({"columns": table.column_names, "rows": [list(r.values()) for r in rows]})
 
