@@ -61,12 +61,15 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(format: str = "text", level: int | str = logging.INFO) -> None:
-    """Sends gamestream's log records (and uvicorn's errors, stamina's retries) to stderr in `format` (`text` or `json`)."""
+    """Sends gamestream's log records (and uvicorn's errors) to stderr in `format` (`text` or `json`)."""
     if format not in FORMATS:
         raise ValueError(f"log format {format!r}: choose one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if format == "json" else TextFormatter())
-    for name in ("gamestream", "uvicorn.error", "stamina"):  # stamina: every retry it schedules
+    # stamina would log a context-free WARNING per retry; our retry policies log their own, with the table,
+    # partition and attempt, once per episode where a wait can last (lake.CommitRetries)
+    logging.getLogger("stamina").setLevel(logging.ERROR)
+    for name in ("gamestream", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
