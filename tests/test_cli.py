@@ -103,3 +103,46 @@ def test_sql_text_output_rounds_money_and_json_stays_exact(tmp_path: Path) -> No
     assert f"{exact['per_day']:.6f}".rstrip("0") in table
     csv_lines = gamestream("sql", query, "--format", "csv", data_dir=data).stdout.splitlines()
     assert csv_lines == ["bookings,per_day", f"{sum(amounts):.2f},{exact['per_day']:.6f}".rstrip("0")]
+
+
+def test_process_logs_json_lines_and_serves_its_metrics(tmp_path: Path) -> None:
+    """`--log-format json` gives one JSON object per stderr line (lifecycle with its context), and
+    `process --metrics-port` serves the processor's Prometheus figures while it runs."""
+    import json
+    import re
+    import signal
+    import time
+
+    import httpx
+
+    data = tmp_path / "data"
+    gamestream("generate", "--to-log", "--events", "1200", data_dir=data)
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gamestream", "--log-format", "json", "process", "--data-dir", str(data),
+             "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        committed = None
+        while time.monotonic() < deadline and process.poll() is None:
+            match = re.search(r"metrics on (http://[\d.]+:\d+/metrics)", err.read_text())
+            if match:
+                text = httpx.get(match[1], timeout=5).text
+                found = re.search(r"^gamestream_events_committed_total (\S+)$", text, re.MULTILINE)
+                committed = float(found[1]) if found else None
+                if committed == 1200:
+                    break
+            time.sleep(0.2)
+        assert committed == 1200, err.read_text()
+        assert re.search(r'^gamestream_commits_total\{table="events"\} [1-9]', text, re.MULTILINE)
+        assert re.search(r'^gamestream_log_lag_events\{partition="0"\} 0', text, re.MULTILINE)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code == 0
+    records = [json.loads(line) for line in err.read_text().splitlines() if line.startswith("{")]
+    started = [r for r in records if r["message"] == "processor started"]
+    assert started and started[0]["logger"] == "gamestream.processor" and started[0]["level"] == "INFO"
+    assert any(r["message"] == "processor stopped" for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
