@@ -182,7 +182,7 @@ def test_health_metrics_and_openapi_describe_the_service(collector) -> None:
     assert "gamestream_log_backlog_events" in metrics
     spec = httpx.get(collector.url + "/openapi.json").json()
     post = spec["paths"]["/v1/events"]["post"]
-    assert set(post["responses"]) == {"200", "400", "401", "413", "415", "503"}
+    assert set(post["responses"]) == {"200", "400", "401", "408", "413", "415", "431", "503"}
     event = spec["components"]["schemas"]["Event"]
     assert set(event["required"]) == {"eventName", "eventParams"}
     params = spec["components"]["schemas"]["EventParams"]["properties"]

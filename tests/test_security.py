@@ -148,3 +148,17 @@ def test_keys_never_appear_in_answers_metrics_or_logs(tmp_path: Path) -> None:
             assert secret not in answer
         assert secret not in metrics  # …without the keys
         assert secret not in logs
+
+
+def test_sql_body_is_bounded_like_an_ingest_body(tmp_path: Path) -> None:
+    err = tmp_path / "stderr"
+    process = _serve(tmp_path / "data", stderr_path=err, env={"GAMESTREAM_MAX_BODY_BYTES": "4096"})
+    try:
+        port = _wait_for_port(err, process)
+        query = "select 1 as one -- " + "x" * 8000
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/sql", json={"query": query}, timeout=10)
+        assert response.status_code == 413 and "4,096-byte limit" in response.json()["error"]
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/sql", json={"query": "select 1 as one"}, timeout=10)
+        assert response.status_code == 200 and response.json()["rows"] == [[1]]
+    finally:
+        _stop(process)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hmac
 import logging
 import shutil
 import time
@@ -40,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gamestream import schema
+from gamestream.auth import key_matches
 from gamestream.dashboard import DashboardData, IngestRate
 from gamestream.http_guard import MAX_HEADER_LINES
 from gamestream.log import Append, EventLog, Idempotency, partition_for
@@ -70,15 +70,13 @@ _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _presented_key_in(request: Request, keys: list[bytes]) -> bool:
-    """Whether the request carries one of `keys` as `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    """Whether the request carries one of `keys` as `Authorization: Bearer <key>` or `X-API-Key: <key>`
+    (compared in constant time: auth.key_matches)."""
     given = request.headers.get("x-api-key")
     if given is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else None
-    if not given:
-        return False
-    presented = given.encode()
-    return any(hmac.compare_digest(presented, key) for key in keys)
+    return key_matches(given, keys)
 
 
 class _Refuse(Exception):
@@ -397,8 +395,10 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "200": reply("Result", {"type": "object", "properties": {
                         "columns": {"type": "array", "items": {"type": "string"}},
                         "rows": {"type": "array", "items": {"type": "array"}}}}),
-                    "400": reply("Not a query, or it failed: error, line, column", error),
+                    "400": reply("Refused (not a read-only query over the project's tables), failed, or over "
+                                 "the time or row cap: error, line, column", error),
                     "401": reply("Keys are configured and no admin key was given", error),
+                    "413": reply(f"Body over {settings.max_body_bytes} bytes", error),
                 },
             }},
             "/v1/dashboard": {"get": {
@@ -418,7 +418,19 @@ def openapi(settings: Settings) -> dict[str, Any]:
                             "freshness_seconds": {"type": ["number", "null"]}}},
                         "quarantine": {"type": "object", "properties": {"count": {"type": "integer"},
                                                                          "latest": {"type": "array"}}},
-                        "tables": {"type": "object", "description": "events table health"}}}),
+                        "tables": {"type": "object", "properties": {"events": {
+                            "type": "object", "description": "events table health (current version)",
+                            "properties": {
+                                "version": {"type": "integer"}, "files": {"type": "integer"},
+                                "partitions": {"type": "integer"}, "files_per_partition": {"type": "number"},
+                                "max_files_in_a_partition": {"type": "integer"},
+                                "average_file_bytes": {"type": "integer"},
+                                "small_files": {"type": "integer",
+                                                "description": "files under small_file_bytes"},
+                                "small_file_bytes": {"type": "integer",
+                                                     "description": "a quarter of OPTIMIZE's target size"},
+                                "last_optimize": {"type": ["string", "null"], "format": "date-time"},
+                                "last_vacuum": {"type": ["string", "null"], "format": "date-time"}}}}}}}),
                     "401": reply("Keys are configured and no admin key was given", error)},
             }},
             "/healthz": {"get": {"summary": "Log writable and disk space",
@@ -483,8 +495,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
             return True
         if _presented_key_in(request, admin_keys):
             return True
-        given = request.query_params.get("key", "").encode()
-        return bool(given) and any(hmac.compare_digest(given, key) for key in admin_keys)
+        return key_matches(request.query_params.get("key"), admin_keys)
 
     async def page(request: Request) -> Response:
         if not admin(request):
@@ -508,8 +519,13 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         if settings.keys_configured and not _presented_key_in(request, admin_keys):
             return JSONResponse({"error": "POST /v1/sql needs an admin key ('Authorization: Bearer <key>' or "
                                           "'X-API-Key')"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        raw = bytearray()
         try:
-            raw = await request.body()
+            async for chunk in request.stream():  # a query is small: the ingest body limit bounds it too
+                raw += chunk
+                if len(raw) > settings.max_body_bytes:
+                    return JSONResponse({"error": f"body is over the {settings.max_body_bytes:,}-byte limit"},
+                                        status_code=413, headers={"Connection": "close"})
         except ClientDisconnect:  # gone, or cut off by the body timer (http_guard answered 408)
             return Response(status_code=408)
         try:

@@ -241,6 +241,8 @@ def translate(query: str, today: dt.date | None = None, max_rows: int | None = N
         description = _TOKEN.sub(lambda m: "the end of the query" if m[1] == "SENTINEL" else repr(m[2]),
                                  str(first.get("description", error)))
         raise QueryError(f"syntax error: {description}", query, first.get("line"), first.get("col")) from None
+    except sqlglot.errors.TokenError as error:  # e.g. an unterminated string: not even tokens
+        raise QueryError(f"syntax error: {error}", query) from None
     if len(statements) != 1:
         raise QueryError(f"one statement at a time, please (got {len(statements)})", query)
     (statement,) = statements
