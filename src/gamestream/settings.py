@@ -17,6 +17,12 @@ class Settings:
     partitions: int | None = None
     """Log partitions; fixed when the log is created (4 unless given). The unit of parallelism for processors.
     None opens an existing log with the count it has."""
+    log: str | None = None
+    """The event log (`--log`, GAMESTREAM_LOG): None = the embedded SQLite log under `<data_dir>/log`;
+    `nats://host:port[,host:port…][?stream=NAME]` = a NATS JetStream stream (default name `gamestream`)."""
+    lease_ttl_s: float = 5.0
+    """Scale-out: a processor's ownership of a partition (and the KPI stage's singleton lease) lapses this long
+    after its last renewal; another process takes it over then. Whole seconds on NATS."""
     pipeline: str = "gamestream"
     """Names the Delta txn appIds (`<pipeline>-p<partition>`) and the log consumer."""
     batch_max_events: int = 100_000
@@ -90,6 +96,8 @@ class Settings:
     """SQL: a result with more rows is refused (400 with the reason); aggregate or add a LIMIT."""
     log_format: str = "text"
     """Log lines on stderr: `text` or `json` (one JSON object per line)."""
+    workers: int = 1
+    """Collector: processes serving the same port (`serve --workers N`)."""
     host: str = "127.0.0.1"
     port: int = 8000
     tables: dict[str, str] = field(default_factory=dict)
@@ -130,6 +138,8 @@ class Settings:
 
 def _parse(type_name: object, raw: str) -> object:
     kind = str(type_name)
+    if kind == "str | None":
+        return raw or None
     if kind in ("int", "int | None"):
         return int(raw)
     if kind == "float":

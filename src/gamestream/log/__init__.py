@@ -21,7 +21,10 @@ import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from gamestream.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,32 @@ def partition_for(device_id: str, partitions: int) -> int:
 
 
 DEFAULT_PARTITIONS = 4
+
+
+def connect(settings: "Settings") -> EventLog:
+    """The log the settings name (`settings.log`, `--log URL`, GAMESTREAM_LOG): the embedded SQLite log under
+    `<data_dir>/log` when unset, a NATS JetStream stream for `nats://…`. `settings.partitions` fixes the count
+    when the log is created; None takes an existing log's own count (DEFAULT_PARTITIONS for a new one)."""
+    url = settings.log
+    if not url:
+        return open_log(settings.data_dir, partitions=settings.partitions)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("nats", "tls"):
+        from gamestream.log.nats import NatsEventLog
+
+        return NatsEventLog.connect(url, partitions=settings.partitions)
+    raise ValueError(f"log URL {url!r}: give nats://host:port[,host:port…][?stream=NAME], or nothing for the "
+                     "embedded log in the data directory")
+
+
+def describe(settings: "Settings") -> str:
+    """Where the log is, for start-up lines, /healthz and /metrics (no credentials: a URL's user:password part
+    is dropped)."""
+    if not settings.log:
+        return f"sqlite:{(Path(settings.data_dir) / 'log').absolute()}"
+    scheme, _, rest = settings.log.partition("://")
+    hosts = ",".join(part.rsplit("@", 1)[-1] for part in rest.split(","))
+    return f"{scheme}://{hosts}"
 
 
 def open_log(data_dir: Path, *, partitions: int | None) -> EventLog:
