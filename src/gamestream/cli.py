@@ -28,7 +28,13 @@ data_dir_option = click.option(
 )
 partitions_option = click.option(
     "--partitions", "partitions", type=int, default=None,
-    help="Log partitions, fixed when the log is created (default 4, or GAMESTREAM_PARTITIONS).",
+    help="Log partitions, fixed when the log (or its JetStream stream) is created (default 4, or "
+         "GAMESTREAM_PARTITIONS).",
+)
+log_option = click.option(
+    "--log", "log_url", type=str, default=None, metavar="URL",
+    help="The event log: nats://host:port[,host:port…][?stream=NAME] for NATS JetStream; absent, the embedded "
+         "SQLite log in the data directory (or GAMESTREAM_LOG).",
 )
 
 
@@ -53,10 +59,32 @@ def _check_writable(path: Path) -> None:
                               f"(choose another with --data-dir or GAMESTREAM_DATA_DIR)") from None
 
 
-def _open_log(settings: Settings):
-    from gamestream.log import open_log
+class LogUnreachable(RuntimeError):
+    """The log URL names a log that cannot be opened (no server answers, a bad URL): one line, not a traceback."""
 
-    return open_log(settings.data_dir, partitions=settings.partitions)
+
+def _open_log(settings: Settings):
+    """The log the settings name (`--log`, GAMESTREAM_LOG, else the embedded one), through `log.connect`, so
+    every command reaches the same log the same way."""
+    from gamestream.log import connect, describe
+    from gamestream.log.sqlite import LogPartitionsMismatch
+
+    try:
+        return connect(settings)
+    except LogPartitionsMismatch:
+        raise
+    except Exception as error:
+        if not settings.log and _unusable_storage(error):
+            raise  # the embedded log's storage problems have their own one-line message (main)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise LogUnreachable(f"cannot open the event log {describe(settings)}: {type(error).__name__}"
+                             f"{': ' + reason if reason else ''}") from error
+
+
+def _check_writable_for_log(settings: Settings) -> None:
+    """Commands that only append to the log need the data directory only when the log lives there."""
+    if not settings.log:
+        _check_writable(settings.data_dir)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,14 +151,15 @@ def _load(settings: Settings, path: Path):
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @data_dir_option
 @partitions_option
-def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None) -> None:
+@log_option
+def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None, log_url: str | None) -> None:
     """Validates NDJSON files (or .gz) and appends their events to the log.
 
     Events keep their own eventTime and eventId; absent ones are stamped now / given a UUIDv7. Rejected lines
     are reported with line number, field and reason; the exit status is non-zero only when loading cannot run.
     """
-    settings = _settings(data_dir=data_dir, partitions=partitions)
-    _check_writable(settings.data_dir)
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
+    _check_writable_for_log(settings)
     for file in files:
         _load(settings, file)
 
@@ -158,8 +187,10 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 
         mode = "until the log is drained" if until_idle else "until stopped (Ctrl-C)"
         kpi_note = "" if pipeline.kpi else " (KPI stage: off or run by another process)"
-        console.print(f"processing partitions {pipeline.processor.partitions} of {settings.data_dir / 'log'} "
-                      f"{mode}{kpi_note}")
+        from gamestream.log import describe
+
+        console.print(f"processing partitions {pipeline.processor.partitions} of {describe(settings)} "
+                      f"{mode}{kpi_note}", highlight=False)
         pipeline.run(until_idle=until_idle, on_progress=show)
         stats = pipeline.stats
         seconds = time.monotonic() - started
@@ -173,6 +204,7 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @cli.command()
 @data_dir_option
 @partitions_option
+@log_option
 @click.option("--until-idle", is_flag=True, help="Drain every partition, then exit 0.")
 @click.option("--only", "only", type=str, default=None, help="Own only these partitions, e.g. 0,1 (scale-out).")
 @click.option("--max-batch-events", type=int, default=None, help="Flush a micro-batch at this many events.")
@@ -182,11 +214,11 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @click.option("--metrics-port", type=int, default=None,
               help="Expose the processor's Prometheus metrics on this port (0: a free one).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
-def process(data_dir: Path | None, partitions: int | None, until_idle: bool, only: str | None,
+def process(data_dir: Path | None, partitions: int | None, log_url: str | None, until_idle: bool, only: str | None,
             max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool, maintenance: bool,
             metrics_port: int | None, metrics_host: str) -> None:
     """Streams the log into the events table and the KPI tables, exactly once."""
-    settings = _settings(data_dir=data_dir, partitions=partitions, batch_max_events=max_batch_events,
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, batch_max_events=max_batch_events,
                          batch_max_wait_s=max_batch_wait)
     _check_writable(settings.data_dir)
     if metrics_port is not None:
@@ -204,8 +236,10 @@ def process(data_dir: Path | None, partitions: int | None, until_idle: bool, onl
 @cli.command()
 @data_dir_option
 @partitions_option
+@log_option
 @click.option("--target", type=str, default=None, help="Collector base URL to post to, e.g. http://127.0.0.1:8000.")
-@click.option("--to-log", is_flag=True, help="Append straight to the log in --data-dir (as `load` does).")
+@click.option("--to-log", is_flag=True, help="Append straight to the log (--log, else the one in --data-dir), "
+                                             "as `load` does.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write NDJSON to this file instead of posting.")
 @click.option("--events", type=int, default=None, help="How many events (default 10,000 with --out).")
@@ -218,7 +252,7 @@ def process(data_dir: Path | None, partitions: int | None, until_idle: bool, onl
 @click.option("--days", type=float, default=1.0, show_default=True, help="--out: spread sessions over this many days.")
 @click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="--out: first day (UTC).")
 @click.option("--seed", type=int, default=7, show_default=True)
-def generate(data_dir: Path | None, partitions: int | None, target: str | None, to_log: bool,
+def generate(data_dir: Path | None, partitions: int | None, log_url: str | None, target: str | None, to_log: bool,
              out_file: Path | None, events: int | None, duration: float | None,
              rate: float | None, batch: int, concurrency: int, api_key: str | None, users: int, days: float,
              start: dt.datetime | None, seed: int) -> None:
@@ -233,8 +267,8 @@ def generate(data_dir: Path | None, partitions: int | None, target: str | None, 
     if to_log:
         from gamestream.loader import load_lines
 
-        settings = _settings(data_dir=data_dir, partitions=partitions)
-        _check_writable(settings.data_dir)
+        settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
+        _check_writable_for_log(settings)
         log = _open_log(settings)
         try:
             lines = (json.dumps(e, separators=(",", ":")).encode() for e in
@@ -455,25 +489,32 @@ def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: 
 @cli.command()
 @data_dir_option
 @partitions_option
-def status(data_dir: Path | None, partitions: int | None) -> None:
+@log_option
+def status(data_dir: Path | None, partitions: int | None, log_url: str | None) -> None:
     """Shows the log backlog per partition, and per table: version, files per partition, average file size,
     small files, last OPTIMIZE and VACUUM."""
     from deltalake import DeltaTable
 
+    from gamestream.log import describe
     from gamestream.maintenance import file_stats, last_operations
 
-    settings = _settings(data_dir=data_dir, partitions=partitions)
-    log_path = settings.data_dir / "log" / "events.sqlite"
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
+    # The embedded log is not created by looking at it; a log URL names a log that exists elsewhere.
+    embedded_missing = not settings.log and not (settings.data_dir / "log" / "events.sqlite").exists()
     log = None
-    if log_path.exists():
+    if embedded_missing:
+        out.print(f"no log at {settings.data_dir / 'log' / 'events.sqlite'}", highlight=False)
+    else:
         try:
             log = _open_log(settings)
-        except Exception as error:  # e.g. a read-only copy: the tables can still be shown
-            out.print(f"event log at {log_path}: {_unusable_storage(error) or error}", highlight=False)
+        except Exception as error:  # a read-only copy, an unreachable server: the tables can still be shown
+            cause = error.__cause__ if isinstance(error, LogUnreachable) and error.__cause__ else error
+            out.print(f"event log {describe(settings)}: {_unusable_storage(cause) or error}", highlight=False)
     if log is not None:
         try:
-            table = Table(title="event log", caption="offsets are positions in a partition, not event counts; "
-                                                     "a record holds a batch of events")
+            table = Table(title=f"event log ({describe(settings)})",
+                          caption="offsets are positions in a partition, not event counts; "
+                                  "a record holds a batch of events")
             for column in ("partition", "appended up to (offset)", "committed up to (offset)",
                            "events not yet committed"):
                 table.add_column(column, justify="right")
@@ -484,8 +525,6 @@ def status(data_dir: Path | None, partitions: int | None) -> None:
             out.print(table)
         finally:
             log.close()
-    elif not log_path.exists():
-        out.print(f"no log at {log_path}")
     table = Table(title="tables")
     for column in ("table", "version", "rows", "files", "partitions", "files/partition (max)", "average file",
                    "small files", "last OPTIMIZE", "last VACUUM"):
@@ -575,33 +614,62 @@ def _announce_keys(settings: Settings) -> None:
                       highlight=False)
 
 
+def _log_format() -> str:
+    """The --log-format given to the group (or the setting), for processes this command starts."""
+    given = click.get_current_context().find_root().params.get("log_format")
+    return given or Settings.from_env().log_format
+
+
 @cli.command()
 @data_dir_option
 @partitions_option
+@log_option
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Collector processes serving the same port (default 1, or GAMESTREAM_WORKERS).")
 @_with_options(api_key_options)
-def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_key: tuple[str, ...],
-          admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None,
-          insecure_no_auth: bool | None) -> None:
+def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, port: int | None,
+          workers: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
+          host: str | None, insecure_no_auth: bool | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
     from gamestream import server
     from gamestream.collector import create_app
+    from gamestream.log import describe
 
-    settings = _settings(data_dir=data_dir, partitions=partitions, port=port, host=host,
-                         api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None,
-                         insecure_no_auth=insecure_no_auth)
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
+                         workers=workers, api_keys=_api_keys(api_key, api_keys_file),
+                         admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth)
     _refuse_open_exposure(settings)
     _check_writable(settings.data_dir)
 
+    def announce(url: str) -> None:
+        _announce_keys(settings)
+        processes = f"{settings.workers} worker processes" if settings.workers > 1 else "one process"
+        console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
+                      f"metrics {url}/metrics, API {url}/openapi.json); log {describe(settings)}; {processes}; "
+                      "Ctrl-C stops", highlight=False)
+
+    if settings.workers > 1:
+        # Opened once here so a wrong URL, an unreachable server or a partition mismatch is one clear error
+        # before any worker starts, and a new log gets its partition count from this command.
+        _open_log(settings).close()
+        sock = server.bind(settings.host, settings.port)
+        announce(f"http://{settings.host}:{sock.getsockname()[1]}")
+        code = server.serve_workers(settings, sock, log_format=_log_format())
+        if code:
+            raise SystemExit(code)
+        return
+
     async def main_() -> None:
+        log = _open_log(settings)  # opened (and closed) by the app's lifespan when not given; here for the error
         sock = server.bind(settings.host, settings.port)
         stop = asyncio.Event()
         server.install_stop_signals(stop)
-        _announce_keys(settings)
-        url = f"http://{settings.host}:{sock.getsockname()[1]}"
-        console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
-                      f"metrics {url}/metrics, API {url}/openapi.json); Ctrl-C stops", highlight=False)
-        await server.serve(create_app(settings), sock, stop, settings)
+        announce(f"http://{settings.host}:{sock.getsockname()[1]}")
+        try:
+            await server.serve(create_app(settings, log), sock, stop, settings)
+        finally:
+            await asyncio.to_thread(log.close)
 
     server.run(main_())
 
@@ -609,15 +677,23 @@ def serve(data_dir: Path | None, partitions: int | None, port: int | None, api_k
 # --------------------------------------------------------------------------------------------------------- demo
 @cli.command()
 @data_dir_option
-@click.option("--port", type=int, default=None, help="Collector port (default 8000; 0 picks a free one).")
+@partitions_option
+@log_option
+@click.option("--cluster", is_flag=True,
+              help="The scale-out shape on this machine: 3 nats-server nodes, 2 collectors, 2 processors, each "
+                   "its own process (not with --log).")
+@click.option("--port", type=int, default=None,
+              help="Collector port (default 8000; 0 picks a free one); with --cluster, the second collector "
+                   "takes the next port.")
 @click.option("--rate", type=float, default=500.0, show_default=True, help="Generated events per second.")
 @click.option("--users", type=int, default=2000, show_default=True, help="Simulated players.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--seed", type=int, default=None, help="Generator seed (default: a new one each run).")
 @_with_options(api_key_options)
-def demo(data_dir: Path | None, port: int | None, rate: float, users: int, duration: float | None,
-         seed: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
-         host: str | None, insecure_no_auth: bool | None) -> None:
+def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, cluster: bool, port: int | None,
+         rate: float, users: int, duration: float | None, seed: int | None, api_key: tuple[str, ...],
+         admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None,
+         insecure_no_auth: bool | None) -> None:
     """Everything at once on the embedded defaults: collector + processor + a generator posting live events.
 
     Ctrl-C or SIGTERM stops it cleanly: every acknowledged event is committed to the table first.
@@ -627,10 +703,18 @@ def demo(data_dir: Path | None, port: int | None, rate: float, users: int, durat
     from gamestream import server
     from gamestream.demo import run_demo
 
-    settings = _settings(data_dir=data_dir, port=port, host=host, api_keys=_api_keys(api_key, api_keys_file),
-                         admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth)
+    if cluster and (log_url or os.environ.get("GAMESTREAM_LOG")):
+        raise click.UsageError("--cluster starts its own NATS cluster: give --cluster or --log, not both "
+                               "(unset GAMESTREAM_LOG)")
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
+                         api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None,
+                         insecure_no_auth=insecure_no_auth)
     _refuse_open_exposure(settings)
     _check_writable(settings.data_dir)
+    if cluster:
+        _cluster_demo(settings, rate=rate, users=users, duration=duration,
+                      seed=seed if seed is not None else random.randrange(1 << 30))
+        return
 
     def started(url: str) -> None:
         _announce_keys(settings)
@@ -652,6 +736,39 @@ def demo(data_dir: Path | None, port: int | None, rate: float, users: int, durat
               f"(quarantined {summary.processed.events_quarantined:,}) in {summary.processed.commits:,} commits",
               highlight=False)
     _demo_query(settings)
+
+
+def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: float | None, seed: int) -> None:
+    from gamestream import server
+    from gamestream.demo import run_cluster_demo
+
+    def started(urls) -> None:
+        _announce_keys(settings)
+        dashboard = urls.collectors[0]
+        out.print(f"[bold]gamestream demo --cluster[/] — dashboard {dashboard}/", highlight=False)
+        out.print(f"nats (3 nodes, replicas 3, fsync always): {urls.nats}", highlight=False)
+        for index, url in enumerate(urls.collectors, 1):
+            out.print(f"collector {index}: {url}/v1/events · health {url}/healthz · metrics {url}/metrics",
+                      highlight=False)
+        out.print(f"2 processors share the partitions; each process writes to {urls.logs}/<name>.log; tables "
+                  f"under {settings.data_dir / 'tables'}; Ctrl-C stops (acknowledged events are committed first)",
+                  highlight=False)
+
+    def tick(sent, backlog: int | None) -> None:
+        accepted = sum(s.accepted for s in sent)
+        per = " + ".join(f"{s.accepted:,}" for s in sent)
+        out.print(f"sent {sum(s.events_sent for s in sent):,} · accepted {accepted:,} ({per}) · "
+                  f"rejected {sum(s.rejected for s in sent):,} · "
+                  f"backlog {'?' if backlog is None else f'{backlog:,}'} · "
+                  f"{sum(s.rate for s in sent):,.0f} events/s", highlight=False)
+
+    summary = server.run(run_cluster_demo(settings, port=settings.port, rate=rate, users=users, duration=duration,
+                                          seed=seed, log_format=_log_format(), on_started=started, on_tick=tick))
+    per = ", ".join(f"{s.accepted:,} via {url}" for s, url in zip(summary.sent, summary.urls.collectors))
+    out.print(f"stopped after {summary.seconds:.1f}s: generator accepted {summary.accepted:,} events ({per}); "
+              f"table committed {summary.committed:,} (quarantined {summary.quarantined:,})", highlight=False)
+    if summary.committed:
+        _demo_query(settings)
 
 
 def _demo_query(settings: Settings) -> None:
@@ -724,11 +841,11 @@ def main() -> None:
         from gamestream.log.sqlite import LogPartitionsMismatch
         from gamestream.processor import PartitionBusy
 
-        unusable = None if isinstance(error, DataDirUnusable) else _unusable_storage(error)
+        unusable = None if isinstance(error, (DataDirUnusable, LogUnreachable)) else _unusable_storage(error)
         if type(error).__name__ == "TableNotFoundError":
             unusable = f"no Delta table there yet ({str(error).strip().splitlines()[0][:300]}); " \
                        "run `gamestream process` first"
-        if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable)) or unusable:
+        if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable)) or unusable:
             from rich.text import Text
 
             console.print(Text.assemble(("error: ", "red"), unusable or str(error)))

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -42,7 +43,7 @@ from gamestream import schema
 from gamestream.auth import key_matches
 from gamestream.dashboard import DashboardData, IngestRate
 from gamestream.http_guard import MAX_HEADER_LINES
-from gamestream.log import Append, EventLog, Idempotency, partition_for
+from gamestream.log import Append, EventLog, Idempotency, describe, partition_for
 from gamestream.settings import Settings
 
 JSON_TYPES = {"application/json"}
@@ -92,10 +93,14 @@ class _Metrics:
     rejected: Counter
     latency: Histogram
     backlog: Gauge
+    log_reachable: Gauge
 
     @classmethod
-    def create(cls) -> "_Metrics":
+    def create(cls, log_description: str) -> "_Metrics":
         registry = CollectorRegistry()
+        log_reachable = Gauge("gamestream_log_reachable", "1 when the event log answered the last check (a backlog "
+                              "read every 0.5 s, or /healthz), 0 when it did not; labelled with where it is",
+                              ["log"], registry=registry)
         return cls(
             registry=registry,
             requests=Counter("gamestream_http_requests", "HTTP requests by path and status", ["path", "status"],
@@ -107,6 +112,7 @@ class _Metrics:
                               registry=registry),
             backlog=Gauge("gamestream_log_backlog_events", "Events in the log not yet committed to the table",
                           registry=registry),
+            log_reachable=log_reachable.labels(log_description),  # type: ignore[arg-type]
         )
 
 
@@ -118,7 +124,8 @@ class Collector:
         self.log = log
         self.keys = [key.encode() for key in settings.api_keys]
         self.validator = schema.EventValidator(event_time="server")
-        self.metrics = _Metrics.create()
+        self.log_description = describe(settings)
+        self.metrics = _Metrics.create(self.log_description)
         self.backlog = 0
         self.accepted_total = 0
         self.ingest_rate = IngestRate()
@@ -126,7 +133,12 @@ class Collector:
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        await self._refresh_backlog()
+        try:
+            await self._refresh_backlog()
+        except Exception:  # a log server still starting or away: serve anyway; ingest answers 503 until it is back
+            logger.warning("cannot read the log backlog at start; retrying every 0.5 s",
+                           extra={"log": self.log_description}, exc_info=True)
+            self.metrics.log_reachable.set(0)
         self._backlog_task = asyncio.create_task(self._watch_backlog())
 
     async def stop(self) -> None:
@@ -138,6 +150,7 @@ class Collector:
     async def _refresh_backlog(self) -> None:
         self.backlog = await asyncio.to_thread(self.log.pending_events, self.settings.pipeline)
         self.metrics.backlog.set(self.backlog)
+        self.metrics.log_reachable.set(1)
 
     async def _watch_backlog(self) -> None:
         failing = False
@@ -147,6 +160,7 @@ class Collector:
             try:
                 await self._refresh_backlog()
             except Exception:  # a busy log must not kill the watcher; the next round retries
+                self.metrics.log_reachable.set(0)
                 if not failing:  # once per episode, not twice a second
                     logger.warning("cannot read the log backlog; retrying every 0.5 s", exc_info=True)
                 failing = True
@@ -433,7 +447,7 @@ def openapi(settings: Settings) -> dict[str, Any]:
                                 "last_vacuum": {"type": ["string", "null"], "format": "date-time"}}}}}}}),
                     "401": reply("Keys are configured and no admin key was given", error)},
             }},
-            "/healthz": {"get": {"summary": "Log writable and disk space",
+            "/healthz": {"get": {"summary": "Log writable (and which log: log_url), disk space, this process's pid",
                                  "responses": {**connection_limits, "200": {"description": "healthy"},
                                                "503": {"description": "unhealthy, or too many connections"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
@@ -449,29 +463,40 @@ def openapi(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
-    """The collector as an ASGI app. Opens the embedded log when `log` is not given (and closes it on exit)."""
-    from gamestream.log import open_log
+    """The collector as an ASGI app. Opens the log the settings name (`log.connect`: `--log URL`, else the
+    embedded one) when `log` is not given, and closes it on exit."""
+    from gamestream.log import connect
 
     own_log = log is None
-    the_log = log if log is not None else open_log(settings.data_dir, partitions=settings.partitions)
+    the_log = log if log is not None else connect(settings)
     collector = Collector(settings, the_log)
 
+    def check_log() -> None:
+        """Whether the log takes writes: the backend's own check when it has one (the embedded log takes its
+        write lock), else a read of partition 0's head, which needs the log's servers to answer."""
+        check = getattr(the_log, "check_writable", None)
+        if check is not None:
+            check()
+        else:
+            the_log.last_offset(0)
+
     async def healthz(request: Request) -> Response:
-        checks: dict[str, Any] = {}
+        # `pid` tells the processes of `serve --workers N` apart; `log_url` says which log this one writes to
+        checks: dict[str, Any] = {"pid": os.getpid(), "log_url": collector.log_description}
         healthy = True
         free = shutil.disk_usage(settings.data_dir).free
         checks["disk_free_bytes"] = free
         if free < settings.min_free_disk_bytes:
             healthy = False
             checks["disk"] = f"under {settings.min_free_disk_bytes:,} bytes free"
-        check = getattr(the_log, "check_writable", None)
         try:
-            if check:
-                await asyncio.to_thread(check)
+            await asyncio.to_thread(check_log)
             checks["log"] = "writable"
+            collector.metrics.log_reachable.set(1)
         except Exception as error:
             healthy = False
-            checks["log"] = f"not writable: {error}"
+            checks["log"] = f"not writable: {type(error).__name__}: {error}"
+            collector.metrics.log_reachable.set(0)
         checks["backlog_events"] = collector.backlog
         checks["status"] = "ok" if healthy else "unhealthy"
         collector.metrics.requests.labels("/healthz", "200" if healthy else "503").inc()
@@ -554,7 +579,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         finally:
             await collector.stop()
             if own_log:
-                the_log.close()
+                await asyncio.to_thread(the_log.close)
 
     app = Starlette(routes=[
         Route("/v1/events", collector.ingest, methods=["POST"]),

@@ -1,11 +1,16 @@
-"""Running the collector app on uvicorn (uvloop + httptools), for `serve` and `demo`."""
+"""Running the collector app on uvicorn (uvloop + httptools), for `serve` and `demo`; `serve --workers N` runs N
+such processes on one listening socket (`serve_workers`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import multiprocessing
+import os
 import signal
 import socket
+import threading
 from typing import Iterator
 
 import uvicorn
@@ -13,6 +18,11 @@ from starlette.applications import Starlette
 
 from gamestream.http_guard import protocol_for
 from gamestream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 10
+"""In-flight requests get this long to finish after a stop (uvicorn's graceful shutdown)."""
 
 
 class _Server(uvicorn.Server):
@@ -52,7 +62,7 @@ async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settin
                             http=protocol_for(settings), ws="none",
                             # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
                             timeout_keep_alive=settings.header_timeout_s,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     stopper = asyncio.create_task(stop.wait())
@@ -73,3 +83,86 @@ def run(coroutine) -> object:
     import uvloop
 
     return uvloop.run(coroutine)
+
+
+# ------------------------------------------------------------------------------------------ several processes
+def serve_workers(settings: Settings, sock: socket.socket, *, log_format: str = "text") -> int:
+    """Serves the collector from `settings.workers` processes sharing the listening `sock` until SIGINT or
+    SIGTERM; returns 0 after a clean stop, 1 when a worker died on its own (the others are stopped then).
+
+    Why this shape:
+    - one socket, bound here and inherited by every worker (as gunicorn and uvicorn's own workers do): the kernel
+      hands each connection to whichever worker accepts first, a port in use is one error at start, and a worker
+      that dies takes no queued connection with it;
+    - spawned, not forked: deltalake's runtime panics in a forked child, and a fresh interpreter holds no lock
+      or thread of ours;
+    - each worker is a whole collector (`create_app` + `serve`): the same limits (`http_guard`), its own log
+      connection, and the same stop on SIGINT/SIGTERM (in-flight requests are answered). The log serialises
+      appends from every process (SQLite's write lock, or JetStream), so the workers share nothing else;
+    - a worker whose parent is gone stops by itself: no orphan keeps the port."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(settings, sock, index, log_format, os.getpid()),
+                               name=f"gamestream-collector-{index + 1}") for index in range(settings.workers)]
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    died: list[int] = []
+    try:
+        for worker in workers:
+            worker.start()
+        while not stop.wait(0.2):
+            died = [w.exitcode for w in workers if w.exitcode is not None]  # type: ignore[misc]
+            if died:
+                logger.error("a collector worker exited on its own; stopping the others",
+                             extra={"exit_codes": died})
+                break
+    finally:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            worker.join(GRACEFUL_SHUTDOWN_S + 5)
+            if worker.is_alive():
+                logger.error("a collector worker did not stop in time; killing it", extra={"pid": worker.pid})
+                worker.kill()
+                worker.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    return 1 if died else 0
+
+
+def _worker(settings: Settings, sock: socket.socket, index: int, log_format: str, parent: int) -> None:
+    """One collector process of `serve_workers`."""
+    from gamestream import logs
+    from gamestream.collector import create_app
+
+    logs.setup(log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        orphan_watch = asyncio.create_task(_stop_when_orphaned(parent, stop))
+        try:
+            await serve(create_app(settings), sock, stop, settings)
+        finally:
+            orphan_watch.cancel()
+
+    code = 0
+    try:
+        run(main())
+    except BaseException:
+        logger.exception("collector worker failed", extra={"worker": index + 1, "pid": os.getpid()})
+        code = 1
+    # deltalake can abort the interpreter at exit after a table was read (the dashboard reads them): end here
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the serving command is gone; this collector worker stops", extra={"pid": os.getpid()})
+    stop.set()
