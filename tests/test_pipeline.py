@@ -137,8 +137,8 @@ def test_a_second_processor_on_the_same_partitions_is_refused(tmp_path: Path) ->
         with pytest.raises(PartitionBusy, match="partition 1"):
             Processor(settings, log, [1, 2])
         second = Processor(settings, log, [2, 3])  # disjoint partitions: scale-out
-        first._locks.release()
-        second._locks.release()
+        first.ownership.close()
+        second.ownership.close()
     finally:
         log.close()
 

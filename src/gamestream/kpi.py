@@ -64,6 +64,12 @@ def _from_us(value: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=value)
 
 
+class KpiStageSuperseded(RuntimeError):
+    """Another KPI stage committed to a KPI table since this one last did (this process lost the KPI role, e.g.
+    it was paused past its lease, and another one took over). This stage's in-memory state is stale and its
+    additive MERGEs would count versions twice: it must stop; a new `KpiStage` recovers from the tables."""
+
+
 @dataclass
 class StageState:
     version: int = 0  # events-table version folded in; 0 is the table's creation (no rows)
@@ -350,7 +356,10 @@ class KpiStage:
                 state_json: str) -> None:
         """MERGEs `source` into table `name` with txn `<pipeline>-kpi` = `version`, once: every attempt first
         re-reads the table's txn version and does nothing when the table already has `version` folded in (an
-        earlier attempt may have committed after all). Conflicts (a concurrent OPTIMIZE of a KPI table) and a
+        earlier attempt may have committed after all). It raises `KpiStageSuperseded` when the table's version is
+        neither `version` or above nor the one this stage last committed: another stage has been folding — the
+        fence against a stale KPI stage, which holds in the race too: two MERGEs with the same txn appId
+        conflict in delta-rs, and the retry re-reads the version. Conflicts (a concurrent OPTIMIZE of a KPI table) and a
         full disk are retried by `lake.CommitRetries`; a stop requested while the disk is full abandons the fold
         (`lake.RetryInterrupted`), and the next run re-folds from the tables' txn versions."""
         table = self.tables[name]
@@ -362,7 +371,12 @@ class KpiStage:
                 if attempt.num > 1:
                     table.update_incremental()
                 # exactly once: nothing to do when this table already has this version folded in
-                if (table.transaction_version(self.app_id) or 0) < version:
+                committed = table.transaction_version(self.app_id) or 0
+                if committed < version and committed != self.folded[name]:
+                    # the deltas start after `folded[name]`: on top of anything else they would double count
+                    raise KpiStageSuperseded(f"{name} has events version {committed} folded in by another KPI "
+                                             f"stage; this one folded up to {self.folded[name]}")
+                if committed < version:
                     merge = table.merge(source, predicate=predicate, source_alias="s", target_alias="t",
                                         commit_properties=CommitProperties(
                                             app_transactions=[Transaction(self.app_id, version)],

@@ -1,4 +1,11 @@
-"""The stages after the log, wired together: processor (log → events) then KPI (events → kpi_*)."""
+"""The stages after the log, wired together: processor (log → events) then KPI (events → kpi_*).
+
+The KPI stage runs in one process at a time: the one holding the `kpi` role of the ownership (a lease on NATS,
+a lock file on one machine). Every pipeline that does not hold it tries to take it every `kpi_interval_s`, so when
+the holder dies another one starts the stage within seconds (a lease's TTL, or at once for a lock file); the new
+stage recovers its state from the KPI tables' commit metadata. A stage that loses the role, or finds that another
+stage has committed since it last did (`KpiStageSuperseded`), stops and drops its in-memory state.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,11 @@ import threading
 from typing import Callable
 
 from gamestream import lake
-from gamestream.kpi import KpiStage
+from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.log import EventLog
-from gamestream.processor import PartitionBusy, ProcessLocks, Processor, ProcessorStats
 from gamestream.maintenance import AutoMaintenance
+from gamestream.ownership import KPI_ROLE, Ownership, open_ownership
+from gamestream.processor import Processor, ProcessorStats
 from gamestream.settings import TABLES, Settings
 
 logger = logging.getLogger(__name__)
@@ -21,22 +29,49 @@ class Pipeline:
     returns only once the KPI tables reflect everything committed."""
 
     def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
-                 kpi: bool = True, maintenance: bool = False) -> None:
+                 kpi: bool = True, maintenance: bool = False, ownership: Ownership | None = None) -> None:
+        """`ownership` defaults to `open_ownership` (leases when `settings.log` is `nats://…`, else lock files on
+        `partitions`); the pipeline closes it when `run` returns, also one passed in."""
         self.settings = settings
-        self.processor = Processor(settings, log, partitions)
-        self.maintenance = AutoMaintenance(settings, list(TABLES)) if maintenance else None
-        # One KPI stage per data directory: with several processors (scale-out) the first one to take the lock
-        # runs it; the others only ingest.
-        self.kpi: KpiStage | None = None
-        self._kpi_lock: ProcessLocks | None = None
-        if kpi:
-            try:
-                self._kpi_lock = ProcessLocks(settings.data_dir / "log", ["kpi"], lambda _: "the KPI stage")
-                # a stop request also ends the KPI stage's wait for disk space, so a SIGTERM is never stuck
-                self.kpi = KpiStage(settings, log, stop=self.processor.stop_requested)
-                self.processor.on_commit = self.kpi.offer
-            except PartitionBusy:
-                self.kpi = None
+        self.log = log
+        if ownership is not None and partitions is not None:
+            raise ValueError("give either partitions or an ownership, not both")
+        self.ownership: Ownership = ownership or open_ownership(settings, log.partitions, partitions)
+        try:
+            self.processor = Processor(settings, log, ownership=self.ownership)
+            self.processor.on_commit = self._offer
+            self.maintenance = AutoMaintenance(settings, list(TABLES)) if maintenance else None
+            self.kpi_enabled = kpi
+            self.kpi: KpiStage | None = None  # the running KPI stage, when this process holds the role
+            if kpi:
+                self._take_kpi()
+        except BaseException:
+            self.ownership.close()
+            raise
+
+    def _take_kpi(self) -> bool:
+        """Starts the KPI stage here if the role is free (or already ours). The stage recovers its state from
+        the KPI tables, so it picks up wherever the previous holder committed."""
+        if not self.ownership.claim(KPI_ROLE):
+            return False
+        try:
+            # a stop request also ends the KPI stage's wait for disk space, so a SIGTERM is never stuck
+            self.kpi = KpiStage(self.settings, self.log, stop=self.processor.stop_requested)
+        except BaseException:
+            self.ownership.release_role(KPI_ROLE)
+            raise
+        return True
+
+    def _drop_kpi(self, why: str) -> None:
+        logger.warning("KPI stage stops here: %s", why, extra={
+            "version": self.kpi.state.version if self.kpi else None})
+        self.kpi = None
+        self.ownership.release_role(KPI_ROLE)
+
+    def _offer(self, version: int, rows) -> None:
+        stage = self.kpi
+        if stage is not None:
+            stage.offer(version, rows)
 
     def run(self, *, until_idle: bool = False,
             on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
@@ -46,16 +81,30 @@ class Pipeline:
 
         A KPI fold that fails stops the pipeline and is raised here (KPIs must not silently fall behind); one
         abandoned because a stop was requested while the disk was full is not a failure: the next run re-folds
-        from the KPI tables' txn versions."""
+        from the KPI tables' txn versions. Without the KPI role, the same thread tries to take it each interval.
+        Every partition and role is released when this returns, so other processes take them over at once."""
         failures: list[BaseException] = []
         done = threading.Event()
         interrupted = False
+
+        def fold_once() -> None:
+            if self.kpi is None:
+                if not self._take_kpi():
+                    return  # another process runs the KPI stage; try again next time (it may die)
+                logger.info("KPI stage taken over", extra={"version": self.kpi.state.version})  # type: ignore
+            if not self.ownership.holds(KPI_ROLE):
+                self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
+                return
+            try:
+                self.kpi.fold()  # type: ignore[union-attr]
+            except KpiStageSuperseded as error:
+                self._drop_kpi(str(error))
 
         def fold_until_done() -> None:
             nonlocal interrupted
             try:
                 while not done.wait(self.settings.kpi_interval_s):
-                    self.kpi.fold()  # type: ignore[union-attr]
+                    fold_once()
             except lake.RetryInterrupted:
                 interrupted = True
             except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
@@ -63,7 +112,7 @@ class Pipeline:
                 failures.append(error)
                 self.processor.stop(drain=False)
 
-        folding = threading.Thread(target=fold_until_done, name="kpi", daemon=True) if self.kpi else None
+        folding = threading.Thread(target=fold_until_done, name="kpi", daemon=True) if self.kpi_enabled else None
         if self.maintenance:
             self.maintenance.start()
         if folding:
@@ -75,19 +124,20 @@ class Pipeline:
                 folding.join()
             if failures:
                 raise failures[0]
-            if self.kpi and not interrupted:
+            if self.kpi and not interrupted and self.ownership.holds(KPI_ROLE):
                 try:
                     self.kpi.fold()
                 except lake.RetryInterrupted:
                     pass  # logged by the retry policy; the next run folds it
+                except KpiStageSuperseded as error:
+                    self._drop_kpi(str(error))
             if self.kpi:
                 logger.info("KPI stage stopped", extra={"version": self.kpi.state.version})
         finally:
             done.set()
             if self.maintenance:
                 self.maintenance.stop()
-            if self._kpi_lock:
-                self._kpi_lock.release()
+            self.ownership.close()
 
     def stop(self, *, drain: bool) -> None:
         self.processor.stop(drain=drain)

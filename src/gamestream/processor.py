@@ -1,8 +1,18 @@
 """The processor: log partitions → micro-batches → the Delta `events` table, exactly once.
 
-One processor owns a set of log partitions (all of them by default) and holds a lock file per partition, so two
-processors never write the same partition's appId. Each micro-batch is flushed when it holds
-`batch_max_events` events or its oldest record has waited `batch_max_wait_s`, and becomes
+A processor works on the partitions its `Ownership` gives it (gamestream/ownership.py): a fixed set held by lock
+files on one machine (all of them by default, or `--only`), or a share of them held by leases on the NATS cluster,
+which changes as processors join, stop and die. At the start of each round it follows the changes:
+
+- a partition gained starts from its committed position, read from the events table's txn version (the table is
+  the source of truth; whoever owned it before may have committed up to the moment its lease lapsed);
+- a partition lost drops the records read but not committed: the new owner re-reads them from that position;
+- a partition beyond this processor's fair share (another processor joined) is committed, then released.
+
+Right before a flush, partitions whose lease lapsed meanwhile are dropped as lost.
+
+Each micro-batch is flushed when it holds `batch_max_events` events or its oldest record has waited
+`batch_max_wait_s`, and becomes
 
 1. one commit to `events_quarantine` (only when some rows failed validation), carrying txn
    `<pipeline>-events_quarantine-p<p>` = the batch's last offset of p for every partition p in the batch, then
@@ -10,9 +20,12 @@ processors never write the same partition's appId. Each micro-batch is flushed w
    every row was quarantined, so the position always moves.
 
 Both commits go through `lake.commit_exactly_once`, which skips the offsets each table already has; a crash
-between 1 and 2 replays the batch, and each table takes only what it lacks. The position a restart resumes from
-is the `events` table's txn version, read from Delta itself: the log's own record of consumer positions is only
-used to know what may be trimmed.
+between 1 and 2 replays the batch, and each table takes only what it lacks. The same check fences a stale owner:
+a processor paused past its lease that wakes up and flushes before noticing finds the new owner's txn versions
+(its commit conflicts with theirs, is retried from a fresh read of the versions) and commits only what is missing
+— nothing, if the new owner got there first. The position a restart resumes from is the `events` table's txn
+version, read from Delta itself: the log's own record of consumer positions is only used to know what may be
+trimmed.
 
 A full disk stops nothing for good: a commit that fails for want of space is retried (`lake.CommitRetries`)
 until space is freed, then the same batch is committed — exactly once, because every attempt re-reads the txn
@@ -22,15 +35,12 @@ processor has not committed, so a processor stopped while waiting loses nothing 
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 from deltalake import DeltaTable
@@ -38,6 +48,7 @@ from deltalake import DeltaTable
 from gamestream import lake, metrics
 from gamestream.decode import Decoded, decode_records
 from gamestream.log import EventLog, LogRecord
+from gamestream.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
 
@@ -47,9 +58,7 @@ _LAG_EVERY_S = 1.0  # the per-partition lag gauges cost a query per partition: a
 
 logger = logging.getLogger(__name__)
 
-
-class PartitionBusy(RuntimeError):
-    """Another processor holds this partition's lock."""
+__all__ = ["PartitionBusy", "ProcessLocks", "Processor", "ProcessorStats"]  # the first two live in ownership
 
 
 @dataclass
@@ -62,58 +71,33 @@ class ProcessorStats:
     started: float = field(default_factory=time.monotonic)
 
 
-class ProcessLocks:
-    """flock()s on `<directory>/<name>.lock` files: released by the kernel when the process dies."""
-
-    def __init__(self, directory: Path, names: list[str], what: Callable[[str], str]) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self._files = []
-        try:
-            for name in names:
-                handle = open(directory / f"{name}.lock", "a+")
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    handle.close()
-                    raise PartitionBusy(f"{what(name)} is being processed by {holder}") from None
-                self._files.append(handle)
-                try:  # who holds it, for the message above: a note, so a full disk must not stop the start
-                    handle.truncate(0)
-                    os.write(handle.fileno(), f"pid {os.getpid()}".encode())  # unbuffered: close cannot fail
-                except OSError as error:
-                    if not lake.is_out_of_space(error):
-                        raise
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        for handle in self._files:
-            handle.close()
-        self._files.clear()
-
-
 class Processor:
-    def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None) -> None:
+    def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
+                 ownership: Ownership | None = None) -> None:
+        """Works on what `ownership` gives it; without one, on `partitions` (all by default) held by lock files,
+        or by leases when `settings.log` is a `nats://` URL (`ownership.open_ownership`). An ownership it opened
+        itself is closed when `run` returns; one passed in is only released of its partitions (its roles, such
+        as the KPI stage's, are the caller's)."""
         self.settings = settings
         self.log = log
-        self.partitions = sorted(partitions if partitions is not None else range(log.partitions))
-        for partition in self.partitions:
-            if not 0 <= partition < log.partitions:
-                raise ValueError(f"partition {partition} is outside 0..{log.partitions - 1}")
-        self._locks = ProcessLocks(settings.data_dir / "log", [f"processor-p{p}" for p in self.partitions],
-                                   lambda name: f"log partition {name.removeprefix('processor-p')}")
-        self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"))
-        self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
-        self._app_ids = {p: lake.txn_app_id(settings.pipeline, p) for p in self.partitions}
+        if ownership is not None and partitions is not None:
+            raise ValueError("give either partitions or an ownership, not both")
+        self._closes_ownership = ownership is None
+        self.ownership: Ownership = ownership or open_ownership(settings, log.partitions, partitions)
+        try:
+            self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"))
+            self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
+        except BaseException:
+            if self._closes_ownership:
+                self.ownership.close()
+            raise
+        self._app_ids = {p: lake.txn_app_id(settings.pipeline, p) for p in range(log.partitions)}
         self._quarantine_app_ids = {
-            p: lake.txn_app_id(settings.pipeline, p, "events_quarantine") for p in self.partitions
+            p: lake.txn_app_id(settings.pipeline, p, "events_quarantine") for p in range(log.partitions)
         }
-        committed = lake.committed_versions(self.events_table, list(self._app_ids.values()))
-        self.stats = ProcessorStats(positions={p: committed[self._app_ids[p]] for p in self.partitions})
-        self._pending: dict[int, list[LogRecord]] = {p: [] for p in self.partitions}
+        self.stats = ProcessorStats()
+        self._terms: dict[int, int] = {}  # owned partition → the term of ownership its position was read in
+        self._pending: dict[int, list[LogRecord]] = {}
         self._pending_events = 0
         self._pending_since: float | None = None
         self._events_per_record = settings.batch_max_events  # no estimate yet: the first read takes 1 record
@@ -125,20 +109,70 @@ class Processor:
         # told (version, rows) after each events commit: the KPI stage in the same process folds those rows
         # without reading them back from the table
         self.on_commit: Callable[[int, pa.Table], None] | None = None
+        self._follow_ownership(initial=True)
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this processor works on now (they change with leases)."""
+        return sorted(self._terms)
+
+    # ------------------------------------------------------------------------------------------- ownership
+    def _follow_ownership(self, *, initial: bool = False) -> None:
+        """Brings the partitions worked on in line with the ownership (see the module docstring): lost ones
+        dropped, surplus ones committed then released, gained ones started from the table's txn version."""
+        owned = self.ownership.owned()
+        lost = [p for p, term in self._terms.items() if owned.get(p) != term]
+        if lost:
+            self._drop(lost, "lost: another processor owns it now")
+        surplus = self.ownership.surplus() & set(owned)
+        if surplus:
+            self.flush()  # what was read of them is committed before another processor takes them
+            self.ownership.release(surplus)
+            self._drop([p for p in surplus if p in self._terms], "handed over to balance the processors")
+            owned = {p: term for p, term in owned.items() if p not in surplus}
+        gained = sorted(p for p in owned if p not in self._terms)
+        if not gained:
+            return
+        if not initial:
+            self.events_table.update_incremental()  # the previous owner's last commits
+        committed = lake.committed_versions(self.events_table, [self._app_ids[p] for p in gained])
+        for partition in gained:
+            self._terms[partition] = owned[partition]
+            self._pending[partition] = []
+            self.stats.positions[partition] = committed[self._app_ids[partition]]
+            metrics.log_position.labels(str(partition)).set(self.stats.positions[partition])
+        if not initial:
+            logger.info("partitions gained", extra={
+                "partitions": gained, "positions": {p: self.stats.positions[p] for p in gained}})
+
+    def _drop(self, partitions: Iterable[int], why: str) -> None:
+        """Forgets partitions this processor no longer owns, with what it read of them and did not commit: the
+        log still holds those records, and their new owner reads them from the table's txn version."""
+        dropped = {}
+        for partition in partitions:
+            records = self._pending.pop(partition, [])
+            self._pending_events -= sum(r.events for r in records)
+            dropped[partition] = sum(r.events for r in records)
+            self._terms.pop(partition, None)
+            self.stats.positions.pop(partition, None)
+        if self._pending_events == 0:
+            self._pending_since = None
+        logger.info("partitions released", extra={"partitions": sorted(dropped), "reason": why,
+                                                   "uncommitted_events_dropped": dropped})
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
         """Processes until stopped (`stop_requested`, SIGTERM/SIGINT via `install_signal_handlers`) or, with
-        `until_idle`, until every owned partition is drained. Pending events are committed before returning —
-        unless the disk is full when a stop is requested: then they stay in the log for the next run."""
+        `until_idle`, until every partition it owns is drained (with leases: the ones it owns at that moment).
+        Pending events are committed before returning — unless the disk is full when a stop is requested: then
+        they stay in the log for the next run. Its partitions are released on the way out, whatever the reason."""
         logger.info("processor started", extra={
             "partitions": self.partitions, "positions": dict(self.stats.positions), "pipeline": self.settings.pipeline,
             "until_idle": until_idle})
-        for partition, offset in self.stats.positions.items():
-            metrics.log_position.labels(str(partition)).set(offset)
         try:
             try:
                 while not self.stop_requested.is_set():
+                    self._follow_ownership()
                     read_any = self._read_available()
                     draining = until_idle or self.drain_requested.is_set()
                     if self._flush_due(drained=draining and not read_any):
@@ -168,7 +202,11 @@ class Processor:
             logger.error("processor failed", exc_info=True, extra={"positions": dict(self.stats.positions)})
             raise
         finally:
-            self._locks.release()
+            # released at once, so other processors take the partitions over without waiting for a lease to lapse
+            if self._closes_ownership:
+                self.ownership.close()
+            else:
+                self.ownership.release(self.partitions)
 
     def stop(self, *, drain: bool) -> None:
         """Asks `run` to return: at once after committing what it has read, or (`drain`) once the log is empty —
@@ -220,7 +258,11 @@ class Processor:
 
     # ------------------------------------------------------------------------------------------------ flush
     def flush(self) -> None:
-        """Commits every pending record: quarantine first, then events (see the module docstring)."""
+        """Commits every pending record of the partitions still owned: quarantine first, then events (see the
+        module docstring)."""
+        lapsed = [p for p in self.partitions if not self.ownership.owns(p)]
+        if lapsed:
+            self._drop(lapsed, "lease lapsed before the flush")
         records = [r for p in self.partitions for r in self._pending[p]]
         if not records:
             return

@@ -1,0 +1,494 @@
+"""Which log partitions (and which singleton roles, such as the KPI stage) this process owns right now.
+
+A partition is written by one processor at a time, so its micro-batches stay in offset order and a processor does
+not waste work on records another one is committing. Ownership is an optimisation of who works, not the guarantee
+of exactly once: the Delta `txn` check in `lake.commit_exactly_once` is what keeps a stale owner (a process
+paused past its lease, then resumed) from committing a row twice, and it holds even when two processes believe
+they own the same partition.
+
+Two implementations of `Ownership`:
+
+- `LocalOwnership`: one machine, the embedded log. A fixed set of partitions (all, or `process --only`), each
+  held by a `flock` that the kernel releases when the process dies; `PartitionBusy` when another process holds
+  one.
+- `LeaseOwnership`: any number of processors on any machines, through leases in a NATS JetStream key-value
+  bucket. Partitions are shared out by a fair-share rule and move within seconds when a processor joins, stops
+  or dies (docs/architecture.md, "Ownership").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from gamestream import lake
+
+if TYPE_CHECKING:
+    from gamestream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+KPI_ROLE = "kpi"
+
+
+class PartitionBusy(RuntimeError):
+    """Another processor holds this partition's lock."""
+
+
+@runtime_checkable
+class Ownership(Protocol):
+    """What a processor may work on. The set can change at any moment (leases are gained, lost, handed over); a
+    processor reads it at the start of each round and checks `owns` again right before it commits.
+
+    Terms: `owned()` maps each owned partition to the term of its current ownership, a number that changes each
+    time the partition is acquired anew. A partition lost and won back between two looks has a new term, so the
+    processor re-reads its committed position from the events table instead of trusting what it had read."""
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions the log has."""
+        ...
+
+    def owned(self) -> dict[int, int]:
+        """Partition → term, for every partition this process owns now."""
+        ...
+
+    def owns(self, partition: int) -> bool:
+        """Whether this process still owns `partition` at this instant (its lease has not lapsed)."""
+        ...
+
+    def surplus(self) -> frozenset[int]:
+        """Owned partitions that others should have (beyond this process' fair share): the processor commits what
+        it has read of them, then `release`s them."""
+        ...
+
+    def release(self, partitions: Iterable[int]) -> None:
+        """Gives partitions up at once, so another process can take them without waiting for a lease to lapse."""
+        ...
+
+    def claim(self, role: str) -> bool:
+        """Tries to take a singleton role (`"kpi"`) now; True if this process holds it afterwards."""
+        ...
+
+    def holds(self, role: str) -> bool:
+        """Whether this process still holds `role` at this instant."""
+        ...
+
+    def release_role(self, role: str) -> None:
+        ...
+
+    def close(self) -> None:
+        """Releases every partition and role at once and stops renewing. Idempotent."""
+        ...
+
+
+def open_ownership(settings: "Settings", partitions: int, only: list[int] | None = None) -> Ownership:
+    """The ownership a pipeline uses: leases on the NATS cluster that holds the log (`settings.log` is
+    `nats://…`), else flocks under `<data_dir>/log`.
+
+    With leases, a fixed `only` list is refused: a processor that takes partitions regardless of the shares would
+    fight the others' balancing. Run more processors instead; they share the partitions by themselves."""
+    if settings.log and settings.log.startswith("nats://"):
+        if only is not None:
+            raise ValueError("--only does not combine with a nats:// log: processors share the partitions by "
+                             "leases; start more processors instead")
+        return LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=partitions,
+                              ttl_s=settings.lease_ttl_s)
+    return LocalOwnership(settings.data_dir / "log", partitions, only)
+
+
+# ------------------------------------------------------------------------------------------------------ flock
+class ProcessLocks:
+    """flock()s on `<directory>/<name>.lock` files: released by the kernel when the process dies."""
+
+    def __init__(self, directory: Path, names: list[str], what: Callable[[str], str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._files = []
+        try:
+            for name in names:
+                handle = open(directory / f"{name}.lock", "a+")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    handle.close()
+                    raise PartitionBusy(f"{what(name)} is being processed by {holder}") from None
+                self._files.append(handle)
+                try:  # who holds it, for the message above: a note, so a full disk must not stop the start
+                    handle.truncate(0)
+                    os.write(handle.fileno(), f"pid {os.getpid()}".encode())  # unbuffered: close cannot fail
+                except OSError as error:
+                    if not lake.is_out_of_space(error):
+                        raise
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+
+
+class LocalOwnership:
+    """A fixed set of partitions (all, or `only`), held by flocks in `directory` until `close` or process death.
+
+    The set never changes, so nothing is ever surplus; a second process asking for a held partition gets
+    `PartitionBusy` at construction, naming the holder's pid. Roles are flocks too (`kpi.lock`), tried again on
+    every `claim`, so a second processor on the same data directory takes the KPI stage over when the first dies.
+    """
+
+    def __init__(self, directory: Path, partitions: int, only: list[int] | None = None) -> None:
+        self.directory = directory
+        self._partitions = partitions
+        chosen = sorted(set(only) if only is not None else range(partitions))
+        for partition in chosen:
+            if not 0 <= partition < partitions:
+                raise ValueError(f"partition {partition} is outside 0..{partitions - 1}")
+        self._locks = ProcessLocks(directory, [f"processor-p{p}" for p in chosen],
+                                   lambda name: f"log partition {name.removeprefix('processor-p')}")
+        self._owned = {p: 1 for p in chosen}
+        self._roles: dict[str, ProcessLocks] = {}
+
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    def owned(self) -> dict[int, int]:
+        return dict(self._owned)
+
+    def owns(self, partition: int) -> bool:
+        return partition in self._owned
+
+    def surplus(self) -> frozenset[int]:
+        return frozenset()
+
+    def release(self, partitions: Iterable[int]) -> None:
+        # The partitions' locks are one group: they are released together, by `close`. A processor that stops
+        # releases everything anyway, which is the only time it calls this.
+        for partition in list(partitions):
+            self._owned.pop(partition, None)
+        if not self._owned:
+            self._locks.release()
+
+    def claim(self, role: str) -> bool:
+        if role in self._roles:
+            return True
+        try:
+            self._roles[role] = ProcessLocks(self.directory, [role],
+                                             lambda _: "the KPI stage" if role == KPI_ROLE else f"role {role}")
+        except PartitionBusy:
+            return False
+        return True
+
+    def holds(self, role: str) -> bool:
+        return role in self._roles
+
+    def release_role(self, role: str) -> None:
+        lock = self._roles.pop(role, None)
+        if lock:
+            lock.release()
+
+    def close(self) -> None:
+        self._owned.clear()
+        self._locks.release()
+        for role in list(self._roles):
+            self.release_role(role)
+
+
+# ------------------------------------------------------------------------------------------------ NATS leases
+def nats_servers(url: str) -> list[str]:
+    """`nats://h1:p1,h2:p2[?…]` → `["nats://h1:p1", "nats://h2:p2"]` (the query names the log's stream)."""
+    parts = urlsplit(url)
+    if parts.scheme != "nats" or not parts.netloc:
+        raise ValueError(f"not a NATS URL: {url!r} (expected nats://host:port[,host:port…])")
+    return [f"nats://{server.strip()}" for server in parts.netloc.split(",") if server.strip()]
+
+
+def bucket_name(pipeline: str) -> str:
+    """The KV bucket of a pipeline's leases: one per pipeline, so two pipelines on one cluster never compete."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", pipeline) + "-ownership"
+
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream: Nats-Expected-Last-Subject-Sequence did not match
+_MEMBERS = "members."
+_PARTITIONS = "partitions."
+_ROLES = "roles."
+
+
+@dataclass
+class _Lease:
+    revision: int  # the stream sequence of our last write of the key: a renewal must name it
+    deadline: float  # time.monotonic() after which we no longer count on it (the server drops it then or later)
+    term: int  # changes each time the key is acquired anew
+
+
+class LeaseOwnership:
+    """Partitions and roles held as leases in the JetStream KV bucket `<pipeline>-ownership`.
+
+    A lease is a key with a per-message TTL of `ttl_s` (whole seconds, at least 1):
+    - acquire: `create` — JetStream refuses it while the key exists, so one holder at a time;
+    - renew: a publish to `$KV.<bucket>.<key>` with `Nats-Expected-Last-Subject-Sequence` = our last revision
+      and a fresh `Nats-TTL`: refused if anyone else wrote the key since, or if it expired meanwhile;
+    - lapse: a holder that stops renewing (killed, paused, cut off) loses the key after the TTL, by the server;
+    - release: a purge of the key's subject up to our revision — it frees the key at once, and cannot remove a
+      newer holder's lease.
+
+    Every `ttl_s / 3` a background thread (an asyncio loop with a NATS connection of its own, independent of the
+    event log's backend) renews this member's key and its leases, then balances: with M live members (keys
+    `members.<id>`, renewed like leases) each process takes free partitions up to its fair share ⌈partitions / M⌉
+    and offers what it holds beyond it as `surplus`, which the processor releases after committing what it read.
+
+    A lease counts as held only until `deadline` = the time its last renewal was sent + TTL: the server's clock
+    starts later than ours, so we give a partition up locally no later than the server frees it. A failed
+    renewal (the key was taken over, or expired) loses it at once; a renewal that cannot reach the server keeps
+    the lease only until its deadline.
+    """
+
+    def __init__(self, url: str, *, pipeline: str, partitions: int, ttl_s: float = 5.0,
+                 connect_timeout_s: float = 10.0) -> None:
+        self._servers = nats_servers(url)
+        self._partitions = partitions
+        self.bucket = bucket_name(pipeline)
+        self.ttl = max(1, math.ceil(ttl_s))  # JetStream per-message TTLs are whole seconds
+        self.interval = self.ttl / 3
+        self.member = uuid.uuid4().hex
+        self._identity = json.dumps({"member": self.member, "host": socket.gethostname(), "pid": os.getpid()}
+                                    ).encode()
+        self._held: dict[str, _Lease] = {}  # key → lease
+        self._surplus: frozenset[int] = frozenset()
+        self._terms = 0
+        self._state = threading.Lock()
+        self._closed = False
+        self._warned = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ownership", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(), timeout=connect_timeout_s + 10)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._rounds = asyncio.run_coroutine_threadsafe(self._rounds_forever(), self._loop)
+        logger.info("leases started", extra={"bucket": self.bucket, "member": self.member, "ttl_s": self.ttl,
+                                             "partitions": sorted(self.owned())})
+
+    # ------------------------------------------------------------------------------------------ the protocol
+    @property
+    def partitions(self) -> int:
+        return self._partitions
+
+    def owned(self) -> dict[int, int]:
+        now = time.monotonic()
+        with self._state:
+            return {int(key.removeprefix(_PARTITIONS)): lease.term for key, lease in self._held.items()
+                    if key.startswith(_PARTITIONS) and now < lease.deadline}
+
+    def owns(self, partition: int) -> bool:
+        return self._valid(f"{_PARTITIONS}{partition}")
+
+    def surplus(self) -> frozenset[int]:
+        with self._state:
+            return self._surplus
+
+    def release(self, partitions: Iterable[int]) -> None:
+        self._release_keys([f"{_PARTITIONS}{p}" for p in partitions])
+
+    def claim(self, role: str) -> bool:
+        if self._valid(_ROLES + role):
+            return True
+        if self._closed:
+            return False
+        try:
+            return self._call(self._serialized(self._acquire(_ROLES + role)), timeout=self.ttl + 5)
+        except Exception as error:  # unreachable cluster: not held, try again later
+            self._warn("cannot reach NATS to claim a role", error)
+            return False
+
+    def holds(self, role: str) -> bool:
+        return self._valid(_ROLES + role)
+
+    def release_role(self, role: str) -> None:
+        self._release_keys([_ROLES + role])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._rounds.cancel()
+        with self._state:
+            keys = list(self._held)
+        try:
+            self._release_keys(keys)  # partitions and roles, then the membership: others rebalance at once
+        finally:
+            try:
+                self._call(self._nc.close(), timeout=5)
+            except Exception:
+                pass
+            self._stop_loop()
+        logger.info("leases released", extra={"bucket": self.bucket, "member": self.member})
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _valid(self, key: str) -> bool:
+        with self._state:
+            lease = self._held.get(key)
+            return lease is not None and time.monotonic() < lease.deadline
+
+    def _call(self, coroutine, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    def _release_keys(self, keys: list[str]) -> None:
+        with self._state:
+            # forgotten first: from here on we do not count on them, whatever the server answers
+            leases = {key: self._held.pop(key) for key in keys if key in self._held}
+            self._surplus = self._surplus - {int(k.removeprefix(_PARTITIONS)) for k in leases
+                                             if k.startswith(_PARTITIONS)}
+        if not leases:
+            return
+        try:
+            self._call(self._serialized(self._purge(leases)), timeout=self.ttl + 5)
+        except Exception as error:  # they lapse by themselves after the TTL
+            self._warn("could not release leases; they lapse after the TTL", error)
+
+    def _warn(self, message: str, error: BaseException) -> None:
+        logger.warning(message, extra={"bucket": self.bucket, "error": f"{type(error).__name__}: {error}"})
+
+    # ------------------------------------------------------------------------------------ on the NATS loop
+    async def _serialized(self, coroutine):
+        """One lease operation at a time on the loop: a renewal must not interleave with the release of the same
+        key (the purge would name a revision the renewal just replaced, leaving the key held until the TTL)."""
+        async with self._busy:
+            return await coroutine
+
+    async def _start(self) -> None:
+        import nats
+        from nats.js.api import KeyValueConfig
+
+        async def quiet(error: Exception) -> None:  # reconnections are logged once per episode by the rounds
+            logger.debug("NATS connection: %s", error)
+
+        self._nc = await nats.connect(servers=self._servers, name=f"gamestream-ownership-{self.member[:8]}",
+                                      connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                      error_cb=quiet, disconnected_cb=None)
+        self._js = self._nc.jetstream(timeout=max(1.0, self.interval))
+        self._busy = asyncio.Lock()
+        # allow_msg_ttl is set by nats-py on every bucket it creates; one replica per listed server, up to 3
+        config = KeyValueConfig(bucket=self.bucket, history=1, replicas=min(3, len(self._servers)))
+        try:
+            await self._js.create_key_value(config)
+        except Exception:
+            await self._js.key_value(self.bucket)  # created by another member with another replica count
+        await self._acquire(_MEMBERS + self.member)
+        await self._round()
+
+    async def _acquire(self, key: str) -> bool:
+        from nats.js.api import Header
+        from nats.js.errors import APIError
+
+        sent = time.monotonic()
+        try:
+            ack = await self._js.publish(self._subject(key), self._identity, msg_ttl=self.ttl,
+                                         headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
+        except APIError as error:
+            if error.err_code in _WRONG_LAST_SEQUENCE:
+                return False  # someone holds it
+            raise
+        with self._state:
+            self._terms += 1
+            self._held[key] = _Lease(ack.seq, sent + self.ttl, self._terms)
+        if not key.startswith(_MEMBERS):
+            logger.info("lease acquired", extra={"bucket": self.bucket, "key": key, "revision": ack.seq})
+        return True
+
+    async def _renew(self, key: str, lease: _Lease) -> None:
+        from nats.js.api import Header
+        from nats.js.errors import APIError
+
+        if time.monotonic() >= lease.deadline:
+            self._lose(key, lease, "lapsed: not renewed within the TTL")
+            return
+        sent = time.monotonic()
+        try:
+            ack = await self._js.publish(self._subject(key), self._identity, msg_ttl=self.ttl,
+                                         headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(lease.revision)})
+        except APIError as error:
+            if error.err_code in _WRONG_LAST_SEQUENCE:  # taken over, or expired on the server
+                self._lose(key, lease, "renewal refused: taken over or expired")
+                return
+            raise
+        with self._state:
+            if self._held.get(key) is lease:
+                lease.revision, lease.deadline = ack.seq, sent + self.ttl
+
+    def _lose(self, key: str, lease: _Lease, why: str) -> None:
+        with self._state:
+            if self._held.get(key) is lease:
+                del self._held[key]
+        logger.warning("lease lost", extra={"bucket": self.bucket, "key": key, "reason": why})
+
+    async def _purge(self, leases: dict[str, _Lease]) -> None:
+        for key, lease in leases.items():
+            # only our revision and older: a newer holder's write (after a lapse) survives
+            await self._js.purge_stream(f"KV_{self.bucket}", subject=self._subject(key), seq=lease.revision + 1)
+
+    async def _round(self) -> None:
+        """Renew, look, acquire up to the fair share, mark the rest surplus."""
+        with self._state:
+            held = list(self._held.items())
+        for key, lease in held:
+            await self._renew(key, lease)
+        if not self._valid(_MEMBERS + self.member):
+            await self._acquire(_MEMBERS + self.member)  # lapsed while paused or cut off: join again
+        info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=f"$KV.{self.bucket}.>")
+        keys = [subject.removeprefix(f"$KV.{self.bucket}.") for subject in (info.state.subjects or {})]
+        members = max(1, sum(1 for key in keys if key.startswith(_MEMBERS)))
+        taken = {int(key.removeprefix(_PARTITIONS)) for key in keys if key.startswith(_PARTITIONS)}
+        share = math.ceil(self._partitions / members)
+        mine = sorted(self.owned())
+        # start the search at a random partition, so members joining together do not race for the same keys
+        start = random.randrange(self._partitions) if self._partitions else 0
+        for step in range(self._partitions):
+            if len(mine) >= share:
+                break
+            partition = (start + step) % self._partitions
+            if partition not in taken and await self._acquire(f"{_PARTITIONS}{partition}"):
+                mine.append(partition)
+        with self._state:
+            self._surplus = frozenset(sorted(mine)[share:])
+
+    async def _rounds_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._serialized(self._round())
+                if self._warned:
+                    logger.info("leases renewed again", extra={"bucket": self.bucket})
+                self._warned = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the cluster is unreachable: leases lapse by their deadlines meanwhile
+                if not self._warned:
+                    self._warn("cannot renew leases; retrying", error)
+                self._warned = True
