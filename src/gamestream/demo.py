@@ -241,12 +241,19 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
                 "--host", settings.host, *(["--insecure-no-auth"] if settings.insecure_no_auth else [])],
                 logs_dir / f"collector-{index + 1}.log", env))
         children = processors + collectors
-        for child in children:
+        # One at a time: each finds the stream, buckets and leases the ones before it created, instead of racing
+        # them to create the same ones on a cluster that has just elected its leaders.
+        for child in processors:
             child.start()
-        for child in collectors:
-            url = await _collector_url(child, stop)
-            if url is None:
+            if await _output_match(child, r"processing partitions", stop) is None:
                 break  # stopped while starting
+        for child in collectors:
+            if stop.is_set():
+                break
+            child.start()
+            url = await _output_match(child, r"listening on (http://\S+?)/v1/events", stop)
+            if url is None:
+                break
             urls.append(url)
             await _wait_until_up(url)
         if not stop.is_set():
@@ -308,19 +315,20 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def _collector_url(child: _Child, stop: asyncio.Event, timeout: float = 120.0) -> str | None:
-    """The URL a `serve` child prints once it listens; None when the demo is stopped before."""
+async def _output_match(child: _Child, pattern: str, stop: asyncio.Event, timeout: float = 120.0) -> str | None:
+    """Waits for `pattern` in a child's output (a `serve` printing its URL, a `process` its partitions); its
+    first group, or the whole match. None when the demo is stopped before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stop.is_set():
             return None
-        match = re.search(r"listening on (http://\S+?)/v1/events", child.text())
+        match = re.search(pattern, child.text())
         if match:
-            return match[1]
+            return match[1] if match.re.groups else match[0]
         if child.exited() is not None:
             break
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"{child.name} did not start listening: see {child.output}\n{child.text()[-2000:]}")
+    raise RuntimeError(f"{child.name} did not start: see {child.output}\n{child.text()[-2000:]}")
 
 
 def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> None:
