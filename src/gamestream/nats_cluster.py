@@ -51,6 +51,7 @@ class NatsNode:
     cluster_port: int
     monitor_port: int
     process: subprocess.Popen | None = None
+    namespace: str | None = None  # the network namespace it runs in (NatsCluster(isolated=True))
 
     @property
     def url(self) -> str:
@@ -65,6 +66,9 @@ class NatsNode:
             f"server_name: {self.name}",
             f"listen: {self.host}:{self.client_port}",
             f"http: {self.host}:{self.monitor_port}",
+            # A log record is one message: room for a collector body (1 MiB) plus headers, and for a `load`
+            # chunk. 8 MB is the largest value nats-server takes without a warning.
+            "max_payload: 8MB",
             "jetstream {",
             f"  store_dir: {json.dumps(str(self.directory / 'jetstream'))}",
             "  sync_interval: always",
@@ -111,13 +115,34 @@ class NatsCluster:
     nodes: int = 3
     host: str = "127.0.0.1"
     name: str = "gamestream"
+    isolated: bool = False
+    """Each node in a network namespace of its own, wired to a bridge in this one (root only): then
+    `partition(i)` cuts node i off from the other nodes and from every client, and `heal(i)` reconnects it."""
     members: list[NatsNode] = field(default_factory=list)
+    network: "BridgedNamespaces | None" = None
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
+        if self.isolated and self.network is None:
+            self.network = BridgedNamespaces(self.nodes)
         if not self.members:
-            self.members = [NatsNode(f"n{i + 1}", self.directory / f"n{i + 1}", self.host, free_port(self.host),
-                                     free_port(self.host), free_port(self.host)) for i in range(self.nodes)]
+            hosts = self.network.hosts if self.network else [self.host] * self.nodes
+            self.members = [NatsNode(f"n{i + 1}", self.directory / f"n{i + 1}", hosts[i], 4222, 6222, 8222,
+                                     namespace=self.network.namespaces[i])
+                            if self.network else
+                            NatsNode(f"n{i + 1}", self.directory / f"n{i + 1}", hosts[i], free_port(hosts[i]),
+                                     free_port(hosts[i]), free_port(hosts[i])) for i in range(self.nodes)]
+
+    def partition(self, index: int) -> None:
+        """Cuts node `index` off the network (isolated clusters only): its peers and the clients lose it."""
+        if not self.network:
+            raise RuntimeError("partition() needs NatsCluster(isolated=True)")
+        self.network.set_link(index, up=False)
+
+    def heal(self, index: int) -> None:
+        if not self.network:
+            raise RuntimeError("heal() needs NatsCluster(isolated=True)")
+        self.network.set_link(index, up=True)
 
     @property
     def url(self) -> str:
@@ -141,8 +166,10 @@ class NatsCluster:
         config = node.directory / "nats.conf"
         config.write_text(node.config(self._routes(node), self.name))
         log = open(node.directory / "nats.log", "ab")
-        node.process = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=log, stderr=log,
-                                        start_new_session=True)
+        # `ip netns exec` execs the server, so the pid is nats-server's own (signals reach it directly)
+        prefix = ["ip", "netns", "exec", node.namespace] if node.namespace else []
+        node.process = subprocess.Popen([*prefix, nats_server_binary(), "-c", str(config)], stdout=log,
+                                        stderr=log, start_new_session=True)
         log.close()
 
     def wait_healthy(self, timeout: float = 60, indices: list[int] | None = None) -> None:
@@ -188,9 +215,11 @@ class NatsCluster:
         return next(i for i, n in enumerate(self.members) if n.name == name)
 
     def stop(self) -> None:
-        """Stops every node (SIGTERM, then SIGKILL after 10 s)."""
+        """Stops every node (SIGCONT for a stopped one, SIGTERM, then SIGKILL after 10 s) and removes the
+        network namespaces of an isolated cluster."""
         for node in self.members:
             if node.running:
+                os.killpg(node.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
                 os.killpg(node.process.pid, signal.SIGTERM)  # type: ignore[union-attr]
         for node in self.members:
             if node.process is not None:
@@ -199,9 +228,54 @@ class NatsCluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(node.process.pid, signal.SIGKILL)
                     node.process.wait()
+        if self.network:
+            self.network.remove()
 
     def __enter__(self) -> "NatsCluster":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class BridgedNamespaces:
+    """`count` network namespaces, each with one veth link to a bridge in the current namespace, on a /24 of
+    10.213.x.0 picked at random (so concurrent test runs do not collide). Hosts in the current namespace reach
+    every node through the bridge; taking a node's link down partitions it from everyone. Needs root (the test
+    suite runs as root in CI) and iproute2's `ip`."""
+
+    def __init__(self, count: int) -> None:
+        import secrets
+
+        tag = secrets.token_hex(2)
+        subnet = 1 + secrets.randbelow(250)
+        self.bridge = f"gsbr{tag}"
+        self.namespaces = [f"gs{tag}n{i + 1}" for i in range(count)]
+        self.links = [f"gs{tag}v{i + 1}" for i in range(count)]
+        self.hosts = [f"10.213.{subnet}.{11 + i}" for i in range(count)]
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self._ip("addr", "add", f"10.213.{subnet}.1/24", "dev", self.bridge)
+            self._ip("link", "set", self.bridge, "up")
+            for namespace, link, host in zip(self.namespaces, self.links, self.hosts):
+                self._ip("netns", "add", namespace)
+                self._ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+                self._ip("link", "set", link, "master", self.bridge, "up")
+                self._ip("-n", namespace, "addr", "add", f"{host}/24", "dev", "eth0")
+                self._ip("-n", namespace, "link", "set", "eth0", "up")
+                self._ip("-n", namespace, "link", "set", "lo", "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    @staticmethod
+    def _ip(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", *args], check=check, capture_output=True)
+
+    def set_link(self, index: int, *, up: bool) -> None:
+        self._ip("link", "set", self.links[index], "up" if up else "down")
+
+    def remove(self) -> None:
+        for namespace in self.namespaces:
+            self._ip("netns", "del", namespace, check=False)  # deletes its veth pair too
+        self._ip("link", "del", self.bridge, check=False)
