@@ -107,11 +107,13 @@ def append_events(log, events: list[dict], per_record: int = 20) -> None:
 RUNNER = """
 import os, sys
 from pathlib import Path
+from gamestream import logs
 from gamestream.log import open_log
 from gamestream.ownership import LeaseOwnership
 from gamestream.pipeline import Pipeline
 from gamestream.settings import Settings
 
+logs.setup("json")
 url, data, pipeline_name, kpi = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kpi"
 settings = Settings(data_dir=Path(data), partitions=4, lease_ttl_s=2, pipeline=pipeline_name,
                     batch_max_wait_s=0.1, kpi_interval_s=0.2)
@@ -128,10 +130,17 @@ os._exit(0)
 
 
 def start_processor(url: str, data: Path, pipeline: str, *, kpi: bool = False) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", RUNNER, url, str(data), pipeline, "kpi" if kpi else "no-kpi"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """A processor process; its log lines go to `<data>/../processor-<pid>.log` (read them when a test fails)."""
+    with open(data.parent / f"processor-{time.monotonic_ns()}.log", "w") as log_file:
+        child = subprocess.Popen([sys.executable, "-c", RUNNER, url, str(data), pipeline, "kpi" if kpi else "no-kpi"],
+                                 stdout=subprocess.PIPE, stderr=log_file, text=True)
     assert child.stdout.readline().strip() == "ready"
     return child
+
+
+def partitions_held_by(url: str, pipeline: str, pid: int) -> set[int]:
+    return {int(key.removeprefix("partitions.")) for key, holder in holders(url, pipeline).items()
+            if holder == pid and key.startswith("partitions.")}
 
 
 def end(child: subprocess.Popen) -> None:
@@ -233,13 +242,9 @@ def test_processors_share_the_partitions_fairly_and_take_over_when_one_stops_or_
         assert took < TTL  # not waiting for leases to lapse
 
         child = start_processor(nats_url, settings.data_dir, pipeline_name)
-
-        def held_by(pid: int) -> set[str]:
-            return {k for k, holder in holders(nats_url, pipeline_name).items() if holder == pid and
-                    k.startswith("partitions.")}
-
-        eventually(lambda: len(held_by(child.pid)) == 2, within=3 * TTL, what="the child takes its half")
-        assert len(first.partitions) == 2 and len(held_by(os.getpid())) == 2
+        eventually(lambda: len(partitions_held_by(nats_url, pipeline_name, child.pid)) == 2, within=3 * TTL,
+                   what="the child takes its half")
+        assert len(first.partitions) == 2 and len(partitions_held_by(nats_url, pipeline_name, os.getpid())) == 2
         child.kill()
         killed = time.monotonic()
         eventually(lambda: first.partitions == [0, 1, 2, 3], within=TTL + 3, what="the killed child's partitions move")
@@ -390,9 +395,15 @@ def test_processors_started_stopped_killed_and_paused_past_their_lease_store_eve
         time.sleep(1.0)
         children.append(start_processor(nats_url, data, pipeline_name))
         time.sleep(1.0)
-        children[2].send_signal(signal.SIGSTOP)  # paused past its TTL, with records read and not committed
+        paused = children[2]
+        eventually(lambda: partitions_held_by(nats_url, pipeline_name, paused.pid) != set(), within=3 * TTL,
+                   what="the processor to pause owns partitions")
+        paused.send_signal(signal.SIGSTOP)  # paused past its TTL, with records read and not committed
         time.sleep(TTL + 2.5)
-        children[2].send_signal(signal.SIGCONT)  # wakes up believing, for an instant, that it owns partitions
+        # its partitions moved to the last processor alive meanwhile
+        assert partitions_held_by(nats_url, pipeline_name, paused.pid) == set()
+        assert partitions_held_by(nats_url, pipeline_name, children[3].pid) == {0, 1, 2, 3}
+        paused.send_signal(signal.SIGCONT)  # wakes up believing, for an instant, that it owns partitions
         time.sleep(2.0)
         stop_appending.set()
         appending.join()
