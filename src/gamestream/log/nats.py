@@ -197,8 +197,22 @@ class NatsEventLog:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def _stop_loop(self) -> None:
+        """Ends the private loop cleanly: the client's background tasks are cancelled and awaited first, so none
+        is left to be collected on a closed loop."""
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(10)
+        except Exception:
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _open(self, partitions: int | None) -> None:
         self._nc = await nats.connect(**_connect_options(self._url))
@@ -255,6 +269,12 @@ class NatsEventLog:
     def partitions(self) -> int:
         return self._partitions
 
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest payload one record may have: the servers' `max_payload` less room for our headers. A
+        producer that builds big records (`load`) should split a partition's lines before this."""
+        return self._max_payload - _HEADER_ROOM
+
     def _subject(self, partition: int) -> str:
         return f"{self.stream}.{partition}"
 
@@ -271,7 +291,7 @@ class NatsEventLog:
         for record in records:
             if not 0 <= record.partition < self._partitions:
                 raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
-            if len(record.payload) + _HEADER_ROOM > self._max_payload:
+            if len(record.payload) > self.max_record_bytes:
                 raise RecordTooLarge(f"a record of {len(record.payload):,} bytes is over the NATS servers' "
                                      f"max_payload of {self._max_payload:,} bytes; split it, or raise max_payload")
         if not records and idempotency is None:
@@ -327,15 +347,21 @@ class NatsEventLog:
         deadline = time.monotonic() + CLAIM_TIMEOUT_SECONDS + PUBLISH_RETRY_SECONDS * 2
         while True:
             claim = _CLAIM + repr(time.time()).encode()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"idempotency key still being appended by another request after "
+                                   f"{CLAIM_TIMEOUT_SECONDS:.0f} s")
             try:
                 revision = await self._idempotency.create(key, claim)
                 break
-            except nats.js.errors.KeyWrongLastSequenceError:
+            # KeyNotFoundError out of create: in a cluster the leader refuses a create against a claim it has
+            # proposed but not yet stored, and nats-py's check for a deleted key then finds nothing.
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
                 pass
             try:
                 entry = await self._idempotency.get(key)
             except nats.js.errors.KeyNotFoundError:
-                continue  # released or expired meanwhile: claim again
+                await asyncio.sleep(0.02)  # a claim not stored yet, or released / expired: try again
+                continue
             value = entry.value or b""
             if value.startswith(_DONE):
                 return AppendResult([], replayed=value[len(_DONE):])
@@ -346,9 +372,6 @@ class NatsEventLog:
                     break
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"idempotency key still being appended by another request after "
-                                   f"{CLAIM_TIMEOUT_SECONDS:.0f} s")
             await asyncio.sleep(0.02)
         try:
             result = await self._append(records, ids)
