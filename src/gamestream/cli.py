@@ -508,8 +508,10 @@ def status(data_dir: Path | None, partitions: int | None, log_url: str | None) -
         try:
             log = _open_log(settings)
         except Exception as error:  # a read-only copy, an unreachable server: the tables can still be shown
-            cause = error.__cause__ if isinstance(error, LogUnreachable) and error.__cause__ else error
-            out.print(f"event log {describe(settings)}: {_unusable_storage(cause) or error}", highlight=False)
+            if isinstance(error, LogUnreachable):
+                out.print(str(error), highlight=False)  # names the log already
+            else:
+                out.print(f"event log {describe(settings)}: {_unusable_storage(error) or error}", highlight=False)
     if log is not None:
         try:
             table = Table(title=f"event log ({describe(settings)})",
