@@ -4,6 +4,7 @@ stream's metadata, the loss of the stream leader while appending)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -115,7 +116,7 @@ def test_an_idempotency_claim_left_by_a_crashed_appender_is_taken_over(single_no
 
     log = NatsEventLog.connect(stream_url(single_node, fresh_stream()), partitions=1)
     try:
-        key = __import__("hashlib").sha256(b"crashed").hexdigest()
+        key = hashlib.sha256(b"crashed").hexdigest()  # the key as the log stores it
         log._call(log._idempotency.create(key, b"C" + repr(time.time()).encode()))  # claimed, never answered
         monkeypatch.setattr(nats_log, "CLAIM_TIMEOUT_SECONDS", 0.5)
         result = log.submit([Append(0, payload("after-crash"), 1)], Idempotency("crashed", b"answer")).result(30)
