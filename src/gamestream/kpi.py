@@ -356,10 +356,10 @@ class KpiStage:
                 state_json: str) -> None:
         """MERGEs `source` into table `name` with txn `<pipeline>-kpi` = `version`, once: every attempt first
         re-reads the table's txn version and does nothing when the table already has `version` folded in (an
-        earlier attempt may have committed after all). It raises `KpiStageSuperseded` when the table's version is
-        neither `version` or above nor the one this stage last committed: another stage has been folding — the
-        fence against a stale KPI stage, which holds in the race too: two MERGEs with the same txn appId
-        conflict in delta-rs, and the retry re-reads the version. Conflicts (a concurrent OPTIMIZE of a KPI table) and a
+        earlier attempt may have committed after all). It raises `KpiStageSuperseded` when the table's version lies
+        above what this stage has folded but below `version`: another stage has been folding — the fence against
+        a stale KPI stage, which holds in the race too: two MERGEs with the same txn appId conflict in delta-rs,
+        and the retry re-reads the version. Conflicts (a concurrent OPTIMIZE of a KPI table) and a
         full disk are retried by `lake.CommitRetries`; a stop requested while the disk is full abandons the fold
         (`lake.RetryInterrupted`), and the next run re-folds from the tables' txn versions."""
         table = self.tables[name]
@@ -372,8 +372,10 @@ class KpiStage:
                     table.update_incremental()
                 # exactly once: nothing to do when this table already has this version folded in
                 committed = table.transaction_version(self.app_id) or 0
-                if committed < version and committed != self.folded[name]:
-                    # the deltas start after `folded[name]`: on top of anything else they would double count
+                if self.folded[name] < committed < version:
+                    # Our deltas start after `folded[name]`; the table has more than that, not all of ours: added
+                    # on top, they would count versions twice. (Below `folded[name]` is fine: a fold whose MERGE
+                    # source was empty makes no commit, so a table's txn version may lag what was folded.)
                     raise KpiStageSuperseded(f"{name} has events version {committed} folded in by another KPI "
                                              f"stage; this one folded up to {self.folded[name]}")
                 if committed < version:

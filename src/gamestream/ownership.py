@@ -49,6 +49,11 @@ class PartitionBusy(RuntimeError):
     """Another processor holds this partition's lock."""
 
 
+class OwnershipUnavailable(RuntimeError):
+    """Leases cannot be used as asked: no NATS server answers at the URL, or a fixed `--only` set was asked for
+    with a NATS log (processors share the partitions by themselves there). The message says which."""
+
+
 @runtime_checkable
 class Ownership(Protocol):
     """What a processor may work on. The set can change at any moment (leases are gained, lost, handed over); a
@@ -104,7 +109,7 @@ def open_ownership(settings: "Settings", partitions: int, only: list[int] | None
     fight the others' balancing. Run more processors instead; they share the partitions by themselves."""
     if settings.log and settings.log.startswith("nats://"):
         if only is not None:
-            raise ValueError("--only does not combine with a nats:// log: processors share the partitions by "
+            raise OwnershipUnavailable("--only does not combine with a nats:// log: processors share the partitions by "
                              "leases; start more processors instead")
         return LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=partitions,
                               ttl_s=settings.lease_ttl_s)
@@ -280,7 +285,11 @@ class LeaseOwnership:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ownership", daemon=True)
         self._thread.start()
         try:
-            self._call(self._start(), timeout=connect_timeout_s + 10)
+            self._call(asyncio.wait_for(self._start(), connect_timeout_s), timeout=connect_timeout_s + 5)
+        except Exception as error:
+            self._stop_loop()
+            raise OwnershipUnavailable(f"cannot hold leases on NATS at {url}: {type(error).__name__} {error}"
+                                       .rstrip()) from error
         except BaseException:
             self._stop_loop()
             raise
@@ -353,6 +362,16 @@ class LeaseOwnership:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def _stop_loop(self) -> None:
+        async def cancel_the_rest() -> None:  # so no task is destroyed while pending
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self._call(cancel_the_rest(), timeout=5)
+        except Exception:
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
