@@ -15,7 +15,7 @@ from typing import Callable
 
 from gamestream import lake
 from gamestream.kpi import KpiStage, KpiStageSuperseded
-from gamestream.log import EventLog
+from gamestream.log import EventLog, LogUnavailable
 from gamestream.maintenance import AutoMaintenance
 from gamestream.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.processor import Processor, ProcessorStats
@@ -88,17 +88,24 @@ class Pipeline:
         interrupted = False
 
         def fold_once() -> None:
-            if self.kpi is None:
-                if not self._take_kpi():
-                    return  # another process runs the KPI stage; try again next time (it may die)
-                logger.info("KPI stage taken over", extra={"version": self.kpi.state.version})  # type: ignore
-            if not self.ownership.holds(KPI_ROLE):
-                self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
-                return
             try:
+                if self.kpi is None:
+                    if not self._take_kpi():
+                        return  # another process runs the KPI stage; try again next time (it may die)
+                    logger.info("KPI stage taken over", extra={"version": self.kpi.state.version})  # type: ignore
+                if not self.ownership.holds(KPI_ROLE):
+                    self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
+                    return
                 self.kpi.fold()  # type: ignore[union-attr]
             except KpiStageSuperseded as error:
                 self._drop_kpi(str(error))
+            except LogUnavailable as error:
+                # A fold interrupted half-way leaves the stage's memory ahead of its tables: start it afresh
+                # from the KPI tables' commit metadata once the log answers again (the next round).
+                if self.kpi is not None:
+                    self._drop_kpi(f"the log is unavailable ({error}); restarting from the KPI tables")
+                else:
+                    self.ownership.release_role(KPI_ROLE)
 
         def fold_until_done() -> None:
             nonlocal interrupted

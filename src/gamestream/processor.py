@@ -47,13 +47,14 @@ from deltalake import DeltaTable
 
 from gamestream import lake, metrics
 from gamestream.decode import Decoded, decode_records
-from gamestream.log import EventLog, LogRecord
+from gamestream.log import EventLog, LogRecord, LogUnavailable
 from gamestream.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
 
 _READ_CHUNK = 1000  # records per log read
 _TRIM_EVERY_S = 60.0
+_LOG_RETRY_S = 0.5  # pause between rounds while the log is unavailable
 _LAG_EVERY_S = 1.0  # the per-partition lag gauges cost a query per partition: at most this often
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Processor:
         self._last_trim = time.monotonic()
         self._last_lag = 0.0
         self._log_write_failing = False  # an episode of failed writes of log bookkeeping (positions, trim)
+        self._log_unavailable_since: float | None = None  # an episode of a log out of reach (LogUnavailable)
         self.stop_requested = threading.Event()
         self.drain_requested = threading.Event()
         # told (version, rows) after each events commit: the KPI stage in the same process folds those rows
@@ -173,7 +175,15 @@ class Processor:
             try:
                 while not self.stop_requested.is_set():
                     self._follow_ownership()
-                    read_any = self._read_available()
+                    try:
+                        read_any = self._read_available()
+                    except LogUnavailable as error:
+                        # a distributed log between leaders, or out of reach: what was read stays pending, and
+                        # reading resumes from there (a flush that is due still happens)
+                        self._log_unavailable(error)
+                        read_any = False
+                    else:
+                        self._log_available()
                     draining = until_idle or self.drain_requested.is_set()
                     if self._flush_due(drained=draining and not read_any):
                         self.flush()
@@ -339,12 +349,30 @@ class Processor:
                                              for partition, offset in last_offsets.items()])
         self._record_lag()
 
+    def _log_unavailable(self, error: LogUnavailable) -> None:
+        """One warning per episode, then a pause before the next round (stop-aware)."""
+        metrics.stage_errors.labels("processor").inc()
+        if self._log_unavailable_since is None:
+            self._log_unavailable_since = time.monotonic()
+            logger.warning("the log is unavailable; retrying until it answers",
+                           extra={"error": str(error), "partitions": self.partitions})
+        self.stop_requested.wait(_LOG_RETRY_S)
+
+    def _log_available(self) -> None:
+        if self._log_unavailable_since is not None:
+            logger.info("the log answers again", extra={
+                "unavailable_s": round(time.monotonic() - self._log_unavailable_since, 3)})
+            self._log_unavailable_since = None
+
     def _write_log_bookkeeping(self, write: Callable[[], object]) -> None:
         """Runs a write of the log's bookkeeping (the consumer position, the trim). Only used to know what may
-        be trimmed — the position a restart resumes from is the table's txn version — so a full disk only
-        postpones it: the next flush writes a later position (positions never move back)."""
+        be trimmed — the position a restart resumes from is the table's txn version — so a full disk, or a log
+        out of reach, only postpones it: the next flush writes a later position (positions never move back)."""
         try:
             write()
+        except LogUnavailable as error:
+            self._log_unavailable(error)
+            return
         except Exception as error:
             if not lake.is_out_of_space(error):
                 raise
@@ -363,9 +391,12 @@ class Processor:
         if not force and time.monotonic() - self._last_lag < _LAG_EVERY_S:
             return
         self._last_lag = time.monotonic()
-        for partition in self.partitions:
-            metrics.log_lag_events.labels(str(partition)).set(
-                self.log.pending_events_in(partition, self.settings.pipeline))
+        try:
+            for partition in self.partitions:
+                metrics.log_lag_events.labels(str(partition)).set(
+                    self.log.pending_events_in(partition, self.settings.pipeline))
+        except LogUnavailable:
+            pass  # a gauge can wait for the next round; the read loop reports the episode
 
     def _maybe_trim(self) -> None:
         if time.monotonic() - self._last_trim >= _TRIM_EVERY_S:

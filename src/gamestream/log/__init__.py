@@ -13,6 +13,8 @@ Invariants every backend keeps:
   is never visible before every record of the same partition with a lower offset is.
 - Records are trimmed only once every registered consumer has committed them and they are older than the
   retention.
+- A backend that cannot reach its log for a while (a distributed log electing a leader, a server restarting, a
+  network partition) raises `LogUnavailable`: the caller waits and tries again; nothing was half-done.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings
+
+
+class LogUnavailable(RuntimeError):
+    """The log cannot be reached, or cannot serve this call, right now (no leader, no server answering); the
+    same call may well succeed in a few seconds. Raised instead of the backend's own timeout errors, so the
+    stages can wait and retry without knowing which backend they run on."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ may be called from any thread (the collector submits from its own event loop, th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -45,7 +46,7 @@ import nats.js.errors
 import stamina
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from gamestream.log import DEFAULT_PARTITIONS, Append, AppendResult, Idempotency, LogRecord
+from gamestream.log import DEFAULT_PARTITIONS, Append, AppendResult, Idempotency, LogRecord, LogUnavailable
 from gamestream.log.sqlite import LogPartitionsMismatch
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,13 @@ class LogUrl:
 def _connect_options(parsed: LogUrl) -> dict[str, Any]:
     """nats-py's connect options: credentials from the URL, a creds file from NATS_CREDS, TLS files from
     NATS_CA / NATS_CERT / NATS_KEY (the names the `nats` CLI uses)."""
+    # A server cut off by a network partition does not close our connection: only missed pings tell. Pings
+    # every 2 s, given up after 2 missed, move the client to another server within seconds (the default, 2
+    # minutes, would leave a collector answering 503 for that long).
     options: dict[str, Any] = {"servers": parsed.servers, "name": "gamestream", "max_reconnect_attempts": -1,
-                               "reconnect_time_wait": 0.5, "connect_timeout": 5}
+                               "reconnect_time_wait": 0.5, "connect_timeout": 5, "ping_interval": 2,
+                               "max_outstanding_pings": 2, "error_cb": _connection_error,
+                               "disconnected_cb": _disconnected, "reconnected_cb": _reconnected}
     if parsed.user is not None:
         if parsed.password is None:
             options["token"] = parsed.user
@@ -127,6 +133,19 @@ def _connect_options(parsed: LogUrl) -> dict[str, Any]:
             context.load_cert_chain(cert, key or None)
         options["tls"] = context
     return options
+
+
+async def _connection_error(error: Exception) -> None:
+    """nats-py's own callback would log a traceback per failed reconnection attempt; one line is enough."""
+    logger.debug("NATS connection error: %s: %s", type(error).__name__, error)
+
+
+async def _disconnected() -> None:
+    logger.warning("disconnected from the NATS server; reconnecting")
+
+
+async def _reconnected() -> None:
+    logger.info("reconnected to a NATS server")
 
 
 def _transient(error: Exception) -> bool:
@@ -194,7 +213,20 @@ class NatsEventLog:
 
     # ------------------------------------------------------------------------------------------- plumbing
     def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        """Runs `coroutine` on the client's loop; a cluster between leaders or out of reach is `LogUnavailable`."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout)
+        except LogUnavailable:
+            raise
+        except Exception as error:
+            if isinstance(error, nats.errors.Error) and (_transient(error) or isinstance(
+                    error, (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError))):
+                raise LogUnavailable(f"the NATS log is unavailable: {type(error).__name__}: {error}") from error
+            if isinstance(error, concurrent.futures.TimeoutError) and not future.done():
+                future.cancel()
+                raise LogUnavailable(f"the NATS log did not answer within {timeout} s") from error
+            raise
 
     def _stop_loop(self) -> None:
         """Ends the private loop cleanly: the client's background tasks are cancelled and awaited first, so none
