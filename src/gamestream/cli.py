@@ -841,13 +841,15 @@ def main() -> None:
         code = 130
     except Exception as error:  # a clear line, not a traceback, for errors we know how to explain
         from gamestream.log.sqlite import LogPartitionsMismatch
+        from gamestream.ownership import OwnershipUnavailable
         from gamestream.processor import PartitionBusy
 
         unusable = None if isinstance(error, (DataDirUnusable, LogUnreachable)) else _unusable_storage(error)
         if type(error).__name__ == "TableNotFoundError":
             unusable = f"no Delta table there yet ({str(error).strip().splitlines()[0][:300]}); " \
                        "run `gamestream process` first"
-        if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable)) or unusable:
+        if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable,
+                              OwnershipUnavailable)) or unusable:
             from rich.text import Text
 
             console.print(Text.assemble(("error: ", "red"), unusable or str(error)))

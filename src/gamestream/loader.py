@@ -49,6 +49,24 @@ def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[list[tupl
         yield chunk
 
 
+def _split_by_size(lines: list[bytes], limit: int | None) -> Iterator[list[bytes]]:
+    """`lines` in runs whose NDJSON record stays within `limit` bytes (one run when there is no limit). Every
+    line fits on its own: events are capped far below any record limit (`max_event_bytes`)."""
+    if limit is None:
+        yield lines
+        return
+    run: list[bytes] = []
+    size = 0
+    for line in lines:
+        if run and size + len(line) + 1 > limit:
+            yield run
+            run, size = [], 0
+        run.append(line)
+        size += len(line) + 1
+    if run:
+        yield run
+
+
 def load_file(
     path: Path,
     log: EventLog,
@@ -98,7 +116,9 @@ def load_lines(
                 continue
             report.accepted += 1
             by_partition.setdefault(partition_for(result.device_id, log.partitions), []).append(result.line)
-        appends = [Append(p, b"\n".join(lines), len(lines)) for p, lines in sorted(by_partition.items())]
+        limit = getattr(log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
+        appends = [Append(p, b"\n".join(part), len(part)) for p, lines in sorted(by_partition.items())
+                   for part in _split_by_size(lines, limit)]
         log.append(appends)
         report.records += len(appends)
         if on_progress:

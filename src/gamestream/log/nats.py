@@ -118,7 +118,7 @@ def _connect_options(parsed: LogUrl) -> dict[str, Any]:
     options: dict[str, Any] = {"servers": parsed.servers, "name": "gamestream", "max_reconnect_attempts": -1,
                                "reconnect_time_wait": 0.5, "connect_timeout": 5, "ping_interval": 2,
                                "max_outstanding_pings": 2, "error_cb": _connection_error,
-                               "disconnected_cb": _disconnected, "reconnected_cb": _reconnected}
+                               "reconnected_cb": _reconnected}
     if parsed.user is not None:
         if parsed.password is None:
             options["token"] = parsed.user
@@ -138,10 +138,6 @@ def _connect_options(parsed: LogUrl) -> dict[str, Any]:
 async def _connection_error(error: Exception) -> None:
     """nats-py's own callback would log a traceback per failed reconnection attempt; one line is enough."""
     logger.debug("NATS connection error: %s: %s", type(error).__name__, error)
-
-
-async def _disconnected() -> None:
-    logger.warning("disconnected from the NATS server; reconnecting")
 
 
 async def _reconnected() -> None:
@@ -247,7 +243,11 @@ class NatsEventLog:
             self._loop.close()
 
     async def _open(self, partitions: int | None) -> None:
-        self._nc = await nats.connect(**_connect_options(self._url))
+        async def disconnected() -> None:
+            if not self._closed:  # our own close() disconnects too: nothing to warn about
+                logger.warning("disconnected from the NATS server; reconnecting")
+
+        self._nc = await nats.connect(**{**_connect_options(self._url), "disconnected_cb": disconnected})
         self._js = self._nc.jetstream(timeout=REQUEST_SECONDS)
         info = self._nc._server_info  # the INFO of the server we reached: cluster members, max_payload
         servers = len(set(info.get("connect_urls") or [])) or (len(self._url.servers) if info.get("cluster") else 1)
