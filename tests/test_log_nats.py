@@ -64,6 +64,7 @@ def test_stream_is_replicated_on_three_nodes_with_subjects_per_partition(three_n
         assert info.config.subjects == [f"{stream}.*"]
         assert info.config.metadata["gamestream.partitions"] == "4"
         assert info.config.allow_direct and info.config.duplicate_window >= 60
+        assert info.config.allow_atomic  # several records of one append are stored together or not at all
     finally:
         log.close()
 
@@ -76,6 +77,26 @@ def test_a_publish_retried_with_the_same_msg_id_is_stored_once(single_node: Nats
         again = log._call(log._publish(record, "same-id"))  # as after a PubAck lost in a leader change
         assert again == first
         assert [(r.offset, r.payload) for r in read_all(log, 1)] == [(first, payload("retried"))]
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("nodes", ["single_node", "three_nodes"])
+def test_an_append_of_several_records_is_one_atomic_batch_and_a_lost_ack_retry_stores_nothing_twice(
+        nodes: str, request: pytest.FixtureRequest) -> None:
+    cluster: NatsCluster = request.getfixturevalue(nodes)
+    log = NatsEventLog.connect(stream_url(cluster, fresh_stream()), partitions=3)
+    try:
+        assert log._atomic
+        records = [Append(p, payload(f"r{p}-{i}"), 1) for i in range(2) for p in range(3)]
+        ids = [f"batch-{i}" for i in range(len(records))]
+        offsets = log._call(log._publish_atomic(records, ids))
+        assert offsets == list(range(offsets[0], offsets[0] + len(records)))  # one batch, consecutive
+        # the same batch again, as after a PubAck lost to a leader change: the server refuses it as holding
+        # stored Msg-Ids, and the first attempt's offsets are found by those ids
+        assert log._call(log._publish_atomic(records, ids)) == offsets
+        stored = {r.offset: r.payload for p in range(3) for r in read_all(log, p)}
+        assert stored == {offset: record.payload for offset, record in zip(offsets, records)}
     finally:
         log.close()
 

@@ -60,6 +60,8 @@ DUPLICATE_WINDOW_SECONDS = 5 * 60  # a retried publish within this window is sto
 IDEMPOTENCY_SECONDS = 24 * 3600  # idempotency answers are kept this long (the bucket's TTL)
 PUBLISH_RETRY_SECONDS = 10.0  # a publish is retried this long while the stream has no leader, then fails
 PUBLISH_ATTEMPT_SECONDS = 2.0
+ATOMIC_BATCH_MAX = 1000  # the server's limit of messages in one atomic batch
+_DUPLICATE_IN_BATCH = 10201  # JetStream: "atomic publish batch contains duplicate message id"
 CLAIM_TIMEOUT_SECONDS = 20.0  # an idempotency claim older than this is taken over (its appender crashed)
 PENDING_SCAN_BYTES = 256 * 1024  # pending_events reads at most this much per partition; beyond, it extrapolates
 REQUEST_SECONDS = 10.0
@@ -259,6 +261,7 @@ class NatsEventLog:
         self._replies: dict[str, asyncio.Queue] = {}
         self._reply_sub = await self._nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_reply)
         self._events_per_record = 1.0  # running mean, for pending_events beyond what it scans
+        self._last_ack_seq = 0  # the highest stream sequence a PubAck reported: later appends land above it
 
     async def _ensure_stream(self, partitions: int | None, replicas: int) -> tuple[int, int]:
         try:
@@ -267,7 +270,7 @@ class NatsEventLog:
             count = partitions or DEFAULT_PARTITIONS
             config = StreamConfig(
                 name=self.stream, subjects=[f"{self.stream}.*"], storage=StorageType.FILE, num_replicas=replicas,
-                allow_direct=True, duplicate_window=DUPLICATE_WINDOW_SECONDS, max_msg_size=-1,
+                allow_direct=True, allow_atomic=True, duplicate_window=DUPLICATE_WINDOW_SECONDS, max_msg_size=-1,
                 metadata={PARTITIONS_METADATA: str(count)},
                 description=f"gamestream event log, {count} partitions (subjects {self.stream}.0 …)")
             try:
@@ -282,6 +285,9 @@ class NatsEventLog:
         if partitions is not None and partitions != existing:
             raise LogPartitionsMismatch(f"the log stream {self.stream!r} has {existing} partitions, not {partitions}; "
                                         f"use --partitions {existing} or another stream (?stream=NAME)")
+        # a stream created before atomic batches were used: appends of several records fall back to one
+        # publish each (see _append)
+        self._atomic = bool(info.config.allow_atomic)
         return existing, info.config.num_replicas or 1
 
     async def _ensure_bucket(self, bucket: str, ttl: float | None):
@@ -336,6 +342,78 @@ class NatsEventLog:
         return asyncio.run_coroutine_threadsafe(self._append_idempotent(records, idempotency), self._loop)
 
     async def _append(self, records: Sequence[Append], ids: list[str]) -> AppendResult:
+        """Stores the records: several at once as JetStream atomic batches (all stored, or none — the Protocol's
+        "a failed append leaves none of its records visible"), one alone as a plain publish."""
+        if len(records) > 1 and self._atomic:
+            offsets: list[int] = []
+            for start in range(0, len(records), ATOMIC_BATCH_MAX):
+                offsets += await self._publish_atomic(records[start:start + ATOMIC_BATCH_MAX],
+                                                      ids[start:start + ATOMIC_BATCH_MAX])
+        else:
+            offsets = await self._publish_each(records, ids)
+        for record in records:
+            self._events_per_record += (record.events - self._events_per_record) * 0.05
+        return AppendResult(offsets)
+
+    async def _publish_atomic(self, records: Sequence[Append], ids: list[str]) -> list[int]:
+        """One atomic batch (ADR-50): every message carries `Nats-Batch-Id` and its `Nats-Batch-Sequence`, the
+        last one `Nats-Batch-Commit`; the server stores the whole batch at consecutive sequences when it commits,
+        or nothing. Retried while the stream elects a leader, as a new batch with the same Msg-Ids: if an earlier
+        attempt was committed but its PubAck lost, the server refuses the retry as containing stored Msg-Ids,
+        and the offsets are found by those ids instead."""
+        async for attempt in stamina.retry_context(on=_transient, attempts=None, timeout=PUBLISH_RETRY_SECONDS,
+                                                   wait_initial=0.05, wait_max=1.0, wait_jitter=0.1):
+            with attempt:
+                batch = uuid.uuid4().hex
+                last = len(records)
+                for number, (record, msg_id) in enumerate(zip(records, ids), start=1):
+                    headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(number), "Nats-Msg-Id": msg_id,
+                               EVENTS_HEADER: str(record.events)}
+                    subject = self._subject(record.partition)
+                    if number == last:
+                        headers["Nats-Batch-Commit"] = "1"
+                    elif number > 1:  # acknowledged at the start and at the commit only
+                        await self._nc.publish(subject, record.payload, headers=headers)
+                        continue
+                    reply = await self._nc.request(subject, record.payload, headers=headers,
+                                                   timeout=PUBLISH_ATTEMPT_SECONDS)
+                    answer = json.loads(reply.data) if reply.data else {}
+                    error = answer.get("error")
+                    if error and error.get("err_code") == _DUPLICATE_IN_BATCH:
+                        return await self._locate(records, ids)
+                    if error:
+                        nats.js.errors.APIError.from_error(error)  # raises the specific error (503: retried)
+                end = int(answer.get("seq", 0)) if number == last else 0
+        self._last_ack_seq = max(self._last_ack_seq, end)
+        return [end - len(records) + 1 + index for index in range(len(records))]
+
+    async def _locate(self, records: Sequence[Append], ids: list[str]) -> list[int]:
+        """The offsets of records stored by an earlier attempt whose PubAck was lost: found by their Msg-Ids,
+        scanning each partition's subject over the duplicate window (the server only refuses a Msg-Id it stored
+        within that window, so the records are there)."""
+        wanted = {msg_id: index for index, msg_id in enumerate(ids)}
+        offsets = [0] * len(records)
+        since = time.time() - DUPLICATE_WINDOW_SECONDS - 60
+        for partition in sorted({record.partition for record in records}):
+            first = await self._first_since(partition, since)
+            if first is None:
+                continue
+            after = first - 1
+            while True:
+                messages, _ = await self._direct_batch(self._subject(partition), after, 1000)
+                if not messages:
+                    break
+                for message in messages:
+                    index = wanted.get(message.headers.get("Nats-Msg-Id", ""))
+                    if index is not None:
+                        offsets[index] = message.seq
+                after = messages[-1].seq
+        if not all(offsets):
+            raise nats.errors.TimeoutError  # not visible on this replica yet: the caller's retry looks again
+        self._last_ack_seq = max(self._last_ack_seq, *offsets)
+        return offsets
+
+    async def _publish_each(self, records: Sequence[Append], ids: list[str]) -> list[int]:
         """Publishes the records of each partition one after the other (so their offsets follow the records'
         order even when one is retried), the partitions concurrently."""
         offsets: list[int] = [0] * len(records)
@@ -348,9 +426,7 @@ class NatsEventLog:
                 offsets[index] = await self._publish(records[index], ids[index])
 
         await asyncio.gather(*(publish_partition(indices) for indices in by_partition.values()))
-        for record in records:
-            self._events_per_record += (record.events - self._events_per_record) * 0.05
-        return AppendResult(offsets)
+        return offsets
 
     async def _publish(self, record: Append, msg_id: str) -> int:
         """One message, retried with the same Nats-Msg-Id while the stream elects a leader: the duplicate window
@@ -361,6 +437,7 @@ class NatsEventLog:
             with attempt:
                 ack = await self._js.publish(self._subject(record.partition), record.payload,
                                              timeout=PUBLISH_ATTEMPT_SECONDS, headers=dict(headers))
+        self._last_ack_seq = max(self._last_ack_seq, ack.seq)
         return ack.seq
 
     async def _append_idempotent(self, records: Sequence[Append], idempotency: Idempotency) -> AppendResult:
@@ -581,24 +658,28 @@ class NatsEventLog:
             positions.setdefault(partition, []).append(await self._kv_int(self._consumers, key))
         return positions
 
-    async def _first_young(self, partition: int, cutoff: float, safe: int) -> int | None:
+    async def _first_young(self, partition: int, cutoff: float, safe: int) -> int:
         """The purge bound of a partition: the first sequence to keep, i.e. the lower of the first record not
-        committed by every consumer (safe + 1) and the first record younger than the retention (a direct get by
-        `start_time`; records are in time order, as the leader stamps them when it sequences them). None when a
-        lagging replica answered "no young record" while the leader holds one: trimming less is always safe."""
-        stamp = dt.datetime.fromtimestamp(max(cutoff, 0), dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        committed by every consumer (safe + 1) and the first record younger than the retention (asked of the
+        stream leader by `start_time`: current, where a lagging replica could miss the youngest records; records
+        are in time order, as the leader stamps them when it sequences them)."""
+        young = await self._first_since(partition, cutoff)
+        return min(safe + 1, young) if young is not None else safe + 1
+
+    async def _first_since(self, partition: int, since: float) -> int | None:
+        """The sequence of the partition's first record stamped at or after `since` (unix seconds), from the
+        stream leader (`STREAM.MSG.GET` by `start_time`); None when there is none."""
+        stamp = dt.datetime.fromtimestamp(max(since, 0), dt.timezone.utc).isoformat().replace("+00:00", "Z")
         request = {"start_time": stamp, "next_by_subj": self._subject(partition)}
-        reply = await self._nc.request(f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(request).encode(),
+        reply = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{self.stream}", json.dumps(request).encode(),
                                        timeout=REQUEST_SECONDS)
-        headers = reply.headers or {}
-        if headers.get("Status") not in (None, "404"):
-            raise nats.js.errors.APIError(code=int(headers["Status"]), description=headers.get("Description", ""))
-        if headers.get("Nats-Sequence"):
-            return min(safe + 1, int(headers["Nats-Sequence"]))
-        last = await self._last(partition)
-        if last is not None and last.time >= cutoff:
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error and error.get("code") == 404:
             return None
-        return safe + 1
+        if error:
+            nats.js.errors.APIError.from_error(error)
+        return int(answer["message"]["seq"])
 
     async def _trim(self, retention_seconds: float, now: float) -> int:
         cutoff = now - retention_seconds
@@ -609,8 +690,6 @@ class NatsEventLog:
                 continue  # nobody has committed anything: nothing is safe to delete
             safe = min(positions[partition])
             bound = await self._first_young(partition, cutoff, safe)
-            if bound is None:
-                continue  # a replica and the leader disagree about what is young: leave it to the next round
             reply = await self._nc.request(
                 f"$JS.API.STREAM.PURGE.{self.stream}",
                 json.dumps({"filter": self._subject(partition), "seq": bound}).encode(), timeout=REQUEST_SECONDS)
