@@ -464,3 +464,27 @@ def test_when_the_kpi_stage_holder_dies_another_processor_runs_it_and_the_kpis_s
             end(child)
         log.close()
     assert kpi_tables(settings) == kpis_from_events(settings)
+
+
+def test_processors_starting_together_on_a_fresh_three_node_cluster_both_hold_leases(tmp_path: Path) -> None:
+    """The lease bucket is created by whichever starts first and answers nothing until its replicas elected a
+    leader: a member starting in that moment waits for it instead of failing."""
+    import concurrent.futures
+
+    for round_ in range(3):
+        cluster = NatsCluster(tmp_path / f"nats{round_}", nodes=3).start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                started = list(pool.map(lambda _: LeaseOwnership(cluster.url, pipeline="together", partitions=4,
+                                                                 ttl_s=2), range(2)))
+            try:
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and sorted(
+                        p for o in started for p in o.owned()) != [0, 1, 2, 3]:
+                    time.sleep(0.1)
+                assert sorted(p for o in started for p in o.owned()) == [0, 1, 2, 3]  # each once
+            finally:
+                for ownership in started:
+                    ownership.close()
+        finally:
+            cluster.stop()

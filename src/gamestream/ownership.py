@@ -403,6 +403,9 @@ class LeaseOwnership:
 
     async def _start(self) -> None:
         import nats
+        import nats.errors
+        import nats.js.errors
+        import stamina
         from nats.js.api import KeyValueConfig
 
         async def quiet(error: Exception) -> None:  # reconnections are logged once per episode by the rounds
@@ -415,11 +418,23 @@ class LeaseOwnership:
         self._busy = asyncio.Lock()
         # allow_msg_ttl is set by nats-py on every bucket it creates; one replica per listed server, up to 3
         config = KeyValueConfig(bucket=self.bucket, history=1, replicas=min(3, len(self._servers)))
-        try:
-            await self._js.create_key_value(config)
-        except Exception:
-            await self._js.key_value(self.bucket)  # created by another member with another replica count
-        await self._acquire(_MEMBERS + self.member)
+
+        def electing(error: Exception) -> bool:
+            """A bucket just created (here or by a member starting at the same moment) answers nothing until
+            its replicas have elected a leader: worth retrying, within the connect timeout."""
+            return isinstance(error, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                                      nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError))
+
+        async for attempt in stamina.retry_context(on=electing, attempts=None, timeout=None, wait_initial=0.05,
+                                                   wait_max=0.5, wait_jitter=0.05):
+            with attempt:
+                try:
+                    await self._js.create_key_value(config)
+                except Exception as error:
+                    if electing(error):
+                        raise
+                    await self._js.key_value(self.bucket)  # created by another member, maybe differently
+                await self._acquire(_MEMBERS + self.member)
         await self._round()
 
     async def _acquire(self, key: str) -> bool:
