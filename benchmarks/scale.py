@@ -212,9 +212,8 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
         stdout=logs[i], stderr=subprocess.STDOUT, env=env)
     procs = [launch(0)]
     try:
-        # The first processor creates the lease bucket; the others start once it holds its leases. (Started
-        # together on a 3-node cluster, a second processor can fail with "no response from stream" while the
-        # new R3 bucket elects its leader — a start-up race of ownership.py, reported, not worked around here.)
+        # The first processor creates the lease bucket; the others start once it holds its leases, so that
+        # start-up (bucket creation, the R3 bucket's leader election) is the same in every run.
         log_0 = work / f"process-{label}-0.log"
         while "leases started" not in log_0.read_text():
             if procs[0].poll() is not None or time.perf_counter() - started > 60:
