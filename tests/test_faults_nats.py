@@ -50,21 +50,29 @@ def finish(fleet: Fleet, load: SteadyLoad) -> None:
     assert wait_for_kpi_events(fleet.data_dir, len(load.acked)) == len(load.acked)
 
 
+def current_leader(fleet: Fleet) -> str:
+    leader = fleet.cluster.stream_leader("gamestream")
+    assert leader is not None, "the stream has no leader"
+    return leader
+
+
+def wait_for_new_leader(fleet: Fleet, old: str, why: str, timeout: float = 30) -> None:
+    """Until the nodes still reachable report a stream leader other than `old` (the fault really moved it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fleet.cluster.stream_leader("gamestream") not in (None, old):
+            return
+        time.sleep(0.2)
+    raise AssertionError(why)
+
+
 def test_sigkill_of_the_stream_leader_loses_and_duplicates_nothing(fleet: Fleet) -> None:
     load = SteadyLoad(fleet.urls()).start()
     load.wait_batches(20)
-    leader = fleet.cluster.stream_leader("gamestream")
-    assert leader is not None
+    leader = current_leader(fleet)
     victim = fleet.cluster.index_of(leader)
     fleet.cluster.kill(victim)
-    killed_at = time.monotonic()
-    new_leader = None
-    while time.monotonic() - killed_at < 30:
-        new_leader = fleet.cluster.stream_leader("gamestream")
-        if new_leader not in (None, leader):
-            break
-        time.sleep(0.2)
-    assert new_leader not in (None, leader), "the stream leader did not change after its node was killed"
+    wait_for_new_leader(fleet, leader, "the stream leader did not change after its node was killed")
     load.wait_batches(20, timeout=60)  # the load goes on through the election
     fleet.cluster.restart(victim)  # …and the old leader comes back and catches up
     load.wait_batches(20)
@@ -119,19 +127,11 @@ def test_sigkill_of_a_collector_under_load_loses_and_duplicates_nothing(fleet: F
 def test_a_network_partition_isolating_the_stream_leader_loses_and_duplicates_nothing(fleet: Fleet) -> None:
     load = SteadyLoad(fleet.urls()).start()
     load.wait_batches(20)
-    leader = fleet.cluster.stream_leader("gamestream")
-    assert leader is not None
+    leader = current_leader(fleet)
     victim = fleet.cluster.index_of(leader)
     fleet.cluster.partition(victim)
-    cut_at = time.monotonic()
     try:
-        new_leader = None
-        while time.monotonic() - cut_at < 30:
-            new_leader = fleet.cluster.stream_leader("gamestream")
-            if new_leader not in (None, leader):
-                break
-            time.sleep(0.3)
-        assert new_leader not in (None, leader), "the majority side did not elect a new stream leader"
+        wait_for_new_leader(fleet, leader, "the majority side did not elect a new stream leader")
         load.wait_batches(20, timeout=90)  # the majority keeps taking writes
     finally:
         fleet.cluster.heal(victim)
