@@ -197,7 +197,8 @@ class NatsCluster:
         self.wait_healthy(timeout, [index])
 
     def stream_leader(self, stream: str) -> str | None:
-        """The name of the node leading `stream`, as the running nodes report it."""
+        """The name of the node leading `stream`: a running, reachable node that reports itself as the leader
+        (a follower's report can name a leader that is already dead or cut off). None during an election."""
         for node in self.members:
             if not node.running:
                 continue
@@ -207,8 +208,8 @@ class NatsCluster:
                 continue
             for account in report.get("account_details", []):
                 for detail in account.get("stream_detail", []):
-                    if detail.get("name") == stream and detail.get("cluster", {}).get("leader"):
-                        return detail["cluster"]["leader"]
+                    if detail.get("name") == stream and detail.get("cluster", {}).get("leader") == node.name:
+                        return node.name
         return None
 
     def index_of(self, name: str) -> int:

@@ -24,7 +24,6 @@ may be called from any thread (the collector submits from its own event loop, th
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
 import hashlib
 import json
@@ -60,6 +59,7 @@ DUPLICATE_WINDOW_SECONDS = 5 * 60  # a retried publish within this window is sto
 IDEMPOTENCY_SECONDS = 24 * 3600  # idempotency answers are kept this long (the bucket's TTL)
 PUBLISH_RETRY_SECONDS = 10.0  # a publish is retried this long while the stream has no leader, then fails
 PUBLISH_ATTEMPT_SECONDS = 2.0
+OPEN_RETRY_SECONDS = 30.0  # opening the log waits this long for a new cluster's or stream's leaders
 ATOMIC_BATCH_MAX = 1000  # the server's limit of messages in one atomic batch
 _DUPLICATE_IN_BATCH = 10201  # JetStream: "atomic publish batch contains duplicate message id"
 CLAIM_TIMEOUT_SECONDS = 20.0  # an idempotency claim older than this is taken over (its appender crashed)
@@ -221,9 +221,10 @@ class NatsEventLog:
             if isinstance(error, nats.errors.Error) and (_transient(error) or isinstance(
                     error, (nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError))):
                 raise LogUnavailable(f"the NATS log is unavailable: {type(error).__name__}: {error}") from error
-            if isinstance(error, concurrent.futures.TimeoutError) and not future.done():
-                future.cancel()
-                raise LogUnavailable(f"the NATS log did not answer within {timeout} s") from error
+            if isinstance(error, TimeoutError):  # ours (the call's bound) or one inside it (a reply awaited)
+                if not future.done():
+                    future.cancel()
+                raise LogUnavailable(f"the NATS log did not answer in time ({type(error).__name__})") from error
             raise
 
     def _stop_loop(self) -> None:
@@ -254,9 +255,14 @@ class NatsEventLog:
         info = self._nc._server_info  # the INFO of the server we reached: cluster members, max_payload
         servers = len(set(info.get("connect_urls") or [])) or (len(self._url.servers) if info.get("cluster") else 1)
         self._max_payload = int(info.get("max_payload", 1024 * 1024))
-        self._partitions, self._replicas = await self._ensure_stream(partitions, min(3, max(1, servers)))
-        self._consumers = await self._ensure_bucket(f"{self.stream}_consumers", None)
-        self._idempotency = await self._ensure_bucket(f"{self.stream}_idempotency", IDEMPOTENCY_SECONDS)
+        # A cluster just started, or a stream/bucket just created by another process, answers nothing until its
+        # leaders are elected: wait for that (bounded), rather than failing the command that opens the log.
+        async for attempt in stamina.retry_context(on=_transient, attempts=None, timeout=OPEN_RETRY_SECONDS,
+                                                   wait_initial=0.1, wait_max=1.0, wait_jitter=0.1):
+            with attempt:
+                self._partitions, self._replicas = await self._ensure_stream(partitions, min(3, max(1, servers)))
+                self._consumers = await self._ensure_bucket(f"{self.stream}_consumers", None)
+                self._idempotency = await self._ensure_bucket(f"{self.stream}_idempotency", IDEMPOTENCY_SECONDS)
         self._inbox_prefix = self._nc.new_inbox()
         self._replies: dict[str, asyncio.Queue] = {}
         self._reply_sub = await self._nc.subscribe(f"{self._inbox_prefix}.*", cb=self._on_reply)
