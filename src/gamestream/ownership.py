@@ -422,6 +422,8 @@ class LeaseOwnership:
         def electing(error: Exception) -> bool:
             """A bucket just created (here or by a member starting at the same moment) answers nothing until
             its replicas have elected a leader: worth retrying, within the connect timeout."""
+            if isinstance(error, nats.js.errors.APIError) and error.err_code == 10005:
+                return True  # "no suitable peers for placement": a busy meta layer briefly misses a peer
             return isinstance(error, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                                       nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError))
 

@@ -61,6 +61,8 @@ PUBLISH_RETRY_SECONDS = 10.0  # a publish is retried this long while the stream 
 PUBLISH_ATTEMPT_SECONDS = 2.0
 OPEN_RETRY_SECONDS = 30.0  # opening the log waits this long for a new cluster's or stream's leaders
 ATOMIC_BATCH_MAX = 1000  # the server's limit of messages in one atomic batch
+_NO_SUITABLE_PEERS = 10005
+_STREAM_NAME_IN_USE = 10058
 _DUPLICATE_IN_BATCH = 10201  # JetStream: "atomic publish batch contains duplicate message id"
 CLAIM_TIMEOUT_SECONDS = 20.0  # an idempotency claim older than this is taken over (its appender crashed)
 PENDING_SCAN_BYTES = 256 * 1024  # pending_events reads at most this much per partition; beyond, it extrapolates
@@ -149,7 +151,9 @@ async def _reconnected() -> None:
 def _transient(error: Exception) -> bool:
     """Errors of a cluster between leaders or a connection between servers: worth retrying the same publish."""
     if isinstance(error, nats.js.errors.APIError):
-        return error.code == 503 or error.err_code == 10008  # unavailable / JetStream not ready
+        # unavailable / JetStream not ready / "no suitable peers for placement, peer offline" (a busy cluster's
+        # meta layer briefly thinks a peer is gone: creating a replicated stream or bucket then fails)
+        return error.code == 503 or error.err_code in (10008, _NO_SUITABLE_PEERS)
     return isinstance(error, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                               nats.js.errors.NoStreamResponseError, nats.errors.ConnectionReconnectingError,
                               nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError))
@@ -281,8 +285,10 @@ class NatsEventLog:
                 description=f"gamestream event log, {count} partitions (subjects {self.stream}.0 …)")
             try:
                 info = await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError:  # created meanwhile by another process: take its config
-                info = await self._js.stream_info(self.stream)
+            except nats.js.errors.BadRequestError as error:
+                if error.err_code != _STREAM_NAME_IN_USE:
+                    raise  # retried by _open when transient (_transient)
+                info = await self._js.stream_info(self.stream)  # created meanwhile by another process
         stored = (info.config.metadata or {}).get(PARTITIONS_METADATA)
         if stored is None:
             raise LogPartitionsMismatch(f"stream {self.stream!r} exists but was not created by gamestream (no "
@@ -306,8 +312,10 @@ class NatsEventLog:
         try:
             return await self._js.create_key_value(KeyValueConfig(
                 bucket=bucket, history=1, ttl=ttl, storage=StorageType.FILE, replicas=self._replicas, direct=False))
-        except nats.js.errors.BadRequestError:  # created meanwhile by another process
-            return await self._js.key_value(bucket)
+        except nats.js.errors.BadRequestError as error:
+            if error.err_code == _NO_SUITABLE_PEERS:
+                raise  # retried by _open (_transient)
+            return await self._js.key_value(bucket)  # created meanwhile by another process
 
     @property
     def partitions(self) -> int:
