@@ -40,7 +40,7 @@ class Pipeline:
         try:
             self.processor = Processor(settings, log, ownership=self.ownership)
             self.processor.on_commit = self._offer
-            self.maintenance = AutoMaintenance(settings, list(TABLES)) if maintenance else None
+            self.maintenance = AutoMaintenance(settings, list(TABLES), self.ownership) if maintenance else None
             self.kpi_enabled = kpi
             self.kpi: KpiStage | None = None  # the running KPI stage, when this process holds the role
             if kpi:
