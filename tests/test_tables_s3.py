@@ -120,41 +120,46 @@ def test_conditional_write_probe_passes_on_the_s3_server_and_leaves_no_key(moto,
     assert moto.keys(s3.removeprefix(f"s3://{BUCKET}/")) == []
 
 
+KILLS_PER_PROCESSOR = 10
+
+
 @pytest.mark.slow
 def test_two_processors_on_disjoint_partitions_killed_20_times_commit_each_event_once_on_s3(
         tmp_path: Path, moto, s3: str) -> None:
     rng = random.Random(20261130)
     data = tmp_path / "data"
-    path, events = _events_file(tmp_path / "events.ndjson", 30_000, seed=11)
+    path, events = _events_file(tmp_path / "events.ndjson", 60_000, seed=11)
     gamestream("load", str(path), "--partitions", "4", data_dir=data)
     env = {**os.environ, **aws_environment(moto.endpoint)}
 
     def command(only: str) -> list[str]:
         return [sys.executable, "-m", "gamestream", "process", "--until-idle", "--no-kpi", "--only", only,
-                "--tables", s3, "--data-dir", str(data), "--max-batch-events", "300", "--max-batch-wait", "0.05"]
+                "--tables", s3, "--data-dir", str(data), "--max-batch-events", "200", "--max-batch-wait", "0.05"]
 
     kills = Counter()
 
-    def kill_loop(only: str, rounds: int) -> None:
-        for _ in range(rounds):
+    def kill_loop(only: str) -> None:
+        # each pair of partitions is drained by runs killed at random moments while the other pair's runs
+        # commit to the same table
+        while kills[only] < KILLS_PER_PROCESSOR:
             child = subprocess.Popen(command(only), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=env)
-            child.stderr.readline()  # "processing partitions …"
-            time.sleep(rng.uniform(0.05, 0.4))
+            child.stderr.readline()  # "processing partitions …": the tables are open, draining starts now
+            time.sleep(rng.uniform(0.05, 0.3))
             if child.poll() is None:
                 os.kill(child.pid, signal.SIGKILL)
                 kills[only] += 1
             child.wait()
             child.stderr.close()
+            if child.returncode == 0:
+                return  # drained before the kill: the kills so far are what this pair got
 
-    threads = [threading.Thread(target=kill_loop, args=(only, 11)) for only in ("0,1", "2,3")]
+    threads = [threading.Thread(target=kill_loop, args=(only,)) for only in ("0,1", "2,3")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sum(kills.values()) >= 20, kills
-    for only in ("0,1", "2,3"):  # the last runs drain what is left, concurrently
-        pass
+    assert sum(kills.values()) >= 2 * KILLS_PER_PROCESSOR, f"drained after only {kills}; use more events"
     finals = [subprocess.Popen(command(only), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=env) for only in ("0,1", "2,3")]
     for final in finals:
@@ -206,19 +211,32 @@ def test_store_unreachable_mid_load_the_processor_retries_and_loses_nothing(tmp_
     child = subprocess.Popen(
         [sys.executable, "-m", "gamestream", "process", "--until-idle", "--tables", s3, "--data-dir", str(data),
          "--max-batch-events", "500", "--max-batch-wait", "0.05"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read_stderr() -> None:
+        for line in child.stderr:
+            lines.append(line)
+            if "processing partitions" in line:
+                started.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        assert "processing partitions" in child.stderr.readline()
+        assert started.wait(60), "".join(lines)
         time.sleep(0.8)
         relay.cut()
-        time.sleep(6.0)  # longer than object_store's own retries (~3 s): the commit fails, and is retried
-        assert child.poll() is None, "the processor gave up while the store was unreachable"
+        time.sleep(6.0)  # longer than object_store's own retries (~3 s): commits fail, and are retried
+        assert child.poll() is None, "the processor gave up while the store was unreachable:\n" + "".join(lines)
         relay.restore()
-        out, err = child.communicate(timeout=240)
+        child.wait(timeout=240)
+        reader.join(10)
     finally:
         relay.cut()
         if child.poll() is None:
             child.kill()
+    err = "".join(lines)
     assert child.returncode == 0, err
     assert "object store unreachable" in err
     stored = _stored_ids(f"{s3}/events")
