@@ -37,6 +37,18 @@ log_option = click.option(
          "SQLite log in the data directory (or GAMESTREAM_LOG).",
 )
 
+tables_option = click.option(
+    "--tables", "tables_uri", type=str, default=None, metavar="URI",
+    help="Where the tables live: a folder, or s3://bucket/prefix (credentials, region and endpoint from the "
+         "standard AWS environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, "
+         "AWS_ALLOW_HTTP); default <data-dir>/tables (or GAMESTREAM_TABLES).",
+)
+unsafe_writes_option = click.option(
+    "--unsafe-no-conditional-writes", "unsafe_no_conditional_writes", is_flag=True, default=None,
+    help="Start even though the object store failed the conditional-write probe (If-None-Match: *). Safe only "
+         "when a single process ever writes the tables.",
+)
+
 
 def _settings(**options: object) -> Settings:
     return Settings.from_env(**options)
@@ -79,6 +91,28 @@ def _open_log(settings: Settings):
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise LogUnreachable(f"cannot open the event log {describe(settings)}: {type(error).__name__}"
                              f"{': ' + reason if reason else ''}") from error
+
+
+def _check_storage(settings: Settings) -> None:
+    """Fails early, in one line, when a command that writes cannot: the data directory (when the log, or the
+    tables, or the maintenance lock live there), and an object store holding the tables, which must refuse an
+    overwrite (`lake.check_conditional_writes`) unless `--unsafe-no-conditional-writes`."""
+    import logging
+
+    from gamestream import lake
+
+    if not settings.log or not lake.is_object_store(settings.tables_root):
+        _check_writable(settings.data_dir)
+    if not lake.is_object_store(settings.tables_root):
+        return
+    try:
+        lake.check_conditional_writes(settings.tables_root)
+    except lake.ConditionalWritesUnsupported:
+        if not settings.unsafe_no_conditional_writes:
+            raise
+        logging.getLogger("gamestream.lake").warning(
+            "the object store failed the conditional-write probe; going on (--unsafe-no-conditional-writes): "
+            "concurrent writers of these tables can lose commits", extra={"tables": settings.tables_root})
 
 
 def _check_writable_for_log(settings: Settings) -> None:
@@ -205,6 +239,8 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @data_dir_option
 @partitions_option
 @log_option
+@tables_option
+@unsafe_writes_option
 @click.option("--until-idle", is_flag=True, help="Drain every partition, then exit 0.")
 @click.option("--only", "only", type=str, default=None, help="Own only these partitions, e.g. 0,1 (scale-out).")
 @click.option("--max-batch-events", type=int, default=None, help="Flush a micro-batch at this many events.")
@@ -214,13 +250,15 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
 @click.option("--metrics-port", type=int, default=None,
               help="Expose the processor's Prometheus metrics on this port (0: a free one).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
-def process(data_dir: Path | None, partitions: int | None, log_url: str | None, until_idle: bool, only: str | None,
+def process(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None,
+            unsafe_no_conditional_writes: bool | None, until_idle: bool, only: str | None,
             max_batch_events: int | None, max_batch_wait: float | None, no_kpi: bool, maintenance: bool,
             metrics_port: int | None, metrics_host: str) -> None:
     """Streams the log into the events table and the KPI tables, exactly once."""
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, batch_max_events=max_batch_events,
-                         batch_max_wait_s=max_batch_wait)
-    _check_writable(settings.data_dir)
+                         batch_max_wait_s=max_batch_wait, tables_uri=tables_uri,
+                         unsafe_no_conditional_writes=unsafe_no_conditional_writes)
+    _check_storage(settings)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -327,15 +365,16 @@ async def _post_with_progress(target: str, *, events: int | None, duration: floa
 @cli.command()
 @click.argument("query")
 @data_dir_option
+@tables_option
 @click.option("--format", "output", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-def sql(query: str, data_dir: Path | None, output: str) -> None:
+def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) -> None:
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily). Dates are UTC."""
     from gamestream.query import QueryError, SqlEngine, display_value, to_csv, to_json
 
     try:
-        result = SqlEngine(_settings(data_dir=data_dir)).run(query)
+        result = SqlEngine(_settings(data_dir=data_dir, tables_uri=tables_uri)).run(query)
     except QueryError as error:
         from rich.text import Text
 
@@ -412,6 +451,8 @@ def print_optimize_report(report) -> None:
 
 @cli.command()
 @data_dir_option
+@tables_option
+@unsafe_writes_option
 @table_option
 @click.option("--partition", "partitions", multiple=True, help="Only this eventDate (YYYY-MM-DD; repeatable).")
 @click.option("--since", default=None, help="Only partitions from this eventDate on (YYYY-MM-DD).")
@@ -419,16 +460,18 @@ def print_optimize_report(report) -> None:
               help="Target file size, e.g. 512MiB (default: the target_file_bytes setting, 1 GiB, or "
                    "GAMESTREAM_TARGET_FILE_BYTES).")
 @click.option("--zorder", "zorder", multiple=True, help="Z-order by this column (repeatable).")
-def optimize(data_dir: Path | None, table_name: str, partitions: tuple[str, ...], since: str | None,
+def optimize(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_writes: bool | None,
+             table_name: str, partitions: tuple[str, ...], since: str | None,
              target_size: str | None, zorder: tuple[str, ...]) -> None:
     """Compacts small files (bin-packing per partition, or Z-order); prints files and bytes before and after."""
     from gamestream import maintenance
 
     if partitions and since:
         raise click.UsageError("give --partition or --since, not both")
-    settings = _settings(data_dir=data_dir,
+    settings = _settings(data_dir=data_dir, tables_uri=tables_uri,
+                         unsafe_no_conditional_writes=unsafe_no_conditional_writes,
                          target_file_bytes=maintenance.parse_size(target_size) if target_size else None)
-    _check_writable(settings.data_dir)
+    _check_storage(settings)
     handle = _locked(settings)
     try:
         with Progress(TextColumn("optimizing"), BarColumn(), TextColumn("{task.completed}/{task.total} partitions"),
@@ -457,21 +500,25 @@ def print_vacuum_report(report) -> None:
 
 @cli.command()
 @data_dir_option
+@tables_option
+@unsafe_writes_option
 @table_option
 @click.option("--retain", default=None, help="Retention, e.g. 168h or 7d (default: the table's, 7 days).")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
 @click.option("--force", is_flag=True, help="Allow a retention under the table's minimum (nothing else may be "
                                             "reading or writing the table).")
-def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: bool, force: bool) -> None:
+def vacuum(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_writes: bool | None,
+           table_name: str, retain: str | None, dry_run: bool, force: bool) -> None:
     """Deletes files the table no longer references, once removed longer ago than the retention."""
     from gamestream import maintenance
 
-    settings = _settings(data_dir=data_dir)
+    settings = _settings(data_dir=data_dir, tables_uri=tables_uri,
+                         unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     hours = maintenance.parse_hours(retain) if retain else None
     # A dry run only reads: no lock file, no write access needed (a read-only copy of the tables will do).
     handle = None
     if not dry_run:
-        _check_writable(settings.data_dir)
+        _check_storage(settings)
         handle = _locked(settings)
     try:
         report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
@@ -490,15 +537,15 @@ def vacuum(data_dir: Path | None, table_name: str, retain: str | None, dry_run: 
 @data_dir_option
 @partitions_option
 @log_option
-def status(data_dir: Path | None, partitions: int | None, log_url: str | None) -> None:
+@tables_option
+def status(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None) -> None:
     """Shows the log backlog per partition, and per table: version, files per partition, average file size,
     small files, last OPTIMIZE and VACUUM."""
-    from deltalake import DeltaTable
-
+    from gamestream import lake
     from gamestream.log import describe
     from gamestream.maintenance import file_stats, last_operations
 
-    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
+    settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, tables_uri=tables_uri)
     # The embedded log is not created by looking at it; a log URL names a log that exists elsewhere.
     embedded_missing = not settings.log and not (settings.data_dir / "log" / "events.sqlite").exists()
     log = None
@@ -527,16 +574,16 @@ def status(data_dir: Path | None, partitions: int | None, log_url: str | None) -
             out.print(table)
         finally:
             log.close()
-    table = Table(title="tables")
+    table = Table(title=f"tables ({settings.tables_root})")
     for column in ("table", "version", "rows", "files", "partitions", "files/partition (max)", "average file",
                    "small files", "last OPTIMIZE", "last VACUUM"):
         table.add_column(column, justify="right")
     for name in TABLES:
         uri = settings.table_uri(name)
-        if not DeltaTable.is_deltatable(uri):
+        if not lake.table_exists(uri):
             table.add_row(name, *["—"] * 9)
             continue
-        delta = DeltaTable(uri)
+        delta = lake.open_table(uri)
         stats = file_stats(delta, settings.small_file_bytes)
         actions = delta.get_add_actions(flatten=True)
         rows = sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0
@@ -626,11 +673,14 @@ def _log_format() -> str:
 @data_dir_option
 @partitions_option
 @log_option
+@tables_option
+@unsafe_writes_option
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Collector processes serving the same port (default 1, or GAMESTREAM_WORKERS).")
 @_with_options(api_key_options)
-def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, port: int | None,
+def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None,
+          unsafe_no_conditional_writes: bool | None, port: int | None,
           workers: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
           host: str | None, insecure_no_auth: bool | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
@@ -640,9 +690,10 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, po
 
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
                          workers=workers, api_keys=_api_keys(api_key, api_keys_file),
-                         admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth)
+                         admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth,
+                         tables_uri=tables_uri, unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     _refuse_open_exposure(settings)
-    _check_writable(settings.data_dir)
+    _check_storage(settings)
 
     def announce(url: str) -> None:
         _announce_keys(settings)
@@ -681,6 +732,8 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, po
 @data_dir_option
 @partitions_option
 @log_option
+@tables_option
+@unsafe_writes_option
 @click.option("--cluster", is_flag=True,
               help="The scale-out shape on this machine: 3 nats-server nodes, 2 collectors, 2 processors, each "
                    "its own process (not with --log).")
@@ -692,7 +745,8 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, po
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--seed", type=int, default=None, help="Generator seed (default: a new one each run).")
 @_with_options(api_key_options)
-def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, cluster: bool, port: int | None,
+def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None,
+         unsafe_no_conditional_writes: bool | None, cluster: bool, port: int | None,
          rate: float, users: int, duration: float | None, seed: int | None, api_key: tuple[str, ...],
          admin_key: tuple[str, ...], api_keys_file: Path | None, host: str | None,
          insecure_no_auth: bool | None) -> None:
@@ -710,9 +764,10 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, clu
                                "(unset GAMESTREAM_LOG)")
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
                          api_keys=_api_keys(api_key, api_keys_file), admin_keys=tuple(admin_key) or None,
-                         insecure_no_auth=insecure_no_auth)
+                         insecure_no_auth=insecure_no_auth, tables_uri=tables_uri,
+                         unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     _refuse_open_exposure(settings)
-    _check_writable(settings.data_dir)
+    _check_storage(settings)
     if cluster:
         _cluster_demo(settings, rate=rate, users=users, duration=duration,
                       seed=seed if seed is not None else random.randrange(1 << 30))
@@ -722,7 +777,7 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, clu
         _announce_keys(settings)
         out.print(f"[bold]gamestream demo[/] — dashboard {url}/ · collector {url}/v1/events · "
                   f"metrics {url}/metrics · API {url}/openapi.json", highlight=False)
-        out.print(f"tables under {settings.data_dir / 'tables'}; Ctrl-C stops "
+        out.print(f"tables under {settings.tables_root}; Ctrl-C stops "
                   f"(acknowledged events are committed first)", highlight=False)
 
     def tick(sent, processed, backlog: int) -> None:
@@ -753,7 +808,7 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
             out.print(f"collector {index}: {url}/v1/events · health {url}/healthz · metrics {url}/metrics",
                       highlight=False)
         out.print(f"2 processors share the partitions; each process writes to {urls.logs}/<name>.log; tables "
-                  f"under {settings.data_dir / 'tables'}; Ctrl-C stops (acknowledged events are committed first)",
+                  f"under {settings.tables_root}; Ctrl-C stops (acknowledged events are committed first)",
                   highlight=False)
 
     def tick(sent, backlog: int | None) -> None:
@@ -775,10 +830,11 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
 
 def _demo_query(settings: Settings) -> None:
     import duckdb
-    from deltalake import DeltaTable
 
-    events = DeltaTable(settings.table_uri("events")).to_pyarrow_dataset()
-    quarantine = DeltaTable(settings.table_uri("events_quarantine")).to_pyarrow_dataset()
+    from gamestream import lake
+
+    events = lake.open_table(settings.table_uri("events")).to_pyarrow_dataset()
+    quarantine = lake.open_table(settings.table_uri("events_quarantine")).to_pyarrow_dataset()
     connection = duckdb.connect()
     connection.register("events", events)
     connection.register("events_quarantine", quarantine)
@@ -840,6 +896,7 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     except Exception as error:  # a clear line, not a traceback, for errors we know how to explain
+        from gamestream.lake import ConditionalWritesUnsupported, StoreUnreachable
         from gamestream.log.sqlite import LogPartitionsMismatch
         from gamestream.ownership import OwnershipUnavailable
         from gamestream.processor import PartitionBusy
@@ -849,7 +906,7 @@ def main() -> None:
             unusable = f"no Delta table there yet ({str(error).strip().splitlines()[0][:300]}); " \
                        "run `gamestream process` first"
         if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable,
-                              OwnershipUnavailable)) or unusable:
+                              OwnershipUnavailable, ConditionalWritesUnsupported, StoreUnreachable)) or unusable:
             from rich.text import Text
 
             console.print(Text.assemble(("error: ", "red"), unusable or str(error)))

@@ -228,7 +228,8 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
         log = await asyncio.to_thread(connect, cluster_settings)
         rows_before = await asyncio.to_thread(_events_in_table, settings)
         env = _child_env(settings)
-        common = ["--data-dir", str(settings.data_dir), "--log", cluster.url]
+        common = ["--data-dir", str(settings.data_dir), "--log", cluster.url, "--tables", settings.tables_root,
+                  *(["--unsafe-no-conditional-writes"] if settings.unsafe_no_conditional_writes else [])]
         for index in range(CLUSTER_PROCESSORS):
             extra = ["--maintenance"] if index == 0 else []
             processors.append(_Child(f"processor-{index + 1}", ["--log-format", log_format, "process", *common,
@@ -334,15 +335,13 @@ async def _output_match(child: _Child, pattern: str, stop: asyncio.Event, timeou
 def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> None:
     """Until the events table's txn version of every partition reaches the log's last offset there: everything
     the collectors acknowledged is then in the table (the processors commit it exactly once)."""
-    from deltalake import DeltaTable
-
     from gamestream import lake
 
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     targets = {lake.txn_app_id(settings.pipeline, p): log.last_offset(p) for p in range(log.partitions)}
     while time.monotonic() < deadline and all(child.exited() is None for child in processors):
         try:
-            versions = lake.committed_versions(DeltaTable(settings.table_uri("events")), list(targets))
+            versions = lake.committed_versions(lake.open_table(settings.table_uri("events")), list(targets))
         except Exception:  # no table yet: nothing committed so far
             versions = {}
         if all(versions.get(app_id, 0) >= offset for app_id, offset in targets.items()):
@@ -351,10 +350,10 @@ def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> 
 
 
 def _events_in_table(settings: Settings) -> int:
-    from deltalake import DeltaTable
+    from gamestream import lake
 
     uri = settings.table_uri("events")
-    if not DeltaTable.is_deltatable(uri):
+    if not lake.table_exists(uri):
         return 0
-    actions = DeltaTable(uri).get_add_actions(flatten=True)
+    actions = lake.open_table(uri).get_add_actions(flatten=True)
     return sum(actions.column("num_records").to_pylist()) if actions.num_rows else 0

@@ -166,7 +166,7 @@ class KpiStage:
     def _read_open_days(self, version: int) -> dict[dt.date, _Day]:
         if version == 0:
             return {}
-        dataset = DeltaTable(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+        dataset = lake.open_table(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
         days: dict[dt.date, _Day] = {}
         for day in sorted(self._event_dates(dataset)):
             if not self._day_is_final(day):
@@ -444,7 +444,7 @@ class KpiStage:
             state = self.days.get(day)
             if state is None or day in recompute:
                 if dataset is None:
-                    dataset = DeltaTable(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+                    dataset = lake.open_table(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
                 state = self._day_from_table(dataset, day)
                 if day in self.days:
                     self.days[day] = state

@@ -1,19 +1,29 @@
-"""Delta Lake access: creating the tables, committing exactly once, and the one retry policy of every commit.
+"""Delta Lake access: where the tables live, creating them, committing exactly once, and the one retry policy of
+every commit.
 
-The one place that knows how a log partition maps to a Delta `txn` appId (`txn_app_id`), and which errors of a
-commit are worth retrying (`CommitRetries`): a conflict with another writer, a bounded number of times, and a
-full disk, for as long as it lasts.
+The one place that knows
+- where a table is and how it is reached (`table_location`, `open_table`, `table_exists`, `is_object_store`):
+  a local folder, or an object store URL such as `s3://bucket/prefix/events`. Every other module opens tables
+  through these, never with a string test of its own;
+- whether an object store can be committed to safely (`check_conditional_writes`);
+- how a log partition maps to a Delta `txn` appId (`txn_app_id`);
+- which errors of a commit are worth retrying (`CommitRetries`): a conflict with another writer, a bounded number
+  of times; a full disk and an unreachable object store, for as long as they last.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Mapping
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import stamina
@@ -28,6 +38,151 @@ logger = logging.getLogger(__name__)
 # feed lets the KPI stage read what each commit added (Delta as a streaming source) while skipping OPTIMIZE's
 # rewrites; it sets writer version 4, readable by every Delta reader (reader version stays 1).
 EVENTS_TABLE_CONFIGURATION = {"delta.checkpointInterval": "100", "delta.enableChangeDataFeed": "true"}
+
+
+# ------------------------------------------------------------------------------------------- where tables live
+def is_object_store(uri: str) -> bool:
+    """True for a URL with a scheme other than file:// (s3://, gs://, az://, …): no local path to test, stat or
+    lock; reached over the network, with the store's consistency rules."""
+    scheme = urlparse(str(uri)).scheme
+    return len(scheme) > 1 and scheme != "file"  # a one-letter scheme is a Windows drive, not a URL
+
+
+def table_location(root: str, name: str) -> str:
+    """The URI of table `name` under the tables root `root` (a folder or an object store prefix)."""
+    if is_object_store(root):
+        return f"{root.rstrip('/')}/{name}"
+    return str((Path(str(root).removeprefix("file://")) / name).absolute())
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """What delta-rs is told about the store besides the URI: nothing. deltalake 1.6.3 (object_store underneath)
+    reads the standard AWS environment itself — AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP — as obstore (the conditional-write probe) does, so the
+    commands, the probe and other readers (DuckDB, Polars, Spark; see the README) are configured the same way
+    and gamestream keeps no secret of its own. Kept as a function so that, should a store need an option,
+    it is added here, once. delta-rs 1.x commits to S3 with a conditional PUT (If-None-Match: *) on
+    `_delta_log/N.json`: no DynamoDB lock and no AWS_S3_ALLOW_UNSAFE_RENAME."""
+    return None
+
+
+def open_table(uri: str, version: int | None = None) -> DeltaTable:
+    """The table at `uri` (a local folder or an object store URL), at `version` or the latest."""
+    return DeltaTable(uri, version=version, storage_options=storage_options(uri))
+
+
+def table_exists(uri: str) -> bool:
+    """Whether a Delta table is at `uri`, without creating anything (a local folder is not made by looking)."""
+    if not is_object_store(uri) and not os.path.isdir(str(uri).removeprefix("file://")):
+        return False
+    return DeltaTable.is_deltatable(uri, storage_options=storage_options(uri))
+
+
+def same_location(written: str, location: str) -> bool:
+    """Whether a path or URL someone wrote (OPTIMIZE '<path>') names the table location `location`: local paths
+    (and file:// URLs) are compared resolved — `..` and symlinks followed, a trailing slash ignored, relative to
+    the working directory — object store URLs (s3://…) as written, less a trailing slash."""
+    def local(text: str) -> str | None:
+        if text.lower().startswith("file://"):
+            return os.path.realpath(unquote(urlparse(text).path))
+        return None if is_object_store(text) else os.path.realpath(text)
+
+    mine, theirs = local(written), local(location)
+    if mine is None or theirs is None:
+        return mine is None and theirs is None and written.rstrip("/") == location.rstrip("/")
+    return mine == theirs
+
+
+class TableCache:
+    """Tables kept open between reads, for the readers that ask again and again (the dashboard every second, each
+    SQL query). Opening a table lists `_delta_log/` and reads the last checkpoint and the commits after it; on
+    object storage that is a LIST and several GETs per table per read. A cached table is brought up to date
+    with `update_incremental()`, which reads only the commits after the version it has (a listing that starts
+    after it). Thread-safe: one lock around each update and what is read from the table under it."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, DeltaTable] = {}
+        self._lock = threading.Lock()
+
+    def latest(self, uri: str) -> DeltaTable | None:
+        """The table at its latest version, or None when there is no table at `uri` yet. The object is shared:
+        the caller must serialize its use with other callers of the same cache (or use `dataset`)."""
+        with self._lock:
+            return self._latest(uri)
+
+    def dataset(self, uri: str):
+        """A pyarrow dataset of the table's latest version (independent of later updates), or None."""
+        with self._lock:
+            table = self._latest(uri)
+            return None if table is None else table.to_pyarrow_dataset()
+
+    def _latest(self, uri: str) -> DeltaTable | None:
+        table = self._tables.get(uri)
+        if table is not None:
+            table.update_incremental()
+            return table
+        if not table_exists(uri):
+            return None
+        table = self._tables[uri] = open_table(uri)
+        return table
+
+
+class ConditionalWritesUnsupported(RuntimeError):
+    """The object store accepted a second create-only PUT of the same key (or refused the first): two writers
+    could both write `_delta_log/N.json`, and one commit would silently replace the other."""
+
+
+class StoreUnreachable(RuntimeError):
+    """The object store could not be reached (or refused the credentials) at start-up."""
+
+
+def check_conditional_writes(root: str) -> None:
+    """Refuses (ConditionalWritesUnsupported) an object store that cannot refuse an overwrite.
+
+    Delta's commit on object storage is a PUT of `_delta_log/N.json` with `If-None-Match: *`: the store must
+    answer 412 to the second writer of N, or two processors committing the same version lose one commit (rows
+    and txn offsets with it: not exactly once). Probe: PUT a fresh key under the prefix twice, create-only; the
+    first must succeed, the second must fail with "already exists" (412); then delete the key. Through obstore,
+    which is object_store as delta-rs uses it, configured from the same environment. A local folder passes.
+    """
+    if not is_object_store(root):
+        return
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+    from obstore.store import from_url
+
+    store = from_url(root.rstrip("/") + "/")
+    key = f"_gamestream_probe/{uuid.uuid4().hex}"
+    try:
+        obstore.put(store, key, b"conditional write probe", mode="create")
+    except Exception as error:
+        raise StoreUnreachable(f"cannot write to {root}: {_first_line(error)} (credentials, region and endpoint "
+                               "come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, "
+                               "AWS_ENDPOINT_URL, AWS_ALLOW_HTTP)") from None
+    try:
+        try:
+            obstore.put(store, key, b"conditional write probe", mode="create")
+        except AlreadyExistsError:
+            return  # 412: the store refuses a second creator
+        except Exception as error:
+            raise ConditionalWritesUnsupported(
+                f"{root} did not answer a conditional PUT (If-None-Match: *) as it must: {_first_line(error)}") \
+                from None
+        raise ConditionalWritesUnsupported(
+            f"{root} accepted a second PUT with If-None-Match: * on the same key: it cannot refuse an "
+            "overwrite, so two writers of one Delta version would lose a commit. Use a store with conditional "
+            "writes (AWS S3, MinIO, SeaweedFS, R2, …), or, if only one process ever writes these tables, "
+            "--unsafe-no-conditional-writes")
+    finally:
+        try:
+            obstore.delete(store, key)
+        except Exception:  # a probe key left behind is harmless
+            pass
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def txn_app_id(pipeline: str, partition: int, table: str = "events") -> str:
@@ -45,7 +200,7 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
     """
     for _ in range(5):
         try:
-            return DeltaTable(uri)
+            return open_table(uri)
         except TableNotFoundError:
             pass
         try:
@@ -53,12 +208,13 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
             # "retry" its create as a second metadata commit on top of the winner's.
             return DeltaTable.create(uri, schema=arrow_schema, partition_by=partition_by, mode="error",
                                      configuration=dict(configuration or {}),
+                                     storage_options=storage_options(uri),
                                      commit_properties=CommitProperties(max_commit_retries=0))
         except DeltaError as error:
-            if is_out_of_space(error):
+            if is_out_of_space(error) or is_store_unreachable(error):
                 raise  # not a race: nothing can be created until space is freed
             time.sleep(0.05)  # the other creator's commit is landing; open it on the next round
-    return DeltaTable(uri)
+    return open_table(uri)
 
 
 def open_events(uri: str) -> DeltaTable:
@@ -109,6 +265,24 @@ def is_out_of_space(error: BaseException) -> bool:
     return False
 
 
+# What object_store (inside delta-rs) says once its own retries (10, a few seconds) gave up on a store that does
+# not answer: refused or reset connections, timeouts, a 5xx. A commit that failed so either left nothing visible
+# or landed whole (a lost answer to the PUT of N.json): step 1 of `commit_exactly_once` re-reads the txn
+# versions, so retrying is safe either way.
+_UNREACHABLE_TEXTS = ("error sending request", "connection refused", "connection reset", "operation timed out",
+                      "tcp connect error", "dns error", "broken pipe", "service unavailable",
+                      "server returned non-2xx status code: 5", "internal error", "slow down")
+
+
+def is_store_unreachable(error: BaseException) -> bool:
+    """True for a failure to reach an object store (not for a refusal such as a missing bucket or bad
+    credentials, which waiting does not cure)."""
+    if isinstance(error, (OSError, DeltaError)) and not isinstance(error, CommitFailedError):
+        text = str(error).lower()
+        return any(marker in text for marker in _UNREACHABLE_TEXTS)
+    return False
+
+
 class CommitRetries:
     """The retry policy of a commit to one table, on stamina: iterate, and run the attempt inside `with attempt:`.
 
@@ -118,7 +292,8 @@ class CommitRetries:
 
     - `CommitFailedError` (a concurrent writer won): retried with a short exponential backoff, at most
       `conflicts` attempts in all; then `CommitGaveUp`.
-    - Out of space (`is_out_of_space`): retried for as long as it lasts, backing off to one attempt every
+    - Out of space (`is_out_of_space`) or an object store that does not answer (`is_store_unreachable`: a
+      restart, a network cut): retried for as long as it lasts, backing off to one attempt every
       `OUT_OF_SPACE_WAIT_MAX_S`, until `stop` is set; then `RetryInterrupted`.
     - Anything else propagates at once.
 
@@ -152,14 +327,14 @@ class CommitRetries:
             raise CommitGaveUp(f"gave up after {self.conflicts} conflicting commit attempts on "
                                f"{self.table}") from error
         except BaseException as error:
-            if is_out_of_space(error) and self.stop is not None and self.stop.is_set():
+            if _outage(error) and self.stop is not None and self.stop.is_set():
                 logger.warning("stop requested while the disk is full: commit abandoned, to be made by the "
                                "next run", extra=self._extra(attempt=self.out_of_space))
-                raise RetryInterrupted(f"stopped while waiting for disk space to commit to {self.table}") \
+                raise RetryInterrupted(f"stopped while waiting for disk space or the store to commit to {self.table}") \
                     from error
             raise
         if self._episode_started is not None:
-            logger.info("commit made after the disk was full", extra=self._extra(
+            logger.info("commit made after the outage (full disk or unreachable store)", extra=self._extra(
                 attempts=self.out_of_space + 1, waited_s=round(time.monotonic() - self._episode_started, 3)))
 
     def _retry_after(self, error: Exception) -> bool | float:
@@ -172,30 +347,41 @@ class CommitRetries:
             logger.info("commit conflict; reloading and retrying",
                         extra=self._extra(attempt=self.conflicts, error=type(error).__name__))
             return True
-        if not is_out_of_space(error) or (self.stop is not None and self.stop.is_set()):
+        reason = _outage(error)
+        if reason is None or (self.stop is not None and self.stop.is_set()):
             return False
         self.out_of_space += 1
-        self._count("out_of_space")
+        self._count(reason)
         now = time.monotonic()
-        extra = self._extra(attempt=self.out_of_space, error=type(error).__name__)
+        what = "disk full" if reason == "out_of_space" else "object store unreachable"
+        extra = self._extra(attempt=self.out_of_space, error=type(error).__name__, reason=reason)
         if self._episode_started is None:
             self._episode_started = self._last_warning = now
-            logger.warning("disk full: commit failed, retrying until space is freed", extra=extra)
+            logger.warning("%s: commit failed, retrying until it is back", what, extra=extra)
         elif now - self._last_warning >= OUT_OF_SPACE_REMIND_S:
             self._last_warning = now
-            logger.warning("disk still full: commit still failing",
+            logger.warning("%s still: commit still failing", what,
                            extra={**extra, "waited_s": round(now - self._episode_started, 1)})
         else:
-            logger.debug("disk full: commit retry", extra=extra)
+            logger.debug("%s: commit retry", what, extra=extra)
         # the exponent is capped: an outage of hours must not overflow the float
         return min(OUT_OF_SPACE_WAIT_INITIAL_S * 2 ** min(self.out_of_space - 1, 16), OUT_OF_SPACE_WAIT_MAX_S)
 
-    def _count(self, reason: str) -> None:
+    def _count(self, reason: str) -> None:  # noqa: D401 - reason: conflict, out_of_space, store_unreachable
         metrics.commit_retries.labels(self.table, reason).inc()
         metrics.stage_errors.labels(self.stage).inc()
 
     def _extra(self, **fields: object) -> dict[str, object]:
         return {"table": self.table, **self.context, **fields}
+
+
+def _outage(error: BaseException) -> str | None:
+    """The kind of outage that a wait cures, or None: "out_of_space" or "store_unreachable"."""
+    if is_out_of_space(error):
+        return "out_of_space"
+    if is_store_unreachable(error):
+        return "store_unreachable"
+    return None
 
 
 @dataclass(frozen=True)

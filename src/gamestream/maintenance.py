@@ -8,7 +8,9 @@ safe while the processor streams.
 - VACUUM deletes the files that the table no longer references once their removal is older than the retention
   (7 days by default, the table's `delta.deletedFileRetentionDuration`). A shorter retention is refused unless
   forced, because a reader still running on an older version, or time travel to it, would find its files gone.
-- One compactor at a time per data directory: a lock file (`log/maintenance.lock`).
+- One compactor at a time (`MaintenanceLock`): a lock file (`log/maintenance.lock`) when every writer shares this
+  machine; the `maintenance` lease in the NATS key-value bucket when the tables are on object storage and the log
+  is NATS, so processes on every machine see it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import stamina
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
+from gamestream import lake
 from gamestream.settings import Settings
+
+if TYPE_CHECKING:
+    from gamestream.ownership import Ownership
 
 GiB = 1 << 30
 DEFAULT_TARGET_SIZE = GiB
@@ -102,12 +108,31 @@ def file_stats(table: DeltaTable, small_under: int = 0) -> FileStats:
 
 
 class MaintenanceLock:
-    """The one-compactor-at-a-time lock: flock on `<data_dir>/log/maintenance.lock`."""
+    """The one-compactor-at-a-time lock. Two compactors would not corrupt a table (Delta's commit check refuses
+    the loser), but they would rewrite the same files twice and fight over every partition.
 
-    def __init__(self, settings: Settings) -> None:
+    - Tables in a local folder, or an embedded log: a flock on `<data_dir>/log/maintenance.lock`; every process
+      that can write these tables runs on this machine.
+    - Tables on object storage with a NATS log (`ownership.uses_leases`): processes on any machine write them, so
+      a file lock would protect nothing; the lock is the `maintenance` role lease in the NATS key-value bucket
+      (`LeaseOwnership.claim`), renewed by the ownership's own thread while held, lapsing when its holder dies.
+      A pipeline passes its own `ownership`; a command without one (`optimize`, `vacuum`) opens a lease
+      ownership that holds no partition, only the role.
+
+    `acquire` returns a handle to `close()` (None when not waiting and another holds the lock).
+    """
+
+    def __init__(self, settings: Settings, ownership: "Ownership | None" = None) -> None:
+        from gamestream.ownership import uses_leases
+
+        self.settings = settings
         self.path = settings.data_dir / "log" / "maintenance.lock"
+        self.ownership = ownership
+        self.uses_lease = lake.is_object_store(settings.tables_root) and uses_leases(settings)
 
     def acquire(self, *, wait: bool) -> object | None:
+        if self.uses_lease:
+            return self._acquire_lease(wait=wait)
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +143,39 @@ class MaintenanceLock:
             handle.close()
             return None
         return handle
+
+    def _acquire_lease(self, *, wait: bool) -> "_LeaseHandle | None":
+        from gamestream.ownership import MAINTENANCE_ROLE, LeaseOwnership
+
+        ownership, opened = self.ownership, False
+        if ownership is None:
+            assert self.settings.log is not None
+            ownership = LeaseOwnership(self.settings.log, pipeline=self.settings.pipeline, partitions=0,
+                                       ttl_s=self.settings.lease_ttl_s)
+            opened = True
+        while not ownership.claim(MAINTENANCE_ROLE):
+            if not wait:
+                if opened:
+                    ownership.close()
+                return None
+            time.sleep(max(self.settings.lease_ttl_s / 3, 0.2))
+        return _LeaseHandle(ownership, opened)
+
+
+class _LeaseHandle:
+    """The held `maintenance` lease; `close()` releases it (and the ownership opened for it)."""
+
+    def __init__(self, ownership: "Ownership", opened: bool) -> None:
+        self.ownership = ownership
+        self.opened = opened
+
+    def close(self) -> None:
+        from gamestream.ownership import MAINTENANCE_ROLE
+
+        if self.opened:
+            self.ownership.close()
+        else:
+            self.ownership.release_role(MAINTENANCE_ROLE)
 
 
 # --------------------------------------------------------------------------------------------------- OPTIMIZE
@@ -157,7 +215,7 @@ def optimize(
     `on_partition(key, done, total)` reports progress.
     """
     started = time.monotonic()
-    table = DeltaTable(uri)
+    table = lake.open_table(uri)
     before = file_stats(table)
     chosen = [key for key in sorted(before.partitions)
               if (partitions is None or key in partitions) and (since is None or key >= since)
@@ -222,7 +280,7 @@ def vacuum(uri: str, *, retention_hours: float | None = None, dry_run: bool = Fa
     Refuses (RetentionTooShort) a retention under the table's minimum unless `force`: files a running reader
     or a time-travel query still needs could go. With `dry_run`, lists what would go and deletes nothing.
     """
-    table = DeltaTable(uri)
+    table = lake.open_table(uri)
     minimum = minimum_retention_hours(table)
     hours = minimum if retention_hours is None else retention_hours
     if hours < minimum and not force:
@@ -242,7 +300,9 @@ def vacuum(uri: str, *, retention_hours: float | None = None, dry_run: bool = Fa
 
 
 def _local_sizes(uri: str, files: list[str]) -> int | None:
-    if "://" in uri and not uri.startswith("file://"):
+    """The bytes VACUUM frees, from the files themselves; None on an object store (a HEAD per file would cost
+    more than the number is worth)."""
+    if lake.is_object_store(uri):
         return None
     root = Path(uri.removeprefix("file://"))
     total = 0
@@ -267,10 +327,10 @@ class AutoMaintenance:
     3. vacuum with the configured retention every `vacuum_every_h` hours.
     """
 
-    def __init__(self, settings: Settings, tables: list[str]) -> None:
+    def __init__(self, settings: Settings, tables: list[str], ownership: "Ownership | None" = None) -> None:
         self.settings = settings
         self.tables = tables
-        self.lock = MaintenanceLock(settings)
+        self.lock = MaintenanceLock(settings, ownership)
         self.stop_requested = threading.Event()
         self.thread: threading.Thread | None = None
         self.last_checkpoint: dict[str, int] = {}
@@ -309,9 +369,9 @@ class AutoMaintenance:
             small = max(self.settings.small_file_bytes, 1)
             for name in self.tables:
                 uri = self.settings.table_uri(name)
-                if not DeltaTable.is_deltatable(uri):
+                if not lake.table_exists(uri):
                     continue
-                table = DeltaTable(uri)
+                table = lake.open_table(uri)
                 crowded = self._crowded_partitions(table, small)
                 if crowded:
                     report = optimize(uri, partitions=crowded, target_size=self.settings.target_file_bytes)
@@ -327,7 +387,7 @@ class AutoMaintenance:
             if time.monotonic() - self.last_vacuum >= self.settings.vacuum_every_h * 3600:
                 for name in self.tables:
                     uri = self.settings.table_uri(name)
-                    if DeltaTable.is_deltatable(uri):
+                    if lake.table_exists(uri):
                         swept = vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
                         logger.info("vacuumed %d file(s)", len(swept.files), extra={"table": name})
                 self.last_vacuum = time.monotonic()

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KPI_ROLE = "kpi"
+MAINTENANCE_ROLE = "maintenance"
 
 
 class PartitionBusy(RuntimeError):
@@ -101,13 +102,18 @@ class Ownership(Protocol):
         ...
 
 
+def uses_leases(settings: "Settings") -> bool:
+    """True when ownership is held by leases on NATS (the log is `nats://…`), visible to every machine."""
+    return bool(settings.log and settings.log.startswith("nats://"))
+
+
 def open_ownership(settings: "Settings", partitions: int, only: list[int] | None = None) -> Ownership:
     """The ownership a pipeline uses: leases on the NATS cluster that holds the log (`settings.log` is
     `nats://…`), else flocks under `<data_dir>/log`.
 
     With leases, a fixed `only` list is refused: a processor that takes partitions regardless of the shares would
     fight the others' balancing. Run more processors instead; they share the partitions by themselves."""
-    if settings.log and settings.log.startswith("nats://"):
+    if uses_leases(settings):
         if only is not None:
             raise OwnershipUnavailable("--only does not combine with a nats:// log: processors share the partitions by "
                              "leases; start more processors instead")

@@ -40,7 +40,7 @@ class Pipeline:
         try:
             self.processor = Processor(settings, log, ownership=self.ownership)
             self.processor.on_commit = self._offer
-            self.maintenance = AutoMaintenance(settings, list(TABLES)) if maintenance else None
+            self.maintenance = AutoMaintenance(settings, list(TABLES), self.ownership) if maintenance else None
             self.kpi_enabled = kpi
             self.kpi: KpiStage | None = None  # the running KPI stage, when this process holds the role
             if kpi:
@@ -106,6 +106,17 @@ class Pipeline:
                     self._drop_kpi(f"the log is unavailable ({error}); restarting from the KPI tables")
                 else:
                     self.ownership.release_role(KPI_ROLE)
+            except Exception as error:
+                # The same for an object store out of reach (its reads — the change data feed, a table's new
+                # versions — fail outside the commits' retries): start afresh once it answers again.
+                if not lake.is_store_unreachable(error):
+                    raise
+                if self.kpi is not None:
+                    self._drop_kpi("the object store holding the tables is unreachable; restarting from the "
+                                   "KPI tables once it answers")
+                else:
+                    self.ownership.release_role(KPI_ROLE)
+                    logger.debug("KPI stage cannot start: the object store is unreachable")
 
         def fold_until_done() -> None:
             nonlocal interrupted

@@ -29,20 +29,18 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import threading
 import uuid
 import warnings
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
 
 import duckdb
 import pyarrow as pa
 import sqlglot
-from deltalake import DeltaTable
 from sqlglot import exp
 
+from gamestream import lake
 from gamestream.settings import TABLES, Settings
 
 ALIASES = {"mobile_events_delta_raw": "events"}
@@ -273,22 +271,15 @@ _VACUUM = re.compile(
     re.IGNORECASE | re.DOTALL)
 _WHERE_DATE = re.compile(r"^\s*`?eventDate`?\s*(?P<op>=|>=)\s*(?:DATE\s*)?'(?P<date>\d{4}-\d{2}-\d{2})'\s*$",
                          re.IGNORECASE)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _same_location(written: str, location: str) -> bool:
-    """Whether a path or URL written in OPTIMIZE/VACUUM names a table's location: local paths (and file:// URLs)
-    are compared resolved — `..` and symlinks followed, a trailing slash ignored, relative to the working
-    directory — other URLs (s3://…) as written, less a trailing slash."""
-    def local(text: str) -> str | None:
-        if text.lower().startswith("file://"):
-            return os.path.realpath(unquote(urlparse(text).path))
-        return None if _URL.match(text) else os.path.realpath(text)
+    return lake.same_location(written, location)
 
-    mine, theirs = local(written), local(location)
-    if mine is None or theirs is None:
-        return mine is None and theirs is None and written.rstrip("/") == location.rstrip("/")
-    return mine == theirs
+
+# One cache for every query of this process: the tables stay open between queries and are brought up to date
+# incrementally (lake.TableCache), instead of listing the object store on every query.
+_TABLES = lake.TableCache()
 
 
 class SqlEngine:
@@ -327,7 +318,7 @@ class SqlEngine:
             return None
         match = optimize or vacuum
         uri = self._maintenance_target(match, query)
-        if not DeltaTable.is_deltatable(uri):
+        if not lake.table_exists(uri):
             raise QueryError(f"no Delta table at {uri}", query)
         columns = None
         if optimize and optimize["columns"]:
@@ -335,6 +326,7 @@ class SqlEngine:
             if not all(_PLAIN_NAME.match(c) for c in columns):
                 raise QueryError("ZORDER BY takes column names", query, 1, optimize.start("columns") + 1)
         lock = maintenance.MaintenanceLock(self.settings).acquire(wait=True)
+        assert lock is not None
         try:
             if optimize:
                 partitions = since = None
@@ -371,10 +363,10 @@ class SqlEngine:
         try:
             connection.execute("SET TimeZone = 'UTC'")
             for name in tables:
-                uri = self.settings.table_uri(ALIASES.get(name, name))
-                if not DeltaTable.is_deltatable(uri):
+                dataset = _TABLES.dataset(self.settings.table_uri(ALIASES.get(name, name)))
+                if dataset is None:
                     raise QueryError(f"table {name} does not exist yet: run `gamestream process` first")
-                connection.register(name, DeltaTable(uri).to_pyarrow_dataset())
+                connection.register(name, dataset)
             for setting in ("enable_external_access = false", "autoload_known_extensions = false",
                             "autoinstall_known_extensions = false", "allow_community_extensions = false",
                             "python_enable_replacements = false", "lock_configuration = true"):

@@ -100,16 +100,24 @@ class Settings:
     """Collector: processes serving the same port (`serve --workers N`)."""
     host: str = "127.0.0.1"
     port: int = 8000
+    tables_uri: str | None = None
+    """Where all tables live (`--tables`, GAMESTREAM_TABLES): None = `<data_dir>/tables`; a folder; or an object
+    store prefix such as `s3://bucket/prefix` (credentials, region and endpoint from the standard AWS
+    environment; see `lake.storage_options`)."""
+    unsafe_no_conditional_writes: bool = False
+    """Start on an object store that failed the conditional-write probe (`--unsafe-no-conditional-writes`): only
+    safe when a single process ever writes the tables."""
     tables: dict[str, str] = field(default_factory=dict)
-    """Table locations by name; unset ones are `<data_dir>/tables/<name>`. May be object-store URLs."""
+    """Per-table overrides of the location by name (not from the environment); unset ones are
+    `<tables_uri>/<name>`."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
         """Defaults, then GAMESTREAM_<NAME> variables, then the non-None `overrides` (command-line options)."""
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = os.environ.get(f"GAMESTREAM_{f.name.upper()}")
-            if raw is None or f.name == "tables":
+            raw = os.environ.get(_ENVIRONMENT_NAMES.get(f.name, f"GAMESTREAM_{f.name.upper()}"))
+            if raw is None or f.name == "tables":  # per-table overrides come from code (tests), not the env
                 continue
             values[f.name] = _parse(f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -117,10 +125,19 @@ class Settings:
             values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
+    @property
+    def tables_root(self) -> str:
+        """The folder or object store prefix that holds every table (absolute when local)."""
+        return self.tables_uri or str((self.data_dir / "tables").absolute())
+
     def table_uri(self, name: str) -> str:
+        """Where table `name` lives: its override, else `<tables_root>/<name>` (joined by `lake`, which alone
+        knows folders from object store URLs)."""
+        from gamestream import lake
+
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
-        return self.tables.get(name) or str((self.data_dir / "tables" / name).absolute())
+        return self.tables.get(name) or lake.table_location(self.tables_root, name)
 
     @property
     def small_file_bytes(self) -> int:
@@ -134,6 +151,10 @@ class Settings:
 
     def with_(self, **changes: object) -> "Settings":
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Settings whose variable is not GAMESTREAM_<FIELD>: the issue and the docs name the tables root GAMESTREAM_TABLES.
+_ENVIRONMENT_NAMES = {"tables_uri": "GAMESTREAM_TABLES"}
 
 
 def _parse(type_name: object, raw: str) -> object:

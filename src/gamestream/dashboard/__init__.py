@@ -19,6 +19,7 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from gamestream import lake
 from gamestream.maintenance import file_stats, last_operations
 from gamestream.settings import Settings
 
@@ -67,6 +68,7 @@ class DashboardData:
         self.ttl_s = ttl_s
         self._cached: _Cached | None = None
         self._lock = threading.Lock()
+        self._tables = lake.TableCache()  # used under self._lock only
 
     def snapshot(self, *, backlog: int | None, events_per_second: float) -> dict[str, Any]:
         """The `/v1/dashboard` answer. The cached tables are shared by every request within `ttl_s` (several open
@@ -90,8 +92,7 @@ class DashboardData:
         }
 
     def _table(self, name: str) -> DeltaTable | None:
-        uri = self.settings.table_uri(name)
-        return DeltaTable(uri) if DeltaTable.is_deltatable(uri) else None
+        return self._tables.latest(self.settings.table_uri(name))
 
     def _recent_windows(self, name: str) -> list[dict]:
         """The table's windows within HOURS_SHOWN of its newest one, oldest first."""
