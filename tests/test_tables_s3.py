@@ -227,7 +227,13 @@ def test_store_unreachable_mid_load_the_processor_retries_and_loses_nothing(tmp_
         assert started.wait(60), "".join(lines)
         time.sleep(0.8)
         relay.cut()
-        time.sleep(6.0)  # longer than object_store's own retries (~3 s): commits fail, and are retried
+        # held until a commit has failed past object_store's own retries and ours have taken over (how long that
+        # takes depends on where the processor was when the store went away)
+        deadline = time.monotonic() + 90
+        while not any("object store unreachable" in line for line in lines) and time.monotonic() < deadline:
+            assert child.poll() is None, "the processor exited while the store was unreachable:\n" + "".join(lines)
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few more of our retries fail meanwhile
         assert child.poll() is None, "the processor gave up while the store was unreachable:\n" + "".join(lines)
         relay.restore()
         child.wait(timeout=240)

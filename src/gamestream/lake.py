@@ -274,6 +274,10 @@ _UNREACHABLE_TEXTS = ("error sending request", "connection refused", "connection
                       "server returned non-2xx status code: 5", "internal error", "slow down")
 
 
+_OUTAGE_TEXT = {"out_of_space": "the disk is full", "store_unreachable": "the object store is unreachable"}
+_OUTAGE_DONE = {"out_of_space": "the disk was full", "store_unreachable": "the object store was unreachable"}
+
+
 def is_store_unreachable(error: BaseException) -> bool:
     """True for a failure to reach an object store (not for a refusal such as a missing bucket or bad
     credentials, which waiting does not cure)."""
@@ -313,6 +317,7 @@ class CommitRetries:
         self.conflicts = 0
         self.out_of_space = 0
         self._episode_started: float | None = None
+        self._outage_reason: str | None = None  # the kind of the latest outage waited out
         self._last_warning = 0.0
 
     def __iter__(self) -> Iterator[stamina.Attempt]:
@@ -327,15 +332,17 @@ class CommitRetries:
             raise CommitGaveUp(f"gave up after {self.conflicts} conflicting commit attempts on "
                                f"{self.table}") from error
         except BaseException as error:
-            if _outage(error) and self.stop is not None and self.stop.is_set():
-                logger.warning("stop requested while the disk is full: commit abandoned, to be made by the "
-                               "next run", extra=self._extra(attempt=self.out_of_space))
-                raise RetryInterrupted(f"stopped while waiting for disk space or the store to commit to {self.table}") \
-                    from error
+            reason = _outage(error)
+            if reason and self.stop is not None and self.stop.is_set():
+                logger.warning("stop requested while %s: commit abandoned, to be made by the next run",
+                               _OUTAGE_TEXT[reason], extra=self._extra(attempt=self.out_of_space))
+                raise RetryInterrupted(f"stopped while {_OUTAGE_TEXT[reason]}, before committing to "
+                                       f"{self.table}") from error
             raise
         if self._episode_started is not None:
-            logger.info("commit made after the outage (full disk or unreachable store)", extra=self._extra(
-                attempts=self.out_of_space + 1, waited_s=round(time.monotonic() - self._episode_started, 3)))
+            logger.info("commit made after %s", _OUTAGE_DONE[self._outage_reason or "out_of_space"],
+                        extra=self._extra(attempts=self.out_of_space + 1,
+                                          waited_s=round(time.monotonic() - self._episode_started, 3)))
 
     def _retry_after(self, error: Exception) -> bool | float:
         """stamina's hook: False to give up, True for the conflict backoff, seconds for a full disk's."""
@@ -351,6 +358,7 @@ class CommitRetries:
         if reason is None or (self.stop is not None and self.stop.is_set()):
             return False
         self.out_of_space += 1
+        self._outage_reason = reason
         self._count(reason)
         now = time.monotonic()
         what = "disk full" if reason == "out_of_space" else "object store unreachable"
