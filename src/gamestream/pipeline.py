@@ -143,12 +143,7 @@ class Pipeline:
             if failures:
                 raise failures[0]
             if self.kpi and not interrupted and self.ownership.holds(KPI_ROLE):
-                try:
-                    self.kpi.fold()
-                except lake.RetryInterrupted:
-                    pass  # logged by the retry policy; the next run folds it
-                except KpiStageSuperseded as error:
-                    self._drop_kpi(str(error))
+                self._final_fold()
             if self.kpi:
                 logger.info("KPI stage stopped", extra={"version": self.kpi.state.version})
         finally:
@@ -156,6 +151,41 @@ class Pipeline:
             if self.maintenance:
                 self.maintenance.stop()
             self.ownership.close()
+
+    def _final_fold(self) -> None:
+        """The fold after the processor has finished, which makes the KPI tables reflect everything committed
+        (what `run(until_idle=True)` promises). A log or object store out of reach is waited out — the stage is
+        started afresh from its tables after each failed attempt, as the folding thread does — until it answers
+        or a stop is requested (then the next run folds it)."""
+        waiting = False
+        while True:
+            try:
+                if self.kpi is None and not self._take_kpi():
+                    return  # another process took the KPI stage meanwhile: it folds
+                self.kpi.fold()  # type: ignore[union-attr]
+                if waiting:
+                    logger.info("final KPI fold made once the tables' store answered again")
+                return
+            except lake.RetryInterrupted:
+                return  # logged by the retry policy; the next run folds it
+            except KpiStageSuperseded as error:
+                self._drop_kpi(str(error))
+                return
+            except Exception as error:
+                if not (isinstance(error, LogUnavailable) or lake.is_store_unreachable(error)):
+                    raise
+                if self.processor.stop_requested.is_set():
+                    logger.warning("stop requested while the final KPI fold waited for the log or the object "
+                                   "store; the next run folds it")
+                    return
+                if not waiting:
+                    logger.warning("final KPI fold: log or object store unreachable; retrying until it answers",
+                                   extra={"error": type(error).__name__})
+                waiting = True
+                if self.kpi is not None:  # a fold stopped half-way: start afresh from the KPI tables
+                    self.kpi = None
+                    self.ownership.release_role(KPI_ROLE)
+                self.processor.stop_requested.wait(1.0)
 
     def stop(self, *, drain: bool) -> None:
         self.processor.stop(drain=drain)
