@@ -23,9 +23,11 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest):
     isolated = bool(getattr(request, "param", False))
     if isolated and os.geteuid() != 0:
         pytest.skip("network namespaces need root (CI runs as root)")
-    started = Fleet(tmp_path, isolated=isolated).start()
-    yield started
-    started.stop()
+    fleet = Fleet(tmp_path, isolated=isolated)
+    try:
+        yield fleet.start()
+    finally:
+        fleet.stop()  # also when start() failed half-way: no nats-server or gamestream process left behind
 
 
 def wait_until_sole_owner(fleet: Fleet, child, *, moved_since: float, timeout: float = 30) -> None:
