@@ -38,6 +38,54 @@ def drain(settings: Settings, partitions: list[int] | None = None) -> Processor:
         log.close()
 
 
+def _arrow_payload(lines: list[bytes]) -> bytes:
+    """Canonical lines as the collector's fast path writes them: an Arrow record payload."""
+    import io
+
+    import pyarrow.json as pj
+
+    from gamestream import payload, schema
+
+    table = pj.read_json(io.BytesIO(b"\n".join(lines)),
+                         parse_options=pj.ParseOptions(explicit_schema=schema.decode_schema()))
+    return payload.encode(table, "lz4")
+
+
+def test_a_log_of_old_ndjson_and_new_arrow_records_gives_every_event_once(settings: Settings) -> None:
+    from gamestream import payload
+
+    log = open_log(settings.data_dir, partitions=2)
+    old = [line(f"ndjson-{i}") for i in range(30)]
+    new = [line(f"arrow-{i}", eventTime=f"2026-11-0{1 + i % 3}T10:00:00.000123Z") for i in range(30)]
+    arrow = _arrow_payload(new[:20])
+    assert payload.is_arrow(arrow) and not payload.is_arrow(old[0])
+    log.append([Append(0, b"\n".join(old[:15]), 15), Append(1, arrow, 20)])
+    log.append([Append(0, _arrow_payload(new[20:]), 10), Append(1, b"\n".join(old[15:]), 15)])
+    log.append([Append(0, b"GSA1 this is no IPC stream", 1)])  # damaged: quarantined with its reason, not fatal
+    log.close()
+    processor = drain(settings)
+    rows = table_rows(processor.settings.table_uri("events"))
+    ids = Counter(r["eventId"] for r in rows)
+    assert max(ids.values()) == 1 and set(ids) == {f"ndjson-{i}" for i in range(30)} | {f"arrow-{i}" for i in range(30)}
+    by_id = {r["eventId"]: r for r in rows}
+    assert str(by_id["arrow-4"]["eventTime"]) == "2026-11-02 10:00:00.000123+00:00"
+    assert str(by_id["arrow-4"]["eventDate"]) == "2026-11-02"
+    assert by_id["arrow-4"]["eventParams"]["device_id"] == "d1"
+    quarantined = table_rows(processor.settings.table_uri("events_quarantine"))
+    assert [q["reason"].split(":")[0] for q in quarantined] == ["unreadable Arrow record payload"]
+
+
+def test_a_bad_row_inside_an_arrow_record_is_quarantined_alone(settings: Settings) -> None:
+    log = open_log(settings.data_dir, partitions=2)
+    log.append([Append(0, _arrow_payload([line("fine"), line("no-time", eventTime=None)]), 2)])
+    log.close()
+    processor = drain(settings)
+    assert [r["eventId"] for r in table_rows(processor.settings.table_uri("events"))] == ["fine"]
+    quarantined = table_rows(processor.settings.table_uri("events_quarantine"))
+    assert len(quarantined) == 1 and quarantined[0]["reason"].startswith("eventTime: null")
+    assert json.loads(quarantined[0]["payload"])["eventId"] == "no-time"
+
+
 def test_bad_lines_from_another_producer_are_quarantined_one_by_one(settings: Settings) -> None:
     log = open_log(settings.data_dir, partitions=2)
     payload = b"\n".join([

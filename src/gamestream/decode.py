@@ -1,6 +1,9 @@
 """Turning log records into Arrow rows for the events table, and quarantine rows for what does not fit.
 
-Fast path: the records' canonical NDJSON is decoded in one call by pyarrow's JSON reader with the explicit
+Arrow records (`gamestream.payload`: what the collector and `load` write when a whole batch passed the
+vectorised checks) are read as they are and concatenated; only their rows' required fields are checked again.
+
+NDJSON records (older versions, batches that held a bad event, foreign producers). Fast path: the records' canonical NDJSON is decoded in one call by pyarrow's JSON reader with the explicit
 schema, then checked column-wise (eventTime, eventName, device_id present). Records that pyarrow cannot decode
 (written by a foreign producer, say) fall back to the line-by-line validator, so one bad line costs its own row,
 never its batch's.
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from gamestream import schema
+from gamestream import payload, schema
 from gamestream.log import LogRecord
 
 _DECODE_SCHEMA = schema.decode_schema()
@@ -54,6 +58,35 @@ def decode_records(records: list[LogRecord], now: dt.datetime | None = None) -> 
     out = Decoded()
     if not records:
         return out
+    json_records = []
+    for record in records:
+        if payload.is_arrow(record.payload):
+            _decode_arrow(record, out, now)
+        else:
+            json_records.append(record)
+    if json_records:
+        _decode_json(json_records, out, now)
+    return out
+
+
+def _decode_arrow(record: LogRecord, out: Decoded, now: dt.datetime) -> None:
+    try:
+        table = payload.decode(record.payload)
+    except ValueError as error:
+        out.quarantine.append(_quarantine_row(record, b"", f"{error} ({len(record.payload)} bytes)", now))
+        return
+    invalid = _invalid_mask(table)
+    if not pc.any(invalid).as_py():
+        out.events.append(_with_event_date(table))
+        return
+    out.events.append(_with_event_date(table.filter(pc.invert(pc.fill_null(invalid, True)))))
+    for i in pc.indices_nonzero(pc.fill_null(invalid, True)).to_pylist():
+        row = table.slice(i, 1).to_pylist()[0]
+        line = json.dumps(row, default=str, separators=(",", ":")).encode()
+        out.quarantine.append(_quarantine_row(record, line, _reason(row), now))
+
+
+def _decode_json(records: list[LogRecord], out: Decoded, now: dt.datetime) -> None:
     try:
         table = _read_json(b"\n".join(r.payload for r in records))
         line_counts = [len(_lines(r.payload)) for r in records] if _needs_line_map(table) else None
@@ -63,7 +96,6 @@ def decode_records(records: list[LogRecord], now: dt.datetime | None = None) -> 
     except (pa.ArrowInvalid, ValueError):
         for record in records:  # slow path, one record at a time
             _decode_record_slowly(record, out, now)
-    return out
 
 
 def _needs_line_map(table: pa.Table) -> bool:
