@@ -58,14 +58,17 @@ def current_leader(fleet: Fleet) -> str:
     return leader
 
 
-def wait_for_new_leader(fleet: Fleet, old: str, why: str, timeout: float = 30) -> None:
+def wait_for_new_leader(fleet: Fleet, old: str, why: str, timeout: float = 60) -> None:
     """Until the nodes still reachable report a stream leader other than `old` (the fault really moved it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if fleet.cluster.stream_leader("gamestream") not in (None, old):
             return
         time.sleep(0.2)
-    raise AssertionError(why)
+    logs = {node.name: (node.directory / "nats.log").read_text(errors="replace").splitlines()[-12:]
+            for node in fleet.cluster.members}
+    raise AssertionError(f"{why} within {timeout}s; the nodes' views: {fleet.cluster.stream_views('gamestream')}; "
+                         f"their logs' last lines: {logs}")
 
 
 def test_sigkill_of_the_stream_leader_loses_and_duplicates_nothing(fleet: Fleet) -> None:

@@ -212,6 +212,24 @@ class NatsCluster:
                         return node.name
         return None
 
+    def stream_views(self, stream: str) -> dict[str, object]:
+        """What each running node reports about `stream`'s raft group (leader, replicas, their lag), or why it
+        could not be asked: for a failure message that shows what the cluster believed."""
+        views: dict[str, object] = {}
+        for node in self.members:
+            if not node.running:
+                views[node.name] = "not running"
+                continue
+            try:
+                report = node.jsz()
+            except OSError as error:
+                views[node.name] = f"unreachable ({error})"
+                continue
+            views[node.name] = next((detail.get("cluster") for account in report.get("account_details", [])
+                                     for detail in account.get("stream_detail", [])
+                                     if detail.get("name") == stream), "stream not reported")
+        return views
+
     def index_of(self, name: str) -> int:
         return next(i for i, n in enumerate(self.members) if n.name == name)
 
