@@ -19,6 +19,12 @@ Each micro-batch is flushed when it holds `batch_max_events` events or its oldes
 2. one commit to `events` carrying txn `<pipeline>-p<p>` = the batch's last offset of p, for every p — even when
    every row was quarantined, so the position always moves.
 
+I/O and CPU overlap: records are decoded as they are read (`decode_records` per read), and a flush's commits run
+on a worker thread (delta-rs releases the GIL while it writes Parquet and the commit), while the loop reads and
+decodes the next batch. At most one flush is in flight; its results (positions, statistics, the KPI stage's
+rows, the log's bookkeeping) are applied on the loop's thread when it completes, before the next flush starts and
+before any change of ownership is acted on — so everything below holds as if flushes were synchronous.
+
 Both commits go through `lake.commit_exactly_once`, which skips the offsets each table already has; a crash
 between 1 and 2 replays the batch, and each table takes only what it lacks. The same check fences a stale owner:
 a processor paused past its lease that wakes up and flushes before noticing finds the new owner's txn versions
@@ -39,6 +45,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -72,6 +79,20 @@ class ProcessorStats:
     started: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Flush:
+    """A flush handed to the commit thread: what it covers, and (once done) what it committed."""
+
+    future: Future
+    last_offsets: dict[int, int]
+    events_read: int
+    built: dict[str, int] = field(default_factory=dict)  # rows each table's last attempt built
+    built_rows: dict[str, pa.Table] = field(default_factory=dict)
+    quarantine_seconds: float | None = None
+    events_version: int | None = None
+    events_seconds: float = 0.0
+
+
 class Processor:
     def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
                  ownership: Ownership | None = None) -> None:
@@ -99,6 +120,9 @@ class Processor:
         self.stats = ProcessorStats()
         self._terms: dict[int, int] = {}  # owned partition → the term of ownership its position was read in
         self._pending: dict[int, list[LogRecord]] = {}
+        self._decoded: dict[int, list[Decoded]] = {}  # per partition: its pending records, decoded as read
+        self._in_flight: _Flush | None = None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gamestream-commit")
         self._pending_events = 0
         self._pending_since: float | None = None
         self._events_per_record = settings.batch_max_events  # no estimate yet: the first read takes 1 record
@@ -124,6 +148,8 @@ class Processor:
         dropped, surplus ones committed then released, gained ones started from the table's txn version."""
         owned = self.ownership.owned()
         lost = [p for p, term in self._terms.items() if owned.get(p) != term]
+        if lost or (set(owned) - set(self._terms)) or (self.ownership.surplus() & set(owned)):
+            self._finish_flush()  # the flush in flight lands (or fails) before ownership changes are acted on
         if lost:
             self._drop(lost, "lost: another processor owns it now")
         surplus = self.ownership.surplus() & set(owned)
@@ -141,6 +167,7 @@ class Processor:
         for partition in gained:
             self._terms[partition] = owned[partition]
             self._pending[partition] = []
+            self._decoded[partition] = []
             self.stats.positions[partition] = committed[self._app_ids[partition]]
             metrics.log_position.labels(str(partition)).set(self.stats.positions[partition])
         if not initial:
@@ -153,6 +180,7 @@ class Processor:
         dropped = {}
         for partition in partitions:
             records = self._pending.pop(partition, [])
+            self._decoded.pop(partition, None)
             self._pending_events -= sum(r.events for r in records)
             dropped[partition] = sum(r.events for r in records)
             self._terms.pop(partition, None)
@@ -174,6 +202,9 @@ class Processor:
         try:
             try:
                 while not self.stop_requested.is_set():
+                    if self._in_flight is not None and self._in_flight.future.done():
+                        if self._finish_flush() and on_progress:
+                            on_progress(self.stats)
                     self._follow_ownership()
                     try:
                         read_any = self._read_available()
@@ -186,10 +217,11 @@ class Processor:
                         self._log_available()
                     draining = until_idle or self.drain_requested.is_set()
                     if self._flush_due(drained=draining and not read_any):
-                        self.flush()
-                        if on_progress:
-                            on_progress(self.stats)
+                        self._finish_flush()  # at most one in flight
+                        self._start_flush()
                     if not read_any:
+                        if self._finish_flush() and on_progress:  # nothing else to do meanwhile
+                            on_progress(self.stats)
                         if draining and self._pending_events == 0:
                             logger.info("log drained", extra={"positions": dict(self.stats.positions)})
                             break
@@ -212,6 +244,7 @@ class Processor:
             logger.error("processor failed", exc_info=True, extra={"positions": dict(self.stats.positions)})
             raise
         finally:
+            self._abandon_flush()
             # released at once, so other processors take the partitions over without waiting for a lease to lapse
             if self._closes_ownership:
                 self.ownership.close()
@@ -237,7 +270,7 @@ class Processor:
         for partition in self.partitions:
             while self._pending_events < self.settings.batch_max_events:
                 pending = self._pending[partition]
-                after = pending[-1].offset if pending else self.stats.positions[partition]
+                after = pending[-1].offset if pending else self._read_through(partition)
                 # Records hold whole batches (one request, one chunk of a file): read about as many as fit
                 # in what is left of the micro-batch, judged by the size of the records seen so far.
                 room = self.settings.batch_max_events - self._pending_events
@@ -247,6 +280,7 @@ class Processor:
                     break
                 read_any = True
                 pending.extend(records)
+                self._decoded[partition].append(decode_records(records))  # while a flush may be writing
                 events = sum(r.events for r in records)
                 self._pending_events += events
                 self._events_per_record = max(1, events // len(records))
@@ -267,9 +301,22 @@ class Processor:
         )
 
     # ------------------------------------------------------------------------------------------------ flush
+    def _read_through(self, partition: int) -> int:
+        """The last offset of `partition` read and no longer pending: committed, or in the flush in flight."""
+        if self._in_flight is not None and partition in self._in_flight.last_offsets:
+            return self._in_flight.last_offsets[partition]
+        return self.stats.positions[partition]
+
     def flush(self) -> None:
-        """Commits every pending record of the partitions still owned: quarantine first, then events (see the
-        module docstring)."""
+        """Commits every pending record of the partitions still owned, and returns once it is committed:
+        quarantine first, then events (see the module docstring)."""
+        self._finish_flush()
+        self._start_flush()
+        self._finish_flush()
+
+    def _start_flush(self) -> None:
+        """Hands the pending records to the commit thread (the previous flush must have finished)."""
+        assert self._in_flight is None, "one flush at a time"
         lapsed = [p for p in self.partitions if not self.ownership.owns(p)]
         if lapsed:
             self._drop(lapsed, "lease lapsed before the flush")
@@ -277,11 +324,25 @@ class Processor:
         if not records:
             return
         last_offsets = {p: self._pending[p][-1].offset for p in self.partitions if self._pending[p]}
-        decoded: dict[tuple, Decoded] = {}  # decode once per distinct starting point (normally once)
-        built: dict[str, int] = {}  # rows in the batch each table's last attempt built
-        built_rows: dict[str, pa.Table] = {}
+        decoded_as_read = [d for p in self.partitions for d in self._decoded[p]]
+        flush = _Flush(Future(), last_offsets, self._pending_events)
+        for partition in last_offsets:
+            self._pending[partition] = []
+            self._decoded[partition] = []
+        self._pending_events = 0
+        self._pending_since = None
+        self._in_flight = flush
+        flush.future = self._committer.submit(self._commit, flush, records, decoded_as_read)
+
+    def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: list[Decoded]) -> None:
+        """The commit thread's part of a flush: both commits. Touches no processor state but `flush`."""
+        last_offsets = flush.last_offsets
+        decoded: dict[tuple, Decoded] = {}  # decode once per distinct starting point (normally none: as read)
 
         def decode_after(after: dict[int, int]) -> Decoded:
+            if all(r.offset > after[r.partition] for r in records):  # the whole batch: decoded while read
+                return Decoded(events=[t for d in decoded_as_read for t in d.events],
+                               quarantine=[q for d in decoded_as_read for q in d.quarantine])
             key = tuple(sorted(after.items()))
             if key not in decoded:
                 decoded.clear()
@@ -298,8 +359,8 @@ class Processor:
                 rows = rows_of(decode_after(after))
                 if skip_empty and rows.num_rows == 0:
                     return None
-                built[name] = rows.num_rows
-                built_rows[name] = rows
+                flush.built[name] = rows.num_rows
+                flush.built_rows[name] = rows
                 return lake.Batch(rows, todo)
 
             return build
@@ -313,41 +374,63 @@ class Processor:
             partition_by=None, retries=self.settings.commit_retries, name="events_quarantine",
             stop=self.stop_requested, context=context,
         ) is not None:
-            self.stats.events_quarantined += built["quarantine"]
-            metrics.events_quarantined.inc(built["quarantine"])
-            metrics.commits.labels("events_quarantine").inc()
-            metrics.commit_seconds.labels("events_quarantine").observe(time.perf_counter() - started)
+            flush.quarantine_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        version = lake.commit_exactly_once(
+        flush.events_version = lake.commit_exactly_once(
             self.events_table, [self._app_ids[p] for p in last_offsets],
             builder(self._app_ids, Decoded.events_table, "events", skip_empty=False),
             partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries, name="events",
             stop=self.stop_requested, context=context,
         )
-        if version is None:
+        flush.events_seconds = time.perf_counter() - started
+
+    def _finish_flush(self) -> bool:
+        """Waits for the flush in flight, if any, and applies what it committed (re-raising its error); True
+        when there was one."""
+        flush, self._in_flight = self._in_flight, None
+        if flush is None:
+            return False
+        flush.future.result()
+        if flush.quarantine_seconds is not None:
+            self.stats.events_quarantined += flush.built["quarantine"]
+            metrics.events_quarantined.inc(flush.built["quarantine"])
+            metrics.commits.labels("events_quarantine").inc()
+            metrics.commit_seconds.labels("events_quarantine").observe(flush.quarantine_seconds)
+        if flush.events_version is None:
             self.stats.batches_skipped += 1
         else:
             self.stats.commits += 1
-            self.stats.events_committed += built["events"]
-            metrics.events_committed.inc(built["events"])
+            self.stats.events_committed += flush.built["events"]
+            metrics.events_committed.inc(flush.built["events"])
             metrics.commits.labels("events").inc()
-            metrics.commit_seconds.labels("events").observe(time.perf_counter() - started)
+            metrics.commit_seconds.labels("events").observe(flush.events_seconds)
             if self.on_commit:
-                self.on_commit(version, built_rows["events"])
-        metrics.batch_events.observe(self._pending_events)
-        for partition, offset in last_offsets.items():
+                self.on_commit(flush.events_version, flush.built_rows["events"])
+        metrics.batch_events.observe(flush.events_read)
+        for partition, offset in flush.last_offsets.items():
+            if partition not in self._terms:  # dropped while in flight: its next owner starts from the table
+                continue
             # Offsets only grow: the batch was read after the position, so its last offset is above it.
             if offset <= self.stats.positions[partition]:
                 raise AssertionError(f"partition {partition} would go from {self.stats.positions[partition]} "
                                      f"back to {offset}")
             self.stats.positions[partition] = offset
             metrics.log_position.labels(str(partition)).set(offset)
-            self._pending[partition] = []
-        self._pending_events = 0
-        self._pending_since = None
+        committed = {p: o for p, o in flush.last_offsets.items() if p in self._terms}
         self._write_log_bookkeeping(lambda: [self.log.commit(self.settings.pipeline, partition, offset)
-                                             for partition, offset in last_offsets.items()])
+                                             for partition, offset in committed.items()])
         self._record_lag()
+        return True
+
+    def _abandon_flush(self) -> None:
+        """On the way out after an error: lets a flush in flight end (its commit is whole or absent either way)
+        before the partitions are released, without raising its outcome again."""
+        flush, self._in_flight = self._in_flight, None
+        if flush is not None:
+            try:
+                flush.future.result()
+            except BaseException:
+                pass
 
     def _log_unavailable(self, error: LogUnavailable) -> None:
         """One warning per episode, then a pause before the next round (stop-aware)."""
