@@ -22,6 +22,6 @@ def test_benchmark_runs_both_sides_and_they_agree(tmp_path: Path) -> None:
     assert "same rows per eventDate, same hourly counts and bookings on both sides" in run.stdout
     last = run.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"RESULT processor_speedup=[\d.]+ e2e_speedup=[\d.]+ memory_ratio=[\d.]+ "
-                        r"freshness_p99_s=[\d.]+", last), last
+                        r"freshness_p99_s=[\d.]+ limit_ratio=[\d.]+ load_eps=\d+", last), last
     text = results.read_text()
-    assert "Spark: seed pipeline" in text and "pyspark 4.3.0" in text and "RESULT" in text
+    assert "limit: Arrow → one write_deltalake" in text and "Spark: seed pipeline" in text and "pyspark 4.3.0" in text and "RESULT" in text

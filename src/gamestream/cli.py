@@ -152,7 +152,7 @@ def schema(markdown: bool, spark: bool) -> None:
 # --------------------------------------------------------------------------------------------------------- load
 def _print_load_report(report, path: Path, seconds: float) -> None:
     rate = report.lines / seconds if seconds > 0 else 0
-    out.print(f"[bold]{path}[/]: {report.lines:,} events read in {seconds:.1f}s ({rate:,.0f}/s) — "
+    out.print(f"[bold]{path}[/]: {report.lines:,} events read in {seconds:.2f}s ({rate:,.0f}/s) — "
               f"[green]{report.accepted:,} accepted[/], [red]{report.rejected:,} rejected[/]")
     for number, reason in report.first_rejections:
         out.print(f"  line {number}: {reason}", markup=False, highlight=False)
