@@ -1,12 +1,15 @@
 """Tables on object storage (`--tables s3://bucket/prefix`): every command, against a real S3-compatible server
-(moto's, in its own process), configured only by the standard AWS environment."""
+(moto's, in its own process; SeaweedFS for a server that is killed and restarted), configured only by the
+standard AWS environment."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +21,7 @@ import pytest
 
 from conftest import gamestream, write_ndjson
 from gamestream.generator import simulate
-from s3_store import BUCKET, MotoServer, OverwritingStore, Relay, aws_environment
+from s3_store import BUCKET, MotoServer, OverwritingStore, Relay, SeaweedServer, aws_environment
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,19 @@ def s3(moto, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     for name, value in aws_environment(moto.endpoint).items():
         monkeypatch.setenv(name, value)
     return f"s3://{BUCKET}/{request.node.name[:60]}"
+
+
+@pytest.fixture
+def seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """SeaweedFS on its own ports and data under the test's directory, this process's AWS environment pointing
+    at it; stopped (its process group killed) whatever the test does."""
+    server = SeaweedServer(tmp_path / "seaweedfs")
+    try:
+        for name, value in aws_environment(server.endpoint).items():
+            monkeypatch.setenv(name, value)
+        yield server
+    finally:
+        server.stop()
 
 
 def _run(*args: str, data_dir: Path, tables: str, endpoint: str, check: bool = True, timeout: float = 300):
@@ -245,5 +261,75 @@ def test_store_unreachable_mid_load_the_processor_retries_and_loses_nothing(tmp_
     err = "".join(lines)
     assert child.returncode == 0, err
     assert "object store unreachable" in err
+    stored = _stored_ids(f"{s3}/events")
+    assert max(stored.values()) == 1 and set(stored) == {e["eventId"] for e in events}
+
+
+@pytest.mark.slow
+def test_store_server_killed_and_restarted_mid_load_the_processor_retries_and_loses_nothing(
+        tmp_path: Path, seaweed: SeaweedServer, request: pytest.FixtureRequest) -> None:
+    # the server itself goes away (SIGKILL: no goodbye to its clients, whatever it had in flight lost) and comes
+    # back on the same data directory; unlike the relay test above, the store's own state survives only as it
+    # was on disk
+    prefix = request.node.name[:60]
+    s3 = f"s3://{BUCKET}/{prefix}"
+    data = tmp_path / "data"
+    path, events = _events_file(tmp_path / "events.ndjson", 20_000, seed=19)
+    gamestream("load", str(path), data_dir=data)
+    env = {**os.environ, **aws_environment(seaweed.endpoint)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "gamestream", "process", "--until-idle", "--tables", s3, "--data-dir", str(data),
+         "--max-batch-events", "500", "--max-batch-wait", "0.05"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read_stderr() -> None:
+        for line in child.stderr:
+            lines.append(line)
+            if "processing partitions" in line:
+                started.set()
+        started.set()  # the processor exited: no point waiting
+
+    def events_versions() -> list[int]:
+        return [int(m.group(1)) for key in seaweed.keys(f"{prefix}/events/_delta_log/")
+                if (m := re.search(r"/(\d{20})\.json$", key))]
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        started.wait(60)
+        assert any("processing partitions" in line for line in lines), \
+            f"the processor did not start (exit status {child.poll()}):\n" + "".join(lines)
+        deadline = time.monotonic() + 60
+        while max(events_versions(), default=0) < 1:  # version 0 creates the table; 1 is a first batch of events
+            assert child.poll() is None, "the processor exited before a commit landed:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "no commit of events in 60 s:\n" + "".join(lines)
+            time.sleep(0.05)
+        committed_before = max(events_versions())
+        assert seaweed.kill() == -signal.SIGKILL
+        with pytest.raises(ConnectionRefusedError):  # nothing answers on the server's port any more
+            socket.create_connection(("127.0.0.1", seaweed.port), timeout=5).close()
+        # held down until a commit has failed past object_store's own retries and ours have taken over
+        deadline = time.monotonic() + 90
+        while not any("object store unreachable" in line for line in lines) and time.monotonic() < deadline:
+            assert child.poll() is None, "the processor exited while the store was down:\n" + "".join(lines)
+            time.sleep(0.2)
+        assert any("object store unreachable" in line for line in lines), \
+            "the processor never hit the outage in 90 s:\n" + "".join(lines)
+        time.sleep(3.0)  # more of our retries fail meanwhile (each waits out object_store's own, ~2 s here)
+        assert child.poll() is None, "the processor gave up while the store was down:\n" + "".join(lines)
+        assert not seaweed.running
+        seaweed.restart()
+        child.wait(timeout=240)
+        reader.join(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    err = "".join(lines)
+    assert child.returncode == 0, err
+    assert "object store unreachable" in err and "commit made after the object store was unreachable" in err, err
+    assert committed_before < max(events_versions()), "nothing was committed after the restart"
     stored = _stored_ids(f"{s3}/events")
     assert max(stored.values()) == 1 and set(stored) == {e["eventId"] for e in events}
