@@ -17,8 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
+from collector_server import ServeProcess
 from conftest import gamestream, write_ndjson
 from gamestream.generator import simulate
 from s3_store import BUCKET, MotoServer, OverwritingStore, Relay, SeaweedServer, aws_environment
@@ -108,6 +110,20 @@ def test_pipeline_on_s3_commits_every_event_once_and_serves_kpis_sql_status_and_
     refused = _run("sql", f"OPTIMIZE 's3://{BUCKET}/elsewhere/events'", data_dir=data, tables=s3,
                    endpoint=moto.endpoint, check=False)
     assert refused.returncode == 2 and "not one of this data directory's tables" in refused.stderr
+
+    # the collector's dashboard and SQL read the same tables on the store
+    server = ServeProcess(data, "--tables", s3, env=aws_environment(moto.endpoint))
+    try:
+        board = httpx.get(server.url + "/v1/dashboard", timeout=60).json()
+        assert sum(row["events"] for row in board["hourly"]) == len(events)
+        assert board["quarantine"]["count"] == 5
+        assert board["tables"]["events"]["files"] >= 1
+        answer = httpx.post(server.url + "/v1/sql", json={"query": "SELECT count(DISTINCT eventId) AS n FROM events"},
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"columns": ["n"], "rows": [[len(events)]]}
+    finally:
+        server.stop()
 
 
 def test_store_that_accepts_an_overwrite_is_refused_at_start_unless_unsafe(tmp_path: Path) -> None:
