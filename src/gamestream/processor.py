@@ -161,9 +161,14 @@ class Processor:
         gained = sorted(p for p in owned if p not in self._terms)
         if not gained:
             return
-        if not initial:
-            self.events_table.update_incremental()  # the previous owner's last commits
-        committed = lake.committed_versions(self.events_table, [self._app_ids[p] for p in gained])
+        # the previous owner's last commits; an object store out of reach is waited out (a fleet's processors
+        # must not die of a store restart just because a lease moved meanwhile)
+        for attempt in lake.CommitRetries("events", stage="processor", conflicts=1, stop=self.stop_requested,
+                                          context={"partitions": gained, "step": "reading positions"}):
+            with attempt:
+                if not initial:
+                    self.events_table.update_incremental()
+                committed = lake.committed_versions(self.events_table, [self._app_ids[p] for p in gained])
         for partition in gained:
             self._terms[partition] = owned[partition]
             self._pending[partition] = []
