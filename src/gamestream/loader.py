@@ -10,9 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+import pyarrow as pa
+
+from gamestream import payload
+from gamestream.batch import validate_batch
 from gamestream.log import Append, EventLog, partition_for
 from gamestream.schema import EventValidator, Rejection
 
@@ -38,15 +43,34 @@ def open_events_file(path: Path) -> BinaryIO:
     return handle
 
 
-def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[list[tuple[int, bytes]]]:
-    chunk: list[tuple[int, bytes]] = []
-    for number, line in enumerate(handle, start=1):
-        chunk.append((number, line))
-        if len(chunk) >= lines_per_chunk:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the chunk's first line, its lines), `lines_per_chunk` lines at a time."""
+    lines = iter(handle)
+    first = 1
+    while chunk := list(islice(lines, lines_per_chunk)):
+        yield first, chunk
+        first += len(chunk)
+
+
+def _stripped(chunk: list[bytes]) -> list[bytes]:
+    """The chunk's non-blank lines, stripped, as the per-event path reads them."""
+    return [line for line in (raw.strip() for raw in chunk) if line]
+
+
+def _events_of(chunk: list[bytes]) -> list[bytes] | None:
+    """The chunk's lines as events without a Python step per line, in the usual cases: lines that each end with
+    one newline (a file), or that hold none (the generator); None otherwise. These are not stripped: when a line
+    needs it (CRLF, padding), `validate_batch` refuses them before parsing anything."""
+    joined = b"".join(chunk)
+    newlines = joined.count(b"\n")
+    if newlines == 0:
+        return chunk
+    if newlines == len(chunk) and joined[-1:] == b"\n":
+        events = joined[:-1].split(b"\n")
+        # every line is its event plus exactly one newline (so the split kept the lines' boundaries)
+        if all(map(int.__eq__, map(len, chunk), map((1).__add__, map(len, events)))):
+            return events
+    return None
 
 
 def _split_by_size(lines: list[bytes], limit: int | None) -> Iterator[list[bytes]]:
@@ -65,6 +89,19 @@ def _split_by_size(lines: list[bytes], limit: int | None) -> Iterator[list[bytes
         size += len(line) + 1
     if run:
         yield run
+
+
+def arrow_records(table: pa.Table, limit: int | None) -> Iterator[tuple[bytes, int]]:
+    """`table` as Arrow record payloads (`payload.encode`) with their row counts, halved until each fits within
+    `limit` bytes (one payload when there is no limit). A single row always fits: events are capped far below
+    any record limit."""
+    data = payload.encode(table)
+    if limit is None or len(data) <= limit or table.num_rows <= 1:
+        yield data, table.num_rows
+        return
+    half = table.num_rows // 2
+    yield from arrow_records(table.slice(0, half), limit)
+    yield from arrow_records(table.slice(half), limit)
 
 
 def load_file(
@@ -95,11 +132,31 @@ def load_lines(
     """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
     validator = EventValidator(event_time="input")
     report = LoadReport()
-    for chunk in _chunks(lines, lines_per_chunk):
+    limit = getattr(log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
+    for first_number, chunk in _chunks(lines, lines_per_chunk):
         now = dt.datetime.now(dt.timezone.utc)
+        events = _events_of(chunk)
+        tables = None
+        if events is not None:
+            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions,
+                                    max_event_bytes=max_event_bytes)
+        if tables is None and events != (stripped := _stripped(chunk)):  # blank lines, CRLF, padding
+            events = stripped
+            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions,
+                                    max_event_bytes=max_event_bytes)
+        if tables is not None:  # every line valid: Arrow records, no per-event work
+            appends = [Append(p, data, rows) for p, table in sorted(tables.items())
+                       for data, rows in arrow_records(table, limit)]
+            log.append(appends)
+            report.lines += len(events)  # type: ignore[arg-type]
+            report.accepted += len(events)  # type: ignore[arg-type]
+            report.records += len(appends)
+            if on_progress:
+                on_progress(sum(map(len, chunk)))
+            continue
         by_partition: dict[int, list[bytes]] = {}
         consumed = 0
-        for number, raw in chunk:
+        for number, raw in enumerate(chunk, start=first_number):
             consumed += len(raw)
             line = raw.strip()
             if not line:
@@ -116,7 +173,6 @@ def load_lines(
                 continue
             report.accepted += 1
             by_partition.setdefault(partition_for(result.device_id, log.partitions), []).append(result.line)
-        limit = getattr(log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
         appends = [Append(p, b"\n".join(part), len(part)) for p, lines in sorted(by_partition.items())
                    for part in _split_by_size(lines, limit)]
         log.append(appends)

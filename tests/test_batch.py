@@ -1,0 +1,574 @@
+"""The vectorised batch validator (`batch.validate_batch`) against the per-event one it stands in front of.
+
+The rule: whenever `validate_batch` returns tables, the per-event path (`EventValidator.validate` on each event,
+canonical lines read back with pyarrow, grouped by `partition_for`) accepts every event and yields the same
+tables; returning None is always allowed. A differential property test checks the rule over valid, subtly
+invalid and weird batches; unit tests pin each case that must go to None, and that generator data does not.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import re
+from concurrent.futures import Future
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.json as pj
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from gamestream import payload, schema
+from gamestream.batch import validate_batch
+from gamestream.generator import simulate
+from gamestream.loader import LoadReport, load_lines
+from gamestream.log import Append, AppendResult, partition_for
+
+NOW = dt.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+MAX = 32 * 1024
+PROPERTY = settings(max_examples=400, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+# ------------------------------------------------------------------------------------------------- the oracle
+def slow_tables(events: list[bytes], mode: str, partitions: int = 4) -> dict[int, pa.Table] | None:
+    """What today's per-event path makes of `events`: None when it rejects any."""
+    validator = schema.EventValidator(event_time=mode)  # type: ignore[arg-type]
+    lines: dict[int, list[bytes]] = {}
+    for event in events:
+        if len(event) > MAX:
+            return None
+        result = validator.validate(event, NOW)
+        if isinstance(result, schema.Rejection):
+            return None
+        lines.setdefault(partition_for(result.device_id, partitions), []).append(result.line)
+    options = pj.ParseOptions(explicit_schema=schema.decode_schema(), unexpected_field_behavior="ignore")
+    return {p: pj.read_json(io.BytesIO(b"\n".join(part)), parse_options=options) for p, part in lines.items()}
+
+
+def given_ids(events: list[bytes], partitions: int = 4) -> dict[int, list[str | None]]:
+    """Per partition, in order, each event's own eventId (None where one is assigned)."""
+    ids: dict[int, list[str | None]] = {}
+    for event in events:
+        decoded = msgspec.json.decode(event)
+        ids.setdefault(partition_for(decoded["eventParams"]["device_id"], partitions), []).append(
+            decoded.get("eventId"))
+    return ids
+
+
+def assert_same(fast: dict[int, pa.Table], slow: dict[int, pa.Table], events: list[bytes]) -> None:
+    assert sorted(fast) == sorted(slow)
+    ids = given_ids(events)
+    for p, table in fast.items():
+        assert table.schema == schema.decode_schema()
+        assert table.num_rows == slow[p].num_rows == len(ids[p])
+        for name in ("eventName", "eventTime", "eventParams"):
+            assert table[name].to_pylist() == slow[p][name].to_pylist(), name
+        # -0.0 == 0.0 in Python: compare the bits of the doubles too
+        fast_amounts = table["eventParams"].combine_chunks().field("amount")
+        slow_amounts = slow[p]["eventParams"].combine_chunks().field("amount")
+        assert fast_amounts.view(pa.int64()).to_pylist() == slow_amounts.view(pa.int64()).to_pylist()
+        for own, fast_id, slow_id in zip(ids[p], table["eventId"].to_pylist(), slow[p]["eventId"].to_pylist()):
+            if own is None:
+                assert UUID7.match(fast_id) and UUID7.match(slow_id)
+            else:
+                assert fast_id == slow_id == own
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def iso(moment: dt.datetime, offset_minutes: int, digits: int) -> str:
+    zone = dt.timezone(dt.timedelta(minutes=offset_minutes))
+    text = moment.astimezone(zone).strftime("%Y-%m-%dT%H:%M:%S")
+    if digits:
+        text += "." + f"{moment.microsecond:06d}{moment.microsecond % 1000:03d}"[:digits]
+    if offset_minutes == 0 and digits % 2 == 0:
+        return text + "Z"
+    sign = "+" if offset_minutes >= 0 else "-"
+    return text + f"{sign}{abs(offset_minutes) // 60:02d}:{abs(offset_minutes) % 60:02d}"
+
+
+moments = st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30),
+                       timezones=st.just(dt.timezone.utc))
+good_times = st.one_of(
+    st.builds(iso, moments, st.integers(-23 * 60 - 59, 23 * 60 + 59), st.integers(0, 6)),
+    st.integers(0, schema.EPOCH_MAX),
+    st.floats(0, schema.EPOCH_MAX - 1, allow_nan=False),
+    st.sampled_from(["2026-11-01T00:00:07.160251Z", 1_700_000_000, 1_700_000_000.5, 0, 0.0000005, 0.0000015]),
+)
+RAW = object()  # marks a raw JSON fragment
+weird_times = st.one_of(
+    st.builds(iso, moments, st.integers(-23 * 60 - 59, 23 * 60 + 59), st.integers(7, 9)),
+    st.sampled_from(["2026-11-01T00:00:07", "2026-11-01 00:00:07Z", "2026-11-01t00:00:07z", "2026-11-01T00:00Z",
+                     "2026-11-01T00:00:07+02", "2026-11-01T00:00:07+0200", "2026-02-30T00:00:00Z",
+                     "9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "0000-01-01T00:00:00Z",
+                     "2026-11-01T24:00:00Z", "2026-11-01T23:59:60Z", "2026-11-01T00:00:07-00:00", "",
+                     "１９７０-01-01T00:00:00Z", -1, schema.EPOCH_MAX + 1, -0.0, 253402300799.9999999, True,
+                     1e300, None]),
+    st.sampled_from([(RAW, b"NaN"), (RAW, b"-Infinity"), (RAW, b"1e400"), (RAW, b"-0"), (RAW, b"1E2"),
+                     (RAW, b"99999999999999999999999")]),
+)
+ints = st.one_of(st.integers(schema.INT32_MIN, schema.INT32_MAX),
+                 st.sampled_from([schema.INT32_MAX + 1, schema.INT32_MIN - 1, 2**64, 3.0, True, "7", -0.0,
+                                  (RAW, b"-0"), (RAW, b"1e2"), (RAW, b"NaN")]))
+doubles = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-2**70, 2**70),
+                    st.sampled_from([-0.0, 0.0, (RAW, b"-0"), (RAW, b"-0.0"), (RAW, b"1e400"), (RAW, b"NaN"),
+                                     (RAW, b"Infinity"), (RAW, b"1" + b"0" * 309), (RAW, b"1e-400"),
+                                     (RAW, b"-1e-400"), True, "1.5"]))
+texts = st.one_of(st.text(max_size=12), st.sampled_from(["", "a\x00b", "\u2028", "😀", "é", "{[", "NaN"]))
+strings = st.one_of(texts, st.sampled_from([None, 5, True, [], {}]))
+ids = st.one_of(st.just(None), st.text(min_size=1, max_size=5), st.sampled_from(["", "x" * 128, "x" * 129,
+                                                                                     "é" * 128, 7]))
+extras = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), texts, st.booleans(),
+                   st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                        max_size=2),
+                   st.sampled_from([(RAW, b"NaN"), (RAW, b"1e400"), (RAW, b"[" * 1200 + b"]" * 1200),
+                                    (RAW, b'"\\ud800"'), (RAW, b'"\\ud83d\\ude00"'), (RAW, b"-Infinity")]))
+MISSING = object()
+
+
+class Obj(list):
+    """A JSON object to splice, as (key, value) pairs (keys may repeat)."""
+
+
+def encode_value(value: object, ascii_only: bool) -> bytes:
+    if isinstance(value, tuple) and value and value[0] is RAW:
+        return value[1]  # type: ignore[return-value]
+    return json.dumps(value, ensure_ascii=ascii_only).encode()
+
+
+def encode_object(fields: list[tuple[str, object]], ascii_only: bool) -> bytes:
+    parts = []
+    for key, value in fields:
+        if value is MISSING:
+            continue
+        body = encode_object(value, ascii_only) if isinstance(value, Obj) else encode_value(value, ascii_only)
+        parts.append(json.dumps(key).encode() + b":" + body)
+    return b"{" + b",".join(parts) + b"}"
+
+
+def maybe(draw, strategy, valid, p_valid: float = 0.8):
+    """Mostly a valid value, sometimes absent, sometimes anything from `strategy`."""
+    choice = draw(st.floats(0, 1))
+    if choice < p_valid or p_valid >= 1:
+        return draw(valid)
+    if choice < p_valid + 0.05:
+        return MISSING
+    return draw(strategy)
+
+
+@st.composite
+def events(draw, weird: float = 0.3) -> bytes:
+    p = 1 - weird
+    device = draw(st.sampled_from(["d1", "d2", "c22f06a9-a5c0-4c1b-8ef9-177eb151eb52", "é😀", "x" * 40]))
+    params: list[tuple[str, object]] = [
+        ("game_keyword", maybe(draw, strings, texts, p)),
+        ("app_name", maybe(draw, strings, texts, p)),
+        ("scoreAdjustment", maybe(draw, ints, st.integers(schema.INT32_MIN, schema.INT32_MAX), p)),
+        ("platform", maybe(draw, strings, st.sampled_from(["ios", "android"]), p)),
+        ("device_id", maybe(draw, st.sampled_from(["", None, 5]), st.just(device), p)),
+        ("client_event_time", maybe(draw, weird_times, good_times | st.none(), p)),
+        ("amount", maybe(draw, doubles, st.floats(0, 1000, allow_nan=False) | st.none(), p)),
+    ]
+    if draw(st.floats(0, 1)) < weird / 2:
+        params.append((draw(st.sampled_from(["extra", "device_id", "amount"])), draw(extras)))
+    top: list[tuple[str, object]] = [
+        ("eventId", maybe(draw, ids, st.sampled_from([MISSING, None]) | st.uuids().map(str), p)),
+        ("eventName", maybe(draw, strings, st.sampled_from(["levelStart", "purchaseEvent", "é"]), p)),
+        ("eventTime", maybe(draw, weird_times, good_times, p)),
+        ("eventParams", maybe(draw, st.sampled_from([None, [], 1]), st.just(Obj(draw(st.permutations(params)))),
+                              1 - weird / 4)),
+    ]
+    if draw(st.floats(0, 1)) < weird / 2:
+        top.append((draw(st.sampled_from(["extra", "eventName", "eventTime", "eventParams"])), draw(extras)))
+    top = draw(st.permutations(top))
+    raw = encode_object(top, draw(st.booleans()))
+    mutation = draw(st.floats(0, 1))
+    if mutation < weird / 6:
+        raw = draw(st.sampled_from([b"\xef\xbb\xbf" + raw, raw + b" x", raw + raw, b"null", b"[" + raw + b"]",
+                                    raw.replace(b":", b" : ", 1), raw[:-1], b"  " + raw, raw + b"\n", b"",
+                                    raw.replace(b"e", b"\xff", 1), raw + b"\n" + raw, b" "]))
+    return raw
+
+
+batches = st.lists(events(), min_size=1, max_size=8)
+
+
+# --------------------------------------------------------------------------------------------------- property
+@pytest.mark.parametrize("mode", ["input", "server"])
+@PROPERTY
+@given(batch=st.one_of(batches, st.lists(events(weird=0.03), min_size=1, max_size=8)))
+@example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","amount":-0}}'])
+@example(batch=[b'{"eventName":"x","eventTime":0.0000005,"eventParams":{"device_id":"d"}}'])
+def test_tables_from_a_batch_are_what_the_per_event_path_makes(mode: str, batch: list[bytes]) -> None:
+    fast = validate_batch(batch, now=NOW, mode=mode, partitions=4, max_event_bytes=MAX)  # type: ignore[arg-type]
+    if fast is None:
+        return
+    slow = slow_tables(batch, mode)
+    assert slow is not None, "validate_batch accepted a batch the per-event path rejects"
+    assert_same(fast, slow, batch)
+
+
+def timestamp_kinds(batch: list[bytes]) -> set[tuple[str, bool]]:
+    kinds = set()
+    for event in batch:
+        decoded = msgspec.json.decode(event)
+        for name, value in (("eventTime", decoded.get("eventTime")),
+                            ("client_event_time", decoded["eventParams"].get("client_event_time"))):
+            if value is not None:
+                kinds.add((name, isinstance(value, str)))
+    return kinds
+
+
+@pytest.mark.parametrize("mode", ["input", "server"])
+def test_the_property_test_does_reach_the_fast_path(mode: str) -> None:
+    """Guards the property test against generating only what goes to None: valid batches whose timestamp
+    columns do not mix strings and numbers (and, in input mode, have every eventTime) are taken."""
+    taken = []
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(batch=st.lists(events(weird=0.0), min_size=1, max_size=4))
+    def run(batch: list[bytes]) -> None:
+        if slow_tables(batch, mode) is None:
+            return
+        kinds = timestamp_kinds(batch)
+        if len(kinds) > len({name for name, _ in kinds}):
+            return
+        if mode == "input" and any(msgspec.json.decode(e).get("eventTime") is None for e in batch):
+            return
+        taken.append(validate_batch(batch, now=NOW, mode=mode, partitions=4,  # type: ignore[arg-type]
+                                    max_event_bytes=MAX) is not None)
+
+    run()
+    assert len(taken) > 50 and all(taken)
+
+
+def encoded(evs: list[dict]) -> list[bytes]:
+    return [msgspec.json.encode(e) for e in evs]
+
+
+@pytest.mark.parametrize("mode, with_event_time", [("input", True), ("server", False), ("server", True)])
+def test_generator_batches_take_the_fast_path_with_the_same_tables(mode: str, with_event_time: bool) -> None:
+    batch = encoded(list(simulate(events=3000, with_event_time=with_event_time)))
+    fast = validate_batch(batch, now=NOW, mode=mode, partitions=4, max_event_bytes=MAX)  # type: ignore[arg-type]
+    assert fast is not None
+    assert sum(t.num_rows for t in fast.values()) == 3000
+    assert_same(fast, slow_tables(batch, mode), batch)  # type: ignore[arg-type]
+
+
+def test_epoch_timestamps_in_one_batch_and_strings_in_another() -> None:
+    base = {"eventName": "x", "eventParams": {"device_id": "d"}}
+    numbers = encoded([{**base, "eventTime": 1_700_000_000}, {**base, "eventTime": 1_700_000_000.25}])
+    mixed = encoded([{**base, "eventTime": 1_700_000_000}, {**base, "eventTime": "2026-11-01T00:00:00Z"}])
+    assert validate_batch(numbers, now=NOW, mode="input", partitions=1, max_event_bytes=MAX) is not None
+    assert validate_batch(mixed, now=NOW, mode="input", partitions=1, max_event_bytes=MAX) is None
+    cet = encoded([{"eventName": "x", "eventTime": "2026-11-01T00:00:00+02:00",
+                    "eventParams": {"device_id": "d", "client_event_time": 1_700_000_000.5}}])
+    tables = validate_batch(cet, now=NOW, mode="input", partitions=1, max_event_bytes=MAX)
+    assert tables is not None
+    assert tables[0]["eventTime"][0].as_py() == dt.datetime(2026, 10, 31, 22, tzinfo=dt.timezone.utc)
+    assert tables[0]["eventParams"][0]["client_event_time"].as_py() == dt.datetime.fromtimestamp(
+        1_700_000_000.5, dt.timezone.utc)
+
+
+def test_server_mode_stamps_receive_time_and_keeps_the_clients_time() -> None:
+    batch = encoded([
+        {"eventName": "a", "eventTime": "2026-11-01T00:00:00Z", "eventParams": {"device_id": "d"}},
+        {"eventName": "b", "eventTime": "2026-11-01T00:00:00Z",
+         "eventParams": {"device_id": "d", "client_event_time": "2026-10-01T00:00:00Z"}},
+        {"eventName": "c", "eventParams": {"device_id": "d"}},
+        {"eventName": "d", "eventTime": None, "eventParams": {"device_id": "d"}},
+    ])
+    table = validate_batch(batch, now=NOW, mode="server", partitions=1, max_event_bytes=MAX)[0]  # type: ignore[index]
+    assert table["eventTime"].to_pylist() == [NOW] * 4
+    utc = dt.timezone.utc
+    assert [row["client_event_time"] for row in table["eventParams"].to_pylist()] == [
+        dt.datetime(2026, 11, 1, tzinfo=utc), dt.datetime(2026, 10, 1, tzinfo=utc), None, None]
+    assert all(UUID7.match(i) for i in table["eventId"].to_pylist())
+    assert_same({0: table}, slow_tables(batch, "server", partitions=1), batch)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ None cases
+GOOD = b'{"eventName":"x","eventTime":"2026-11-01T00:00:00Z","eventParams":{"device_id":"d"}}'
+
+
+def good_with(**replacements: bytes) -> bytes:
+    event = GOOD
+    for old, new in replacements.items():
+        assert old.encode() in event, old
+        event = event.replace(old.encode(), new)
+    return event
+
+
+def with_param(fragment: bytes) -> bytes:
+    """GOOD with `fragment` (`"name":value`) added to eventParams."""
+    return GOOD.replace(b'"device_id":"d"', b'"device_id":"d",' + fragment)
+
+
+def with_name(value: bytes) -> bytes:
+    return GOOD.replace(b'"eventName":"x"', b'"eventName":' + value)
+
+
+def with_time(value: bytes) -> bytes:
+    return GOOD.replace(b'"2026-11-01T00:00:00Z"', value)
+
+
+NONE_CASES = {
+    "a str item (already known bad)": ["not JSON"],
+    "over max_event_bytes": [GOOD[:-1] + b',"pad":"' + b"x" * MAX + b'"}'],
+    "invalid JSON": [GOOD[:-1]],
+    "trailing garbage": [GOOD + b" x"],
+    "two objects in one event": [GOOD + GOOD],
+    "two objects in one event, one blank": [GOOD + b"\n" + GOOD, b" "],
+    "an empty event": [b""],
+    "not an object": [b"[1]"],
+    "null (which crashes pyarrow's reader)": [b"null"],
+    "null after a good one": [GOOD, b"null"],
+    "a BOM": [b"\xef\xbb\xbf" + GOOD],
+    "invalid UTF-8": [with_name(b'"' + b"\xff" + b'"')],
+    "an encoded surrogate": [with_name(b'"' + b"\xed\xa0\x80" + b'"')],
+    "an escaped lone surrogate": [with_name(b'"' + b"\\ud800" + b'"')],
+    "NaN in a double": [with_param(b'"amount":NaN')],
+    "Infinity in a double": [with_param(b'"amount":-Infinity')],
+    "NaN in an unknown field": [GOOD[:-1] + b',"u":NaN}'],
+    "1e400 in a double": [with_param(b'"amount":1e400')],
+    "an integer literal beyond doubles": [with_param(b'"amount":1' + b"0" * 309 + b'')],
+    "-0 for a double (msgspec: 0.0)": [with_param(b'"amount":-0')],
+    "3.0 for an int32": [with_param(b'"scoreAdjustment":3.0')],
+    "int32 overflow": [with_param(b'"scoreAdjustment":2147483648')],
+    "a bool for an int32": [with_param(b'"scoreAdjustment":true')],
+    "a number for a string": [with_param(b'"platform":1')],
+    "deep nesting in an unknown field": [GOOD[:-1] + b',"u":' + b"[" * 1200 + b"]" * 1200 + b"}"],
+    "duplicate keys": [GOOD[:-1] + b',"eventName":"y"}'],
+    "empty eventName": [with_name(b'""')],
+    "null eventName": [with_name(b"null")],
+    "absent eventName": [good_with(**{'"eventName":"x",': b""})],
+    "empty device_id": [GOOD.replace(b'"device_id":"d"', b'"device_id":""')],
+    "null eventParams": [b'{"eventName":"x","eventParams":null}'],
+    "absent eventParams": [b'{"eventName":"x"}'],
+    "eventId empty": [GOOD[:-1] + b',"eventId":""}'],
+    "eventId over 128 characters": [GOOD[:-1] + b',"eventId":"' + "é".encode() * 129 + b'"}'],
+    "a zone-less timestamp": [good_with(**{"00Z": b"00"})],
+    "a timestamp without seconds (Arrow takes it)": [good_with(**{":00:00Z": b":00Z"})],
+    "an hour-only offset (Arrow takes it)": [good_with(**{"00Z": b"00+02"})],
+    "seven fractional digits (msgspec rounds, Arrow refuses)": [good_with(**{"00Z": b"00.1234567Z"})],
+    "an impossible date": [good_with(**{"11-01": b"02-30"})],
+    "UTC overflow": [with_time(b'"9999-12-31T23:59:59-01:00"')],
+    "UTC underflow": [with_time(b'"0001-01-01T00:00:00+01:00"')],
+    "a negative epoch": [with_time(b"-1")],
+    "an epoch past EPOCH_MAX": [with_time(str(schema.EPOCH_MAX + 1).encode())],
+    "an epoch rounding into year 10000": [with_time(b"253402300799.9999999")],
+    "a bool timestamp": [with_time(b"true")],
+    "a NaN epoch": [with_time(b"NaN")],
+    "strings and numbers in one timestamp column": [GOOD, with_time(b"0")],
+    "a good event and a bad one": [GOOD, GOOD[:-1]],
+}
+
+
+@pytest.mark.parametrize("batch", NONE_CASES.values(), ids=NONE_CASES.keys())
+@pytest.mark.parametrize("mode", ["input", "server"])
+def test_what_the_fast_path_cannot_prove_goes_to_none(batch: list, mode: str) -> None:
+    assert validate_batch(batch, now=NOW, mode=mode,  # type: ignore[arg-type]
+                          partitions=4, max_event_bytes=MAX) is None
+
+
+@pytest.mark.parametrize("event", [GOOD.replace(b'"eventTime":"2026-11-01T00:00:00Z",', b""), with_time(b"null")],
+                         ids=["absent", "null"])
+def test_input_mode_sends_a_missing_event_time_to_the_per_event_path(event: bytes) -> None:
+    """Absent is stamped with now, explicit null kept: a column cannot tell them apart. The collector's mode
+    stamps both alike, so there the fast path holds."""
+    assert validate_batch([event], now=NOW, mode="input", partitions=4, max_event_bytes=MAX) is None
+    assert validate_batch([event], now=NOW, mode="server", partitions=4, max_event_bytes=MAX) is not None
+
+
+@pytest.mark.parametrize("case", ["null after a good one", "two objects in one event, one blank", "NaN in a double",
+                                  "NaN in an unknown field", "duplicate keys", "-0 for a double (msgspec: 0.0)",
+                                  "a zone-less timestamp", "invalid UTF-8", "deep nesting in an unknown field"])
+def test_one_bad_event_in_a_large_batch_read_in_blocks_goes_to_none(case: str) -> None:
+    """Batches over 512 KiB are parsed in blocks on the reader's threads; one bad event still sends the whole
+    batch to the per-event path."""
+    batch = encoded(list(simulate(events=3000)))
+    assert sum(map(len, batch)) > 2 * (256 << 10)  # 2 blocks of batch._BLOCK at least
+    assert validate_batch(batch, now=NOW, mode="input", partitions=4, max_event_bytes=MAX) is not None
+    batch[1700:1700] = NONE_CASES[case]
+    assert validate_batch(batch, now=NOW, mode="input", partitions=4, max_event_bytes=MAX) is None
+
+
+def test_no_events_go_to_none() -> None:
+    assert validate_batch([], now=NOW, mode="server", partitions=4, max_event_bytes=MAX) is None
+
+
+def test_unknown_fields_are_dropped_on_the_fast_path() -> None:
+    batch = [GOOD[:-1] + b',"extra":{"a":[1,2]},"more":"x"}', with_param(b'"extra":1')]
+    fast = validate_batch(batch, now=NOW, mode="input", partitions=4, max_event_bytes=MAX)
+    assert fast is not None
+    assert_same(fast, slow_tables(batch, "input"), batch)  # type: ignore[arg-type]
+
+
+def test_pretty_printed_events_take_the_fast_path() -> None:
+    batch = [json.dumps(json.loads(GOOD), indent=2).encode()] * 3
+    fast = validate_batch(batch, now=NOW, mode="server", partitions=4, max_event_bytes=MAX)
+    assert fast is not None and sum(t.num_rows for t in fast.values()) == 3
+
+
+# --------------------------------------------------------------------------------------------- partitioning
+@pytest.mark.parametrize("partitions", [1, 2, 3, 4, 16])
+def test_rows_go_to_partition_for_of_their_device_in_input_order(partitions: int) -> None:
+    devices = [f"device-{i % 37}-é" for i in range(500)]
+    batch = encoded([{"eventId": str(i), "eventName": "x", "eventTime": i, "eventParams": {"device_id": d}}
+                     for i, d in enumerate(devices)])
+    tables = validate_batch(batch, now=NOW, mode="input", partitions=partitions, max_event_bytes=MAX)
+    assert tables is not None
+    expected: dict[int, list[str]] = {}
+    for i, device in enumerate(devices):
+        expected.setdefault(partition_for(device, partitions), []).append(str(i))
+    assert {p: t["eventId"].to_pylist() for p, t in tables.items()} == expected
+
+
+# -------------------------------------------------------------------------------------------------- wiring
+class RecordingLog:
+    """A log that keeps what is appended (as the loader and collector hand it over)."""
+
+    def __init__(self, partitions: int = 4, max_record_bytes: int | None = None) -> None:
+        self.partitions = partitions
+        if max_record_bytes is not None:
+            self.max_record_bytes = max_record_bytes
+        self.appended: list[Append] = []
+
+    def append(self, records: list[Append]) -> list[int]:
+        self.appended.extend(records)
+        return list(range(len(records)))
+
+    def submit(self, records: list[Append], idempotency: object = None) -> Future:
+        future: Future = Future()
+        future.set_result(AppendResult(offsets=self.append(records)))
+        return future
+
+    def pending_events(self, consumer: str) -> int:
+        return 0
+
+    def rows(self) -> dict[int, list[dict]]:
+        """Every appended record back as rows, per partition (Arrow and NDJSON records alike)."""
+        out: dict[int, list[dict]] = {}
+        options = pj.ParseOptions(explicit_schema=schema.decode_schema())
+        for record in self.appended:
+            if payload.is_arrow(record.payload):
+                table = payload.decode(record.payload)
+            else:
+                table = pj.read_json(io.BytesIO(record.payload), parse_options=options)
+            assert table.num_rows == record.events
+            out.setdefault(record.partition, []).extend(table.to_pylist())
+        return out
+
+
+def test_load_appends_arrow_records_with_the_same_rows_and_counts() -> None:
+    lines = [msgspec.json.encode(e) + b"\n" for e in simulate(events=2500)]
+    fast_log, slow_log = RecordingLog(), RecordingLog()
+    report = load_lines(lines + [b"\n"], fast_log, max_event_bytes=MAX, lines_per_chunk=1000)
+    assert report == LoadReport(lines=2500, accepted=2500, rejected=0, first_rejections=[],
+                                records=len(fast_log.appended))
+    assert all(payload.is_arrow(r.payload) for r in fast_log.appended)
+    import gamestream.loader as loader
+
+    original = loader.validate_batch
+    loader.validate_batch = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        slow_report = load_lines(lines, slow_log, max_event_bytes=MAX, lines_per_chunk=1000)
+    finally:
+        loader.validate_batch = original  # type: ignore[assignment]
+    assert (slow_report.lines, slow_report.accepted) == (report.lines, report.accepted)
+    assert fast_log.rows() == slow_log.rows()
+
+
+def test_load_splits_arrow_records_to_fit_the_record_limit() -> None:
+    lines = [msgspec.json.encode(e) for e in simulate(events=2000)]
+    log = RecordingLog(partitions=2, max_record_bytes=40_000)
+    report = load_lines(lines, log, max_event_bytes=MAX, lines_per_chunk=2000)
+    assert report.accepted == 2000 and report.records == len(log.appended) > 2
+    assert all(payload.is_arrow(r.payload) and len(r.payload) <= 40_000 for r in log.appended)
+    assert sum(r.events for r in log.appended) == 2000
+
+
+def test_load_of_a_chunk_with_a_bad_line_keeps_todays_answers() -> None:
+    lines = [msgspec.json.encode(e) for e in simulate(events=10)]
+    lines[3] = b'{"eventName":"x","eventParams":{"device_id":""}}'
+    log = RecordingLog()
+    report = load_lines(lines, log, max_event_bytes=MAX)
+    assert (report.accepted, report.rejected) == (9, 1)
+    assert report.first_rejections == [(4, "eventParams.device_id: expected str of length >= 1")]
+    assert not any(payload.is_arrow(r.payload) for r in log.appended)
+
+
+def collector_answer(body: bytes, fast: bool, log: RecordingLog) -> tuple[int, bytes]:
+    from starlette.testclient import TestClient
+
+    import gamestream.batch as batch_module
+    from gamestream.collector import create_app
+    from gamestream.settings import Settings
+
+    original = batch_module.validate_batch
+    if not fast:
+        batch_module.validate_batch = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        settings_ = Settings(data_dir=Path("/nonexistent"), max_events_per_request=5000)
+        with TestClient(create_app(settings_, log=log)) as client:  # type: ignore[arg-type]
+            response = client.post("/v1/events", content=body, headers={"content-type": "application/x-ndjson"})
+    finally:
+        batch_module.validate_batch = original  # type: ignore[assignment]
+    return response.status_code, response.content
+
+
+def test_the_collector_answers_the_same_bytes_and_appends_arrow_records() -> None:
+    import gamestream.batch as batch_module
+
+    count = batch_module.MIN_BATCH_EVENTS + 200
+    body = b"\n".join(encoded(list(simulate(events=count, with_event_time=False))))
+    fast_log, slow_log = RecordingLog(), RecordingLog()
+    fast = collector_answer(body, True, fast_log)
+    slow = collector_answer(body, False, slow_log)
+    assert fast == slow == (200, b'{"accepted":%d,"rejected":0,"errors":[]}' % count)
+    assert all(payload.is_arrow(r.payload) for r in fast_log.appended)
+    assert not any(payload.is_arrow(r.payload) for r in slow_log.appended)
+    small_log = RecordingLog()  # below MIN_BATCH_EVENTS the per-event path is cheaper: NDJSON records
+    assert collector_answer(b"\n".join(body.split(b"\n")[:10]), True, small_log)[0] == 200
+    assert not any(payload.is_arrow(r.payload) for r in small_log.appended)
+    fast_rows, slow_rows = fast_log.rows(), slow_log.rows()
+    for rows in (*fast_rows.values(), *slow_rows.values()):
+        for row in rows:  # the receive time differs between the two requests, and ids are assigned
+            assert UUID7.match(row["eventId"])
+            row["eventTime"] = row["eventId"] = None
+    assert fast_rows == slow_rows
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_load_gives_the_same_table_as_the_per_event_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file loaded through Arrow records and one loaded as today (NDJSON records) become the same table.
+    Needs the processor to read Arrow record payloads (commit 3336aad)."""
+    from conftest import gamestream, table_rows, write_ndjson
+
+    import gamestream.loader as loader
+    from gamestream.log.sqlite import SqliteEventLog
+
+    source = write_ndjson(tmp_path / "events.ndjson", list(simulate(events=3000)) + [
+        {"eventId": "e-1", "eventName": "x", "eventTime": 1_700_000_000.25,
+         "eventParams": {"device_id": "d", "amount": 0.1}}])
+    tables = {}
+    for name, fast in (("fast", True), ("slow", False)):
+        if not fast:
+            monkeypatch.setattr(loader, "validate_batch", lambda *a, **k: None)
+        log = SqliteEventLog(tmp_path / name / "log", partitions=4)
+        try:
+            report = loader.load_file(source, log, max_event_bytes=MAX, lines_per_chunk=1000)
+            kinds = {payload.is_arrow(r.payload) for p in range(4) for r in log.read(p, 0, 1000)}
+        finally:
+            log.close()
+        assert (report.accepted, report.rejected) == (3001, 0)
+        assert kinds == {fast}
+        gamestream("process", "--until-idle", data_dir=tmp_path / name)
+        tables[name] = sorted(table_rows(tmp_path / name / "tables" / "events"), key=lambda r: r["eventId"])
+    assert len(tables["fast"]) == 3001
+    assert tables["fast"] == tables["slow"]
