@@ -33,8 +33,9 @@ The reader is laxer than msgspec in a few places, closed here:
   trailing garbage: the reader raises, hence None.
 
 Unsupported here (None, the per-event path decides): str items (already known bad), events over
-`max_event_bytes`, a null eventTime in "input" mode (absent and explicit null differ there but not in a
-column), a column mixing string and numeric timestamps, fractional seconds beyond µs, and any of the above.
+`max_event_bytes`, a column mixing string and numeric timestamps, fractional seconds beyond µs, and any of the
+above. In "input" mode a null eventTime is absent (stamped with `now`) or an explicit null (kept, quarantined by
+the processor); the column cannot tell, so those few events' own bytes are probed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import zlib
 from functools import lru_cache
 from typing import Literal, Sequence
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -206,6 +208,27 @@ def _framed(events: Sequence[bytes], joined: bytes, max_event_bytes: int) -> boo
     return True
 
 
+class _EventTimeProbe(msgspec.Struct):
+    """Only whether an event has the key eventTime (its value is already known to be null)."""
+
+    eventTime: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # noqa: N815 - the event's own name
+
+
+_PROBE = msgspec.json.Decoder(_EventTimeProbe)
+
+
+def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.datetime | None) -> pa.Array:
+    """Input mode: a null eventTime of an event without the key is stamped with `now` (as `EventValidator` does);
+    an explicit ``"eventTime": null`` stays null (the processor quarantines it, the seed's isNotNull filter).
+    Decodes only those events (parsed before: valid JSON, no duplicate keys)."""
+    nulls = pc.indices_nonzero(pc.is_null(event_time)).to_pylist()
+    absent = [i for i in nulls if _PROBE.decode(events[i]).eventTime is msgspec.UNSET]
+    if not absent or now is None:
+        return event_time
+    mask = pc.is_in(pa.array(range(len(event_time)), pa.int64()), value_set=pa.array(absent, pa.int64()))
+    return pc.if_else(mask, pa.scalar(now, _TS), event_time)
+
+
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
                    partitions: int, max_event_bytes: int) -> dict[int, pa.Table] | None:
     """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema()}`, rows
@@ -250,8 +273,8 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     if mode == "server":
         client_time = pc.coalesce(client_time, event_time)
         event_time = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
-    elif event_time.null_count:  # absent (stamped with now) or explicit null (kept): the column cannot tell
-        return None
+    elif event_time.null_count:  # absent (stamped with now) or explicit null (kept): the column cannot tell,
+        event_time = _stamp_absent(event_time, events, now)  # the few events' own bytes can
     if event_id.null_count:
         fresh = iter([schema.new_event_id() for _ in range(event_id.null_count)])
         event_id = pa.array([value if value is not None else next(fresh) for value in event_id.to_pylist()],

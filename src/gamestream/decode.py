@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 from dataclasses import dataclass, field
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -82,8 +82,17 @@ def _decode_arrow(record: LogRecord, out: Decoded, now: dt.datetime) -> None:
     out.events.append(_with_event_date(table.filter(pc.invert(pc.fill_null(invalid, True)))))
     for i in pc.indices_nonzero(pc.fill_null(invalid, True)).to_pylist():
         row = table.slice(i, 1).to_pylist()[0]
-        line = json.dumps(row, default=str, separators=(",", ":")).encode()
+        line = _ENCODER.encode(_without_nulls(row))  # the canonical line the per-event path would have written
         out.quarantine.append(_quarantine_row(record, line, _reason(row), now))
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _without_nulls(row: dict) -> dict:
+    """Canonical form omits null fields, except an explicit null eventTime (kept, so it is quarantined)."""
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in row.items()
+            if v is not None or k == "eventTime"}
 
 
 def _decode_json(records: list[LogRecord], out: Decoded, now: dt.datetime) -> None:
