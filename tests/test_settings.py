@@ -23,3 +23,16 @@ def test_table_locations_default_under_the_data_dir_and_unknown_names_are_refuse
     assert Settings(tables={"events": "s3://bucket/events"}).table_uri("events") == "s3://bucket/events"
     with pytest.raises(KeyError, match="unknown table"):
         settings.table_uri("nope")
+
+
+def test_log_compression_is_checked_and_named_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="zstd, lz4 or none"):
+        Settings(log_compression="gzip")
+    run = subprocess.run([sys.executable, "-m", "gamestream", "status", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, env={**__import__("os").environ,
+                                                              "GAMESTREAM_LOG_COMPRESSION": "gzip"})
+    assert run.returncode == 2 and "log_compression must be zstd, lz4 or none, not 'gzip'" in run.stderr
+    assert "Traceback" not in run.stderr

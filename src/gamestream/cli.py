@@ -51,7 +51,10 @@ unsafe_writes_option = click.option(
 
 
 def _settings(**options: object) -> Settings:
-    return Settings.from_env(**options)
+    try:
+        return Settings.from_env(**options)
+    except ValueError as error:  # a setting out of its range, from the environment: one line, not a traceback
+        raise click.UsageError(str(error)) from None
 
 
 class DataDirUnusable(RuntimeError):
@@ -130,7 +133,7 @@ def cli(log_format: str | None) -> None:
     """gamestream: mobile-game events → durable log → Delta Lake, exactly once → live KPIs."""
     from gamestream import logs
 
-    logs.setup(log_format or Settings.from_env().log_format)
+    logs.setup(log_format or _settings().log_format)
 
 
 # ------------------------------------------------------------------------------------------------------- schema
@@ -173,6 +176,7 @@ def _load(settings: Settings, path: Path):
         started = time.monotonic()
         try:
             report = load_file(path, log, max_event_bytes=settings.max_event_bytes,
+                               compression=settings.log_compression,  # type: ignore[arg-type]
                                on_progress=lambda n: progress.advance(task, n))
         finally:
             log.close()
@@ -312,7 +316,8 @@ def generate(data_dir: Path | None, partitions: int | None, log_url: str | None,
             lines = (json.dumps(e, separators=(",", ":")).encode() for e in
                      simulate(events=count, users=users, seed=seed, start=start_utc, days=days))
             started = time.monotonic()
-            report = load_lines(lines, log, max_event_bytes=settings.max_event_bytes)
+            report = load_lines(lines, log, max_event_bytes=settings.max_event_bytes,
+                                compression=settings.log_compression)  # type: ignore[arg-type]
         finally:
             log.close()
         _print_load_report(report, Path("generator"), time.monotonic() - started)

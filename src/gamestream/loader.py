@@ -91,17 +91,18 @@ def _split_by_size(lines: list[bytes], limit: int | None) -> Iterator[list[bytes
         yield run
 
 
-def arrow_records(table: pa.Table, limit: int | None) -> Iterator[tuple[bytes, int]]:
+def arrow_records(table: pa.Table, limit: int | None,
+                  compression: payload.Compression = "zstd") -> Iterator[tuple[bytes, int]]:
     """`table` as Arrow record payloads (`payload.encode`) with their row counts, halved until each fits within
     `limit` bytes (one payload when there is no limit). A single row always fits: events are capped far below
     any record limit."""
-    data = payload.encode(table)
+    data = payload.encode(table, compression)
     if limit is None or len(data) <= limit or table.num_rows <= 1:
         yield data, table.num_rows
         return
     half = table.num_rows // 2
-    yield from arrow_records(table.slice(0, half), limit)
-    yield from arrow_records(table.slice(half), limit)
+    yield from arrow_records(table.slice(0, half), limit, compression)
+    yield from arrow_records(table.slice(half), limit, compression)
 
 
 def load_file(
@@ -111,6 +112,7 @@ def load_file(
     max_event_bytes: int,
     lines_per_chunk: int = 5000,
     on_progress: Callable[[int], None] | None = None,
+    compression: payload.Compression = "zstd",
 ) -> LoadReport:
     """Validates and appends every line of `path`; returns what was accepted and rejected, with reasons.
 
@@ -118,6 +120,7 @@ def load_file(
     """
     with open_events_file(path) as handle:
         return load_lines(handle, log, max_event_bytes=max_event_bytes, lines_per_chunk=lines_per_chunk,
+                          compression=compression,
                           on_progress=on_progress)
 
 
@@ -128,6 +131,7 @@ def load_lines(
     max_event_bytes: int,
     lines_per_chunk: int = 5000,
     on_progress: Callable[[int], None] | None = None,
+    compression: payload.Compression = "zstd",
 ) -> LoadReport:
     """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
     validator = EventValidator(event_time="input")
@@ -146,7 +150,7 @@ def load_lines(
                                     max_event_bytes=max_event_bytes)
         if tables is not None:  # every line valid: Arrow records, no per-event work
             appends = [Append(p, data, rows) for p, table in sorted(tables.items())
-                       for data, rows in arrow_records(table, limit)]
+                       for data, rows in arrow_records(table, limit, compression)]
             log.append(appends)
             report.lines += len(events)  # type: ignore[arg-type]
             report.accepted += len(events)  # type: ignore[arg-type]

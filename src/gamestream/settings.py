@@ -59,6 +59,9 @@ class Settings:
     """Automatic maintenance vacuums every this many hours…"""
     vacuum_retain_h: float = 168.0
     """…with this retention (7 days, the Delta default)."""
+    log_compression: str = "zstd"
+    """Arrow log records (what `load` and the collector's batch fast path write): `zstd`, `lz4` or `none`. ZSTD
+    made the log 3.5x smaller than none and `load` no slower (benchmarks/RESULTS.md)."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024
@@ -110,6 +113,10 @@ class Settings:
     tables: dict[str, str] = field(default_factory=dict)
     """Per-table overrides of the location by name (not from the environment); unset ones are
     `<tables_uri>/<name>`."""
+
+    def __post_init__(self) -> None:
+        if self.log_compression not in ("none", "lz4", "zstd"):
+            raise ValueError(f"log_compression must be zstd, lz4 or none, not {self.log_compression!r}")
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
