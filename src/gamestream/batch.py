@@ -44,7 +44,7 @@ import datetime as dt
 import re
 import zlib
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import msgspec
 import pyarrow as pa
@@ -176,10 +176,14 @@ def _non_empty(column: pa.Array) -> bool:
     return column.null_count == 0 and pc.min(pc.binary_length(column)).as_py() > 0
 
 
-def _partition_of(device_id: pa.Array, partitions: int) -> pa.Array:
-    """`log.partition_for` for every row: CRC-32 once per distinct device id, then a lookup."""
+def _partition_of(device_id: pa.Array, partitions: int, route: Callable[[str], int] | None) -> pa.Array:
+    """`log.partition_for` (or the log's own `route`) for every row: once per distinct device id, then a
+    lookup."""
     encoded = device_id.dictionary_encode()
-    crcs = [zlib.crc32(d) % partitions for d in encoded.dictionary.cast(pa.binary()).to_pylist()]
+    if route is not None:
+        crcs = [route(d) for d in encoded.dictionary.to_pylist()]
+    else:
+        crcs = [zlib.crc32(d) % partitions for d in encoded.dictionary.cast(pa.binary()).to_pylist()]
     return pc.take(pa.array(crcs, pa.int32()), encoded.indices)
 
 
@@ -230,7 +234,8 @@ def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.d
 
 
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
-                   partitions: int, max_event_bytes: int) -> dict[int, pa.Table] | None:
+                   partitions: int, max_event_bytes: int,
+                   route: Callable[[str], int] | None = None) -> dict[int, pa.Table] | None:
     """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema()}`, rows
     in input order within a partition; None unless every event is provably valid (see the module docstring)."""
     count = len(events)
@@ -282,8 +287,8 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     children["client_event_time"] = client_time
     out_params = pa.StructArray.from_arrays([children[f.name] for f in _PARAMS_TYPE], fields=list(_PARAMS_TYPE))
     out = pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params], schema=_OUT_SCHEMA)
-    part = _partition_of(device_id, partitions)
-    if partitions == 1:
+    part = _partition_of(device_id, partitions, route)
+    if partitions == 1 and route is None:
         return {0: out}
     order = pc.sort_indices(part)  # stable: rows keep their order within a partition
     ordered = out.take(order)

@@ -44,7 +44,7 @@ from gamestream.auth import key_matches
 from gamestream.dashboard import DashboardData, IngestRate
 from gamestream.http_guard import MAX_HEADER_LINES
 from gamestream.loader import arrow_records
-from gamestream.log import Append, EventLog, Idempotency, describe, partition_for
+from gamestream.log import Append, EventLog, Idempotency, describe, router
 from gamestream.settings import Settings
 
 JSON_TYPES = {"application/json"}
@@ -211,6 +211,7 @@ class Collector:
         tables = None
         if len(events) >= batch.MIN_BATCH_EVENTS:  # smaller requests are cheaper event by event
             tables = batch.validate_batch(events, now=received, mode="server", partitions=self.log.partitions,
+                                          route=getattr(self.log, "route", None),
                                           max_event_bytes=self.settings.max_event_bytes)
         if tables is not None:  # every event provably valid: Arrow records, no per-event work
             accepted = len(events)
@@ -219,6 +220,7 @@ class Collector:
                        for data, rows in arrow_records(table, limit, self.settings.log_compression)]
         else:  # the per-event path: which events are rejected, and why
             by_partition: dict[int, list[bytes]] = {}
+            route = router(self.log)
             errors: list[ErrorItem] = []
             for index, event in enumerate(events):
                 if isinstance(event, str):  # already known bad (an NDJSON line that is not JSON is one event)
@@ -232,7 +234,7 @@ class Collector:
                 if isinstance(result, schema.Rejection):
                     errors.append(ErrorItem(index, str(result)))
                     continue
-                partition = partition_for(result.device_id, self.log.partitions)
+                partition = route(result.device_id)
                 by_partition.setdefault(partition, []).append(result.line)
             accepted = len(events) - len(errors)
             self.metrics.rejected.inc(len(errors))

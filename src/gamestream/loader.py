@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from gamestream import payload
 from gamestream.batch import validate_batch
-from gamestream.log import Append, EventLog, partition_for
+from gamestream.log import Append, EventLog, router
 from gamestream.schema import EventValidator, Rejection
 
 MAX_REPORTED_REJECTIONS = 20
@@ -135,6 +135,8 @@ def load_lines(
 ) -> LoadReport:
     """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
     validator = EventValidator(event_time="input")
+    route = router(log)
+    own_route = getattr(log, "route", None)  # a log with its own routing (Kinesis); else crc32 in the batch path
     report = LoadReport()
     limit = getattr(log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
     for first_number, chunk in _chunks(lines, lines_per_chunk):
@@ -142,11 +144,11 @@ def load_lines(
         events = _events_of(chunk)
         tables = None
         if events is not None:
-            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions,
+            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
                                     max_event_bytes=max_event_bytes)
         if tables is None and events != (stripped := _stripped(chunk)):  # blank lines, CRLF, padding
             events = stripped
-            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions,
+            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
                                     max_event_bytes=max_event_bytes)
         if tables is not None:  # every line valid: Arrow records, no per-event work
             appends = [Append(p, data, rows) for p, table in sorted(tables.items())
@@ -176,7 +178,7 @@ def load_lines(
                     report.first_rejections.append((number, str(result)))
                 continue
             report.accepted += 1
-            by_partition.setdefault(partition_for(result.device_id, log.partitions), []).append(result.line)
+            by_partition.setdefault(route(result.device_id), []).append(result.line)
         appends = [Append(p, b"\n".join(part), len(part)) for p, lines in sorted(by_partition.items())
                    for part in _split_by_size(lines, limit)]
         log.append(appends)

@@ -23,7 +23,7 @@ import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings
@@ -123,6 +123,17 @@ def partition_for(device_id: str, partitions: int) -> int:
     """The log partition of a device: stable across processes and releases (CRC-32, not Python's hash), so a
     device's events stay in one partition and keep their order."""
     return zlib.crc32(device_id.encode()) % partitions
+
+
+def router(log: "EventLog") -> Callable[[str], int]:
+    """Which partition a device's events go to on `log`: the log's own rule when it has one (`route`: Kinesis
+    routes by the hash-key ranges of its open shards, so a device moves only from a shard to its children when
+    the stream is resharded), else `partition_for` over its partition count."""
+    route = getattr(log, "route", None)
+    if route is not None:
+        return route
+    partitions = log.partitions
+    return lambda device_id: partition_for(device_id, partitions)
 
 
 DEFAULT_PARTITIONS = 4
