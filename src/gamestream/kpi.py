@@ -114,6 +114,7 @@ class KpiStage:
         self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
         self.app_id = f"{settings.pipeline}-kpi"
         self.events = lake.open_events(settings.table_uri("events"))
+        self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
         self.tables = {
             "kpi_events_hourly": lake.open_or_create(settings.table_uri("kpi_events_hourly"), EVENTS_HOURLY, None),
             "kpi_bookings_hourly": lake.open_or_create(settings.table_uri("kpi_bookings_hourly"), BOOKINGS_HOURLY,
@@ -332,7 +333,8 @@ class KpiStage:
             last = self.log.last_offset(p)
             if last == 0:
                 continue
-            consumed = (self.events.transaction_version(lake.txn_app_id(self.settings.pipeline, p)) or 0) >= last
+            app_id = lake.txn_app_id(self.settings.pipeline, p)
+            consumed = self._positions.offsets(self.events, [app_id])[app_id] >= last
             appended = self.log.last_appended_at(p)
             idle = appended is None or now - appended > self.settings.partition_idle_s
             if consumed and idle:

@@ -6,7 +6,8 @@ The one place that knows
   a local folder, or an object store URL such as `s3://bucket/prefix/events`. Every other module opens tables
   through these, never with a string test of its own;
 - whether an object store can be committed to safely (`check_conditional_writes`);
-- how a log partition maps to a Delta `txn` appId (`txn_app_id`);
+- how a log partition maps to a Delta `txn` appId (`txn_app_id`), and how its committed offset is kept
+  (`TxnPositions`: the txn version itself, or a commit counter plus the offset in the same commit);
 - which errors of a commit are worth retrying (`CommitRetries`): a conflict with another writer, a bounded number
   of times; a full disk and an unreachable object store, for as long as they last.
 """
@@ -14,6 +15,7 @@ The one place that knows
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sqlite3
@@ -394,10 +396,98 @@ def _outage(error: BaseException) -> str | None:
 
 @dataclass(frozen=True)
 class Batch:
-    """What to commit: rows, and the txn versions (log offsets) the commit records per appId."""
+    """What to commit: rows, the txn versions the commit records per appId, and commitInfo metadata that
+    becomes visible with them (`TxnPositions`)."""
 
     rows: pa.Table
     versions: dict[str, int]
+    metadata: dict[str, str] | None = None
+
+
+POSITIONS_KEY = "gamestream.positions"
+TXN_VERSION_MAX = 2**63 - 1
+
+
+class TxnPositions:
+    """Where a table keeps each log partition's committed offset.
+
+    Offsets that fit a Delta txn version (int64: the SQLite and NATS logs) *are* the version. Longer ones cannot:
+    a Kinesis sequence number has up to 56 digits. For those (`counted=True`) the txn version counts the
+    partition's commits, and the offset rides in the same commit's commitInfo, as
+    ``"gamestream.positions": {"<appId>": [<version>, "<offset>"]}``. Both are in one `_delta_log/N.json`, so
+    they become visible together or not at all: a crash between any two steps neither loses nor duplicates, and
+    a writer still checks the version it read before committing, exactly as with plain offsets.
+
+    Reading an offset back (`offset_at`) looks up the commit that set that version: in this object's memory
+    when it made it, else in the table's history, newest first. The history must still hold that commit:
+    Delta keeps commit files for `delta.logRetentionDuration` (30 days) after a checkpoint — a partition not
+    committed to for longer than that cannot be resumed, and says so (a closed Kinesis shard is drained by then).
+    """
+
+    def __init__(self, *, counted: bool) -> None:
+        self.counted = counted
+        self._known: dict[tuple[str, int], int] = {}  # (appId, version) → offset
+        self._lock = threading.Lock()
+
+    def offsets(self, table: DeltaTable, app_ids: list[str]) -> dict[str, int]:
+        """The committed offset per appId as `table` sees it (0 when never committed)."""
+        versions = committed_versions(table, app_ids)
+        return {app_id: self.offset_at(table, app_id, version) for app_id, version in versions.items()}
+
+    def offset_at(self, table: DeltaTable, app_id: str, version: int) -> int:
+        if not self.counted or version == 0:
+            return version
+        with self._lock:
+            if (app_id, version) in self._known:
+                return self._known[(app_id, version)]
+        seen = 0
+        for limit in (100, 1000, None):
+            commits = table.history(limit)
+            for commit in commits[seen:]:
+                self._learn(commit.get(POSITIONS_KEY))
+            with self._lock:
+                if (app_id, version) in self._known:
+                    return self._known[(app_id, version)]
+            if limit is None or len(commits) < limit:
+                break
+            seen = len(commits)
+        raise RuntimeError(f"txn {app_id} is at commit {version} on {table.table_uri}, but no commit in the "
+                           "table's history records its log position (the commit files were cleaned up: the "
+                           "partition was idle longer than delta.logRetentionDuration)")
+
+    def stamp(self, versions: dict[str, int], offsets: dict[str, int]) -> tuple[dict[str, int], dict[str, str]]:
+        """The txn versions and commitInfo metadata of a commit that moves each appId of `offsets` there from
+        the committed `versions`."""
+        if not self.counted:
+            for app_id, offset in offsets.items():
+                if offset > TXN_VERSION_MAX:
+                    raise ValueError(f"log offset {offset} of {app_id} does not fit a Delta txn version: this log "
+                                     "needs counted positions (TxnPositions(counted=True))")
+            return dict(offsets), {}
+        new = {app_id: versions.get(app_id, 0) + 1 for app_id in offsets}
+        return new, {POSITIONS_KEY: json.dumps({a: [new[a], str(o)] for a, o in offsets.items()},
+                                               separators=(",", ":"))}
+
+    def remember(self, metadata: dict[str, str] | None) -> None:
+        """After a commit with `metadata` succeeded: its positions need no history lookup."""
+        if metadata:
+            self._learn(metadata.get(POSITIONS_KEY))
+
+    def _learn(self, raw: object) -> None:
+        if not raw:
+            return
+        try:
+            entries = json.loads(raw) if isinstance(raw, str) else raw
+            learned = {(str(a), int(v)): int(o) for a, (v, o) in entries.items()}
+        except (ValueError, TypeError, AttributeError):
+            return  # not ours
+        with self._lock:
+            self._known.update(learned)
+
+
+def positions_for(log: object) -> TxnPositions:
+    """Plain offsets, or counted ones for a log whose offsets can exceed int64 (`long_offsets`, Kinesis)."""
+    return TxnPositions(counted=bool(getattr(log, "long_offsets", False)))
 
 
 def committed_versions(table: DeltaTable, app_ids: list[str]) -> dict[str, int]:
@@ -462,7 +552,8 @@ def _attempt_commit(table: DeltaTable, app_ids: list[str], build: Callable[[dict
         mode="append",
         partition_by=partition_by,
         commit_properties=CommitProperties(
-            app_transactions=[Transaction(app_id, version) for app_id, version in batch.versions.items()]
+            app_transactions=[Transaction(app_id, version) for app_id, version in batch.versions.items()],
+            custom_metadata=batch.metadata or None,
         ),
     )
     return table.version()

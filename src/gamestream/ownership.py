@@ -171,10 +171,25 @@ class LocalOwnership:
         for partition in chosen:
             if not 0 <= partition < partitions:
                 raise ValueError(f"partition {partition} is outside 0..{partitions - 1}")
-        self._locks = ProcessLocks(directory, [f"processor-p{p}" for p in chosen],
-                                   lambda name: f"log partition {name.removeprefix('processor-p')}")
+        self._locks = [self._lock_partitions(chosen)]
         self._owned = {p: 1 for p in chosen}
         self._roles: dict[str, ProcessLocks] = {}
+        self._every = only is None
+
+    def _lock_partitions(self, partitions: list[int]) -> ProcessLocks:
+        return ProcessLocks(self.directory, [f"processor-p{p}" for p in partitions],
+                            lambda name: f"log partition {name.removeprefix('processor-p')}")
+
+    def grow(self, partitions: int) -> list[int]:
+        """Holding every partition (no `only`), takes those a log gained since (a resharded Kinesis stream has
+        new shards); returns them."""
+        if not self._every or partitions <= self._partitions:
+            return []
+        new = list(range(self._partitions, partitions))
+        self._locks.append(self._lock_partitions(new))
+        self._owned.update({p: 1 for p in new})
+        self._partitions = partitions
+        return new
 
     @property
     def partitions(self) -> int:
@@ -195,7 +210,8 @@ class LocalOwnership:
         for partition in list(partitions):
             self._owned.pop(partition, None)
         if not self._owned:
-            self._locks.release()
+            for locks in self._locks:
+                locks.release()
 
     def claim(self, role: str) -> bool:
         if role in self._roles:
@@ -217,7 +233,8 @@ class LocalOwnership:
 
     def close(self) -> None:
         self._owned.clear()
-        self._locks.release()
+        for locks in self._locks:
+            locks.release()
         for role in list(self._roles):
             self.release_role(role)
 

@@ -88,9 +88,22 @@ class _Flush:
     events_read: int
     built: dict[str, int] = field(default_factory=dict)  # rows each table's last attempt built
     built_rows: dict[str, pa.Table] = field(default_factory=dict)
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # commitInfo positions each table's last build stamped
     quarantine_seconds: float | None = None
     events_version: int | None = None
     events_seconds: float = 0.0
+
+
+class _AppIds(dict):
+    """Partition → txn appId of one table, made on first use (a resharded log gains partitions)."""
+
+    def __init__(self, pipeline: str, table: str) -> None:
+        super().__init__()
+        self.pipeline, self.table = pipeline, table
+
+    def __missing__(self, partition: int) -> str:
+        app_id = self[partition] = lake.txn_app_id(self.pipeline, partition, self.table)
+        return app_id
 
 
 class Processor:
@@ -113,10 +126,13 @@ class Processor:
             if self._closes_ownership:
                 self.ownership.close()
             raise
-        self._app_ids = {p: lake.txn_app_id(settings.pipeline, p) for p in range(log.partitions)}
-        self._quarantine_app_ids = {
-            p: lake.txn_app_id(settings.pipeline, p, "events_quarantine") for p in range(log.partitions)
-        }
+        self._app_ids = _AppIds(settings.pipeline, "events")
+        self._quarantine_app_ids = _AppIds(settings.pipeline, "events_quarantine")
+        # how each table keeps a partition's committed offset: the txn version itself, or (offsets beyond int64,
+        # Kinesis) a commit counter with the offset in the same commit (lake.TxnPositions)
+        self._positions = lake.positions_for(log)
+        self._quarantine_positions = lake.positions_for(log)
+        self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
         self.stats = ProcessorStats()
         self._terms: dict[int, int] = {}  # owned partition → the term of ownership its position was read in
         self._pending: dict[int, list[LogRecord]] = {}
@@ -146,6 +162,9 @@ class Processor:
     def _follow_ownership(self, *, initial: bool = False) -> None:
         """Brings the partitions worked on in line with the ownership (see the module docstring): lost ones
         dropped, surplus ones committed then released, gained ones started from the table's txn version."""
+        grow = getattr(self.ownership, "grow", None)
+        if grow is not None and getattr(self.log, "parents", None) is not None:
+            grow(self.log.partitions)  # a resharded stream has new shards: taken like any gained partition
         owned = self.ownership.owned()
         lost = [p for p, term in self._terms.items() if owned.get(p) != term]
         if lost or (set(owned) - set(self._terms)) or (self.ownership.surplus() & set(owned)):
@@ -168,7 +187,7 @@ class Processor:
             with attempt:
                 if not initial:
                     self.events_table.update_incremental()
-                committed = lake.committed_versions(self.events_table, [self._app_ids[p] for p in gained])
+                committed = self._positions.offsets(self.events_table, [self._app_ids[p] for p in gained])
         for partition in gained:
             self._terms[partition] = owned[partition]
             self._pending[partition] = []
@@ -273,6 +292,8 @@ class Processor:
     def _read_available(self) -> bool:
         read_any = False
         for partition in self.partitions:
+            if not self._parents_drained(partition):
+                continue  # a child shard waits until its parents are read to their end: a device's order holds
             while self._pending_events < self.settings.batch_max_events:
                 pending = self._pending[partition]
                 after = pending[-1].offset if pending else self._read_through(partition)
@@ -294,6 +315,27 @@ class Processor:
                 if len(records) < limit:
                     break
         return read_any
+
+    def _parents_drained(self, partition: int) -> bool:
+        """Whether every parent of `partition` (a log that reshards: Kinesis) is closed and read to its end —
+        by this processor (read, pending or in flight: committed in this commit or an earlier one than the
+        child's first records), or, for a parent it does not own, committed by whoever does."""
+        parents_of = getattr(self.log, "parents", None)
+        if parents_of is None:
+            return True
+        for parent in parents_of(partition):
+            if parent in self._drained_parents:
+                continue
+            if not self.log.is_closed(parent):
+                return False
+            if parent in self._terms:
+                after = self._pending[parent][-1].offset if self._pending[parent] else self._read_through(parent)
+            else:
+                after = self._positions.offsets(self.events_table, [self._app_ids[parent]])[self._app_ids[parent]]
+            if self.log.read(parent, after, 1):
+                return False
+            self._drained_parents.add(parent)
+        return True
 
     def _flush_due(self, *, drained: bool) -> bool:
         """Due at `batch_max_events`, after `batch_max_wait_s`, or (draining until idle) when the log is empty."""
@@ -354,10 +396,11 @@ class Processor:
                 decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]])
             return decoded[key]
 
-        def builder(app_ids: dict[int, str], rows_of: Callable[[Decoded], pa.Table], name: str,
+        def builder(app_ids: "_AppIds", positions: lake.TxnPositions, table: DeltaTable,
+                    rows_of: Callable[[Decoded], pa.Table], name: str,
                     skip_empty: bool) -> Callable[[dict[str, int]], lake.Batch | None]:
             def build(versions: dict[str, int]) -> lake.Batch | None:
-                after = {p: versions[app_ids[p]] for p in last_offsets}
+                after = {p: positions.offset_at(table, app_ids[p], versions[app_ids[p]]) for p in last_offsets}
                 todo = {app_ids[p]: offset for p, offset in last_offsets.items() if offset > after[p]}
                 if not todo:
                     return None
@@ -366,7 +409,9 @@ class Processor:
                     return None
                 flush.built[name] = rows.num_rows
                 flush.built_rows[name] = rows
-                return lake.Batch(rows, todo)
+                txn_versions, metadata = positions.stamp(versions, todo)
+                flush.metadata[name] = metadata
+                return lake.Batch(rows, txn_versions, metadata)
 
             return build
 
@@ -375,18 +420,23 @@ class Processor:
         started = time.perf_counter()
         if lake.commit_exactly_once(
             self.quarantine_table, [self._quarantine_app_ids[p] for p in last_offsets],
-            builder(self._quarantine_app_ids, Decoded.quarantine_table, "quarantine", skip_empty=True),
+            builder(self._quarantine_app_ids, self._quarantine_positions, self.quarantine_table,
+                    Decoded.quarantine_table, "quarantine", skip_empty=True),
             partition_by=None, retries=self.settings.commit_retries, name="events_quarantine",
             stop=self.stop_requested, context=context,
         ) is not None:
+            self._quarantine_positions.remember(flush.metadata.get("quarantine"))
             flush.quarantine_seconds = time.perf_counter() - started
         started = time.perf_counter()
         flush.events_version = lake.commit_exactly_once(
             self.events_table, [self._app_ids[p] for p in last_offsets],
-            builder(self._app_ids, Decoded.events_table, "events", skip_empty=False),
+            builder(self._app_ids, self._positions, self.events_table, Decoded.events_table, "events",
+                    skip_empty=False),
             partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries, name="events",
             stop=self.stop_requested, context=context,
         )
+        if flush.events_version is not None:
+            self._positions.remember(flush.metadata.get("events"))
         flush.events_seconds = time.perf_counter() - started
 
     def _finish_flush(self) -> bool:
