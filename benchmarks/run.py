@@ -327,6 +327,50 @@ def freshness(work: Path, lines: list[bytes], rate: float, seconds: float) -> di
     return {"rate": rate, "requests": len(delays), "p50": quantile(0.5), "p99": quantile(0.99), "max": delays[-1]}
 
 
+def profile_process(work: Path, files: list[Path], top: int = 12) -> list[str]:
+    """A second `load` + `process --until-idle` of the same files, under py-spy (not the measured run):
+    the processor's top entries by own time and by time including callees, as Markdown lines."""
+    spy = Path(PYTHON).with_name("py-spy")
+    if not spy.exists():
+        return ["(py-spy not installed: `bash benchmarks/setup` installs it)"]
+    data = work / "profiled"
+    run_measured(gamestream("load", *map(str, files), "--data-dir", str(data)))
+    raw = work / "process.prof"
+    run_measured([str(spy), "record", "--rate", "200", "--format", "raw", "--output", str(raw), "--",
+                  *gamestream("process", "--until-idle", "--data-dir", str(data))])
+    own: Counter = Counter()
+    inclusive: Counter = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [_frame_label(f) for f in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    lines = [f"py-spy, 200 Hz, {total:,} samples of `process --until-idle` (all threads; start-up included):", "",
+             "| own time | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / total:.1f}% | `{name}` |" for name, n in own.most_common(top)]
+    lines += ["", "| including callees | function |", "| ---: | --- |"]
+    lines += [f"| {100 * n / total:.1f}% | `{name}` |" for name, n in inclusive.most_common(top * 3)
+              if "gamestream" in name or "deltalake" in name or "pyarrow" in name][:top]
+    return lines
+
+
+def _frame_label(frame: str) -> str:
+    """`fn (/…/site-packages/pkg/mod.py:12)` → `fn (pkg/mod.py)`."""
+    match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame)
+    if not match:
+        return frame
+    path = match[2]
+    for root in ("site-packages/", "/src/"):
+        if root in path:
+            return f"{match[1]} ({path.rsplit(root, 1)[1]})"
+    return f"{match[1]} ({'/'.join(path.split('/')[-2:])})"
+
+
 def write_limit(work: Path, data: Path) -> dict:
     """The events gamestream committed, as an Arrow IPC file (outside the timing), then benchmarks/limit.py."""
     import pyarrow as pa
@@ -395,6 +439,7 @@ def main() -> int:
         process_work = float(re.search(r"over ([\d.]+)s", process_out)[1])
         print("limit: the same events as Arrow → one write_deltalake call …", flush=True)
         limit = write_limit(work, data)
+        profile = profile_process(work, files)
         problems = compare(spark_results(work / "spark"), gamestream_results(data))
         quarantined = int(re.search(r"quarantined ([\d,]+)", process_out)[1].replace(",", ""))
         if quarantined != nulls:
@@ -470,6 +515,10 @@ def main() -> int:
             *[f"- {line}" for line in summary],
             "",
             "RESULT " + _result_line(result),
+            "",
+            "## Where the processor's time goes",
+            "",
+            *profile,
             "",
         ]))
     print("RESULT " + _result_line(result), flush=True)
