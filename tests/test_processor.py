@@ -77,12 +77,14 @@ def test_a_log_of_old_ndjson_and_new_arrow_records_gives_every_event_once(settin
 
 def test_a_bad_row_inside_an_arrow_record_is_quarantined_alone(settings: Settings) -> None:
     log = open_log(settings.data_dir, partitions=2)
-    log.append([Append(0, _arrow_payload([line("fine"), line("no-time", eventTime=None)]), 2)])
+    first = log.append([Append(0, _arrow_payload([line("a"), line("b")]), 2)])[0]
+    second = log.append([Append(0, _arrow_payload([line("fine"), line("no-time", eventTime=None)]), 2)])[0]
     log.close()
     processor = drain(settings)
-    assert [r["eventId"] for r in table_rows(processor.settings.table_uri("events"))] == ["fine"]
+    assert sorted(r["eventId"] for r in table_rows(processor.settings.table_uri("events"))) == ["a", "b", "fine"]
     quarantined = table_rows(processor.settings.table_uri("events_quarantine"))
     assert len(quarantined) == 1 and quarantined[0]["reason"].startswith("eventTime: null")
+    assert (quarantined[0]["logPartition"], quarantined[0]["logOffset"]) == (0, second) and second > first
     assert json.loads(quarantined[0]["payload"]) == {  # canonical: null fields omitted but the null eventTime
         "eventId": "no-time", "eventName": "levelStart", "eventTime": None, "eventParams": {"device_id": "d1"}}
 
