@@ -349,3 +349,38 @@ def test_store_server_killed_and_restarted_mid_load_the_processor_retries_and_lo
     assert committed_before < max(events_versions()), "nothing was committed after the restart"
     stored = _stored_ids(f"{s3}/events")
     assert max(stored.values()) == 1 and set(stored) == {e["eventId"] for e in events}
+
+
+def test_maintenance_lock_is_one_nats_lease_across_machines_when_tables_are_on_s3(tmp_path: Path) -> None:
+    """Two processes with their own data directories (two machines) and tables on object storage: the
+    maintenance lock is the NATS lease, so only one holds it; a flock would have let both in."""
+    from gamestream.maintenance import MaintenanceLock
+    from gamestream.nats_cluster import NatsCluster
+    from gamestream.settings import Settings
+
+    cluster = NatsCluster(tmp_path / "nats", nodes=1).start()
+    try:
+        machines = [Settings(data_dir=tmp_path / f"machine{i}", log=cluster.url, tables_uri=f"s3://{BUCKET}/lake",
+                             lease_ttl_s=2) for i in (1, 2)]
+        first, second = (MaintenanceLock(s) for s in machines)
+        assert first.uses_lease and second.uses_lease
+        held = first.acquire(wait=False)
+        assert held is not None
+        assert second.acquire(wait=False) is None, "a second machine got the maintenance lock while it was held"
+        held.close()
+        deadline = time.monotonic() + 10
+        again = None
+        while again is None and time.monotonic() < deadline:
+            again = second.acquire(wait=False)
+            time.sleep(0.2)
+        assert again is not None, "the lock was not free after its holder released it"
+        again.close()
+        # local tables: each machine's flock, which is what one machine needs
+        local = [MaintenanceLock(Settings(data_dir=tmp_path / f"machine{i}", log=cluster.url)) for i in (1, 2)]
+        assert not local[0].uses_lease
+        handles = [lock.acquire(wait=False) for lock in local]
+        assert all(handles)
+        for handle in handles:
+            handle.close()
+    finally:
+        cluster.stop()
