@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +38,15 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gamestream import batch, schema
+from gamestream import batch, envelope, schema
 from gamestream.auth import key_matches
 from gamestream.dashboard import DashboardData, IngestRate
+from gamestream.envelope import JSON_TYPES, NDJSON_TYPES  # noqa: F401  (the body rules live in envelope)
 from gamestream.http_guard import MAX_HEADER_LINES
 from gamestream.loader import arrow_records
 from gamestream.log import Append, EventLog, Idempotency, describe, router
 from gamestream.settings import Settings
 
-JSON_TYPES = {"application/json"}
-NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines",
-                "application/jsonlines"}
 MAX_IDEMPOTENCY_KEY = 200
 CLOSE = {"Connection": "close"}
 """On a 413 over the body size: the rest of the body is not wanted (http_guard drains it before closing)."""
@@ -68,7 +65,6 @@ class IngestAnswer(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
-_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _presented_key_in(request: Request, keys: list[bytes]) -> bool:
@@ -259,21 +255,17 @@ class Collector:
 
     @staticmethod
     def _body_kind(request: Request) -> str:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type in JSON_TYPES:
-            return "json"
-        if content_type in NDJSON_TYPES:
-            return "ndjson"
-        if content_type == "":
-            return "sniff"
-        raise _Refuse(415, f"content type {content_type!r} is not taken; send application/json (one event or an "
-                           "array) or application/x-ndjson (one event per line)")
+        try:
+            return envelope.body_kind(request.headers.get("content-type"))
+        except envelope.BodyError as error:
+            raise _Refuse(error.status, error.message) from None
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("identity", "gzip"):
-            raise _Refuse(415, f"content encoding {encoding!r} is not taken; use gzip or none")
+        try:
+            encoding = envelope.content_encoding(request.headers.get("content-encoding"))
+        except envelope.BodyError as error:
+            raise _Refuse(error.status, error.message) from None
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             # Answered before reading (with Expect: 100-continue the client has not sent the body at all).
@@ -292,43 +284,19 @@ class Collector:
 
     @staticmethod
     def _gunzip(body: bytes, limit: int) -> bytes:
-        """Inflates one gzip member, never past `limit` + 1 bytes (a gzip bomb costs at most that much)."""
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        """Inflates one gzip member, never past `limit` + 1 bytes (`envelope.gunzip`)."""
         try:
-            inflated = inflater.decompress(body, limit + 1)
-        except zlib.error as error:
-            raise _Refuse(400, f"body is not valid gzip: {error}") from None
-        if len(inflated) > limit or inflater.unconsumed_tail:
-            raise _Refuse(413, f"decompressed body is over the {limit:,}-byte limit", CLOSE)
-        if not inflater.eof:  # a cut-off upload would otherwise be taken as the events before the cut
-            raise _Refuse(400, "body is not valid gzip: the compressed data is truncated")
-        if inflater.unused_data:
-            raise _Refuse(400, "body is not valid gzip: data after the end of the compressed stream "
-                               "(send one gzip member)")
-        return inflated
+            return envelope.gunzip(body, limit)
+        except envelope.BodyError as error:
+            raise _Refuse(error.status, error.message, CLOSE if error.status == 413 else None) from None
 
     def _split(self, body: bytes, kind: str) -> list[bytes | str]:
-        """The body's events, each as raw JSON bytes, or as a reason string when it is already known bad."""
-        stripped = body.strip()
-        if not stripped:
-            raise _Refuse(400, "the body is empty; send one event, an array of events or NDJSON")
-        if kind == "sniff":
-            kind = "json" if stripped[:1] == b"[" else "ndjson"
-        if kind == "json":
-            if stripped[:1] == b"[":
-                try:
-                    return [bytes(raw) for raw in _raw_list.decode(stripped)]
-                except msgspec.DecodeError as error:
-                    raise _Refuse(400, f"the body is not a valid JSON array: {error}") from None
-                except RecursionError:  # msgspec's answer to nesting deeper than it will follow
-                    raise _Refuse(400, "the body is not a valid JSON array: nested too deeply") from None
-            return [stripped]
-        events: list[bytes | str] = []
-        for line in stripped.split(b"\n"):
-            line = line.strip()
-            if line:
-                events.append(line)
-        return events
+        """The body's events, each as raw JSON bytes, or as a reason string when it is already known bad
+        (`envelope.split`)."""
+        try:
+            return envelope.split(body, kind)  # type: ignore[arg-type]
+        except envelope.BodyError as error:
+            raise _Refuse(error.status, error.message) from None
 
 
 # ------------------------------------------------------------------------------------------------------ the app

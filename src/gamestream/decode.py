@@ -3,6 +3,10 @@
 Arrow records (`gamestream.payload`: what the collector and `load` write when a whole batch passed the
 vectorised checks) are read as they are and concatenated; only their rows' required fields are checked again.
 
+Records holding one API Gateway proxy event (the seed's Lambda wrote those) are unwrapped first
+(`gamestream.envelope.unwrap`): their body's events, validated and given ids derived from the record's place in
+the log, join the NDJSON records; what fails is quarantined with the whole record as its payload.
+
 NDJSON records (older versions, batches that held a bad event, foreign producers). Fast path: the records' canonical NDJSON is decoded in one call by pyarrow's JSON reader with the explicit
 schema, then checked column-wise (eventTime, eventName, device_id present). Records that pyarrow cannot decode
 (written by a foreign producer, say) fall back to the line-by-line validator, so one bad line costs its own row,
@@ -20,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from gamestream import payload, schema
+from gamestream import envelope, payload, schema
 from gamestream.log import LogRecord
 
 _DECODE_SCHEMA = schema.decode_schema()
@@ -62,6 +66,10 @@ def decode_records(records: list[LogRecord], now: dt.datetime | None = None) -> 
     for record in records:
         if payload.is_arrow(record.payload):
             _decode_arrow(record, out, now)
+        elif (unwrapped := envelope.unwrap(record)) is not None:  # an API Gateway proxy event (the seed's Lambda)
+            out.quarantine += [_quarantine_row(record, record.payload, why, now) for why in unwrapped.rejected]
+            if unwrapped.record is not None:
+                json_records.append(unwrapped.record)
         else:
             json_records.append(record)
     if json_records:
