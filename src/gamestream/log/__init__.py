@@ -141,8 +141,9 @@ DEFAULT_PARTITIONS = 4
 
 def connect(settings: "Settings") -> EventLog:
     """The log the settings name (`settings.log`, `--log URL`, GAMESTREAM_LOG): the embedded SQLite log under
-    `<data_dir>/log` when unset, a NATS JetStream stream for `nats://…`. `settings.partitions` fixes the count
-    when the log is created; None takes an existing log's own count (DEFAULT_PARTITIONS for a new one)."""
+    `<data_dir>/log` when unset, a NATS JetStream stream for `nats://…`, a Kinesis data stream for
+    `kinesis://STREAM`. `settings.partitions` fixes the count when the log is created; None takes an existing log's
+    own count (DEFAULT_PARTITIONS for a new one; Kinesis creates a missing stream only when a count is given)."""
     url = settings.log
     if not url:
         return open_log(settings.data_dir, partitions=settings.partitions)
@@ -151,8 +152,13 @@ def connect(settings: "Settings") -> EventLog:
         from gamestream.log.nats import NatsEventLog
 
         return NatsEventLog.connect(url, partitions=settings.partitions)
-    raise ValueError(f"log URL {url!r}: give nats://host:port[,host:port…][?stream=NAME], or nothing for the "
-                     "embedded log in the data directory")
+    if scheme == "kinesis":
+        from gamestream.log.kinesis import KinesisEventLog
+
+        return KinesisEventLog.connect(url, partitions=settings.partitions)
+    raise ValueError(f"log URL {url!r}: give nats://host:port[,host:port…][?stream=NAME], kinesis://STREAM (region, "
+                     "credentials and endpoint from the AWS environment), or nothing for the embedded log in the "
+                     "data directory")
 
 
 def describe(settings: "Settings") -> str:
@@ -161,6 +167,14 @@ def describe(settings: "Settings") -> str:
     if not settings.log:
         return f"sqlite:{(Path(settings.data_dir) / 'log').absolute()}"
     scheme, _, rest = settings.log.partition("://")
+    if scheme.lower() == "kinesis":  # no host in the URL: the region and any endpoint come from the environment
+        import os
+
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_KINESIS") or os.environ.get("AWS_ENDPOINT_URL")
+        where = ", ".join(part for part in (region and f"region {region}", endpoint and f"endpoint {endpoint}")
+                          if part)
+        return f"kinesis://{rest.strip('/')}" + (f" ({where})" if where else "")
     hosts = ",".join(part.rsplit("@", 1)[-1] for part in rest.split(","))
     return f"{scheme}://{hosts}"
 
