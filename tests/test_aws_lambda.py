@@ -349,3 +349,59 @@ def test_the_seeds_handler_verbatim_into_the_processor_exactly_once(moto, tmp_pa
     version = len(table_rows(settings.table_uri("events")))
     again = process(settings)  # re-processing the same log writes nothing
     assert again.stats.events_committed == 0 and len(table_rows(settings.table_uri("events"))) == version
+
+
+# ------------------------------------------------------------------------------------------- the deployment zip
+HANDLER_CALL = """
+import json, os, sys
+sys.path.insert(0, os.environ["LAMBDA_TASK_ROOT"])  # what the Lambda runtime does with the unzipped package
+import gamestream.aws
+assert gamestream.aws.__file__.startswith(os.environ["LAMBDA_TASK_ROOT"]), gamestream.aws.__file__
+heavy = sorted(m for m in ("deltalake", "duckdb", "starlette", "polars") if m in sys.modules)
+event = json.loads(sys.stdin.read())
+print(json.dumps({"answer": gamestream.aws.lambda_handler(event, None), "heavy": heavy}))
+"""
+
+
+@pytest.mark.slow
+def test_the_deployment_zip_runs_the_handler_in_a_clean_environment(moto, stream, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gamestream.cli import cli
+
+    package = tmp_path / "lambda.zip"
+    result = CliRunner().invoke(cli, ["aws", "package-lambda", str(package)])
+    if result.exit_code != 0 and "pip could not fetch" in result.output:
+        pytest.skip(f"no package index reachable for the wheels: {result.output[-300:]}")
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(package) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path / "task")
+    assert "gamestream/aws.py" in names and "gamestream/envelope.py" in names
+    assert not any(n.startswith(("gamestream/collector", "gamestream/processor", "deltalake/", "duckdb/", "boto3/"))
+                   for n in names)
+    assert any(n.startswith("msgspec/") for n in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    import boto3  # the Lambda runtime provides boto3: the same version as here
+
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"boto3=={boto3.__version__}"],
+                             capture_output=True, text=True)
+    if install.returncode != 0:
+        pytest.skip(f"boto3 could not be installed in the clean environment: {install.stderr[-300:]}")
+    client, name = stream
+    env = {"PATH": os.environ["PATH"], "LAMBDA_TASK_ROOT": str(tmp_path / "task"), aws.STREAM_ENV: name,
+           **aws_environment(moto.endpoint)}
+    event = v2_event(gzip.compress(b'{"eventName": "levelStart", "eventParams": {"device_id": "zip-1"}}'),
+                     {"Content-Type": "application/json", "Content-Encoding": "gzip"}, base64_body=True)
+    ran = subprocess.run([str(python), "-I", "-c", HANDLER_CALL], input=json.dumps(event),
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    output = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert output["heavy"] == []
+    assert output["answer"]["statusCode"] == 200
+    assert json.loads(output["answer"]["body"]) == {"accepted": 1, "rejected": 0, "errors": []}
+    (record,) = stream_records(client, name)
+    assert record["key"] == "zip-1" and lines(record["data"])[0]["eventParams"] == {"device_id": "zip-1"}

@@ -314,3 +314,90 @@ def put_entries(client: Any, stream: str, entries: list[Entry]) -> list[str]:
         raise Throttled(f"Kinesis did not take every record after {RETRY_ATTEMPTS} attempts ({reason})",
                         written, len(entries)) from error
     return [s for s in sequence if s is not None]
+
+
+# ------------------------------------------------------------------------------------------- the deployment zip
+LAMBDA_PLATFORM = "manylinux2014_x86_64"
+LAMBDA_PYTHON = "3.11"
+RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath", "python-dateutil", "six", "urllib3"})
+"""Distributions the Lambda Python runtime already has: not packaged."""
+
+_IMPORTS_PROBE = """
+import json, sys
+from importlib import metadata
+before = set(sys.modules)
+import gamestream.aws
+loaded = set(sys.modules) - before
+ours = sorted(name for name in loaded if name.split(".")[0] == "gamestream")
+tops = {name.split(".")[0] for name in loaded} - set(sys.stdlib_module_names) - {"gamestream"}
+owners = metadata.packages_distributions()
+dists = {dist: metadata.version(dist) for top in sorted(tops) for dist in owners.get(top, [])}
+print(json.dumps({"files": {name: sys.modules[name].__file__ for name in ours}, "dists": dists}))
+"""
+
+
+@dataclass(frozen=True)
+class LambdaPackage:
+    path: str
+    bytes: int
+    modules: list[str]
+    distributions: dict[str, str]
+
+
+def package_lambda(out: str | os.PathLike, *, python_version: str = LAMBDA_PYTHON,
+                   platform: str = LAMBDA_PLATFORM) -> LambdaPackage:
+    """Builds a deployment zip for the Lambda Python runtime at `out`: the gamestream modules `import
+    gamestream.aws` loads, and wheels for `platform` / `python_version` of the distributions they import (the
+    versions installed here where the platform has them, so the zip runs what the tests ran), without those the
+    runtime provides (boto3). pyarrow is among them only because `gamestream.schema` imports it at the top (for
+    the table schema, which the handler never uses).
+    Which modules and distributions: found by importing the handler in a fresh interpreter, so a module that
+    stops importing pyarrow, say, drops it from the zip by itself."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    probe = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise RuntimeError(f"cannot import gamestream.aws here: {probe.stderr.strip()[-2000:]}")
+    found = json.loads(probe.stdout)
+    dists = {name: version for name, version in found["dists"].items()
+             if _normalise(name) not in {_normalise(p) for p in RUNTIME_PROVIDED}}
+    root = Path(found["files"]["gamestream"]).parent
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="gamestream-lambda-") as work:
+        build = Path(work)
+        if dists:
+            pip = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+                 "--target", str(build), "--platform", platform, "--implementation", "cp",
+                 "--python-version", python_version, "--only-binary=:all:",
+                 # the version tested here, or the newest older one with a wheel for the platform (pyarrow's
+                 # newest wheels need glibc 2.28; the python3.11 runtime has 2.26)
+                 *(f"{name}<={version}" for name, version in sorted(dists.items()))],
+                capture_output=True, text=True, check=False)
+            if pip.returncode != 0:
+                raise RuntimeError(f"pip could not fetch the wheels: {(pip.stderr or pip.stdout).strip()[-2000:]}")
+        shutil.rmtree(build / "bin", ignore_errors=True)
+        for name, file in found["files"].items():
+            target = build / Path(file).relative_to(root.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+            for path in sorted(build.rglob("*")):
+                if path.is_dir() or "__pycache__" in path.parts:
+                    continue
+                info = zipfile.ZipInfo(path.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes())
+        installed = dict(p.name.removesuffix(".dist-info").rsplit("-", 1) for p in build.glob("*.dist-info"))
+    return LambdaPackage(str(out), out.stat().st_size, sorted(found["files"]), dict(sorted(installed.items())))
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
