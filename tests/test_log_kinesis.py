@@ -509,3 +509,32 @@ def test_pending_events_follow_this_processs_appends_and_commits(log: KinesisEve
     assert log.pending_events("c") == 17 and log.pending_events_in(0, "c") == 12
     log.commit("c", 0, offsets[0])
     assert log.pending_events("c") == 7
+
+
+def test_an_offset_kinesis_refuses_as_a_sequence_number_reads_from_the_oldest_record_on(
+        log: KinesisEventLog) -> None:
+    offsets = log.append([Append(2, payload(f"n{k}"), 1) for k in range(4)])
+    real = log._client.get_shard_iterator
+
+    def strict(**kwargs):  # as Kinesis answers for a number that is not one of the shard's sequence numbers
+        if kwargs.get("StartingSequenceNumber") == str(offsets[1]):
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "InvalidArgumentException", "Message": "Invalid StartingSequenceNumber"}},
+                "GetShardIterator")
+        return real(**kwargs)
+
+    log._client.get_shard_iterator = strict
+    assert [r.offset for r in log.read(2, offsets[1], 10)] == offsets[2:]
+
+
+def test_a_deleted_stream_is_log_unavailable_not_a_crash(kinesis: KinesisServer, monkeypatch) -> None:
+    monkeypatch.setattr(kinesis_log, "SHARD_CACHE_SECONDS", 3600.0)
+    log = open_stream(1)
+    try:
+        kinesis.client.delete_stream(StreamName=log.stream)
+        with pytest.raises(LogUnavailable, match="ResourceNotFound"):
+            log.append([Append(0, payload("x"), 1)])
+        with pytest.raises(LogUnavailable, match="ResourceNotFound"):
+            log.read(0, 0, 10)
+    finally:
+        log.close()

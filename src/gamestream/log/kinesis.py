@@ -96,6 +96,8 @@ _RETRYABLE_CODES = {"ProvisionedThroughputExceededException", "ThrottlingExcepti
                     "InternalFailure", "InternalFailureException", "ServiceUnavailable",
                     "ServiceUnavailableException", "KMSThrottlingException", "RequestTimeout",
                     "RequestTimeoutException", "SlowDown"}
+# a stream being created, updated or deleted: the caller waits (LogUnavailable)
+_STREAM_BUSY_CODES = ("ResourceInUseException", "ResourceNotFoundException")
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
@@ -241,7 +243,9 @@ class _Writer:
     what a shard takes per second anyway; the collector's many small concurrent appends share rounds.
 
     A round that cannot be stored within PUT_RETRY_SECONDS fails its submits with LogUnavailable (records of
-    those submits stored in earlier rounds stay stored: Kinesis has no transactions)."""
+    those submits stored in earlier rounds stay stored: Kinesis has no transactions). While a round's failed
+    entries wait for their retry, the next round waits too: a throttled shard slows every append of this writer
+    (the collector then answers 503 once the retries are spent, which is the backpressure Kinesis asks for)."""
 
     def __init__(self, log: "KinesisEventLog") -> None:
         self._log = log
@@ -291,8 +295,14 @@ class _Writer:
                 record = submit.records[index]
                 request = {"Data": record.payload, "PartitionKey": str(shard), "ExplicitHashKey": str(starting_hash)}
                 entries.append(_Entry(submit, index, request, len(record.payload) + len(str(shard))))
-            for call in self._calls(entries):
-                self._put(call)
+            try:
+                for call in self._calls(entries):
+                    self._put(call)
+            except BaseException as error:  # a bug, not the stream: fail the round's appends rather than hang
+                logger.exception("the Kinesis writer failed a round")
+                for entry in entries:
+                    if not entry.submit.future.done():
+                        entry.submit.future.set_exception(error)
             self._finish()
 
     @staticmethod
@@ -330,7 +340,8 @@ class _Writer:
                                      len(failed), len(answer["Records"]), dict(codes))
                         raise _EntriesFailed(codes)
         except Exception as error:
-            problem: BaseException = _unavailable(error, "PutRecords") if _transient(error) else error
+            unavailable = _transient(error) or _error_code(error) in _STREAM_BUSY_CODES
+            problem: BaseException = _unavailable(error, "PutRecords") if unavailable else error
             for entry in pending:
                 if not entry.submit.future.done():
                     entry.submit.future.set_exception(problem)
@@ -458,7 +469,7 @@ class KinesisEventLog:
             code = _error_code(error)
             if code in passthrough:
                 raise
-            if _transient(error) or code in ("ResourceInUseException", "ResourceNotFoundException"):
+            if _transient(error) or code in _STREAM_BUSY_CODES:
                 raise _unavailable(error, what) from error
             raise
         raise AssertionError("unreachable")
@@ -468,8 +479,8 @@ class KinesisEventLog:
         created = False
         while True:
             try:
-                summary = self._call("DescribeStreamSummary", self._client.describe_stream_summary,
-                                     passthrough=("ResourceNotFoundException",), StreamName=self.stream)["StreamDescriptionSummary"]
+                summary = self._call("DescribeStreamSummary", self._client.describe_stream_summary, passthrough=(
+                    "ResourceNotFoundException",), StreamName=self.stream)["StreamDescriptionSummary"]
             except Exception as error:
                 if _error_code(error) != "ResourceNotFoundException":
                     raise
@@ -763,6 +774,8 @@ class KinesisEventLog:
             if not following:  # a closed shard read to its end
                 return []
             iterator = following
+            if answer.get("Records"):  # only records at or below `after` (read from TRIM_HORIZON): go on
+                continue
             waited = time.monotonic() - started
             if answer.get("MillisBehindLatest", 0) > 0 and waited < EMPTY_PAGES_SECONDS:
                 continue
