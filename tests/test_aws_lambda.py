@@ -82,7 +82,11 @@ def stream_records(client, name: str) -> list[dict]:
 @pytest.fixture
 def collector(tmp_path: Path):
     """The real collector app (in process, starlette's test client) with the same limits."""
-    from starlette.testclient import TestClient
+    import warnings
+
+    with warnings.catch_warnings():  # starlette asks for httpx2 now; httpx still serves the test client
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
 
     from gamestream.collector import create_app
 
