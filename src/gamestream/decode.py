@@ -15,8 +15,10 @@ never its batch's.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import io
+import itertools
 from dataclasses import dataclass, field
 
 import msgspec
@@ -63,32 +65,43 @@ def decode_records(records: list[LogRecord], now: dt.datetime | None = None) -> 
     if not records:
         return out
     json_records = []
+    arrow_records = []
     for record in records:
         if payload.is_arrow(record.payload):
-            _decode_arrow(record, out, now)
+            arrow_records.append(record)
         elif (unwrapped := envelope.unwrap(record)) is not None:  # an API Gateway proxy event (the seed's Lambda)
             out.quarantine += [_quarantine_row(record, record.payload, why, now) for why in unwrapped.rejected]
             if unwrapped.record is not None:
                 json_records.append(unwrapped.record)
         else:
             json_records.append(record)
+    if arrow_records:
+        _decode_arrow(arrow_records, out, now)
     if json_records:
         _decode_json(json_records, out, now)
     return out
 
 
-def _decode_arrow(record: LogRecord, out: Decoded, now: dt.datetime) -> None:
-    try:
-        table = payload.decode(record.payload)
-    except ValueError as error:
-        out.quarantine.append(_quarantine_row(record, b"", f"{error} ({len(record.payload)} bytes)", now))
+def _decode_arrow(records: list[LogRecord], out: Decoded, now: dt.datetime) -> None:
+    """Arrow records: read back, concatenated, checked and given eventDate in one pass."""
+    tables, owners = [], []
+    for record in records:
+        try:
+            tables.append(payload.decode(record.payload))
+            owners.append(record)
+        except ValueError as error:
+            out.quarantine.append(_quarantine_row(record, b"", f"{error} ({len(record.payload)} bytes)", now))
+    if not tables:
         return
-    invalid = _invalid_mask(table)
+    table = pa.concat_tables(tables)
+    invalid = pc.fill_null(_invalid_mask(table), True)
     if not pc.any(invalid).as_py():
         out.events.append(_with_event_date(table))
         return
-    out.events.append(_with_event_date(table.filter(pc.invert(pc.fill_null(invalid, True)))))
-    for i in pc.indices_nonzero(pc.fill_null(invalid, True)).to_pylist():
+    out.events.append(_with_event_date(table.filter(pc.invert(invalid))))
+    starts = list(itertools.accumulate((t.num_rows for t in tables), initial=0))
+    for i in pc.indices_nonzero(invalid).to_pylist():
+        record = owners[bisect.bisect_right(starts, i) - 1]
         row = table.slice(i, 1).to_pylist()[0]
         line = _ENCODER.encode(_without_nulls(row))  # the canonical line the per-event path would have written
         out.quarantine.append(_quarantine_row(record, line, _reason(row), now))
