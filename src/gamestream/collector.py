@@ -145,6 +145,11 @@ class Collector:
                 await self._backlog_task
 
     async def _refresh_backlog(self) -> None:
+        if getattr(self.log, "positions_scope", None) == "process":
+            # the log cannot see the processor's commits (Kinesis: positions live in the tables), so it has no
+            # backlog to bound here; the stream's own retention and shard limits are the back-pressure
+            self.metrics.log_reachable.set(1)
+            return
         self.backlog = await asyncio.to_thread(self.log.pending_events, self.settings.pipeline)
         self.metrics.backlog.set(self.backlog)
         self.metrics.log_reachable.set(1)

@@ -188,12 +188,16 @@ def _with_event_date(table: pa.Table) -> pa.Table:
     return table.append_column(schema.PARTITION_COLUMN, event_date)
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _quarantine_row(record: LogRecord, line: bytes, reason: str, now: dt.datetime) -> dict:
+    fits = record.offset <= _INT64_MAX  # a Kinesis sequence number has up to 56 digits: then it goes in the reason
     return {
         "quarantinedAt": now,
-        "reason": reason,
+        "reason": reason if fits else f"{reason} (log position {record.offset})",
         "payload": line.decode("utf-8", errors="replace"),
         "logPartition": record.partition,
-        "logOffset": record.offset,
+        "logOffset": record.offset if fits else None,
         "quarantineDate": now.date(),
     }

@@ -410,6 +410,7 @@ class KinesisEventLog:
     idempotency_scope = "process"
     positions_scope = "process"
     supports_trim = False
+    long_offsets = True  # sequence numbers exceed int64: the tables keep them as lake.TxnPositions(counted=True)
     max_record_bytes = RECORD_MAX_BYTES - _KEY_ROOM
 
     def __init__(self, stream: str, *, partitions: int | None = None, client: Any = None) -> None:

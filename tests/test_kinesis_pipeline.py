@@ -1,0 +1,195 @@
+"""The pipeline on a Kinesis stream (`--log kinesis://STREAM`), against moto's Kinesis server patched to behave as
+Kinesis documents (tests/test_log_kinesis.py): records put exactly as the seed's Lambda puts them, next to
+gamestream's own, land once with 56-digit sequence numbers as positions; SIGKILLs of the processor lose and
+duplicate nothing; a split and a merge while the processor runs keep every event once and each device's events
+in parent-before-child order."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from conftest import gamestream, table_rows, write_ndjson
+from gamestream import lake
+from gamestream.log import Append
+from gamestream.log.kinesis import KinesisEventLog
+from s3_store import aws_environment
+from test_envelope import game_event, lambda_context, seed_handler, v1_event, v2_event
+from test_log_kinesis import KinesisServer, fresh_stream
+
+
+@pytest.fixture(scope="module")
+def kinesis():
+    server = KinesisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(kinesis: KinesisServer):
+    """The standard AWS environment pointing at the server, for this process and the CLI's."""
+    environment = aws_environment(kinesis.endpoint)
+    with mock.patch.dict(os.environ, environment):
+        yield environment
+
+
+def _ids(data: Path) -> Counter:
+    return Counter(r["eventId"] for r in table_rows(str(data / "tables" / "events"), ["eventId"]))
+
+
+def _ndjson(events: list[dict]) -> bytes:
+    return b"\n".join(json.dumps(e, separators=(",", ":")).encode() for e in events)
+
+
+def _event(device: str, event_id: str) -> dict:
+    return {"eventId": event_id, "eventName": "levelStart", "eventTime": "2026-11-01T10:00:00Z",
+            "eventParams": {"device_id": device}}
+
+
+def test_seed_lambda_records_and_gamestreams_own_land_once_and_a_rerun_writes_nothing(
+        env: dict, tmp_path: Path) -> None:
+    stream = "streamdemo_incoming"  # the seed's handler names its stream in its code
+    log = KinesisEventLog.connect(f"kinesis://{stream}", partitions=2)
+    handler = seed_handler()
+    stamped = {}
+    for i in range(30):
+        make = v1_event if i % 2 else v2_event
+        before = int(time.time())
+        handler(make(json.dumps(game_event(f"seed-{i}"))), lambda_context())
+        stamped[f"seed-{i}"] = (before, int(time.time()))
+    own = [_event(f"dev-{i % 7}", f"own-{i}") for i in range(200)]
+    data = tmp_path / "data"
+    events_file = write_ndjson(tmp_path / "own.ndjson", own)
+    gamestream("load", str(events_file), "--log", f"kinesis://{stream}", data_dir=data)
+    log.close()
+
+    gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
+    rows = table_rows(str(data / "tables" / "events"))
+    ids = Counter(r["eventId"] for r in rows)
+    seed_rows = [r for r in rows if r["eventId"].startswith("kinesis-")]
+    assert max(ids.values()) == 1 and len(seed_rows) == 30
+    assert {r["eventId"] for r in rows} - {r["eventId"] for r in seed_rows} == {e["eventId"] for e in own}
+    for row in seed_rows:
+        shard, sequence = row["eventId"].split("-")[1:3]
+        assert len(sequence) >= 56  # the id carries the 56-digit sequence number it came from
+        low, high = stamped[row["eventParams"]["device_id"]]
+        assert low <= row["eventTime"].timestamp() <= high  # the seed's int(time.time())
+    # the positions are counters with the sequence number in the same commit
+    events = lake.open_table(str(data / "tables" / "events"))
+    positions = lake.TxnPositions(counted=True).offsets(events, [lake.txn_app_id("gamestream", p) for p in (0, 1)])
+    assert all(len(str(offset)) >= 56 for offset in positions.values())
+
+    version = events.version()
+    rerun = gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
+    assert "committed 0 events" in rerun.stdout
+    assert lake.open_table(str(data / "tables" / "events")).version() == version
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_nothing(
+        env: dict, tmp_path: Path) -> None:
+    stream = fresh_stream()
+    log = KinesisEventLog.connect(f"kinesis://{stream}", partitions=2)
+    expected = set()
+    for r in range(160):  # 160 records of 20 events, spread over both shards by device
+        device = f"dev-{r % 11}"
+        events = [_event(device, f"e-{r}-{k}") for k in range(20)]
+        expected |= {e["eventId"] for e in events}
+        log.append([Append(log.route(device), _ndjson(events), len(events))])
+    log.close()
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "gamestream", "process", "--until-idle", "--log", f"kinesis://{stream}",
+               "--data-dir", str(data), "--max-batch-events", "100", "--max-batch-wait", "0.05"]
+    rng = random.Random(7)
+    kills = landed = 0
+    version = -1
+    while kills < 10:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env={**os.environ, **env})
+        time.sleep(rng.uniform(1.0, 2.5))
+        if child.poll() is not None:
+            break  # drained before this kill: the remaining rounds have nothing to interrupt
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        kills += 1
+        if lake.table_exists(str(data / "tables" / "events")):
+            now = lake.open_table(str(data / "tables" / "events")).version()
+            landed += now > version
+            version = now
+    assert kills >= 10, f"the stream drained after only {kills} kills: make it longer"
+    assert landed >= 3, f"only {landed} of {kills} runs committed anything before their kill"
+    gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
+    ids = _ids(data)
+    assert max(ids.values()) == 1 and set(ids) == expected
+
+
+@pytest.mark.slow
+def test_a_split_and_a_merge_while_the_processor_runs_keep_every_event_once_parents_first(
+        env: dict, tmp_path: Path, kinesis: KinesisServer) -> None:
+    stream = fresh_stream()
+    log = KinesisEventLog.connect(f"kinesis://{stream}", partitions=2)
+    devices = [f"dev-{i}" for i in range(24)]
+    phase_of: dict[str, int] = {}
+    counter = defaultdict(int)
+
+    def put(phase: int, rounds: int) -> None:
+        for _ in range(rounds):
+            for device in devices:
+                ids = [f"{device}-{counter[device] + k}" for k in range(5)]
+                counter[device] += 5
+                phase_of.update({i: phase for i in ids})
+                log.append([Append(log.route(device), _ndjson([_event(device, i) for i in ids]), 5)])
+
+    data = tmp_path / "data"
+    child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--log", f"kinesis://{stream}",
+                              "--data-dir", str(data), "--max-batch-events", "200", "--max-batch-wait", "0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **env})
+    try:
+        put(0, 2)
+        shards = {s["ShardId"]: s for s in kinesis.client.list_shards(StreamName=stream)["Shards"]}
+        first = shards["shardId-000000000000"]["HashKeyRange"]
+        middle = (int(first["StartingHashKey"]) + int(first["EndingHashKey"])) // 2
+        kinesis.client.split_shard(StreamName=stream, ShardToSplit="shardId-000000000000",
+                                   NewStartingHashKey=str(middle))
+        time.sleep(6)  # the log's shard list is cached for a few seconds
+        assert log.parents(2) == [0] and log.parents(3) == [0] and log.is_closed(0)
+        put(1, 2)
+        kinesis.client.merge_shards(StreamName=stream, ShardToMerge="shardId-000000000003",
+                                    AdjacentShardToMerge="shardId-000000000001")
+        time.sleep(6)
+        assert sorted(log.parents(4)) == [1, 3] and log.is_closed(1) and log.is_closed(3)
+        put(2, 2)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if lake.table_exists(str(data / "tables" / "events")) and sum(_ids(data).values()) >= len(phase_of):
+                break
+            assert child.poll() is None, child.stderr.read()
+            time.sleep(0.5)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)
+        log.close()
+    ids = _ids(data)
+    assert max(ids.values()) == 1 and set(ids) == set(phase_of), "events lost or duplicated across the reshard"
+    # each device's events of one phase committed no later than those of the next (parents before children)
+    events = lake.open_table(str(data / "tables" / "events"))
+    changes = events.load_cdf(starting_version=0, columns=["eventId"]).read_all().to_pylist()
+    version_of = {c["eventId"]: c["_commit_version"] for c in changes if c["_change_type"] == "insert"}
+    for device in devices:
+        by_phase = defaultdict(list)
+        for event_id, phase in phase_of.items():
+            if event_id.rsplit("-", 1)[0] == device:
+                by_phase[phase].append(version_of[event_id])
+        for phase in (0, 1):
+            assert max(by_phase[phase]) <= min(by_phase[phase + 1]), (device, phase, dict(by_phase))
