@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from unittest import mock
 
+import pyarrow as pa
 import pytest
 
 from conftest import gamestream, table_rows, write_ndjson
@@ -101,22 +102,22 @@ def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_
     stream = fresh_stream()
     log = KinesisEventLog.connect(f"kinesis://{stream}", partitions=2)
     expected = set()
-    for r in range(160):  # 160 records of 20 events, spread over both shards by device
+    for r in range(600):  # 600 records of 10 events, spread over both shards by device
         device = f"dev-{r % 11}"
-        events = [_event(device, f"e-{r}-{k}") for k in range(20)]
+        events = [_event(device, f"e-{r}-{k}") for k in range(10)]
         expected |= {e["eventId"] for e in events}
         log.append([Append(log.route(device), _ndjson(events), len(events))])
     log.close()
     data = tmp_path / "data"
     command = [sys.executable, "-m", "gamestream", "process", "--until-idle", "--log", f"kinesis://{stream}",
-               "--data-dir", str(data), "--max-batch-events", "100", "--max-batch-wait", "0.05"]
+               "--data-dir", str(data), "--max-batch-events", "10", "--max-batch-wait", "0.05"]
     rng = random.Random(7)
     kills = landed = 0
     version = -1
     while kills < 10:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, **env})
-        time.sleep(rng.uniform(1.0, 2.5))
+        time.sleep(rng.uniform(0.8, 1.8))
         if child.poll() is not None:
             break  # drained before this kill: the remaining rounds have nothing to interrupt
         child.send_signal(signal.SIGKILL)
@@ -151,12 +152,23 @@ def test_a_split_and_a_merge_while_the_processor_runs_keep_every_event_once_pare
                 log.append([Append(log.route(device), _ndjson([_event(device, i) for i in ids]), 5)])
 
     data = tmp_path / "data"
+    # a processor runs while phase 0 is put, then stops; the stream is resharded with the processor away, so
+    # at its restart parents and children all hold unread records: only the parent-first rule orders them
     child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--log", f"kinesis://{stream}",
-                              "--data-dir", str(data), "--max-batch-events", "200", "--max-batch-wait", "0.1"],
+                              "--data-dir", str(data), "--max-batch-wait", "0.1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, **env})
     try:
-        put(0, 2)
+        put(0, 1)
+        deadline = time.monotonic() + 60
+        while not (lake.table_exists(str(data / "tables" / "events")) and sum(_ids(data).values()) == len(phase_of)):
+            assert time.monotonic() < deadline and child.poll() is None, "phase 0 was not committed"
+            time.sleep(0.3)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0, child.stderr.read()
+    try:
+        put(1, 2)
         shards = {s["ShardId"]: s for s in kinesis.client.list_shards(StreamName=stream)["Shards"]}
         first = shards["shardId-000000000000"]["HashKeyRange"]
         middle = (int(first["StartingHashKey"]) + int(first["EndingHashKey"])) // 2
@@ -164,32 +176,46 @@ def test_a_split_and_a_merge_while_the_processor_runs_keep_every_event_once_pare
                                    NewStartingHashKey=str(middle))
         time.sleep(6)  # the log's shard list is cached for a few seconds
         assert log.parents(2) == [0] and log.parents(3) == [0] and log.is_closed(0)
-        put(1, 2)
+        put(2, 2)
         kinesis.client.merge_shards(StreamName=stream, ShardToMerge="shardId-000000000003",
                                     AdjacentShardToMerge="shardId-000000000001")
         time.sleep(6)
         assert sorted(log.parents(4)) == [1, 3] and log.is_closed(1) and log.is_closed(3)
-        put(2, 2)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if lake.table_exists(str(data / "tables" / "events")) and sum(_ids(data).values()) >= len(phase_of):
-                break
-            assert child.poll() is None, child.stderr.read()
-            time.sleep(0.5)
+        put(3, 2)
     finally:
-        child.send_signal(signal.SIGTERM)
-        child.wait(timeout=60)
         log.close()
+    moved = {d for d in devices if len({log.route(d)} | {0, 1}) > 2}
+    assert moved, "no device moved to a child shard: the reshard proves nothing"
+    # the children's processor starts first: it must wait for the parents, which another processor drains
+    children = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--log", f"kinesis://{stream}",
+                                 "--data-dir", str(data), "--only", "2,3,4", "--max-batch-wait", "0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **env})
+    try:
+        time.sleep(8)
+        assert children.poll() is None, children.stderr.read()
+        early = set(_ids(data)) - {i for i, phase in phase_of.items() if phase == 0}
+        assert not early, f"children read before their parents were drained: {sorted(early)[:5]}"
+        gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", "--only", "0,1",
+                   "--max-batch-events", "60", "--no-kpi", data_dir=data)
+        deadline = time.monotonic() + 90
+        while sum(_ids(data).values()) < len(phase_of):
+            assert time.monotonic() < deadline and children.poll() is None, "the children were never processed"
+            time.sleep(0.3)
+    finally:
+        children.send_signal(signal.SIGTERM)
+        children.wait(timeout=60)
     ids = _ids(data)
     assert max(ids.values()) == 1 and set(ids) == set(phase_of), "events lost or duplicated across the reshard"
     # each device's events of one phase committed no later than those of the next (parents before children)
     events = lake.open_table(str(data / "tables" / "events"))
-    changes = events.load_cdf(starting_version=0, columns=["eventId"]).read_all().to_pylist()
+    changes = pa.table(events.load_cdf(starting_version=0, columns=['"eventId"', "_change_type", "_commit_version"]
+                                       ).read_all()).to_pylist()
     version_of = {c["eventId"]: c["_commit_version"] for c in changes if c["_change_type"] == "insert"}
     for device in devices:
         by_phase = defaultdict(list)
         for event_id, phase in phase_of.items():
             if event_id.rsplit("-", 1)[0] == device:
                 by_phase[phase].append(version_of[event_id])
-        for phase in (0, 1):
+        for phase in (1, 2):
             assert max(by_phase[phase]) <= min(by_phase[phase + 1]), (device, phase, dict(by_phase))

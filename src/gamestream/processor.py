@@ -133,6 +133,7 @@ class Processor:
         self._positions = lake.positions_for(log)
         self._quarantine_positions = lake.positions_for(log)
         self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
+        self._observed_at = 0.0
         self.stats = ProcessorStats()
         self._terms: dict[int, int] = {}  # owned partition → the term of ownership its position was read in
         self._pending: dict[int, list[LogRecord]] = {}
@@ -316,6 +317,14 @@ class Processor:
                     break
         return read_any
 
+    @property
+    def _observer(self) -> DeltaTable:
+        """The events table as other processors commit to it (for parents this processor does not own)."""
+        if getattr(self, "_observer_table", None) is None:
+            self._observer_table = lake.open_table(self.settings.table_uri("events"))
+            self._observed_at = time.monotonic()
+        return self._observer_table
+
     def _parents_drained(self, partition: int) -> bool:
         """Whether every parent of `partition` (a log that reshards: Kinesis) is closed and read to its end —
         by this processor (read, pending or in flight: committed in this commit or an earlier one than the
@@ -330,8 +339,13 @@ class Processor:
                 return False
             if parent in self._terms:
                 after = self._pending[parent][-1].offset if self._pending[parent] else self._read_through(parent)
-            else:
-                after = self._positions.offsets(self.events_table, [self._app_ids[parent]])[self._app_ids[parent]]
+            else:  # another processor's: what it committed, seen through a table object of our own (not the
+                # commit thread's), refreshed at most once a second
+                if time.monotonic() - self._observed_at >= 1.0:
+                    self._observer.update_incremental()
+                    self._observed_at = time.monotonic()
+                app_id = self._app_ids[parent]
+                after = self._positions.offsets(self._observer, [app_id])[app_id]
             if self.log.read(parent, after, 1):
                 return False
             self._drained_parents.add(parent)
