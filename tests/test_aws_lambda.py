@@ -361,7 +361,7 @@ import json, os, sys
 sys.path.insert(0, os.environ["LAMBDA_TASK_ROOT"])  # what the Lambda runtime does with the unzipped package
 import gamestream.aws
 assert gamestream.aws.__file__.startswith(os.environ["LAMBDA_TASK_ROOT"]), gamestream.aws.__file__
-heavy = sorted(m for m in ("deltalake", "duckdb", "starlette", "polars") if m in sys.modules)
+heavy = sorted(m for m in ("deltalake", "duckdb", "starlette", "polars", "pyarrow") if m in sys.modules)
 event = json.loads(sys.stdin.read())
 print(json.dumps({"answer": gamestream.aws.lambda_handler(event, None), "heavy": heavy}))
 """
@@ -382,7 +382,8 @@ def test_the_deployment_zip_runs_the_handler_in_a_clean_environment(moto, stream
         names = archive.namelist()
         archive.extractall(tmp_path / "task")
     assert "gamestream/aws.py" in names and "gamestream/envelope.py" in names
-    assert not any(n.startswith(("gamestream/collector", "gamestream/processor", "deltalake/", "duckdb/", "boto3/"))
+    assert not any(n.startswith(("gamestream/collector", "gamestream/processor", "deltalake/", "duckdb/", "boto3/",
+                                 "pyarrow/"))
                    for n in names)
     assert any(n.startswith("msgspec/") for n in names)
 

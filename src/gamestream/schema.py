@@ -20,11 +20,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
-import pyarrow as pa
 import uuid_utils
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Epoch seconds accepted for timestamps: 1970-01-01 up to the end of year 9999.
@@ -77,7 +79,11 @@ PARTITION_COLUMN = "eventDate"
 
 
 # --------------------------------------------------------------------------------------------------- Arrow / SQL
-def _arrow_type(field: Field) -> pa.DataType:
+# pyarrow is imported where the Arrow schemas are made, not with this module: the Lambda handler validates with
+# this module alone, and its deployment zip then needs no pyarrow (~140 MB unzipped).
+def _arrow_type(field: Field) -> "pa.DataType":
+    import pyarrow as pa
+
     if field.kind == "struct":
         return pa.struct([pa.field(c.name, _arrow_type(c), nullable=True) for c in field.children])
     return {
@@ -91,28 +97,41 @@ def _arrow_type(field: Field) -> pa.DataType:
     }[field.kind]
 
 
-def arrow_schema(*, with_derived: bool = True) -> pa.Schema:
+def arrow_schema(*, with_derived: bool = True) -> "pa.Schema":
+    import pyarrow as pa
+
     """The events table's Arrow schema (nullable fields, as in the seed's Spark schema)."""
     return pa.schema(
         [pa.field(f.name, _arrow_type(f), nullable=True) for f in EVENT_FIELDS if with_derived or not f.derived]
     )
 
 
-def decode_schema() -> pa.Schema:
+def decode_schema() -> "pa.Schema":
     """The schema pyarrow's JSON reader decodes canonical lines with (no derived columns)."""
     return arrow_schema(with_derived=False)
 
 
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("quarantinedAt", pa.timestamp("us", tz="UTC")),
-        pa.field("reason", pa.string()),
-        pa.field("payload", pa.string()),
-        pa.field("logPartition", pa.int32()),
-        pa.field("logOffset", pa.int64()),
-        pa.field("quarantineDate", pa.date32()),
-    ]
-)
+def _quarantine_schema() -> "pa.Schema":
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("quarantinedAt", pa.timestamp("us", tz="UTC")),
+            pa.field("reason", pa.string()),
+            pa.field("payload", pa.string()),
+            pa.field("logPartition", pa.int32()),
+            pa.field("logOffset", pa.int64()),
+            pa.field("quarantineDate", pa.date32()),
+        ]
+    )
+
+
+def __getattr__(name: str) -> object:
+    """`QUARANTINE_SCHEMA`, made (with pyarrow) on first use."""
+    if name == "QUARANTINE_SCHEMA":
+        value = globals()["QUARANTINE_SCHEMA"] = _quarantine_schema()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _spark_type(field: Field) -> str:
