@@ -33,8 +33,9 @@ partitions_option = click.option(
 )
 log_option = click.option(
     "--log", "log_url", type=str, default=None, metavar="URL",
-    help="The event log: nats://host:port[,host:port…][?stream=NAME] for NATS JetStream; absent, the embedded "
-         "SQLite log in the data directory (or GAMESTREAM_LOG).",
+    help="The event log: nats://host:port[,host:port…][?stream=NAME] for NATS JetStream, kinesis://STREAM for "
+         "AWS Kinesis (region, credentials, endpoint from the AWS environment); absent, the embedded SQLite log in "
+         "the data directory (or GAMESTREAM_LOG).",
 )
 
 tables_option = click.option(
