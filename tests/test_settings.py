@@ -29,10 +29,17 @@ def test_log_compression_is_checked_and_named_in_one_line(tmp_path: Path) -> Non
     import subprocess
     import sys
 
-    with pytest.raises(ValueError, match="zstd, lz4 or none"):
+    with pytest.raises(ValueError, match="auto, zstd, lz4 or none"):
         Settings(log_compression="gzip")
     run = subprocess.run([sys.executable, "-m", "gamestream", "status", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, env={**__import__("os").environ,
                                                               "GAMESTREAM_LOG_COMPRESSION": "gzip"})
-    assert run.returncode == 2 and "log_compression must be zstd, lz4 or none, not 'gzip'" in run.stderr
+    assert run.returncode == 2 and "log_compression must be auto, zstd, lz4 or none, not 'gzip'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_auto_record_compression_is_none_on_the_embedded_log_and_zstd_on_a_remote_one() -> None:
+    assert Settings().record_compression == "none"
+    assert Settings(log="nats://127.0.0.1:4222").record_compression == "zstd"
+    assert Settings(log="kinesis://events").record_compression == "zstd"
+    assert Settings(log_compression="lz4").record_compression == "lz4"

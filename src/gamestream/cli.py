@@ -177,7 +177,7 @@ def _load(settings: Settings, path: Path):
         started = time.monotonic()
         try:
             report = load_file(path, log, max_event_bytes=settings.max_event_bytes,
-                               compression=settings.log_compression,  # type: ignore[arg-type]
+                               compression=settings.record_compression,  # type: ignore[arg-type]
                                on_progress=lambda n: progress.advance(task, n))
         finally:
             log.close()
@@ -318,7 +318,7 @@ def generate(data_dir: Path | None, partitions: int | None, log_url: str | None,
                      simulate(events=count, users=users, seed=seed, start=start_utc, days=days))
             started = time.monotonic()
             report = load_lines(lines, log, max_event_bytes=settings.max_event_bytes,
-                                compression=settings.log_compression)  # type: ignore[arg-type]
+                                compression=settings.record_compression)  # type: ignore[arg-type]
         finally:
             log.close()
         _print_load_report(report, Path("generator"), time.monotonic() - started)

@@ -218,7 +218,7 @@ class Collector:
             accepted = len(events)
             answer = IngestAnswer(accepted=accepted, rejected=0, errors=[])
             appends = [Append(p, data, rows) for p, table in tables.items()
-                       for data, rows in arrow_records(table, limit, self.settings.log_compression)]
+                       for data, rows in arrow_records(table, limit, self.settings.record_compression)]
         else:  # the per-event path: which events are rejected, and why
             by_partition: dict[int, list[bytes]] = {}
             route = router(self.log)

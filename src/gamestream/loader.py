@@ -110,7 +110,7 @@ def load_file(
     log: EventLog,
     *,
     max_event_bytes: int,
-    lines_per_chunk: int = 5000,
+    lines_per_chunk: int = 20000,
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
 ) -> LoadReport:
@@ -129,7 +129,7 @@ def load_lines(
     log: EventLog,
     *,
     max_event_bytes: int,
-    lines_per_chunk: int = 5000,
+    lines_per_chunk: int = 20000,
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
 ) -> LoadReport:

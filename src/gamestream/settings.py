@@ -59,9 +59,11 @@ class Settings:
     """Automatic maintenance vacuums every this many hours…"""
     vacuum_retain_h: float = 168.0
     """…with this retention (7 days, the Delta default)."""
-    log_compression: str = "zstd"
-    """Arrow log records (what `load` and the collector's batch fast path write): `zstd`, `lz4` or `none`. ZSTD
-    made the log 3.5x smaller than none and `load` no slower (benchmarks/RESULTS.md)."""
+    log_compression: str = "auto"
+    """Arrow log records (what `load` and the collector's batch fast path write): `zstd`, `lz4`, `none`, or
+    `auto`: none on the embedded log (local disk: bytes are cheap, the processor's CPU is not — decompressing
+    ZSTD was ~20 % of `process`), zstd on a NATS or Kinesis log (3.5x fewer bytes over the network and in
+    Kinesis' 25 KB payload units)."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024
@@ -115,8 +117,15 @@ class Settings:
     `<tables_uri>/<name>`."""
 
     def __post_init__(self) -> None:
-        if self.log_compression not in ("none", "lz4", "zstd"):
-            raise ValueError(f"log_compression must be zstd, lz4 or none, not {self.log_compression!r}")
+        if self.log_compression not in ("auto", "none", "lz4", "zstd"):
+            raise ValueError(f"log_compression must be auto, zstd, lz4 or none, not {self.log_compression!r}")
+
+    @property
+    def record_compression(self) -> str:
+        """`log_compression` with `auto` resolved for this log."""
+        if self.log_compression != "auto":
+            return self.log_compression
+        return "zstd" if self.log else "none"
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
