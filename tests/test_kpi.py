@@ -146,7 +146,7 @@ def test_kpi_stage_killed_during_catch_up_ends_with_the_same_tables(tmp_path: Pa
     events = list(simulate(events=60_000, users=1000, seed=8, start=start, days=4))
     events += late_events(start, 200, seed=2)  # in the same load: late only if the watermark passed them
     write_ndjson(tmp_path / "all.ndjson", events)
-    gamestream("load", str(tmp_path / "all.ndjson"), data_dir=ingested)
+    gamestream("load", str(tmp_path / "all.ndjson"), "--chunk-lines", "5000", data_dir=ingested)  # many records
     # many small events-table versions, no KPI yet: the KPI stage will have to catch up
     gamestream("process", "--until-idle", "--no-kpi", "--max-batch-events", "300", data_dir=ingested)
     reference, killed = tmp_path / "reference", tmp_path / "killed"

@@ -80,7 +80,7 @@ def test_pipeline_on_s3_commits_every_event_once_and_serves_kpis_sql_status_and_
 
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 4000)
-    gamestream("load", str(path), data_dir=data)
+    gamestream("load", str(path), "--chunk-lines", "5000", data_dir=data)
     _run("process", "--until-idle", "--max-batch-events", "1000", data_dir=data, tables=s3, endpoint=moto.endpoint)
 
     assert not (data / "tables").exists(), "nothing of the tables may land in the data directory"
@@ -161,7 +161,8 @@ def test_two_processors_on_disjoint_partitions_killed_20_times_commit_each_event
     rng = random.Random(20261130)
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 60_000, seed=11)
-    gamestream("load", str(path), "--partitions", "4", data_dir=data)
+    # small records (~250 events): each run killed within 0.3 s of starting makes at most a commit or two
+    gamestream("load", str(path), "--partitions", "4", "--chunk-lines", "1000", data_dir=data)
     env = {**os.environ, **aws_environment(moto.endpoint)}
 
     def command(only: str) -> list[str]:
@@ -208,7 +209,7 @@ def test_optimize_and_vacuum_while_processors_write_to_s3_keep_every_event_once(
         tmp_path: Path, moto, s3: str) -> None:
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 20_000, seed=13)
-    gamestream("load", str(path), "--partitions", "4", data_dir=data)
+    gamestream("load", str(path), "--partitions", "4", "--chunk-lines", "5000", data_dir=data)  # many records
     env = {**os.environ, **aws_environment(moto.endpoint)}
     processors = [subprocess.Popen(
         [sys.executable, "-m", "gamestream", "process", "--until-idle", "--no-kpi", "--only", only, "--tables", s3,
@@ -238,7 +239,7 @@ def test_store_unreachable_mid_load_the_processor_retries_and_loses_nothing(tmp_
     relay = Relay(moto.port)
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 20_000, seed=17)
-    gamestream("load", str(path), data_dir=data)
+    gamestream("load", str(path), "--chunk-lines", "5000", data_dir=data)
     env = {**os.environ, **aws_environment(relay.endpoint)}
     child = subprocess.Popen(
         [sys.executable, "-m", "gamestream", "process", "--until-idle", "--tables", s3, "--data-dir", str(data),
@@ -291,7 +292,7 @@ def test_store_server_killed_and_restarted_mid_load_the_processor_retries_and_lo
     s3 = f"s3://{BUCKET}/{prefix}"
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 20_000, seed=19)
-    gamestream("load", str(path), data_dir=data)
+    gamestream("load", str(path), "--chunk-lines", "5000", data_dir=data)
     env = {**os.environ, **aws_environment(seaweed.endpoint)}
     child = subprocess.Popen(
         [sys.executable, "-m", "gamestream", "process", "--until-idle", "--tables", s3, "--data-dir", str(data),

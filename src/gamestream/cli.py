@@ -164,7 +164,7 @@ def _print_load_report(report, path: Path, seconds: float) -> None:
         out.print(f"  … and {report.rejected - len(report.first_rejections):,} more rejections")
 
 
-def _load(settings: Settings, path: Path):
+def _load(settings: Settings, path: Path, chunk_lines: int = 20000):
     from gamestream.loader import load_file
 
     log = _open_log(settings)
@@ -176,7 +176,7 @@ def _load(settings: Settings, path: Path):
         task = progress.add_task("load", total=size)
         started = time.monotonic()
         try:
-            report = load_file(path, log, max_event_bytes=settings.max_event_bytes,
+            report = load_file(path, log, max_event_bytes=settings.max_event_bytes, lines_per_chunk=chunk_lines,
                                compression=settings.record_compression,  # type: ignore[arg-type]
                                on_progress=lambda n: progress.advance(task, n))
         finally:
@@ -191,7 +191,11 @@ def _load(settings: Settings, path: Path):
 @data_dir_option
 @partitions_option
 @log_option
-def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None, log_url: str | None) -> None:
+@click.option("--chunk-lines", type=click.IntRange(min=1), default=20000, show_default=True,
+              help="Lines validated and appended together: one log record per partition per chunk. Smaller chunks "
+                   "make smaller records (more, smaller processor commits); larger ones are faster.")
+def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None, log_url: str | None,
+         chunk_lines: int) -> None:
     """Validates NDJSON files (or .gz) and appends their events to the log.
 
     Events keep their own eventTime and eventId; absent ones are stamped now / given a UUIDv7. Rejected lines
@@ -200,7 +204,7 @@ def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None,
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
     _check_writable_for_log(settings)
     for file in files:
-        _load(settings, file)
+        _load(settings, file, chunk_lines)
 
 
 # ------------------------------------------------------------------------------------------------------ process
