@@ -48,10 +48,14 @@ UTC = dt.timezone.utc
 # ------------------------------------------------------------------------------------------------ measuring
 def _children(pid: int) -> list[int]:
     found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+    try:  # a process (or one of its threads) may vanish while its tasks are listed: then it has no children
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
         try:
-            found += [int(c) for c in task.read_text().split()]
-        except OSError:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
             pass
     return found
 
@@ -82,6 +86,7 @@ class PeakMemory:
     def __init__(self, *pids: int) -> None:
         self.roots = list(pids)
         self.peaks: dict[int, int] = {}
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -91,7 +96,10 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.sample()
+            try:
+                self.sample()
+            except Exception as error:  # a sampler that died would silently report only its last samples
+                self.errors.append(repr(error))
             self._stop.wait(0.1)
 
     def sample(self) -> None:

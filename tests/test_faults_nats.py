@@ -75,9 +75,9 @@ def wait_for_current_followers(fleet: Fleet, leader: str, timeout: float = 30) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         view = fleet.cluster.stream_views("gamestream").get(leader)
-        if isinstance(view, dict) and view.get("leader") == leader and view.get("replicas") and all(
+        if isinstance(view, dict) and view.get("leader") == leader and len(view.get("replicas") or []) == 2 and all(
                 replica.get("current") for replica in view["replicas"]):
-            return
+            return  # R3: the leader and two current followers, a majority without the leader
         time.sleep(0.2)
     raise AssertionError(f"the followers of {leader} never caught up: {fleet.cluster.stream_views('gamestream')}")
 

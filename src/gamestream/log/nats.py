@@ -257,7 +257,11 @@ class NatsEventLog:
         self._nc = await nats.connect(**{**_connect_options(self._url), "disconnected_cb": disconnected})
         self._js = self._nc.jetstream(timeout=REQUEST_SECONDS)
         info = self._nc._server_info  # the INFO of the server we reached: cluster members, max_payload
-        servers = len(set(info.get("connect_urls") or [])) or (len(self._url.servers) if info.get("cluster") else 1)
+        # The cluster's size: the members the server we reached knows (`connect_urls`) — which, in a cluster still
+        # forming, can miss a node whose route is not up yet — or the servers the URL names, whichever is more.
+        # (A CI run created an R2 stream that way, and lost its quorum with the leader.)
+        known = len(set(info.get("connect_urls") or []))
+        servers = max(known, len(self._url.servers)) if (info.get("cluster") or known) else 1
         self._max_payload = int(info.get("max_payload", 1024 * 1024))
         # A cluster just started, or a stream/bucket just created by another process, answers nothing until its
         # leaders are elected: wait for that (bounded), rather than failing the command that opens the log.
