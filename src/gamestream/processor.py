@@ -133,7 +133,10 @@ class Processor:
         self._positions = lake.positions_for(log)
         self._quarantine_positions = lake.positions_for(log)
         self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
+        self._read_to_end: set[int] = set()  # owned partitions whose latest read found nothing after what was read
+        self._observer_table: DeltaTable | None = None
         self._observed_at = 0.0
+        self._parent_checked_at: dict[int, float] = {}
         self.stats = ProcessorStats()
         self._terms: dict[int, int] = {}  # owned partition → the term of ownership its position was read in
         self._pending: dict[int, list[LogRecord]] = {}
@@ -206,6 +209,7 @@ class Processor:
         for partition in partitions:
             records = self._pending.pop(partition, [])
             self._decoded.pop(partition, None)
+            self._read_to_end.discard(partition)
             self._pending_events -= sum(r.events for r in records)
             dropped[partition] = sum(r.events for r in records)
             self._terms.pop(partition, None)
@@ -304,7 +308,9 @@ class Processor:
                 limit = max(1, min(_READ_CHUNK, room // self._events_per_record))
                 records = self.log.read(partition, after, limit)
                 if not records:
+                    self._read_to_end.add(partition)
                     break
+                self._read_to_end.discard(partition)
                 read_any = True
                 pending.extend(records)
                 self._decoded[partition].append(decode_records(records))  # while a flush may be writing
@@ -320,7 +326,7 @@ class Processor:
     @property
     def _observer(self) -> DeltaTable:
         """The events table as other processors commit to it (for parents this processor does not own)."""
-        if getattr(self, "_observer_table", None) is None:
+        if self._observer_table is None:
             self._observer_table = lake.open_table(self.settings.table_uri("events"))
             self._observed_at = time.monotonic()
         return self._observer_table
@@ -338,16 +344,21 @@ class Processor:
             if not self.log.is_closed(parent):
                 return False
             if parent in self._terms:
-                after = self._pending[parent][-1].offset if self._pending[parent] else self._read_through(parent)
+                # ours: its own latest read (earlier in this round: parents have lower numbers) found its end —
+                # no extra read (Kinesis allows 5 GetRecords a second per shard)
+                if parent not in self._read_to_end:
+                    return False
             else:  # another processor's: what it committed, seen through a table object of our own (not the
-                # commit thread's), refreshed at most once a second
+                # commit thread's); asked at most once a second
+                if time.monotonic() - self._parent_checked_at.get(parent, 0.0) < 1.0:
+                    return False
+                self._parent_checked_at[parent] = time.monotonic()
                 if time.monotonic() - self._observed_at >= 1.0:
                     self._observer.update_incremental()
                     self._observed_at = time.monotonic()
                 app_id = self._app_ids[parent]
-                after = self._positions.offsets(self._observer, [app_id])[app_id]
-            if self.log.read(parent, after, 1):
-                return False
+                if self.log.read(parent, self._positions.offsets(self._observer, [app_id])[app_id], 1):
+                    return False
             self._drained_parents.add(parent)
         return True
 
