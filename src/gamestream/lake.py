@@ -39,7 +39,16 @@ logger = logging.getLogger(__name__)
 # Checkpoint every 100 commits (delta-rs' default too, written down so that it is a decision). The change data
 # feed lets the KPI stage read what each commit added (Delta as a streaming source) while skipping OPTIMIZE's
 # rewrites; it sets writer version 4, readable by every Delta reader (reader version stays 1).
-EVENTS_TABLE_CONFIGURATION = {"delta.checkpointInterval": "100", "delta.enableChangeDataFeed": "true"}
+#
+# File statistics (min/max per column in the Delta log) are kept only for columns that cannot hold a player's
+# identity: a min/max of `eventParams.device_id` or of a quarantined payload would copy a device id into the
+# `_delta_log`, where `gamestream forget` cannot delete it (log entries are never rewritten). Data skipping on
+# eventTime (and partition pruning on eventDate) is what queries use.
+EVENTS_STATS_COLUMNS = "eventId,eventName,eventTime,eventDate"
+QUARANTINE_STATS_COLUMNS = "quarantinedAt,reason,logPartition,logOffset,quarantineDate"
+EVENTS_TABLE_CONFIGURATION = {"delta.checkpointInterval": "100", "delta.enableChangeDataFeed": "true",
+                              "delta.dataSkippingStatsColumns": EVENTS_STATS_COLUMNS}
+QUARANTINE_TABLE_CONFIGURATION = {"delta.dataSkippingStatsColumns": QUARANTINE_STATS_COLUMNS}
 
 
 # ------------------------------------------------------------------------------------------- where tables live
@@ -219,12 +228,26 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
     return open_table(uri)
 
 
+def ensure_properties(table: DeltaTable, configuration: Mapping[str, str]) -> DeltaTable:
+    """Sets table properties a table created by an older gamestream lacks (a metadata-only commit, once)."""
+    present = table.metadata().configuration
+    missing = {k: v for k, v in configuration.items() if present.get(k) != v}
+    if missing:
+        try:
+            table.alter.set_table_properties(missing, raise_if_not_exists=False)
+        except CommitFailedError:
+            table.update_incremental()  # another process set them first
+    return table
+
+
 def open_events(uri: str) -> DeltaTable:
-    return open_or_create(uri, schema.arrow_schema(), [schema.PARTITION_COLUMN], EVENTS_TABLE_CONFIGURATION)
+    table = open_or_create(uri, schema.arrow_schema(), [schema.PARTITION_COLUMN], EVENTS_TABLE_CONFIGURATION)
+    return ensure_properties(table, {"delta.dataSkippingStatsColumns": EVENTS_STATS_COLUMNS})
 
 
 def open_quarantine(uri: str) -> DeltaTable:
-    return open_or_create(uri, schema.QUARANTINE_SCHEMA, None)
+    table = open_or_create(uri, schema.QUARANTINE_SCHEMA, None, QUARANTINE_TABLE_CONFIGURATION)
+    return ensure_properties(table, QUARANTINE_TABLE_CONFIGURATION)
 
 
 class CommitGaveUp(RuntimeError):
