@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily")
+TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
+          "kpi_top_events", "kpi_activity", "kpi_devices", "audit")
 
 
 @dataclass(frozen=True)
