@@ -6,11 +6,16 @@ bookings per hourly window (line, with purchases), today's DAU, ARPDAU and payin
 processing lag (log backlog, freshness = now − newest committed eventTime), the quarantine with its latest
 reasons, and the events table's health (files per partition, average file size, small files — under
 `Settings.small_file_bytes`, returned with them so the page names the threshold it counts — last OPTIMIZE and VACUUM).
+From the KPI tables of issue 16 it also shows the latest day's engagement and monetization (WAU, MAU, stickiness,
+new users, ARPPU, conversion, sessions, average session length; DAU/WAU/MAU per day as a chart), the retention
+cohorts (D1, D7, D30) and the latest day's top events. A table or column the KPI stage has not written yet (a
+data directory from an older version) is shown as "no data yet": each figure it would give is None or empty here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import threading
 import time
 from collections import deque
@@ -25,10 +30,64 @@ from gamestream.settings import Settings
 
 UTC = dt.timezone.utc
 HOURS_SHOWN = 48  # the charts show the windows of the last 48 hours of event time
+DAYS_SHOWN = 30  # the daily active-users chart: the last 30 days of kpi_daily
+COHORTS_SHOWN = 30  # the retention table: the 30 newest install days
+TOP_EVENTS_SHOWN = 10
+
+# kpi_daily's columns of the latest day that the page shows as tiles, and the decimals each is rounded to (None:
+# as stored; rates stay exact, so the page rounds them once, for display). Tables written before issue 16 lack
+# most of them; a missing one is None in the answer.
+ACTIVITY_COLUMNS = {"dau": None, "wau": None, "mau": None, "stickiness": None, "new_users": None, "paying_users": None,
+                    "first_purchase_users": None, "bookings": 2, "arppu": 2, "conversion": None, "sessions": None,
+                    "avg_session_s": 1}
 
 
 def _iso(value: dt.datetime | dt.date | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _number(value: float | int | None, decimals: int | None = None) -> float | int | None:
+    """A figure as JSON can carry it: rounded, and None for a missing value, NaN or infinity (which a JSON
+    document cannot hold; starlette refuses to encode them, which would fail the whole answer)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return round(value, decimals) if decimals is not None else value
+
+
+def activity(daily: list[dict]) -> tuple[dict | None, list[dict]]:
+    """From kpi_daily's rows: the latest day's figures (None without rows) and DAU, WAU, MAU and stickiness per
+    day over the DAYS_SHOWN days up to it, oldest first."""
+    if not daily:
+        return None, []
+    daily = sorted(daily, key=lambda r: r["eventDate"])
+    latest = daily[-1]
+    figures = {"eventDate": latest["eventDate"].isoformat(),
+               **{name: _number(latest.get(name), decimals) for name, decimals in ACTIVITY_COLUMNS.items()}}
+    since = latest["eventDate"] - dt.timedelta(days=DAYS_SHOWN - 1)
+    days = [{"eventDate": r["eventDate"].isoformat(), "dau": r.get("dau"), "wau": r.get("wau"),
+             "mau": r.get("mau"), "stickiness": _number(r.get("stickiness"))}
+            for r in daily if r["eventDate"] >= since]
+    return figures, days
+
+
+def retention(cohorts: list[dict]) -> list[dict]:
+    """kpi_retention's COHORTS_SHOWN newest cohorts, newest first. A rate (and its user count) is None while the
+    day it measures is still to come, as the table holds it."""
+    newest = sorted(cohorts, key=lambda r: r["cohort_day"], reverse=True)[:COHORTS_SHOWN]
+    return [{"cohort_day": r["cohort_day"].isoformat(), "cohort_size": r["cohort_size"],
+             **{f"d{n}": _number(r.get(f"d{n}")) for n in (1, 7, 30)},
+             **{f"d{n}_users": r.get(f"d{n}_users") for n in (1, 7, 30)}}
+            for r in newest]
+
+
+def top_events(rows: list[dict]) -> dict | None:
+    """kpi_top_events' TOP_EVENTS_SHOWN most frequent events of its latest day (None without rows)."""
+    if not rows:
+        return None
+    latest = max(r["eventDate"] for r in rows)
+    ranked = sorted((r for r in rows if r["eventDate"] == latest), key=lambda r: (-r["events"], r["eventName"]))
+    return {"eventDate": latest.isoformat(),
+            "events": [{"eventName": r["eventName"], "events": r["events"]} for r in ranked[:TOP_EVENTS_SHOWN]]}
 
 
 @dataclass
@@ -94,6 +153,11 @@ class DashboardData:
     def _table(self, name: str) -> DeltaTable | None:
         return self._tables.latest(self.settings.table_uri(name))
 
+    def _rows(self, name: str) -> list[dict]:
+        """All rows of a small KPI table (one read), or none when the table does not exist yet."""
+        table = self._table(name)
+        return [] if table is None else table.to_pyarrow_table().to_pylist()
+
     def _recent_windows(self, name: str) -> list[dict]:
         """The table's windows within HOURS_SHOWN of its newest one, oldest first."""
         table = self._table(name)
@@ -120,12 +184,15 @@ class DashboardData:
         today = dt.datetime.now(UTC).date()
         result["today"] = {"eventDate": today.isoformat(), "dau": 0, "events": 0, "bookings": 0.0,
                            "paying_users": 0, "arpdau": 0.0}
-        daily = self._table("kpi_daily")
-        if daily is not None:
-            for row in daily.to_pyarrow_table().to_pylist():
-                if row["eventDate"] == today:
-                    result["today"] = {**row, "eventDate": today.isoformat(), "bookings": round(row["bookings"], 2),
-                                       "arpdau": round(row["arpdau"], 4)}
+        daily = self._rows("kpi_daily")
+        for row in daily:
+            if row["eventDate"] == today:
+                result["today"] = {"eventDate": today.isoformat(), "dau": row["dau"], "events": row["events"],
+                                   "bookings": round(row["bookings"], 2), "paying_users": row["paying_users"],
+                                   "arpdau": round(row["arpdau"], 4)}
+        result["activity"], result["activity_days"] = activity(daily)
+        result["retention"] = retention(self._rows("kpi_retention"))
+        result["top_events"] = top_events(self._rows("kpi_top_events"))
         quarantine = self._table("events_quarantine")
         if quarantine is not None:
             actions = quarantine.get_add_actions(flatten=True)

@@ -10,7 +10,9 @@
   const money4 = new Intl.NumberFormat(undefined, { minimumFractionDigits: 4, maximumFractionDigits: 4 });
   const decimal1 = new Intl.NumberFormat(undefined, { minimumFractionDigits: 1, maximumFractionDigits: 1 });
   const upTo1 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
-  let eventsPlot = null, bookingsPlot = null, lastData = null;
+  const percent1 = new Intl.NumberFormat(undefined, { style: "percent", minimumFractionDigits: 1, maximumFractionDigits: 1 });
+  const NO_DATA = "no data yet";  // a figure whose KPI table or column the KPI stage has not written (yet)
+  let eventsPlot = null, bookingsPlot = null, activityPlot = null, lastData = null;
   // the plots and the poll count, for the end-to-end test (tests/test_dashboard.py) and for curious consoles
   window.gamestream = { plots: {}, polls: 0 };
 
@@ -110,6 +112,100 @@
     window.gamestream.plots.bookings = bookingsPlot;
   }
 
+  // DAU, WAU and MAU per day: each day drawn at its UTC midnight; the axis spans the days shown plus one on each
+  // side, and at least a week (widened into the past), so a first day is not a dot lost at the edge of years
+  const DAY = 86400;
+  const daySeconds = (date) => Date.parse(date + "T00:00:00Z") / 1000;
+  let dayRange = null;
+  function activityChart(days) {
+    const el = $("activity-chart");
+    if (!days.length && !activityPlot) return;  // "no data yet" stays
+    const xs = days.map((r) => daySeconds(r.eventDate));
+    const max = (xs.length ? Math.max(...xs) : Date.now() / 1000) + DAY;
+    dayRange = [Math.min((xs.length ? Math.min(...xs) : max) - DAY, max - 8 * DAY), max];
+    const data = [xs, days.map((r) => r.dau), days.map((r) => r.wau), days.map((r) => r.mau)];
+    if (activityPlot) { activityPlot.setData(data); return; }
+    el.replaceChildren();
+    const [x, y] = axes();
+    const line = (label, color) => ({ label, stroke: css(color), width: 2,
+                                      points: { size: 6, fill: css(color), show: (u) => u.data[0].length <= 31 } });
+    activityPlot = new uPlot({
+      width: width(el), height: 220, tzDate: utc,
+      scales: { x: { time: true, range: () => dayRange }, y: { range: fromZero } },
+      axes: [{ ...x, values: (u, splits) => splits.map(day) }, y],
+      series: [{ label: "day (UTC)", value: (u, ts) => ts == null ? "–" : new Date(ts * 1e3).toISOString().slice(0, 10) },
+               line("DAU", "--dau"), line("WAU", "--wau"), line("MAU", "--mau")],
+    }, data, el);
+    window.gamestream.plots.activity = activityPlot;
+  }
+
+  // the latest day's tiles: a figure the KPI tables do not hold yet reads "no data yet", never a made-up zero
+  function activityTiles(a) {
+    const duration = (s) => {
+      const whole = Math.round(s);
+      return whole < 60 ? decimal1.format(s) + " s" : Math.floor(whole / 60) + "m " + String(whole % 60).padStart(2, "0") + "s";
+    };
+    const tiles = [["wau", a.wau, number], ["mau", a.mau, number], ["stickiness", a.stickiness, percent1],
+      ["new-users", a.new_users, number], ["arppu", a.arppu, money], ["conversion", a.conversion, percent1],
+      ["sessions", a.sessions, number], ["avg-session", a.avg_session_s, { format: duration }]];
+    for (const [id, value, format] of tiles) {
+      const el = document.querySelector("[data-testid=" + id + "]");
+      el.textContent = value == null ? NO_DATA : format.format(value);
+      el.classList.toggle("nodata", value == null);
+    }
+    $("activity-day").textContent = a.eventDate ? "latest day: " + a.eventDate + " (UTC)" : NO_DATA;
+  }
+
+  // one row per install day; each rate cell is shaded with an alpha equal to the rate (0..1), so the eye reads
+  // the decay along a row and compares cohorts down a column; a rate still to come is "—", unshaded
+  function cohortsTable(cohorts) {
+    const tbody = $("cohorts");
+    if (!cohorts.length) {
+      const tr = document.createElement("tr"), td = document.createElement("td");
+      td.colSpan = 5; td.className = "muted"; td.textContent = NO_DATA;
+      tr.appendChild(td); tbody.replaceChildren(tr); return;
+    }
+    tbody.replaceChildren(...cohorts.map((c) => {
+      const tr = document.createElement("tr");
+      tr.dataset.cohort = c.cohort_day;
+      const cell = (text, field) => {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (field) td.dataset.field = field;
+        tr.appendChild(td);
+        return td;
+      };
+      cell(c.cohort_day);
+      cell(number.format(c.cohort_size), "cohort_size");
+      for (const n of [1, 7, 30]) {
+        const rate = c["d" + n], td = cell(rate == null ? "—" : percent1.format(rate), "d" + n);
+        if (rate == null) { td.className = "unmeasured"; td.title = "day " + n + " after install is still to come"; continue; }
+        td.className = rate > 0.5 ? "rate strong" : "rate";
+        td.dataset.rate = rate;
+        td.style.setProperty("--rate", String(Math.min(1, Math.max(0, rate))));
+        td.title = number.format(c["d" + n + "_users"]) + " of " + number.format(c.cohort_size) + " devices";
+      }
+      return tr;
+    }));
+  }
+
+  function topEventsList(top) {
+    $("top-events-day").textContent = top ? top.eventDate + " (UTC)" : "";
+    const rows = top ? top.events : [];
+    const most = Math.max(1, ...rows.map((r) => r.events));
+    const items = rows.map((r) => {
+      const li = document.createElement("li"), name = document.createElement("span"), count = document.createElement("span");
+      name.className = "name"; name.textContent = r.eventName;
+      count.className = "count"; count.textContent = number.format(r.events);
+      li.dataset.event = r.eventName;
+      li.style.setProperty("--share", (100 * r.events / most).toFixed(1) + "%");
+      li.append(name, count);
+      return li;
+    });
+    if (!items.length) { const li = document.createElement("li"); li.className = "muted"; li.textContent = NO_DATA; items.push(li); }
+    $("top-events").replaceChildren(...items);
+  }
+
   function rowsTable(tbody, rows, cells) {
     tbody.replaceChildren(...rows.slice().reverse().map((r) => {
       const tr = document.createElement("tr");
@@ -139,6 +235,10 @@
     xRange = timeRange(d.hourly.concat(d.bookings));
     eventsChart(d.hourly);
     bookingsChart(d.bookings);
+    activityTiles(d.activity || {});
+    activityChart(d.activity_days || []);
+    cohortsTable(d.retention || []);
+    topEventsList(d.top_events || null);
     rowsTable($("events-rows"), d.hourly, (r) => [[hourLabel(r.window_start)], [r.events, "events"],
       [r.late_events, "late_events"], [r.final ? "final" : "provisional", "status"]]);
     rowsTable($("bookings-rows"), d.bookings, (r) => [[hourLabel(r.window_start)], [money.format(r.bookings), "bookings"],
@@ -185,8 +285,8 @@
   }
 
   window.addEventListener("resize", () => {
-    for (const [plot, id] of [[eventsPlot, "events-chart"], [bookingsPlot, "bookings-chart"]]) {
-      if (plot) plot.setSize({ width: width($(id)), height: 260 });
+    for (const [plot, id] of [[eventsPlot, "events-chart"], [bookingsPlot, "bookings-chart"], [activityPlot, "activity-chart"]]) {
+      if (plot) plot.setSize({ width: width($(id)), height: plot.height });
     }
   });
   poll();
