@@ -48,6 +48,8 @@ from gamestream.log import Append, EventLog, Idempotency, describe, router
 from gamestream.settings import Settings
 
 MAX_IDEMPOTENCY_KEY = 200
+FORGET_MAX_DEVICES = 10_000
+"""POST /v1/forget: more device ids in one request gets 400 (send several requests)."""
 CLOSE = {"Connection": "close"}
 """On a 413 over the body size: the rest of the body is not wanted (http_guard drains it before closing)."""
 logger = logging.getLogger(__name__)
@@ -403,6 +405,26 @@ def openapi(settings: Settings) -> dict[str, Any]:
                     "413": reply(f"Body over {settings.max_body_bytes} bytes", error),
                 },
             }},
+            "/v1/forget": {"post": {
+                "summary": "Delete devices' rows from the events and quarantine tables (and, through the KPI stage, "
+                           "the KPIs), audited by a salted hash of each id; purge also deletes the old files "
+                           "(docs/privacy.md)",
+                "security": [{"bearer": []}, {"apiKey": []}, {}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["device_ids"], "additionalProperties": False, "properties": {
+                        "device_ids": {"type": "array", "minItems": 1, "maxItems": FORGET_MAX_DEVICES,
+                                       "items": {"type": "string", "minLength": 1}},
+                        "purge": {"type": "boolean", "default": False}}}}}},
+                "responses": {
+                    **connection_limits, **slow_body,
+                    "200": reply("The audit entry: entry, requested_by, at, devices, hashes, events_deleted, "
+                                 "quarantine_deleted, versions, files_gone_by, purged, status, message "
+                                 "(purge_error when the purge could not run yet)", {"type": "object"}),
+                    "400": reply("Not a list of non-empty device ids (error says why)", error),
+                    "401": reply("Keys are configured and no admin key was given", error),
+                    "413": reply(f"Body over {settings.max_body_bytes} bytes", error),
+                },
+            }},
             "/v1/dashboard": {"get": {
                 "summary": "What the dashboard at / shows, as JSON (the page polls it every second)",
                 "parameters": [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
@@ -559,6 +581,50 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         rows = msgspec.json.decode(to_json(table))
         return JSONResponse({"columns": table.column_names, "rows": [list(r.values()) for r in rows]})
 
+    async def forget(request: Request) -> Response:
+        """POST /v1/forget {"device_ids": [...], "purge": false} → the audit entry (`gamestream.forget`)."""
+        from gamestream import forget as forgetting
+
+        if settings.keys_configured and not _presented_key_in(request, admin_keys):
+            return JSONResponse({"error": "POST /v1/forget needs an admin key ('Authorization: Bearer <key>' or "
+                                          "'X-API-Key')"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        raw = bytearray()
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > settings.max_body_bytes:
+                    return JSONResponse({"error": f"body is over the {settings.max_body_bytes:,}-byte limit"},
+                                        status_code=413, headers={"Connection": "close"})
+        except ClientDisconnect:
+            return Response(status_code=408)
+        usage = 'send {"device_ids": ["<id>", ...], "purge": false} as JSON'
+        try:
+            body = msgspec.json.decode(raw)
+            ids, purge = body["device_ids"], body.get("purge", False)
+            if not isinstance(ids, list) or not isinstance(purge, bool) or set(body) - {"device_ids", "purge"}:
+                raise TypeError
+        except (msgspec.DecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
+            return JSONResponse({"error": usage}, status_code=400)
+        if len(ids) > FORGET_MAX_DEVICES:
+            return JSONResponse({"error": f"{len(ids)} device ids in one request; the limit is "
+                                          f"{FORGET_MAX_DEVICES}"}, status_code=400)
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").partition(" ")[2].strip()
+        who = forgetting.key_fingerprint(given) if settings.keys_configured else "open server (no keys configured)"
+        who += f" from {request.client.host if request.client else 'unknown'}"
+        try:
+            report = await asyncio.to_thread(forgetting.forget, settings, ids, requested_by=who, purge=False)
+        except forgetting.ForgetError as error:
+            return JSONResponse({"error": f"{error}; {usage}"}, status_code=400)
+        answer = report.to_dict()
+        if purge:
+            try:
+                await asyncio.to_thread(forgetting.purge_forgotten, settings, report)
+            except forgetting.PurgeNotPossible as error:
+                answer = {**report.to_dict(), "purge_error": str(error)}
+            else:
+                answer = report.to_dict()
+        return JSONResponse({**answer, "message": report.retention_message(settings)})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await collector.start()
@@ -575,6 +641,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/v1/sql", sql, methods=["POST"]),
+        Route("/v1/forget", forget, methods=["POST"]),
         Route("/", page, methods=["GET"]),
         Route("/v1/dashboard", dashboard_json, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=static), name="static"),

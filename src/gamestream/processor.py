@@ -54,6 +54,7 @@ from deltalake import DeltaTable
 
 from gamestream import lake, metrics
 from gamestream.decode import Decoded, decode_records
+from gamestream.forget import ForgottenDevices
 from gamestream.log import EventLog, LogRecord, LogUnavailable
 from gamestream.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
 from gamestream.schema import PARTITION_COLUMN
@@ -132,6 +133,9 @@ class Processor:
         # Kinesis) a commit counter with the offset in the same commit (lake.TxnPositions)
         self._positions = lake.positions_for(log)
         self._quarantine_positions = lake.positions_for(log)
+        # events of a forgotten device still in the log are not committed again (`gamestream forget`); asked in
+        # each build, on the commit thread, so a build after the forget's registration drops them
+        self._forgotten = ForgottenDevices(settings)
         self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
         self._read_to_end: set[int] = set()  # owned partitions whose latest read found nothing after what was read
         self._observer_table: DeltaTable | None = None
@@ -446,7 +450,8 @@ class Processor:
         if lake.commit_exactly_once(
             self.quarantine_table, [self._quarantine_app_ids[p] for p in last_offsets],
             builder(self._quarantine_app_ids, self._quarantine_positions, self.quarantine_table,
-                    Decoded.quarantine_table, "quarantine", skip_empty=True),
+                    lambda d: self._forgotten.drop_quarantined(d.quarantine_table()), "quarantine",
+                    skip_empty=True),
             partition_by=None, retries=self.settings.commit_retries, name="events_quarantine",
             stop=self.stop_requested, context=context,
         ) is not None:
@@ -455,8 +460,8 @@ class Processor:
         started = time.perf_counter()
         flush.events_version = lake.commit_exactly_once(
             self.events_table, [self._app_ids[p] for p in last_offsets],
-            builder(self._app_ids, self._positions, self.events_table, Decoded.events_table, "events",
-                    skip_empty=False),
+            builder(self._app_ids, self._positions, self.events_table,
+                    lambda d: self._forgotten.drop_events(d.events_table()), "events", skip_empty=False),
             partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries, name="events",
             stop=self.stop_requested, context=context,
         )

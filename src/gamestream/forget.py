@@ -1,0 +1,620 @@
+"""Forgetting a player: a device's rows deleted from every table, audited, and — with `purge` — physically gone.
+
+`forget(settings, ["device-1"], requested_by=...)` runs these steps, in order (the code below follows them):
+
+1. **Hash the ids.** Each device id becomes `sha256(salt + device_id)` (`device_hash`). The salt is made once
+   (`secrets.token_hex`) and kept with the tables, as the property `gamestream.forget.salt` of the `audit`
+   table (so a deployment on S3 has it too); it is never logged. From here on only hashes are written anywhere:
+   the audit table, the DELETE predicates (which Delta writes in clear into `_delta_log`), commit metadata.
+2. **Register** the hashes: an audit row `step = "registered"` (who, when, how many devices, the hashes). The
+   processor reads the audit table's hashes (`ForgottenDevices`, refreshed at most every `REFRESH_S` in each
+   flush's build step) and from then on drops those devices' events: events still in the log are not re-added.
+3. **Delete from `events`** by the hash predicate (`hash_predicate`), a Delta DELETE whose commit carries
+   `gamestream.forget` = `{"hashes": [...], "audit": "<entry id>"}`: the KPI stage, folding that version,
+   revises the KPI rows those devices touched and deletes their rows from its own state tables.
+4. **Delete from `events_quarantine`**: a quarantined row keeps the raw payload, which holds the device id in
+   some textual form (as sent, JSON-escaped, inside an API Gateway body). Rows that mention an id
+   (`payload_mentions`) are found in Python and deleted by a predicate on a salted hash of the whole payload,
+   which names no id and holds whatever the row's log position (null for a Kinesis sequence number).
+5. **Re-check after a grace period** (`grace_s`, default `GRACE_S`): a processor flush built before it read the
+   registration may commit the device's events after step 3. The commits since are read back (their change
+   data feed, inserts only) and, if any row of a forgotten device is there, it is deleted again (step 3, with
+   the same metadata) — until a check finds none.
+6. **Answer and audit**: an audit row `step = "deleted"` with the rows deleted per table, the table versions
+   before and after, and when the old files will be physically gone: the deleted rows stay in files the tables
+   no longer reference until VACUUM removes them, `vacuum_retain_h` after this delete at the earliest.
+7. **Purge** (optional, `purge_forgotten`): once no reader can need the old files —
+   a. every KPI table has folded the last forget commit (its `<pipeline>-kpi` txn version), waiting for the
+      running KPI stage, or folding here while holding the KPI role when none runs;
+   b. `sql_timeout_s` has passed since that commit and since the KPI tables were seen folded: a query holds a
+      snapshot at most that long (the dashboard and SQL read the latest version through `lake.TableCache`);
+   c. under the maintenance lock (no automatic OPTIMIZE/VACUUM meanwhile), VACUUM with retention 0 of
+      `events`, `events_quarantine`, `kpi_activity`, `kpi_devices`, keeping every version after the forget
+      (`keep_versions`): the files removed at or before it go, what later versions (and a KPI stage still
+      folding them) read stays;
+   d. the forget commits' `_change_data` files are deleted (VACUUM leaves them; only change-feed reads of those
+      versions need them, and the KPI stage has folded those);
+   then an audit row `step = "purged"`.
+
+Idempotent: forgetting a device twice deletes nothing the second time, and is audited again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import hashlib
+import json
+import logging
+import re
+import secrets
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
+from prometheus_client import Counter
+
+from gamestream import lake, metrics
+from gamestream.settings import TABLES, Settings
+
+logger = logging.getLogger(__name__)
+
+SALT_PROPERTY = "gamestream.forget.salt"
+FORGET_KEY = "gamestream.forget"
+"""Commit metadata of a forget DELETE on `events`: JSON `{"hashes": [...], "audit": "<entry id>"}`."""
+DEVICE_COLUMN = "\"eventParams\"['device_id']"
+REFRESH_S = 1.0
+"""The processor looks for new forgotten devices at most this often (in a flush's build step)."""
+GRACE_S = 3.0
+"""Step 5 waits this long (plus the processor's `batch_max_wait_s`) before reading back what was committed."""
+MAX_RECHECKS = 5
+KPI_WAIT_S = 300.0
+"""Purge waits at most this long for a running KPI stage to fold the forget commit."""
+AUDIT_STATS_COLUMNS = "entry,step,at"
+TS = pa.timestamp("us", tz="UTC")
+AUDIT_SCHEMA = pa.schema([
+    pa.field("entry", pa.string()),  # one forget request; its steps share it
+    pa.field("step", pa.string()),  # registered | deleted | purged
+    pa.field("at", TS),
+    pa.field("requestedBy", pa.string()),  # user@host, or the admin key's fingerprint; never a key
+    pa.field("devices", pa.int32()),
+    pa.field("hashes", pa.list_(pa.string())),  # sha256(salt + device_id), hex
+    pa.field("eventsDeleted", pa.int64()),
+    pa.field("quarantineDeleted", pa.int64()),
+    pa.field("versions", pa.string()),  # JSON: per table, version before and after, the forget commits
+    pa.field("filesGoneBy", TS),  # when the old files holding the rows are physically gone (at the latest)
+])
+PURGED_TABLES = ("events", "events_quarantine", "kpi_activity", "kpi_devices")
+"""The tables whose old files may hold a device id (the KPI state tables keep device_id)."""
+
+dropped_events = Counter("gamestream_forgotten_events_dropped",
+                         "Events of forgotten devices read from the log and not committed", ["table"],
+                         registry=metrics.REGISTRY)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ForgetError(ValueError):
+    """A forget request that cannot be run as given (no device id, an empty one, …): the reason says what."""
+
+
+class PurgeNotPossible(RuntimeError):
+    """Purge could not make sure no reader needs the old files (the KPI stage did not fold the forget commit in
+    time): the rows are deleted, the audit says so, and `forget --purge` can be run again later."""
+
+
+# ------------------------------------------------------------------------------------------------ the hashes
+def device_hash(salt: str, device_id: str) -> str:
+    """The salted hash that stands for a device everywhere a forget writes: `sha256(salt + device_id)`, hex.
+    DataFusion computes the same with `encode(sha256(concat(salt, id)), 'hex')` (`hash_predicate`).
+
+    >>> device_hash("00ff", "b")
+    'e84f6a88dce41dc29336bd1593bd35a49a79240dc69434c420501a83319c6117'
+    """
+    return hashlib.sha256((salt + device_id).encode()).hexdigest()
+
+
+def hash_predicate(salt: str, hashes: list[str], column: str = DEVICE_COLUMN) -> str:
+    """A Delta/DataFusion predicate true for the rows whose `column` hashes (with `salt`) to one of `hashes`.
+    It names no device id, so it can go into `_delta_log` (a DELETE writes its predicate there in clear).
+    A null `column` never matches (an empty id is never forgotten)."""
+    if not hashes:
+        raise ValueError("no hashes: a predicate over none would match nothing")
+    if not re.fullmatch(r"[0-9a-f]+", salt) or not all(_HEX64.match(h) for h in hashes):
+        raise ValueError("salt and hashes must be lowercase hex")
+    listed = ", ".join(f"'{h}'" for h in sorted(set(hashes)))
+    return f"encode(sha256(concat('{salt}', {column})), 'hex') IN ({listed})"
+
+
+def read_salt(settings: Settings) -> str | None:
+    """The deployment's salt (the `audit` table's property), or None while nothing was ever forgotten."""
+    uri = settings.table_uri("audit")
+    if not lake.table_exists(uri):
+        return None
+    return lake.open_table(uri).metadata().configuration.get(SALT_PROPERTY)
+
+
+def open_audit(settings: Settings) -> DeltaTable:
+    """The audit table, with its salt: made by whoever first needs it (delta-rs takes only `delta.*` properties
+    at creation, so the salt is set by a metadata commit right after; of two racing setters, the one whose commit
+    lands is the salt, the other fails its commit and reads it)."""
+    table = lake.open_or_create(settings.table_uri("audit"), AUDIT_SCHEMA, None,
+                                {"delta.dataSkippingStatsColumns": AUDIT_STATS_COLUMNS})
+    for _ in range(10):
+        if table.metadata().configuration.get(SALT_PROPERTY):
+            return table
+        try:
+            table.alter.set_table_properties({SALT_PROPERTY: secrets.token_hex(16)}, raise_if_not_exists=False,
+                                             commit_properties=CommitProperties(max_commit_retries=0))
+        except CommitFailedError:
+            pass  # another process set it first
+        table.update_incremental()
+    raise RuntimeError(f"could not set the salt of {settings.table_uri('audit')}")
+
+
+def forgotten_hashes(audit: DeltaTable) -> set[str]:
+    """Every hash ever registered (a registration counts from step 2: the processor must drop the device's
+    events even while the delete is still running, or if it failed and is to be run again)."""
+    if audit.version() == 0:
+        return set()
+    hashes = audit.to_pyarrow_table(columns=["hashes"])["hashes"]
+    return set(pc.list_flatten(hashes).to_pylist()) - {None}
+
+
+# --------------------------------------------------------------------------------------- the processor's filter
+class ForgottenDevices:
+    """What the processor asks before committing a batch: which of its events belong to forgotten devices.
+
+    Cheap when nothing was forgotten (no audit table: a stat of a folder, or a listing on S3, at most every
+    `REFRESH_S`); otherwise the hashes are re-read only when the audit table's version changed, and a batch costs
+    one hash per distinct device id in it. Not thread-safe: the processor uses it from its commit thread only.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.uri = settings.table_uri("audit")
+        self._audit: DeltaTable | None = None
+        self._salt: str | None = None
+        self._version = -1
+        self._hashes: frozenset[str] = frozenset()
+        self._checked_at = float("-inf")
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < REFRESH_S:
+            return
+        self._checked_at = now
+        if self._audit is None:
+            if not lake.table_exists(self.uri):
+                return
+            self._audit = lake.open_table(self.uri)
+        else:
+            self._audit.update_incremental()
+        if self._salt is None:  # set by the commit right after the table's creation
+            self._salt = self._audit.metadata().configuration.get(SALT_PROPERTY)
+        if self._audit.version() != self._version:
+            self._hashes = frozenset(forgotten_hashes(self._audit))
+            self._version = self._audit.version()
+
+    def forgotten_mask(self, device_ids: pa.Array | pa.ChunkedArray) -> pa.Array | None:
+        """True where the device is forgotten; None when none is (the common case: nothing to filter)."""
+        if not self._hashes or self._salt is None or len(device_ids) == 0:
+            return None
+        distinct = pc.unique(device_ids).to_pylist()
+        gone = [d for d in distinct if d is not None and device_hash(self._salt, d) in self._hashes]
+        if not gone:
+            return None
+        return pc.fill_null(pc.is_in(device_ids, value_set=pa.array(gone, pa.string())), False)
+
+    def drop_events(self, rows: pa.Table) -> pa.Table:
+        """`rows` (events-table rows) less those of forgotten devices; the dropped ones are counted, not named."""
+        self.refresh()
+        if not self._hashes:
+            return rows
+        mask = self.forgotten_mask(pc.struct_field(rows["eventParams"], "device_id"))
+        if mask is None:
+            return rows
+        kept = rows.filter(pc.invert(mask))
+        dropped = rows.num_rows - kept.num_rows
+        dropped_events.labels("events").inc(dropped)
+        logger.info("events of forgotten devices dropped", extra={"dropped": dropped})
+        return kept
+
+    def drop_quarantined(self, rows: pa.Table) -> pa.Table:
+        """Quarantine rows less those whose payload parses as an event of a forgotten device (a payload that does
+        not parse cannot be matched by a hash: `forget` finds those by the id itself)."""
+        self.refresh()
+        if not self._hashes or rows.num_rows == 0:
+            return rows
+        devices = pa.array([_payload_device(p) for p in rows["payload"].to_pylist()], pa.string())
+        mask = self.forgotten_mask(devices)
+        if mask is None:
+            return rows
+        kept = rows.filter(pc.invert(mask))
+        dropped_events.labels("events_quarantine").inc(rows.num_rows - kept.num_rows)
+        logger.info("quarantine rows of forgotten devices dropped", extra={"dropped": rows.num_rows - kept.num_rows})
+        return kept
+
+
+def _payload_device(text: str | None) -> str | None:
+    try:
+        event = json.loads(text) if text else None
+        device = event["eventParams"]["device_id"]  # type: ignore[index]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return device if isinstance(device, str) else None
+
+
+# --------------------------------------------------------------------------------------- finding quarantined rows
+def _textual_forms(device_id: str) -> set[str]:
+    """How an id can be spelled in a stored payload: as sent, JSON-escaped (with or without \\u escapes, with
+    `/` escaped or not), and escaped twice (a JSON body inside a JSON string: an API Gateway event)."""
+    forms = {device_id}
+    for ascii_only in (False, True):
+        once = json.dumps(device_id, ensure_ascii=ascii_only)[1:-1]
+        forms |= {once, once.replace("/", "\\/"), json.dumps(once, ensure_ascii=ascii_only)[1:-1]}
+    return {f for f in forms if f}
+
+
+def _mention_pattern(device_ids: Iterable[str]) -> re.Pattern[str]:
+    # An id counts only as a whole token: forgetting "d1" must not delete a row of "d10".
+    forms = sorted({form for d in device_ids for form in _textual_forms(d)}, key=len, reverse=True)
+    return re.compile("(?<![A-Za-z0-9_.-])(?:" + "|".join(re.escape(f) for f in forms) + ")(?![A-Za-z0-9_.-])")
+
+
+def _decoded_bodies(text: str) -> Iterator[str]:
+    """The base64 body of an API Gateway event, decoded (the id is not visible in base64)."""
+    import base64
+
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(event, dict) and str(event.get("isBase64Encoded")).lower() == "true" and isinstance(
+            event.get("body"), str):
+        try:
+            yield base64.b64decode(event["body"], validate=True).decode("utf-8", errors="replace")
+        except ValueError:
+            return
+
+
+def payload_mentions(payload: str | None, device_ids: list[str], pattern: re.Pattern[str] | None = None) -> bool:
+    """Whether a quarantined payload holds one of `device_ids`: as a token in any textual form, or as the
+    device of the event it parses to."""
+    if not payload:
+        return False
+    pattern = pattern or _mention_pattern(device_ids)
+    if pattern.search(payload):
+        return True
+    if _payload_device(payload) in device_ids:
+        return True
+    return any(pattern.search(body) for body in _decoded_bodies(payload))
+
+
+# ------------------------------------------------------------------------------------------------ the report
+@dataclass
+class ForgetReport:
+    entry: str
+    requested_by: str
+    at: str
+    devices: int
+    hashes: list[str]
+    events_deleted: int = 0
+    quarantine_deleted: int = 0
+    versions: dict[str, dict] = field(default_factory=dict)
+    files_gone_by: str | None = None
+    purged: bool = False
+    status: str = "registered"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def retention_message(self, settings: Settings) -> str:
+        if self.purged:
+            return ("purged: the old files and change-data files that held these devices' rows are deleted; "
+                    "the event log keeps its copy until trimmed (log_retention_h = "
+                    f"{settings.log_retention_h:g} h after the processor committed it)")
+        return (f"deleted from the current table versions; older versions' files still hold the rows until a "
+                f"VACUUM removes them, no earlier than {self.files_gone_by} (vacuum_retain_h = "
+                f"{settings.vacuum_retain_h:g} h; automatic maintenance vacuums every {settings.vacuum_every_h:g} h), "
+                "and the forget commits' _change_data files until `gamestream forget --purge`; "
+                "run `gamestream forget --purge --device-id …` to remove them now")
+
+
+# ------------------------------------------------------------------------------------------------- forgetting
+def who_at_this_terminal() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name (a container without one)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def key_fingerprint(key: str) -> str:
+    """How the audit names an admin key: a short hash of it (the key itself is never written)."""
+    return "admin key sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _clean_ids(device_ids: Iterable[object]) -> list[str]:
+    ids: list[str] = []
+    for device_id in device_ids:
+        if not isinstance(device_id, str):
+            raise ForgetError(f"a device id must be a string, not {type(device_id).__name__}")
+        if not device_id.strip():
+            raise ForgetError("a device id must not be empty")
+        if device_id not in ids:
+            ids.append(device_id)
+    if not ids:
+        raise ForgetError("give at least one device id")
+    return ids
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _append_audit(audit: DeltaTable, report: ForgetReport, step: str) -> None:
+    row = {"entry": report.entry, "step": step, "at": _now(), "requestedBy": report.requested_by,
+           "devices": report.devices, "hashes": report.hashes,
+           "eventsDeleted": None if step == "registered" else report.events_deleted,
+           "quarantineDeleted": None if step == "registered" else report.quarantine_deleted,
+           "versions": json.dumps(report.versions, sort_keys=True),
+           "filesGoneBy": dt.datetime.fromisoformat(report.files_gone_by) if report.files_gone_by else None}
+    for attempt in lake.CommitRetries("audit", stage="forget", conflicts=20):
+        with attempt:
+            if attempt.num > 1:
+                audit.update_incremental()
+            write_deltalake(audit, pa.Table.from_pylist([row], schema=AUDIT_SCHEMA), mode="append")
+
+
+def _delete(table: DeltaTable, predicate: str, name: str, metadata: dict[str, str] | None = None) -> int:
+    """One Delta DELETE, retried on a conflict with a concurrent writer; the rows it deleted."""
+    deleted = 0
+    for attempt in lake.CommitRetries(name, stage="forget", conflicts=20):
+        with attempt:
+            if attempt.num > 1:
+                table.update_incremental()
+            result = table.delete(predicate, commit_properties=CommitProperties(custom_metadata=metadata))
+            deleted = int(result.get("num_deleted_rows") or 0)
+    return deleted
+
+
+def _events_of(table: DeltaTable, salt: str, hashes: set[str], since_version: int) -> int:
+    """Rows of the forgotten devices that commits after `since_version` inserted (their change data feed)."""
+    if table.version() <= since_version:
+        return 0
+    reader = table.load_cdf(starting_version=since_version + 1, columns=['"eventParams"', "_change_type"])
+    changes = pa.table(reader.read_all())
+    if not changes.num_rows:
+        return 0
+    inserted = changes.filter(pc.equal(changes["_change_type"].cast(pa.string()), "insert"))
+    devices = pc.struct_field(inserted["eventParams"], "device_id").cast(pa.string())
+    distinct = [d for d in pc.unique(devices).to_pylist() if d is not None]
+    gone = [d for d in distinct if device_hash(salt, d) in hashes]
+    return int(pc.sum(pc.is_in(devices, value_set=pa.array(gone, pa.string()))).as_py() or 0) if gone else 0
+
+
+def _delete_quarantined(table: DeltaTable, salt: str, device_ids: list[str]) -> int:
+    """Step 4: quarantine rows mentioning an id, deleted by a salted hash of their whole payload."""
+    if table.version() == 0:
+        return 0
+    payloads = pc.unique(table.to_pyarrow_table(columns=["payload"])["payload"]).to_pylist()
+    pattern = _mention_pattern(device_ids)
+    doomed = [device_hash(salt, p) for p in payloads if payload_mentions(p, device_ids, pattern)]
+    if not doomed:
+        return 0
+    return _delete(table, hash_predicate(salt, doomed, '"payload"'), "events_quarantine")
+
+
+def forget(settings: Settings, device_ids: Iterable[object], *, requested_by: str, purge: bool = False,
+           grace_s: float | None = None) -> ForgetReport:
+    """Deletes the devices' rows from `events` and `events_quarantine`, audited (the module docstring's steps).
+    Raises `ForgetError` for a request that cannot be run (no id, an empty one)."""
+    ids = _clean_ids(device_ids)
+    audit = open_audit(settings)  # 1. the salt, and the hashes
+    salt = audit.metadata().configuration[SALT_PROPERTY]
+    hashes = sorted({device_hash(salt, d) for d in ids})
+    report = ForgetReport(entry=uuid.uuid4().hex, requested_by=requested_by, at=_now().isoformat(),
+                          devices=len(ids), hashes=hashes)
+    _append_audit(audit, report, "registered")  # 2. from here the processor drops their events
+    logger.info("forget registered", extra={"entry": report.entry, "devices": len(ids)})
+
+    events = lake.open_events(settings.table_uri("events"))
+    quarantine = lake.open_quarantine(settings.table_uri("events_quarantine"))
+    before = {"events": events.version(), "events_quarantine": quarantine.version()}
+    metadata = {FORGET_KEY: json.dumps({"hashes": hashes, "audit": report.entry})}
+    predicate = hash_predicate(salt, hashes)
+    forget_commits: list[int] = []
+
+    def delete_events() -> None:  # 3.
+        deleted = _delete(events, predicate, "events", metadata)
+        if deleted:
+            forget_commits.append(events.version())
+            report.events_deleted += deleted
+
+    delete_events()
+    report.quarantine_deleted += _delete_quarantined(quarantine, salt, ids)  # 4.
+    checked_up_to = events.version()
+    wait = GRACE_S + settings.batch_max_wait_s if grace_s is None else grace_s
+    for _ in range(MAX_RECHECKS):  # 5. a flush built before the processor saw step 2 may land after step 3
+        time.sleep(wait)
+        events.update_incremental()
+        quarantine.update_incremental()
+        readded = _events_of(events, salt, set(hashes), checked_up_to)
+        report.quarantine_deleted += _delete_quarantined(quarantine, salt, ids)
+        if not readded:
+            break
+        logger.warning("a flush in flight re-added events of a forgotten device; deleting again",
+                       extra={"entry": report.entry, "rows": readded})
+        delete_events()
+        checked_up_to = events.version()
+    quarantine.update_incremental()
+    report.versions = {
+        "events": {"before": before["events"], "after": events.version(), "forget_commits": forget_commits},
+        "events_quarantine": {"before": before["events_quarantine"], "after": quarantine.version()},
+    }
+    report.files_gone_by = (_now() + dt.timedelta(hours=settings.vacuum_retain_h)).isoformat()
+    report.status = "deleted"
+    _append_audit(audit, report, "deleted")  # 6.
+    logger.info("forget deleted", extra={"entry": report.entry, "events_deleted": report.events_deleted,
+                                         "quarantine_deleted": report.quarantine_deleted,
+                                         "forget_commits": forget_commits})
+    if purge:
+        purge_forgotten(settings, report, audit=audit)  # 7.
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- purging
+def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTable | None = None,
+                    kpi_wait_s: float = KPI_WAIT_S) -> None:
+    """Step 7 of the module docstring: the old files and change-data files that held the rows, deleted once
+    no reader can need them. Raises `PurgeNotPossible` when the KPI stage did not fold the forget commit within
+    `kpi_wait_s`."""
+    from gamestream.maintenance import MaintenanceLock
+
+    events_uri = settings.table_uri("events")
+    events = lake.open_table(events_uri)
+    forget_commits = report.versions["events"]["forget_commits"]
+    last_forget = max(forget_commits, default=report.versions["events"]["after"])
+    kpi_versions = _wait_for_kpi(settings, last_forget, kpi_wait_s)  # a.
+    forgotten_at = _commit_time(events, last_forget)
+    ready = max(forgotten_at, time.time()) + settings.sql_timeout_s  # b.
+    while (left := ready - time.time()) > 0:
+        time.sleep(min(left, 1.0))
+    keep_after = {"events": last_forget,
+                  "events_quarantine": report.versions["events_quarantine"]["after"], **kpi_versions}
+    handle = MaintenanceLock(settings).acquire(wait=True)  # c.
+    try:
+        swept: dict[str, int] = {}
+        for name in PURGED_TABLES:
+            uri = settings.table_uri(name)
+            if name not in keep_after or not lake.table_exists(uri):
+                continue
+            table = lake.open_table(uri)
+            keep = list(range(keep_after[name] + 1, table.version() + 1))
+            swept[name] = len(table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False,
+                                           keep_versions=keep))
+        events.update_incremental()
+        swept["_change_data"] = _delete_change_data(events, events_uri, up_to=last_forget)  # d.
+    finally:
+        handle.close()  # type: ignore[union-attr]
+    logger.info("forget purged", extra={"entry": report.entry, "files": swept})
+    report.purged = True
+    report.status = "purged"
+    report.files_gone_by = _now().isoformat()
+    report.versions["purge"] = {"files_deleted": swept}
+    _append_audit(audit or open_audit(settings), report, "purged")
+
+
+def _commit_time(table: DeltaTable, version: int) -> float:
+    for commit in table.history(max(1, table.version() - version + 1)):
+        if commit.get("version") == version:
+            return commit["timestamp"] / 1000
+    return time.time()
+
+
+def _kpi_versions(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Per existing KPI table: (its version, the events version folded in: its `<pipeline>-kpi` txn)."""
+    app_id = f"{settings.pipeline}-kpi"
+    found = {}
+    for name in TABLES:
+        uri = settings.table_uri(name)
+        if name.startswith("kpi_") and lake.table_exists(uri):
+            table = lake.open_table(uri)
+            found[name] = (table.version(), table.transaction_version(app_id) or 0)
+    return found
+
+
+def _wait_for_kpi(settings: Settings, version: int, wait_s: float) -> dict[str, int]:
+    """Step 7a: waits until the KPI stage has folded events `version` — folding here, holding the KPI role, when
+    no KPI stage runs — and returns each KPI table's version at that moment.
+
+    Folded means: every KPI table's txn is at `version` or above; or one is (the stage got there) and no KPI
+    table changed over a `kpi_interval_s` (its fold is over: a table whose MERGE had nothing to add makes no
+    commit, so its txn may stay behind)."""
+    from gamestream.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, uses_leases
+
+    deadline = time.monotonic() + wait_s
+    previous: dict[str, tuple[int, int]] | None = None
+    while True:
+        seen = _kpi_versions(settings)
+        folded = [txn for _, txn in seen.values()]
+        if folded and (min(folded) >= version or (max(folded) >= version and seen == previous)):
+            return {name: table_version for name, (table_version, _) in seen.items()}
+        ownership = (LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
+                                    ttl_s=settings.lease_ttl_s) if uses_leases(settings)
+                     else LocalOwnership(settings.data_dir / "log", 0, []))
+        try:
+            if ownership.claim(KPI_ROLE):  # no KPI stage runs: fold here, and that fold is over when it returns
+                from gamestream.kpi import KpiStage
+                from gamestream.log import connect
+
+                log = connect(settings)
+                try:
+                    KpiStage(settings, log, stop=threading.Event()).fold()
+                finally:
+                    log.close()
+                return {name: table_version for name, (table_version, _) in _kpi_versions(settings).items()}
+        finally:
+            ownership.close()
+        if time.monotonic() > deadline:
+            raise PurgeNotPossible(f"the KPI stage has not folded events version {version} within {wait_s:g} s; "
+                                   "the rows are deleted, run `gamestream forget --purge` again later")
+        previous = seen
+        time.sleep(max(settings.kpi_interval_s, 0.2))
+
+
+def _delete_change_data(events: DeltaTable, uri: str, *, up_to: int) -> int:
+    """Deletes the `_change_data` files of every forget commit at or below `up_to` (read from the commits' own
+    `cdc` actions); returns how many were there to delete."""
+    paths: list[str] = []
+    for commit in events.history():
+        version = commit.get("version")
+        if FORGET_KEY not in commit or version is None or version > up_to:
+            continue
+        raw = _read_file(uri, f"_delta_log/{version:020d}.json")
+        if raw is None:
+            continue  # the commit file was cleaned up (log retention); its change data went with VACUUMs since
+        for line in raw.splitlines():
+            if line.strip():
+                cdc = json.loads(line).get("cdc")
+                if cdc:
+                    paths.append(cdc["path"])
+    for path in paths:
+        _delete_file(uri, path)
+    return len(paths)
+
+
+def _read_file(uri: str, key: str) -> bytes | None:
+    if lake.is_object_store(uri):
+        import obstore
+        from obstore.store import from_url
+
+        try:
+            return bytes(obstore.get(from_url(uri.rstrip("/") + "/"), key).bytes())
+        except FileNotFoundError:
+            return None
+    from pathlib import Path
+
+    path = Path(uri.removeprefix("file://")) / key
+    return path.read_bytes() if path.exists() else None
+
+
+def _delete_file(uri: str, key: str) -> None:
+    from urllib.parse import unquote
+
+    key = unquote(key)
+    if lake.is_object_store(uri):
+        import obstore
+        from obstore.store import from_url
+
+        obstore.delete(from_url(uri.rstrip("/") + "/"), key)
+        return
+    from pathlib import Path
+
+    (Path(uri.removeprefix("file://")) / key).unlink(missing_ok=True)
