@@ -132,7 +132,8 @@
     activityPlot = new uPlot({
       width: width(el), height: 220, tzDate: utc,
       scales: { x: { time: true, range: () => dayRange }, y: { range: fromZero } },
-      axes: [{ ...x, values: (u, splits) => splits.map(day) }, y],
+      // ticks on whole days only (uPlot would also split at noon, and each day would be labelled twice)
+      axes: [{ ...x, incrs: [DAY, 2 * DAY, 7 * DAY, 14 * DAY, 28 * DAY], values: (u, splits) => splits.map(day) }, y],
       series: [{ label: "day (UTC)", value: (u, ts) => ts == null ? "–" : new Date(ts * 1e3).toISOString().slice(0, 10) },
                line("DAU", "--dau"), line("WAU", "--wau"), line("MAU", "--mau")],
     }, data, el);
