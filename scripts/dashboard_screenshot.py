@@ -3,7 +3,7 @@
     .venv/bin/python scripts/dashboard_screenshot.py [--data-dir DIR] [--out docs/dashboard.png]
 
 Each day a new cohort of players installs (their first events); on the days after, a shrinking share of them plays
-again (about 45 % on day 1, 20 % on day 7, 8 % on day 30), so the retention table decays as a real game's does.
+again (about 45 % on day 1, 17 % on day 7, 8 % on day 30), so the retention table decays as a real game's does.
 The events (up to now, UTC) are loaded with `gamestream load` and processed with `gamestream process --until-idle`,
 which writes the KPI tables, then `gamestream serve` shows them to a headless Chromium (Debian's `chromium`,
 driven by Playwright, as in tests/browser.py) and the full page is saved. Without --data-dir the data lives in a
