@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 import pytest
 
@@ -104,21 +106,109 @@ def test_server_mode_stamps_receive_time_and_keeps_client_time_as_client_event_t
     assert both["eventParams"]["client_event_time"] == "2026-02-02T00:00:00Z"
 
 
-def test_canonical_form_drops_unknown_fields_and_nulls_and_keeps_every_schema_field() -> None:
+def test_canonical_form_keeps_unknown_fields_apart_drops_nulls_and_keeps_every_schema_field() -> None:
     params = {"game_keyword": "g", "app_name": "a", "scoreAdjustment": -7, "platform": "ios", "app_version": "1.0",
               "device_id": "d1", "client_event_time": "2026-01-01T00:00:00Z", "amount": 4, "extra": "x"}
     stored = valid(event(eventParams=params, eventTime="2026-01-01T00:00:00Z", unknown=1, eventId="e"))
     assert stored == {
         "eventName": "levelStart", "eventId": "e", "eventTime": "2026-01-01T00:00:00Z",
         "eventParams": {**{k: v for k, v in params.items() if k != "extra"}, "amount": 4.0},
+        "eventParams_extra": '{"extra":"x"}', "event_extra": '{"unknown":1}',
     }
     minimal = valid(event(eventParams={"device_id": "d1", "platform": None}, eventId="e", eventTime=0))
     assert minimal["eventParams"] == {"device_id": "d1"}
+    assert "eventParams_extra" not in minimal and "event_extra" not in minimal
+
+
+def test_unknown_values_are_kept_exactly_as_sent_and_a_canonical_line_validates_to_itself() -> None:
+    line = ('{"eventName":"x","eventTime":0,"eventId":"e","eventParams":{"device_id":"d","n":1.50,"big":'
+            '123456789012345678901234567890,"deep":{"a":[1,{"b":null}]},"s":"\\u00e9😀"},"eventDate":"x"}').encode()
+    validator = schema.EventValidator(event_time="input")
+    result = validator.validate(line, now=None)
+    assert isinstance(result, schema.ValidEvent)
+    stored = msgspec.json.decode(result.line)
+    assert stored["eventParams_extra"] == ('{"n":1.50,"big":123456789012345678901234567890,"deep":{"a":[1,{"b":null}]},'
+                                           '"s":"\\u00e9😀"}')
+    assert json.loads(stored["eventParams_extra"])["s"] == "é😀"
+    assert stored["event_extra"] == '{"eventDate":"x"}'
+    assert validator.validate(result.line, now=None) == result
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ('"eventParams_extra":"[1]"', "eventParams_extra: expected a string holding a JSON object"),
+    ('"event_extra":"{"', "event_extra: expected a string holding a JSON object"),
+    ('"event_extra":{"a":1}', "event_extra: expected str | null, got object"),
+])
+def test_a_given_extra_column_must_hold_a_json_object(extra: str, reason: str) -> None:
+    line = ('{"eventName":"x","eventParams":{"device_id":"d"},' + extra + "}").encode()
+    assert str(schema.EventValidator(event_time="input").validate(line, now=None)) == reason
+
+
+def test_a_given_extra_column_is_joined_with_the_unknown_keys() -> None:
+    line = b'{"eventName":"x","eventParams":{"device_id":"d","b":2},"eventParams_extra":"{\\"a\\": 1}"}'
+    result = schema.EventValidator(event_time="input").validate(line, now=None)
+    assert isinstance(result, schema.ValidEvent)
+    assert msgspec.json.decode(result.line)["eventParams_extra"] == '{"a":1,"b":2}'
+
+
+PROMOTED = (("level", "int"), ("tier", "int32"), ("ratio", "double"), ("vip", "bool"), ("seen", "timestamp"),
+            ("guild", "string"))
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"level": "7"}, "eventParams.level: expected int | null, got str"),
+    ({"level": 1.5}, "eventParams.level: expected int | null, got float"),
+    ({"level": 2**63}, "eventParams.level: expected int <= 9223372036854775807"),
+    ({"tier": 2**31}, "eventParams.tier: expected int <= 2147483647"),
+    ({"ratio": "x"}, "eventParams.ratio: expected float | null, got str"),
+    ({"vip": 1}, "eventParams.vip: expected bool | null, got int"),
+    ({"seen": "2026-01-01T00:00:00"}, "eventParams.seen: timestamp needs a zone: end it with Z or an offset such "
+                                      "as +02:00"),
+    ({"guild": 5}, "eventParams.guild: expected str | null, got int"),
+])
+def test_a_promoted_parameter_of_another_type_is_rejected_with_its_path(params: dict, reason: str) -> None:
+    line = event(eventParams={"device_id": "d", **params})
+    assert str(schema.EventValidator(event_time="input", params=PROMOTED).validate(line, now=NOW)) == reason
+
+
+def test_a_valid_promoted_parameter_is_typed_and_not_kept_as_extra() -> None:
+    params = {"device_id": "d", "level": -(2**63), "tier": 3, "ratio": 1, "vip": False, "seen": 1.5,
+              "guild": "", "other": 1}
+    line = event(eventParams=params)
+    result = schema.EventValidator(event_time="input", params=PROMOTED).validate(line, now=NOW)
+    assert isinstance(result, schema.ValidEvent)
+    stored = msgspec.json.decode(result.line)
+    assert stored["eventParams"] == {"device_id": "d", "level": -(2**63), "tier": 3, "ratio": 1.0, "vip": False,
+                                     "seen": "1970-01-01T00:00:01.500000Z", "guild": ""}
+    assert stored["eventParams_extra"] == '{"other":1}'
+    unpromoted = schema.EventValidator(event_time="input").validate(line, now=NOW)
+    assert json.loads(msgspec.json.decode(unpromoted.line)["eventParams_extra"])["level"] == -(2**63)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ((("device_id", "int"),), "eventParams.device_id is already a field of eventParams"),
+    ((("level", "float"),), "the type must be one of string, int, int32, double, bool, timestamp"),
+    ((("level", "int"), ("level", "string")), "eventParams.level is given twice"),
+    ((("a.b", "int"),), "a parameter name must be letters, digits and _"),
+])
+def test_a_clashing_or_unknown_promotion_is_refused(params: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schema.check_params(params)
+
+
+def test_promoted_parameters_appear_in_arrow_spark_and_markdown() -> None:
+    params = (("level", "int"), ("vip", "bool"))
+    event_params = schema.arrow_schema(params=params).field("eventParams").type
+    assert event_params.field("level").type == pa.int64() and event_params.field("vip").type == pa.bool_()
+    assert "amount: DOUBLE, level: BIGINT, vip: BOOLEAN>" in schema.spark_ddl(params)
+    assert "| `eventParams.level` | bigint | no |" in schema.markdown_reference(params)
+    assert "`eventParams.level`" not in schema.markdown_reference()
 
 
 def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaration() -> None:
     arrow = schema.arrow_schema()
-    assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventDate"]
+    assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventDate", "eventParams_extra",
+                           "event_extra"]
     assert arrow.field("eventTime").type == pa.timestamp("us", tz="UTC")
     params = arrow.field("eventParams").type
     assert [params.field(i).name for i in range(params.num_fields)] == [
@@ -127,14 +217,15 @@ def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaratio
     assert params.field("scoreAdjustment").type == pa.int32()
     assert params.field("client_event_time").type == pa.timestamp("us", tz="UTC")
     assert arrow.field("eventDate").type == pa.date32()
+    assert arrow.field("eventParams_extra").type == arrow.field("event_extra").type == pa.string()
     assert "eventDate" not in schema.decode_schema().names
 
 
-def test_spark_ddl_is_the_seeds_schema() -> None:
+def test_spark_ddl_is_the_seeds_schema_with_the_extra_columns() -> None:
     assert schema.spark_ddl() == (
         "eventId STRING, eventName STRING, eventTime TIMESTAMP, eventParams STRUCT<game_keyword: STRING, "
         "app_name: STRING, scoreAdjustment: INT, platform: STRING, app_version: STRING, device_id: STRING, "
-        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventDate DATE"
+        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventDate DATE, eventParams_extra STRING, event_extra STRING"
     )
 
 

@@ -19,9 +19,10 @@ The reader is laxer than msgspec in a few places, closed here:
 
 - It accepts ``NaN``/``Infinity`` literals, invalid UTF-8 inside strings, a UTF-8 BOM at the start, values
   nested deeper than msgspec follows, and ``-0`` as -0.0 for a double (msgspec: 0.0). So: the buffer is
-  checked as UTF-8, the first read refuses unknown fields (then the only doubles are known columns, checked
-  finite and not -0.0), and a batch with unknown fields is read again ignoring them only after byte scans for
-  ``NaN``/``Inf`` and a bound on ``[``/``{`` (no event can then reach msgspec's nesting limit).
+  checked as UTF-8, and the read refuses unknown fields (then the only doubles are known columns, checked
+  finite and not -0.0). A batch holding an unknown field goes to the per-event path, which keeps such fields
+  in the extra columns (`schema.PARAMS_EXTRA`, `schema.EVENT_EXTRA`) with their values exactly as sent —
+  the reader cannot hand out a value's raw text — as does one that gives an extra column itself.
 - Its JSON parser takes a stream of values, not one per line, and a first value ``null`` crashes the process
   (segfault, pyarrow 26). So every event must start with ``{`` and end with ``}`` (checked at the offsets of the
   joined buffer, see `_framed`), and the table must have exactly n rows, each with an eventParams object: then
@@ -31,6 +32,9 @@ The reader is laxer than msgspec in a few places, closed here:
   column of epoch numbers is read again as float64 and converted with CPython's rounding (half-even µs).
 - Duplicate keys, floats or out-of-range integers for int32, bools or numbers for strings, non-object events,
   trailing garbage: the reader raises, hence None.
+
+Promoted parameters (`params`, from `[schema.params]`) are columns of the read schema with their own types
+and the same checks as the fields of that type (doubles finite and not -0.0, timestamps as above).
 
 Unsupported here (None, the per-event path decides): str items (already known bad), events over
 `max_event_bytes`, a column mixing string and numeric timestamps, fractional seconds beyond µs, and any of the
@@ -43,6 +47,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Literal, Sequence
 
@@ -53,8 +58,6 @@ import pyarrow.json as pj
 
 from gamestream import schema
 
-_OUT_SCHEMA = schema.decode_schema()
-_PARAMS_TYPE: pa.StructType = _OUT_SCHEMA.field("eventParams").type
 _TS = pa.timestamp("us", tz="UTC")
 # RFC 3339 as msgspec takes it, narrowed to what Arrow's cast parses the same way: seconds required, at most
 # six fractional digits, a zone required (Z or ±hh:mm).
@@ -62,9 +65,6 @@ _RFC3339 = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6}
 _MIN_US = int((dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc) - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc))
               / dt.timedelta(microseconds=1))
 _MAX_US = schema.EPOCH_MAX * 1_000_000 + 999_999
-# Unknown fields may nest; msgspec refuses nesting deeper than ~1000. Below this many extra openers in a whole
-# batch no event can get close.
-_MAX_EXTRA_OPENERS = 500
 _NEGATIVE_ZERO_BITS = -(2**63)
 _BLOCK = 256 << 10  # the reader's block size when it may use threads
 MIN_BATCH_EVENTS = 1000
@@ -72,59 +72,65 @@ MIN_BATCH_EVENTS = 1000
 `validate_batch`, whose fixed cost is ~1-1.5 ms a call (pyarrow's JSON reader alone ~0.2-0.45 ms, each of ~40
 compute calls ~10 µs, an RE2 compile per timestamp column ~60 µs). Callers with small batches (the collector:
 at most `max_events_per_request`, 500 by default) skip it below this."""
-_STRING_TO_NUMBER = re.compile(r"Column\((/eventTime|/eventParams/client_event_time)\) changed from string to "
-                               r"number")
+_STRING_TO_NUMBER = re.compile(r"Column\((?P<path>/[^)]*)\) changed from string to number")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the checks need to know of one configuration's schema."""
+
+    out: pa.Schema  # schema.decode_schema(params): what validate_batch returns
+    params_type: pa.StructType
+    time_paths: frozenset[str]  # reader paths of timestamp columns, e.g. /eventParams/client_event_time
+    double_params: tuple[str, ...]  # eventParams children of type double
 
 
 @lru_cache(maxsize=None)
-def _read_schema(event_time_numeric: bool, client_time_numeric: bool) -> pa.Schema:
-    def ts(numeric: bool) -> pa.DataType:
-        return pa.float64() if numeric else pa.string()
-
-    params = pa.struct([pa.field(f.name, ts(client_time_numeric) if f.name == "client_event_time" else f.type)
-                        for f in _PARAMS_TYPE])
-    return pa.schema([pa.field(f.name, ts(event_time_numeric) if f.name == "eventTime"
-                               else params if f.name == "eventParams" else f.type) for f in _OUT_SCHEMA])
+def _layout(params: schema.Params) -> _Layout:
+    out = schema.decode_schema(params)
+    fields = schema.params_field(params).children
+    return _Layout(out, out.field("eventParams").type,
+                   frozenset(["/eventTime"] + [f"/eventParams/{c.name}" for c in fields if c.kind == "timestamp"]),
+                   tuple(c.name for c in fields if c.kind == "double"))
 
 
-def _read(joined: bytes, events: int) -> pa.Table | None:
+@lru_cache(maxsize=None)
+def _read_schema(params: schema.Params, numeric: frozenset[str]) -> pa.Schema:
+    """The layout's output schema with timestamps read as strings, or as float64 at the `numeric` paths."""
+    def ts(path: str) -> pa.DataType:
+        return pa.float64() if path in numeric else pa.string()
+
+    layout = _layout(params)
+    event_params = pa.struct([pa.field(f.name, ts(f"/eventParams/{f.name}") if f.type == _TS else f.type)
+                              for f in layout.params_type])
+    return pa.schema([pa.field(f.name, ts("/eventTime") if f.name == "eventTime"
+                               else event_params if f.name == "eventParams" else f.type) for f in layout.out])
+
+
+def _read(joined: bytes, events: int, params: schema.Params) -> pa.Table | None:
     """The buffer as a table with every field of the event schema (timestamps as strings, or float64 where a
-    column held numbers), or None."""
-    numeric = {"/eventTime": False, "/eventParams/client_event_time": False}
-    unknown_fields = "error"
+    column held numbers), or None; None too when an event has a field the schema does not know."""
+    time_paths = _layout(params).time_paths
+    numeric: frozenset[str] = frozenset()
     if len(joined) >= 2 * _BLOCK and joined.count(b"\n") == events - 1:
         # Lines are events (none holds a newline), so the reader may cut the buffer into blocks at newlines and
         # parse them on its threads (2 cores: ~1.5x faster on 5000 generator events).
         read_options = pj.ReadOptions(block_size=_BLOCK, use_threads=True)
     else:
         read_options = pj.ReadOptions(block_size=len(joined) + 1, use_threads=False)
-    for _ in range(4):
-        parse_options = pj.ParseOptions(
-            explicit_schema=_read_schema(numeric["/eventTime"], numeric["/eventParams/client_event_time"]),
-            unexpected_field_behavior=unknown_fields)
+    for _ in range(len(time_paths) + 1):
+        parse_options = pj.ParseOptions(explicit_schema=_read_schema(params, numeric),
+                                        unexpected_field_behavior="error")
         try:
             return pj.read_json(pa.BufferReader(joined), read_options=read_options, parse_options=parse_options)
         except pa.ArrowInvalid as error:
-            message = str(error)
-            switch = _STRING_TO_NUMBER.search(message)
-            if switch and not numeric[switch[1]]:
-                numeric[switch[1]] = True
-            elif (message.endswith("unexpected field") and unknown_fields == "error"
-                  and _unknown_fields_ok(joined, events)):
-                unknown_fields = "ignore"
-            else:
-                return None
+            switch = _STRING_TO_NUMBER.search(str(error))
+            if not switch or switch["path"] not in time_paths or switch["path"] in numeric:
+                return None  # an unknown field (kept by the per-event path), or any other refusal
+            numeric = numeric | {switch["path"]}
         except Exception:  # anything else the reader may raise: the per-event path decides
             return None
     return None
-
-
-def _unknown_fields_ok(joined: bytes, events: int) -> bool:
-    """Whether ignoring unknown fields is safe: no NaN/Infinity literal (msgspec refuses them anywhere, the
-    reader would skip them) and no room for deep nesting. Byte scans, so strings count too (conservative)."""
-    if b"NaN" in joined or b"Inf" in joined:
-        return False
-    return joined.count(b"{") + joined.count(b"[") - 2 * events < _MAX_EXTRA_OPENERS
 
 
 def _all(mask: pa.Array | pa.ChunkedArray) -> bool:
@@ -234,10 +240,11 @@ def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.d
 
 
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
-                   partitions: int, max_event_bytes: int,
-                   route: Callable[[str], int] | None = None) -> dict[int, pa.Table] | None:
-    """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema()}`, rows
-    in input order within a partition; None unless every event is provably valid (see the module docstring)."""
+                   partitions: int, max_event_bytes: int, route: Callable[[str], int] | None = None,
+                   params: schema.Params = ()) -> dict[int, pa.Table] | None:
+    """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema(params)}`,
+    rows in input order within a partition; None unless every event is provably valid (see the module
+    docstring)."""
     count = len(events)
     if count == 0:
         return None
@@ -247,13 +254,16 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
         return None
     if not _framed(events, joined, max_event_bytes):
         return None
-    table = _read(joined, count)
+    layout = _layout(params)
+    table = _read(joined, count, params)
     if table is None or table.num_rows != count:
         return None
     table = table.combine_chunks()
     columns = {name: table.column(name).chunk(0) for name in table.column_names}
     if columns["eventParams"].null_count:
         return None
+    if columns[schema.PARAMS_EXTRA].null_count < count or columns[schema.EVENT_EXTRA].null_count < count:
+        return None  # given extra columns are checked and joined by the per-event path
     children = dict(zip([f.name for f in columns["eventParams"].type], columns["eventParams"].flatten()))
     device_id = children["device_id"]
     if not _non_empty(columns["eventName"]) or not _non_empty(device_id):
@@ -264,17 +274,25 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
         low, high = pc.min_max(lengths).values()
         if low.as_py() < 1 or high.as_py() > schema.EVENT_ID_MAX:
             return None
-    amount = children["amount"]
-    if amount.null_count < count:
-        if not _all(pc.is_finite(amount)):  # NaN/Infinity literals, 1e999 as an integer literal
-            return None
-        # msgspec reads the integer literal -0 as 0.0, the reader as -0.0; a float literal -0.0 is -0.0 in both
-        if not _all(pc.not_equal(amount.view(pa.int64()), _NEGATIVE_ZERO_BITS)):
-            return None
+    for name in layout.double_params:
+        amount = children[name]
+        if amount.null_count < count:
+            if not _all(pc.is_finite(amount)):  # NaN/Infinity literals, 1e999 as an integer literal
+                return None
+            # msgspec reads the integer literal -0 as 0.0, the reader as -0.0; a float literal -0.0 is -0.0 in
+            # both
+            if not _all(pc.not_equal(amount.view(pa.int64()), _NEGATIVE_ZERO_BITS)):
+                return None
     event_time = _times(columns["eventTime"])
-    client_time = _times(children["client_event_time"])
-    if event_time is None or client_time is None:
+    if event_time is None:
         return None
+    for field in layout.params_type:
+        if field.type == _TS:
+            times = _times(children[field.name])
+            if times is None:
+                return None
+            children[field.name] = times
+    client_time = children["client_event_time"]
     if mode == "server":
         client_time = pc.coalesce(client_time, event_time)
         event_time = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
@@ -285,8 +303,10 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
         event_id = pa.array([value if value is not None else next(fresh) for value in event_id.to_pylist()],
                             pa.string())
     children["client_event_time"] = client_time
-    out_params = pa.StructArray.from_arrays([children[f.name] for f in _PARAMS_TYPE], fields=list(_PARAMS_TYPE))
-    out = pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params], schema=_OUT_SCHEMA)
+    out_params = pa.StructArray.from_arrays([children[f.name] for f in layout.params_type],
+                                            fields=list(layout.params_type))
+    out = pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params,
+                                columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA]], schema=layout.out)
     part = _partition_of(device_id, partitions, route)
     if partitions == 1 and route is None:
         return {0: out}

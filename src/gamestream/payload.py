@@ -4,7 +4,7 @@ Two formats, told apart by their first bytes (the log backends never look inside
 
 - **Arrow** (written by this version's collector and `load` when a whole batch passed the vectorised checks):
   ``MAGIC`` followed by an Arrow IPC stream of one or more record batches with the event schema without its
-  derived columns (`schema.decode_schema()`), optionally compressed (LZ4 or ZSTD buffers, a setting). The
+  derived columns (`schema.decode_schema(params)` for the writer's promoted parameters), optionally compressed (LZ4 or ZSTD buffers, a setting). The
   processor concatenates these instead of parsing JSON.
 - **NDJSON** (older versions, batches that held a bad event, foreign producers such as the seed's Lambda): one
   JSON event per line. A JSON text never starts with ``MAGIC``.
@@ -23,7 +23,6 @@ MAGIC = b"GSA1"  # "gamestream Arrow, version 1"; followed by the IPC stream
 Compression = Literal["none", "lz4", "zstd"]
 COMPRESSIONS: tuple[str, ...] = ("none", "lz4", "zstd")
 
-_SCHEMA = schema.decode_schema()
 _OPTIONS = {name: ipc.IpcWriteOptions(compression=None if name == "none" else name) for name in COMPRESSIONS}
 
 
@@ -32,28 +31,32 @@ def is_arrow(payload: bytes) -> bool:
 
 
 def encode(table: pa.Table | pa.RecordBatch, compression: Compression = "none") -> bytes:
-    """`table` (columns of `schema.decode_schema()`, in that order) as an Arrow record payload."""
-    if table.schema != _SCHEMA:
-        table = table.select(_SCHEMA.names).cast(_SCHEMA)
+    """`table` as an Arrow record payload: as it is when it has the columns of `schema.decode_schema()` in that
+    order (`validate_batch` makes it so, with the promoted parameters inside eventParams); otherwise conformed to
+    `schema.decode_schema()`."""
+    if table.schema.names != schema.decode_schema().names:
+        table = schema.conform(pa.table(table), schema.decode_schema())
     sink = pa.BufferOutputStream()
     sink.write(MAGIC)
-    with ipc.new_stream(sink, _SCHEMA, options=_OPTIONS[compression]) as writer:
+    with ipc.new_stream(sink, table.schema, options=_OPTIONS[compression]) as writer:
         writer.write(table)
     return sink.getvalue().to_pybytes()
 
 
-def decode(payload: bytes) -> pa.Table:
-    """An Arrow record payload back as a table with `schema.decode_schema()`; `ValueError` when it is not one
-    or does not hold that schema (a record from a newer, incompatible version, say)."""
+def decode(payload: bytes, params: schema.Params = ()) -> pa.Table:
+    """An Arrow record payload back as a table with `schema.decode_schema(params)`: a record written under
+    another configuration, or before the extra columns existed, is conformed to it (missing columns null);
+    `ValueError` when it is not one or cannot be conformed (a record from a newer, incompatible version, say)."""
     if not is_arrow(payload):
         raise ValueError("not an Arrow record payload")
     try:
         table = ipc.open_stream(pa.py_buffer(payload)[len(MAGIC):]).read_all()
     except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(f"unreadable Arrow record payload: {error}") from None
-    if table.schema != _SCHEMA:
+    target = schema.decode_schema(params)
+    if table.schema != target:
         try:
-            table = table.select(_SCHEMA.names).cast(_SCHEMA)
+            table = schema.conform(table, target)
         except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
             raise ValueError(f"Arrow record payload with another schema: {error}") from None
     return table

@@ -12,14 +12,20 @@ An event goes through two steps here:
    `eventDate`, the UTC date of `eventTime`, which partitions the table.
 
 Canonical form: UTC timestamps as RFC 3339 strings with a ``Z`` (microseconds when non-zero), null and
-absent fields omitted, unknown fields dropped (as Spark's ``from_json`` with a schema drops them).
+absent fields omitted. Nothing a game sends is lost: unknown keys inside ``eventParams`` are kept, with their
+JSON values exactly as sent, as one JSON object in the string column ``eventParams_extra``, and unknown top-level
+keys in ``event_extra`` (Auto Loader's "rescued data"). An operator promotes a parameter to a typed column of its
+own with ``[schema.params]`` in the configuration file (`settings.Settings.schema_params`): every function below
+that describes the schema takes those ``params`` (none by default), so validation, Arrow, Spark DDL, the
+OpenAPI document and docs/schema.md follow the configuration.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -33,7 +39,13 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EPOCH_MAX = 253_402_300_799
 EVENT_ID_MAX = 128
 
-Kind = Literal["string", "timestamp", "int32", "double", "date", "struct"]
+Kind = Literal["string", "timestamp", "int32", "int64", "double", "boolean", "date", "json", "struct"]
+# `[schema.params]` type names → field kinds
+PARAM_TYPES: dict[str, Kind] = {"string": "string", "int": "int64", "int32": "int32", "double": "double",
+                                "bool": "boolean", "timestamp": "timestamp"}
+Params = tuple[tuple[str, str], ...]
+"""Promoted parameters: (name, `PARAM_TYPES` key) pairs, in the configuration's order."""
+_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class Field:
     doc: str
     required: bool = False
     derived: bool = False  # set by gamestream, never read from input (eventDate)
+    promoted: bool = False  # a custom parameter promoted by the configuration (`[schema.params]`)
     children: tuple["Field", ...] = ()
 
 
@@ -63,6 +76,10 @@ EVENT_PARAMS = Field(
     ),
 )
 
+PARAMS_EXTRA = "eventParams_extra"
+EVENT_EXTRA = "event_extra"
+# The two "rescued data" columns come last, after eventDate: a table made before they existed gains them there
+# (Delta appends new columns), so old and new tables have the same column order.
 EVENT_FIELDS: tuple[Field, ...] = (
     Field("eventId", "string", "Unique id: the client's, or a UUIDv7 assigned on arrival."),
     Field("eventName", "string", "Event type, e.g. `purchaseEvent`, `levelStart`.", required=True),
@@ -73,9 +90,51 @@ EVENT_FIELDS: tuple[Field, ...] = (
     ),
     EVENT_PARAMS,
     Field("eventDate", "date", "UTC date of `eventTime`; the table's partition column.", derived=True),
+    Field(PARAMS_EXTRA, "json", "Unknown keys of `eventParams`, values exactly as sent, as one JSON object in a "
+                                "string; null when there were none."),
+    Field(EVENT_EXTRA, "json", "Unknown top-level keys of the event, the same way."),
 )
 
 PARTITION_COLUMN = "eventDate"
+
+
+def check_params(params: Params | list | tuple) -> Params:
+    """`params` as a `Params` tuple, or `ValueError` naming what is wrong: a name that is not a plain identifier,
+    one that is already a field of `eventParams` (or given twice), an unknown type."""
+    checked: list[tuple[str, str]] = []
+    taken = {c.name for c in EVENT_PARAMS.children}
+    for item in params:
+        name, type_name = item
+        if not isinstance(name, str) or not _PARAM_NAME.match(name):
+            raise ValueError(f"[schema.params] {name!r}: a parameter name must be letters, digits and _ "
+                             "(not starting with a digit), at most 128 characters")
+        if name in taken:
+            what = "is given twice" if name in dict(checked) else "is already a field of eventParams"
+            raise ValueError(f"[schema.params] {name}: eventParams.{name} {what}; promote another name")
+        if type_name not in PARAM_TYPES:
+            raise ValueError(f"[schema.params] {name} = {type_name!r}: the type must be one of "
+                             f"{', '.join(PARAM_TYPES)}")
+        taken.add(name)
+        checked.append((name, type_name))
+    return tuple(checked)
+
+
+@lru_cache(maxsize=None)
+def event_fields(params: Params = ()) -> tuple[Field, ...]:
+    """`EVENT_FIELDS` with the promoted `params` as nullable fields at the end of `eventParams`."""
+    if not params:
+        return EVENT_FIELDS
+    promoted = tuple(Field(name, PARAM_TYPES[type_name],
+                           f"Custom parameter, promoted by `[schema.params] {name} = \"{type_name}\"`.",
+                           promoted=True)
+                     for name, type_name in check_params(params))
+    event_params = replace(EVENT_PARAMS, children=EVENT_PARAMS.children + promoted)
+    return tuple(event_params if f.name == EVENT_PARAMS.name else f for f in EVENT_FIELDS)
+
+
+def params_field(params: Params = ()) -> Field:
+    """The `eventParams` field with the promoted `params`."""
+    return next(f for f in event_fields(params) if f.name == EVENT_PARAMS.name)
 
 
 # --------------------------------------------------------------------------------------------------- Arrow / SQL
@@ -88,27 +147,74 @@ def _arrow_type(field: Field) -> "pa.DataType":
         return pa.struct([pa.field(c.name, _arrow_type(c), nullable=True) for c in field.children])
     return {
         "string": pa.string(),
+        "json": pa.string(),
         # Time-zone aware on purpose: a naive timestamp turns the Delta table into timestampNtz (reader 3 /
         # writer 7), which many readers cannot open.
         "timestamp": pa.timestamp("us", tz="UTC"),
         "int32": pa.int32(),
+        "int64": pa.int64(),
         "double": pa.float64(),
+        "boolean": pa.bool_(),
         "date": pa.date32(),
     }[field.kind]
 
 
-def arrow_schema(*, with_derived: bool = True) -> "pa.Schema":
+@lru_cache(maxsize=None)
+def arrow_schema(*, with_derived: bool = True, params: Params = ()) -> "pa.Schema":
+    """The events table's Arrow schema (nullable fields, as in the seed's Spark schema), with the promoted
+    `params` inside `eventParams`."""
     import pyarrow as pa
 
-    """The events table's Arrow schema (nullable fields, as in the seed's Spark schema)."""
-    return pa.schema(
-        [pa.field(f.name, _arrow_type(f), nullable=True) for f in EVENT_FIELDS if with_derived or not f.derived]
-    )
+    return pa.schema([pa.field(f.name, _arrow_type(f), nullable=True) for f in event_fields(params)
+                      if with_derived or not f.derived])
 
 
-def decode_schema() -> "pa.Schema":
-    """The schema pyarrow's JSON reader decodes canonical lines with (no derived columns)."""
-    return arrow_schema(with_derived=False)
+def decode_schema(params: Params = ()) -> "pa.Schema":
+    """The schema of canonical lines and Arrow log records: the table's without its derived column."""
+    return arrow_schema(with_derived=False, params=params)
+
+
+def conform(table: "pa.Table", target: "pa.Schema") -> "pa.Table":
+    """`table` with exactly `target`'s columns, in its order: a column (or a field inside a struct) that `table`
+    lacks is added as nulls, one `target` lacks is dropped, others are cast. What lets rows written under one
+    configuration meet a table evolved under another (a record from before a parameter was promoted, a table
+    that kept the column of a parameter no longer configured). Free when the schemas are already equal."""
+    import pyarrow as pa
+
+    if table.schema == target:
+        return table
+    columns = [_conform_column(table.column(f.name), f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in target]
+    return pa.Table.from_arrays(columns, schema=target)
+
+
+def _conform_column(column: "pa.ChunkedArray", target: "pa.DataType") -> "pa.ChunkedArray":
+    import pyarrow as pa
+
+    if column.type == target:
+        return column
+    if pa.types.is_struct(target) and pa.types.is_struct(column.type):
+        return pa.chunked_array([_conform_struct(chunk, target) for chunk in column.chunks], target)
+    return column.cast(target)
+
+
+def _conform_struct(array: "pa.StructArray", target: "pa.StructType") -> "pa.StructArray":
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = [array.type.field(i).name for i in range(array.type.num_fields)]
+    children = []
+    for field in target:
+        if field.name in names:
+            child = array.field(field.name)  # the child as its parent's offset and length see it
+            if child.type != field.type:
+                child = (_conform_struct(child, field.type) if pa.types.is_struct(field.type)
+                         and pa.types.is_struct(child.type) else child.cast(field.type))
+            children.append(child)
+        else:
+            children.append(pa.nulls(len(array), field.type))
+    return pa.StructArray.from_arrays(children, fields=list(target),
+                                      mask=pc.is_null(array) if array.null_count else None)
 
 
 def _quarantine_schema() -> "pa.Schema":
@@ -137,18 +243,18 @@ def __getattr__(name: str) -> object:
 def _spark_type(field: Field) -> str:
     if field.kind == "struct":
         return "STRUCT<" + ", ".join(f"{c.name}: {_spark_type(c)}" for c in field.children) + ">"
-    return {"string": "STRING", "timestamp": "TIMESTAMP", "int32": "INT", "double": "DOUBLE", "date": "DATE"}[
-        field.kind
-    ]
+    return {"string": "STRING", "json": "STRING", "timestamp": "TIMESTAMP", "int32": "INT", "int64": "BIGINT",
+            "double": "DOUBLE", "boolean": "BOOLEAN", "date": "DATE"}[field.kind]
 
 
-def spark_ddl() -> str:
+def spark_ddl(params: Params = ()) -> str:
     """The schema as Spark SQL DDL, e.g. for `spark.read.schema(...)`."""
-    return ", ".join(f"{f.name} {_spark_type(f)}" for f in EVENT_FIELDS)
+    return ", ".join(f"{f.name} {_spark_type(f)}" for f in event_fields(params))
 
 
-def markdown_reference() -> str:
-    """The schema as a Markdown table (docs/schema.md is this text; a test keeps the two equal)."""
+def markdown_reference(params: Params = ()) -> str:
+    """The schema as a Markdown table (docs/schema.md is this text for the default configuration, no promoted
+    parameter; a test keeps the two equal)."""
     lines = [
         "# Event schema",
         "",
@@ -160,26 +266,57 @@ def markdown_reference() -> str:
 
     def add(field: Field, prefix: str = "") -> None:
         required = "derived" if field.derived else ("yes" if field.required else "no")
-        type_name = "struct" if field.kind == "struct" else _spark_type(field).lower()
+        type_name = {"struct": "struct", "json": "string (JSON object)"}.get(field.kind) or _spark_type(field).lower()
         lines.append(f"| `{prefix}{field.name}` | {type_name} | {required} | {field.doc} |")
         for child in field.children:
             add(child, prefix=f"{field.name}.")
 
-    for f in EVENT_FIELDS:
+    for f in event_fields(params):
         add(f)
     lines += [
         "",
         "Spark DDL:",
         "",
         "```",
-        spark_ddl(),
+        spark_ddl(params),
         "```",
         "",
         "Timestamps are accepted as RFC 3339 (with or without fractional seconds, with `Z` or an offset) or as",
         "epoch seconds (int or float), and stored in UTC with microsecond precision. A timestamp without a zone is",
-        "rejected: its meaning would depend on the sender's clock settings. Integers must fit in 32 bits. Unknown",
-        "fields are ignored. `eventName` and `eventParams.device_id` must be non-empty strings; every other field",
-        "may be absent or null.",
+        "rejected: its meaning would depend on the sender's clock settings. Integers must fit in their type (`int`",
+        "32 bits, `bigint` 64). `eventName` and `eventParams.device_id` must be non-empty strings; every other",
+        "field may be absent or null.",
+        "",
+        "## Unknown fields are kept",
+        "",
+        "Nothing a game sends is dropped. Keys of `eventParams` that the schema does not know are kept, with their",
+        "JSON values exactly as sent (numbers digit for digit, nested objects, arrays), as one JSON object in the",
+        "string column `eventParams_extra`; unknown top-level keys go to `event_extra` the same way. Both are null",
+        "when there was nothing unknown. Read them with a JSON function, e.g. in DuckDB",
+        "`json_extract(eventParams_extra, '$.level')`. A producer may send `eventParams_extra` or `event_extra`",
+        "itself (gamestream's own canonical lines do): it must be a string holding a JSON object, and unknown keys",
+        "are added to it.",
+        "",
+        "## Promoting a parameter to a typed column",
+        "",
+        "An operator makes a custom parameter a column of its own in the configuration file",
+        "([configuration.md](configuration.md)):",
+        "",
+        "```toml",
+        "[schema.params]",
+        'level = "int"          # string, int (64-bit), int32, double, bool, timestamp',
+        "```",
+        "",
+        "It becomes the nullable field `eventParams.level`, validated like the fields above (a value of another",
+        "type rejects the event: `eventParams.level: expected int | null, got str`), and is no longer copied into",
+        "`eventParams_extra`. The events table gains the field on the next start of the processor (a Delta schema",
+        "evolution: rows written before read null; Delta readers such as DuckDB, Polars and Spark open the table",
+        "as before). Rows stored before the promotion keep the value in `eventParams_extra`. A parameter removed",
+        "from the configuration keeps its column (Delta cannot drop a column without column mapping): it reads null",
+        "for new rows, whose values go to `eventParams_extra` again. A promoted type cannot change: promote the",
+        "parameter under another name. A name that is already a field of `eventParams`, or an unknown type, stops",
+        "every command at start with the reason. Run `gamestream schema --markdown` to see this page for the",
+        "configuration in use.",
         "",
     ]
     return "\n".join(lines)
@@ -189,42 +326,49 @@ def markdown_reference() -> str:
 _TIMESTAMP_INPUT = dt.datetime | int | float | None
 
 
-def _input_type(field: Field) -> Any:
+def _input_type(field: Field, forbid_unknown: bool) -> Any:
     if field.kind == "struct":
-        return _input_struct(field.name[:1].upper() + field.name[1:], field.children)
+        return _input_struct(field.name[:1].upper() + field.name[1:], field.children, forbid_unknown)
     if field.name == "eventId":
         return Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_ID_MAX)] | None
     base: Any = {
         "string": Annotated[str, msgspec.Meta(min_length=1)] if field.required else str,
+        "json": str,  # a JSON object in a string, checked by EventValidator
         "timestamp": _TIMESTAMP_INPUT,
         "int32": Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)],
+        "int64": Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)],
         "double": float,
+        "boolean": bool,
     }[field.kind]
     return base if field.required else base | None
 
 
-def _input_struct(name: str, fields: tuple[Field, ...]) -> type:
+def _input_struct(name: str, fields: tuple[Field, ...], forbid_unknown: bool = False) -> type:
     specs: list[Any] = []
     for f in fields:
         if f.derived:
             continue
         if f.required:
-            specs.append((f.name, _input_type(f)))
+            specs.append((f.name, _input_type(f, forbid_unknown)))
         elif f.name == "eventTime":
             # Absent and null differ: absent is stamped, an explicit null is quarantined (the seed's
             # `eventTime.isNotNull()` filter, without losing the row).
-            specs.append((f.name, _input_type(f) | msgspec.UnsetType, msgspec.UNSET))
+            specs.append((f.name, _input_type(f, forbid_unknown) | msgspec.UnsetType, msgspec.UNSET))
         else:
-            specs.append((f.name, _input_type(f), None))
+            specs.append((f.name, _input_type(f, forbid_unknown), None))
     # required fields first: msgspec wants fields without defaults before those with defaults
     specs.sort(key=lambda s: len(s) != 2)
-    return msgspec.defstruct(name, specs, omit_defaults=True)
+    return msgspec.defstruct(name, specs, omit_defaults=True, forbid_unknown_fields=forbid_unknown)
 
 
-InputEvent = _input_struct("Event", EVENT_FIELDS)
-_TIMESTAMP_PATHS = [f.name for f in EVENT_FIELDS if f.kind == "timestamp"] + [
-    f"eventParams.{c.name}" for c in EVENT_PARAMS.children if c.kind == "timestamp"
-]
+@lru_cache(maxsize=None)
+def input_event(params: Params = (), *, forbid_unknown: bool = False) -> type:
+    """The msgspec struct an event is decoded into (and the OpenAPI document describes). `forbid_unknown`: the
+    variant that refuses unknown keys, which tells `EventValidator` in one decode that none needs keeping."""
+    return _input_struct("Event", event_fields(params), forbid_unknown)
+
+
+InputEvent = input_event()
 
 
 class ValidEvent(msgspec.Struct, frozen=True):
@@ -287,6 +431,28 @@ def new_event_id() -> str:
     return str(uuid_utils.uuid7())
 
 
+_RAW_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_KEY_ENCODER = msgspec.json.Encoder()
+_UNKNOWN_FIELD = "Object contains unknown field"
+
+
+def _extra_column(given: str | None, captured: dict[str, msgspec.Raw], path: str) -> str | None:
+    """The JSON object of an extra column: the keys of a `given` one (a producer's, or a canonical line read
+    again), then the `captured` unknown keys, values as sent; None when there are none. Applied to its own
+    output it returns it unchanged, so a canonical line validates to itself."""
+    items: dict[str, msgspec.Raw] = {}
+    if given is not None:
+        try:
+            items = _RAW_OBJECT.decode(given)
+        except msgspec.DecodeError:
+            raise _Invalid(path, "expected a string holding a JSON object") from None
+    items.update(captured)
+    if not items:
+        return None
+    parts = [_KEY_ENCODER.encode(key) + b":" + bytes(value) for key, value in items.items()]
+    return (b"{" + b",".join(parts) + b"}").decode("utf-8")  # UnicodeDecodeError: bytes that are not UTF-8
+
+
 class EventValidator:
     """Validates single JSON events and renders them canonical.
 
@@ -300,16 +466,34 @@ class EventValidator:
     ValidEvent(device_id='d1', line=b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventId":"e1","eventTime":"1970-01-01T00:00:00Z"}')
     """
 
-    def __init__(self, *, event_time: Literal["server", "input"]) -> None:
-        self._decoder = msgspec.json.Decoder(InputEvent)
+    def __init__(self, *, event_time: Literal["server", "input"], params: Params = ()) -> None:
+        params = check_params(params)
+        # Two decoders: the one that refuses unknown keys answers for the usual event in one pass; an event it
+        # refuses for an unknown key (only for that) is decoded again by the one that skips them, and its
+        # unknown keys are picked out of the raw object. Every other error comes first in document order in
+        # both, so the reason is the same either way.
+        self._decoder = msgspec.json.Decoder(input_event(params, forbid_unknown=True))
+        self._lenient = msgspec.json.Decoder(input_event(params))
         self._encoder = msgspec.json.Encoder()
         self._server_time = event_time == "server"
+        fields = event_fields(params)
+        self._known = frozenset(f.name for f in fields if not f.derived)
+        self._known_params = frozenset(c.name for c in params_field(params).children)
+        self._param_times = tuple(c.name for c in params_field(params).children
+                                  if c.kind == "timestamp" and c.name != "client_event_time")
 
     def validate(self, line: bytes | str, now: dt.datetime | None) -> ValidEvent | Rejection:
         """Checks one event; `now` (UTC) stamps eventTime where the mode says so."""
         try:
-            event = self._decoder.decode(line)
-            return self._normalise(event, now)
+            try:
+                event = self._decoder.decode(line)
+                has_unknown = False
+            except msgspec.ValidationError as error:
+                if not str(error).startswith(_UNKNOWN_FIELD):
+                    raise
+                event = self._lenient.decode(line)
+                has_unknown = True
+            return self._normalise(event, now, line if has_unknown else None)
         except msgspec.DecodeError as error:
             return _rejection_from_msgspec(error)
         except _Invalid as invalid:
@@ -321,8 +505,26 @@ class EventValidator:
         except RecursionError:
             return Rejection("", "invalid JSON: nested too deeply")
 
-    def _normalise(self, event: Any, now: dt.datetime | None) -> ValidEvent:
+    def _keep_unknown(self, event: Any, line: bytes | str | None) -> None:
+        """Fills the extra columns: unknown keys of `line` (None: it has none) joined to any given ones."""
+        captured: dict[str, msgspec.Raw] = {}
+        captured_params: dict[str, msgspec.Raw] = {}
+        if line is not None:
+            raw = _RAW_OBJECT.decode(line)
+            captured = {k: v for k, v in raw.items() if k not in self._known}
+            captured_params = {k: v for k, v in _RAW_OBJECT.decode(raw["eventParams"]).items()
+                               if k not in self._known_params}
+        event.eventParams_extra = _extra_column(event.eventParams_extra, captured_params, PARAMS_EXTRA)
+        event.event_extra = _extra_column(event.event_extra, captured, EVENT_EXTRA)
+
+    def _normalise(self, event: Any, now: dt.datetime | None, unknown: bytes | str | None) -> ValidEvent:
         params = event.eventParams
+        if unknown is not None or event.eventParams_extra is not None or event.event_extra is not None:
+            self._keep_unknown(event, unknown)
+        for name in self._param_times:
+            value = getattr(params, name)
+            if value is not None:
+                setattr(params, name, _to_utc(value, f"eventParams.{name}"))
         if params.client_event_time is not None:
             params.client_event_time = _to_utc(params.client_event_time, "eventParams.client_event_time")
         if self._server_time:

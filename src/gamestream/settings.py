@@ -116,10 +116,20 @@ class Settings:
     tables: dict[str, str] = field(default_factory=dict)
     """Per-table overrides of the location by name (not from the environment); unset ones are
     `<tables_uri>/<name>`."""
+    config: Path | None = None
+    """The configuration file (`gamestream --config PATH`, GAMESTREAM_CONFIG); None: `<data_dir>/gamestream.toml`
+    when that exists. Read by `from_env`."""
+    schema_params: tuple[tuple[str, str], ...] = ()
+    """Custom parameters promoted to typed columns of `eventParams`: (name, type) pairs from the configuration
+    file's `[schema.params]` table, e.g. `level = "int"` (types: `schema.PARAM_TYPES`). Every process that
+    validates or writes events (collector, load, processor) must read the same file."""
 
     def __post_init__(self) -> None:
         if self.log_compression not in ("auto", "none", "lz4", "zstd"):
             raise ValueError(f"log_compression must be auto, zstd, lz4 or none, not {self.log_compression!r}")
+        from gamestream import schema
+
+        object.__setattr__(self, "schema_params", schema.check_params(self.schema_params))
 
     @property
     def record_compression(self) -> str:
@@ -134,12 +144,20 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = os.environ.get(_ENVIRONMENT_NAMES.get(f.name, f"GAMESTREAM_{f.name.upper()}"))
-            if raw is None or f.name == "tables":  # per-table overrides come from code (tests), not the env
+            # per-table overrides come from code (tests), not the env; promoted parameters from the config file
+            if raw is None or f.name in ("tables", "schema_params"):
                 continue
             values[f.name] = _parse(f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])  # type: ignore[arg-type]
+        if values.get("config"):
+            values["config"] = Path(values["config"])  # type: ignore[arg-type]
+        if "schema_params" not in values:
+            data_dir = values.get("data_dir", cls.data_dir)
+            path = values.get("config") or Path(data_dir) / CONFIG_FILE  # type: ignore[arg-type]
+            if values.get("config") or path.is_file():  # type: ignore[union-attr]
+                values["schema_params"] = read_config(path)  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -170,6 +188,44 @@ class Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+CONFIG_FILE = "gamestream.toml"
+"""The configuration file read from the data directory when no `--config` names one."""
+
+
+def read_config(path: Path) -> tuple[tuple[str, str], ...]:
+    """The promoted parameters of the TOML file at `path`; `ValueError` saying what is wrong (no such file,
+    not TOML, an unknown section or key, a parameter that clashes with a field of eventParams, an unknown
+    type). The file holds one table today::
+
+        [schema.params]
+        level = "int"      # string, int (64-bit), int32, double, bool, timestamp
+    """
+    import tomllib
+
+    from gamestream import schema
+
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read the configuration file {path}: {error.strerror or error}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"configuration file {path} is not valid TOML: {error}") from None
+    unknown = set(document) - {"schema"}
+    section = document.get("schema", {})
+    if not unknown and isinstance(section, dict):
+        unknown = {f"schema.{key}" for key in set(section) - {"params"}}
+    if unknown:
+        raise ValueError(f"configuration file {path}: unknown section or key {', '.join(sorted(unknown))} "
+                         "(known: [schema.params])")
+    params = section.get("params", {}) if isinstance(section, dict) else None
+    if not isinstance(params, dict):
+        raise ValueError(f"configuration file {path}: [schema.params] must be a table of name = \"type\"")
+    try:
+        return schema.check_params(tuple(params.items()))
+    except ValueError as error:
+        raise ValueError(f"configuration file {path}: {error}") from None
+
+
 # Settings whose variable is not GAMESTREAM_<FIELD>: the issue and the docs name the tables root GAMESTREAM_TABLES.
 _ENVIRONMENT_NAMES = {"tables_uri": "GAMESTREAM_TABLES"}
 
@@ -186,6 +242,8 @@ def _parse(type_name: object, raw: str) -> object:
         return raw.strip().lower() in ("1", "true", "yes", "on")
     if kind == "Path":
         return Path(raw)
+    if kind == "Path | None":
+        return Path(raw) if raw else None
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
