@@ -202,7 +202,7 @@ def test_promoted_parameters_appear_in_arrow_spark_and_markdown() -> None:
     assert event_params.field("level").type == pa.int64() and event_params.field("vip").type == pa.bool_()
     assert "amount: DOUBLE, level: BIGINT, vip: BOOLEAN>" in schema.spark_ddl(params)
     assert "| `eventParams.level` | bigint | no |" in schema.markdown_reference(params)
-    assert "`eventParams.level`" not in schema.markdown_reference()
+    assert "| `eventParams.level`" not in schema.markdown_reference()
 
 
 def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaration() -> None:

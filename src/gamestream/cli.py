@@ -130,27 +130,35 @@ def _check_writable_for_log(settings: Settings) -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log records (errors, retries, start/stop) on stderr as text or JSON lines "
                    "(default text, or GAMESTREAM_LOG_FORMAT).")
-def cli(log_format: str | None) -> None:
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Configuration file (TOML: [schema.params] promotes custom parameters to typed columns); "
+                   "default <data-dir>/gamestream.toml when it exists (or GAMESTREAM_CONFIG).")
+def cli(log_format: str | None, config: Path | None) -> None:
     """gamestream: mobile-game events → durable log → Delta Lake, exactly once → live KPIs."""
     from gamestream import logs
 
-    logs.setup(log_format or _settings().log_format)
+    if config is not None:  # through the environment: every command's settings, and processes they start
+        os.environ["GAMESTREAM_CONFIG"] = str(config.absolute())
+    # schema_params given: the configuration file is read by each command (a bad one fails there, not --help)
+    logs.setup(log_format or _settings(schema_params=()).log_format)
 
 
 # ------------------------------------------------------------------------------------------------------- schema
 @cli.command()
+@data_dir_option
 @click.option("--markdown", is_flag=True, help="The Markdown reference (docs/schema.md).")
 @click.option("--spark", is_flag=True, help="Spark SQL DDL.")
-def schema(markdown: bool, spark: bool) -> None:
-    """Prints the event schema."""
+def schema(data_dir: Path | None, markdown: bool, spark: bool) -> None:
+    """Prints the event schema, with the parameters the configuration promotes."""
     from gamestream import schema as event_schema
 
+    params = _settings(data_dir=data_dir).schema_params
     if markdown:
-        out.out(event_schema.markdown_reference(), end="")
+        out.out(event_schema.markdown_reference(params), end="")
     elif spark:
-        out.out(event_schema.spark_ddl())
+        out.out(event_schema.spark_ddl(params))
     else:
-        out.out(str(event_schema.arrow_schema()))
+        out.out(str(event_schema.arrow_schema(params=params)))
 
 
 # --------------------------------------------------------------------------------------------------------- load
@@ -178,6 +186,7 @@ def _load(settings: Settings, path: Path, chunk_lines: int = 20000):
         try:
             report = load_file(path, log, max_event_bytes=settings.max_event_bytes, lines_per_chunk=chunk_lines,
                                compression=settings.record_compression,  # type: ignore[arg-type]
+                               params=settings.schema_params,
                                on_progress=lambda n: progress.advance(task, n))
         finally:
             log.close()

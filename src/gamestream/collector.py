@@ -122,7 +122,7 @@ class Collector:
         self.settings = settings
         self.log = log
         self.keys = [key.encode() for key in settings.api_keys]
-        self.validator = schema.EventValidator(event_time="server")
+        self.validator = schema.EventValidator(event_time="server", params=settings.schema_params)
         self.log_description = describe(settings)
         self.metrics = _Metrics.create(self.log_description)
         self.backlog = 0
@@ -215,7 +215,8 @@ class Collector:
         if len(events) >= batch.MIN_BATCH_EVENTS:  # smaller requests are cheaper event by event
             tables = batch.validate_batch(events, now=received, mode="server", partitions=self.log.partitions,
                                           route=getattr(self.log, "route", None),
-                                          max_event_bytes=self.settings.max_event_bytes)
+                                          max_event_bytes=self.settings.max_event_bytes,
+                                          params=self.settings.schema_params)
         if tables is not None:  # every event provably valid: Arrow records, no per-event work
             accepted = len(events)
             answer = IngestAnswer(accepted=accepted, rejected=0, errors=[])
@@ -307,25 +308,34 @@ class Collector:
 
 
 # ------------------------------------------------------------------------------------------------------ the app
-def _describe_timestamps(components: dict[str, Any]) -> None:
-    """Timestamps in the document as the validator takes them (msgspec only says "a string or a number"):
-    RFC 3339 with a zone, or epoch seconds from 0 to the end of year 9999."""
+def _describe_fields(components: dict[str, Any], params: schema.Params) -> None:
+    """The event's fields in the document as the validator takes them: timestamps (msgspec only says "a string
+    or a number") as RFC 3339 with a zone or epoch seconds from 0 to the end of year 9999; each field's meaning
+    from the schema; unknown keys allowed, and where they are kept."""
     timestamp = {"anyOf": [{"type": "string", "format": "date-time"},
                            {"type": "integer", "minimum": 0, "maximum": schema.EPOCH_MAX},
                            {"type": "number", "minimum": 0, "maximum": schema.EPOCH_MAX}, {"type": "null"}]}
-    fields_by_struct = {"Event": schema.EVENT_FIELDS, "EventParams": schema.EVENT_PARAMS.children}
+    fields_by_struct = {"Event": schema.event_fields(params), "EventParams": schema.params_field(params).children}
+    kept_in = {"Event": schema.EVENT_EXTRA, "EventParams": schema.PARAMS_EXTRA}
     for struct, fields in fields_by_struct.items():
         properties = components[struct]["properties"]
         for field in fields:
-            if field.kind == "timestamp" and field.name in properties:
+            if field.name not in properties:
+                continue
+            properties[field.name] = {**properties[field.name], "description": field.doc}
+            if field.kind == "timestamp":
                 properties[field.name] = {**properties[field.name], **timestamp}
+        components[struct]["additionalProperties"] = True
+        components[struct]["description"] = (f"Unknown keys are accepted and kept, values as sent, in the "
+                                             f"{kept_in[struct]} column.")
 
 
 def openapi(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI description, with the event schema taken from `schema.InputEvent`."""
-    (event_schema,), components = msgspec.json.schema_components([schema.InputEvent],
+    """The OpenAPI description, with the event schema taken from `schema.input_event` for the configured
+    promoted parameters."""
+    (event_schema,), components = msgspec.json.schema_components([schema.input_event(settings.schema_params)],
                                                                  ref_template="#/components/schemas/{name}")
-    _describe_timestamps(components)
+    _describe_fields(components, settings.schema_params)
     error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "minLength": 1}}}
     counts = {
         "accepted": {"type": "integer", "minimum": 0}, "rejected": {"type": "integer", "minimum": 0},

@@ -240,9 +240,74 @@ def ensure_properties(table: DeltaTable, configuration: Mapping[str, str]) -> De
     return table
 
 
-def open_events(uri: str) -> DeltaTable:
-    table = open_or_create(uri, schema.arrow_schema(), [schema.PARTITION_COLUMN], EVENTS_TABLE_CONFIGURATION)
-    return ensure_properties(table, {"delta.dataSkippingStatsColumns": EVENTS_STATS_COLUMNS})
+def open_events(uri: str, params: schema.Params = ()) -> DeltaTable:
+    """The events table, created with the configured schema (the promoted `params` inside eventParams), or an
+    existing one evolved to hold every column of it (`evolve`): a table made by an older gamestream gains the
+    extra columns, one made before a parameter was promoted gains its field."""
+    target = schema.arrow_schema(params=params)
+    table = open_or_create(uri, target, [schema.PARTITION_COLUMN], EVENTS_TABLE_CONFIGURATION)
+    table = ensure_properties(table, {"delta.dataSkippingStatsColumns": EVENTS_STATS_COLUMNS})
+    return evolve(table, target, [schema.PARTITION_COLUMN])
+
+
+class SchemaConflict(ValueError):
+    """A configured column is in the table with another type: Delta cannot change a column's type in place."""
+
+
+def arrow_schema_of(table: DeltaTable) -> pa.Schema:
+    """The table's current schema as a pyarrow schema."""
+    return pa.schema(table.schema().to_arrow())
+
+
+def _missing(current: pa.Schema | pa.StructType, target: pa.Schema | pa.StructType, prefix: str = "") -> list[str]:
+    """Dotted names of `target`'s fields (nested in structs too) that `current` lacks; `SchemaConflict` for one
+    it has with another type."""
+    have = {f.name: f.type for f in current}
+    missing = []
+    for field in target:
+        name = prefix + field.name
+        if field.name not in have:
+            missing.append(name)
+        elif pa.types.is_struct(field.type) and pa.types.is_struct(have[field.name]):
+            missing += _missing(have[field.name], field.type, name + ".")
+        elif have[field.name] != field.type:
+            raise SchemaConflict(f"column {name} is {have[field.name]} in the table but configured as {field.type}; "
+                                 "a column's type cannot change: promote the parameter under another name")
+    return missing
+
+
+def evolve(table: DeltaTable, target: pa.Schema, partition_by: list[str] | None, attempts: int = 10) -> DeltaTable:
+    """Adds to `table` every field of `target` it lacks (top-level columns, and fields inside structs such as a
+    promoted `eventParams.level`), nullable: rows written before read null. Never drops or changes a column: a
+    field the table has and `target` lacks stays (Delta cannot drop a column without column mapping, and old
+    rows may hold values in it).
+
+    How: an append of no rows with `schema_mode="merge"` — a commit that only changes the table's schema (a WRITE
+    of 0 files in the history; nothing in the change data feed), which every Delta reader understands (no
+    column mapping, no new reader or writer version). Safe when several processes open the table at once: a
+    schema change conflicts with a concurrent one, and the loser re-reads the table and finds the fields there
+    (or adds what is still missing) — never a second, diverging schema.
+    """
+    for _ in range(attempts):
+        if not _missing(arrow_schema_of(table), target):
+            return table
+        try:
+            write_deltalake(table, target.empty_table(), mode="append", schema_mode="merge",
+                            partition_by=partition_by)
+        except CommitFailedError:
+            time.sleep(0.05)  # another process changed the table first: look again
+        table.update_incremental()
+    if _missing(arrow_schema_of(table), target):
+        raise CommitGaveUp(f"could not add {', '.join(_missing(arrow_schema_of(table), target))} to "
+                           f"{table.table_uri} after {attempts} attempts")
+    return table
+
+
+def conform_to(table: DeltaTable, rows: pa.Table) -> pa.Table:
+    """`rows` with exactly the columns of `table` as it is now, in its order (`schema.conform`): the table may
+    hold columns this process's configuration does not (a parameter promoted elsewhere, or since removed), and
+    a table evolved by another process must still take this process's rows."""
+    return schema.conform(rows, arrow_schema_of(table))
 
 
 def open_quarantine(uri: str) -> DeltaTable:

@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from gamestream import payload
+from gamestream import payload, schema
 from gamestream.batch import validate_batch
 from gamestream.log import Append, EventLog, router
 from gamestream.schema import EventValidator, Rejection
@@ -113,14 +113,16 @@ def load_file(
     lines_per_chunk: int = 20000,
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
+    params: schema.Params = (),
 ) -> LoadReport:
     """Validates and appends every line of `path`; returns what was accepted and rejected, with reasons.
 
-    `on_progress` receives the number of raw bytes consumed since its last call.
+    `on_progress` receives the number of raw bytes consumed since its last call. `params`: the parameters the
+    configuration promotes (`Settings.schema_params`), validated with their types.
     """
     with open_events_file(path) as handle:
         return load_lines(handle, log, max_event_bytes=max_event_bytes, lines_per_chunk=lines_per_chunk,
-                          compression=compression,
+                          compression=compression, params=params,
                           on_progress=on_progress)
 
 
@@ -132,9 +134,10 @@ def load_lines(
     lines_per_chunk: int = 20000,
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
+    params: schema.Params = (),
 ) -> LoadReport:
     """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
-    validator = EventValidator(event_time="input")
+    validator = EventValidator(event_time="input", params=params)
     route = router(log)
     own_route = getattr(log, "route", None)  # a log with its own routing (Kinesis); else crc32 in the batch path
     report = LoadReport()
@@ -145,11 +148,11 @@ def load_lines(
         tables = None
         if events is not None:
             tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
-                                    max_event_bytes=max_event_bytes)
+                                    max_event_bytes=max_event_bytes, params=params)
         if tables is None and events != (stripped := _stripped(chunk)):  # blank lines, CRLF, padding
             events = stripped
             tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
-                                    max_event_bytes=max_event_bytes)
+                                    max_event_bytes=max_event_bytes, params=params)
         if tables is not None:  # every line valid: Arrow records, no per-event work
             appends = [Append(p, data, rows) for p, table in sorted(tables.items())
                        for data, rows in arrow_records(table, limit, compression)]

@@ -121,7 +121,7 @@ class Processor:
         self._closes_ownership = ownership is None
         self.ownership: Ownership = ownership or open_ownership(settings, log.partitions, partitions)
         try:
-            self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"))
+            self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"), settings.schema_params)
             self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
         except BaseException:
             if self._closes_ownership:
@@ -317,7 +317,8 @@ class Processor:
                 self._read_to_end.discard(partition)
                 read_any = True
                 pending.extend(records)
-                self._decoded[partition].append(decode_records(records))  # while a flush may be writing
+                self._decoded[partition].append(  # while a flush may be writing
+                    decode_records(records, params=self.settings.schema_params))
                 events = sum(r.events for r in records)
                 self._pending_events += events
                 self._events_per_record = max(1, events // len(records))
@@ -422,7 +423,8 @@ class Processor:
             key = tuple(sorted(after.items()))
             if key not in decoded:
                 decoded.clear()
-                decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]])
+                decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]],
+                                              params=self.settings.schema_params)
             return decoded[key]
 
         def builder(app_ids: "_AppIds", positions: lake.TxnPositions, table: DeltaTable,
@@ -434,6 +436,8 @@ class Processor:
                 if not todo:
                     return None
                 rows = rows_of(decode_after(after))
+                if name == "events":  # the table as it is now: it may have columns this configuration lacks
+                    rows = lake.conform_to(table, rows)
                 if skip_empty and rows.num_rows == 0:
                     return None
                 flush.built[name] = rows.num_rows
