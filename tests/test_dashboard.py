@@ -280,7 +280,7 @@ def cohort_row(day: dt.date, i: int) -> dict:
 
 def write_kpi_tables(tables: Path, *, issue_16: bool = True) -> dict[str, list[dict]]:
     """KPI tables as the KPI stage of issue 16 keeps them (exactly its schemas): 40 days of kpi_daily up to
-    LAST_DAY, 35 retention cohorts, and the top events of two days, 12 events on the newest. Without `issue_16`,
+    LAST_DAY, 45 retention cohorts (one a day up to LAST_DAY), and the top events of two days, 12 events on the newest. Without `issue_16`,
     what an older data directory holds: kpi_daily with its first six columns, and no retention or top events."""
     from deltalake import write_deltalake
 
@@ -290,7 +290,7 @@ def write_kpi_tables(tables: Path, *, issue_16: bool = True) -> dict[str, list[d
         daily = [{k: row[k] for k in KPI_DAILY_BEFORE_ISSUE_16.names} for row in daily]
         write_deltalake(str(tables / "kpi_daily"), pa.Table.from_pylist(daily, KPI_DAILY_BEFORE_ISSUE_16))
         return {"kpi_daily": daily}
-    cohorts = [cohort_row(day, i) for i, day in enumerate(days[5:])]
+    cohorts = [cohort_row(LAST_DAY - dt.timedelta(days=44 - i), i) for i in range(45)]
     names = ["levelStart", "levelEnd", "scoreAdjustment", "sessionStart", "sessionEnd", "purchaseEvent", "adView",
              "tutorialStep", "shopOpen", "friendInvite", "achievement", "settingsOpen"]
     top = [{"eventDate": LAST_DAY, "eventName": name, "events": 5000 - 300 * i} for i, name in enumerate(names)]
@@ -330,7 +330,7 @@ def test_dashboard_answer_has_the_latest_days_engagement_retention_and_top_event
                                                               for r in written["kpi_daily"][-30:]]
 
     cohorts = answer["retention"]
-    newest = sorted(written["kpi_retention"], key=lambda r: r["cohort_day"], reverse=True)[:30]
+    newest = sorted(written["kpi_retention"], key=lambda r: r["cohort_day"], reverse=True)[:37]
     assert [c["cohort_day"] for c in cohorts] == [r["cohort_day"].isoformat() for r in newest]
     for shown, row in zip(cohorts, newest):
         assert shown["cohort_size"] == row["cohort_size"]
@@ -339,7 +339,8 @@ def test_dashboard_answer_has_the_latest_days_engagement_retention_and_top_event
             assert shown[f"d{n}"] == row[f"d{n}"]
     assert cohorts[0]["d1"] is None and cohorts[1]["d1"] is not None  # the newest install day has no day 1 yet
     assert cohorts[6]["d7"] is None and cohorts[7]["d7"] is not None
-    assert all(c["d30"] is None for c in cohorts[:30])  # 35 days of cohorts, the newest 30 shown: none has D30
+    # the 37 newest install days: the 30 newest cannot have their D30 yet, the 7 before them have it
+    assert [c["d30"] is None for c in cohorts] == [True] * 30 + [False] * 7
     assert answer["top_events"]["eventDate"] == LAST_DAY.isoformat()
     top = answer["top_events"]["events"]
     assert [e["eventName"] for e in top] == ["levelStart", "levelEnd", "scoreAdjustment", "sessionStart",
@@ -402,7 +403,7 @@ def test_dashboard_shows_engagement_tiles_a_shaded_cohort_table_and_top_events(i
             assert chart == [r["wau"] for r in written["kpi_daily"][-30:]]
 
             cohorts = shown_cohorts(page)
-            newest = sorted(written["kpi_retention"], key=lambda r: r["cohort_day"], reverse=True)[:30]
+            newest = sorted(written["kpi_retention"], key=lambda r: r["cohort_day"], reverse=True)[:37]
             assert [c["day"] for c in cohorts] == [r["cohort_day"].isoformat() for r in newest]
             shading = []
             for shown, row in zip(cohorts, newest):
@@ -492,9 +493,9 @@ def test_dashboard_over_the_kpi_stages_own_tables_of_returning_players(tmp_path:
         assert answer["activity"][name] == latest[name], name
     assert answer["activity"]["dau"] <= answer["activity"]["wau"] <= answer["activity"]["mau"]
     cohorts = sorted(table_rows(tables / "kpi_retention"), key=lambda r: r["cohort_day"], reverse=True)
-    assert [c["cohort_day"] for c in answer["retention"]] == [r["cohort_day"].isoformat() for r in cohorts[:30]]
+    assert [c["cohort_day"] for c in answer["retention"]] == [r["cohort_day"].isoformat() for r in cohorts[:37]]
     assert [(c["cohort_size"], c["d1"], c["d7"]) for c in answer["retention"]] == [
-        (r["cohort_size"], r["d1"], r["d7"]) for r in cohorts[:30]]
+        (r["cohort_size"], r["d1"], r["d7"]) for r in cohorts[:37]]
     assert len(answer["retention"]) == 10 and answer["retention"][0]["d1"] is None  # today's installs: no day 1
     assert all(0 < c["d1"] < 1 for c in answer["retention"][1:])  # players came back, not all of them
     top = [r for r in table_rows(tables / "kpi_top_events") if r["eventDate"] == latest["eventDate"]]

@@ -31,7 +31,9 @@ from gamestream.settings import Settings
 UTC = dt.timezone.utc
 HOURS_SHOWN = 48  # the charts show the windows of the last 48 hours of event time
 DAYS_SHOWN = 30  # the daily active-users chart: the last 30 days of kpi_daily
-COHORTS_SHOWN = 30  # the retention table: the 30 newest install days
+# The retention table: the 37 newest install days. Only a cohort at least 30 days old has its D30, so the 30 newest
+# alone would never show one; seven more give the D30 of a week of cohorts.
+COHORTS_SHOWN = 37
 TOP_EVENTS_SHOWN = 10
 
 # kpi_daily's columns of the latest day that the page shows as tiles, and the decimals each is rounded to (None:
