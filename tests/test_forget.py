@@ -234,7 +234,7 @@ def test_forget_over_http_needs_the_admin_key_and_answers_the_audit_entry(tmp_pa
     gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events_of([FORGOTTEN, KEEPERS[0]], hours=2))),
                data_dir=data)
     gamestream("process", "--until-idle", data_dir=data)
-    server = ServeProcess(data, "--api-key", "write-key", "--admin-key", "admin-key")
+    server = ServeProcess(data, "--api-key", "write-key", "--admin-key", "admin-key", env=FAST)
     try:
         url = server.url + "/v1/forget"
         body = {"device_ids": [FORGOTTEN]}
@@ -251,12 +251,16 @@ def test_forget_over_http_needs_the_admin_key_and_answers_the_audit_entry(tmp_pa
         entry = answer.json()
         assert entry["events_deleted"] == 3 and entry["status"] == "deleted" and "VACUUM" in entry["message"]
         assert "admin-key" not in answer.text and entry["requested_by"].startswith("admin key sha256:")
+        purged = httpx.post(url, json={"device_ids": [KEEPERS[0]], "purge": True}, headers=admin, timeout=120)
+        assert purged.status_code == 200, purged.text
+        assert purged.json()["status"] == "purged" and "purge_error" not in purged.json()
     finally:
         server.stop()
     assert not [r for r in table_rows(data / "tables" / "events", ["eventParams"])
                 if r["eventParams"]["device_id"] == FORGOTTEN]
+    assert files_holding(data / "tables", FORGOTTEN) == files_holding(data / "tables", KEEPERS[0]) == []
     audit = table_rows(data / "tables" / "audit")
-    assert {r["entry"] for r in audit} == {entry["entry"]}
+    assert {r["entry"] for r in audit} == {entry["entry"], purged.json()["entry"]}
     assert "admin-key" not in json.dumps(audit, default=str)
 
 

@@ -625,15 +625,13 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
             report = await asyncio.to_thread(forgetting.forget, settings, ids, requested_by=who, purge=False)
         except forgetting.ForgetError as error:
             return JSONResponse({"error": f"{error}; {usage}"}, status_code=400)
-        answer = report.to_dict()
-        if purge:
+        purge_error = {}
+        if purge:  # waits for the KPI stage and sql_timeout_s (docs/privacy.md): an answer after half a minute
             try:
                 await asyncio.to_thread(forgetting.purge_forgotten, settings, report)
             except forgetting.PurgeNotPossible as error:
-                answer = {**report.to_dict(), "purge_error": str(error)}
-            else:
-                answer = report.to_dict()
-        return JSONResponse({**answer, "message": report.retention_message(settings)})
+                purge_error = {"purge_error": str(error)}
+        return JSONResponse({**report.to_dict(), **purge_error, "message": report.retention_message(settings)})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
