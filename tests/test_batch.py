@@ -36,9 +36,15 @@ UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 
 
 # ------------------------------------------------------------------------------------------------- the oracle
-def slow_tables(events: list[bytes], mode: str, partitions: int = 4) -> dict[int, pa.Table] | None:
+PROMOTED = (("level", "int"), ("tier", "int32"), ("ratio", "double"), ("vip", "bool"), ("seen", "timestamp"),
+            ("guild", "string"))
+"""Parameters promoted by a `[schema.params]` table: one of each type."""
+
+
+def slow_tables(events: list[bytes], mode: str, partitions: int = 4,
+                params: schema.Params = ()) -> dict[int, pa.Table] | None:
     """What today's per-event path makes of `events`: None when it rejects any."""
-    validator = schema.EventValidator(event_time=mode)  # type: ignore[arg-type]
+    validator = schema.EventValidator(event_time=mode, params=params)  # type: ignore[arg-type]
     lines: dict[int, list[bytes]] = {}
     for event in events:
         if len(event) > MAX:
@@ -47,7 +53,8 @@ def slow_tables(events: list[bytes], mode: str, partitions: int = 4) -> dict[int
         if isinstance(result, schema.Rejection):
             return None
         lines.setdefault(partition_for(result.device_id, partitions), []).append(result.line)
-    options = pj.ParseOptions(explicit_schema=schema.decode_schema(), unexpected_field_behavior="ignore")
+    # "error": a canonical line holds nothing the schema does not know (unknown fields are in the extra columns)
+    options = pj.ParseOptions(explicit_schema=schema.decode_schema(params), unexpected_field_behavior="error")
     return {p: pj.read_json(io.BytesIO(b"\n".join(part)), parse_options=options) for p, part in lines.items()}
 
 
@@ -61,18 +68,20 @@ def given_ids(events: list[bytes], partitions: int = 4) -> dict[int, list[str | 
     return ids
 
 
-def assert_same(fast: dict[int, pa.Table], slow: dict[int, pa.Table], events: list[bytes]) -> None:
+def assert_same(fast: dict[int, pa.Table], slow: dict[int, pa.Table], events: list[bytes],
+                params: schema.Params = ()) -> None:
     assert sorted(fast) == sorted(slow)
     ids = given_ids(events)
     for p, table in fast.items():
-        assert table.schema == schema.decode_schema()
+        assert table.schema == schema.decode_schema(params)
         assert table.num_rows == slow[p].num_rows == len(ids[p])
-        for name in ("eventName", "eventTime", "eventParams"):
+        for name in ("eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra"):
             assert table[name].to_pylist() == slow[p][name].to_pylist(), name
         # -0.0 == 0.0 in Python: compare the bits of the doubles too
-        fast_amounts = table["eventParams"].combine_chunks().field("amount")
-        slow_amounts = slow[p]["eventParams"].combine_chunks().field("amount")
-        assert fast_amounts.view(pa.int64()).to_pylist() == slow_amounts.view(pa.int64()).to_pylist()
+        for double in ["amount"] + [name for name, kind in params if kind == "double"]:
+            fast_amounts = table["eventParams"].combine_chunks().field(double)
+            slow_amounts = slow[p]["eventParams"].combine_chunks().field(double)
+            assert fast_amounts.view(pa.int64()).to_pylist() == slow_amounts.view(pa.int64()).to_pylist()
         for own, fast_id, slow_id in zip(ids[p], table["eventId"].to_pylist(), slow[p]["eventId"].to_pylist()):
             if own is None:
                 assert UUID7.match(fast_id) and UUID7.match(slow_id)
@@ -161,8 +170,21 @@ def maybe(draw, strategy, valid, p_valid: float = 0.8):
     return draw(strategy)
 
 
+int64s = st.one_of(st.integers(-2**63, 2**63 - 1),
+                   st.sampled_from([2**63, -2**63 - 1, 3.0, True, "7", (RAW, b"-0"), (RAW, b"1e2"), None]))
+bools = st.one_of(st.booleans(), st.sampled_from([0, 1, "true", None, (RAW, b"True")]))
+promoted_values = {"level": (int64s, st.integers(-2**63, 2**63 - 1) | st.none()),
+                   "tier": (ints, st.integers(schema.INT32_MIN, schema.INT32_MAX)),
+                   "ratio": (doubles, st.floats(-1e6, 1e6, allow_nan=False) | st.none()),
+                   "vip": (bools, st.booleans()),
+                   "seen": (weird_times, good_times | st.none()),
+                   "guild": (strings, texts)}
+
+
 @st.composite
-def events(draw, weird: float = 0.3) -> bytes:
+def events(draw, weird: float = 0.3, promoted: float = 0.3) -> bytes:
+    """An event, `weird` the share of odd values; each parameter of `PROMOTED` present with odds `promoted`
+    (unknown fields unless the test promotes them)."""
     p = 1 - weird
     device = draw(st.sampled_from(["d1", "d2", "c22f06a9-a5c0-4c1b-8ef9-177eb151eb52", "é😀", "x" * 40]))
     params: list[tuple[str, object]] = [
@@ -174,8 +196,11 @@ def events(draw, weird: float = 0.3) -> bytes:
         ("client_event_time", maybe(draw, weird_times, good_times | st.none(), p)),
         ("amount", maybe(draw, doubles, st.floats(0, 1000, allow_nan=False) | st.none(), p)),
     ]
+    for name, (anything, valid) in promoted_values.items():
+        if draw(st.floats(0, 1)) < promoted:
+            params.append((name, maybe(draw, anything, valid, p)))
     if draw(st.floats(0, 1)) < weird / 2:
-        params.append((draw(st.sampled_from(["extra", "device_id", "amount"])), draw(extras)))
+        params.append((draw(st.sampled_from(["extra", "device_id", "amount", "level"])), draw(extras)))
     top: list[tuple[str, object]] = [
         ("eventId", maybe(draw, ids, st.sampled_from([MISSING, None]) | st.uuids().map(str), p)),
         ("eventName", maybe(draw, strings, st.sampled_from(["levelStart", "purchaseEvent", "é"]), p)),
@@ -184,7 +209,8 @@ def events(draw, weird: float = 0.3) -> bytes:
                               1 - weird / 4)),
     ]
     if draw(st.floats(0, 1)) < weird / 2:
-        top.append((draw(st.sampled_from(["extra", "eventName", "eventTime", "eventParams"])), draw(extras)))
+        top.append((draw(st.sampled_from(["extra", "eventName", "eventTime", "eventParams", "eventParams_extra",
+                                          "event_extra"])), draw(st.one_of(extras, st.just('{"a":1}')))))
     top = draw(st.permutations(top))
     raw = encode_object(top, draw(st.booleans()))
     mutation = draw(st.floats(0, 1))
@@ -199,18 +225,22 @@ batches = st.lists(events(), min_size=1, max_size=8)
 
 
 # --------------------------------------------------------------------------------------------------- property
+@pytest.mark.parametrize("params", [(), PROMOTED], ids=["default", "promoted"])
 @pytest.mark.parametrize("mode", ["input", "server"])
 @PROPERTY
-@given(batch=st.one_of(batches, st.lists(events(weird=0.03), min_size=1, max_size=8)))
+@given(batch=st.one_of(batches, st.lists(events(weird=0.03, promoted=0.05), min_size=1, max_size=8)))
 @example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","amount":-0}}'])
 @example(batch=[b'{"eventName":"x","eventTime":0.0000005,"eventParams":{"device_id":"d"}}'])
-def test_tables_from_a_batch_are_what_the_per_event_path_makes(mode: str, batch: list[bytes]) -> None:
-    fast = validate_batch(batch, now=NOW, mode=mode, partitions=4, max_event_bytes=MAX)  # type: ignore[arg-type]
+@example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","ratio":-0,"level":1}}'])
+def test_tables_from_a_batch_are_what_the_per_event_path_makes(mode: str, params: schema.Params,
+                                                               batch: list[bytes]) -> None:
+    fast = validate_batch(batch, now=NOW, mode=mode, partitions=4, max_event_bytes=MAX,  # type: ignore[arg-type]
+                          params=params)
     if fast is None:
         return
-    slow = slow_tables(batch, mode)
+    slow = slow_tables(batch, mode, params=params)
     assert slow is not None, "validate_batch accepted a batch the per-event path rejects"
-    assert_same(fast, slow, batch)
+    assert_same(fast, slow, batch, params)
 
 
 def timestamp_kinds(batch: list[bytes]) -> set[tuple[str, bool]]:
@@ -218,28 +248,36 @@ def timestamp_kinds(batch: list[bytes]) -> set[tuple[str, bool]]:
     for event in batch:
         decoded = msgspec.json.decode(event)
         for name, value in (("eventTime", decoded.get("eventTime")),
-                            ("client_event_time", decoded["eventParams"].get("client_event_time"))):
+                            ("client_event_time", decoded["eventParams"].get("client_event_time")),
+                            ("seen", decoded["eventParams"].get("seen"))):
             if value is not None:
                 kinds.add((name, isinstance(value, str)))
     return kinds
 
 
+def has_unknown(batch: list[bytes], params: schema.Params) -> bool:
+    known = {c.name for c in schema.params_field(params).children}
+    return any(set(msgspec.json.decode(event)["eventParams"]) - known for event in batch)
+
+
+@pytest.mark.parametrize("params", [(), PROMOTED], ids=["default", "promoted"])
 @pytest.mark.parametrize("mode", ["input", "server"])
-def test_the_property_test_does_reach_the_fast_path(mode: str) -> None:
-    """Guards the property test against generating only what goes to None: valid batches whose timestamp
-    columns do not mix strings and numbers are taken (in input mode also with absent or null eventTimes)."""
+def test_the_property_test_does_reach_the_fast_path(mode: str, params: schema.Params) -> None:
+    """Guards the property test against generating only what goes to None: valid batches without unknown
+    fields whose timestamp columns do not mix strings and numbers are taken (in input mode also with absent or
+    null eventTimes), with promoted parameters of every type among them."""
     taken = []
 
     @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-    @given(batch=st.lists(events(weird=0.0), min_size=1, max_size=4))
+    @given(batch=st.lists(events(weird=0.0, promoted=0.3 if params else 0.0), min_size=1, max_size=4))
     def run(batch: list[bytes]) -> None:
-        if slow_tables(batch, mode) is None:
+        if slow_tables(batch, mode, params=params) is None or has_unknown(batch, params):
             return
         kinds = timestamp_kinds(batch)
         if len(kinds) > len({name for name, _ in kinds}):
             return
         taken.append(validate_batch(batch, now=NOW, mode=mode, partitions=4,  # type: ignore[arg-type]
-                                    max_event_bytes=MAX) is not None)
+                                    max_event_bytes=MAX, params=params) is not None)
 
     run()
     assert len(taken) > 50 and all(taken)
@@ -404,11 +442,34 @@ def test_no_events_go_to_none() -> None:
     assert validate_batch([], now=NOW, mode="server", partitions=4, max_event_bytes=MAX) is None
 
 
-def test_unknown_fields_are_dropped_on_the_fast_path() -> None:
-    batch = [GOOD[:-1] + b',"extra":{"a":[1,2]},"more":"x"}', with_param(b'"extra":1')]
-    fast = validate_batch(batch, now=NOW, mode="input", partitions=4, max_event_bytes=MAX)
+def test_unknown_fields_go_to_the_per_event_path_which_keeps_them() -> None:
+    batch = [GOOD[:-1] + b',"extra":{"a":[1,2]},"more":"x"}', with_param(b'"extra":1'), GOOD]
+    assert validate_batch(batch, now=NOW, mode="input", partitions=1, max_event_bytes=MAX) is None
+    slow = slow_tables(batch, "input", partitions=1)
+    assert slow is not None
+    assert slow[0]["event_extra"].to_pylist() == ['{"extra":{"a":[1,2]},"more":"x"}', None, None]
+    assert slow[0]["eventParams_extra"].to_pylist() == [None, '{"extra":1}', None]
+
+
+def test_given_extra_columns_go_to_the_per_event_path() -> None:
+    given = GOOD[:-1] + b',"event_extra":"{\\"a\\":1}"}'
+    assert validate_batch([given, GOOD], now=NOW, mode="input", partitions=1, max_event_bytes=MAX) is None
+    assert slow_tables([given, GOOD], "input", partitions=1)[0]["event_extra"].to_pylist() == [  # type: ignore[index]
+        '{"a":1}', None]
+
+
+def test_promoted_parameters_take_the_fast_path_with_their_types() -> None:
+    batch = [with_param(b'"level":9007199254740993,"tier":-2,"ratio":0.5,"vip":true,"seen":1.25,"guild":"g"'),
+             GOOD]
+    fast = validate_batch(batch, now=NOW, mode="input", partitions=1, max_event_bytes=MAX, params=PROMOTED)
     assert fast is not None
-    assert_same(fast, slow_tables(batch, "input"), batch)  # type: ignore[arg-type]
+    row = fast[0]["eventParams"][0].as_py()
+    assert (row["level"], row["tier"], row["ratio"], row["vip"], row["guild"]) == (9007199254740993, -2, 0.5,
+                                                                                   True, "g")
+    assert row["seen"] == dt.datetime.fromtimestamp(1.25, dt.timezone.utc)
+    assert_same(fast, slow_tables(batch, "input", partitions=1, params=PROMOTED), batch, PROMOTED)  # type: ignore[arg-type]
+    wrong = [with_param(b'"level":"9"'), GOOD]
+    assert validate_batch(wrong, now=NOW, mode="input", partitions=1, max_event_bytes=MAX, params=PROMOTED) is None
 
 
 def test_pretty_printed_events_take_the_fast_path() -> None:
