@@ -1,0 +1,11 @@
+"""The KPI stage (`stage.KpiStage`): the events table's versions → KPI tables (`tables`), exactly once.
+
+`days` holds one day's exact state (devices, payers, sessions); `tables` the schemas; `stage` the folding,
+watermark, recovery and commits.
+"""
+
+from gamestream.kpi.stage import STATE_KEY, KpiStage, KpiStageSuperseded, StageState
+from gamestream.kpi.tables import BOOKINGS_HOURLY, DAILY, EVENTS_HOURLY, RETENTION, TOP_EVENTS
+
+__all__ = ["BOOKINGS_HOURLY", "DAILY", "EVENTS_HOURLY", "RETENTION", "STATE_KEY", "TOP_EVENTS", "KpiStage",
+           "KpiStageSuperseded", "StageState"]
