@@ -207,8 +207,8 @@ def test_promoted_parameters_appear_in_arrow_spark_and_markdown() -> None:
 
 def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaration() -> None:
     arrow = schema.arrow_schema()
-    assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventDate", "eventParams_extra",
-                           "event_extra"]
+    assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra",
+                           "eventDate"]
     assert arrow.field("eventTime").type == pa.timestamp("us", tz="UTC")
     params = arrow.field("eventParams").type
     assert [params.field(i).name for i in range(params.num_fields)] == [
@@ -225,7 +225,7 @@ def test_spark_ddl_is_the_seeds_schema_with_the_extra_columns() -> None:
     assert schema.spark_ddl() == (
         "eventId STRING, eventName STRING, eventTime TIMESTAMP, eventParams STRUCT<game_keyword: STRING, "
         "app_name: STRING, scoreAdjustment: INT, platform: STRING, app_version: STRING, device_id: STRING, "
-        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventDate DATE, eventParams_extra STRING, event_extra STRING"
+        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventParams_extra STRING, event_extra STRING, eventDate DATE"
     )
 
 

@@ -78,8 +78,8 @@ EVENT_PARAMS = Field(
 
 PARAMS_EXTRA = "eventParams_extra"
 EVENT_EXTRA = "event_extra"
-# The two "rescued data" columns come last, after eventDate: a table made before they existed gains them there
-# (Delta appends new columns), so old and new tables have the same column order.
+# The two "rescued data" columns come before eventDate: a table made before they existed gains them there (a
+# delta-rs schema merge puts the partition column last), so old and new tables have the same column order.
 EVENT_FIELDS: tuple[Field, ...] = (
     Field("eventId", "string", "Unique id: the client's, or a UUIDv7 assigned on arrival."),
     Field("eventName", "string", "Event type, e.g. `purchaseEvent`, `levelStart`.", required=True),
@@ -89,10 +89,10 @@ EVENT_FIELDS: tuple[Field, ...] = (
         "Server receive time (UTC, µs), stamped by the collector; `gamestream load` keeps the file's own.",
     ),
     EVENT_PARAMS,
-    Field("eventDate", "date", "UTC date of `eventTime`; the table's partition column.", derived=True),
     Field(PARAMS_EXTRA, "json", "Unknown keys of `eventParams`, values exactly as sent, as one JSON object in a "
                                 "string; null when there were none."),
     Field(EVENT_EXTRA, "json", "Unknown top-level keys of the event, the same way."),
+    Field("eventDate", "date", "UTC date of `eventTime`; the table's partition column.", derived=True),
 )
 
 PARTITION_COLUMN = "eventDate"
