@@ -674,9 +674,9 @@ class KpiStage:
         if fold.forgotten:
             self._delete_devices(name, fold, version, state_json)
             return
-        if not fold.first_day:
-            return
-        known = self._devices_rows(fold.first_day) if self.folded[name] < version else {}
+        if not fold.first_day or self.folded[name] >= version:
+            return  # (a re-fold after a crash: the table has this version; `_derive_all` re-derives its effects)
+        known = self._devices_rows(fold.first_day)
         changed: dict[str, tuple[dt.date, dt.date | None]] = {}
         for device, day in fold.first_day.items():
             old_first, old_purchase = known.get(device, (None, None))
@@ -692,7 +692,11 @@ class KpiStage:
             return
         source = pa.table({"device_id": list(changed), "first_day": [v[0] for v in changed.values()],
                            "first_purchase_day": [v[1] for v in changed.values()]}, schema=kt.DEVICES)
-        self._merge(name, source, "t.device_id = s.device_id", None, version, state_json)
+        # the least of the two, whatever this stage believed the row held: the upsert stays idempotent
+        earliest = ("CASE WHEN t.{c} IS NULL THEN s.{c} WHEN s.{c} IS NULL THEN t.{c} WHEN t.{c} <= s.{c} THEN t.{c} "
+                    "ELSE s.{c} END")
+        self._merge(name, source, "t.device_id = s.device_id",
+                    {c: earliest.format(c=c) for c in ("first_day", "first_purchase_day")}, version, state_json)
         self._known_devices.update(changed)
 
     # ------------------------------------------------------------------------------- daily and cohort rows
