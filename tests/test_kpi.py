@@ -234,3 +234,39 @@ def test_kpi_metrics_show_the_folds_the_watermark_and_the_late_events(tmp_path: 
     assert sum(r["late_events"] for r in table_rows(settings.table_uri("kpi_events_hourly"))) == 1
     assert sample("gamestream_kpi_folds_total") - folds == 2
     assert sample("gamestream_commits_total", table="kpi_events_hourly") - merges == 2
+
+
+def test_a_data_directory_from_before_the_game_kpis_gains_them_without_replaying_history(tmp_path: Path) -> None:
+    """A data directory written by a gamestream without the game KPIs has kpi_daily with the seed's six columns
+    and no kpi_retention, kpi_top_events, kpi_activity or kpi_devices; its old events files may be vacuumed
+    away. The next start builds the new tables from the events table as it is, and they equal the reference."""
+    import pyarrow as pa
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+    data = tmp_path / "data"
+    start = dt.datetime(2026, 10, 1, tzinfo=UTC)
+    first = list(simulate(events=8000, users=200, seed=31, start=start, days=9))
+    second = list(simulate(events=2000, users=200, seed=32, start=start + dt.timedelta(days=9), days=1))
+    load_and_process(tmp_path, data, first, "first")
+    tables = data / "tables"
+    folded = DeltaTable(str(tables / "kpi_daily")).transaction_version("gamestream-kpi")
+    old_daily = pa.table(DeltaTable(str(tables / "kpi_daily")).to_pyarrow_table()).select(
+        ["eventDate", "dau", "events", "bookings", "paying_users", "arpdau"])
+    for name in ("kpi_daily", "kpi_retention", "kpi_top_events", "kpi_activity", "kpi_devices"):
+        shutil.rmtree(tables / name)
+    write_deltalake(str(tables / "kpi_daily"), old_daily, commit_properties=CommitProperties(
+        app_transactions=[Transaction("gamestream-kpi", folded)]))
+    # the history a replay would need is gone: compacted, and the old files vacuumed
+    gamestream("optimize", "--table", "events", data_dir=data)
+    gamestream("vacuum", "--table", "events", "--retain", "0h", "--force", data_dir=data)
+
+    gamestream("process", "--until-idle", data_dir=data)  # no new event: the start alone builds them
+    want = expected_kpis([first])
+    got = kpi_tables(data)
+    assert rounded_rows(got[2]) == rounded_rows(want[2])  # kpi_daily, every column
+    assert rounded_rows(got[3]) == rounded_rows(want[3]) and got[4] == want[4]
+
+    load_and_process(tmp_path, data, second, "second")
+    want, got = expected_kpis([first, second]), kpi_tables(data)
+    assert rounded_rows(got[2]) == rounded_rows(want[2])
+    assert rounded_rows(got[3]) == rounded_rows(want[3]) and got[4] == want[4]

@@ -50,7 +50,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from gamestream import lake, metrics
 from gamestream.kpi import tables as kt
@@ -173,7 +173,12 @@ class KpiStage:
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
         self.tables = {name: self._open(name) for name in kt.TABLES}
         self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
-        start = min(self.folded.values())
+        # KPI tables a data directory from an older gamestream lacks: built from the events table as it is at
+        # the other tables' version, not by re-folding its whole history (which VACUUM may have removed)
+        missing = [n for n, t in self.tables.items() if t.version() == 0 and self.folded[n] == 0]
+        present = [v for n, v in self.folded.items() if n not in missing]
+        bootstrap = missing if present and min(present) > 0 else []
+        start = min(present) if bootstrap else min(self.folded.values())
         self.state = self._read_state(start)
         # non-final windows per hourly table (to mark them final when the watermark passes them)
         self.open_windows: dict[str, set[int]] = {name: self._read_open_windows(name) for name in
@@ -184,6 +189,8 @@ class KpiStage:
         derived = min(self.folded["kpi_daily"], self.folded["kpi_retention"])
         self._derive_all = derived < max(self.folded["kpi_activity"], self.folded["kpi_devices"])
         self._known_devices: dict[str, tuple[dt.date, dt.date | None]] = {}  # kpi_devices rows read lately
+        if bootstrap:
+            self._bootstrap(bootstrap, start)
         self._rows_per_version = 1
         self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
         self._committed_here_lock = threading.Lock()
@@ -250,6 +257,43 @@ class KpiStage:
         state = DayState()
         state.add(_day_rows(_normalise(rows)))
         return state
+
+    def _bootstrap(self, names: list[str], version: int) -> None:
+        """Fills the KPI tables in `names` (created just now, beside older ones that have `version` folded in) from
+        the events table at `version`, then re-derives every daily and cohort row, all with txn `version`."""
+        logger.info("KPI tables added to an existing data directory: building them", extra={
+            "tables": names, "version": version})
+        rows = _normalise(self._events_dataset(version).to_table(
+            columns=["eventTime", "eventName", "eventParams", "eventDate"]))
+        purchase = pc.fill_null(pc.equal(rows["eventName"], PURCHASE), False)
+        state_json = StageState(version, dict(self.state.max_seen), self.state.watermark).to_json()
+        names_count = rows.group_by(["eventDate", "eventName"]).aggregate([("eventName", "count")])
+        pairs = rows.group_by(["eventDate", "device_id"]).aggregate([])
+        firsts = pa.table({"device_id": rows["device_id"], "day": rows["eventDate"],
+                           "pday": pc.if_else(purchase, rows["eventDate"], None)}).group_by("device_id").aggregate(
+            [("day", "min"), ("pday", "min")])
+        built = {
+            "kpi_top_events": pa.table({"eventDate": names_count["eventDate"], "eventName": names_count["eventName"],
+                                        "events": names_count["eventName_count"]}, schema=kt.TOP_EVENTS),
+            "kpi_activity": pa.table({"eventDate": pairs["eventDate"], "device_id": pairs["device_id"]},
+                                     schema=kt.ACTIVITY),
+            "kpi_devices": pa.table({"device_id": firsts["device_id"], "first_day": firsts["day_min"],
+                                     "first_purchase_day": firsts["pday_min"]}, schema=kt.DEVICES),
+        }
+        for name in names:
+            if name in built and built[name].num_rows:
+                data = built[name]
+                self._commit(name, version, state_json, lambda table, properties, data=data: write_deltalake(
+                    table, data, mode="append", commit_properties=properties))
+            elif name in ("kpi_events_hourly", "kpi_bookings_hourly"):
+                raise RuntimeError(f"{name} is missing beside KPI tables that have events version {version}: "
+                                   "move the KPI tables aside to rebuild them all from the events table")
+        self._derive_all = True
+        self._commit_daily(_Fold(), version, state_json, force=True)
+        self._commit_retention(_Fold(), version, state_json, force=True)
+        self._derive_all = False
+        for name in self.folded:
+            self.folded[name] = max(self.folded[name], version)
 
     # ---------------------------------------------------------------------------------------------- reading
     def offer(self, version: int, rows: pa.Table) -> None:
@@ -512,7 +556,7 @@ class KpiStage:
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)
 
-    def _commit(self, name: str, version: int, state_json: str, operation) -> None:
+    def _commit(self, name: str, version: int, state_json: str, operation, *, force: bool = False) -> None:
         """Runs `operation(commit_properties)` — a MERGE or DELETE on table `name` — with txn `<pipeline>-kpi` =
         `version`, once: every attempt first re-reads the table's txn version and does nothing when the table
         already has `version` folded in (an earlier attempt may have committed after all). It raises
@@ -538,7 +582,7 @@ class KpiStage:
                     # source was empty makes no commit, so a table's txn version may lag what was folded.)
                     raise KpiStageSuperseded(f"{name} has events version {committed} folded in by another KPI "
                                              f"stage; this one folded up to {self.folded[name]}")
-                if committed < version:
+                if committed < version or (force and committed == version):  # force: absolute rows again
                     operation(table, CommitProperties(app_transactions=[Transaction(self.app_id, version)],
                                                       custom_metadata={STATE_KEY: state_json}))
                     committed_now = True
@@ -548,7 +592,8 @@ class KpiStage:
             metrics.commit_seconds.labels(name).observe(time.perf_counter() - started)
 
     def _merge(self, name: str, source: pa.Table, predicate: str, updates: dict[str, str] | None, version: int,
-               state_json: str, *, delete_when: str | None = None, insert_when: str | None = None) -> None:
+               state_json: str, *, delete_when: str | None = None, insert_when: str | None = None,
+               force: bool = False) -> None:
         if not source.num_rows:
             return  # nothing to change: no commit (the table's txn lags; `_commit_fold` notes the version)
 
@@ -560,7 +605,7 @@ class KpiStage:
             merger = merger.when_matched_update(updates) if updates else merger.when_matched_update_all()
             merger.when_not_matched_insert_all(predicate=insert_when).execute()
 
-        self._commit(name, version, state_json, merge)
+        self._commit(name, version, state_json, merge, force=force)
 
     def _commit_hourly(self, name: str, deltas: dict[int, dict[int, _WindowDelta]], version: int,
                        state_json: str) -> None:
@@ -705,9 +750,9 @@ class KpiStage:
             self.tables[name].update_incremental()
         return self.tables["kpi_activity"].to_pyarrow_dataset(), self.tables["kpi_devices"].to_pyarrow_dataset()
 
-    def _commit_daily(self, fold: _Fold, version: int, state_json: str) -> None:
+    def _commit_daily(self, fold: _Fold, version: int, state_json: str, *, force: bool = False) -> None:
         name = "kpi_daily"
-        if self.folded[name] >= version:
+        if self.folded[name] >= version and not force:
             return
         table = self.tables[name]
         existing = table.to_pyarrow_table() if table.version() > 0 else kt.DAILY.empty_table()
@@ -756,7 +801,7 @@ class KpiStage:
             })
         source = pa.Table.from_pylist(rows, schema=kt.DAILY)
         self._merge(name, source, "t.eventDate = s.eventDate", None, version, state_json,
-                    delete_when="s.events = 0", insert_when="s.events > 0")
+                    delete_when="s.events = 0", insert_when="s.events > 0", force=force)
 
     @staticmethod
     def _active_users(activity: ds.Dataset, days: list[dt.date]) -> dict[dt.date, tuple[int, int]]:
@@ -788,9 +833,9 @@ class KpiStage:
                                                          grouped[f"{column}_count"].to_pylist())})
         return counts
 
-    def _commit_retention(self, fold: _Fold, version: int, state_json: str) -> None:
+    def _commit_retention(self, fold: _Fold, version: int, state_json: str, *, force: bool = False) -> None:
         name = "kpi_retention"
-        if self.folded[name] >= version:
+        if self.folded[name] >= version and not force:
             return
         activity, devices = self._state_tables()
         daily = self.tables["kpi_daily"]
@@ -834,4 +879,4 @@ class KpiStage:
             rows.append(row)
         source = pa.Table.from_pylist(rows, schema=kt.RETENTION)
         self._merge(name, source, "t.cohort_day = s.cohort_day", None, version, state_json,
-                    delete_when="s.cohort_size = 0", insert_when="s.cohort_size > 0")
+                    delete_when="s.cohort_size = 0", insert_when="s.cohort_size > 0", force=force)
