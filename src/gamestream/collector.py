@@ -445,6 +445,15 @@ def openapi(settings: Settings) -> dict[str, Any]:
                         "hourly": {"type": "array", "description": "last 48 windows of kpi_events_hourly"},
                         "bookings": {"type": "array", "description": "last 48 windows of kpi_bookings_hourly"},
                         "today": {"type": "object", "description": "kpi_daily's row for today (UTC)"},
+                        "activity": {"type": ["object", "null"], "description": "the latest day's game KPIs from "
+                                     "kpi_daily (DAU, WAU, MAU, stickiness, new users, ARPPU, conversion, "
+                                     "sessions); null before the KPI stage wrote it"},
+                        "activity_days": {"type": "array", "description": "DAU, WAU, MAU and stickiness of the "
+                                          "last 30 days"},
+                        "retention": {"type": "array", "description": "kpi_retention's newest install cohorts, "
+                                      "newest first (D1/D7/D30 null until measurable)"},
+                        "top_events": {"type": ["object", "null"], "description": "the latest day's 10 most "
+                                       "frequent eventNames (kpi_top_events)"},
                         "ingest": {"type": "object", "properties": {"events_per_second": {"type": "number"}}},
                         "lag": {"type": "object", "properties": {
                             "backlog_events": {"type": "integer"},
