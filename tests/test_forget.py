@@ -19,6 +19,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows, write_ndjson
+from kpi_reference import daily_and_cohorts
 
 FORGOTTEN = "Player-Forget-7f3a9c"  # mixed case: a case-folded copy would be found too
 KEEPERS = ["keeper-alpha", "keeper-bravo", "keeper-charlie"]
@@ -175,10 +176,37 @@ def test_the_audit_holds_the_salted_hash_and_not_the_id(purged) -> None:
 
 
 def test_kpis_equal_a_recomputation_without_the_device(purged) -> None:
-    """Depends on the KPI stage's handling of forget commits (issue 16, KPI part): until it lands, the KPI tables
-    still count the forgotten device."""
     remaining = [e for e in purged["events"] if e["eventParams"]["device_id"] != FORGOTTEN]
     assert table_kpis(purged["tables"]) == plain_kpis(remaining)
+    # and every game KPI: new users, WAU/MAU, retention, sessions, top events
+    daily, cohorts, names = daily_and_cohorts(remaining)
+
+    def rounded(row: dict) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+
+    tables = purged["tables"]
+    assert {r.pop("eventDate"): rounded(r) for r in table_rows(tables / "kpi_daily")} == {
+        d: rounded(r) for d, r in daily.items()}
+    assert {r.pop("cohort_day"): rounded(r) for r in table_rows(tables / "kpi_retention")} == {
+        d: rounded(r) for d, r in cohorts.items()}
+    assert {(r["eventDate"], r["eventName"]): r["events"] for r in table_rows(tables / "kpi_top_events")} == names
+    assert FORGOTTEN not in {r["device_id"] for r in table_rows(tables / "kpi_devices")}
+
+
+def test_without_purge_the_id_is_physically_gone_once_vacuum_passes_the_retention(tmp_path: Path) -> None:
+    """No `--purge`: the rewritten files (and the forget's change data, which VACUUM itself leaves alone) go with
+    the first VACUUM past the retention — here 0 hours, forced."""
+    data = tmp_path / "data"
+    gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events_of([FORGOTTEN, *KEEPERS], hours=6))),
+               "--chunk-lines", "20", data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+    gamestream("forget", "--device-id", FORGOTTEN, data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)  # the KPI stage folds the forget
+    tables = data / "tables"
+    assert any("_change_data" in f for f in files_holding(tables, FORGOTTEN))  # still there before the vacuum
+    for name in ("events", "events_quarantine", "kpi_activity", "kpi_devices"):
+        gamestream("vacuum", "--table", name, "--retain", "0h", "--force", data_dir=data)
+    assert files_holding(tables, FORGOTTEN) == []
 
 
 # ------------------------------------------------------------------------------------------ the processor filter

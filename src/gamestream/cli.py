@@ -542,6 +542,14 @@ def vacuum(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_
     try:
         report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
                                     force=force)
+        if table_name == "events" and not dry_run:  # VACUUM leaves change data alone: a forget's goes now
+            from gamestream import forget as forgetting, lake
+
+            retention = hours if hours is not None else maintenance.minimum_retention_hours(
+                lake.open_table(settings.table_uri("events")))
+            expired = forgetting.expire_change_data(settings, retention_hours=retention)
+            if expired:
+                console.print(f"deleted {expired} change-data file(s) of forget commits older than the retention")
     except maintenance.RetentionTooShort as error:
         console.print(f"[red]refused:[/] {error}", highlight=False)
         raise SystemExit(2)

@@ -590,6 +590,26 @@ def _delete_change_data(events: DeltaTable, uri: str, *, up_to: int) -> int:
     return len(paths)
 
 
+def expire_change_data(settings: Settings, *, retention_hours: float, now: float | None = None) -> int:
+    """Deletes the `_change_data` files of the forget commits older than `retention_hours` that the KPI stage has
+    folded (what `--purge` does at once): VACUUM leaves change data alone, so without this the rows a forget
+    rewrote would stay in them for ever. Automatic maintenance and `gamestream vacuum --table events` call it
+    with their retention. Returns how many files there were to delete."""
+    uri = settings.table_uri("events")
+    if not lake.table_exists(uri):
+        return 0
+    events = lake.open_table(uri)
+    folded = max((txn for _, txn in _kpi_versions(settings).values()), default=0)
+    cutoff = (time.time() if now is None else now) - retention_hours * 3600
+    up_to = 0
+    for commit in events.history():
+        version = commit.get("version")
+        if FORGET_KEY in commit and version is not None and version <= folded and (
+                commit.get("timestamp", 0) / 1000 <= cutoff):
+            up_to = max(up_to, version)
+    return _delete_change_data(events, uri, up_to=up_to) if up_to else 0
+
+
 def _read_file(uri: str, key: str) -> bytes | None:
     if lake.is_object_store(uri):
         import obstore

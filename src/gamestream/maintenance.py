@@ -390,6 +390,13 @@ class AutoMaintenance:
                     if lake.table_exists(uri):
                         swept = vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
                         logger.info("vacuumed %d file(s)", len(swept.files), extra={"table": name})
+                        if name == "events":
+                            from gamestream import forget
+
+                            expired = forget.expire_change_data(self.settings,
+                                                                retention_hours=self.settings.vacuum_retain_h)
+                            if expired:
+                                logger.info("deleted %d change-data file(s) of forget commits", expired)
                 self.last_vacuum = time.monotonic()
             self.runs += 1
             return True
