@@ -7,13 +7,17 @@ Records holding one API Gateway proxy event (the seed's Lambda wrote those) are 
 (`gamestream.envelope.unwrap`): their body's events, validated and given ids derived from the record's place in
 the log, join the NDJSON records; what fails is quarantined with the whole record as its payload.
 
-NDJSON records (older versions, batches that held a bad event, foreign producers). Fast path: the records' canonical NDJSON is decoded in one call by pyarrow's JSON reader with the explicit
-schema, then checked column-wise (eventTime, eventName, device_id present). Records that pyarrow cannot decode
-(written by a foreign producer, say) fall back to the line-by-line validator, so one bad line costs its own row,
-never its batch's.
+NDJSON records (older versions, batches that held a bad event, foreign producers). Fast path: the records' canonical
+NDJSON is decoded in one call by pyarrow's JSON reader with the explicit schema, then checked column-wise
+(eventTime, eventName, device_id present). The reader refuses a field the schema lacks instead of skipping it:
+records it cannot decode so (written under a configuration that promotes a parameter this one does not, or by a
+foreign producer) are read again one by one, and a record that still fails falls back to the line-by-line
+validator, which keeps unknown fields in the extra columns and quarantines what is invalid — so one bad line
+costs its own row, never its batch's, and no value is skipped.
 
-Everything is decoded with the configured schema (`params`: the parameters promoted by `[schema.params]`); an
-Arrow record written under another configuration is conformed to it (`schema.conform`).
+Everything is decoded with the processor's schema (`params`: `schema.effective_params`, the parameters the
+events table has plus those its configuration promotes); an Arrow record written under another configuration
+is conformed to it (`schema.conform`, which keeps what the schema lacks in the extra columns).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class _Codec:
 def _codec(params: schema.Params) -> _Codec:
     decode_schema = schema.decode_schema(params)
     return _Codec(params, decode_schema, schema.arrow_schema(params=params),
-                  pj.ParseOptions(explicit_schema=decode_schema, unexpected_field_behavior="ignore"),
+                  # "error", not "ignore": a field the schema lacks must reach the validator, which keeps it
+                  pj.ParseOptions(explicit_schema=decode_schema, unexpected_field_behavior="error"),
                   # now=None when validating: an event that reached the log without eventTime is not stamped
                   # here, it is quarantined
                   schema.EventValidator(event_time="input", params=params))
@@ -143,15 +148,21 @@ def _without_nulls(row: dict) -> dict:
 
 
 def _decode_json(records: list[LogRecord], out: Decoded, now: dt.datetime, codec: _Codec) -> None:
+    """The records in one read when the reader takes them all; else each record alone, and a record the reader
+    refuses (an unknown field, a foreign producer's line) line by line through the validator."""
     try:
         table = _read_json(b"\n".join(r.payload for r in records), codec)
         line_counts = [len(_lines(r.payload)) for r in records] if _needs_line_map(table) else None
         if line_counts is not None and sum(line_counts) != table.num_rows:
             raise ValueError("lines and rows disagree")
-        _check_and_split(table, records, line_counts, out, now, codec)
     except (pa.ArrowInvalid, ValueError):
-        for record in records:  # slow path, one record at a time
-            _decode_record_slowly(record, out, now, codec)
+        for record in records:
+            if len(records) > 1:
+                _decode_json([record], out, now, codec)
+            else:
+                _decode_record_slowly(record, out, now, codec)
+        return
+    _check_and_split(table, records, line_counts, out, now, codec)
 
 
 def _needs_line_map(table: pa.Table) -> bool:

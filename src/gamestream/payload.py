@@ -45,8 +45,10 @@ def encode(table: pa.Table | pa.RecordBatch, compression: Compression = "none") 
 
 def decode(payload: bytes, params: schema.Params = ()) -> pa.Table:
     """An Arrow record payload back as a table with `schema.decode_schema(params)`: a record written under
-    another configuration, or before the extra columns existed, is conformed to it (missing columns null);
-    `ValueError` when it is not one or cannot be conformed (a record from a newer, incompatible version, say)."""
+    another configuration, or before the extra columns existed, is conformed to it (`schema.conform`: missing
+    columns null; a promoted parameter `params` lacks, or holds with another type, kept in `eventParams_extra`,
+    an unknown top-level column in `event_extra`); `ValueError` when it is not one or cannot be conformed (a
+    record from a newer, incompatible version, say)."""
     if not is_arrow(payload):
         raise ValueError("not an Arrow record payload")
     try:
@@ -57,6 +59,6 @@ def decode(payload: bytes, params: schema.Params = ()) -> pa.Table:
     if table.schema != target:
         try:
             table = schema.conform(table, target)
-        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
             raise ValueError(f"Arrow record payload with another schema: {error}") from None
     return table

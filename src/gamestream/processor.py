@@ -52,7 +52,7 @@ from typing import Callable, Iterable
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from gamestream import lake, metrics
+from gamestream import lake, metrics, schema
 from gamestream.decode import Decoded, decode_records
 from gamestream.forget import ForgottenDevices
 from gamestream.log import EventLog, LogRecord, LogUnavailable
@@ -122,6 +122,11 @@ class Processor:
         self.ownership: Ownership = ownership or open_ownership(settings, log.partitions, partitions)
         try:
             self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"), settings.schema_params)
+            # Decoded with every promoted field the table has, not only this configuration's: a collector or
+            # `load` promoting a parameter this processor's configuration lacks (or lacks since it was removed)
+            # still fills the table's typed column; a field the table has no column for goes to the extra columns.
+            self.params: schema.Params = schema.effective_params(settings.schema_params,
+                                                                 lake.arrow_schema_of(self.events_table))
             self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
         except BaseException:
             if self._closes_ownership:
@@ -318,7 +323,7 @@ class Processor:
                 read_any = True
                 pending.extend(records)
                 self._decoded[partition].append(  # while a flush may be writing
-                    decode_records(records, params=self.settings.schema_params))
+                    decode_records(records, params=self.params))
                 events = sum(r.events for r in records)
                 self._pending_events += events
                 self._events_per_record = max(1, events // len(records))
@@ -424,7 +429,7 @@ class Processor:
             if key not in decoded:
                 decoded.clear()
                 decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]],
-                                              params=self.settings.schema_params)
+                                              params=self.params)
             return decoded[key]
 
         def builder(app_ids: "_AppIds", positions: lake.TxnPositions, table: DeltaTable,

@@ -174,18 +174,76 @@ def decode_schema(params: Params = ()) -> "pa.Schema":
     return arrow_schema(with_derived=False, params=params)
 
 
+def param_type(arrow_type: "pa.DataType") -> str | None:
+    """The `[schema.params]` type whose column has `arrow_type` (the inverse of `PARAM_TYPES` through the Arrow
+    types), or None when no parameter type makes that column."""
+    for type_name, kind in PARAM_TYPES.items():
+        if _arrow_type(Field("", kind, "")) == arrow_type:
+            return type_name
+    return None
+
+
+def table_params(table_schema: "pa.Schema") -> Params:
+    """The promoted parameters an events table holds: the fields of its `eventParams` beyond the built-in ones
+    (added by any process's `[schema.params]`, including parameters since removed from it), in the table's
+    order, with their types mapped back to parameter types; a field no parameter type makes is left out."""
+    import pyarrow as pa
+
+    if EVENT_PARAMS.name not in table_schema.names:
+        return ()
+    struct = table_schema.field(EVENT_PARAMS.name).type
+    if not pa.types.is_struct(struct):
+        return ()
+    built_in = {c.name for c in EVENT_PARAMS.children}
+    found = []
+    for child in struct:
+        type_name = param_type(child.type)
+        if child.name not in built_in and type_name is not None and _PARAM_NAME.match(child.name):
+            found.append((child.name, type_name))
+    return tuple(found)
+
+
+def effective_params(configured: Params, table_schema: "pa.Schema") -> Params:
+    """The parameters a processor decodes with: those the events table has (`table_params`), in its order, then
+    the `configured` ones it lacks. A processor whose configuration differs from the collector's, or from the
+    one a parameter was removed from, thus still fills every typed column the table has; a value with no column
+    is kept in the extra columns (`conform`, `EventValidator`). A configured type that differs from the table's
+    is not taken here: `lake.open_events` refuses it first."""
+    have = table_params(table_schema)
+    names = {name for name, _ in have}
+    return check_params(have + tuple(p for p in check_params(configured) if p[0] not in names))
+
+
 def conform(table: "pa.Table", target: "pa.Schema") -> "pa.Table":
     """`table` with exactly `target`'s columns, in its order: a column (or a field inside a struct) that `table`
-    lacks is added as nulls, one `target` lacks is dropped, others are cast. What lets rows written under one
-    configuration meet a table evolved under another (a record from before a parameter was promoted, a table
-    that kept the column of a parameter no longer configured). Free when the schemas are already equal."""
+    lacks is added as nulls, others are cast. What lets rows written under one configuration meet a table
+    evolved under another (a record from before a parameter was promoted, a table that kept the column of a
+    parameter no longer configured). Free when the schemas are already equal.
+
+    Nothing is dropped: a field of `eventParams` that `target` lacks, or holds with a type the value does not
+    convert to exactly (another integer width aside), goes into `eventParams_extra`, and a top-level column
+    `target` lacks into `event_extra` — merged with what those already hold, as the JSON the per-event path
+    (`EventValidator`) writes for the same value. Only rows where such a value is non-null are touched."""
     import pyarrow as pa
 
     if table.schema == target:
         return table
-    columns = [_conform_column(table.column(f.name), f.type) if f.name in table.column_names
-               else pa.nulls(table.num_rows, f.type) for f in target]
-    return pa.Table.from_arrays(columns, schema=target)
+    rescued: dict[str, list[tuple[str, pa.ChunkedArray]]] = {PARAMS_EXTRA: [], EVENT_EXTRA: []}
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for f in target:
+        if f.name not in table.column_names:
+            columns[f.name] = pa.nulls(table.num_rows, f.type)
+        elif f.name == EVENT_PARAMS.name and pa.types.is_struct(f.type) \
+                and pa.types.is_struct(table.schema.field(f.name).type):
+            columns[f.name], dropped = _conform_params(table.column(f.name), f.type)
+            rescued[PARAMS_EXTRA] += dropped
+        else:
+            columns[f.name] = _conform_column(table.column(f.name), f.type)
+    rescued[EVENT_EXTRA] += [(name, table.column(name)) for name in table.column_names if name not in target.names]
+    for extra, dropped in rescued.items():
+        if dropped and extra in columns:
+            columns[extra] = _rescue(columns[extra], dropped, extra)
+    return pa.Table.from_arrays([columns[f.name] for f in target], schema=target)
 
 
 def _conform_column(column: "pa.ChunkedArray", target: "pa.DataType") -> "pa.ChunkedArray":
@@ -198,14 +256,52 @@ def _conform_column(column: "pa.ChunkedArray", target: "pa.DataType") -> "pa.Chu
     return column.cast(target)
 
 
-def _conform_struct(array: "pa.StructArray", target: "pa.StructType") -> "pa.StructArray":
+def _conform_params(column: "pa.ChunkedArray", target: "pa.StructType"
+                    ) -> tuple["pa.ChunkedArray", list[tuple[str, "pa.ChunkedArray"]]]:
+    """`eventParams` as `target`, and the children it cannot hold (named, with the parent's nulls applied)."""
+    import pyarrow as pa
+
+    if column.type == target:
+        return column, []
+    have = {column.type.field(i).name: column.type.field(i).type for i in range(column.type.num_fields)}
+    wanted = {f.name: f.type for f in target}
+    keep = {name for name, kind in have.items() if name in wanted and _converts(column, name, kind, wanted[name])}
+    dropped = [name for name in have if name not in keep]
+    conformed = pa.chunked_array([_conform_struct(chunk, target, keep) for chunk in column.chunks], target)
+    if not dropped:
+        return conformed, []
+    flat = [dict(zip(have, chunk.flatten())) for chunk in column.chunks]  # flatten applies the parent's nulls
+    return conformed, [(name, pa.chunked_array([f[name] for f in flat], have[name])) for name in dropped]
+
+
+def _converts(column: "pa.ChunkedArray", name: str, have: "pa.DataType", want: "pa.DataType") -> bool:
+    """Whether child `name` of the struct `column` goes into a `want` field as it is: the same type, or integers
+    that fit the other width. A string into a number, a double into an integer and the like would change the
+    value the game sent, so those are kept as sent instead."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if have == want or pa.types.is_null(have):
+        return True
+    if not (pa.types.is_integer(have) and pa.types.is_integer(want)):
+        return False
+    try:
+        for chunk in column.chunks:
+            pc.struct_field(chunk, name).cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
+def _conform_struct(array: "pa.StructArray", target: "pa.StructType",
+                    keep: set[str] | None = None) -> "pa.StructArray":
     import pyarrow as pa
     import pyarrow.compute as pc
 
     names = [array.type.field(i).name for i in range(array.type.num_fields)]
     children = []
     for field in target:
-        if field.name in names:
+        if field.name in names and (keep is None or field.name in keep):
             child = array.field(field.name)  # the child as its parent's offset and length see it
             if child.type != field.type:
                 child = (_conform_struct(child, field.type) if pa.types.is_struct(field.type)
@@ -215,6 +311,35 @@ def _conform_struct(array: "pa.StructArray", target: "pa.StructType") -> "pa.Str
             children.append(pa.nulls(len(array), field.type))
     return pa.StructArray.from_arrays(children, fields=list(target),
                                       mask=pc.is_null(array) if array.null_count else None)
+
+
+def _rescue(extra: "pa.ChunkedArray | pa.Array", dropped: list[tuple[str, "pa.ChunkedArray"]],
+            path: str) -> "pa.Array":
+    """The extra column `extra` with the non-null values of the `dropped` columns added to each row's JSON
+    object (after the keys it holds), encoded as `EventValidator` keeps an unknown key of a canonical line."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    present = None
+    for _, column in dropped:
+        valid = pc.is_valid(column)
+        present = valid if present is None else pc.or_(present, valid)
+    rows = pc.indices_nonzero(present)
+    if len(rows) == 0:
+        return extra
+    extra = pa.chunked_array([extra]) if isinstance(extra, pa.Array) else extra
+    given = extra.take(rows).to_pylist()
+    values = [(name, column.take(rows).to_pylist()) for name, column in dropped]
+    merged = []
+    for i, before in enumerate(given):
+        captured = {name: msgspec.Raw(_KEY_ENCODER.encode(column[i])) for name, column in values
+                    if column[i] is not None}
+        try:
+            merged.append(_extra_column(before, captured, path))
+        except _Invalid as invalid:  # only a record that skipped validation can hold such an extra column
+            raise ValueError(str(invalid.rejection)) from None
+    mask = pc.is_in(pa.array(range(len(extra)), pa.int64()), value_set=rows.cast(pa.int64()))
+    return pc.replace_with_mask(extra.combine_chunks(), mask, pa.array(merged, pa.string()))
 
 
 def _quarantine_schema() -> "pa.Schema":
