@@ -18,7 +18,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream import lake, schema
+from gamestream import lake, payload, schema
 from gamestream.log import Append
 from gamestream.log.sqlite import SqliteEventLog
 
@@ -251,3 +251,133 @@ def test_the_schema_command_follows_the_configuration(tmp_path: Path) -> None:
     assert "| `eventParams.level` | bigint | no |" in markdown and "| `eventParams.vip` | boolean | no |" in markdown
     spark = gamestream("schema", "--spark", data_dir=tmp_path).stdout
     assert "amount: DOUBLE, level: BIGINT, vip: BOOLEAN>" in spark
+
+
+# ------------------------------------------------------------------- processes configured differently (#16)
+# The collector or `load` promotes parameters; the processor may read another configuration (none, one the
+# parameter was removed from, one promoting something else). Whatever it reads, a promoted value lands in the
+# table's typed column when the table has one, else in eventParams_extra — never lost. Each case goes through
+# both kinds of log record: Arrow (a clean `load` chunk) and NDJSON (a chunk holding one bad line, and the
+# collector's small batches).
+PROMOTED = '[schema.params]\nlevel = "int"\nfirst_seen = "timestamp"\nratio = "double"\n'
+PROMOTED_PARAMS = (("level", "int"), ("first_seen", "timestamp"), ("ratio", "double"))
+TYPED = '"level":9007199254740993,"first_seen":"2026-11-30T09:30:00.000001+01:00","ratio":0.1'
+UNKNOWN = '"x":[1,2.50]'  # sent beside them through the NDJSON paths (an unknown key keeps a chunk off Arrow)
+TYPED_VALUES = {"level": 9007199254740993, "ratio": 0.1,
+                "first_seen": dt.datetime(2026, 11, 30, 8, 30, 0, 1, tzinfo=dt.timezone.utc)}
+# the same values kept as JSON where the table has no column for them, as the canonical line holds them (UTC
+# timestamps with a Z), after any unknown key the collector or `load` already kept
+TYPED_AS_EXTRA = '"level":9007199254740993,"first_seen":"2026-11-30T08:30:00.000001Z","ratio":0.1'
+VIA = ("arrow", "ndjson", "http")
+KEPT_BY_THE_SENDER = {"arrow": None, "ndjson": "{" + UNKNOWN + "}", "http": "{" + UNKNOWN + "}"}
+
+
+def send_promoted(tmp_path: Path, data: Path, config: Path) -> None:
+    """Events carrying the promoted parameters into the log under `config`, as Arrow records (a clean file),
+    NDJSON records (a file with a bad line) and through the collector."""
+    clean = [raw_event("arrow", TYPED)] + [raw_event(f"arrow-{i}") for i in range(3)]
+    with_a_bad_line = [raw_event("ndjson", TYPED + "," + UNKNOWN), '{"eventName":"no-params"}']
+    for name, lines in (("clean", clean), ("bad", with_a_bad_line)):
+        gamestream("--config", str(config), "load", str(write_ndjson(tmp_path / f"{name}.ndjson", lines)),
+                   data_dir=data)
+    server = ServeProcess(data, env={"GAMESTREAM_CONFIG": str(config)})
+    try:
+        answer = httpx.post(server.url + "/v1/events", content=raw_event("http", TYPED + "," + UNKNOWN).encode(),
+                            headers={"Content-Type": "application/x-ndjson"})
+        assert answer.status_code == 200 and answer.json()["accepted"] == 1
+    finally:
+        server.stop()
+    log = SqliteEventLog(data / "log", partitions=None)
+    try:
+        kinds = {payload.is_arrow(r.payload) for p in range(log.partitions) for r in log.read(p, -1, 1000)}
+    finally:
+        log.close()
+    assert kinds == {True, False}  # both kinds of record are in the log
+
+
+def test_a_processor_without_the_configuration_fills_the_typed_columns_the_table_has(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    uri = str(data / "tables" / "events")
+    lake.open_events(uri, PROMOTED_PARAMS)  # evolved by a processor that reads the configuration
+    send_promoted(tmp_path, data, configure(tmp_path / "conf", PROMOTED))
+    gamestream("process", "--until-idle", data_dir=data)  # no configuration file
+    rows = by_id(table_rows(uri))
+    for via in VIA:
+        assert {k: rows[via]["eventParams"][k] for k in TYPED_VALUES} == TYPED_VALUES, via
+        assert rows[via]["eventParams_extra"] == KEPT_BY_THE_SENDER[via], via
+    assert len(rows) == 6 and rows["arrow-1"]["eventParams"]["level"] is None
+
+
+def test_a_value_the_table_has_no_column_for_is_kept_in_eventparams_extra(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    send_promoted(tmp_path, data, configure(tmp_path / "conf", PROMOTED))
+    gamestream("process", "--until-idle", data_dir=data)  # no configuration file: the table has no such column
+    uri = data / "tables" / "events"
+    assert not set(TYPED_VALUES) & set(lake.arrow_schema_of(lake.open_table(str(uri))).field("eventParams").type.names)
+    rows = by_id(table_rows(uri))
+    for via in VIA:
+        kept = KEPT_BY_THE_SENDER[via]  # the same text whatever the record kind
+        assert rows[via]["eventParams_extra"] == (kept[:-1] + "," if kept else "{") + TYPED_AS_EXTRA + "}", via
+    assert rows["arrow-1"]["eventParams_extra"] is None and len(rows) == 6
+
+
+def test_a_parameter_removed_from_the_configuration_lands_in_the_column_the_table_kept(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    uri = str(data / "tables" / "events")
+    config = configure(data, PROMOTED)
+    lake.open_events(uri, PROMOTED_PARAMS)  # the processor that read this configuration evolved the table
+    send_promoted(tmp_path, data, config)
+    configure(data, '[schema.params]\nvip = "bool"\n')  # level, first_seen and ratio removed, vip promoted
+    gamestream("process", "--until-idle", data_dir=data)
+    rows = by_id(table_rows(uri))
+    for via in VIA:
+        assert {k: rows[via]["eventParams"][k] for k in TYPED_VALUES} == TYPED_VALUES, via
+        assert rows[via]["eventParams_extra"] == KEPT_BY_THE_SENDER[via], via
+        assert rows[via]["eventParams"]["vip"] is None
+    assert lake.arrow_schema_of(lake.open_table(uri)).field("eventParams").type.names[-4:] == [
+        "level", "first_seen", "ratio", "vip"]
+
+
+def test_processes_sharing_the_configuration_store_promoted_values_typed_and_only_unknown_keys_as_extra(
+        tmp_path: Path) -> None:
+    """The usual case, unchanged (passes before and after the fix above: a guard, not a reproduction)."""
+    data = tmp_path / "data"
+    config = configure(data, PROMOTED)
+    send_promoted(tmp_path, data, config)
+    gamestream("process", "--until-idle", data_dir=data)
+    rows = by_id(table_rows(data / "tables" / "events"))
+    for via in VIA:
+        assert {k: rows[via]["eventParams"][k] for k in TYPED_VALUES} == TYPED_VALUES, via
+        assert rows[via]["eventParams_extra"] == KEPT_BY_THE_SENDER[via], via
+        assert rows[via]["event_extra"] is None
+    assert len(rows) == 6
+
+
+def test_fields_of_a_newer_producer_written_to_the_log_directly_are_kept(tmp_path: Path) -> None:
+    """Records holding fields this version's schema lacks, at top level and in eventParams, as NDJSON and as an
+    Arrow record, land with those fields in the extra columns."""
+    data = tmp_path / "data"
+    moment = dt.datetime(2026, 11, 30, 10, tzinfo=dt.timezone.utc)
+    newer = pa.schema(list(schema.decode_schema()) + [pa.field("future", pa.struct([("k", pa.int64())]))])
+    newer = newer.set(newer.get_field_index("eventParams"), pa.field("eventParams", pa.struct(
+        list(schema.decode_schema().field("eventParams").type) + [pa.field("level", pa.int32())])))
+    rows = pa.Table.from_pylist([{"eventId": "arrow", "eventName": "x", "eventTime": moment,
+                                  "eventParams": {"device_id": "d", "level": 5}, "eventParams_extra": '{"b":1}',
+                                  "event_extra": '{"a":1}',
+                                  "future": {"k": 2}}], schema=newer)
+    sink = pa.BufferOutputStream()
+    sink.write(payload.MAGIC)
+    with pa.ipc.new_stream(sink, newer) as writer:
+        writer.write(rows)
+    ndjson = raw_event("ndjson", '"level":5', '"eventParams_extra":"{\\"b\\":1}","event_extra":"{\\"a\\":1}",'
+                                              '"future":{"k":2}')
+    log = SqliteEventLog(data / "log", partitions=4)
+    try:
+        log.append([Append(0, sink.getvalue().to_pybytes(), 1), Append(1, ndjson.encode(), 1)])
+    finally:
+        log.close()
+    gamestream("process", "--until-idle", data_dir=data)
+    stored = by_id(table_rows(data / "tables" / "events"))
+    for via in ("arrow", "ndjson"):
+        assert stored[via]["eventParams_extra"] == '{"b":1,"level":5}', via
+        assert stored[via]["event_extra"] == '{"a":1,"future":{"k":2}}', via
