@@ -306,7 +306,8 @@ def evolve(table: DeltaTable, target: pa.Schema, partition_by: list[str] | None,
 def conform_to(table: DeltaTable, rows: pa.Table) -> pa.Table:
     """`rows` with exactly the columns of `table` as it is now, in its order (`schema.conform`): the table may
     hold columns this process's configuration does not (a parameter promoted elsewhere, or since removed), and
-    a table evolved by another process must still take this process's rows."""
+    a table evolved by another process must still take this process's rows. A field the table lacks is not
+    dropped: it goes into the extra columns."""
     return schema.conform(rows, arrow_schema_of(table))
 
 
