@@ -171,11 +171,12 @@ class KpiStage:
         self.app_id = f"{settings.pipeline}-kpi"
         self.events = lake.open_events(settings.table_uri("events"))
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
+        existed = {name: lake.table_exists(settings.table_uri(name)) for name in kt.TABLES}
         self.tables = {name: self._open(name) for name in kt.TABLES}
         self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
         # KPI tables a data directory from an older gamestream lacks: built from the events table as it is at
         # the other tables' version, not by re-folding its whole history (which VACUUM may have removed)
-        missing = [n for n, t in self.tables.items() if t.version() == 0 and self.folded[n] == 0]
+        missing = [n for n in self.tables if not existed[n]]
         present = [v for n, v in self.folded.items() if n not in missing]
         bootstrap = missing if present and min(present) > 0 else []
         start = min(present) if bootstrap else min(self.folded.values())
