@@ -53,6 +53,31 @@ def test_the_seeds_dau_query_as_written_counts_todays_devices_in_utc(data, zone:
     assert sql_json(data_dir, SEED_DAU, env={"TZ": zone}) == [{"DAU": expected}]
 
 
+def test_the_seeds_windowed_counts_in_spark_sql_equal_the_kpi_tables(data) -> None:
+    """`window(eventTime, '60 minute')`, the seed's groupBy, as Spark SQL: a (start, end) struct per tumbling
+    window; the counts and bookings equal kpi_events_hourly and kpi_bookings_hourly, and the windows are aligned
+    as Spark aligns them (whole hours; 90-minute windows from the epoch)."""
+    data_dir, events = data
+    counts = sql_json(data_dir, "select window(eventTime, '60 minute') as window, count(*) as events "
+                                "from mobile_events_delta_raw group by window(eventTime, '60 minute')")
+    bookings = sql_json(data_dir, "select window.start as start, sum(eventParams.amount) as bookings from "
+                                  "(select window(eventTime, '60 minutes') as window, eventParams from events "
+                                  "where eventName = 'purchaseEvent') group by window.start")
+    hourly = sql_json(data_dir, "select window_start, window_end, events from kpi_events_hourly")
+    assert {(r["window"]["start"], r["window"]["end"]): r["events"] for r in counts} == {
+        (r["window_start"], r["window_end"]): r["events"] for r in hourly}
+    want = sql_json(data_dir, "select window_start, bookings from kpi_bookings_hourly")
+    assert {r["start"]: round(r["bookings"], 6) for r in bookings} == {
+        r["window_start"]: round(r["bookings"], 6) for r in want}
+    ninety = sql_json(data_dir, "select min(window(eventTime, '90 minutes').start) as first from events")
+    first = min(dt.datetime.fromisoformat(e["eventTime"]).astimezone(UTC) for e in events)
+    epoch_aligned = dt.datetime.fromtimestamp(first.timestamp() // 5400 * 5400, UTC)
+    assert dt.datetime.fromisoformat(ninety[0]["first"]) == epoch_aligned
+    refused = gamestream("sql", "select window(eventTime, '10 minutes', '5 minutes') from events",
+                         data_dir=data_dir, check=False)
+    assert refused.returncode == 2 and "sliding windows" in refused.stdout + refused.stderr
+
+
 def test_to_date_of_event_time_reads_only_the_matching_partition(data) -> None:
     data_dir, _ = data
     plan = SqlEngine(Settings(data_dir=data_dir)).plan(SEED_DAU)

@@ -10,7 +10,9 @@
    - `to_date(eventTime)` (also `CAST(eventTime AS DATE)`, `date(eventTime)`) becomes the partition column
      `eventDate`, so DuckDB pushes the comparison into the scan and skips the other days' files (a cast on
      eventTime would read them all);
-   - `current_date` becomes today's UTC date as a literal, whatever the machine's time zone.
+   - `current_date` becomes today's UTC date as a literal, whatever the machine's time zone;
+   - Spark's `window(eventTime, '60 minutes')` becomes the struct (start, end) of its tumbling window, aligned
+     to the epoch as Spark aligns it (DuckDB's `time_bucket`).
 4. sqlglot writes it as DuckDB SQL without comments (a comment could end early and uncover a second statement);
    DuckDB's own parser must see it as one SELECT with the same tables and functions (`_check_duckdb_tree`).
 5. It runs with `TimeZone = 'UTC'` over the tables registered as Arrow datasets
@@ -97,7 +99,43 @@ def _is_event_time(node: exp.Expression) -> bool:
     return isinstance(node, exp.Column) and node.name.lower() == "eventtime"
 
 
-def _rewrite(node: exp.Expression, today: dt.date) -> exp.Expression:
+# Spark SQL's `window(timeColumn, 'N minutes')` (the seed's `groupBy(window("eventTime", "60 minute"))`): a
+# struct (start, end) of the tumbling window holding the row, aligned to the epoch as Spark aligns it. sqlglot
+# reads WINDOW as the keyword of a WINDOW clause, so the function is renamed to this before parsing.
+_SPARK_WINDOW = "gamestream_spark_window"
+_WINDOW_DURATION = re.compile(r"^\s*(\d+)\s+(second|minute|hour|day|week)s?\s*$", re.IGNORECASE)
+
+
+def _rename_window_function(query: str) -> str:
+    try:
+        tokens = sqlglot.tokenize(query, read="spark")
+    except sqlglot.errors.TokenError:
+        return query  # the parse that follows reports it
+    # `window(` is the function; `window.start` a column named window (Spark's default name for it)
+    renames = {sqlglot.TokenType.L_PAREN: _SPARK_WINDOW, sqlglot.TokenType.DOT: "`window`"}
+    spans = [(token.start, token.end, renames[following.token_type]) for token, following in zip(tokens, tokens[1:])
+             if token.token_type == sqlglot.TokenType.WINDOW and following.token_type in renames]
+    for start, end, name in reversed(spans):
+        query = query[:start] + name + query[end + 1:]
+    return query
+
+
+def _spark_window(node: exp.Anonymous, query: str) -> exp.Expression:
+    args = node.expressions
+    duration = args[1] if len(args) == 2 else None
+    match = _WINDOW_DURATION.match(duration.name) if isinstance(duration, exp.Literal) and duration.is_string else None
+    if match is None:
+        raise QueryError("window() takes a time column and a duration such as '60 minutes' (tumbling windows; "
+                         "sliding windows and start offsets are not supported)", query)
+    interval = f"INTERVAL '{match[1]} {match[2].lower()}'"
+    column = args[0].sql(dialect="duckdb")
+    start = f"time_bucket({interval}, {column}, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+    return sqlglot.parse_one(f"{{'start': {start}, 'end': {start} + {interval}}}", read="duckdb")
+
+
+def _rewrite(node: exp.Expression, today: dt.date, query: str = "") -> exp.Expression:
+    if isinstance(node, exp.Anonymous) and node.name.lower() == _SPARK_WINDOW:
+        return _spark_window(node, query)
     if isinstance(node, (exp.TsOrDsToDate, exp.Date, exp.DateStrToDate)) and _is_event_time(node.this):
         return exp.column("eventDate", table=node.this.table or None)
     if isinstance(node, exp.Cast) and node.to.is_type("date") and _is_event_time(node.this):
@@ -233,7 +271,7 @@ def translate(query: str, today: dt.date | None = None, max_rows: int | None = N
     max_rows + 1 (enough to tell that a result is over the cap, without computing all of it)."""
     today = today or dt.datetime.now(dt.timezone.utc).date()
     try:
-        statements = [s for s in sqlglot.parse(query, read="spark") if s is not None]
+        statements = [s for s in sqlglot.parse(_rename_window_function(query), read="spark") if s is not None]
     except sqlglot.errors.ParseError as error:
         first = error.errors[0] if error.errors else {}
         description = _TOKEN.sub(lambda m: "the end of the query" if m[1] == "SENTINEL" else repr(m[2]),
@@ -251,7 +289,7 @@ def translate(query: str, today: dt.date | None = None, max_rows: int | None = N
         raise QueryError(f"{kind} is not allowed here: the SQL interface is read-only (SELECT / WITH queries, "
                          "and the maintenance statements OPTIMIZE and VACUUM).", query, 1, 1)
     tables = _check_sandbox(statement, query)
-    rewritten = statement.transform(lambda node: _rewrite(node, today))
+    rewritten = statement.transform(lambda node: _rewrite(node, today, query))
     if max_rows is not None:
         limit = rewritten.args.get("limit")
         written = limit.expression if isinstance(limit, exp.Limit) else None
