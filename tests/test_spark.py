@@ -1,6 +1,7 @@
 """The Spark job (`gamestream spark-job`: readStream.format("gamestream") + the reference pipeline + Delta sinks)
-writes the tables the embedded processor writes, on local[2] and on a standalone cluster, and a SIGKILL mid-run
-followed by a restart leaves every event exactly once.
+writes the tables the embedded processor writes, on local[2] (reading a NATS JetStream log) and on a standalone
+cluster (reading the embedded SQLite log), and a SIGKILL mid-run followed by a restart leaves every event exactly
+once.
 
 Real parts only: the `gamestream` command in child processes, real SQLite logs, real Delta tables, a real Spark
 master and worker. The input is on time (sorted by eventTime, loaded in order), since Spark drops late rows and
@@ -112,14 +113,20 @@ def _assert_same_tables(expected: dict[str, list[dict]], data_dir: Path) -> None
         assert actual[name] == expected[name], name
 
 
-def test_spark_job_on_local_writes_the_tables_the_embedded_processor_writes(reference, tmp_path: Path) -> None:
+def test_spark_job_on_local_reading_a_nats_log_writes_the_tables_the_embedded_processor_writes(
+        reference, tmp_path: Path) -> None:
+    """The same input in a NATS JetStream log (the cluster and kill tests read the embedded SQLite log)."""
+    from gamestream.nats_cluster import NatsCluster
+
     source, expected = reference
     data = tmp_path / "spark"
-    gamestream("load", str(source), "--chunk-lines", "500", data_dir=data)
-    started = time.monotonic()
-    completed = _spark_job(data, "--master", "local[2]")
+    with NatsCluster(tmp_path / "nats", nodes=1) as nats:
+        log = f"{nats.url}?stream=sparkjob"
+        gamestream("load", str(source), "--chunk-lines", "500", "--log", log, "--partitions", "4", data_dir=data)
+        started = time.monotonic()
+        completed = _spark_job(data, "--master", "local[2]", "--log", log)
+        print(f"spark job on local[2] over NATS: {time.monotonic() - started:.1f}s")
     assert f"committed {EVENTS + 4:,} events" in completed.stdout, completed.stdout + completed.stderr
-    print(f"spark job on local[2]: {time.monotonic() - started:.1f}s")
     _assert_same_tables(expected, data)
 
 
