@@ -433,7 +433,8 @@ def spark_job(data_dir: Path | None, log_url: str | None, tables_uri: str | None
               show_default=True)
 def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) -> None:
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
-    events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily). Dates are UTC."""
+    events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
+    kpi_activity, kpi_devices, audit). Dates are UTC."""
     from gamestream.query import QueryError, SqlEngine, display_value, to_csv, to_json
 
     try:

@@ -101,11 +101,22 @@ class GamestreamDataSource(DataSource):
     def schema(self) -> StructType:
         from gamestream import schema
 
-        params = LogSpec.from_options(self.options).settings().schema_params
+        params = _params(LogSpec.from_options(self.options).settings())
         return from_arrow_schema(schema.decode_schema(params), prefer_timestamp_ntz=False)
 
     def streamReader(self, schema: StructType) -> "GamestreamStreamReader":
         return GamestreamStreamReader(self.options)
+
+
+def _params(settings) -> tuple:
+    """The promoted parameters to decode with: the events table's own (any process's `[schema.params]`), then
+    the configured ones it lacks — as the embedded processor decodes (`schema.effective_params`)."""
+    from gamestream import lake, schema
+
+    uri = settings.table_uri("events")
+    if not lake.table_exists(uri):
+        return schema.check_params(settings.schema_params)
+    return schema.effective_params(settings.schema_params, lake.arrow_schema_of(lake.open_table(uri)))
 
 
 class GamestreamStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
@@ -113,7 +124,7 @@ class GamestreamStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow
 
     def __init__(self, options) -> None:
         self.spec = LogSpec.from_options(options)
-        self.params = self.spec.settings().schema_params
+        self.params = _params(self.spec.settings())
         limit = options.get("max_records_per_partition")
         self.max_records = int(limit) if limit else None
         if self.max_records is not None and self.max_records < 1:
