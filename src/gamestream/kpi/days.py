@@ -13,6 +13,7 @@ a session of length 0). Events may arrive in any order: each device's sessions o
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -50,7 +51,12 @@ class DayState:
     def _add_sessions(self, devices: pa.ChunkedArray | pa.Array, times: pa.ChunkedArray | pa.Array) -> None:
         if len(devices) == 0:
             return
-        ordered = pa.table({"d": devices, "t": times}).sort_by([("d", "ascending"), ("t", "ascending")])
+        encoded = pc.dictionary_encode(devices)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        names = encoded.dictionary.to_pylist()
+        # sorted by device (its dictionary index: integers sort faster than strings), then time
+        ordered = pa.table({"d": encoded.indices, "t": times}).sort_by([("d", "ascending"), ("t", "ascending")])
         d = ordered["d"].combine_chunks()
         t = ordered["t"].combine_chunks()
         # runs of this batch: a new run at each device change or gap of 30 minutes or more
@@ -58,31 +64,52 @@ class DayState:
         starts = pa.concat_arrays([pa.array([True]), pc.fill_null(breaks, True)])
         first = pc.cast(pc.indices_nonzero(starts), pa.int64())
         last = pa.concat_arrays([pc.subtract(first[1:], 1), pa.array([len(t) - 1], pa.int64())])
-        for name, start, end in zip(d.take(first).to_pylist(), t.take(first).to_pylist(), t.take(last).to_pylist()):
-            if name is not None:
-                self._merge(self.sessions.setdefault(name, []), start, end)
+        sessions = self.sessions
+        added_count = added_us = 0
+        for index, start, end in zip(d.take(first).to_pylist(), t.take(first).to_pylist(), t.take(last).to_pylist()):
+            name = names[index] if index is not None else None
+            if name is None:
+                continue
+            intervals = sessions.get(name)
+            if intervals is None:  # the device's first session of the day: nothing to merge with
+                sessions[name] = [[start, end]]
+                added_count += 1
+                added_us += end - start
+                continue
+            latest = intervals[-1]
+            if start >= latest[0]:  # in order, the usual case: after (or inside) the device's latest session
+                if start - latest[1] >= SESSION_GAP_US:
+                    intervals.append([start, end])
+                    added_count += 1
+                    added_us += end - start
+                    continue
+                if end > latest[1]:
+                    added_us += end - latest[1]
+                    latest[1] = end
+                continue
+            self._merge(intervals, start, end)
+        self.session_count += added_count
+        self.session_us += added_us
 
     def _merge(self, intervals: list[list[int]], start: int, end: int) -> None:
-        """Merges the run [start, end] into a device's sorted intervals: intervals less than 30 minutes apart
-        join (their events then have no 30-minute gap between them); the day's totals follow the difference."""
-        before_count = len(intervals)
-        before_us = sum(b - a for a, b in intervals)
-        merged = _coalesce(sorted([*intervals, [start, end]]))
-        intervals[:] = merged
-        self.session_count += len(merged) - before_count
-        self.session_us += sum(b - a for a, b in merged) - before_us
+        """Merges the run [start, end] into a device's sorted, disjoint intervals (each 30 minutes or more from
+        the next): the intervals less than 30 minutes from the run join it (their events and the run's then
+        have no 30-minute gap between them); the day's totals follow the difference."""
+        at = bisect.bisect_left(intervals, start, key=lambda interval: interval[0])
+        low = at
+        while low > 0 and start - intervals[low - 1][1] < SESSION_GAP_US:
+            low -= 1
+        high = at
+        while high < len(intervals) and intervals[high][0] - end < SESSION_GAP_US:
+            high += 1
+        joined = intervals[low:high]
+        merged = [min([start, *(i[0] for i in joined)]), max([end, *(i[1] for i in joined)])]
+        intervals[low:high] = [merged]
+        self.session_count += 1 - len(joined)
+        self.session_us += (merged[1] - merged[0]) - sum(b - a for a, b in joined)
 
     def base_row(self) -> dict:
         return {"dau": len(self.devices), "events": self.events, "bookings": self.bookings,
                 "paying_users": len(self.payers), "sessions": self.session_count,
                 "session_us": self.session_us}
 
-
-def _coalesce(intervals: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for interval in intervals:
-        if out and interval[0] - out[-1][1] < SESSION_GAP_US:
-            out[-1][1] = max(out[-1][1], interval[1])
-        else:
-            out.append(list(interval))
-    return out
