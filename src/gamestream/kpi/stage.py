@@ -114,6 +114,8 @@ class _Fold:
     touched_days: set[dt.date] = field(default_factory=set)  # days whose own rows changed
     recompute_days: set[dt.date] = field(default_factory=set)  # … of which those recomputed from the table
     pairs: dict[dt.date, set[str]] = field(default_factory=lambda: defaultdict(set))  # (day, device) maybe new
+    new_pairs: dict[int, dict[dt.date, set[str]]] = field(default_factory=dict)  # version → pairs surely new
+    late_pairs: dict[dt.date, set[str]] = field(default_factory=lambda: defaultdict(set))  # of final days: maybe
     first_day: dict[str, dt.date] = field(default_factory=dict)  # device → least day in this fold
     first_purchase: dict[str, dt.date] = field(default_factory=dict)
     forgotten: list[str] = field(default_factory=list)  # device ids whose every row this fold deletes
@@ -432,11 +434,13 @@ class KpiStage:
             mask = pc.equal(day_column, day)
             if day not in self.days and self._day_is_final(day):
                 fold.recompute_days.add(day)  # a late event for a final day
-                fold.pairs[day].update(pc.unique(devices.filter(mask)).to_pylist())
+                late = set(pc.unique(devices.filter(mask)).to_pylist()) - {None}
+                fold.late_pairs[day] |= late
+                fold.pairs[day] |= late
                 continue
-            fold.pairs[day].update(self.days.setdefault(day, DayState()).add(day_rows.filter(mask)))
-        for pairs in fold.pairs.values():
-            pairs.discard(None)
+            new = self.days.setdefault(day, DayState()).add(day_rows.filter(mask))
+            fold.new_pairs.setdefault(version, {})[day] = new
+            fold.pairs[day] |= new
         self._advance_watermark()
 
     def _fold_forget(self, version: int) -> None:
@@ -677,14 +681,30 @@ class KpiStage:
         if fold.forgotten:
             self._delete_devices(name, fold, version, state_json)
             return
-        days = [d for d, devices in fold.pairs.items() for _ in devices]
-        devices = [device for devices in fold.pairs.values() for device in devices]
-        source = pa.table({"eventDate": days, "device_id": devices}, schema=kt.ACTIVITY)
         for day, new in fold.pairs.items():
             if new:  # a day that gained a device changes the WAU/MAU of the 30 days from it, and 3 cohorts
                 fold.daily_days.update(day + dt.timedelta(days=k) for k in range(kt.MAU_DAYS))
                 fold.cohorts.update(day - dt.timedelta(days=n) for n in kt.RETENTION_DAYS)
-        self._merge_insert_only(name, source, version, state_json)
+        if self.folded[name] >= version:
+            return
+        # Pairs of the days in memory are new for certain (the day's devices are all known), except those of
+        # versions the table already has (a re-fold after a crash): appended. A late event's pair may be in the
+        # table already: then an insert-only MERGE takes them all.
+        pairs: dict[dt.date, set[str]] = defaultdict(set)
+        for commit_version, days in fold.new_pairs.items():
+            if commit_version > self.folded[name]:
+                for day, devices in days.items():
+                    pairs[day] |= devices
+        for day, devices in fold.late_pairs.items():
+            pairs[day] |= devices
+        source = pa.table({"eventDate": [d for d, devices in pairs.items() for _ in devices],
+                           "device_id": [device for devices in pairs.values() for device in devices]},
+                          schema=kt.ACTIVITY)
+        if any(fold.late_pairs.values()):
+            self._merge_insert_only(name, source, version, state_json)
+        elif source.num_rows:
+            self._commit(name, version, state_json, lambda table, properties: write_deltalake(
+                table, source, mode="append", commit_properties=properties))
 
     def _merge_insert_only(self, name: str, source: pa.Table, version: int, state_json: str) -> None:
         if not source.num_rows:
@@ -739,11 +759,15 @@ class KpiStage:
             return
         source = pa.table({"device_id": list(changed), "first_day": [v[0] for v in changed.values()],
                            "first_purchase_day": [v[1] for v in changed.values()]}, schema=kt.DEVICES)
-        # the least of the two, whatever this stage believed the row held: the upsert stays idempotent
-        earliest = ("CASE WHEN t.{c} IS NULL THEN s.{c} WHEN s.{c} IS NULL THEN t.{c} WHEN t.{c} <= s.{c} THEN t.{c} "
-                    "ELSE s.{c} END")
-        self._merge(name, source, "t.device_id = s.device_id",
-                    {c: earliest.format(c=c) for c in ("first_day", "first_purchase_day")}, version, state_json)
+        if all(device not in known for device in changed):  # only devices the table does not have: appended
+            self._commit(name, version, state_json, lambda table, properties: write_deltalake(
+                table, source, mode="append", commit_properties=properties))
+        else:
+            # the least of the two, whatever this stage believed the row held: the upsert stays idempotent
+            earliest = ("CASE WHEN t.{c} IS NULL THEN s.{c} WHEN s.{c} IS NULL THEN t.{c} WHEN t.{c} <= s.{c} "
+                        "THEN t.{c} ELSE s.{c} END")
+            self._merge(name, source, "t.device_id = s.device_id",
+                        {c: earliest.format(c=c) for c in ("first_day", "first_purchase_day")}, version, state_json)
         self._known_devices.update(changed)
 
     # ------------------------------------------------------------------------------- daily and cohort rows
