@@ -303,8 +303,16 @@ class KpiStage:
     def offer(self, version: int, rows: pa.Table) -> None:
         """The rows that events-table `version` added, from the processor that committed them in this process:
         a fold whose versions are all offered uses them instead of reading the change data feed back."""
+        # Bounded: a stage that falls behind (a slow store, a long catch-up) is offered no more than about two
+        # folds' rows; the versions it was not offered are read back from the change data feed.
         with self._committed_here_lock:
-            self._committed_here[version] = rows.select(["eventTime", "eventName", "eventParams", "eventDate"])
+            held = sum(t.num_rows for t in self._committed_here.values())
+            if held + rows.num_rows > 2 * self.settings.kpi_rows_per_fold:
+                return
+        # only the columns the KPIs read: the rest of eventParams is freed with the processor's batch
+        normalised = _normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
+        with self._committed_here_lock:
+            self._committed_here[version] = normalised
 
     def _offered(self, first: int, last: int) -> pa.Table | None:
         with self._committed_here_lock:
@@ -312,7 +320,7 @@ class KpiStage:
                 del self._committed_here[version]  # folded already
             if not all(v in self._committed_here for v in range(first, last + 1)):
                 return None
-            parts = [_normalise(t).append_column("_commit_version", pa.array([v] * t.num_rows, pa.int64()))
+            parts = [t.append_column("_commit_version", pa.array([v] * t.num_rows, pa.int64()))
                      for v, t in sorted(self._committed_here.items()) if first <= v <= last]
         return pa.concat_tables(parts)
 
@@ -832,7 +840,7 @@ class KpiStage:
     def _query(self, sql: str, **tables: pa.Table) -> list[tuple]:
         """Runs DuckDB `sql` over the Arrow `tables` on the stage's one connection (a connection costs ~20 ms)."""
         if self._duckdb is None:
-            self._duckdb = duckdb.connect()
+            self._duckdb = duckdb.connect(config={"threads": 1})
         try:
             for name, table in tables.items():
                 self._duckdb.register(name, table)
