@@ -273,15 +273,15 @@ def test_a_data_directory_from_before_the_game_kpis_gains_them_without_replaying
 
 
 def test_a_kpi_stage_behind_its_processor_reads_back_what_it_was_not_handed(tmp_path: Path) -> None:
-    """The processor hands its commits' rows to the KPI stage, up to about two folds' worth (memory stays bounded
-    however far behind the stage falls); the rest comes from the change data feed. Small folds make the stage
-    fall behind and switch between the two: the tables still equal the reference."""
+    """The processor hands its commits' rows to the KPI stage up to `kpi_offered_max_bytes` held (memory stays
+    bounded however far behind the stage falls); the rest comes from the change data feed. A small bound and
+    small folds make the stage switch between the two: the tables still equal the reference."""
     data = tmp_path / "data"
     events = list(simulate(events=12_000, users=300, seed=41, start=dt.datetime(2026, 10, 1, tzinfo=UTC), days=21))
     write_ndjson(tmp_path / "e.ndjson", events)
     gamestream("load", str(tmp_path / "e.ndjson"), "--chunk-lines", "500", data_dir=data)
     gamestream("process", "--until-idle", "--max-batch-events", "400", data_dir=data,
-               env={"GAMESTREAM_KPI_ROWS_PER_FOLD": "300"})
+               env={"GAMESTREAM_KPI_ROWS_PER_FOLD": "300", "GAMESTREAM_KPI_OFFERED_MAX_BYTES": "60000"})
     want, got = expected_kpis([events]), kpi_tables(data)
     assert got[0] == want[0]
     assert rounded_rows(got[2]) == rounded_rows(want[2]) and rounded_rows(got[3]) == rounded_rows(want[3])

@@ -48,6 +48,9 @@ class Settings:
     """KPI: at most this many events-table versions are folded per KPI commit…"""
     kpi_rows_per_fold: int = 250_000
     """…and about this many rows (judged by the versions folded so far): bounds a catch-up's memory."""
+    kpi_offered_max_bytes: int = 256 * 1024 * 1024
+    """KPI: the processor hands its commits' rows to the KPI stage in its process up to this much held; beyond
+    it (a stage far behind), the stage reads them back from the change data feed."""
     maintenance_interval_s: float = 30.0
     """Automatic maintenance (demo, `process --maintenance`): how often it looks at the tables."""
     target_file_bytes: int = 1024 * 1024 * 1024

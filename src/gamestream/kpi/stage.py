@@ -198,6 +198,7 @@ class KpiStage:
         self._rows_per_version = 1
         self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
         self._committed_here_lock = threading.Lock()
+        self.offered_max_bytes = settings.kpi_offered_max_bytes
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)
         logger.info("KPI stage started", extra={
@@ -303,16 +304,14 @@ class KpiStage:
     def offer(self, version: int, rows: pa.Table) -> None:
         """The rows that events-table `version` added, from the processor that committed them in this process:
         a fold whose versions are all offered uses them instead of reading the change data feed back."""
-        # Bounded: a stage that falls behind (a slow store, a long catch-up) is offered no more than about two
-        # folds' rows; the versions it was not offered are read back from the change data feed.
-        with self._committed_here_lock:
-            held = sum(t.num_rows for t in self._committed_here.values())
-            if held + rows.num_rows > 2 * self.settings.kpi_rows_per_fold:
-                return
-        # only the columns the KPIs read: the rest of eventParams is freed with the processor's batch
+        # only the columns the KPIs read (~75 bytes a row): the rest of eventParams is freed with the batch
         normalised = _normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
         with self._committed_here_lock:
-            self._committed_here[version] = normalised
+            # Bounded: a stage that falls far behind (a slow store, a long catch-up) holds at most
+            # `kpi_offered_max_bytes`; the versions it was not handed are read back from the change data feed.
+            held = sum(t.nbytes for t in self._committed_here.values())
+            if held + normalised.nbytes <= self.offered_max_bytes:
+                self._committed_here[version] = normalised
 
     def _offered(self, first: int, last: int) -> pa.Table | None:
         with self._committed_here_lock:
