@@ -2,7 +2,7 @@
 
 A day that is not final yet (its end is above the watermark) is held in memory and updated as versions are
 folded; a final day leaves memory, and a late event for it recomputes it from the events table
-(`day_from_rows`). Both paths go through `DayState.add`, so they cannot disagree.
+(`KpiStage._day_from_table`). Both paths go through `DayState.add`, so they cannot disagree.
 
 Sessions: a device's session ends after 30 minutes without events (`SESSION_GAP_US`), and at midnight UTC — as
 Google Analytics ends sessions at midnight — so a day's sessions depend on that day's events only and a late

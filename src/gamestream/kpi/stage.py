@@ -122,7 +122,6 @@ class _Fold:
     forgotten_hashes: list[str] = field(default_factory=list)
     daily_days: set[dt.date] = field(default_factory=set)  # kpi_daily rows to re-derive
     cohorts: set[dt.date] = field(default_factory=set)  # kpi_retention rows to re-derive
-    derive_all: bool = False
 
 
 def _normalise(table: pa.Table) -> pa.Table:
