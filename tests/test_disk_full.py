@@ -169,7 +169,10 @@ def test_a_full_disk_is_refused_with_503_waited_out_by_the_processor_and_loses_n
         assert acknowledged_before_full > EVENTS_PER_REQUEST  # some of the filling was taken, then refused
         fill(data / "ballast-2")  # whatever the log could not use: now nothing at all is free
         assert shutil.disk_usage(data).free < 64 * 1024
-        assert client.post(events("while-full", EVENTS_PER_REQUEST)) == 503
+        # SQLite may still reuse room inside its own files (WAL pages a rolled-back write left): a request or two
+        # can fit there; then every request is refused (one CI run in four took one more request here)
+        statuses = [client.post(events(f"while-full-{i}", EVENTS_PER_REQUEST)) for i in range(4)]
+        assert statuses[-1] == 503 and statuses.count(503) >= 2, statuses
 
         # 3. the processor goes on: its Delta write fails for want of space, and it waits
         processor.send_signal(signal.SIGCONT)
