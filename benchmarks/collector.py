@@ -24,7 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from gamestream.generator import live_events
+from gamestream.demo.generator import live_events
 
 PEER_APP = textwrap.dedent("""
     import sys, uvicorn

@@ -22,11 +22,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from gamestream import schema
-from gamestream.decode import decode_records
-from gamestream.generator import simulate
-from gamestream.loader import load_file
+from gamestream.process.decode import decode_records
+from gamestream.demo.generator import simulate
+from gamestream.ingest.loader import load_file
 from gamestream.log import LogRecord, open_log
-from gamestream.processor import Processor
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 
 

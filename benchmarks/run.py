@@ -136,7 +136,7 @@ def gamestream(*args: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the workload
 def make_workload(directory: Path, events: int) -> tuple[list[Path], int]:
-    from gamestream.generator import simulate
+    from gamestream.demo.generator import simulate
 
     directory.mkdir(parents=True)
     files = [directory / f"part-{i:04d}.ndjson" for i in range(8)]

@@ -32,8 +32,9 @@ import time
 import pyarrow as pa
 import pyarrow.json as pj
 
-from gamestream import lake, schema
-from gamestream.generator import simulate
+from gamestream.tables import lake
+from gamestream import schema
+from gamestream.demo.generator import simulate
 from s3_servers import SERVERS
 
 BUCKET = "bench-lake"

@@ -92,7 +92,7 @@ def append_rate(log, bodies: list[bytes], *, in_flight: int, seconds: float) -> 
 
 def append_benchmarks(work: Path, bodies: list[bytes], seconds: float, levels: list[int]) -> dict:
     from gamestream.log import connect
-    from gamestream.nats_cluster import NatsCluster
+    from gamestream.demo.nats_cluster import NatsCluster
     from gamestream.settings import Settings
 
     results: dict[tuple[str, int], dict] = {}
@@ -120,7 +120,7 @@ def append_benchmarks(work: Path, bodies: list[bytes], seconds: float, levels: l
 
 # ---------------------------------------------------------------------------------------------- processing
 def free_port() -> int:
-    from gamestream.nats_cluster import free_port as pick
+    from gamestream.demo.nats_cluster import free_port as pick
 
     return pick()
 
@@ -276,8 +276,9 @@ def commit_cost(work: Path, lines: list[bytes], commits: int) -> dict:
     cost of a Delta commit (Parquet write + log entry) that a table's commit rate is bounded by."""
     from deltalake import CommitProperties, Transaction, write_deltalake
 
-    from gamestream import lake, schema
-    from gamestream.decode import decode_records
+    from gamestream.tables import lake
+    from gamestream import schema
+    from gamestream.process.decode import decode_records
     from gamestream.log import LogRecord
 
     validator = schema.EventValidator(event_time="input")
@@ -320,7 +321,7 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="gamestream-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     begun = time.perf_counter()
-    from gamestream.nats_cluster import NatsCluster
+    from gamestream.demo.nats_cluster import NatsCluster
 
     try:
         print(f"workload: {n:,} events …", flush=True)

@@ -4,7 +4,7 @@
 
 Builds an events table the way streaming does (one small file per micro-batch commit, over three days), runs
 the same DuckDB queries over it (a daily DAU aggregate, and the seed's DAU query for one day), compacts it with
-`gamestream.maintenance.optimize`, runs the queries again, and prints both timings and the speed-up. The peer is
+`gamestream.tables.maintenance.optimize`, runs the queries again, and prints both timings and the speed-up. The peer is
 the same table before compaction, in the same process.
 """
 
@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.json as pj
 from deltalake import DeltaTable, write_deltalake
 
-from gamestream import maintenance, schema
-from gamestream.generator import simulate
-from gamestream.lake import open_events
-from gamestream.query import SqlEngine
+from gamestream.tables import maintenance
+from gamestream import schema
+from gamestream.demo.generator import simulate
+from gamestream.tables.lake import open_events
+from gamestream.api.query import SqlEngine
 from gamestream.settings import Settings
 
 QUERIES = {

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = dt.timezone.utc

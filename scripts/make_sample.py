@@ -6,7 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 
 BAD_LINES = [
     '{"eventName": "levelStart", "eventParams": {"device_id": "d-bad-1", "scoreAdjustment": "ten"}}',

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from gamestream.nats_cluster import NatsCluster
+from gamestream.demo.nats_cluster import NatsCluster
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The Lambda handler (`gamestream.aws`) against a real Kinesis API (moto's server in its own process): the
+"""The Lambda handler (`gamestream.integrations.aws`) against a real Kinesis API (moto's server in its own process): the
 collector's answers for the same bodies, records that gamestream's processor reads with no envelope, retries of
 refused records; the seed's own handler, verbatim, into the processor exactly once; and the deployment zip of
 `gamestream aws package-lambda`, imported in a clean virtual environment."""
@@ -23,9 +23,9 @@ import pytest
 import stamina
 
 from conftest import table_rows
-from gamestream import aws
+from gamestream.integrations import aws
 from gamestream.log import Append, open_log
-from gamestream.processor import Processor
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 from s3_store import MotoServer, aws_environment
 from test_envelope import SEED_STREAM, game_event, lambda_context, seed_handler, v1_event, v2_event
@@ -88,7 +88,7 @@ def collector(tmp_path: Path):
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
-    from gamestream.collector import create_app
+    from gamestream.api.app import create_app
 
     settings = Settings(data_dir=tmp_path / "collector", partitions=2, **LIMITS)
     settings.data_dir.mkdir(parents=True)
@@ -359,11 +359,11 @@ def test_the_seeds_handler_verbatim_into_the_processor_exactly_once(moto, tmp_pa
 HANDLER_CALL = """
 import json, os, sys
 sys.path.insert(0, os.environ["LAMBDA_TASK_ROOT"])  # what the Lambda runtime does with the unzipped package
-import gamestream.aws
-assert gamestream.aws.__file__.startswith(os.environ["LAMBDA_TASK_ROOT"]), gamestream.aws.__file__
+import gamestream.integrations.aws
+assert gamestream.integrations.aws.__file__.startswith(os.environ["LAMBDA_TASK_ROOT"]), gamestream.integrations.aws.__file__
 heavy = sorted(m for m in ("deltalake", "duckdb", "starlette", "polars", "pyarrow") if m in sys.modules)
 event = json.loads(sys.stdin.read())
-print(json.dumps({"answer": gamestream.aws.lambda_handler(event, None), "heavy": heavy}))
+print(json.dumps({"answer": gamestream.integrations.aws.lambda_handler(event, None), "heavy": heavy}))
 """
 
 
@@ -381,7 +381,7 @@ def test_the_deployment_zip_runs_the_handler_in_a_clean_environment(moto, stream
     with zipfile.ZipFile(package) as archive:
         names = archive.namelist()
         archive.extractall(tmp_path / "task")
-    assert "gamestream/aws.py" in names and "gamestream/envelope.py" in names
+    assert "gamestream/integrations/aws.py" in names and "gamestream/log/envelope.py" in names
     assert not any(n.startswith(("gamestream/collector", "gamestream/processor", "deltalake/", "duckdb/", "boto3/",
                                  "pyarrow/"))
                    for n in names)

@@ -22,10 +22,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gamestream import payload, schema
-from gamestream.batch import validate_batch
-from gamestream.generator import simulate
-from gamestream.loader import LoadReport, load_lines
+from gamestream.log import payload
+from gamestream import schema
+from gamestream.ingest.batch import validate_batch
+from gamestream.demo.generator import simulate
+from gamestream.ingest.loader import LoadReport, load_lines
 from gamestream.log import Append, AppendResult, partition_for
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
@@ -535,7 +536,7 @@ def test_load_appends_arrow_records_with_the_same_rows_and_counts() -> None:
     assert report == LoadReport(lines=2500, accepted=2500, rejected=0, first_rejections=[],
                                 records=len(fast_log.appended))
     assert all(payload.is_arrow(r.payload) for r in fast_log.appended)
-    import gamestream.loader as loader
+    import gamestream.ingest.loader as loader
 
     original = loader.validate_batch
     loader.validate_batch = lambda *a, **k: None  # type: ignore[assignment]
@@ -569,8 +570,8 @@ def test_load_of_a_chunk_with_a_bad_line_keeps_todays_answers() -> None:
 def collector_answer(body: bytes, fast: bool, log: RecordingLog) -> tuple[int, bytes]:
     from starlette.testclient import TestClient
 
-    import gamestream.batch as batch_module
-    from gamestream.collector import create_app
+    import gamestream.ingest.batch as batch_module
+    from gamestream.api.app import create_app
     from gamestream.settings import Settings
 
     original = batch_module.validate_batch
@@ -586,7 +587,7 @@ def collector_answer(body: bytes, fast: bool, log: RecordingLog) -> tuple[int, b
 
 
 def test_the_collector_answers_the_same_bytes_and_appends_arrow_records() -> None:
-    import gamestream.batch as batch_module
+    import gamestream.ingest.batch as batch_module
 
     count = batch_module.MIN_BATCH_EVENTS + 200
     body = b"\n".join(encoded(list(simulate(events=count, with_event_time=False))))
@@ -613,7 +614,7 @@ def test_load_gives_the_same_table_as_the_per_event_path(tmp_path: Path, monkeyp
     Needs the processor to read Arrow record payloads (commit 3336aad)."""
     from conftest import gamestream, table_rows, write_ndjson
 
-    import gamestream.loader as loader
+    import gamestream.ingest.loader as loader
     from gamestream.log.sqlite import SqliteEventLog
 
     source = write_ndjson(tmp_path / "events.ndjson", list(simulate(events=3000)) + [

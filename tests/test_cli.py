@@ -143,6 +143,6 @@ def test_process_logs_json_lines_and_serves_its_metrics(tmp_path: Path) -> None:
     assert code == 0
     records = [json.loads(line) for line in err.read_text().splitlines() if line.startswith("{")]
     started = [r for r in records if r["message"] == "processor started"]
-    assert started and started[0]["logger"] == "gamestream.processor" and started[0]["level"] == "INFO"
+    assert started and started[0]["logger"] == "gamestream.process.processor" and started[0]["level"] == "INFO"
     assert any(r["message"] == "processor stopped" for r in records)
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)

@@ -14,7 +14,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows
-from gamestream.generator import live_events, send
+from gamestream.demo.generator import live_events, send
 
 EVENTS = 50_000
 KILLS = 20

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 
 EVENTS = 200_000
 KILLS = 20

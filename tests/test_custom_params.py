@@ -18,7 +18,9 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream import lake, payload, schema
+from gamestream.tables import lake
+from gamestream.log import payload
+from gamestream import schema
 from gamestream.log import Append
 from gamestream.log.sqlite import SqliteEventLog
 

@@ -16,8 +16,8 @@ import pytest
 from browser import chromium
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream.dashboard import DashboardData
-from gamestream.generator import live_events, simulate
+from gamestream.api.dashboard import DashboardData
+from gamestream.demo.generator import live_events, simulate
 from gamestream.settings import Settings
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

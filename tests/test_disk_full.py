@@ -178,7 +178,7 @@ def test_a_full_disk_is_refused_with_503_waited_out_by_the_processor_and_loses_n
         processor.send_signal(signal.SIGCONT)
 
         def out_of_space_warned() -> bool:
-            return any(r["level"] == "WARNING" and r["logger"] == "gamestream.lake" and r.get("table") == "events"
+            return any(r["level"] == "WARNING" and r["logger"] == "gamestream.tables.lake" and r.get("table") == "events"
                        and r["message"].startswith("disk full") for r in log_records(processor_log))
 
         wait_for(out_of_space_warned, "the processor's disk-full warning", timeout=30)
@@ -241,7 +241,7 @@ def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_a_run_st
 
     from gamestream import metrics
     from gamestream.log import Append, open_log
-    from gamestream.pipeline import Pipeline
+    from gamestream.process.pipeline import Pipeline
     from gamestream.settings import Settings
 
     def out_of_space_retries() -> float:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from conftest import table_rows
-from gamestream import envelope
-from gamestream.decode import decode_records
+from gamestream.log import envelope
+from gamestream.process.decode import decode_records
 from gamestream.log import Append, LogRecord, open_log
-from gamestream.processor import Processor
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 
 REQUEST_EPOCH_MS = 1_793_527_200_000  # 2026-11-01T10:00:00Z, when API Gateway received the request

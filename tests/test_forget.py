@@ -294,7 +294,7 @@ def test_forget_over_http_needs_the_admin_key_and_answers_the_audit_entry(tmp_pa
 
 # ------------------------------------------------------------------------------------------------------ matching
 def test_a_quarantined_payload_is_matched_by_the_whole_id_in_any_spelling() -> None:
-    from gamestream.forget import payload_mentions
+    from gamestream.tables.forget import payload_mentions
 
     assert payload_mentions('{"eventParams":{"device_id":"d1"', ["d1"])
     assert not payload_mentions('{"eventParams":{"device_id":"d10"}}', ["d1"])
@@ -307,7 +307,7 @@ def test_a_quarantined_payload_is_matched_by_the_whole_id_in_any_spelling() -> N
 
 
 def test_device_hash_is_the_salted_sha256_that_the_delete_predicate_computes() -> None:
-    from gamestream.forget import device_hash, hash_predicate
+    from gamestream.tables.forget import device_hash, hash_predicate
 
     assert device_hash("00ff", "b") == hashlib.sha256(b"00ffb").hexdigest()
     predicate = hash_predicate("00ff", [device_hash("00ff", "b")])

@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from collector_server import ServeProcess
 from gamestream import schema
-from gamestream.collector import Collector, _Refuse
+from gamestream.api.app import Collector, _Refuse
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc)
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,

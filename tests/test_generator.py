@@ -9,7 +9,7 @@ from pathlib import Path
 
 from collector_server import ServeProcess
 from conftest import gamestream, table_rows
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 from gamestream.schema import EventValidator, ValidEvent
 
 

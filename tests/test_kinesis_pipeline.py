@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream import lake
+from gamestream.tables import lake
 from gamestream.log import Append
 from gamestream.log.kinesis import KinesisEventLog
 from s3_store import aws_environment

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import gamestream, table_rows, write_ndjson
 from kpi_reference import daily_and_cohorts
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 from gamestream.log import partition_for
 
 UTC = dt.timezone.utc
@@ -206,7 +206,7 @@ def test_kpi_metrics_show_the_folds_the_watermark_and_the_late_events(tmp_path: 
 
     from gamestream import metrics
     from gamestream.log import Append, open_log
-    from gamestream.pipeline import Pipeline
+    from gamestream.process.pipeline import Pipeline
     from gamestream.settings import Settings
 
     def sample(name: str, **labels: str) -> float:

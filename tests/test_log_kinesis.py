@@ -30,7 +30,7 @@ import botocore.exceptions
 import pytest
 
 from gamestream import log as log_module
-from gamestream import payload as payload_format
+from gamestream.log import payload as payload_format
 from gamestream.log import Append, Idempotency, LogUnavailable
 from gamestream.log import kinesis as kinesis_log
 from gamestream.log.kinesis import KinesisEventLog, RecordTooLarge, hash_key

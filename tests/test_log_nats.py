@@ -15,7 +15,7 @@ import pytest
 from gamestream.log import Append, Idempotency
 from gamestream.log.nats import NatsEventLog, RecordTooLarge
 from gamestream.log.sqlite import LogPartitionsMismatch
-from gamestream.nats_cluster import NatsCluster
+from gamestream.demo.nats_cluster import NatsCluster
 from log_conformance import LogConformance, payload, read_all
 
 

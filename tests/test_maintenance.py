@@ -18,9 +18,9 @@ import pytest
 from deltalake import DeltaTable
 
 from conftest import gamestream, table_rows
-from gamestream import maintenance
+from gamestream.tables import maintenance
 from gamestream.log import Append, open_log
-from gamestream.processor import Processor
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 
 
@@ -173,7 +173,7 @@ def test_automatic_maintenance_compacts_crowded_partitions_and_checkpoints(small
     # one compactor at a time: while another process holds the lock, a round is skipped
     handle = maintenance.MaintenanceLock(settings).acquire(wait=True)
     try:
-        code = ("from gamestream import maintenance; from gamestream.settings import Settings; "
+        code = ("from gamestream.tables import maintenance; from gamestream.settings import Settings; "
                 f"from pathlib import Path; import os; s = Settings(data_dir=Path({str(settings.data_dir)!r})); "
                 "print(maintenance.AutoMaintenance(s, ['events']).run_once()); os._exit(0)")
         skipped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

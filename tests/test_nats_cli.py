@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream.loader import _split_by_size
-from gamestream.nats_cluster import NatsCluster
+from gamestream.ingest.loader import _split_by_size
+from gamestream.demo.nats_cluster import NatsCluster
 
 
 @pytest.fixture(scope="module")

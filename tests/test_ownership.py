@@ -19,12 +19,12 @@ from typing import Callable
 import pytest
 
 from conftest import table_rows
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.log import Append, open_log, partition_for
-from gamestream.nats_cluster import NatsCluster
-from gamestream.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, bucket_name
-from gamestream.processor import Processor
+from gamestream.demo.nats_cluster import NatsCluster
+from gamestream.log.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, bucket_name
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 
 TTL = 2
@@ -109,8 +109,8 @@ import os, sys
 from pathlib import Path
 from gamestream import logs
 from gamestream.log import open_log
-from gamestream.ownership import LeaseOwnership
-from gamestream.pipeline import Pipeline
+from gamestream.log.ownership import LeaseOwnership
+from gamestream.process.pipeline import Pipeline
 from gamestream.settings import Settings
 
 logs.setup("json")
@@ -170,7 +170,7 @@ def test_a_lease_has_one_holder_is_kept_by_renewal_and_freed_at_once_by_release(
 
 HOLDER = """
 import sys, time
-from gamestream.ownership import LeaseOwnership
+from gamestream.log.ownership import LeaseOwnership
 ownership = LeaseOwnership(sys.argv[1], pipeline=sys.argv[2], partitions=4, ttl_s=2)
 assert ownership.claim("kpi")
 while True:

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 
 from conftest import gamestream, table_rows, write_ndjson
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 
 BAD = {
     "wrong type": '{"eventName": "x", "eventParams": {"device_id": "d", "scoreAdjustment": "many"}}',
@@ -127,7 +127,7 @@ def test_table_is_partitioned_by_event_date_and_readable_by_duckdb_and_polars(tm
 
 def test_a_second_processor_on_the_same_partitions_is_refused(tmp_path: Path) -> None:
     from gamestream.log import open_log
-    from gamestream.processor import PartitionBusy, Processor
+    from gamestream.process.processor import PartitionBusy, Processor
     from gamestream.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data")

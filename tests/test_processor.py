@@ -10,9 +10,9 @@ import pytest
 from deltalake import DeltaTable
 
 from conftest import table_rows
-from gamestream import lake
+from gamestream.tables import lake
 from gamestream.log import Append, open_log
-from gamestream.processor import Processor
+from gamestream.process.processor import Processor
 from gamestream.settings import Settings
 
 
@@ -44,7 +44,8 @@ def _arrow_payload(lines: list[bytes]) -> bytes:
 
     import pyarrow.json as pj
 
-    from gamestream import payload, schema
+    from gamestream.log import payload
+    from gamestream import schema
 
     table = pj.read_json(io.BytesIO(b"\n".join(lines)),
                          parse_options=pj.ParseOptions(explicit_schema=schema.decode_schema()))
@@ -52,7 +53,7 @@ def _arrow_payload(lines: list[bytes]) -> bytes:
 
 
 def test_a_log_of_old_ndjson_and_new_arrow_records_gives_every_event_once(settings: Settings) -> None:
-    from gamestream import payload
+    from gamestream.log import payload
 
     log = open_log(settings.data_dir, partitions=2)
     old = [line(f"ndjson-{i}") for i in range(30)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gamestream.auth import exposure_problem, is_loopback, key_matches
+from gamestream.ingest.auth import exposure_problem, is_loopback, key_matches
 from gamestream.settings import Settings
 
 

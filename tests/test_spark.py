@@ -116,7 +116,7 @@ def _assert_same_tables(expected: dict[str, list[dict]], data_dir: Path) -> None
 def test_spark_job_on_local_reading_a_nats_log_writes_the_tables_the_embedded_processor_writes(
         reference, tmp_path: Path) -> None:
     """The same input in a NATS JetStream log (the cluster and kill tests read the embedded SQLite log)."""
-    from gamestream.nats_cluster import NatsCluster
+    from gamestream.demo.nats_cluster import NatsCluster
 
     source, expected = reference
     data = tmp_path / "spark"
@@ -244,7 +244,8 @@ def test_a_fresh_checkpoint_for_tables_a_spark_job_wrote_is_refused(tmp_path: Pa
     """Its batch ids would restart at 0 and every batch would be skipped as committed: refused, in one line."""
     from deltalake import CommitProperties, Transaction, write_deltalake
 
-    from gamestream import lake, schema
+    from gamestream.tables import lake
+    from gamestream import schema
 
     data = tmp_path / "data"
     table = lake.open_events(str(data / "tables" / "events"))

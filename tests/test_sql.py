@@ -13,7 +13,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, write_ndjson
-from gamestream.query import SqlEngine
+from gamestream.api.query import SqlEngine
 from gamestream.settings import Settings
 
 SEED_DAU = ("select count (distinct eventParams.device_id) as DAU from mobile_events_delta_raw "

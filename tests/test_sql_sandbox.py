@@ -22,7 +22,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, write_ndjson
-from gamestream.query import QueryError, SqlEngine, display_value, to_csv, to_json
+from gamestream.api.query import QueryError, SqlEngine, display_value, to_csv, to_json
 from gamestream.settings import Settings
 
 UTC = dt.timezone.utc

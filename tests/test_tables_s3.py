@@ -22,7 +22,7 @@ import pytest
 
 from collector_server import ServeProcess
 from conftest import gamestream, write_ndjson
-from gamestream.generator import simulate
+from gamestream.demo.generator import simulate
 from s3_store import BUCKET, MotoServer, OverwritingStore, Relay, SeaweedServer, aws_environment
 
 
@@ -69,14 +69,14 @@ def _events_file(path: Path, count: int, seed: int = 5) -> tuple[Path, list[dict
 
 
 def _stored_ids(uri: str) -> Counter:
-    from gamestream import lake
+    from gamestream.tables import lake
 
     return Counter(lake.open_table(uri).to_pyarrow_table(columns=["eventId"]).column("eventId").to_pylist())
 
 
 def test_pipeline_on_s3_commits_every_event_once_and_serves_kpis_sql_status_and_maintenance(
         tmp_path: Path, moto, s3: str) -> None:
-    from gamestream import lake
+    from gamestream.tables import lake
 
     data = tmp_path / "data"
     path, events = _events_file(tmp_path / "events.ndjson", 4000)
@@ -146,7 +146,7 @@ def test_store_that_accepts_an_overwrite_is_refused_at_start_unless_unsafe(tmp_p
 
 
 def test_conditional_write_probe_passes_on_the_s3_server_and_leaves_no_key(moto, s3: str) -> None:
-    from gamestream import lake
+    from gamestream.tables import lake
 
     lake.check_conditional_writes(s3)
     assert moto.keys(s3.removeprefix(f"s3://{BUCKET}/")) == []
@@ -228,7 +228,7 @@ def test_optimize_and_vacuum_while_processors_write_to_s3_keep_every_event_once(
         assert child.returncode == 0, err
     stored = _stored_ids(f"{s3}/events")
     assert max(stored.values()) == 1 and set(stored) == {e["eventId"] for e in events}
-    from gamestream import lake
+    from gamestream.tables import lake
 
     history = [c.get("operation") for c in lake.open_table(f"{s3}/events").history()]
     assert "OPTIMIZE" in history and "VACUUM END" in history
@@ -355,8 +355,8 @@ def test_store_server_killed_and_restarted_mid_load_the_processor_retries_and_lo
 def test_maintenance_lock_is_one_nats_lease_across_machines_when_tables_are_on_s3(tmp_path: Path) -> None:
     """Two processes with their own data directories (two machines) and tables on object storage: the
     maintenance lock is the NATS lease, so only one holds it; a flock would have let both in."""
-    from gamestream.maintenance import MaintenanceLock
-    from gamestream.nats_cluster import NatsCluster
+    from gamestream.tables.maintenance import MaintenanceLock
+    from gamestream.demo.nats_cluster import NatsCluster
     from gamestream.settings import Settings
 
     cluster = NatsCluster(tmp_path / "nats", nodes=1).start()

@@ -7,8 +7,8 @@ request body: log what happened and where, never a credential.
     >>> import logging
     >>> from gamestream import logs
     >>> logs.setup("json")
-    >>> logging.getLogger("gamestream.processor").warning("commit conflict", extra={"partition": 3})
-    {"time": "...", "level": "WARNING", "logger": "gamestream.processor", "message": "commit conflict", "partition": 3}
+    >>> logging.getLogger("gamestream.process.processor").warning("commit conflict", extra={"partition": 3})
+    {"time": "...", "level": "WARNING", "logger": "gamestream.process.processor", "message": "commit conflict", "partition": 3}
 """
 
 from __future__ import annotations

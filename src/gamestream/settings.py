@@ -171,7 +171,7 @@ class Settings:
     def table_uri(self, name: str) -> str:
         """Where table `name` lives: its override, else `<tables_root>/<name>` (joined by `lake`, which alone
         knows folders from object store URLs)."""
-        from gamestream import lake
+        from gamestream.tables import lake
 
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")

@@ -52,7 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from gamestream import lake, metrics
+from gamestream.tables import lake
+from gamestream import metrics
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
 from gamestream.log import EventLog, partition_for
@@ -461,7 +462,7 @@ class KpiStage:
             logger.warning("events version %d deleted rows outside `gamestream forget`: the KPI tables still count "
                            "them", version)
         else:
-            from gamestream import forget
+            from gamestream.tables import forget
 
             salt = forget.read_salt(self.settings)
             devices = self.tables["kpi_devices"]
@@ -724,7 +725,7 @@ class KpiStage:
         self._commit(name, version, state_json, merge)
 
     def _delete_devices(self, name: str, fold: _Fold, version: int, state_json: str) -> None:
-        from gamestream import forget
+        from gamestream.tables import forget
 
         predicate = forget.hash_predicate(forget.read_salt(self.settings), fold.forgotten_hashes,
                                           column='"device_id"')

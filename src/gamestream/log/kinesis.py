@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 
 import stamina
 
-from gamestream import payload as payload_format
+from gamestream.log import payload as payload_format
 from gamestream.log import Append, AppendResult, Idempotency, LogRecord, LogUnavailable
 
 logger = logging.getLogger(__name__)

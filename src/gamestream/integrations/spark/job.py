@@ -11,7 +11,7 @@ Its transformations are the reference pipeline's, as written there:
   (and the purchases counted) → `kpi_bookings_hourly`.
 
 Three streaming queries, as in the reference, each with its own checkpoint under `checkpoint` (`events`,
-`kpi_events_hourly`, `kpi_bookings_hourly`) and its own foreachBatch sink (`gamestream.spark.sinks`), exactly
+`kpi_events_hourly`, `kpi_bookings_hourly`) and its own foreachBatch sink (`gamestream.integrations.spark.sinks`), exactly
 once by batch id. The window size and the watermark delay are the settings the embedded KPI stage uses.
 
 Run it where the Python that runs the driver also runs the executors' Python workers (`spark.pyspark.python`,
@@ -65,7 +65,7 @@ def session(options: JobOptions, app_name: str = "gamestream"):
     executors' Python = this Python (unless PYSPARK_PYTHON says otherwise), the `gamestream` format registered."""
     from pyspark.sql import SparkSession
 
-    from gamestream.spark import register
+    from gamestream.integrations.spark import register
 
     # the driver's own Python workers (the source's planner) take the variable from the JVM's environment,
     # which the JVM inherits from this process; executors take spark.pyspark.python
@@ -114,8 +114,8 @@ def reference_pipeline(spark, settings: Settings, max_records_per_partition: int
 
 def _check_checkpoint(settings: Settings, checkpoint: Path) -> None:
     """Refuses (CheckpointMismatch) a fresh checkpoint for tables that already hold this job's batches."""
-    from gamestream import lake
-    from gamestream.spark.sinks import app_id
+    from gamestream.tables import lake
+    from gamestream.integrations.spark.sinks import app_id
 
     commits = checkpoint / "events" / "commits"
     if commits.is_dir() and any(commits.iterdir()):
@@ -135,7 +135,7 @@ def run(settings: Settings, options: JobOptions) -> JobResult:
     """Runs the job: until the log is drained (`until_idle`, Trigger.AvailableNow), or until stopped (Ctrl-C,
     SIGTERM), one micro-batch every `trigger_seconds`. A restart with the same checkpoint resumes where Spark's
     checkpoint says, and the tables' txn versions skip any batch that was already committed."""
-    from gamestream.spark.sinks import EventsSink, HourlySink
+    from gamestream.integrations.spark.sinks import EventsSink, HourlySink
 
     started = time.monotonic()
     checkpoint = options.checkpoint_dir(settings)

@@ -103,7 +103,7 @@ def _check_storage(settings: Settings) -> None:
     overwrite (`lake.check_conditional_writes`) unless `--unsafe-no-conditional-writes`."""
     import logging
 
-    from gamestream import lake
+    from gamestream.tables import lake
 
     if not settings.log or not lake.is_object_store(settings.tables_root):
         _check_writable(settings.data_dir)
@@ -114,7 +114,7 @@ def _check_storage(settings: Settings) -> None:
     except lake.ConditionalWritesUnsupported:
         if not settings.unsafe_no_conditional_writes:
             raise
-        logging.getLogger("gamestream.lake").warning(
+        logging.getLogger("gamestream.tables.lake").warning(
             "the object store failed the conditional-write probe; going on (--unsafe-no-conditional-writes): "
             "concurrent writers of these tables can lose commits", extra={"tables": settings.tables_root})
 
@@ -173,7 +173,7 @@ def _print_load_report(report, path: Path, seconds: float) -> None:
 
 
 def _load(settings: Settings, path: Path, chunk_lines: int = 20000):
-    from gamestream.loader import load_file
+    from gamestream.ingest.loader import load_file
 
     log = _open_log(settings)
     size = path.stat().st_size
@@ -219,7 +219,7 @@ def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None,
 # ------------------------------------------------------------------------------------------------------ process
 def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = None, kpi: bool = True,
              maintenance: bool = False) -> None:
-    from gamestream.pipeline import Pipeline
+    from gamestream.process.pipeline import Pipeline
 
     log = _open_log(settings)
     try:
@@ -314,14 +314,14 @@ def generate(data_dir: Path | None, partitions: int | None, log_url: str | None,
              start: dt.datetime | None, seed: int) -> None:
     """Simulates players: posts their events to a collector (--target), appends them straight to the log
     (--to-log) or writes NDJSON (--out)."""
-    from gamestream.generator import simulate
+    from gamestream.demo.generator import simulate
 
     if sum((target is not None, out_file is not None, to_log)) != 1:
         raise click.UsageError("give exactly one of --target URL, --to-log or --out FILE")
     count = events if events is not None else 10_000
     start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
     if to_log:
-        from gamestream.loader import load_lines
+        from gamestream.ingest.loader import load_lines
 
         settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url)
         _check_writable_for_log(settings)
@@ -362,7 +362,7 @@ def _print_send_summary(stats) -> None:
 async def _post_with_progress(target: str, *, events: int | None, duration: float | None, rate: float | None,
                               batch: int, concurrency: int, api_key: str | None, users: int, seed: int,
                               stop: "asyncio.Event | None" = None):
-    from gamestream.generator import SendStats, live_events, send
+    from gamestream.demo.generator import SendStats, live_events, send
 
     stats = SendStats()
     with Progress(TextColumn("posting"), BarColumn(), TextColumn("{task.fields[counters]}"), console=console,
@@ -403,7 +403,7 @@ def spark_job(data_dir: Path | None, log_url: str | None, tables_uri: str | None
     """Runs the reference pipeline on Spark (the gamestream[spark] extra; docs/spark.md): the log read with
     readStream.format("gamestream"), written to the same Delta tables as `process`, exactly once."""
     try:
-        from gamestream.spark.job import CheckpointMismatch, JobOptions, run
+        from gamestream.integrations.spark.job import CheckpointMismatch, JobOptions, run
     except ImportError as error:
         raise click.UsageError(f"the Spark job needs PySpark ({error}): pip install 'gamestream[spark]', and Java "
                                "17 or later") from None
@@ -435,7 +435,7 @@ def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) 
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
     kpi_activity, kpi_devices, audit). Dates are UTC."""
-    from gamestream.query import QueryError, SqlEngine, display_value, to_csv, to_json
+    from gamestream.api.query import QueryError, SqlEngine, display_value, to_csv, to_json
 
     try:
         result = SqlEngine(_settings(data_dir=data_dir, tables_uri=tables_uri)).run(query)
@@ -488,7 +488,7 @@ def _human_bytes(size: int | None) -> str:
 
 
 def _locked(settings: Settings):
-    from gamestream.maintenance import MaintenanceLock
+    from gamestream.tables.maintenance import MaintenanceLock
 
     lock = MaintenanceLock(settings)
     handle = lock.acquire(wait=False)
@@ -528,7 +528,7 @@ def optimize(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditiona
              table_name: str, partitions: tuple[str, ...], since: str | None,
              target_size: str | None, zorder: tuple[str, ...]) -> None:
     """Compacts small files (bin-packing per partition, or Z-order); prints files and bytes before and after."""
-    from gamestream import maintenance
+    from gamestream.tables import maintenance
 
     if partitions and since:
         raise click.UsageError("give --partition or --since, not both")
@@ -574,7 +574,7 @@ def print_vacuum_report(report) -> None:
 def vacuum(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_writes: bool | None,
            table_name: str, retain: str | None, dry_run: bool, force: bool) -> None:
     """Deletes files the table no longer references, once removed longer ago than the retention."""
-    from gamestream import maintenance
+    from gamestream.tables import maintenance
 
     settings = _settings(data_dir=data_dir, tables_uri=tables_uri,
                          unsafe_no_conditional_writes=unsafe_no_conditional_writes)
@@ -588,7 +588,7 @@ def vacuum(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_
         report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
                                     force=force)
         if table_name == "events" and not dry_run:  # VACUUM leaves change data alone: a forget's goes now
-            from gamestream import forget as forgetting, lake
+            from gamestream.tables import forget as forgetting, lake
 
             retention = hours if hours is not None else maintenance.minimum_retention_hours(
                 lake.open_table(settings.table_uri("events")))
@@ -622,7 +622,7 @@ def forget(data_dir: Path | None, log_url: str | None, tables_uri: str | None,
            as_json: bool) -> None:
     """Deletes devices' rows from the events and quarantine tables (and, through the KPI stage, from the KPIs),
     audited in the `audit` table by a salted hash of each id, never the id; see docs/privacy.md."""
-    from gamestream import forget as forgetting
+    from gamestream.tables import forget as forgetting
 
     ids = list(device_ids)
     if from_file is not None:
@@ -660,9 +660,9 @@ def forget(data_dir: Path | None, log_url: str | None, tables_uri: str | None,
 def status(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None) -> None:
     """Shows the log backlog per partition, and per table: version, files per partition, average file size,
     small files, last OPTIMIZE and VACUUM."""
-    from gamestream import lake
+    from gamestream.tables import lake
     from gamestream.log import describe
-    from gamestream.maintenance import file_stats, last_operations
+    from gamestream.tables.maintenance import file_stats, last_operations
 
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, tables_uri=tables_uri)
     # The embedded log is not created by looking at it; a log URL names a log that exists elsewhere.
@@ -748,7 +748,7 @@ def _with_options(options):
 
 def _refuse_open_exposure(settings: Settings) -> None:
     """Exit 2 before binding when the server would be reachable from elsewhere with no key (auth.py)."""
-    from gamestream.auth import exposure_problem
+    from gamestream.ingest.auth import exposure_problem
 
     problem = exposure_problem(settings)
     if problem:
@@ -762,7 +762,7 @@ def _announce_keys(settings: Settings) -> None:
     """Says how the server is protected; counts keys, never shows one."""
     import logging
 
-    from gamestream.auth import is_loopback
+    from gamestream.ingest.auth import is_loopback
 
     if settings.keys_configured and not settings.admin_keys:
         console.print("no admin key configured: the dashboard and POST /v1/sql are refused (--admin-key)")
@@ -770,7 +770,7 @@ def _announce_keys(settings: Settings) -> None:
         console.print(f"write keys: {len(settings.api_keys)} configured; requests need "
                       "'Authorization: Bearer <key>' or 'X-API-Key'")
     elif not is_loopback(settings.host):
-        logging.getLogger("gamestream.auth").warning(
+        logging.getLogger("gamestream.ingest.auth").warning(
             "listening on %s with no write key (--insecure-no-auth): anyone who can reach the port can send "
             "events%s", settings.host, "" if settings.admin_keys else ", read every table and run maintenance",
             extra={"host": settings.host})
@@ -803,8 +803,8 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, ta
           workers: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
           host: str | None, insecure_no_auth: bool | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
-    from gamestream import server
-    from gamestream.collector import create_app
+    from gamestream.api import server
+    from gamestream.api.app import create_app
     from gamestream.log import describe
 
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
@@ -875,8 +875,8 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tab
     """
     import random
 
-    from gamestream import server
-    from gamestream.demo import run_demo
+    from gamestream.api import server
+    from gamestream.demo.runner import run_demo
 
     if cluster and (log_url or os.environ.get("GAMESTREAM_LOG")):
         raise click.UsageError("--cluster starts its own NATS cluster: give --cluster or --log, not both "
@@ -915,8 +915,8 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tab
 
 
 def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: float | None, seed: int) -> None:
-    from gamestream import server
-    from gamestream.demo import run_cluster_demo
+    from gamestream.api import server
+    from gamestream.demo.runner import run_cluster_demo
 
     def started(urls) -> None:
         _announce_keys(settings)
@@ -950,7 +950,7 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
 def _demo_query(settings: Settings) -> None:
     import duckdb
 
-    from gamestream import lake
+    from gamestream.tables import lake
 
     events = lake.open_table(settings.table_uri("events")).to_pyarrow_dataset()
     quarantine = lake.open_table(settings.table_uri("events_quarantine")).to_pyarrow_dataset()
@@ -987,16 +987,16 @@ def aws_group() -> None:
 @click.option("--platform", default="manylinux2014_x86_64", show_default=True,
               help="Wheel platform: manylinux2014_aarch64 for an arm64 function.")
 def package_lambda(out: Path, python_version: str, platform: str) -> None:
-    """Build OUT (a .zip) for the Lambda Python runtime: handler gamestream.aws.lambda_handler, its gamestream
+    """Build OUT (a .zip) for the Lambda Python runtime: handler gamestream.integrations.aws.lambda_handler, its gamestream
     modules and wheels of what they import (not boto3, which the runtime has)."""
-    from gamestream.aws import package_lambda as build
+    from gamestream.integrations.aws import package_lambda as build
 
     try:
         package = build(out, python_version=python_version, platform=platform)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
     wheels = ", ".join(f"{name} {version}" for name, version in package.distributions.items())
-    console.print(f"{package.path}: {package.bytes / 1e6:.1f} MB; handler gamestream.aws.lambda_handler; "
+    console.print(f"{package.path}: {package.bytes / 1e6:.1f} MB; handler gamestream.integrations.aws.lambda_handler; "
                   f"{len(package.modules)} gamestream modules; wheels: {wheels or 'none'}", highlight=False)
 
 
@@ -1040,10 +1040,10 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     except Exception as error:  # a clear line, not a traceback, for errors we know how to explain
-        from gamestream.lake import ConditionalWritesUnsupported, StoreUnreachable
+        from gamestream.tables.lake import ConditionalWritesUnsupported, StoreUnreachable
         from gamestream.log.sqlite import LogPartitionsMismatch
-        from gamestream.ownership import OwnershipUnavailable
-        from gamestream.processor import PartitionBusy
+        from gamestream.log.ownership import OwnershipUnavailable
+        from gamestream.process.processor import PartitionBusy
 
         unusable = None if isinstance(error, (DataDirUnusable, LogUnreachable)) else _unusable_storage(error)
         if type(error).__name__ == "TableNotFoundError":

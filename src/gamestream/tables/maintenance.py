@@ -29,11 +29,11 @@ import stamina
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
-from gamestream import lake
+from gamestream.tables import lake
 from gamestream.settings import Settings
 
 if TYPE_CHECKING:
-    from gamestream.ownership import Ownership
+    from gamestream.log.ownership import Ownership
 
 GiB = 1 << 30
 DEFAULT_TARGET_SIZE = GiB
@@ -123,7 +123,7 @@ class MaintenanceLock:
     """
 
     def __init__(self, settings: Settings, ownership: "Ownership | None" = None) -> None:
-        from gamestream.ownership import uses_leases
+        from gamestream.log.ownership import uses_leases
 
         self.settings = settings
         self.path = settings.data_dir / "log" / "maintenance.lock"
@@ -145,7 +145,7 @@ class MaintenanceLock:
         return handle
 
     def _acquire_lease(self, *, wait: bool) -> "_LeaseHandle | None":
-        from gamestream.ownership import MAINTENANCE_ROLE, LeaseOwnership
+        from gamestream.log.ownership import MAINTENANCE_ROLE, LeaseOwnership
 
         ownership, opened = self.ownership, False
         if ownership is None:
@@ -170,7 +170,7 @@ class _LeaseHandle:
         self.opened = opened
 
     def close(self) -> None:
-        from gamestream.ownership import MAINTENANCE_ROLE
+        from gamestream.log.ownership import MAINTENANCE_ROLE
 
         if self.opened:
             self.ownership.close()
@@ -391,7 +391,7 @@ class AutoMaintenance:
                         swept = vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
                         logger.info("vacuumed %d file(s)", len(swept.files), extra={"table": name})
                         if name == "events":
-                            from gamestream import forget
+                            from gamestream.tables import forget
 
                             expired = forget.expire_change_data(self.settings,
                                                                 retention_hours=self.settings.vacuum_retain_h)

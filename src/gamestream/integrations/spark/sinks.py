@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction
 
-from gamestream import lake, schema
+from gamestream.tables import lake
+from gamestream import schema
 from gamestream.kpi import tables as kt
 from gamestream.settings import Settings
 

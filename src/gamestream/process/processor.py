@@ -1,6 +1,6 @@
 """The processor: log partitions → micro-batches → the Delta `events` table, exactly once.
 
-A processor works on the partitions its `Ownership` gives it (gamestream/ownership.py): a fixed set held by lock
+A processor works on the partitions its `Ownership` gives it (gamestream/log/ownership.py): a fixed set held by lock
 files on one machine (all of them by default, or `--only`), or a share of them held by leases on the NATS cluster,
 which changes as processors join, stop and die. At the start of each round it follows the changes:
 
@@ -52,11 +52,12 @@ from typing import Callable, Iterable
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from gamestream import lake, metrics, schema
-from gamestream.decode import Decoded, decode_records
-from gamestream.forget import ForgottenDevices
+from gamestream.tables import lake
+from gamestream import metrics, schema
+from gamestream.process.decode import Decoded, decode_records
+from gamestream.tables.forget import ForgottenDevices
 from gamestream.log import EventLog, LogRecord, LogUnavailable
-from gamestream.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
+from gamestream.log.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
 

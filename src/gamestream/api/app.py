@@ -38,12 +38,14 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gamestream import batch, envelope, schema
-from gamestream.auth import key_matches
-from gamestream.dashboard import DashboardData, IngestRate
-from gamestream.envelope import JSON_TYPES, NDJSON_TYPES  # noqa: F401  (the body rules live in envelope)
-from gamestream.http_guard import MAX_HEADER_LINES
-from gamestream.loader import arrow_records
+from gamestream.ingest import batch
+from gamestream.log import envelope
+from gamestream import schema
+from gamestream.ingest.auth import key_matches
+from gamestream.api.dashboard import DashboardData, IngestRate
+from gamestream.log.envelope import JSON_TYPES, NDJSON_TYPES  # noqa: F401  (the body rules live in envelope)
+from gamestream.ingest.http_guard import MAX_HEADER_LINES
+from gamestream.ingest.loader import arrow_records
 from gamestream.log import Append, EventLog, Idempotency, describe, router
 from gamestream.settings import Settings
 
@@ -568,7 +570,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         """POST /v1/sql {"query": "<Spark SQL>"} → {"columns": [...], "rows": [[...], ...]}."""
         import sqlglot
 
-        from gamestream.query import QueryError, SqlEngine, to_json
+        from gamestream.api.query import QueryError, SqlEngine, to_json
 
         if settings.keys_configured and not _presented_key_in(request, admin_keys):
             return JSONResponse({"error": "POST /v1/sql needs an admin key ('Authorization: Bearer <key>' or "
@@ -601,8 +603,8 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         return JSONResponse({"columns": table.column_names, "rows": [list(r.values()) for r in rows]})
 
     async def forget(request: Request) -> Response:
-        """POST /v1/forget {"device_ids": [...], "purge": false} → the audit entry (`gamestream.forget`)."""
-        from gamestream import forget as forgetting
+        """POST /v1/forget {"device_ids": [...], "purge": false} → the audit entry (`gamestream.tables.forget`)."""
+        from gamestream.tables import forget as forgetting
 
         if settings.keys_configured and not _presented_key_in(request, admin_keys):
             return JSONResponse({"error": "POST /v1/forget needs an admin key ('Authorization: Bearer <key>' or "

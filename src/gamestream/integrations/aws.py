@@ -2,7 +2,7 @@
 collector's contract (docs/aws.md deploys it).
 
 `lambda_handler(event, context)` takes REST API (payload 1.0) and HTTP API (payload 2.0) proxy events and answers
-as the collector does (`gamestream.collector`), using the same body rules (`gamestream.envelope`) and the one
+as the collector does (`gamestream.api.app`), using the same body rules (`gamestream.log.envelope`) and the one
 schema: one object, a JSON array or NDJSON; base64 (`isBase64Encoded`) and gzip (`Content-Encoding`) bodies; a
 200 with per-index errors; 400/413/415 with the collector's words; eventTime stamped on arrival; an eventId
 (UUIDv7) for an event without one.
@@ -42,8 +42,9 @@ from typing import Any
 import msgspec
 import stamina
 
-from gamestream import envelope, schema
-from gamestream.auth import key_matches
+from gamestream.log import envelope
+from gamestream import schema
+from gamestream.ingest.auth import key_matches
 from gamestream.settings import Settings
 
 STREAM_ENV = "GAMESTREAM_KINESIS_STREAM"
@@ -106,7 +107,7 @@ _settings: Settings | None = None
 
 
 def lambda_handler(event: dict, context: Any) -> dict:
-    """The Lambda entry point (handler setting: `gamestream.aws.lambda_handler`)."""
+    """The Lambda entry point (handler setting: `gamestream.integrations.aws.lambda_handler`)."""
     global _client, _settings
     stream = os.environ.get(STREAM_ENV, "").strip()
     if not stream:
@@ -326,7 +327,7 @@ _IMPORTS_PROBE = """
 import json, sys
 from importlib import metadata
 before = set(sys.modules)
-import gamestream.aws
+import gamestream.integrations.aws
 loaded = set(sys.modules) - before
 ours = sorted(name for name in loaded if name.split(".")[0] == "gamestream")
 tops = {name.split(".")[0] for name in loaded} - set(sys.stdlib_module_names) - {"gamestream"}
@@ -347,7 +348,7 @@ class LambdaPackage:
 def package_lambda(out: str | os.PathLike, *, python_version: str = LAMBDA_PYTHON,
                    platform: str = LAMBDA_PLATFORM) -> LambdaPackage:
     """Builds a deployment zip for the Lambda Python runtime at `out`: the gamestream modules `import
-    gamestream.aws` loads, and wheels for `platform` / `python_version` of the distributions they import (the
+    gamestream.integrations.aws` loads, and wheels for `platform` / `python_version` of the distributions they import (the
     versions installed here where the platform has them, so the zip runs what the tests ran), without those the
     runtime provides (boto3). pyarrow is among them only because `gamestream.schema` imports it at the top (for
     the table schema, which the handler never uses).
@@ -362,7 +363,7 @@ def package_lambda(out: str | os.PathLike, *, python_version: str = LAMBDA_PYTHO
 
     probe = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
-        raise RuntimeError(f"cannot import gamestream.aws here: {probe.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"cannot import gamestream.integrations.aws here: {probe.stderr.strip()[-2000:]}")
     found = json.loads(probe.stdout)
     dists = {name: version for name, version in found["dists"].items()
              if _normalise(name) not in {_normalise(p) for p in RUNTIME_PROVIDED}}

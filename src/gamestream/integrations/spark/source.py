@@ -1,6 +1,6 @@
 """`spark.readStream.format("gamestream")`: the event log as a Spark Structured Streaming source.
 
-    from gamestream.spark import register
+    from gamestream.integrations.spark import register
     register(spark)
     events = (spark.readStream.format("gamestream")
               .option("data_dir", "gamestream-data")          # the embedded log under <data_dir>/log
@@ -11,10 +11,10 @@
 One Spark input partition per log partition that has new records; Spark's offsets are the log's offsets, a
 JSON object ``{"<partition>": <last offset read>}``. Spark writes the end offsets of a micro-batch to its
 checkpoint before running it and re-reads exactly that range after a crash, so a sink that is idempotent per
-batch id (the job's Delta sinks, `gamestream.spark.sinks`) gets every event exactly once.
+batch id (the job's Delta sinks, `gamestream.integrations.spark.sinks`) gets every event exactly once.
 
 The rows are what the embedded processor writes to the events table, less `eventDate` (derived downstream with
-`to_date(eventTime)`, as the reference pipeline does): each record is decoded by `gamestream.decode`, so Arrow and
+`to_date(eventTime)`, as the reference pipeline does): each record is decoded by `gamestream.process.decode`, so Arrow and
 NDJSON records, API Gateway envelopes and promoted parameters (`[schema.params]`) all come out the same way.
 Rows that fail validation (a null eventTime, a missing device id) are not emitted — the embedded processor puts
 them in `events_quarantine`, which this source does not feed. Events of devices erased by `gamestream forget`
@@ -111,7 +111,8 @@ class GamestreamDataSource(DataSource):
 def _params(settings) -> tuple:
     """The promoted parameters to decode with: the events table's own (any process's `[schema.params]`), then
     the configured ones it lacks — as the embedded processor decodes (`schema.effective_params`)."""
-    from gamestream import lake, schema
+    from gamestream.tables import lake
+    from gamestream import schema
 
     uri = settings.table_uri("events")
     if not lake.table_exists(uri):
@@ -181,8 +182,8 @@ class GamestreamStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow
         """In a task: the slice's records, decoded as the embedded processor decodes them, as Arrow batches with
         the source's schema."""
         from gamestream import schema
-        from gamestream.decode import decode_records
-        from gamestream.forget import ForgottenDevices
+        from gamestream.process.decode import decode_records
+        from gamestream.tables.forget import ForgottenDevices
 
         target = schema.decode_schema(partition.params)
         forgotten = ForgottenDevices(partition.spec.settings())

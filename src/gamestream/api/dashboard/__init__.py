@@ -24,8 +24,8 @@ from typing import Any
 
 from deltalake import DeltaTable
 
-from gamestream import lake
-from gamestream.maintenance import file_stats, last_operations
+from gamestream.tables import lake
+from gamestream.tables.maintenance import file_stats, last_operations
 from gamestream.settings import Settings
 
 UTC = dt.timezone.utc

@@ -16,7 +16,7 @@ from typing import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from gamestream.http_guard import protocol_for
+from gamestream.ingest.http_guard import protocol_for
 from gamestream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def serve_workers(settings: Settings, sock: socket.socket, *, log_format: str = 
 def _worker(settings: Settings, sock: socket.socket, index: int, log_format: str, parent: int) -> None:
     """One collector process of `serve_workers`."""
     from gamestream import logs
-    from gamestream.collector import create_app
+    from gamestream.api.app import create_app
 
     logs.setup(log_format)
 

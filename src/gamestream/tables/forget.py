@@ -61,7 +61,8 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from prometheus_client import Counter
 
-from gamestream import lake, metrics
+from gamestream.tables import lake
+from gamestream import metrics
 from gamestream.settings import TABLES, Settings
 
 logger = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTab
     """Step 7 of the module docstring: the old files and change-data files that held the rows, deleted once
     no reader can need them. Raises `PurgeNotPossible` when the KPI stage did not fold the forget commit within
     `kpi_wait_s`."""
-    from gamestream.maintenance import MaintenanceLock
+    from gamestream.tables.maintenance import MaintenanceLock
 
     events_uri = settings.table_uri("events")
     events = lake.open_table(events_uri)
@@ -537,7 +538,7 @@ def _wait_for_kpi(settings: Settings, version: int, wait_s: float) -> dict[str, 
     Folded means: every KPI table's txn is at `version` or above; or one is (the stage got there) and no KPI
     table changed over a `kpi_interval_s` (its fold is over: a table whose MERGE had nothing to add makes no
     commit, so its txn may stay behind)."""
-    from gamestream.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, uses_leases
+    from gamestream.log.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, uses_leases
 
     deadline = time.monotonic() + wait_s
     previous: dict[str, tuple[int, int]] | None = None

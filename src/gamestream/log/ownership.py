@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from gamestream import lake
+from gamestream.tables import lake
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gamestream import server
-from gamestream.collector import create_app
-from gamestream.generator import SendStats, live_events, send
+from gamestream.api import server
+from gamestream.api.app import create_app
+from gamestream.demo.generator import SendStats, live_events, send
 from gamestream.log import connect
-from gamestream.pipeline import Pipeline
-from gamestream.processor import ProcessorStats
+from gamestream.process.pipeline import Pipeline
+from gamestream.process.processor import ProcessorStats
 from gamestream.settings import Settings
 
 
@@ -204,7 +204,7 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
        last offset), then get SIGTERM;
     4. the nats-server nodes stop.
     """
-    from gamestream.nats_cluster import NatsCluster
+    from gamestream.demo.nats_cluster import NatsCluster
 
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -335,7 +335,7 @@ async def _output_match(child: _Child, pattern: str, stop: asyncio.Event, timeou
 def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> None:
     """Until the events table's txn version of every partition reaches the log's last offset there: everything
     the collectors acknowledged is then in the table (the processors commit it exactly once)."""
-    from gamestream import lake
+    from gamestream.tables import lake
 
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     targets = {lake.txn_app_id(settings.pipeline, p): log.last_offset(p) for p in range(log.partitions)}
@@ -350,7 +350,7 @@ def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> 
 
 
 def _events_in_table(settings: Settings) -> int:
-    from gamestream import lake
+    from gamestream.tables import lake
 
     uri = settings.table_uri("events")
     if not lake.table_exists(uri):

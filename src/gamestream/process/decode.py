@@ -1,10 +1,10 @@
 """Turning log records into Arrow rows for the events table, and quarantine rows for what does not fit.
 
-Arrow records (`gamestream.payload`: what the collector and `load` write when a whole batch passed the
+Arrow records (`gamestream.log.payload`: what the collector and `load` write when a whole batch passed the
 vectorised checks) are read as they are and concatenated; only their rows' required fields are checked again.
 
 Records holding one API Gateway proxy event (the seed's Lambda wrote those) are unwrapped first
-(`gamestream.envelope.unwrap`): their body's events, validated and given ids derived from the record's place in
+(`gamestream.log.envelope.unwrap`): their body's events, validated and given ids derived from the record's place in
 the log, join the NDJSON records; what fails is quarantined with the whole record as its payload.
 
 NDJSON records (older versions, batches that held a bad event, foreign producers). Fast path: the records' canonical
@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from gamestream import envelope, payload, schema
+from gamestream.log import envelope, payload
+from gamestream import schema
 from gamestream.log import LogRecord
 
 _READ_OPTIONS = pj.ReadOptions(block_size=8 << 20)

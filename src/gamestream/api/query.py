@@ -42,7 +42,7 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
-from gamestream import lake
+from gamestream.tables import lake
 from gamestream.settings import TABLES, Settings
 
 ALIASES = {"mobile_events_delta_raw": "events"}
@@ -323,7 +323,7 @@ _TABLES = lake.TableCache()
 class SqlEngine:
     """DuckDB over the Delta tables, opened afresh for each query so that it sees their latest versions.
 
-    The reference pipeline's maintenance statements are taken too, and run by `gamestream.maintenance` under its
+    The reference pipeline's maintenance statements are taken too, and run by `gamestream.tables.maintenance` under its
     lock: `OPTIMIZE '<path>' | <table> [WHERE eventDate = | >= '<date>'] [ZORDER BY (col, …)]` and
     `VACUUM '<path>' | <table> [RETAIN n HOURS] [DRY RUN]` (a retention under the table's minimum is refused,
     as Delta's retentionDurationCheck does; `gamestream vacuum --force` overrides it). A path must be the
@@ -349,7 +349,7 @@ class SqlEngine:
         return locations[name]
 
     def _maintenance(self, query: str) -> pa.Table | None:
-        from gamestream import maintenance
+        from gamestream.tables import maintenance
 
         optimize, vacuum = _OPTIMIZE.match(query), _VACUUM.match(query)
         if not optimize and not vacuum:

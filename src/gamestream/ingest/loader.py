@@ -16,8 +16,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from gamestream import payload, schema
-from gamestream.batch import validate_batch
+from gamestream.log import payload
+from gamestream import schema
+from gamestream.ingest.batch import validate_batch
 from gamestream.log import Append, EventLog, router
 from gamestream.schema import EventValidator, Rejection
 

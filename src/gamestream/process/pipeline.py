@@ -13,12 +13,12 @@ import logging
 import threading
 from typing import Callable
 
-from gamestream import lake
+from gamestream.tables import lake
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.log import EventLog, LogUnavailable
-from gamestream.maintenance import AutoMaintenance
-from gamestream.ownership import KPI_ROLE, Ownership, open_ownership
-from gamestream.processor import Processor, ProcessorStats
+from gamestream.tables.maintenance import AutoMaintenance
+from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
+from gamestream.process.processor import Processor, ProcessorStats
 from gamestream.settings import TABLES, Settings
 
 logger = logging.getLogger(__name__)
