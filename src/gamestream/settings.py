@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
           "kpi_top_events", "kpi_activity", "kpi_devices", "audit")
@@ -169,13 +170,10 @@ class Settings:
         return self.tables_uri or str((self.data_dir / "tables").absolute())
 
     def table_uri(self, name: str) -> str:
-        """Where table `name` lives: its override, else `<tables_root>/<name>` (joined by `lake`, which alone
-        knows folders from object store URLs)."""
-        from gamestream.tables import lake
-
+        """Where table `name` lives: its override, else `<tables_root>/<name>` (`table_location`)."""
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
-        return self.tables.get(name) or lake.table_location(self.tables_root, name)
+        return self.tables.get(name) or table_location(self.tables_root, name)
 
     @property
     def small_file_bytes(self) -> int:
@@ -250,3 +248,18 @@ def _parse(type_name: object, raw: str) -> object:
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
+
+
+# ------------------------------------------------------------------------------------------- where tables live
+def is_object_store(uri: str) -> bool:
+    """True for a URL with a scheme other than file:// (s3://, gs://, az://, …): no local path to test, stat or
+    lock; reached over the network, with the store's consistency rules."""
+    scheme = urlparse(str(uri)).scheme
+    return len(scheme) > 1 and scheme != "file"  # a one-letter scheme is a Windows drive, not a URL
+
+
+def table_location(root: str, name: str) -> str:
+    """The URI of table `name` under the tables root `root` (a folder or an object store prefix)."""
+    if is_object_store(root):
+        return f"{root.rstrip('/')}/{name}"
+    return str((Path(str(root).removeprefix("file://")) / name).absolute())

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -38,15 +44,14 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gamestream.ingest import batch
-from gamestream.log import envelope
 from gamestream import schema
-from gamestream.ingest.auth import key_matches
 from gamestream.api.dashboard import DashboardData, IngestRate
-from gamestream.log.envelope import JSON_TYPES, NDJSON_TYPES  # noqa: F401  (the body rules live in envelope)
+from gamestream.ingest import batch
+from gamestream.ingest.auth import key_matches
 from gamestream.ingest.http_guard import MAX_HEADER_LINES
 from gamestream.ingest.loader import arrow_records
-from gamestream.log import Append, EventLog, Idempotency, describe, router
+from gamestream.log import Append, EventLog, Idempotency, describe, envelope, router
+from gamestream.log.envelope import JSON_TYPES, NDJSON_TYPES  # noqa: F401  (the body rules live in envelope)
 from gamestream.settings import Settings
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -534,7 +539,9 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         return JSONResponse(checks, status_code=200 if healthy else 503)
 
     async def metrics(request: Request) -> Response:
-        from gamestream.metrics import REGISTRY as stages  # the processor's figures, when it runs in this process
+        from gamestream.metrics import (
+            REGISTRY as stages,  # the processor's figures, when it runs in this process
+        )
 
         return Response(generate_latest(collector.metrics.registry) + generate_latest(stages),
                         media_type=CONTENT_TYPE_LATEST)
@@ -604,6 +611,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
 
     async def forget(request: Request) -> Response:
         """POST /v1/forget {"device_ids": [...], "purge": false} → the audit entry (`gamestream.tables.forget`)."""
+        from gamestream.kpi import fold_once
         from gamestream.tables import forget as forgetting
 
         if settings.keys_configured and not _presented_key_in(request, admin_keys):
@@ -639,7 +647,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
         purge_error = {}
         if purge:  # waits for the KPI stage and sql_timeout_s (docs/privacy.md): an answer after half a minute
             try:
-                await asyncio.to_thread(forgetting.purge_forgotten, settings, report)
+                await asyncio.to_thread(forgetting.purge_forgotten, settings, report, fold_kpi=fold_once)
             except forgetting.PurgeNotPossible as error:
                 purge_error = {"purge_error": str(error)}
         return JSONResponse({**report.to_dict(), **purge_error, "message": report.retention_message(settings)})

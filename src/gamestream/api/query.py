@@ -42,8 +42,8 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
-from gamestream.tables import lake
 from gamestream.settings import TABLES, Settings
+from gamestream.tables import lake
 
 ALIASES = {"mobile_events_delta_raw": "events"}
 QUERYABLE = (*TABLES, *ALIASES)

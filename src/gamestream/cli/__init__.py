@@ -1,4 +1,7 @@
-"""The `gamestream` command."""
+"""The `gamestream` command: every command's options, its work and its report.
+
+May import: core, log, ingest, tables, kpi, process, api, integrations, demo
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from gamestream.settings import TABLES, Settings
@@ -403,7 +413,11 @@ def spark_job(data_dir: Path | None, log_url: str | None, tables_uri: str | None
     """Runs the reference pipeline on Spark (the gamestream[spark] extra; docs/spark.md): the log read with
     readStream.format("gamestream"), written to the same Delta tables as `process`, exactly once."""
     try:
-        from gamestream.integrations.spark.job import CheckpointMismatch, JobOptions, run
+        from gamestream.integrations.spark.job import (
+            CheckpointMismatch,
+            JobOptions,
+            run,
+        )
     except ImportError as error:
         raise click.UsageError(f"the Spark job needs PySpark ({error}): pip install 'gamestream[spark]', and Java "
                                "17 or later") from None
@@ -435,7 +449,13 @@ def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) 
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
     kpi_activity, kpi_devices, audit). Dates are UTC."""
-    from gamestream.api.query import QueryError, SqlEngine, display_value, to_csv, to_json
+    from gamestream.api.query import (
+        QueryError,
+        SqlEngine,
+        display_value,
+        to_csv,
+        to_json,
+    )
 
     try:
         result = SqlEngine(_settings(data_dir=data_dir, tables_uri=tables_uri)).run(query)
@@ -588,11 +608,12 @@ def vacuum(data_dir: Path | None, tables_uri: str | None, unsafe_no_conditional_
         report = maintenance.vacuum(settings.table_uri(table_name), retention_hours=hours, dry_run=dry_run,
                                     force=force)
         if table_name == "events" and not dry_run:  # VACUUM leaves change data alone: a forget's goes now
-            from gamestream.tables import forget as forgetting, lake
+            from gamestream.tables import forgotten
+            from gamestream.tables import lake
 
             retention = hours if hours is not None else maintenance.minimum_retention_hours(
                 lake.open_table(settings.table_uri("events")))
-            expired = forgetting.expire_change_data(settings, retention_hours=retention)
+            expired = forgotten.expire_change_data(settings, retention_hours=retention)
             if expired:
                 console.print(f"deleted {expired} change-data file(s) of forget commits older than the retention")
     except maintenance.RetentionTooShort as error:
@@ -622,6 +643,7 @@ def forget(data_dir: Path | None, log_url: str | None, tables_uri: str | None,
            as_json: bool) -> None:
     """Deletes devices' rows from the events and quarantine tables (and, through the KPI stage, from the KPIs),
     audited in the `audit` table by a salted hash of each id, never the id; see docs/privacy.md."""
+    from gamestream.kpi import fold_once
     from gamestream.tables import forget as forgetting
 
     ids = list(device_ids)
@@ -633,7 +655,8 @@ def forget(data_dir: Path | None, log_url: str | None, tables_uri: str | None,
                          unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     _check_storage(settings)
     try:
-        report = forgetting.forget(settings, ids, requested_by=forgetting.who_at_this_terminal(), purge=purge)
+        report = forgetting.forget(settings, ids, requested_by=forgetting.who_at_this_terminal(), purge=purge,
+                                    fold_kpi=fold_once)
     except forgetting.ForgetError as error:
         raise click.UsageError(str(error)) from None
     except forgetting.PurgeNotPossible as error:
@@ -660,8 +683,8 @@ def forget(data_dir: Path | None, log_url: str | None, tables_uri: str | None,
 def status(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None) -> None:
     """Shows the log backlog per partition, and per table: version, files per partition, average file size,
     small files, last OPTIMIZE and VACUUM."""
-    from gamestream.tables import lake
     from gamestream.log import describe
+    from gamestream.tables import lake
     from gamestream.tables.maintenance import file_stats, last_operations
 
     settings = _settings(data_dir=data_dir, partitions=partitions, log=log_url, tables_uri=tables_uri)
@@ -1040,15 +1063,14 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     except Exception as error:  # a clear line, not a traceback, for errors we know how to explain
-        from gamestream.tables.lake import ConditionalWritesUnsupported, StoreUnreachable
-        from gamestream.log.sqlite import LogPartitionsMismatch
         from gamestream.log.ownership import OwnershipUnavailable
+        from gamestream.log.sqlite import LogPartitionsMismatch
         from gamestream.process.processor import PartitionBusy
+        from gamestream.tables.lake import ConditionalWritesUnsupported, StoreUnreachable, TableMissing
 
         unusable = None if isinstance(error, (DataDirUnusable, LogUnreachable)) else _unusable_storage(error)
-        if type(error).__name__ == "TableNotFoundError":
-            unusable = f"no Delta table there yet ({str(error).strip().splitlines()[0][:300]}); " \
-                       "run `gamestream process` first"
+        if isinstance(error, TableMissing):
+            unusable = f"{error}; run `gamestream process` first"
         if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable,
                               OwnershipUnavailable, ConditionalWritesUnsupported, StoreUnreachable)) or unusable:
             from rich.text import Text

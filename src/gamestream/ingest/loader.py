@@ -16,10 +16,9 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from gamestream.log import payload
 from gamestream import schema
 from gamestream.ingest.batch import validate_batch
-from gamestream.log import Append, EventLog, router
+from gamestream.log import Append, EventLog, payload, router
 from gamestream.schema import EventValidator, Rejection
 
 MAX_REPORTED_REJECTIONS = 20

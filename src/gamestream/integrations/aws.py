@@ -42,9 +42,9 @@ from typing import Any
 import msgspec
 import stamina
 
-from gamestream.log import envelope
 from gamestream import schema
 from gamestream.ingest.auth import key_matches
+from gamestream.log import envelope
 from gamestream.settings import Settings
 
 STREAM_ENV = "GAMESTREAM_KINESIS_STREAM"

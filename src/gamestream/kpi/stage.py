@@ -52,17 +52,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from gamestream.tables import lake
 from gamestream import metrics
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
-from gamestream.log import EventLog, partition_for
+from gamestream.log import EventLog, connect, partition_for
 from gamestream.settings import Settings
+from gamestream.tables import forgotten, lake
+from gamestream.tables.forgotten import FORGET_KEY
 
 UTC = dt.timezone.utc
 TS = kt.TS
 STATE_KEY = "gamestream.kpi"
-FORGET_KEY = "gamestream.forget"
 DAY = dt.timedelta(days=1)
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class KpiStage:
         self.stop = stop
         self.window_us = settings.window_minutes * 60 * 1_000_000
         self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
-        self.app_id = f"{settings.pipeline}-kpi"
+        self.app_id = lake.txn_app_id(settings.pipeline, stage="kpi")
         self.events = lake.open_events(settings.table_uri("events"))
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
         existed = {name: lake.table_exists(settings.table_uri(name)) for name in kt.TABLES}
@@ -462,15 +462,13 @@ class KpiStage:
             logger.warning("events version %d deleted rows outside `gamestream forget`: the KPI tables still count "
                            "them", version)
         else:
-            from gamestream.tables import forget
-
-            salt = forget.read_salt(self.settings)
+            salt = forgotten.read_salt(self.settings)
             devices = self.tables["kpi_devices"]
             devices.update_incremental()
             known = set(devices.to_pyarrow_table(columns=["device_id"])["device_id"].to_pylist()) | {
                 d for state in self.days.values() for d in state.devices}
             wanted = set(hashes)
-            ids = sorted(d for d in known if forget.device_hash(salt, d) in wanted)
+            ids = sorted(d for d in known if forgotten.device_hash(salt, d) in wanted)
             fold.forgotten, fold.forgotten_hashes = ids, hashes
             if ids:
                 self._revise_for_deleted(version, ids, fold)
@@ -725,9 +723,7 @@ class KpiStage:
         self._commit(name, version, state_json, merge)
 
     def _delete_devices(self, name: str, fold: _Fold, version: int, state_json: str) -> None:
-        from gamestream.tables import forget
-
-        predicate = forget.hash_predicate(forget.read_salt(self.settings), fold.forgotten_hashes,
+        predicate = forgotten.hash_predicate(forgotten.read_salt(self.settings), fold.forgotten_hashes,
                                           column='"device_id"')
         self._commit(name, version, state_json, lambda table, properties: table.delete(
             predicate, commit_properties=properties))
@@ -918,3 +914,14 @@ class KpiStage:
         source = pa.Table.from_pylist(rows, schema=kt.RETENTION)
         self._merge(name, source, "t.cohort_day = s.cohort_day", None, version, state_json,
                     delete_when="s.cohort_size = 0", insert_when="s.cohort_size > 0", force=force)
+
+
+def fold_once(settings: Settings) -> None:
+    """Folds everything the events table holds into the KPI tables, once, in this process, then returns. For
+    a caller that holds the KPI role and needs the tables current now (`forget --purge` when no KPI stage runs:
+    `gamestream.tables.forget` takes it as its `fold_kpi`)."""
+    log = connect(settings)
+    try:
+        KpiStage(settings, log, stop=threading.Event()).fold()
+    finally:
+        log.close()

@@ -15,128 +15,27 @@ Invariants every backend keeps:
   retention.
 - A backend that cannot reach its log for a while (a distributed log electing a leader, a server restarting, a
   network partition) raises `LogUnavailable`: the caller waits and tries again; nothing was half-done.
+
+Owns besides the backends: what a record's payload holds (`payload`), what wraps events on their way in — request
+bodies and the seed's API Gateway proxy events found in a log (`envelope`) — and who consumes which partition
+(`ownership`: lock files, or leases kept on the log's own cluster), since a log's consumers share it out.
+
+May import: core
 """
 
 from __future__ import annotations
 
-import zlib
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING
+
+from gamestream.log.base import (DEFAULT_PARTITIONS, Append, AppendResult, EventLog, Idempotency, LogRecord,
+                                 LogUnavailable, partition_for, router)
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings
 
-
-class LogUnavailable(RuntimeError):
-    """The log cannot be reached, or cannot serve this call, right now (no leader, no server answering); the
-    same call may well succeed in a few seconds. Raised instead of the backend's own timeout errors, so the
-    stages can wait and retry without knowing which backend they run on."""
-
-
-@dataclass(frozen=True, slots=True)
-class LogRecord:
-    partition: int
-    offset: int
-    payload: bytes  # canonical NDJSON lines of one batch, "\n"-separated
-    events: int  # how many events the payload holds
-    appended_at: float  # unix seconds
-
-
-@dataclass(frozen=True, slots=True)
-class Append:
-    """One record to append: a batch of events bound for one partition."""
-
-    partition: int
-    payload: bytes
-    events: int
-
-
-@dataclass(frozen=True, slots=True)
-class Idempotency:
-    """Makes an append happen at most once per key: the first append stores `response` with its records, in the
-    same transaction; a later append with the key stores nothing and gets that response back."""
-
-    key: str
-    response: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    offsets: list[int]  # empty when `replayed` is set
-    replayed: bytes | None = None  # the first append's response, when the idempotency key was already used
-
-
-@runtime_checkable
-class EventLog(Protocol):
-    @property
-    def partitions(self) -> int:
-        """How many partitions the log has; fixed when it is created."""
-        ...
-
-    def append(self, records: Sequence[Append]) -> list[int]:
-        """Appends the records durably, in order, and returns their offsets (same order)."""
-        ...
-
-    def submit(self, records: Sequence[Append], idempotency: Idempotency | None = None) -> Future[AppendResult]:
-        """Starts a durable append; the future resolves once it is durable (for asyncio: wrap_future)."""
-        ...
-
-    def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
-        """Records of `partition` with offset > `after_offset`, oldest first, at most `max_records`."""
-        ...
-
-    def last_offset(self, partition: int) -> int:
-        """The highest offset ever appended to `partition`, 0 when none."""
-        ...
-
-    def last_appended_at(self, partition: int) -> float | None:
-        """When the newest record still held in `partition` was appended (unix seconds); None when it holds none."""
-        ...
-
-    def commit(self, consumer: str, partition: int, offset: int) -> None:
-        """Records that `consumer` has committed `partition` up to `offset` downstream (never moves back)."""
-        ...
-
-    def committed(self, consumer: str, partition: int) -> int:
-        """What `consumer` last committed for `partition`, 0 when nothing."""
-        ...
-
-    def pending_events(self, consumer: str) -> int:
-        """Events appended but not yet committed by `consumer`, over all partitions (the backlog)."""
-        ...
-
-    def pending_events_in(self, partition: int, consumer: str) -> int:
-        """The backlog of one partition."""
-        ...
-
-    def trim(self, retention_seconds: float, now: float | None = None) -> int:
-        """Deletes records that every consumer has committed and that are older than the retention, and
-        idempotency keys older than the retention or 24 h, whichever is longer."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def partition_for(device_id: str, partitions: int) -> int:
-    """The log partition of a device: stable across processes and releases (CRC-32, not Python's hash), so a
-    device's events stay in one partition and keep their order."""
-    return zlib.crc32(device_id.encode()) % partitions
-
-
-def router(log: "EventLog") -> Callable[[str], int]:
-    """Which partition a device's events go to on `log`: the log's own rule when it has one (`route`: Kinesis
-    routes by the hash-key ranges of its open shards, so a device moves only from a shard to its children when
-    the stream is resharded), else `partition_for` over its partition count."""
-    route = getattr(log, "route", None)
-    if route is not None:
-        return route
-    partitions = log.partitions
-    return lambda device_id: partition_for(device_id, partitions)
-
-
-DEFAULT_PARTITIONS = 4
+__all__ = ["Append", "AppendResult", "DEFAULT_PARTITIONS", "EventLog", "Idempotency", "LogRecord", "LogUnavailable",
+           "partition_for", "router", "connect", "describe", "open_log"]
 
 
 def connect(settings: "Settings") -> EventLog:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import msgspec
 
 from gamestream import schema
-from gamestream.log import LogRecord
+from gamestream.log.base import LogRecord
 
 # ------------------------------------------------------------------------------------------------ request bodies
 JSON_TYPES = {"application/json"}

@@ -70,8 +70,8 @@ from typing import Any, Callable, Sequence
 
 import stamina
 
-from gamestream.log import payload as payload_format
-from gamestream.log import Append, AppendResult, Idempotency, LogRecord, LogUnavailable
+from gamestream.log.base import Append, AppendResult, Idempotency, LogRecord, LogUnavailable
+from gamestream.log.base import payload as payload_format
 
 logger = logging.getLogger(__name__)
 

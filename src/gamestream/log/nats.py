@@ -45,7 +45,14 @@ import nats.js.errors
 import stamina
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from gamestream.log import DEFAULT_PARTITIONS, Append, AppendResult, Idempotency, LogRecord, LogUnavailable
+from gamestream.log.base import (
+    DEFAULT_PARTITIONS,
+    Append,
+    AppendResult,
+    Idempotency,
+    LogRecord,
+    LogUnavailable,
+)
 from gamestream.log.sqlite import LogPartitionsMismatch
 
 logger = logging.getLogger(__name__)

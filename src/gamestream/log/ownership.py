@@ -2,7 +2,7 @@
 
 A partition is written by one processor at a time, so its micro-batches stay in offset order and a processor does
 not waste work on records another one is committing. Ownership is an optimisation of who works, not the guarantee
-of exactly once: the Delta `txn` check in `lake.commit_exactly_once` is what keeps a stale owner (a process
+of exactly once: the Delta `txn` check in `gamestream.tables.lake.commit_exactly_once` is what keeps a stale owner (a process
 paused past its lease, then resumed) from committing a row twice, and it holds even when two processes believe
 they own the same partition.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from gamestream.tables import lake
+from gamestream.errors import is_out_of_space
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings
@@ -144,7 +144,7 @@ class ProcessLocks:
                     handle.truncate(0)
                     os.write(handle.fileno(), f"pid {os.getpid()}".encode())  # unbuffered: close cannot fail
                 except OSError as error:
-                    if not lake.is_out_of_space(error):
+                    if not is_out_of_space(error):
                         raise
         except BaseException:
             self.release()

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
-from gamestream.log import Append, AppendResult, Idempotency, LogRecord
+from gamestream.log.base import Append, AppendResult, Idempotency, LogRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -100,7 +100,7 @@ class SqliteEventLog:
                 connection.execute(statement)
             row = connection.execute("SELECT value FROM meta WHERE key='partitions'").fetchone()
             if row is None:
-                from gamestream.log import DEFAULT_PARTITIONS
+                from gamestream.log.base import DEFAULT_PARTITIONS
 
                 partitions = partitions or DEFAULT_PARTITIONS
                 connection.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(partitions),))

@@ -34,9 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from gamestream.log import envelope, payload
 from gamestream import schema
-from gamestream.log import LogRecord
+from gamestream.log import LogRecord, envelope, payload
 
 _READ_OPTIONS = pj.ReadOptions(block_size=8 << 20)
 

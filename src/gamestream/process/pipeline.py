@@ -13,13 +13,13 @@ import logging
 import threading
 from typing import Callable
 
-from gamestream.tables import lake
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.log import EventLog, LogUnavailable
-from gamestream.tables.maintenance import AutoMaintenance
 from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.process.processor import Processor, ProcessorStats
 from gamestream.settings import TABLES, Settings
+from gamestream.tables import lake
+from gamestream.tables.maintenance import AutoMaintenance
 
 logger = logging.getLogger(__name__)
 

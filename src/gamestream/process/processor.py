@@ -52,14 +52,20 @@ from typing import Callable, Iterable
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from gamestream.tables import lake
 from gamestream import metrics, schema
-from gamestream.process.decode import Decoded, decode_records
-from gamestream.tables.forget import ForgottenDevices
+from gamestream.errors import OffsetsWentBack, is_out_of_space
 from gamestream.log import EventLog, LogRecord, LogUnavailable
-from gamestream.log.ownership import Ownership, PartitionBusy, ProcessLocks, open_ownership
+from gamestream.log.ownership import (
+    Ownership,
+    PartitionBusy,
+    ProcessLocks,
+    open_ownership,
+)
+from gamestream.process.decode import Decoded, decode_records
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
+from gamestream.tables import lake
+from gamestream.tables.forgotten import ForgottenDevices
 
 _READ_CHUNK = 1000  # records per log read
 _TRIM_EVERY_S = 60.0
@@ -507,7 +513,7 @@ class Processor:
                 continue
             # Offsets only grow: the batch was read after the position, so its last offset is above it.
             if offset <= self.stats.positions[partition]:
-                raise AssertionError(f"partition {partition} would go from {self.stats.positions[partition]} "
+                raise OffsetsWentBack(f"partition {partition} would go from {self.stats.positions[partition]} "
                                      f"back to {offset}")
             self.stats.positions[partition] = offset
             metrics.log_position.labels(str(partition)).set(offset)
@@ -552,7 +558,7 @@ class Processor:
             self._log_unavailable(error)
             return
         except Exception as error:
-            if not lake.is_out_of_space(error):
+            if not is_out_of_space(error):
                 raise
             metrics.stage_errors.labels("processor").inc()
             if not self._log_write_failing:

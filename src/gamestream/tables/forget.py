@@ -47,59 +47,50 @@ import hashlib
 import json
 import logging
 import re
-import secrets
 import socket
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError
-from prometheus_client import Counter
 
+from gamestream.log.ownership import (
+    KPI_ROLE,
+    LeaseOwnership,
+    LocalOwnership,
+    uses_leases,
+)
+from gamestream.settings import Settings
 from gamestream.tables import lake
-from gamestream import metrics
-from gamestream.settings import TABLES, Settings
+from gamestream.tables.forgotten import (
+    AUDIT_SCHEMA,
+    FORGET_KEY,
+    SALT_PROPERTY,
+    delete_change_data,
+    device_hash,
+    hash_predicate,
+    kpi_versions,
+    open_audit,
+    payload_device,
+)
+from gamestream.tables.maintenance import MaintenanceLock
+
+FoldKpi = Callable[[Settings], None]
+"""Folds what the events table holds into the KPI tables once, in this process (`gamestream.kpi.fold_once`).
+Passed in by the caller: the KPI stage is a layer above the tables, so this module cannot import it."""
 
 logger = logging.getLogger(__name__)
 
-SALT_PROPERTY = "gamestream.forget.salt"
-FORGET_KEY = "gamestream.forget"
-"""Commit metadata of a forget DELETE on `events`: JSON `{"hashes": [...], "audit": "<entry id>"}`."""
-DEVICE_COLUMN = "\"eventParams\"['device_id']"
-REFRESH_S = 1.0
-"""The processor looks for new forgotten devices at most this often (in a flush's build step)."""
 GRACE_S = 3.0
 """Step 5 waits this long (plus the processor's `batch_max_wait_s`) before reading back what was committed."""
 MAX_RECHECKS = 5
 KPI_WAIT_S = 300.0
 """Purge waits at most this long for a running KPI stage to fold the forget commit."""
-AUDIT_STATS_COLUMNS = "entry,step,at"
-TS = pa.timestamp("us", tz="UTC")
-AUDIT_SCHEMA = pa.schema([
-    pa.field("entry", pa.string()),  # one forget request; its steps share it
-    pa.field("step", pa.string()),  # registered | deleted | purged
-    pa.field("at", TS),
-    pa.field("requestedBy", pa.string()),  # user@host, or the admin key's fingerprint; never a key
-    pa.field("devices", pa.int32()),
-    pa.field("hashes", pa.list_(pa.string())),  # sha256(salt + device_id), hex
-    pa.field("eventsDeleted", pa.int64()),
-    pa.field("quarantineDeleted", pa.int64()),
-    pa.field("versions", pa.string()),  # JSON: per table, version before and after, the forget commits
-    pa.field("filesGoneBy", TS),  # when the old files holding the rows are physically gone (at the latest)
-])
 PURGED_TABLES = ("events", "events_quarantine", "kpi_activity", "kpi_devices")
 """The tables whose old files may hold a device id (the KPI state tables keep device_id)."""
-
-dropped_events = Counter("gamestream_forgotten_events_dropped",
-                         "Events of forgotten devices read from the log and not committed", ["table"],
-                         registry=metrics.REGISTRY)
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
 
 class ForgetError(ValueError):
     """A forget request that cannot be run as given (no device id, an empty one, …): the reason says what."""
@@ -108,147 +99,6 @@ class ForgetError(ValueError):
 class PurgeNotPossible(RuntimeError):
     """Purge could not make sure no reader needs the old files (the KPI stage did not fold the forget commit in
     time): the rows are deleted, the audit says so, and `forget --purge` can be run again later."""
-
-
-# ------------------------------------------------------------------------------------------------ the hashes
-def device_hash(salt: str, device_id: str) -> str:
-    """The salted hash that stands for a device everywhere a forget writes: `sha256(salt + device_id)`, hex.
-    DataFusion computes the same with `encode(sha256(concat(salt, id)), 'hex')` (`hash_predicate`).
-
-    >>> device_hash("00ff", "b")
-    'e84f6a88dce41dc29336bd1593bd35a49a79240dc69434c420501a83319c6117'
-    """
-    return hashlib.sha256((salt + device_id).encode()).hexdigest()
-
-
-def hash_predicate(salt: str, hashes: list[str], column: str = DEVICE_COLUMN) -> str:
-    """A Delta/DataFusion predicate true for the rows whose `column` hashes (with `salt`) to one of `hashes`.
-    It names no device id, so it can go into `_delta_log` (a DELETE writes its predicate there in clear).
-    A null `column` never matches (an empty id is never forgotten)."""
-    if not hashes:
-        raise ValueError("no hashes: a predicate over none would match nothing")
-    if not re.fullmatch(r"[0-9a-f]+", salt) or not all(_HEX64.match(h) for h in hashes):
-        raise ValueError("salt and hashes must be lowercase hex")
-    listed = ", ".join(f"'{h}'" for h in sorted(set(hashes)))
-    return f"encode(sha256(concat('{salt}', {column})), 'hex') IN ({listed})"
-
-
-def read_salt(settings: Settings) -> str | None:
-    """The deployment's salt (the `audit` table's property), or None while nothing was ever forgotten."""
-    uri = settings.table_uri("audit")
-    if not lake.table_exists(uri):
-        return None
-    return lake.open_table(uri).metadata().configuration.get(SALT_PROPERTY)
-
-
-def open_audit(settings: Settings) -> DeltaTable:
-    """The audit table, with its salt: made by whoever first needs it (delta-rs takes only `delta.*` properties
-    at creation, so the salt is set by a metadata commit right after; of two racing setters, the one whose commit
-    lands is the salt, the other fails its commit and reads it)."""
-    table = lake.open_or_create(settings.table_uri("audit"), AUDIT_SCHEMA, None,
-                                {"delta.dataSkippingStatsColumns": AUDIT_STATS_COLUMNS})
-    for _ in range(10):
-        if table.metadata().configuration.get(SALT_PROPERTY):
-            return table
-        try:
-            table.alter.set_table_properties({SALT_PROPERTY: secrets.token_hex(16)}, raise_if_not_exists=False,
-                                             commit_properties=CommitProperties(max_commit_retries=0))
-        except CommitFailedError:
-            pass  # another process set it first
-        table.update_incremental()
-    raise RuntimeError(f"could not set the salt of {settings.table_uri('audit')}")
-
-
-def forgotten_hashes(audit: DeltaTable) -> set[str]:
-    """Every hash ever registered (a registration counts from step 2: the processor must drop the device's
-    events even while the delete is still running, or if it failed and is to be run again)."""
-    if audit.version() == 0:
-        return set()
-    hashes = audit.to_pyarrow_table(columns=["hashes"])["hashes"]
-    return set(pc.list_flatten(hashes).to_pylist()) - {None}
-
-
-# --------------------------------------------------------------------------------------- the processor's filter
-class ForgottenDevices:
-    """What the processor asks before committing a batch: which of its events belong to forgotten devices.
-
-    Cheap when nothing was forgotten (no audit table: a stat of a folder, or a listing on S3, at most every
-    `REFRESH_S`); otherwise the hashes are re-read only when the audit table's version changed, and a batch costs
-    one hash per distinct device id in it. Not thread-safe: the processor uses it from its commit thread only.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.uri = settings.table_uri("audit")
-        self._audit: DeltaTable | None = None
-        self._salt: str | None = None
-        self._version = -1
-        self._hashes: frozenset[str] = frozenset()
-        self._checked_at = float("-inf")
-
-    def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < REFRESH_S:
-            return
-        self._checked_at = now
-        if self._audit is None:
-            if not lake.table_exists(self.uri):
-                return
-            self._audit = lake.open_table(self.uri)
-        else:
-            self._audit.update_incremental()
-        if self._salt is None:  # set by the commit right after the table's creation
-            self._salt = self._audit.metadata().configuration.get(SALT_PROPERTY)
-        if self._audit.version() != self._version:
-            self._hashes = frozenset(forgotten_hashes(self._audit))
-            self._version = self._audit.version()
-
-    def forgotten_mask(self, device_ids: pa.Array | pa.ChunkedArray) -> pa.Array | None:
-        """True where the device is forgotten; None when none is (the common case: nothing to filter)."""
-        if not self._hashes or self._salt is None or len(device_ids) == 0:
-            return None
-        distinct = pc.unique(device_ids).to_pylist()
-        gone = [d for d in distinct if d is not None and device_hash(self._salt, d) in self._hashes]
-        if not gone:
-            return None
-        return pc.fill_null(pc.is_in(device_ids, value_set=pa.array(gone, pa.string())), False)
-
-    def drop_events(self, rows: pa.Table) -> pa.Table:
-        """`rows` (events-table rows) less those of forgotten devices; the dropped ones are counted, not named."""
-        self.refresh()
-        if not self._hashes:
-            return rows
-        mask = self.forgotten_mask(pc.struct_field(rows["eventParams"], "device_id"))
-        if mask is None:
-            return rows
-        kept = rows.filter(pc.invert(mask))
-        dropped = rows.num_rows - kept.num_rows
-        dropped_events.labels("events").inc(dropped)
-        logger.info("events of forgotten devices dropped", extra={"dropped": dropped})
-        return kept
-
-    def drop_quarantined(self, rows: pa.Table) -> pa.Table:
-        """Quarantine rows less those whose payload parses as an event of a forgotten device (a payload that does
-        not parse cannot be matched by a hash: `forget` finds those by the id itself)."""
-        self.refresh()
-        if not self._hashes or rows.num_rows == 0:
-            return rows
-        devices = pa.array([_payload_device(p) for p in rows["payload"].to_pylist()], pa.string())
-        mask = self.forgotten_mask(devices)
-        if mask is None:
-            return rows
-        kept = rows.filter(pc.invert(mask))
-        dropped_events.labels("events_quarantine").inc(rows.num_rows - kept.num_rows)
-        logger.info("quarantine rows of forgotten devices dropped", extra={"dropped": rows.num_rows - kept.num_rows})
-        return kept
-
-
-def _payload_device(text: str | None) -> str | None:
-    try:
-        event = json.loads(text) if text else None
-        device = event["eventParams"]["device_id"]  # type: ignore[index]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return device if isinstance(device, str) else None
 
 
 # --------------------------------------------------------------------------------------- finding quarantined rows
@@ -292,7 +142,7 @@ def payload_mentions(payload: str | None, device_ids: list[str], pattern: re.Pat
     pattern = pattern or _mention_pattern(device_ids)
     if pattern.search(payload):
         return True
-    if _payload_device(payload) in device_ids:
+    if payload_device(payload) in device_ids:
         return True
     return any(pattern.search(body) for body in _decoded_bodies(payload))
 
@@ -413,9 +263,10 @@ def _delete_quarantined(table: DeltaTable, salt: str, device_ids: list[str]) -> 
 
 
 def forget(settings: Settings, device_ids: Iterable[object], *, requested_by: str, purge: bool = False,
-           grace_s: float | None = None) -> ForgetReport:
+           grace_s: float | None = None, fold_kpi: FoldKpi | None = None) -> ForgetReport:
     """Deletes the devices' rows from `events` and `events_quarantine`, audited (the module docstring's steps).
-    Raises `ForgetError` for a request that cannot be run (no id, an empty one)."""
+    Raises `ForgetError` for a request that cannot be run (no id, an empty one). With `purge`, `fold_kpi` folds
+    the KPI tables here when no KPI stage runs (step 7a)."""
     ids = _clean_ids(device_ids)
     audit = open_audit(settings)  # 1. the salt, and the hashes
     salt = audit.metadata().configuration[SALT_PROPERTY]
@@ -466,23 +317,21 @@ def forget(settings: Settings, device_ids: Iterable[object], *, requested_by: st
                                          "quarantine_deleted": report.quarantine_deleted,
                                          "forget_commits": forget_commits})
     if purge:
-        purge_forgotten(settings, report, audit=audit)  # 7.
+        purge_forgotten(settings, report, audit=audit, fold_kpi=fold_kpi)  # 7.
     return report
 
 
 # ---------------------------------------------------------------------------------------------------- purging
 def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTable | None = None,
-                    kpi_wait_s: float = KPI_WAIT_S) -> None:
+                    kpi_wait_s: float = KPI_WAIT_S, fold_kpi: FoldKpi | None = None) -> None:
     """Step 7 of the module docstring: the old files and change-data files that held the rows, deleted once
     no reader can need them. Raises `PurgeNotPossible` when the KPI stage did not fold the forget commit within
-    `kpi_wait_s`."""
-    from gamestream.tables.maintenance import MaintenanceLock
-
+    `kpi_wait_s` (and `fold_kpi`, when given, could not fold here because a KPI stage runs elsewhere)."""
     events_uri = settings.table_uri("events")
     events = lake.open_table(events_uri)
     forget_commits = report.versions["events"]["forget_commits"]
     last_forget = max(forget_commits, default=report.versions["events"]["after"])
-    kpi_versions = _wait_for_kpi(settings, last_forget, kpi_wait_s)  # a.
+    kpi_versions = _wait_for_kpi(settings, last_forget, kpi_wait_s, fold_kpi)  # a.
     forgotten_at = _commit_time(events, last_forget)
     ready = max(forgotten_at, time.time()) + settings.sql_timeout_s  # b.
     while (left := ready - time.time()) > 0:
@@ -501,7 +350,7 @@ def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTab
             swept[name] = len(table.vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False,
                                            keep_versions=keep))
         events.update_incremental()
-        swept["_change_data"] = _delete_change_data(events, events_uri, up_to=last_forget)  # d.
+        swept["_change_data"] = delete_change_data(events, events_uri, up_to=last_forget)  # d.
     finally:
         handle.close()  # type: ignore[union-attr]
     logger.info("forget purged", extra={"entry": report.entry, "files": swept})
@@ -519,50 +368,33 @@ def _commit_time(table: DeltaTable, version: int) -> float:
     return time.time()
 
 
-def _kpi_versions(settings: Settings) -> dict[str, tuple[int, int]]:
-    """Per existing KPI table: (its version, the events version folded in: its `<pipeline>-kpi` txn)."""
-    app_id = f"{settings.pipeline}-kpi"
-    found = {}
-    for name in TABLES:
-        uri = settings.table_uri(name)
-        if name.startswith("kpi_") and lake.table_exists(uri):
-            table = lake.open_table(uri)
-            found[name] = (table.version(), table.transaction_version(app_id) or 0)
-    return found
-
-
-def _wait_for_kpi(settings: Settings, version: int, wait_s: float) -> dict[str, int]:
+def _wait_for_kpi(settings: Settings, version: int, wait_s: float, fold_kpi: FoldKpi | None) -> dict[str, int]:
     """Step 7a: waits until the KPI stage has folded events `version` — folding here, holding the KPI role, when
     no KPI stage runs — and returns each KPI table's version at that moment.
 
     Folded means: every KPI table's txn is at `version` or above; or one is (the stage got there) and no KPI
     table changed over a `kpi_interval_s` (its fold is over: a table whose MERGE had nothing to add makes no
     commit, so its txn may stay behind)."""
-    from gamestream.log.ownership import KPI_ROLE, LeaseOwnership, LocalOwnership, uses_leases
-
     deadline = time.monotonic() + wait_s
     previous: dict[str, tuple[int, int]] | None = None
     while True:
-        seen = _kpi_versions(settings)
+        seen = kpi_versions(settings)
         folded = [txn for _, txn in seen.values()]
         if folded and (min(folded) >= version or (max(folded) >= version and seen == previous)):
             return {name: table_version for name, (table_version, _) in seen.items()}
-        ownership = (LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
-                                    ttl_s=settings.lease_ttl_s) if uses_leases(settings)
-                     else LocalOwnership(settings.data_dir / "log", 0, []))
+        if fold_kpi is None:
+            ownership = None
+        else:
+            ownership = (LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
+                                        ttl_s=settings.lease_ttl_s) if uses_leases(settings)
+                         else LocalOwnership(settings.data_dir / "log", 0, []))
         try:
-            if ownership.claim(KPI_ROLE):  # no KPI stage runs: fold here, and that fold is over when it returns
-                from gamestream.kpi import KpiStage
-                from gamestream.log import connect
-
-                log = connect(settings)
-                try:
-                    KpiStage(settings, log, stop=threading.Event()).fold()
-                finally:
-                    log.close()
-                return {name: table_version for name, (table_version, _) in _kpi_versions(settings).items()}
+            if ownership is not None and ownership.claim(KPI_ROLE):  # no KPI stage runs: fold here
+                fold_kpi(settings)  # type: ignore[misc]  (that fold is over when it returns)
+                return {name: table_version for name, (table_version, _) in kpi_versions(settings).items()}
         finally:
-            ownership.close()
+            if ownership is not None:
+                ownership.close()
         if time.monotonic() > deadline:
             raise PurgeNotPossible(f"the KPI stage has not folded events version {version} within {wait_s:g} s; "
                                    "the rows are deleted, run `gamestream forget --purge` again later")
@@ -570,72 +402,3 @@ def _wait_for_kpi(settings: Settings, version: int, wait_s: float) -> dict[str, 
         time.sleep(max(settings.kpi_interval_s, 0.2))
 
 
-def _delete_change_data(events: DeltaTable, uri: str, *, up_to: int) -> int:
-    """Deletes the `_change_data` files of every forget commit at or below `up_to` (read from the commits' own
-    `cdc` actions); returns how many were there to delete."""
-    paths: list[str] = []
-    for commit in events.history():
-        version = commit.get("version")
-        if FORGET_KEY not in commit or version is None or version > up_to:
-            continue
-        raw = _read_file(uri, f"_delta_log/{version:020d}.json")
-        if raw is None:
-            continue  # the commit file was cleaned up (log retention); its change data went with VACUUMs since
-        for line in raw.splitlines():
-            if line.strip():
-                cdc = json.loads(line).get("cdc")
-                if cdc:
-                    paths.append(cdc["path"])
-    for path in paths:
-        _delete_file(uri, path)
-    return len(paths)
-
-
-def expire_change_data(settings: Settings, *, retention_hours: float, now: float | None = None) -> int:
-    """Deletes the `_change_data` files of the forget commits older than `retention_hours` that the KPI stage has
-    folded (what `--purge` does at once): VACUUM leaves change data alone, so without this the rows a forget
-    rewrote would stay in them for ever. Automatic maintenance and `gamestream vacuum --table events` call it
-    with their retention. Returns how many files there were to delete."""
-    uri = settings.table_uri("events")
-    if not lake.table_exists(uri):
-        return 0
-    events = lake.open_table(uri)
-    folded = max((txn for _, txn in _kpi_versions(settings).values()), default=0)
-    cutoff = (time.time() if now is None else now) - retention_hours * 3600
-    up_to = 0
-    for commit in events.history():
-        version = commit.get("version")
-        if FORGET_KEY in commit and version is not None and version <= folded and (
-                commit.get("timestamp", 0) / 1000 <= cutoff):
-            up_to = max(up_to, version)
-    return _delete_change_data(events, uri, up_to=up_to) if up_to else 0
-
-
-def _read_file(uri: str, key: str) -> bytes | None:
-    if lake.is_object_store(uri):
-        import obstore
-        from obstore.store import from_url
-
-        try:
-            return bytes(obstore.get(from_url(uri.rstrip("/") + "/"), key).bytes())
-        except FileNotFoundError:
-            return None
-    from pathlib import Path
-
-    path = Path(uri.removeprefix("file://")) / key
-    return path.read_bytes() if path.exists() else None
-
-
-def _delete_file(uri: str, key: str) -> None:
-    from urllib.parse import unquote
-
-    key = unquote(key)
-    if lake.is_object_store(uri):
-        import obstore
-        from obstore.store import from_url
-
-        obstore.delete(from_url(uri.rstrip("/") + "/"), key)
-        return
-    from pathlib import Path
-
-    (Path(uri.removeprefix("file://")) / key).unlink(missing_ok=True)

@@ -9,21 +9,21 @@ The one place that knows
 - how a log partition maps to a Delta `txn` appId (`txn_app_id`), and how its committed offset is kept
   (`TxnPositions`: the txn version itself, or a commit counter plus the offset in the same commit);
 - which errors of a commit are worth retrying (`CommitRetries`): a conflict with another writer, a bounded number
-  of times; a full disk and an unreachable object store, for as long as they last.
+  of times; a full disk and an unreachable object store, for as long as they last;
+- what delta-rs' and object_store's errors mean: they are read here, once (`is_store_unreachable`, `open_table`'s
+  `TableMissing`), and surface above this module as `gamestream.errors` classes (`TransientError` when waiting can
+  help, `TerminalError` when it cannot, `OffsetsWentBack` for a txn version that would not grow).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Mapping
 from urllib.parse import unquote, urlparse
 
@@ -33,6 +33,13 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from gamestream import metrics, schema
+from gamestream.errors import (
+    OffsetsWentBack,
+    TerminalError,
+    TransientError,
+    is_out_of_space,
+)
+from gamestream.settings import is_object_store, table_location  # noqa: F401  (defined with Settings)
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +59,6 @@ QUARANTINE_TABLE_CONFIGURATION = {"delta.dataSkippingStatsColumns": QUARANTINE_S
 
 
 # ------------------------------------------------------------------------------------------- where tables live
-def is_object_store(uri: str) -> bool:
-    """True for a URL with a scheme other than file:// (s3://, gs://, az://, …): no local path to test, stat or
-    lock; reached over the network, with the store's consistency rules."""
-    scheme = urlparse(str(uri)).scheme
-    return len(scheme) > 1 and scheme != "file"  # a one-letter scheme is a Windows drive, not a URL
-
-
-def table_location(root: str, name: str) -> str:
-    """The URI of table `name` under the tables root `root` (a folder or an object store prefix)."""
-    if is_object_store(root):
-        return f"{root.rstrip('/')}/{name}"
-    return str((Path(str(root).removeprefix("file://")) / name).absolute())
-
-
 def storage_options(uri: str) -> dict[str, str] | None:
     """What delta-rs is told about the store besides the URI: nothing. deltalake 1.6.3 (object_store underneath)
     reads the standard AWS environment itself — AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
@@ -77,9 +70,18 @@ def storage_options(uri: str) -> dict[str, str] | None:
     return None
 
 
+class TableMissing(TerminalError, LookupError):
+    """No Delta table at the location yet (delta-rs' TableNotFoundError, translated here): a processor creates the
+    tables on its first run."""
+
+
 def open_table(uri: str, version: int | None = None) -> DeltaTable:
-    """The table at `uri` (a local folder or an object store URL), at `version` or the latest."""
-    return DeltaTable(uri, version=version, storage_options=storage_options(uri))
+    """The table at `uri` (a local folder or an object store URL), at `version` or the latest; `TableMissing`
+    when there is none."""
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage_options(uri))
+    except TableNotFoundError as error:
+        raise TableMissing(f"no Delta table at {uri} ({_first_line(error)})") from None
 
 
 def table_exists(uri: str) -> bool:
@@ -138,12 +140,12 @@ class TableCache:
         return table
 
 
-class ConditionalWritesUnsupported(RuntimeError):
+class ConditionalWritesUnsupported(TerminalError, RuntimeError):
     """The object store accepted a second create-only PUT of the same key (or refused the first): two writers
     could both write `_delta_log/N.json`, and one commit would silently replace the other."""
 
 
-class StoreUnreachable(RuntimeError):
+class StoreUnreachable(TransientError, RuntimeError):
     """The object store could not be reached (or refused the credentials) at start-up."""
 
 
@@ -196,9 +198,22 @@ def _first_line(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
-def txn_app_id(pipeline: str, partition: int, table: str = "events") -> str:
-    """The Delta txn appId of one log partition: `<pipeline>-p<partition>` on the events table; other tables
-    that commit per partition (the quarantine) prefix their own name so the ids never collide."""
+def txn_app_id(pipeline: str, partition: int | None = None, table: str = "events", *,
+               stage: str = "processor") -> str:
+    """The Delta txn appId under which a writer records how far it got; every appId is made here.
+
+    - the processor, per log partition: `<pipeline>-p<partition>` on the events table; other tables that commit
+      per partition (the quarantine) prefix their own name so the ids never collide;
+    - the KPI stage (`stage="kpi"`), one per table: `<pipeline>-kpi`, version = the events version folded in;
+    - the Spark job (`stage="spark"`), one per table: `<pipeline>-spark`, version = Spark's batch id + 1.
+
+    The writers' ids differ, so one set of tables is written by the processor or by the Spark job, never both."""
+    if stage != "processor":
+        if stage not in ("kpi", "spark"):
+            raise ValueError(f"unknown writer stage {stage!r}")
+        return f"{pipeline}-{stage}"
+    if partition is None:
+        raise ValueError("the processor's appId names a partition")
     base = f"{pipeline}-p{partition}"
     return base if table == "events" else f"{pipeline}-{table}-p{partition}"
 
@@ -212,7 +227,7 @@ def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | 
     for _ in range(5):
         try:
             return open_table(uri)
-        except TableNotFoundError:
+        except TableMissing:
             pass
         try:
             # max_commit_retries=0: the loser of a creation race must fail and open the winner's table, not
@@ -250,7 +265,7 @@ def open_events(uri: str, params: schema.Params = ()) -> DeltaTable:
     return evolve(table, target, [schema.PARTITION_COLUMN])
 
 
-class SchemaConflict(ValueError):
+class SchemaConflict(TerminalError, ValueError):
     """A configured column is in the table with another type: Delta cannot change a column's type in place."""
 
 
@@ -316,11 +331,11 @@ def open_quarantine(uri: str) -> DeltaTable:
     return ensure_properties(table, QUARANTINE_TABLE_CONFIGURATION)
 
 
-class CommitGaveUp(RuntimeError):
+class CommitGaveUp(TransientError, RuntimeError):
     """A commit kept conflicting with other writers past the retry budget."""
 
 
-class RetryInterrupted(RuntimeError):
+class RetryInterrupted(TransientError, RuntimeError):
     """A stop was requested while a commit waited for disk space: it was abandoned, not made. What it would have
     committed is still in the durable log (or, for the KPI stage, still in the events table) and is committed by
     the next run. An object whose commit was interrupted must not be used again: build a new one, which
@@ -336,25 +351,6 @@ CONFLICT_WAIT_MAX_S = 1.0
 OUT_OF_SPACE_WAIT_INITIAL_S = 0.1
 OUT_OF_SPACE_WAIT_MAX_S = 2.0
 OUT_OF_SPACE_REMIND_S = 60.0  # while the disk stays full, a warning this often, not one per attempt
-
-_OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_OUT_OF_SPACE_TEXTS = ("no space left on device", "disk quota exceeded", "database or disk is full",
-                       f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})")
-
-
-def is_out_of_space(error: BaseException) -> bool:
-    """True for a write that failed because the file system is full (or over quota): Python's OSError, delta-rs'
-    DeltaError ("… No space left on device (os error 28)"), SQLite's SQLITE_FULL. Such a write left nothing
-    visible behind (see `commit_exactly_once`), and the same write succeeds once space is freed."""
-    if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE_ERRNOS:
-        return True
-    if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorname", None) == "SQLITE_FULL":
-        return True
-    if isinstance(error, (OSError, DeltaError, sqlite3.Error)):
-        text = str(error).lower()
-        return any(marker in text for marker in _OUT_OF_SPACE_TEXTS)
-    return False
-
 
 # What object_store (inside delta-rs) says once its own retries (10, a few seconds) gave up on a store that does
 # not answer: refused or reset connections, timeouts, a 5xx. A commit that failed so either left nothing visible
@@ -372,6 +368,8 @@ _OUTAGE_DONE = {"out_of_space": "the disk was full", "store_unreachable": "the o
 def is_store_unreachable(error: BaseException) -> bool:
     """True for a failure to reach an object store (not for a refusal such as a missing bucket or bad
     credentials, which waiting does not cure)."""
+    if isinstance(error, StoreUnreachable):
+        return True
     if isinstance(error, (OSError, DeltaError)) and not isinstance(error, CommitFailedError):
         text = str(error).lower()
         return any(marker in text for marker in _UNREACHABLE_TEXTS)
@@ -634,7 +632,7 @@ def _attempt_commit(table: DeltaTable, app_ids: list[str], build: Callable[[dict
     for app_id, version in batch.versions.items():
         # Offsets only grow: a version at or below the committed one means step 2 was wrong.
         if version <= versions.get(app_id, 0):
-            raise AssertionError(f"txn {app_id} would go from {versions.get(app_id, 0)} to {version}")
+            raise OffsetsWentBack(f"txn {app_id} would go from {versions.get(app_id, 0)} to {version}")
     write_deltalake(  # step 3
         table,
         batch.rows,

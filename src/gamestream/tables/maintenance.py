@@ -29,8 +29,8 @@ import stamina
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
-from gamestream.tables import lake
 from gamestream.settings import Settings
+from gamestream.tables import forgotten, lake
 
 if TYPE_CHECKING:
     from gamestream.log.ownership import Ownership
@@ -391,9 +391,7 @@ class AutoMaintenance:
                         swept = vacuum(uri, retention_hours=self.settings.vacuum_retain_h)
                         logger.info("vacuumed %d file(s)", len(swept.files), extra={"table": name})
                         if name == "events":
-                            from gamestream.tables import forget
-
-                            expired = forget.expire_change_data(self.settings,
+                            expired = forgotten.expire_change_data(self.settings,
                                                                 retention_hours=self.settings.vacuum_retain_h)
                             if expired:
                                 logger.info("deleted %d change-data file(s) of forget commits", expired)

@@ -24,9 +24,9 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from gamestream.settings import Settings
 from gamestream.tables import lake
 from gamestream.tables.maintenance import file_stats, last_operations
-from gamestream.settings import Settings
 
 UTC = dt.timezone.utc
 HOURS_SHOWN = 48  # the charts show the windows of the last 48 hours of event time

@@ -4,7 +4,11 @@ the same Delta tables as the embedded processor (`sinks`). pyspark is imported i
 
 from __future__ import annotations
 
-from gamestream.integrations.spark.source import NAME, GamestreamDataSource, GamestreamStreamReader
+from gamestream.integrations.spark.source import (
+    NAME,
+    GamestreamDataSource,
+    GamestreamStreamReader,
+)
 
 __all__ = ["NAME", "GamestreamDataSource", "GamestreamStreamReader", "register"]
 

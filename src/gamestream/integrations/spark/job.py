@@ -114,8 +114,8 @@ def reference_pipeline(spark, settings: Settings, max_records_per_partition: int
 
 def _check_checkpoint(settings: Settings, checkpoint: Path) -> None:
     """Refuses (CheckpointMismatch) a fresh checkpoint for tables that already hold this job's batches."""
-    from gamestream.tables import lake
     from gamestream.integrations.spark.sinks import app_id
+    from gamestream.tables import lake
 
     commits = checkpoint / "events" / "commits"
     if commits.is_dir() and any(commits.iterdir()):

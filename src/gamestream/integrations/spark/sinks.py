@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction
 
-from gamestream.tables import lake
 from gamestream import schema
 from gamestream.kpi import tables as kt
 from gamestream.settings import Settings
+from gamestream.tables import lake
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ DAILY_COLUMNS = ("dau", "events", "bookings", "paying_users", "arpdau")
 def app_id(settings: Settings) -> str:
     """The txn appId of the Spark job's commits (any table): distinct from the embedded processor's
     `<pipeline>-p<partition>` and the KPI stage's `<pipeline>-kpi`."""
-    return f"{settings.pipeline}-spark"
+    return lake.txn_app_id(settings.pipeline, stage="spark")
 
 
 def open_kpi_table(settings: Settings, name: str) -> DeltaTable:

@@ -33,7 +33,12 @@ from typing import Iterator
 
 from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
 from pyspark.sql.pandas.types import from_arrow_schema
-from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows, SupportsTriggerAvailableNow
+from pyspark.sql.streaming.datasource import (
+    ReadAllAvailable,
+    ReadLimit,
+    ReadMaxRows,
+    SupportsTriggerAvailableNow,
+)
 from pyspark.sql.types import StructType
 
 NAME = "gamestream"
@@ -111,8 +116,8 @@ class GamestreamDataSource(DataSource):
 def _params(settings) -> tuple:
     """The promoted parameters to decode with: the events table's own (any process's `[schema.params]`), then
     the configured ones it lacks — as the embedded processor decodes (`schema.effective_params`)."""
-    from gamestream.tables import lake
     from gamestream import schema
+    from gamestream.tables import lake
 
     uri = settings.table_uri("events")
     if not lake.table_exists(uri):
@@ -183,7 +188,7 @@ class GamestreamStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow
         the source's schema."""
         from gamestream import schema
         from gamestream.process.decode import decode_records
-        from gamestream.tables.forget import ForgottenDevices
+        from gamestream.tables.forgotten import ForgottenDevices
 
         target = schema.decode_schema(partition.params)
         forgotten = ForgottenDevices(partition.spec.settings())
