@@ -154,7 +154,7 @@ class Collector:
                 await self._backlog_task
 
     async def _refresh_backlog(self) -> None:
-        if getattr(self.log, "positions_scope", None) == "process":
+        if self.log.positions_scope == "process":
             # the log cannot see the processor's commits (Kinesis: positions live in the tables), so it has no
             # backlog to bound here; the stream's own retention and shard limits are the back-pressure
             self.metrics.log_reachable.set(1)
@@ -217,11 +217,11 @@ class Collector:
             raise _Refuse(413, f"{len(events)} events in one request; the limit is "
                                f"{self.settings.max_events_per_request}")
 
-        limit = getattr(self.log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
+        limit = self.log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
         tables = None
         if len(events) >= batch.MIN_BATCH_EVENTS:  # smaller requests are cheaper event by event
             tables = batch.validate_batch(events, now=received, mode="server", partitions=self.log.partitions,
-                                          route=getattr(self.log, "route", None),
+                                          route=self.log.route if self.log.own_routing else None,
                                           max_event_bytes=self.settings.max_event_bytes,
                                           params=self.settings.schema_params)
         if tables is not None:  # every event provably valid: Arrow records, no per-event work
@@ -510,11 +510,7 @@ def create_app(settings: Settings, log: EventLog | None = None) -> Starlette:
     def check_log() -> None:
         """Whether the log takes writes: the backend's own check when it has one (the embedded log takes its
         write lock), else a read of partition 0's head, which needs the log's servers to answer."""
-        check = getattr(the_log, "check_writable", None)
-        if check is not None:
-            check()
-        else:
-            the_log.last_offset(0)
+        the_log.check_writable()
 
     async def healthz(request: Request) -> Response:
         # `pid` tells the processes of `serve --workers N` apart; `log_url` says which log this one writes to

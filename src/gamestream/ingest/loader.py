@@ -139,9 +139,9 @@ def load_lines(
     """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
     validator = EventValidator(event_time="input", params=params)
     route = router(log)
-    own_route = getattr(log, "route", None)  # a log with its own routing (Kinesis); else crc32 in the batch path
+    own_route = log.route if log.own_routing else None  # Kinesis routes itself; else crc32 in the batch path
     report = LoadReport()
-    limit = getattr(log, "max_record_bytes", None)  # a log of messages (NATS) caps a record's size
+    limit = log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
     for first_number, chunk in _chunks(lines, lines_per_chunk):
         now = dt.datetime.now(dt.timezone.utc)
         events = _events_of(chunk)

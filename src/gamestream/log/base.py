@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from gamestream.errors import TransientError
 
@@ -57,6 +57,53 @@ class AppendResult:
 
 
 @runtime_checkable
+class LogFeatures:
+    """What a backend may do beyond the common contract, declared with the defaults of a plain partitioned log.
+    Every backend inherits this and overrides what differs; callers read these, never probe with `getattr`.
+
+    - `max_record_bytes`: the largest payload of one record (a log of messages caps it: NATS' `max_payload`,
+      Kinesis' 1 MiB), or None for no cap. Producers split a partition's events before it.
+    - `long_offsets`: offsets may exceed a signed 64-bit integer (Kinesis sequence numbers), so the tables keep
+      them beside a counter (`gamestream.tables.lake.TxnPositions`) rather than as the txn version itself.
+    - `positions_scope`: "log" when `commit`/`committed` are kept by the log (every process sees them), "process"
+      when only in this process's memory (Kinesis: the tables hold the real positions), so the log cannot tell a
+      backlog.
+    - `own_routing`: the log routes a device itself (`route`: Kinesis' hash-key ranges of its open shards);
+      otherwise `route` is `partition_for` over `partitions` and producers may compute it column-wise.
+    - `reshards`: partitions may close and have children (`parents`, `is_closed`): a child is read only after
+      every parent is read to its end.
+    - `supports_trim`: `trim` deletes records (False: they leave by the log's own retention, as on Kinesis).
+    - `idempotency_scope`: "log" when an Idempotency-Key is honoured by every process of the log, "process" when
+      within this process only.
+    """
+
+    max_record_bytes: int | None = None
+    long_offsets: bool = False
+    positions_scope: Literal["log", "process"] = "log"
+    own_routing: bool = False
+    reshards: bool = False
+    supports_trim: bool = True
+    idempotency_scope: Literal["log", "process"] = "log"
+
+    def route(self, device_id: str) -> int:
+        """The partition of a device's events (`partition_for` unless `own_routing`)."""
+        return partition_for(device_id, self.partitions)  # type: ignore[attr-defined]
+
+    def parents(self, partition: int) -> list[int]:
+        """The partitions `partition` was split or merged from (none unless `reshards`)."""
+        return []
+
+    def is_closed(self, partition: int) -> bool:
+        """Whether `partition` takes no more appends (never, unless `reshards`)."""
+        return False
+
+    def check_writable(self) -> None:
+        """Raises unless the log takes writes now: by default a read of partition 0's head, which needs the
+        log's servers to answer; a backend with a sharper check (the embedded log takes its write lock) overrides
+        it."""
+        self.last_offset(0)  # type: ignore[attr-defined]
+
+
 class EventLog(Protocol):
     @property
     def partitions(self) -> int:
@@ -106,6 +153,23 @@ class EventLog(Protocol):
 
     def close(self) -> None: ...
 
+    # the features of `LogFeatures`, which every backend inherits
+    max_record_bytes: int | None
+    long_offsets: bool
+    positions_scope: Literal["log", "process"]
+    own_routing: bool
+    reshards: bool
+    supports_trim: bool
+    idempotency_scope: Literal["log", "process"]
+
+    def route(self, device_id: str) -> int: ...
+
+    def parents(self, partition: int) -> list[int]: ...
+
+    def is_closed(self, partition: int) -> bool: ...
+
+    def check_writable(self) -> None: ...
+
 
 def partition_for(device_id: str, partitions: int) -> int:
     """The log partition of a device: stable across processes and releases (CRC-32, not Python's hash), so a
@@ -117,9 +181,8 @@ def router(log: "EventLog") -> Callable[[str], int]:
     """Which partition a device's events go to on `log`: the log's own rule when it has one (`route`: Kinesis
     routes by the hash-key ranges of its open shards, so a device moves only from a shard to its children when
     the stream is resharded), else `partition_for` over its partition count."""
-    route = getattr(log, "route", None)
-    if route is not None:
-        return route
+    if log.own_routing:
+        return log.route
     partitions = log.partitions
     return lambda device_id: partition_for(device_id, partitions)
 

@@ -70,8 +70,8 @@ from typing import Any, Callable, Sequence
 
 import stamina
 
-from gamestream.log.base import Append, AppendResult, Idempotency, LogRecord, LogUnavailable
-from gamestream.log.base import payload as payload_format
+from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, LogRecord, LogUnavailable
+from gamestream.log import payload as payload_format
 
 logger = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class _Idem:
     at: float
 
 
-class KinesisEventLog:
+class KinesisEventLog(LogFeatures):
     """`EventLog` on a Kinesis data stream. Thread-safe; any number of processes may open the same stream (with
     the limits on idempotency and positions the module docstring lists).
 
@@ -409,6 +409,8 @@ class KinesisEventLog:
 
     idempotency_scope = "process"
     positions_scope = "process"
+    own_routing = True  # hash-key ranges of the open shards (`route`)
+    reshards = True  # shards split and merge (`parents`, `is_closed`)
     supports_trim = False
     long_offsets = True  # sequence numbers exceed int64: the tables keep them as lake.TxnPositions(counted=True)
     max_record_bytes = RECORD_MAX_BYTES - _KEY_ROOM

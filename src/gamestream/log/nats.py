@@ -45,14 +45,8 @@ import nats.js.errors
 import stamina
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from gamestream.log.base import (
-    DEFAULT_PARTITIONS,
-    Append,
-    AppendResult,
-    Idempotency,
-    LogRecord,
-    LogUnavailable,
-)
+from gamestream.log.base import (DEFAULT_PARTITIONS, Append, AppendResult, Idempotency, LogFeatures, LogRecord,
+                                 LogUnavailable)
 from gamestream.log.sqlite import LogPartitionsMismatch
 
 logger = logging.getLogger(__name__)
@@ -192,7 +186,7 @@ class _Message:
         return int(self.headers.get(EVENTS_HEADER, "0"))
 
 
-class NatsEventLog:
+class NatsEventLog(LogFeatures):
     """`EventLog` on a NATS JetStream stream. Thread-safe; any number of processes may open the same stream.
 
     >>> log = NatsEventLog.connect("nats://127.0.0.1:4222?stream=games", partitions=4)

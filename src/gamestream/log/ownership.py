@@ -97,6 +97,11 @@ class Ownership(Protocol):
     def release_role(self, role: str) -> None:
         ...
 
+    def grow(self, partitions: int) -> list[int]:
+        """Takes what it should of the partitions a resharded log gained (`partitions` is the new count); returns
+        those now owned. Leases never grow: a NATS stream is never resharded."""
+        ...
+
     def close(self) -> None:
         """Releases every partition and role at once and stops renewing. Idempotent."""
         ...
@@ -357,6 +362,11 @@ class LeaseOwnership:
 
     def release_role(self, role: str) -> None:
         self._release_keys([_ROLES + role])
+
+    def grow(self, partitions: int) -> list[int]:
+        """Nothing: leases are kept on a NATS cluster, whose streams are never resharded (the count is fixed at
+        creation)."""
+        return []
 
     def close(self) -> None:
         if self._closed:

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
-from gamestream.log.base import Append, AppendResult, Idempotency, LogRecord
+from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, LogRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,7 +57,7 @@ class LogPartitionsMismatch(ValueError):
     """The log exists with another partition count; partitions are fixed when the log is created."""
 
 
-class SqliteEventLog:
+class SqliteEventLog(LogFeatures):
     """`EventLog` on SQLite. Thread-safe; several processes may open the same directory."""
 
     def __init__(self, directory: Path, *, partitions: int | None) -> None:

@@ -182,9 +182,8 @@ class Processor:
     def _follow_ownership(self, *, initial: bool = False) -> None:
         """Brings the partitions worked on in line with the ownership (see the module docstring): lost ones
         dropped, surplus ones committed then released, gained ones started from the table's txn version."""
-        grow = getattr(self.ownership, "grow", None)
-        if grow is not None and getattr(self.log, "parents", None) is not None:
-            grow(self.log.partitions)  # a resharded stream has new shards: taken like any gained partition
+        if self.log.reshards:
+            self.ownership.grow(self.log.partitions)  # a resharded stream has new shards: taken like any gained partition
         owned = self.ownership.owned()
         lost = [p for p, term in self._terms.items() if owned.get(p) != term]
         if lost or (set(owned) - set(self._terms)) or (self.ownership.surplus() & set(owned)):
@@ -352,10 +351,7 @@ class Processor:
         """Whether every parent of `partition` (a log that reshards: Kinesis) is closed and read to its end —
         by this processor (read, pending or in flight: committed in this commit or an earlier one than the
         child's first records), or, for a parent it does not own, committed by whoever does."""
-        parents_of = getattr(self.log, "parents", None)
-        if parents_of is None:
-            return True
-        for parent in parents_of(partition):
+        for parent in self.log.parents(partition):
             if parent in self._drained_parents:
                 continue
             if not self.log.is_closed(parent):

@@ -574,7 +574,7 @@ class TxnPositions:
 
 def positions_for(log: object) -> TxnPositions:
     """Plain offsets, or counted ones for a log whose offsets can exceed int64 (`long_offsets`, Kinesis)."""
-    return TxnPositions(counted=bool(getattr(log, "long_offsets", False)))
+    return TxnPositions(counted=log.long_offsets)
 
 
 def committed_versions(table: DeltaTable, app_ids: list[str]) -> dict[str, int]:
