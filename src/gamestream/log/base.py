@@ -56,7 +56,6 @@ class AppendResult:
     replayed: bytes | None = None  # the first append's response, when the idempotency key was already used
 
 
-@runtime_checkable
 class LogFeatures:
     """What a backend may do beyond the common contract, declared with the defaults of a plain partitioned log.
     Every backend inherits this and overrides what differs; callers read these, never probe with `getattr`.
@@ -104,6 +103,7 @@ class LogFeatures:
         self.last_offset(0)  # type: ignore[attr-defined]
 
 
+@runtime_checkable
 class EventLog(Protocol):
     @property
     def partitions(self) -> int:
