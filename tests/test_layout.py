@@ -139,3 +139,19 @@ def test_the_graph_sees_imports_inside_functions(package):
         if isinstance(node, ast.ImportFrom):
             tree_imports.add(node.module)
     assert "gamestream.cli" in tree_imports and _group("gamestream.cli") not in _declared()[package], module
+
+
+def test_docs_architecture_states_the_same_directions():
+    """docs/architecture.md's table of import directions says what the packages' docstrings declare."""
+    text = (SRC.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = text[text.index("| package | may import |"):]
+    table = table[:table.index("\n\n")]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|$", table, re.MULTILINE))
+    declared = _declared()
+    assert rows.keys() == declared.keys()
+    for package, allowed in declared.items():
+        written = rows[package].strip()
+        if written == "every package":
+            assert allowed - {CORE} == declared.keys() - {package}, package
+        else:
+            assert {name.strip() for name in written.split(",")} == allowed - {CORE}, package
