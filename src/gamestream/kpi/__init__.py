@@ -1,7 +1,9 @@
 """The KPI stage (`stage.KpiStage`): the events table's versions → KPI tables (`tables`), exactly once.
 
-`days` holds one day's exact state (devices, payers, sessions); `tables` the schemas; `stage` the folding,
-watermark, recovery and commits.
+`days` holds one day's exact state (devices, payers, sessions); `tables` the schemas; `stage` the stage's loop
+(versions read, folded, committed), with its parts beside it: `state`, `rows`, `fold` (one version),
+`watermark`, `recovery`, `forget` (revisions for deleted rows), `commits` (exactly once), `increments` (additive
+and state tables) and `derived` (daily and cohort rows).
 
 May import: core, log, tables
 """

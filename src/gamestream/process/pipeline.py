@@ -83,74 +83,65 @@ class Pipeline:
         abandoned because a stop was requested while the disk was full is not a failure: the next run re-folds
         from the KPI tables' txn versions. Without the KPI role, the same thread tries to take it each interval.
         Every partition and role is released when this returns, so other processes take them over at once."""
-        failures: list[BaseException] = []
-        done = threading.Event()
-        interrupted = False
-
-        def fold_once() -> None:
-            try:
-                if self.kpi is None:
-                    if not self._take_kpi():
-                        return  # another process runs the KPI stage; try again next time (it may die)
-                    logger.info("KPI stage taken over", extra={"version": self.kpi.state.version})  # type: ignore
-                if not self.ownership.holds(KPI_ROLE):
-                    self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
-                    return
-                self.kpi.fold()  # type: ignore[union-attr]
-            except KpiStageSuperseded as error:
-                self._drop_kpi(str(error))
-            except LogUnavailable as error:
-                # A fold interrupted half-way leaves the stage's memory ahead of its tables: start it afresh
-                # from the KPI tables' commit metadata once the log answers again (the next round).
-                if self.kpi is not None:
-                    self._drop_kpi(f"the log is unavailable ({error}); restarting from the KPI tables")
-                else:
-                    self.ownership.release_role(KPI_ROLE)
-            except Exception as error:
-                # The same for an object store out of reach (its reads — the change data feed, a table's new
-                # versions — fail outside the commits' retries): start afresh once it answers again.
-                if not lake.is_store_unreachable(error):
-                    raise
-                if self.kpi is not None:
-                    self._drop_kpi("the object store holding the tables is unreachable; restarting from the "
-                                   "KPI tables once it answers")
-                else:
-                    self.ownership.release_role(KPI_ROLE)
-                    logger.debug("KPI stage cannot start: the object store is unreachable")
-
-        def fold_until_done() -> None:
-            nonlocal interrupted
-            try:
-                while not done.wait(self.settings.kpi_interval_s):
-                    fold_once()
-            except lake.RetryInterrupted:
-                interrupted = True
-            except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
-                logger.error("KPI stage failed; stopping the pipeline", exc_info=True)
-                failures.append(error)
-                self.processor.stop(drain=False)
-
-        folding = threading.Thread(target=fold_until_done, name="kpi", daemon=True) if self.kpi_enabled else None
+        folding = _FoldingThread(self) if self.kpi_enabled else None
         if self.maintenance:
             self.maintenance.start()
         if folding:
             folding.start()
         try:
             self.processor.run(until_idle=until_idle, on_progress=on_progress)
-            done.set()
             if folding:
-                folding.join()
-            if failures:
-                raise failures[0]
-            if self.kpi and not interrupted and self.ownership.holds(KPI_ROLE):
+                folding.finish()  # raises the fold's failure
+            if self._should_fold_finally(folding):
                 self._final_fold()
             if self.kpi:
                 logger.info("KPI stage stopped", extra={"version": self.kpi.state.version})
         finally:
-            done.set()
+            if folding:
+                folding.done.set()
             if self.maintenance:
                 self.maintenance.stop()
             self.ownership.close()
+
+    def _should_fold_finally(self, folding: _FoldingThread | None) -> bool:
+        """A final fold is due when this process runs the KPI stage, still holds the role, and the folding was
+        not abandoned for a stop requested while the disk was full."""
+        interrupted = folding is not None and folding.interrupted
+        return bool(self.kpi) and not interrupted and self.ownership.holds(KPI_ROLE)
+
+    def _fold_round(self) -> None:
+        """One round of the folding thread: takes the KPI role when free (another process may have died), checks
+        it is still held, and folds. A stage superseded, a log unavailable or an object store out of reach stops
+        the stage here; the next round starts it afresh from the KPI tables."""
+        try:
+            if self.kpi is None:
+                if not self._take_kpi():
+                    return  # another process runs the KPI stage; try again next time (it may die)
+                logger.info("KPI stage taken over", extra={"version": self.kpi.state.version})  # type: ignore
+            if not self.ownership.holds(KPI_ROLE):
+                self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
+                return
+            self.kpi.fold()  # type: ignore[union-attr]
+        except KpiStageSuperseded as error:
+            self._drop_kpi(str(error))
+        except LogUnavailable as error:
+            # A fold interrupted half-way leaves the stage's memory ahead of its tables: start it afresh
+            # from the KPI tables' commit metadata once the log answers again (the next round).
+            if self.kpi is not None:
+                self._drop_kpi(f"the log is unavailable ({error}); restarting from the KPI tables")
+            else:
+                self.ownership.release_role(KPI_ROLE)
+        except Exception as error:
+            # The same for an object store out of reach (its reads — the change data feed, a table's new
+            # versions — fail outside the commits' retries): start afresh once it answers again.
+            if not lake.is_store_unreachable(error):
+                raise
+            if self.kpi is not None:
+                self._drop_kpi("the object store holding the tables is unreachable; restarting from the "
+                               "KPI tables once it answers")
+            else:
+                self.ownership.release_role(KPI_ROLE)
+                logger.debug("KPI stage cannot start: the object store is unreachable")
 
     def _final_fold(self) -> None:
         """The fold after the processor has finished, which makes the KPI tables reflect everything committed
@@ -196,3 +187,38 @@ class Pipeline:
     @property
     def stats(self) -> ProcessorStats:
         return self.processor.stats
+
+
+class _FoldingThread:
+    """The pipeline's KPI thread: a fold round (`Pipeline._fold_round`) every `kpi_interval_s` until `finish`.
+    A fold abandoned for a stop requested while the disk was full sets `interrupted`; any other failure stops
+    the processor (KPIs must not silently fall behind) and is raised by `finish`."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.done = threading.Event()
+        self.interrupted = False
+        self.failures: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name="kpi", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self) -> None:
+        """Ends the rounds, waits for the one under way, and raises the failure that stopped them, if any."""
+        self.done.set()
+        self.thread.join()
+        if self.failures:
+            raise self.failures[0]
+
+    def _run(self) -> None:
+        pipeline = self.pipeline
+        try:
+            while not self.done.wait(pipeline.settings.kpi_interval_s):
+                pipeline._fold_round()
+        except lake.RetryInterrupted:
+            self.interrupted = True
+        except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
+            logger.error("KPI stage failed; stopping the pipeline", exc_info=True)
+            self.failures.append(error)
+            pipeline.processor.stop(drain=False)

@@ -114,6 +114,46 @@ class _AppIds(dict):
         return app_id
 
 
+@dataclass(frozen=True)
+class _TableWrite:
+    """How a flush writes one of its two tables (quarantine, events): which table and txn appIds, which rows of
+    the decoded batch, and how an empty or configuration-older batch is treated."""
+
+    key: str  # the flush's record of this write (`_Flush.built`, `.metadata`)
+    name: str  # the table's name, for the commit's retries, logs and metrics
+    table: DeltaTable
+    app_ids: _AppIds
+    positions: lake.TxnPositions
+    rows_of: Callable[[Decoded], pa.Table]
+    partition_by: list[str] | None
+    conforms_rows: bool  # to the table as it is now: it may have columns this configuration lacks
+    commits_when_empty: bool  # a commit even with no row: the position moves
+
+    def should_skip(self, rows: pa.Table) -> bool:
+        """A batch with no row for this table makes no commit, unless the commit must move the position."""
+        return not self.commits_when_empty and rows.num_rows == 0
+
+
+class _BatchDecoder:
+    """A flush's records decoded after given positions: the whole batch as it was decoded while read, or (a
+    table that has part of the batch already) decoded again, once per distinct starting point — normally never."""
+
+    def __init__(self, records: list[LogRecord], decoded_as_read: list[Decoded], params: schema.Params) -> None:
+        self.records, self.decoded_as_read, self.params = records, decoded_as_read, params
+        self._decoded: dict[tuple, Decoded] = {}
+
+    def after(self, after: dict[int, int]) -> Decoded:
+        if all(r.offset > after[r.partition] for r in self.records):  # the whole batch: decoded while read
+            return Decoded(events=[t for d in self.decoded_as_read for t in d.events],
+                           quarantine=[q for d in self.decoded_as_read for q in d.quarantine])
+        key = tuple(sorted(after.items()))
+        if key not in self._decoded:
+            self._decoded.clear()
+            self._decoded[key] = decode_records([r for r in self.records if r.offset > after[r.partition]],
+                                                params=self.params)
+        return self._decoded[key]
+
+
 class Processor:
     def __init__(self, settings: Settings, log: EventLog, partitions: list[int] | None = None, *,
                  ownership: Ownership | None = None) -> None:
@@ -128,26 +168,15 @@ class Processor:
         self._closes_ownership = ownership is None
         self.ownership: Ownership = ownership or open_ownership(settings, log.partitions, partitions)
         try:
-            self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"), settings.schema_params)
-            # Decoded with every promoted field the table has, not only this configuration's: a collector or
-            # `load` promoting a parameter this processor's configuration lacks (or lacks since it was removed)
-            # still fills the table's typed column; a field the table has no column for goes to the extra columns.
-            self.params: schema.Params = schema.effective_params(settings.schema_params,
-                                                                 lake.arrow_schema_of(self.events_table))
-            self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
+            self._open_tables()
         except BaseException:
             if self._closes_ownership:
                 self.ownership.close()
             raise
-        self._app_ids = _AppIds(settings.pipeline, "events")
-        self._quarantine_app_ids = _AppIds(settings.pipeline, "events_quarantine")
-        # how each table keeps a partition's committed offset: the txn version itself, or (offsets beyond int64,
-        # Kinesis) a commit counter with the offset in the same commit (lake.TxnPositions)
-        self._positions = lake.positions_for(log)
-        self._quarantine_positions = lake.positions_for(log)
         # events of a forgotten device still in the log are not committed again (`gamestream forget`); asked in
         # each build, on the commit thread, so a build after the forget's registration drops them
         self._forgotten = ForgottenDevices(settings)
+        self._quarantine_write, self._events_write = self._table_writes()
         self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
         self._read_to_end: set[int] = set()  # owned partitions whose latest read found nothing after what was read
         self._observer_table: DeltaTable | None = None
@@ -172,6 +201,35 @@ class Processor:
         # without reading them back from the table
         self.on_commit: Callable[[int, pa.Table], None] | None = None
         self._follow_ownership(initial=True)
+
+    def _open_tables(self) -> None:
+        settings = self.settings
+        self.events_table: DeltaTable = lake.open_events(settings.table_uri("events"), settings.schema_params)
+        # Decoded with every promoted field the table has, not only this configuration's: a collector or
+        # `load` promoting a parameter this processor's configuration lacks (or lacks since it was removed)
+        # still fills the table's typed column; a field the table has no column for goes to the extra columns.
+        self.params: schema.Params = schema.effective_params(settings.schema_params,
+                                                             lake.arrow_schema_of(self.events_table))
+        self.quarantine_table: DeltaTable = lake.open_quarantine(settings.table_uri("events_quarantine"))
+        self._app_ids = _AppIds(settings.pipeline, "events")
+        self._quarantine_app_ids = _AppIds(settings.pipeline, "events_quarantine")
+        # how each table keeps a partition's committed offset: the txn version itself, or (offsets beyond int64,
+        # Kinesis) a commit counter with the offset in the same commit (lake.TxnPositions)
+        self._positions = lake.positions_for(self.log)
+        self._quarantine_positions = lake.positions_for(self.log)
+
+    def _table_writes(self) -> tuple[_TableWrite, _TableWrite]:
+        """The flush's two writes, in commit order: quarantine (only when there is something to quarantine),
+        then events (always: the position moves)."""
+        quarantine = _TableWrite(
+            "quarantine", "events_quarantine", self.quarantine_table, self._quarantine_app_ids,
+            self._quarantine_positions, lambda d: self._forgotten.drop_quarantined(d.quarantine_table()),
+            partition_by=None, conforms_rows=False, commits_when_empty=False)
+        events = _TableWrite(
+            "events", "events", self.events_table, self._app_ids, self._positions,
+            lambda d: self._forgotten.drop_events(d.events_table()),
+            partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True)
+        return quarantine, events
 
     @property
     def partitions(self) -> list[int]:
@@ -244,42 +302,7 @@ class Processor:
             "partitions": self.partitions, "positions": dict(self.stats.positions), "pipeline": self.settings.pipeline,
             "until_idle": until_idle})
         try:
-            try:
-                while not self.stop_requested.is_set():
-                    if self._in_flight is not None and self._in_flight.future.done():
-                        if self._finish_flush() and on_progress:
-                            on_progress(self.stats)
-                    self._follow_ownership()
-                    try:
-                        read_any = self._read_available()
-                    except LogUnavailable as error:
-                        # a distributed log between leaders, or out of reach: what was read stays pending, and
-                        # reading resumes from there (a flush that is due still happens)
-                        self._log_unavailable(error)
-                        read_any = False
-                    else:
-                        self._log_available()
-                    draining = until_idle or self.drain_requested.is_set()
-                    if self._flush_due(drained=draining and not read_any):
-                        self._finish_flush()  # at most one in flight
-                        self._start_flush()
-                    if not read_any:
-                        if self._finish_flush() and on_progress:  # nothing else to do meanwhile
-                            on_progress(self.stats)
-                        if draining and self._pending_events == 0:
-                            logger.info("log drained", extra={"positions": dict(self.stats.positions)})
-                            break
-                        self._maybe_trim()
-                        self.stop_requested.wait(self.settings.poll_interval_s)
-                if self.stop_requested.is_set():
-                    logger.info("processor stopping: committing what it has read",
-                                extra={"pending_events": self._pending_events})
-                self.flush()
-                if on_progress:
-                    on_progress(self.stats)
-            except lake.RetryInterrupted:
-                logger.warning("processor stopped while the disk was full; the uncommitted events stay in the log "
-                               "and are committed by the next run", extra={"pending_events": self._pending_events})
+            self._run_until_stopped(until_idle=until_idle, on_progress=on_progress)
             self._record_lag(force=True)
             logger.info("processor stopped", extra={
                 "positions": dict(self.stats.positions), "events_committed": self.stats.events_committed,
@@ -294,6 +317,63 @@ class Processor:
                 self.ownership.close()
             else:
                 self.ownership.release(self.partitions)
+
+    def _run_until_stopped(self, *, until_idle: bool,
+                           on_progress: Callable[[ProcessorStats], None] | None) -> None:
+        """The rounds, then the last flush; a stop requested while the disk is full leaves the pending events
+        in the log."""
+        try:
+            while not self.stop_requested.is_set():
+                if not self._round(until_idle=until_idle, on_progress=on_progress):
+                    break
+            if self.stop_requested.is_set():
+                logger.info("processor stopping: committing what it has read",
+                            extra={"pending_events": self._pending_events})
+            self.flush()
+            if on_progress:
+                on_progress(self.stats)
+        except lake.RetryInterrupted:
+            logger.warning("processor stopped while the disk was full; the uncommitted events stay in the log "
+                           "and are committed by the next run", extra={"pending_events": self._pending_events})
+
+    def _round(self, *, until_idle: bool, on_progress: Callable[[ProcessorStats], None] | None) -> bool:
+        """One round: land a finished flush, follow the ownership, read, flush when due, and wait when there was
+        nothing to read. False once drained (`until_idle`, or a drain requested)."""
+        if self._in_flight is not None and self._in_flight.future.done():
+            if self._finish_flush() and on_progress:
+                on_progress(self.stats)
+        self._follow_ownership()
+        read_any = self._read_round()
+        draining = until_idle or self.drain_requested.is_set()
+        if self._flush_due(drained=draining and not read_any):
+            self._finish_flush()  # at most one in flight
+            self._start_flush()
+        if read_any:
+            return True
+        if self._finish_flush() and on_progress:  # nothing else to do meanwhile
+            on_progress(self.stats)
+        if self._is_drained(draining=draining):
+            logger.info("log drained", extra={"positions": dict(self.stats.positions)})
+            return False
+        self._maybe_trim()
+        self.stop_requested.wait(self.settings.poll_interval_s)
+        return True
+
+    def _read_round(self) -> bool:
+        """Reads what the owned partitions have; False when nothing was read, or the log is unavailable: a
+        distributed log between leaders, or out of reach — what was read stays pending, and reading resumes
+        from there (a flush that is due still happens)."""
+        try:
+            read_any = self._read_available()
+        except LogUnavailable as error:
+            self._log_unavailable(error)
+            return False
+        self._log_available()
+        return read_any
+
+    def _is_drained(self, *, draining: bool) -> bool:
+        """Draining, and nothing read is left to commit."""
+        return draining and self._pending_events == 0
 
     def stop(self, *, drain: bool) -> None:
         """Asks `run` to return: at once after committing what it has read, or (`drain`) once the log is empty —
@@ -420,66 +500,54 @@ class Processor:
         flush.future = self._committer.submit(self._commit, flush, records, decoded_as_read)
 
     def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: list[Decoded]) -> None:
-        """The commit thread's part of a flush: both commits. Touches no processor state but `flush`."""
-        last_offsets = flush.last_offsets
-        decoded: dict[tuple, Decoded] = {}  # decode once per distinct starting point (normally none: as read)
+        """The commit thread's part of a flush: both commits. Touches no processor state but `flush`.
 
-        def decode_after(after: dict[int, int]) -> Decoded:
-            if all(r.offset > after[r.partition] for r in records):  # the whole batch: decoded while read
-                return Decoded(events=[t for d in decoded_as_read for t in d.events],
-                               quarantine=[q for d in decoded_as_read for q in d.quarantine])
-            key = tuple(sorted(after.items()))
-            if key not in decoded:
-                decoded.clear()
-                decoded[key] = decode_records([r for r in records if r.offset > after[r.partition]],
-                                              params=self.params)
-            return decoded[key]
-
-        def builder(app_ids: "_AppIds", positions: lake.TxnPositions, table: DeltaTable,
-                    rows_of: Callable[[Decoded], pa.Table], name: str,
-                    skip_empty: bool) -> Callable[[dict[str, int]], lake.Batch | None]:
-            def build(versions: dict[str, int]) -> lake.Batch | None:
-                after = {p: positions.offset_at(table, app_ids[p], versions[app_ids[p]]) for p in last_offsets}
-                todo = {app_ids[p]: offset for p, offset in last_offsets.items() if offset > after[p]}
-                if not todo:
-                    return None
-                rows = rows_of(decode_after(after))
-                if name == "events":  # the table as it is now: it may have columns this configuration lacks
-                    rows = lake.conform_to(table, rows)
-                if skip_empty and rows.num_rows == 0:
-                    return None
-                flush.built[name] = rows.num_rows
-                flush.built_rows[name] = rows
-                txn_versions, metadata = positions.stamp(versions, todo)
-                flush.metadata[name] = metadata
-                return lake.Batch(rows, txn_versions, metadata)
-
-            return build
-
-        context = {"partitions": sorted(last_offsets), "offsets": dict(last_offsets)}
-        # 1. quarantine (only when there is something to quarantine), 2. events (always: the position moves)
+        1. quarantine (only when there is something to quarantine), then
+        2. events (always: the position moves)."""
+        decoder = _BatchDecoder(records, decoded_as_read, self.params)
+        # Step 1
         started = time.perf_counter()
-        if lake.commit_exactly_once(
-            self.quarantine_table, [self._quarantine_app_ids[p] for p in last_offsets],
-            builder(self._quarantine_app_ids, self._quarantine_positions, self.quarantine_table,
-                    lambda d: self._forgotten.drop_quarantined(d.quarantine_table()), "quarantine",
-                    skip_empty=True),
-            partition_by=None, retries=self.settings.commit_retries, name="events_quarantine",
-            stop=self.stop_requested, context=context,
-        ) is not None:
-            self._quarantine_positions.remember(flush.metadata.get("quarantine"))
+        if self._commit_write(self._quarantine_write, flush, decoder) is not None:
             flush.quarantine_seconds = time.perf_counter() - started
+        # Step 2
         started = time.perf_counter()
-        flush.events_version = lake.commit_exactly_once(
-            self.events_table, [self._app_ids[p] for p in last_offsets],
-            builder(self._app_ids, self._positions, self.events_table,
-                    lambda d: self._forgotten.drop_events(d.events_table()), "events", skip_empty=False),
-            partition_by=[PARTITION_COLUMN], retries=self.settings.commit_retries, name="events",
-            stop=self.stop_requested, context=context,
-        )
-        if flush.events_version is not None:
-            self._positions.remember(flush.metadata.get("events"))
+        flush.events_version = self._commit_write(self._events_write, flush, decoder)
         flush.events_seconds = time.perf_counter() - started
+
+    def _commit_write(self, write: _TableWrite, flush: _Flush, decoder: _BatchDecoder) -> int | None:
+        """One table's commit of the flush, exactly once (`lake.commit_exactly_once`); the version committed, or
+        None when the table had everything already (or nothing was to be committed)."""
+        last_offsets = flush.last_offsets
+        version = lake.commit_exactly_once(
+            write.table, [write.app_ids[p] for p in last_offsets],
+            lambda versions: self._build(write, flush, decoder, versions),
+            partition_by=write.partition_by, retries=self.settings.commit_retries, name=write.name,
+            stop=self.stop_requested, context={"partitions": sorted(last_offsets), "offsets": dict(last_offsets)},
+        )
+        if version is not None:
+            write.positions.remember(flush.metadata.get(write.key))
+        return version
+
+    @staticmethod
+    def _build(write: _TableWrite, flush: _Flush, decoder: _BatchDecoder,
+               versions: dict[str, int]) -> lake.Batch | None:
+        """What `write` commits given the table's txn versions now (`lake.commit_exactly_once` asks on every
+        attempt): the records after what the table has, or None when it has them all."""
+        app_ids, positions = write.app_ids, write.positions
+        after = {p: positions.offset_at(write.table, app_ids[p], versions[app_ids[p]]) for p in flush.last_offsets}
+        todo = {app_ids[p]: offset for p, offset in flush.last_offsets.items() if offset > after[p]}
+        if not todo:
+            return None
+        rows = write.rows_of(decoder.after(after))
+        if write.conforms_rows:
+            rows = lake.conform_to(write.table, rows)
+        if write.should_skip(rows):
+            return None
+        flush.built[write.key] = rows.num_rows
+        flush.built_rows[write.key] = rows
+        txn_versions, metadata = positions.stamp(versions, todo)
+        flush.metadata[write.key] = metadata
+        return lake.Batch(rows, txn_versions, metadata)
 
     def _finish_flush(self) -> bool:
         """Waits for the flush in flight, if any, and applies what it committed (re-raising its error); True
