@@ -117,7 +117,10 @@ def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_
     while kills < 10:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, **env})
-        time.sleep(rng.uniform(0.8, 1.8))
+        # the kill lands at a random moment after this run's first commit: on a busy machine (the suite runs files
+        # in parallel) a fixed delay can end a run before it has even imported its modules
+        _wait_for_a_commit_after(data / "tables" / "events", version, child, timeout=60)
+        time.sleep(rng.uniform(0.0, 0.8))
         if child.poll() is not None:
             break  # drained before this kill: the remaining rounds have nothing to interrupt
         child.send_signal(signal.SIGKILL)
@@ -132,6 +135,15 @@ def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_
     gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
     ids = _ids(data)
     assert max(ids.values()) == 1 and set(ids) == expected
+
+
+def _wait_for_a_commit_after(events: Path, version: int, child: subprocess.Popen, *, timeout: float) -> None:
+    """Returns once the events table has a version above `version` (or the child has exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if lake.table_exists(str(events)) and lake.open_table(str(events)).version() > version:
+            return
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
