@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def test_forget_refuses_a_request_without_a_usable_device_id(tmp_path: Path) -> 
 
 
 # ----------------------------------------------------------------------------------------------------- over HTTP
-def test_forget_over_http_needs_the_admin_key_and_answers_the_audit_entry(tmp_path: Path) -> None:
+def test_forget_over_http_needs_the_admin_key_answers_the_audit_entry_and_purges_in_the_background(tmp_path: Path) -> None:
     data = tmp_path / "data"
     gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events_of([FORGOTTEN, KEEPERS[0]], hours=2))),
                data_dir=data)
@@ -279,9 +280,19 @@ def test_forget_over_http_needs_the_admin_key_and_answers_the_audit_entry(tmp_pa
         entry = answer.json()
         assert entry["events_deleted"] == 3 and entry["status"] == "deleted" and "VACUUM" in entry["message"]
         assert "admin-key" not in answer.text and entry["requested_by"].startswith("admin key sha256:")
-        purged = httpx.post(url, json={"device_ids": [KEEPERS[0]], "purge": True}, headers=admin, timeout=120)
+        assert httpx.get(f"{url}/{entry['entry']}", headers=admin).json()["state"] == "done"  # without purge
+        accepted = httpx.post(url, json={"device_ids": [KEEPERS[0]], "purge": True}, headers=admin, timeout=60)
+        assert accepted.status_code == 202, accepted.text  # the purge runs on: poll Location
+        assert accepted.json()["state"] == "running" and accepted.json()["status"] == "deleted"
+        poll = server.url + accepted.headers["Location"]
+        assert poll == f"{url}/{accepted.json()['entry']}"
+        assert httpx.get(poll).status_code == 401 and httpx.get(url + "/nothing", headers=admin).status_code == 404
+        deadline = time.monotonic() + 120
+        while (purged := httpx.get(poll, headers=admin)).json()["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert purged.status_code == 200, purged.text
-        assert purged.json()["status"] == "purged" and "purge_error" not in purged.json()
+        assert purged.json()["state"] == "done" and "reason" not in purged.json(), purged.text
+        assert purged.json()["status"] == "purged" and purged.json()["purged"] is True
     finally:
         server.stop()
     assert not [r for r in table_rows(data / "tables" / "events", ["eventParams"])
@@ -307,7 +318,7 @@ def test_a_quarantined_payload_is_matched_by_the_whole_id_in_any_spelling() -> N
 
 
 def test_device_hash_is_the_salted_sha256_that_the_delete_predicate_computes() -> None:
-    from gamestream.tables.forget import device_hash, hash_predicate
+    from gamestream.tables.forgotten import device_hash, hash_predicate
 
     assert device_hash("00ff", "b") == hashlib.sha256(b"00ffb").hexdigest()
     predicate = hash_predicate("00ff", [device_hash("00ff", "b")])

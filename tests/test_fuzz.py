@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -18,12 +20,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from collector_server import ServeProcess
 from gamestream import schema
-from gamestream.api.app import Collector, _Refuse
+from gamestream.api.refusals import Refuse
+from gamestream.api.routes.events import gunzip, split_events
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.timezone.utc)
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
@@ -90,10 +92,6 @@ def test_the_validator_accepts_or_rejects_any_line_with_a_reason(mode: str, line
 
 
 # --------------------------------------------------------------------------------------------- body parsers
-def split(body: bytes, kind: str) -> list[bytes | str]:
-    return Collector._split(None, body, kind)  # type: ignore[arg-type]  # uses nothing of the instance
-
-
 @FUZZ
 @given(body=st.one_of(st.binary(max_size=500), st.lists(any_line, max_size=20).map(b"\n".join),
                       st.lists(any_line, max_size=20).map(lambda lines: b"[" + b",".join(lines) + b"]")),
@@ -101,8 +99,8 @@ def split(body: bytes, kind: str) -> list[bytes | str]:
 @example(body=b"[" * 10_000 + b"]" * 10_000, kind="json")
 def test_the_body_splitter_returns_events_or_refuses_with_400(body: bytes, kind: str) -> None:
     try:
-        events = split(body, kind)
-    except _Refuse as refusal:
+        events = split_events(body, kind)
+    except Refuse as refusal:
         assert refusal.status == 400 and refusal.message
     else:
         assert all(isinstance(e, (bytes, str)) and e for e in events)  # [] is answered 400 by ingest
@@ -116,8 +114,8 @@ def test_the_body_splitter_returns_events_or_refuses_with_400(body: bytes, kind:
 @example(body=gzip.compress(b"\0" * (2 * 1024 * 1024)))
 def test_gunzip_inflates_or_refuses_with_a_4xx(body: bytes) -> None:
     try:
-        inflated = Collector._gunzip(body, 1024 * 1024)
-    except _Refuse as refusal:
+        inflated = gunzip(body, 1024 * 1024)
+    except Refuse as refusal:
         assert refusal.status in (400, 413) and refusal.message
     else:
         assert gzip.decompress(body) == inflated
@@ -234,3 +232,46 @@ def test_every_documented_operation_answers_as_documented_and_never_with_a_5xx(a
         answers_as_documented = example(case=operation.Case(body=body, media_type="application/json"))(
             answers_as_documented)
     answers_as_documented()
+
+
+# ----------------------------------------------------------------------- the schemathesis CLI, every check on
+CHECKER_CONFIG = """
+# A body over maxItems (more events than max_events_per_request) is refused with 413 Content Too Large, the answer
+# HTTP has for it and the document declares; schemathesis' default list of rejections lacks 413.
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
+
+# positive_data_acceptance, for these two operations only: JSON Schema cannot say what they accept. Not every
+# string is a Spark SQL query (answered 400 with the line and column); an event's integers are JSON Schema
+# integers (5.0 included) while the validator takes 5 only, as Spark's reader does, and event_extra /
+# eventParams_extra must be strings holding a JSON object. A 400 with the reason is their documented refusal.
+[[operations]]
+include-path-regex = "^/v1/(events|sql)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"]
+
+# Each forget holds its request ~3.5 s by design (it reads back what a concurrent flush committed: forget.GRACE_S
+# + batch_max_wait_s), so random forgets are fewer; the coverage and stateful phases still send theirs.
+[[operations]]
+include-path = "/v1/forget"
+generation.max-examples = 1
+"""
+CHECKER_KEY = "checker-key"
+
+
+@pytest.mark.slow
+def test_the_server_passes_schemathesis_run_with_all_checks(tmp_path: Path) -> None:
+    """`schemathesis run <url>/openapi.json --checks all` against a real server with keys configured (one key
+    both writes and administers, so every operation is reachable), every phase, derandomized."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CHECKER_CONFIG, encoding="utf-8")
+    server = ServeProcess(tmp_path / "data", "--api-key", CHECKER_KEY, "--admin-key", CHECKER_KEY,
+                          env={"GAMESTREAM_SQL_TIMEOUT_S": "1"})  # a purge waits sql_timeout_s: keep it short
+    try:
+        run = subprocess.run(
+            [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run",
+             server.url + "/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {CHECKER_KEY}",
+             "--max-examples", "5", "--generation-deterministic", "--request-timeout", "15", "--no-color"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    finally:
+        assert server.stop() == 0
+    assert run.returncode == 0, run.stdout[-20_000:] + run.stderr[-5_000:]

@@ -1,7 +1,10 @@
 """The HTTP server: the collector's routes, SQL, the dashboard and the OpenAPI document.
 
-Owns: the Starlette application (`app`), uvicorn under the connection guard (`server`), the Spark-SQL-over-DuckDB
-engine (`query`) and the dashboard's page and data (`dashboard`).
+Owns: the Starlette application (`app`: routes, state, lifespan), one module per route or route group
+(`routes.events`, `routes.health`, `routes.sql`, `routes.forget`, `routes.dashboard`, `routes.openapi`), the
+collector's shared state (`collector`) and metrics (`http_metrics`), keys (`access`), refusals (`refusals`),
+background purges (`purge_jobs`), the OpenAPI document (`openapi`), uvicorn under the connection guard
+(`server`), the Spark-SQL-over-DuckDB engine (`query`) and the dashboard's page and data (`dashboard`).
 
 May import: core, log, ingest, tables, kpi
 """

@@ -1,0 +1,91 @@
+"""The collector's state shared by its routes: the log, the write keys, the validator, the metrics and the log's
+backlog, watched every 0.5 s so that `POST /v1/events` can answer 503 before the backlog passes its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.requests import Request
+
+from gamestream import schema
+from gamestream.api.access import presented_key_in
+from gamestream.api.dashboard import IngestRate
+from gamestream.api.http_metrics import HttpMetrics
+from gamestream.log import EventLog, describe
+from gamestream.settings import Settings
+
+BACKLOG_EVERY_S = 0.5
+logger = logging.getLogger(__name__)
+
+
+class Collector:
+    """The ingest endpoint's state, bound to a log and the settings' limits."""
+
+    def __init__(self, settings: Settings, log: EventLog) -> None:
+        self.settings = settings
+        self.log = log
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.validator = schema.EventValidator(event_time="server", params=settings.schema_params)
+        self.log_description = describe(settings)
+        self.metrics = HttpMetrics.create(self.log_description)
+        self.backlog = 0
+        self.accepted_total = 0
+        self.ingest_rate = IngestRate()
+        self._backlog_task: asyncio.Task | None = None
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        try:
+            await self._refresh_backlog()
+        except Exception:  # a log server still starting or away: serve anyway; ingest answers 503 until it is back
+            logger.warning("cannot read the log backlog at start; retrying every 0.5 s",
+                           extra={"log": self.log_description}, exc_info=True)
+            self.metrics.log_reachable.set(0)
+        self._backlog_task = asyncio.create_task(self._watch_backlog())
+
+    async def stop(self) -> None:
+        if self._backlog_task:
+            self._backlog_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._backlog_task
+
+    async def _refresh_backlog(self) -> None:
+        if self.log.positions_scope == "process":
+            # the log cannot see the processor's commits (Kinesis: positions live in the tables), so it has no
+            # backlog to bound here; the stream's own retention and shard limits are the back-pressure
+            self.metrics.log_reachable.set(1)
+            return
+        self.backlog = await asyncio.to_thread(self.log.pending_events, self.settings.pipeline)
+        self.metrics.backlog.set(self.backlog)
+        self.metrics.log_reachable.set(1)
+
+    async def _watch_backlog(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(BACKLOG_EVERY_S)
+            self.ingest_rate.sample(self.accepted_total)
+            try:
+                await self._refresh_backlog()
+            except Exception:  # a busy log must not kill the watcher; the next round retries
+                self.metrics.log_reachable.set(0)
+                if not failing:  # once per episode, not twice a second
+                    logger.warning("cannot read the log backlog; retrying every 0.5 s", exc_info=True)
+                failing = True
+            else:
+                if failing:
+                    logger.info("log backlog readable again", extra={"backlog_events": self.backlog})
+                failing = False
+
+    # -------------------------------------------------------------------------------------------------- ingest
+    def authorised(self, request: Request) -> bool:
+        """A write key in a header, or no write key configured."""
+        return not self.keys or presented_key_in(request, self.keys)
+
+    def backlog_over_bound(self) -> bool:
+        return self.backlog > self.settings.max_backlog_events
+
+    def count_accepted(self, events: int) -> None:
+        self.metrics.accepted.inc(events)
+        self.accepted_total += events
