@@ -2,7 +2,7 @@
 collector's contract (docs/aws.md deploys it).
 
 `lambda_handler(event, context)` takes REST API (payload 1.0) and HTTP API (payload 2.0) proxy events and answers
-as the collector does (`gamestream.api.app`), using the same body rules (`gamestream.log.envelope`) and the one
+as the collector does (`gamestream.api.routes.events`), using the same body rules (`gamestream.log.envelope`) and the one
 schema: one object, a JSON array or NDJSON; base64 (`isBase64Encoded`) and gzip (`Content-Encoding`) bodies; a
 200 with per-index errors; 400/413/415 with the collector's words; eventTime stamped on arrival; an eventId
 (UUIDv7) for an event without one.

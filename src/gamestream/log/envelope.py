@@ -3,7 +3,7 @@
 Two parts, both pure (no I/O, no pyarrow of their own):
 
 - **Request bodies**, the collector's contract (one object, a JSON array or NDJSON; gzip; the 400/413/415
-  reasons): `body_kind`, `gunzip` and `split`. The collector (`gamestream.api.app`) and the Lambda handler
+  reasons): `body_kind`, `gunzip` and `split`. The collector (`gamestream.api.routes.events`) and the Lambda handler
   (`gamestream.integrations.aws`) both use them, so the two answer the same body with the same words. They raise
   `BodyError(status, message)`; each caller turns that into its own HTTP answer.
 - **API Gateway proxy events** (REST API payload 1.0 and HTTP API payload 2.0): `header` and `raw_body` read a
