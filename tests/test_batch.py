@@ -28,6 +28,7 @@ from gamestream.ingest.batch import validate_batch
 from gamestream.demo.generator import simulate
 from gamestream.ingest.loader import LoadReport, load_lines
 from gamestream.log import Append, AppendResult, partition_for
+from gamestream.log.base import LogFeatures
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
 MAX = 32 * 1024
@@ -494,7 +495,7 @@ def test_rows_go_to_partition_for_of_their_device_in_input_order(partitions: int
 
 
 # -------------------------------------------------------------------------------------------------- wiring
-class RecordingLog:
+class RecordingLog(LogFeatures):
     """A log that keeps what is appended (as the loader and collector hand it over)."""
 
     def __init__(self, partitions: int = 4, max_record_bytes: int | None = None) -> None:

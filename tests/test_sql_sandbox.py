@@ -269,9 +269,10 @@ def test_the_row_cap_answers_400_over_http_and_exit_2_in_the_cli(lake) -> None:
     assert result.returncode == 2 and "aggregate or add a LIMIT" in result.stderr
     serving = ServeProcess(data_dir, env=env)
     try:
-        answer = httpx.post(serving.url + "/v1/sql", json={"query": "select eventId from events"})
+        answer = httpx.post(serving.url + "/v1/sql", json={"query": "select eventId from events"}, timeout=60)
         assert answer.status_code == 400 and "sql_max_rows" in answer.json()["error"]
-        limited = httpx.post(serving.url + "/v1/sql", json={"query": "select eventId from events limit 10"})
+        limited = httpx.post(serving.url + "/v1/sql", json={"query": "select eventId from events limit 10"},
+                             timeout=60)
         assert limited.status_code == 200 and len(limited.json()["rows"]) == 10
     finally:
         serving.stop()

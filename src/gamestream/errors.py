@@ -65,7 +65,17 @@ def is_out_of_space(error: BaseException) -> bool:
         return True
     if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorname", None) == "SQLITE_FULL":
         return True
-    if isinstance(error, (OSError, sqlite3.Error)) or type(error).__module__.startswith("deltalake"):
+    if isinstance(error, (OSError, sqlite3.Error)) or _is_delta_error(error):
         text = str(error).lower()
         return any(marker in text for marker in _OUT_OF_SPACE_TEXTS)
     return False
+
+
+def _is_delta_error(error: BaseException) -> bool:
+    """delta-rs' exceptions (their classes live in its compiled `_internal` module), without importing deltalake
+    where no table is touched."""
+    try:
+        from deltalake.exceptions import DeltaError
+    except ImportError:  # pragma: no cover - deltalake is a dependency
+        return False
+    return isinstance(error, DeltaError)

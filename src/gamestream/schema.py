@@ -380,71 +380,76 @@ def spark_ddl(params: Params = ()) -> str:
 def markdown_reference(params: Params = ()) -> str:
     """The schema as a Markdown table (docs/schema.md is this text for the default configuration, no promoted
     parameter; a test keeps the two equal)."""
-    lines = [
-        "# Event schema",
-        "",
-        "Generated from `src/gamestream/schema.py` by `gamestream schema --markdown`; do not edit by hand.",
-        "",
-        "| field | type | required | meaning |",
-        "| --- | --- | --- | --- |",
-    ]
-
-    def add(field: Field, prefix: str = "") -> None:
-        required = "derived" if field.derived else ("yes" if field.required else "no")
-        type_name = {"struct": "struct", "json": "string (JSON object)"}.get(field.kind) or _spark_type(field).lower()
-        lines.append(f"| `{prefix}{field.name}` | {type_name} | {required} | {field.doc} |")
-        for child in field.children:
-            add(child, prefix=f"{field.name}.")
-
+    lines = list(_MARKDOWN_HEAD)
     for f in event_fields(params):
-        add(f)
-    lines += [
-        "",
-        "Spark DDL:",
-        "",
-        "```",
-        spark_ddl(params),
-        "```",
-        "",
-        "Timestamps are accepted as RFC 3339 (with or without fractional seconds, with `Z` or an offset) or as",
-        "epoch seconds (int or float), and stored in UTC with microsecond precision. A timestamp without a zone is",
-        "rejected: its meaning would depend on the sender's clock settings. Integers must fit in their type (`int`",
-        "32 bits, `bigint` 64). `eventName` and `eventParams.device_id` must be non-empty strings; every other",
-        "field may be absent or null.",
-        "",
-        "## Unknown fields are kept",
-        "",
-        "Nothing a game sends is dropped. Keys of `eventParams` that the schema does not know are kept, with their",
-        "JSON values exactly as sent (numbers digit for digit, nested objects, arrays), as one JSON object in the",
-        "string column `eventParams_extra`; unknown top-level keys go to `event_extra` the same way. Both are null",
-        "when there was nothing unknown. Read them with a JSON function, e.g. in DuckDB",
-        "`json_extract(eventParams_extra, '$.level')`. A producer may send `eventParams_extra` or `event_extra`",
-        "itself (gamestream's own canonical lines do): it must be a string holding a JSON object, and unknown keys",
-        "are added to it.",
-        "",
-        "## Promoting a parameter to a typed column",
-        "",
-        "An operator makes a custom parameter a column of its own in the configuration file",
-        "([configuration.md](configuration.md)):",
-        "",
-        "```toml",
-        "[schema.params]",
-        'level = "int"          # string, int (64-bit), int32, double, bool, timestamp',
-        "```",
-        "",
-        "It becomes the nullable field `eventParams.level`, validated like the fields above (a value of another",
-        "type rejects the event: `eventParams.level: expected int | null, got str`), and is no longer copied into",
-        "`eventParams_extra`. The events table gains the field on the next start of the processor (a Delta schema",
-        "evolution: rows written before read null; Delta readers such as DuckDB, Polars and Spark open the table",
-        "as before). Rows stored before the promotion keep the value in `eventParams_extra`. A parameter removed",
-        "from the configuration keeps its column (Delta cannot drop a column without column mapping): it reads null",
-        "for new rows, whose values go to `eventParams_extra` again. A promoted type cannot change: promote the",
-        "parameter under another name. A name that is already a field of `eventParams`, or an unknown type, stops",
-        "every command at start with the reason. Run `gamestream schema --markdown` to see this page for the",
-        "configuration in use.",
-        "",
-    ]
+        lines += _markdown_rows(f)
+    lines += ["", "Spark DDL:", "", "```", spark_ddl(params), "```", *_MARKDOWN_VALUES, *_MARKDOWN_UNKNOWN_FIELDS,
+              *_MARKDOWN_PROMOTING]
     return "\n".join(lines)
+
+
+def _markdown_rows(field: Field, prefix: str = "") -> list[str]:
+    """The field's row of the Markdown table, then its children's (named `<field>.<child>`)."""
+    required = "derived" if field.derived else ("yes" if field.required else "no")
+    type_name = {"struct": "struct", "json": "string (JSON object)"}.get(field.kind) or _spark_type(field).lower()
+    rows = [f"| `{prefix}{field.name}` | {type_name} | {required} | {field.doc} |"]
+    for child in field.children:
+        rows += _markdown_rows(child, prefix=f"{field.name}.")
+    return rows
+
+
+_MARKDOWN_HEAD = (
+    "# Event schema",
+    "",
+    "Generated from `src/gamestream/schema.py` by `gamestream schema --markdown`; do not edit by hand.",
+    "",
+    "| field | type | required | meaning |",
+    "| --- | --- | --- | --- |",
+)
+_MARKDOWN_VALUES = (
+    "",
+    "Timestamps are accepted as RFC 3339 (with or without fractional seconds, with `Z` or an offset) or as",
+    "epoch seconds (int or float), and stored in UTC with microsecond precision. A timestamp without a zone is",
+    "rejected: its meaning would depend on the sender's clock settings. Integers must fit in their type (`int`",
+    "32 bits, `bigint` 64). `eventName` and `eventParams.device_id` must be non-empty strings; every other",
+    "field may be absent or null.",
+)
+_MARKDOWN_UNKNOWN_FIELDS = (
+    "",
+    "## Unknown fields are kept",
+    "",
+    "Nothing a game sends is dropped. Keys of `eventParams` that the schema does not know are kept, with their",
+    "JSON values exactly as sent (numbers digit for digit, nested objects, arrays), as one JSON object in the",
+    "string column `eventParams_extra`; unknown top-level keys go to `event_extra` the same way. Both are null",
+    "when there was nothing unknown. Read them with a JSON function, e.g. in DuckDB",
+    "`json_extract(eventParams_extra, '$.level')`. A producer may send `eventParams_extra` or `event_extra`",
+    "itself (gamestream's own canonical lines do): it must be a string holding a JSON object, and unknown keys",
+    "are added to it.",
+)
+_MARKDOWN_PROMOTING = (
+    "",
+    "## Promoting a parameter to a typed column",
+    "",
+    "An operator makes a custom parameter a column of its own in the configuration file",
+    "([configuration.md](configuration.md)):",
+    "",
+    "```toml",
+    "[schema.params]",
+    'level = "int"          # string, int (64-bit), int32, double, bool, timestamp',
+    "```",
+    "",
+    "It becomes the nullable field `eventParams.level`, validated like the fields above (a value of another",
+    "type rejects the event: `eventParams.level: expected int | null, got str`), and is no longer copied into",
+    "`eventParams_extra`. The events table gains the field on the next start of the processor (a Delta schema",
+    "evolution: rows written before read null; Delta readers such as DuckDB, Polars and Spark open the table",
+    "as before). Rows stored before the promotion keep the value in `eventParams_extra`. A parameter removed",
+    "from the configuration keeps its column (Delta cannot drop a column without column mapping): it reads null",
+    "for new rows, whose values go to `eventParams_extra` again. A promoted type cannot change: promote the",
+    "parameter under another name. A name that is already a field of `eventParams`, or an unknown type, stops",
+    "every command at start with the reason. Run `gamestream schema --markdown` to see this page for the",
+    "configuration in use.",
+    "",
+)
 
 
 # ------------------------------------------------------------------------------------------------- validation

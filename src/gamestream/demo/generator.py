@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     import asyncio
+
+    import httpx
 
 GAMES = (("dragon-quest", "Dragon Quest Mobile"), ("space-miner", "Space Miner"), ("puzzle-pop", "Puzzle Pop"))
 PLATFORMS = (("ios", ("3.2.0", "3.2.1", "3.3.0")), ("android", ("3.1.4", "3.2.0", "3.3.0")))
@@ -175,93 +178,127 @@ async def send(
     `on_ack(events, answer)` is called for every acknowledged batch. Pass `stats` to watch it while it runs.
     """
     import asyncio
-    import time
 
     import httpx
-    import msgspec
-    import stamina
 
-    encoder = msgspec.json.Encoder()
     stats = stats or SendStats()
     stats.started = time.monotonic()
     if record_latency:
         stats.latencies = []
-    deadline = stats.started + duration if duration else None
-    url = target.rstrip("/") + "/v1/events"
-    headers = {"Content-Type": "application/x-ndjson" if batch > 1 else "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    exhausted = False
+    sender = _Sender(target, events, batch=batch, rate=rate, api_key=api_key, max_retries=max_retries, stop=stop,
+                     on_ack=on_ack, stats=stats, deadline=stats.started + duration if duration else None)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await asyncio.gather(*(sender.worker(client) for _ in range(concurrency)))
+    stats.finished = time.monotonic()
+    return stats
 
-    def next_batch() -> list[dict]:
-        nonlocal exhausted
+
+class _Sender:
+    """One `send`: the events left to take, the pace, and how a batch is posted, retried and counted; shared by
+    its `concurrency` workers."""
+
+    def __init__(self, target: str, events: Iterator[dict], *, batch: int, rate: float | None,
+                 deadline: float | None, api_key: str | None, max_retries: int, stop: asyncio.Event | None,
+                 on_ack: Callable[[list[dict], dict], None] | None, stats: SendStats) -> None:
+        import httpx
+        import msgspec
+
+        self.encoder = msgspec.json.Encoder()
+        self.events, self.batch, self.rate, self.deadline = events, batch, rate, deadline
+        self.max_retries, self.stop, self.on_ack, self.stats = max_retries, stop, on_ack, stats
+        self.url = target.rstrip("/") + "/v1/events"
+        self.headers = {"Content-Type": "application/x-ndjson" if batch > 1 else "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.exhausted = False
+        self.transient = (_RetryableAnswer, httpx.TimeoutException, httpx.TransportError)
+
+    async def worker(self, client: httpx.AsyncClient) -> None:
+        """Takes and posts batches, paced to `rate`, until the events run out, the deadline passes or `stop`."""
+        import asyncio
+
+        while not self.should_stop():
+            if self.past_deadline():
+                return
+            if self.rate:
+                ahead = self.seconds_ahead_of_rate()
+                if ahead > 0:
+                    await asyncio.sleep(min(ahead, 0.5))
+                    continue
+            chunk = self.next_batch()
+            if not chunk:
+                return
+            self.stats.events_sent += len(chunk)
+            self.stats.requests += 1
+            await self.post(client, chunk)
+
+    def should_stop(self) -> bool:
+        """No events left, or stopped from outside."""
+        return self.exhausted or bool(self.stop and self.stop.is_set())
+
+    def past_deadline(self) -> bool:
+        return bool(self.deadline and time.monotonic() >= self.deadline)
+
+    def seconds_ahead_of_rate(self) -> float:
+        """How far the events sent so far are ahead of `rate` (> 0: wait before sending more)."""
+        return self.stats.events_sent / self.rate - (time.monotonic() - self.stats.started)  # type: ignore[operator]
+
+    def next_batch(self) -> list[dict]:
         taken = []
-        for event in events:
+        for event in self.events:
             taken.append(event)
-            if len(taken) >= batch:
+            if len(taken) >= self.batch:
                 break
         else:
-            exhausted = True
+            self.exhausted = True
         return taken
 
-    transient = (_RetryableAnswer, httpx.TimeoutException, httpx.TransportError)
-
-    def backoff(error: Exception) -> bool | float:
+    def retry_wait(self, error: Exception) -> bool | float:
         """Retry timeouts, connection errors, 429 and 5xx; wait what the server's Retry-After says when it
         says one, else stamina's exponential backoff."""
         if isinstance(error, _RetryableAnswer) and error.retry_after is not None:
             return error.retry_after
-        return isinstance(error, transient)
+        return isinstance(error, self.transient)
 
-    async def post(client: httpx.AsyncClient, chunk: list[dict]) -> None:
-        body = (b"\n".join(encoder.encode(e) for e in chunk) if batch > 1 else encoder.encode(chunk[0]))
-        # the same key on every attempt: a retry of a request that did land is answered from the log, not
-        # stored twice
-        request_headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+    async def post(self, client: httpx.AsyncClient, chunk: list[dict]) -> None:
+        """Posts one batch (retried while a retry may help) and counts its answer."""
         try:
-            async for attempt in stamina.retry_context(on=backoff, attempts=max_retries + 1, timeout=None,
-                                                       wait_initial=0.05, wait_max=2.0, wait_jitter=0.05):
-                with attempt:
-                    if attempt.num > 1:
-                        stats.retries += 1
-                    sent_at = time.perf_counter()
-                    response = await client.post(url, content=body, headers=request_headers)
-                    if response.status_code in RETRIED_STATUSES:
-                        retry_after = response.headers.get("retry-after", "")
-                        raise _RetryableAnswer(response.status_code,
-                                               float(retry_after) if retry_after.isdigit() else None)
-        except transient:
-            stats.failed_events += len(chunk)
+            response, sent_at = await self.post_with_retries(client, chunk)
+        except self.transient:
+            self.stats.failed_events += len(chunk)
             return
         if response.status_code != 200:
-            stats.rejected += len(chunk)  # 4xx: the request itself is wrong; retrying will not help
+            self.stats.rejected += len(chunk)  # 4xx: the request itself is wrong; retrying will not help
             return
         answer = response.json()
-        stats.accepted += answer["accepted"]
-        stats.rejected += answer["rejected"]
-        if stats.latencies is not None:
-            stats.latencies.append(time.perf_counter() - sent_at)
-        if on_ack:
-            on_ack(chunk, answer)
+        self.stats.accepted += answer["accepted"]
+        self.stats.rejected += answer["rejected"]
+        if self.stats.latencies is not None:
+            self.stats.latencies.append(time.perf_counter() - sent_at)
+        if self.on_ack:
+            self.on_ack(chunk, answer)
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not exhausted and not (stop and stop.is_set()):
-            if deadline and time.monotonic() >= deadline:
-                return
-            if rate:
-                ahead = stats.events_sent / rate - (time.monotonic() - stats.started)
-                if ahead > 0:
-                    await asyncio.sleep(min(ahead, 0.5))
-                    continue
-            chunk = next_batch()
-            if not chunk:
-                return
-            stats.events_sent += len(chunk)
-            stats.requests += 1
-            await post(client, chunk)
+    async def post_with_retries(self, client: httpx.AsyncClient,
+                                chunk: list[dict]) -> tuple[httpx.Response, float]:
+        """The answer that is not retried (or the last error once retries run out), and when its request was
+        sent (`time.perf_counter`)."""
+        import stamina
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    stats.finished = time.monotonic()
-    return stats
+        body = (b"\n".join(self.encoder.encode(e) for e in chunk) if self.batch > 1
+                else self.encoder.encode(chunk[0]))
+        # the same key on every attempt: a retry of a request that did land is answered from the log, not
+        # stored twice
+        request_headers = {**self.headers, "Idempotency-Key": str(uuid.uuid4())}
+        async for attempt in stamina.retry_context(on=self.retry_wait, attempts=self.max_retries + 1, timeout=None,
+                                                   wait_initial=0.05, wait_max=2.0, wait_jitter=0.05):
+            with attempt:
+                if attempt.num > 1:
+                    self.stats.retries += 1
+                sent_at = time.perf_counter()
+                response = await client.post(self.url, content=body, headers=request_headers)
+                if response.status_code in RETRIED_STATUSES:
+                    retry_after = response.headers.get("retry-after", "")
+                    raise _RetryableAnswer(response.status_code,
+                                           float(retry_after) if retry_after.isdigit() else None)
+        return response, sent_at

@@ -18,15 +18,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gamestream.api import server
 from gamestream.api.app import create_app
 from gamestream.demo.generator import SendStats, live_events, send
-from gamestream.log import connect
+from gamestream.log import EventLog, connect
 from gamestream.process.pipeline import Pipeline
 from gamestream.process.processor import ProcessorStats
 from gamestream.settings import Settings
+
+if TYPE_CHECKING:
+    from gamestream.demo.nats_cluster import NatsCluster
 
 
 @dataclass
@@ -197,7 +200,7 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
     ports), two processors (`gamestream process --log <cluster>`, the first with `--maintenance`) sharing the
     partitions, and a generator posting to each collector. The Delta tables stay under the data directory.
 
-    Stopping (Ctrl-C, SIGTERM or `duration`), in the order that loses nothing:
+    Stopping (Ctrl-C, SIGTERM or `duration`), in the order that loses nothing (`_stop_in_order`):
     1. the generators stop (their in-flight requests are answered);
     2. the collectors get SIGTERM and answer what they are serving;
     3. the processors commit everything in the log (the events table's txn versions reach every partition's
@@ -207,102 +210,168 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
     from gamestream.demo.nats_cluster import NatsCluster
 
     started = time.monotonic()
-    loop = asyncio.get_running_loop()
-    stop = _ThreadsafeEvent(loop)
+    stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
-    logs_dir = settings.data_dir / "cluster"
-    cluster = NatsCluster(settings.data_dir / "nats", nodes=3)
-    children: list[_Child] = []
-    log = None
-    sent = [SendStats() for _ in range(CLUSTER_COLLECTORS)]
-    generating: list[asyncio.Task] = []
-    collectors: list[_Child] = []
-    processors: list[_Child] = []
+    run = _ClusterRun(settings, NatsCluster(settings.data_dir / "nats", nodes=3), settings.data_dir / "cluster",
+                      stop, sent=[SendStats() for _ in range(CLUSTER_COLLECTORS)])
     rows_before = 0
-    urls: list[str] = []
     failure: str | None = None
     try:
-        await asyncio.to_thread(cluster.start)
-        cluster_settings = settings.with_(log=cluster.url)
-        # Creates the stream with the partition count once, before any child races to create it.
-        log = await asyncio.to_thread(connect, cluster_settings)
-        rows_before = await asyncio.to_thread(_events_in_table, settings)
-        env = _child_env(settings)
-        common = ["--data-dir", str(settings.data_dir), "--log", cluster.url, "--tables", settings.tables_root,
-                  *(["--unsafe-no-conditional-writes"] if settings.unsafe_no_conditional_writes else [])]
-        for index in range(CLUSTER_PROCESSORS):
-            extra = ["--maintenance"] if index == 0 else []
-            processors.append(_Child(f"processor-{index + 1}", ["--log-format", log_format, "process", *common,
-                                                                 *extra], logs_dir / f"processor-{index + 1}.log",
-                                     env))
-        for index in range(CLUSTER_COLLECTORS):
-            collector_port = port + index if port else 0
-            collectors.append(_Child(f"collector-{index + 1}", [
-                "--log-format", log_format, "serve", *common, "--port", str(collector_port),
-                "--host", settings.host, *(["--insecure-no-auth"] if settings.insecure_no_auth else [])],
-                logs_dir / f"collector-{index + 1}.log", env))
-        children = processors + collectors
-        # One at a time: each finds the stream, buckets and leases the ones before it created, instead of racing
-        # them to create the same ones on a cluster that has just elected its leaders.
-        for child in processors:
-            child.start()
-            if await _output_match(child, r"processing partitions", stop) is None:
-                break  # stopped while starting
-        for child in collectors:
-            if stop.is_set():
-                break
-            child.start()
-            url = await _output_match(child, r"listening on (http://\S+?)/v1/events", stop)
-            if url is None:
-                break
-            urls.append(url)
-            await _wait_until_up(url)
+        rows_before = await _open_cluster_log(run)
+        _plan_children(run, port=port, log_format=log_format)
+        await _start_children(run)
         if not stop.is_set():
-            on_started(ClusterUrls(nats=cluster.url, collectors=urls, logs=logs_dir))
-
-            api_key = settings.api_keys[0] if settings.api_keys else None
-            share = rate / len(urls) if rate else None
-            generating = [asyncio.create_task(send(url, live_events(users=users, seed=seed + index), batch=20,
-                                                   concurrency=4, rate=share, duration=duration, api_key=api_key,
-                                                   stop=stop, stats=sent[index]))
-                          for index, url in enumerate(urls)]
-            while not all(task.done() for task in generating) and not stop.is_set():
-                await asyncio.wait(generating, timeout=2.0)
-                dead = [child for child in children if child.exited() is not None]
-                if dead:
-                    failure = f"{dead[0].name} exited with status {dead[0].exited()}: see {dead[0].output}"
-                    break
-                try:
-                    backlog: int | None = await asyncio.to_thread(log.pending_events, settings.pipeline)
-                except Exception:
-                    backlog = None
-                on_tick(sent, backlog)
+            on_started(run.cluster_urls())
+            run.generating = _start_generators(run, rate=rate, users=users, duration=duration, seed=seed)
+            failure = await _watch(run, on_tick)
     finally:
-        stop.set()
-        await asyncio.gather(*generating, return_exceptions=True)
-        for child in collectors:
-            child.terminate()
-        for child in collectors:
-            if child.process is not None:
-                await asyncio.to_thread(child.wait, CHILD_STOP_S)
-        if log is not None and failure is None and all(c.exited() is None for c in processors):
-            await asyncio.to_thread(_wait_until_committed, cluster_settings, log,  # type: ignore[possibly-undefined]
-                                    processors)
-        for child in processors:
-            child.terminate()
-        for child in processors:
-            if child.process is not None:
-                await asyncio.to_thread(child.wait, CHILD_STOP_S)
-        if log is not None:
-            await asyncio.to_thread(log.close)
-        await asyncio.to_thread(cluster.stop)
+        await _stop_in_order(run, failure)
     if failure:
         raise RuntimeError(failure)
     committed = await asyncio.to_thread(_events_in_table, settings) - rows_before
-    quarantined = sum(int(m.replace(",", "")) for child in processors
-                      for m in re.findall(r"quarantined ([\d,]+);", child.text()))
-    return ClusterDemoSummary(urls=ClusterUrls(nats=cluster.url, collectors=urls, logs=logs_dir), sent=sent,
-                              committed=committed, quarantined=quarantined, seconds=time.monotonic() - started)
+    return ClusterDemoSummary(urls=run.cluster_urls(), sent=run.sent, committed=committed,
+                              quarantined=_quarantined(run.processors), seconds=time.monotonic() - started)
+
+
+@dataclass
+class _ClusterRun:
+    """What one `run_cluster_demo` has started so far, handed from each of its steps to the next (and to the
+    stopping steps, which stop only what is there)."""
+
+    settings: Settings
+    nats: NatsCluster
+    logs_dir: Path  # where each child process writes its output
+    stop: _ThreadsafeEvent
+    sent: list[SendStats]  # one per collector
+    log: EventLog | None = None
+    log_settings: Settings | None = None  # `settings` with the cluster as the log; set with `log`
+    processors: list[_Child] = field(default_factory=list)
+    collectors: list[_Child] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # the collectors', as each came up
+    generating: list[asyncio.Task] = field(default_factory=list)
+
+    def cluster_urls(self) -> ClusterUrls:
+        return ClusterUrls(nats=self.nats.url, collectors=self.urls, logs=self.logs_dir)
+
+
+async def _open_cluster_log(run: _ClusterRun) -> int:
+    """Starts the nats-server nodes and opens the log on them; returns the events table's rows before the run."""
+    await asyncio.to_thread(run.nats.start)
+    run.log_settings = run.settings.with_(log=run.nats.url)
+    # Creates the stream with the partition count once, before any child races to create it.
+    run.log = await asyncio.to_thread(connect, run.log_settings)
+    return await asyncio.to_thread(_events_in_table, run.settings)
+
+
+def _plan_children(run: _ClusterRun, *, port: int, log_format: str) -> None:
+    """The processors (the first with `--maintenance`) and the collectors (on `port`, `port + 1`; 0: free ports)
+    as child processes, not started yet."""
+    settings = run.settings
+    env = _child_env(settings)
+    common = ["--data-dir", str(settings.data_dir), "--log", run.nats.url, "--tables", settings.tables_root,
+              *(["--unsafe-no-conditional-writes"] if settings.unsafe_no_conditional_writes else [])]
+    for index in range(CLUSTER_PROCESSORS):
+        extra = ["--maintenance"] if index == 0 else []
+        run.processors.append(_Child(f"processor-{index + 1}", ["--log-format", log_format, "process", *common,
+                                                                *extra], run.logs_dir / f"processor-{index + 1}.log",
+                                     env))
+    for index in range(CLUSTER_COLLECTORS):
+        collector_port = port + index if port else 0
+        run.collectors.append(_Child(f"collector-{index + 1}", [
+            "--log-format", log_format, "serve", *common, "--port", str(collector_port),
+            "--host", settings.host, *(["--insecure-no-auth"] if settings.insecure_no_auth else [])],
+            run.logs_dir / f"collector-{index + 1}.log", env))
+
+
+async def _start_children(run: _ClusterRun) -> None:
+    """Starts the processors, then the collectors (their URLs go to `run.urls`); stops starting them when the
+    demo is stopped meanwhile."""
+    # One at a time: each finds the stream, buckets and leases the ones before it created, instead of racing
+    # them to create the same ones on a cluster that has just elected its leaders.
+    for child in run.processors:
+        child.start()
+        if await _output_match(child, r"processing partitions", run.stop) is None:
+            break  # stopped while starting
+    for child in run.collectors:
+        if run.stop.is_set():
+            break
+        child.start()
+        url = await _output_match(child, r"listening on (http://\S+?)/v1/events", run.stop)
+        if url is None:
+            break
+        run.urls.append(url)
+        await _wait_until_up(url)
+
+
+def _start_generators(run: _ClusterRun, *, rate: float | None, users: int, duration: float | None,
+                      seed: int) -> list[asyncio.Task]:
+    """A generator posting to each collector, with its share of `rate` and a seed of its own."""
+    api_key = run.settings.api_keys[0] if run.settings.api_keys else None
+    share = rate / len(run.urls) if rate else None
+    return [asyncio.create_task(send(url, live_events(users=users, seed=seed + index), batch=20, concurrency=4,
+                                     rate=share, duration=duration, api_key=api_key, stop=run.stop,
+                                     stats=run.sent[index]))
+            for index, url in enumerate(run.urls)]
+
+
+async def _watch(run: _ClusterRun, on_tick: Callable[[list[SendStats], int | None], None]) -> str | None:
+    """Reports progress until the generators are done or the demo is stopped; what went wrong when a child
+    exited meanwhile, else None."""
+    children = run.processors + run.collectors
+    while not all(task.done() for task in run.generating) and not run.stop.is_set():
+        await asyncio.wait(run.generating, timeout=2.0)
+        dead = [child for child in children if child.exited() is not None]
+        if dead:
+            return f"{dead[0].name} exited with status {dead[0].exited()}: see {dead[0].output}"
+        on_tick(run.sent, await _backlog(run))
+    return None
+
+
+async def _backlog(run: _ClusterRun) -> int | None:
+    """The events in the log that the processors have not committed yet; None when the log cannot say now."""
+    try:
+        return await asyncio.to_thread(run.log.pending_events, run.settings.pipeline)  # type: ignore[union-attr]
+    except Exception:
+        return None
+
+
+async def _stop_in_order(run: _ClusterRun, failure: str | None) -> None:
+    """The stopping steps of `run_cluster_demo`'s docstring, for whatever the run had started."""
+    # Step 1: the generators stop
+    run.stop.set()
+    await asyncio.gather(*run.generating, return_exceptions=True)
+    # Step 2: the collectors
+    await _stop_children(run.collectors)
+    # Step 3: the processors, once they have committed what the collectors acknowledged
+    if _should_drain(run, failure):
+        await asyncio.to_thread(_wait_until_committed, run.log_settings, run.log,  # type: ignore[arg-type]
+                                run.processors)
+    await _stop_children(run.processors)
+    # Step 4: the log, then the nats-server nodes
+    if run.log is not None:
+        await asyncio.to_thread(run.log.close)
+    await asyncio.to_thread(run.nats.stop)
+
+
+def _should_drain(run: _ClusterRun, failure: str | None) -> bool:
+    """Whether to wait for the processors to commit the log: it is open, nothing failed and every processor
+    still runs (a dead one would never get there)."""
+    return run.log is not None and failure is None and all(child.exited() is None for child in run.processors)
+
+
+async def _stop_children(children: list[_Child]) -> None:
+    """SIGTERM to every child at once, then waits for each that was started (killed after CHILD_STOP_S)."""
+    for child in children:
+        child.terminate()
+    for child in children:
+        if child.process is not None:
+            await asyncio.to_thread(child.wait, CHILD_STOP_S)
+
+
+def _quarantined(processors: list[_Child]) -> int:
+    """The events the processors reported as quarantined on stopping (`quarantined N;` in their output)."""
+    return sum(int(m.replace(",", "")) for child in processors
+               for m in re.findall(r"quarantined ([\d,]+);", child.text()))
 
 
 def _child_env(settings: Settings) -> dict[str, str]:

@@ -246,13 +246,8 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     rows in input order within a partition; None unless every event is provably valid (see the module
     docstring)."""
     count = len(events)
-    if count == 0:
-        return None
-    try:
-        joined = b"\n".join(events)  # type: ignore[arg-type]
-    except TypeError:  # a str item: already known bad
-        return None
-    if not _framed(events, joined, max_event_bytes):
+    joined = _joined(events)
+    if joined is None or not _framed(events, joined, max_event_bytes):
         return None
     layout = _layout(params)
     table = _read(joined, count, params)
@@ -260,56 +255,117 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
         return None
     table = table.combine_chunks()
     columns = {name: table.column(name).chunk(0) for name in table.column_names}
-    if columns["eventParams"].null_count:
+    if not _only_read_columns(columns, count):
         return None
-    if columns[schema.PARAMS_EXTRA].null_count < count or columns[schema.EVENT_EXTRA].null_count < count:
-        return None  # given extra columns are checked and joined by the per-event path
     children = dict(zip([f.name for f in columns["eventParams"].type], columns["eventParams"].flatten()))
     device_id = children["device_id"]
     if not _non_empty(columns["eventName"]) or not _non_empty(device_id):
         return None
     event_id = columns["eventId"]
+    if not _event_ids_fit(event_id, count) or not _doubles_as_msgspec_reads(children, layout.double_params, count):
+        return None
+    event_time = _times(columns["eventTime"])
+    if event_time is None:
+        return None
+    param_times = _param_times(children, layout)
+    if param_times is None:
+        return None
+    children.update(param_times)
+    event_time, children["client_event_time"] = _times_for_mode(mode, event_time, children["client_event_time"],
+                                                                events, now)
+    out = _output_table(layout, columns, _with_fresh_ids(event_id), event_time, children)
+    part = _partition_of(device_id, partitions, route)
+    if partitions == 1 and route is None:
+        return {0: out}
+    return _split_by_partition(out, part)
+
+
+def _joined(events: Sequence[bytes | str]) -> bytes | None:
+    """The events joined by newlines; None for no event, or for a str item (already known bad)."""
+    if not events:
+        return None
+    try:
+        return b"\n".join(events)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _only_read_columns(columns: dict[str, pa.Array], count: int) -> bool:
+    """Whether every event has an eventParams object and none gives an extra column itself (given extra columns
+    are checked and joined by the per-event path)."""
+    if columns["eventParams"].null_count:
+        return False
+    return not (columns[schema.PARAMS_EXTRA].null_count < count or columns[schema.EVENT_EXTRA].null_count < count)
+
+
+def _event_ids_fit(event_id: pa.Array, count: int) -> bool:
+    """Whether every given eventId is 1 to `schema.EVENT_ID_MAX` characters long."""
     if event_id.null_count < count:
         lengths = pc.utf8_length(event_id)
         low, high = pc.min_max(lengths).values()
         if low.as_py() < 1 or high.as_py() > schema.EVENT_ID_MAX:
-            return None
-    for name in layout.double_params:
+            return False
+    return True
+
+
+def _doubles_as_msgspec_reads(children: dict[str, pa.Array], double_params: tuple[str, ...], count: int) -> bool:
+    """Whether every double parameter holds what msgspec would read: finite, and not -0.0."""
+    for name in double_params:
         amount = children[name]
         if amount.null_count < count:
             if not _all(pc.is_finite(amount)):  # NaN/Infinity literals, 1e999 as an integer literal
-                return None
+                return False
             # msgspec reads the integer literal -0 as 0.0, the reader as -0.0; a float literal -0.0 is -0.0 in
             # both
             if not _all(pc.not_equal(amount.view(pa.int64()), _NEGATIVE_ZERO_BITS)):
-                return None
-    event_time = _times(columns["eventTime"])
-    if event_time is None:
-        return None
+                return False
+    return True
+
+
+def _param_times(children: dict[str, pa.Array], layout: _Layout) -> dict[str, pa.Array] | None:
+    """The eventParams timestamp columns as UTC µs timestamps, or None when any holds a value `_times` refuses."""
+    converted = {}
     for field in layout.params_type:
         if field.type == _TS:
             times = _times(children[field.name])
             if times is None:
                 return None
-            children[field.name] = times
-    client_time = children["client_event_time"]
+            converted[field.name] = times
+    return converted
+
+
+def _times_for_mode(mode: Literal["server", "input"], event_time: pa.Array, client_time: pa.Array,
+                    events: Sequence[bytes | str], now: dt.datetime | None) -> tuple[pa.Array, pa.Array]:
+    """(eventTime, client_event_time) as the validator sets them: in "server" mode eventTime is `now` and the
+    client's time falls back on the eventTime it sent; in "input" mode an absent eventTime is stamped with
+    `now`."""
+    count = len(event_time)
     if mode == "server":
         client_time = pc.coalesce(client_time, event_time)
         event_time = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
     elif event_time.null_count:  # absent (stamped with now) or explicit null (kept): the column cannot tell,
         event_time = _stamp_absent(event_time, events, now)  # the few events' own bytes can
-    if event_id.null_count:
-        fresh = iter([schema.new_event_id() for _ in range(event_id.null_count)])
-        event_id = pa.array([value if value is not None else next(fresh) for value in event_id.to_pylist()],
-                            pa.string())
-    children["client_event_time"] = client_time
+    return event_time, client_time
+
+
+def _with_fresh_ids(event_id: pa.Array) -> pa.Array:
+    """The eventId column with a new id (`schema.new_event_id`) wherever the event gave none."""
+    if not event_id.null_count:
+        return event_id
+    fresh = iter([schema.new_event_id() for _ in range(event_id.null_count)])
+    return pa.array([value if value is not None else next(fresh) for value in event_id.to_pylist()], pa.string())
+
+
+def _output_table(layout: _Layout, columns: dict[str, pa.Array], event_id: pa.Array, event_time: pa.Array,
+                  children: dict[str, pa.Array]) -> pa.Table:
     out_params = pa.StructArray.from_arrays([children[f.name] for f in layout.params_type],
                                             fields=list(layout.params_type))
-    out = pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params,
-                                columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA]], schema=layout.out)
-    part = _partition_of(device_id, partitions, route)
-    if partitions == 1 and route is None:
-        return {0: out}
+    return pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params,
+                                 columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA]], schema=layout.out)
+
+
+def _split_by_partition(out: pa.Table, part: pa.Array) -> dict[int, pa.Table]:
+    """`out`'s rows grouped by their partition in `part`, keeping their order within a partition."""
     order = pc.sort_indices(part)  # stable: rows keep their order within a partition
     ordered = out.take(order)
     result: dict[int, pa.Table] = {}

@@ -144,48 +144,62 @@ def load_lines(
     limit = log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
     for first_number, chunk in _chunks(lines, lines_per_chunk):
         now = dt.datetime.now(dt.timezone.utc)
-        events = _events_of(chunk)
-        tables = None
-        if events is not None:
-            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
+        validated = _validate_chunk(chunk, now, partitions=log.partitions, route=own_route,
                                     max_event_bytes=max_event_bytes, params=params)
-        if tables is None and events != (stripped := _stripped(chunk)):  # blank lines, CRLF, padding
-            events = stripped
-            tables = validate_batch(events, now=now, mode="input", partitions=log.partitions, route=own_route,
-                                    max_event_bytes=max_event_bytes, params=params)
-        if tables is not None:  # every line valid: Arrow records, no per-event work
+        if validated is not None:  # every line valid: Arrow records, no per-event work
+            events, tables = validated
             appends = [Append(p, data, rows) for p, table in sorted(tables.items())
                        for data, rows in arrow_records(table, limit, compression)]
-            log.append(appends)
-            report.lines += len(events)  # type: ignore[arg-type]
-            report.accepted += len(events)  # type: ignore[arg-type]
-            report.records += len(appends)
-            if on_progress:
-                on_progress(sum(map(len, chunk)))
-            continue
-        by_partition: dict[int, list[bytes]] = {}
-        consumed = 0
-        for number, raw in enumerate(chunk, start=first_number):
-            consumed += len(raw)
-            line = raw.strip()
-            if not line:
-                continue
-            report.lines += 1
-            if len(line) > max_event_bytes:
-                result: object = Rejection("", f"event is {len(line)} bytes, over the {max_event_bytes} limit")
-            else:
-                result = validator.validate(line, now)
-            if isinstance(result, Rejection):
-                report.rejected += 1
-                if len(report.first_rejections) < MAX_REPORTED_REJECTIONS:
-                    report.first_rejections.append((number, str(result)))
-                continue
-            report.accepted += 1
-            by_partition.setdefault(route(result.device_id), []).append(result.line)
-        appends = [Append(p, b"\n".join(part), len(part)) for p, lines in sorted(by_partition.items())
-                   for part in _split_by_size(lines, limit)]
+            report.lines += len(events)
+            report.accepted += len(events)
+        else:
+            appends = _validate_each(chunk, first_number, now, validator, route, max_event_bytes, limit, report)
         log.append(appends)
         report.records += len(appends)
         if on_progress:
-            on_progress(consumed)
+            on_progress(sum(map(len, chunk)))
     return report
+
+
+def _validate_chunk(chunk: list[bytes], now: dt.datetime, *, partitions: int, route: Callable[[str], int] | None,
+                    max_event_bytes: int, params: schema.Params) -> tuple[list[bytes], dict[int, pa.Table]] | None:
+    """The chunk's events and their tables per partition when every line is valid (`validate_batch`), else None.
+    Tried on the lines as they are, then, when stripping changes them (blank lines, CRLF, padding), stripped."""
+    events = _events_of(chunk)
+    tables = None
+    if events is not None:
+        tables = validate_batch(events, now=now, mode="input", partitions=partitions, route=route,
+                                max_event_bytes=max_event_bytes, params=params)
+    if tables is None and events != (stripped := _stripped(chunk)):  # blank lines, CRLF, padding
+        events = stripped
+        tables = validate_batch(events, now=now, mode="input", partitions=partitions, route=route,
+                                max_event_bytes=max_event_bytes, params=params)
+    if tables is None:
+        return None
+    return events, tables  # type: ignore[return-value]
+
+
+def _validate_each(chunk: list[bytes], first_number: int, now: dt.datetime, validator: EventValidator,
+                   route: Callable[[str], int], max_event_bytes: int, limit: int | None,
+                   report: LoadReport) -> list[Append]:
+    """The per-event path: each line validated on its own, counted in `report` (rejections with their line
+    numbers), the accepted ones grouped per partition into NDJSON records within `limit`."""
+    by_partition: dict[int, list[bytes]] = {}
+    for number, raw in enumerate(chunk, start=first_number):
+        line = raw.strip()
+        if not line:
+            continue
+        report.lines += 1
+        if len(line) > max_event_bytes:
+            result: object = Rejection("", f"event is {len(line)} bytes, over the {max_event_bytes} limit")
+        else:
+            result = validator.validate(line, now)
+        if isinstance(result, Rejection):
+            report.rejected += 1
+            if len(report.first_rejections) < MAX_REPORTED_REJECTIONS:
+                report.first_rejections.append((number, str(result)))
+            continue
+        report.accepted += 1
+        by_partition.setdefault(route(result.device_id), []).append(result.line)
+    return [Append(p, b"\n".join(part), len(part)) for p, lines in sorted(by_partition.items())
+            for part in _split_by_size(lines, limit)]

@@ -37,7 +37,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import stamina
@@ -46,6 +46,9 @@ from gamestream import schema
 from gamestream.ingest.auth import key_matches
 from gamestream.log import envelope
 from gamestream.settings import Settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 STREAM_ENV = "GAMESTREAM_KINESIS_STREAM"
 MAX_RECORD_BYTES = 1024 * 1024
@@ -354,17 +357,10 @@ def package_lambda(out: str | os.PathLike, *, python_version: str = LAMBDA_PYTHO
     the table schema, which the handler never uses).
     Which modules and distributions: found by importing the handler in a fresh interpreter, so a module that
     stops importing pyarrow, say, drops it from the zip by itself."""
-    import shutil
-    import subprocess
-    import sys
     import tempfile
-    import zipfile
     from pathlib import Path
 
-    probe = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        raise RuntimeError(f"cannot import gamestream.integrations.aws here: {probe.stderr.strip()[-2000:]}")
-    found = json.loads(probe.stdout)
+    found = _probe_imports()
     dists = {name: version for name, version in found["dists"].items()
              if _normalise(name) not in {_normalise(p) for p in RUNTIME_PROVIDED}}
     root = Path(found["files"]["gamestream"]).parent
@@ -372,32 +368,70 @@ def package_lambda(out: str | os.PathLike, *, python_version: str = LAMBDA_PYTHO
     with tempfile.TemporaryDirectory(prefix="gamestream-lambda-") as work:
         build = Path(work)
         if dists:
-            pip = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-                 "--target", str(build), "--platform", platform, "--implementation", "cp",
-                 "--python-version", python_version, "--only-binary=:all:",
-                 # the version tested here, or the newest older one with a wheel for the platform (pyarrow's
-                 # newest wheels need glibc 2.28; the python3.11 runtime has 2.26)
-                 *(f"{name}<={version}" for name, version in sorted(dists.items()))],
-                capture_output=True, text=True, check=False)
-            if pip.returncode != 0:
-                raise RuntimeError(f"pip could not fetch the wheels: {(pip.stderr or pip.stdout).strip()[-2000:]}")
-        shutil.rmtree(build / "bin", ignore_errors=True)
-        for name, file in found["files"].items():
-            target = build / Path(file).relative_to(root.parent)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
+            _install_wheels(build, dists, platform=platform, python_version=python_version)
+        _copy_modules(build, found["files"], root)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-            for path in sorted(build.rglob("*")):
-                if path.is_dir() or "__pycache__" in path.parts:
-                    continue
-                info = zipfile.ZipInfo(path.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, path.read_bytes())
+        _write_zip(build, out)
         installed = dict(p.name.removesuffix(".dist-info").rsplit("-", 1) for p in build.glob("*.dist-info"))
     return LambdaPackage(str(out), out.stat().st_size, sorted(found["files"]), dict(sorted(installed.items())))
+
+
+def _probe_imports() -> dict[str, Any]:
+    """What `import gamestream.integrations.aws` loads in a fresh interpreter (`_IMPORTS_PROBE`): `files`, each
+    gamestream module's file; `dists`, the distributions of the other modules, with their versions."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        raise RuntimeError(f"cannot import gamestream.integrations.aws here: {probe.stderr.strip()[-2000:]}")
+    return json.loads(probe.stdout)
+
+
+def _install_wheels(build: Path, dists: dict[str, str], *, platform: str, python_version: str) -> None:
+    """pip installs wheels of `dists` for the Lambda platform into `build` (its scripts removed)."""
+    import shutil
+    import subprocess
+    import sys
+
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+         "--target", str(build), "--platform", platform, "--implementation", "cp",
+         "--python-version", python_version, "--only-binary=:all:",
+         # the version tested here, or the newest older one with a wheel for the platform (pyarrow's
+         # newest wheels need glibc 2.28; the python3.11 runtime has 2.26)
+         *(f"{name}<={version}" for name, version in sorted(dists.items()))],
+        capture_output=True, text=True, check=False)
+    if pip.returncode != 0:
+        raise RuntimeError(f"pip could not fetch the wheels: {(pip.stderr or pip.stdout).strip()[-2000:]}")
+    shutil.rmtree(build / "bin", ignore_errors=True)
+
+
+def _copy_modules(build: Path, files: dict[str, str], root: Path) -> None:
+    """The gamestream modules' files (`files`: module → file; `root`: the package's folder) into `build`, at their
+    paths in the package."""
+    import shutil
+    from pathlib import Path
+
+    for file in files.values():
+        target = build / Path(file).relative_to(root.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+
+
+def _write_zip(build: Path, out: Path) -> None:
+    """`build`'s files (no __pycache__) as a zip at `out`, the same bytes for the same files: sorted, dated
+    1980-01-01, modes 755 for executables and 644 for the rest."""
+    import zipfile
+
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for path in sorted(build.rglob("*")):
+            if path.is_dir() or "__pycache__" in path.parts:
+                continue
+            info = zipfile.ZipInfo(path.relative_to(build).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes())
 
 
 def _normalise(name: str) -> str:

@@ -173,6 +173,13 @@ def _key_part(name: str) -> str:
     return name if _KEY_SAFE.match(name) else "x" + name.encode().hex()
 
 
+def _claim_abandoned(value: bytes) -> bool:
+    """Whether an idempotency entry holding a claim (`_CLAIM` and its unix time) is older than
+    CLAIM_TIMEOUT_SECONDS: its appender crashed, and the claim may be taken over."""
+    claimed_at = float(value[len(_CLAIM):] or 0)
+    return time.time() - claimed_at > CLAIM_TIMEOUT_SECONDS
+
+
 @dataclass(frozen=True, slots=True)
 class _Message:
     seq: int
@@ -471,7 +478,21 @@ class NatsEventLog(LogFeatures):
            crashed appender and is taken over with a revision-checked update.
         """
         key = hashlib.sha256(idempotency.key.encode()).hexdigest()
+        # Step 1 (and step 4 for a loser: the stored response comes back instead of a claim)
+        claimed = await self._claim_or_replay(key)
+        if isinstance(claimed, AppendResult):
+            return claimed
+        # Step 2
         ids = [f"{key[:32]}-{record.partition}-{index}" for index, record in enumerate(records)]
+        result = await self._append_releasing_claim(records, ids, key, revision=claimed)
+        # Step 3
+        await self._store_response(key, idempotency.response)
+        return result
+
+    async def _claim_or_replay(self, key: str) -> int | AppendResult:
+        """Steps 1 and 4 of `_append_idempotent`: the revision of this appender's claim on `key` (created, or taken
+        over from a crashed appender), or the stored response of the append that did claim it, to replay.
+        Raises TimeoutError when another appender holds the claim for too long."""
         deadline = time.monotonic() + CLAIM_TIMEOUT_SECONDS + PUBLISH_RETRY_SECONDS * 2
         while True:
             claim = _CLAIM + repr(time.time()).encode()
@@ -479,8 +500,7 @@ class NatsEventLog(LogFeatures):
                 raise TimeoutError(f"idempotency key still being appended by another request after "
                                    f"{CLAIM_TIMEOUT_SECONDS:.0f} s")
             try:
-                revision = await self._idempotency.create(key, claim)
-                break
+                return await self._idempotency.create(key, claim)
             # KeyNotFoundError out of create: in a cluster the leader refuses a create against a claim it has
             # proposed but not yet stored, and nats-py's check for a deleted key then finds nothing.
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
@@ -493,27 +513,32 @@ class NatsEventLog(LogFeatures):
             value = entry.value or b""
             if value.startswith(_DONE):
                 return AppendResult([], replayed=value[len(_DONE):])
-            claimed_at = float(value[len(_CLAIM):] or 0)
-            if time.time() - claimed_at > CLAIM_TIMEOUT_SECONDS:
+            if _claim_abandoned(value):
                 try:
-                    revision = await self._idempotency.update(key, claim, last=entry.revision)
-                    break
+                    return await self._idempotency.update(key, claim, last=entry.revision)
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue
             await asyncio.sleep(0.02)
+
+    async def _append_releasing_claim(self, records: Sequence[Append], ids: list[str], key: str, *,
+                                      revision: int) -> AppendResult:
+        """`_append`; should it fail, the claim (at `revision`) is deleted on the way out."""
         try:
-            result = await self._append(records, ids)
+            return await self._append(records, ids)
         except BaseException:
             try:  # let the client's retry claim the key at once instead of after the claim timeout
                 await self._idempotency.delete(key, last=revision)
             except Exception:
                 pass
             raise
+
+    async def _store_response(self, key: str, response: bytes) -> None:
+        """Step 3 of `_append_idempotent`: the response in the key, in place of the claim (retried while the
+        stream has no leader)."""
         async for attempt in stamina.retry_context(on=_transient, attempts=None, timeout=PUBLISH_RETRY_SECONDS,
                                                    wait_initial=0.05, wait_max=1.0, wait_jitter=0.1):
             with attempt:
-                await self._idempotency.put(key, _DONE + idempotency.response)
-        return result
+                await self._idempotency.put(key, _DONE + response)
 
     # -------------------------------------------------------------------------------------------------- read
     async def _on_reply(self, msg) -> None:

@@ -264,61 +264,104 @@ def _delete_quarantined(table: DeltaTable, salt: str, device_ids: list[str]) -> 
 
 def forget(settings: Settings, device_ids: Iterable[object], *, requested_by: str, purge: bool = False,
            grace_s: float | None = None, fold_kpi: FoldKpi | None = None) -> ForgetReport:
-    """Deletes the devices' rows from `events` and `events_quarantine`, audited (the module docstring's steps).
-    Raises `ForgetError` for a request that cannot be run (no id, an empty one). With `purge`, `fold_kpi` folds
-    the KPI tables here when no KPI stage runs (step 7a)."""
+    """Deletes the devices' rows from `events` and `events_quarantine`, audited (the module docstring's steps,
+    marked `# Step N` below). Raises `ForgetError` for a request that cannot be run (no id, an empty one). With
+    `purge`, `fold_kpi` folds the KPI tables here when no KPI stage runs (step 7a)."""
     ids = _clean_ids(device_ids)
-    audit = open_audit(settings)  # 1. the salt, and the hashes
+    # Step 1: the salt, and the hashes
+    audit = open_audit(settings)
     salt = audit.metadata().configuration[SALT_PROPERTY]
-    hashes = sorted({device_hash(salt, d) for d in ids})
     report = ForgetReport(entry=uuid.uuid4().hex, requested_by=requested_by, at=_now().isoformat(),
-                          devices=len(ids), hashes=hashes)
-    _append_audit(audit, report, "registered")  # 2. from here the processor drops their events
+                          devices=len(ids), hashes=sorted({device_hash(salt, d) for d in ids}))
+    # Step 2: from here the processor drops their events
+    _append_audit(audit, report, "registered")
     logger.info("forget registered", extra={"entry": report.entry, "devices": len(ids)})
+    deletion = _Deletion.open(settings, salt, ids, report)
+    # Step 3
+    deletion.delete_events()
+    # Step 4
+    deletion.delete_quarantined()
+    # Step 5: a flush built before the processor saw step 2 may land after step 3
+    deletion.recheck(GRACE_S + settings.batch_max_wait_s if grace_s is None else grace_s)
+    # Step 6
+    _record_deleted(settings, audit, report, deletion)
+    # Step 7
+    if purge:
+        purge_forgotten(settings, report, audit=audit, fold_kpi=fold_kpi)
+    return report
 
-    events = lake.open_events(settings.table_uri("events"))
-    quarantine = lake.open_quarantine(settings.table_uri("events_quarantine"))
-    before = {"events": events.version(), "events_quarantine": quarantine.version()}
-    metadata = {FORGET_KEY: json.dumps({"hashes": hashes, "audit": report.entry})}
-    predicate = hash_predicate(salt, hashes)
-    forget_commits: list[int] = []
 
-    def delete_events() -> None:  # 3.
-        deleted = _delete(events, predicate, "events", metadata)
+@dataclass
+class _Deletion:
+    """Steps 3 to 5 of one forget: the two tables, what their DELETE commits carry, and the forget commits made
+    in `events` so far."""
+
+    events: DeltaTable
+    quarantine: DeltaTable
+    salt: str
+    ids: list[str]
+    report: ForgetReport
+    before: dict[str, int]  # each table's version before the first delete
+    metadata: dict[str, str]  # the events DELETE commits' `gamestream.forget`, read by the KPI stage
+    predicate: str
+    forget_commits: list[int] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, settings: Settings, salt: str, ids: list[str], report: ForgetReport) -> _Deletion:
+        events = lake.open_events(settings.table_uri("events"))
+        quarantine = lake.open_quarantine(settings.table_uri("events_quarantine"))
+        return cls(events, quarantine, salt, ids, report,
+                   before={"events": events.version(), "events_quarantine": quarantine.version()},
+                   metadata={FORGET_KEY: json.dumps({"hashes": report.hashes, "audit": report.entry})},
+                   predicate=hash_predicate(salt, report.hashes))
+
+    def delete_events(self) -> None:
+        """Step 3: the DELETE by the hash predicate; a commit that deleted rows is a forget commit."""
+        deleted = _delete(self.events, self.predicate, "events", self.metadata)
         if deleted:
-            forget_commits.append(events.version())
-            report.events_deleted += deleted
+            self.forget_commits.append(self.events.version())
+            self.report.events_deleted += deleted
 
-    delete_events()
-    report.quarantine_deleted += _delete_quarantined(quarantine, salt, ids)  # 4.
-    checked_up_to = events.version()
-    wait = GRACE_S + settings.batch_max_wait_s if grace_s is None else grace_s
-    for _ in range(MAX_RECHECKS):  # 5. a flush built before the processor saw step 2 may land after step 3
-        time.sleep(wait)
-        events.update_incremental()
-        quarantine.update_incremental()
-        readded = _events_of(events, salt, set(hashes), checked_up_to)
-        report.quarantine_deleted += _delete_quarantined(quarantine, salt, ids)
-        if not readded:
-            break
-        logger.warning("a flush in flight re-added events of a forgotten device; deleting again",
-                       extra={"entry": report.entry, "rows": readded})
-        delete_events()
-        checked_up_to = events.version()
-    quarantine.update_incremental()
-    report.versions = {
-        "events": {"before": before["events"], "after": events.version(), "forget_commits": forget_commits},
-        "events_quarantine": {"before": before["events_quarantine"], "after": quarantine.version()},
-    }
+    def delete_quarantined(self) -> None:
+        """Step 4."""
+        self.report.quarantine_deleted += _delete_quarantined(self.quarantine, self.salt, self.ids)
+
+    def recheck(self, wait: float) -> None:
+        """Step 5: after each `wait`, the commits since the last check read back, the quarantine swept again,
+        and step 3 repeated while a forgotten device's rows were re-added (at most MAX_RECHECKS times)."""
+        checked_up_to = self.events.version()
+        for _ in range(MAX_RECHECKS):
+            time.sleep(wait)
+            self.events.update_incremental()
+            self.quarantine.update_incremental()
+            readded = _events_of(self.events, self.salt, set(self.report.hashes), checked_up_to)
+            self.delete_quarantined()
+            if not readded:
+                break
+            logger.warning("a flush in flight re-added events of a forgotten device; deleting again",
+                           extra={"entry": self.report.entry, "rows": readded})
+            self.delete_events()
+            checked_up_to = self.events.version()
+
+    def versions(self) -> dict[str, dict]:
+        """Each table's version before and after (the quarantine's brought up to date), and the forget commits."""
+        self.quarantine.update_incremental()
+        return {
+            "events": {"before": self.before["events"], "after": self.events.version(),
+                       "forget_commits": self.forget_commits},
+            "events_quarantine": {"before": self.before["events_quarantine"], "after": self.quarantine.version()},
+        }
+
+
+def _record_deleted(settings: Settings, audit: DeltaTable, report: ForgetReport, deletion: _Deletion) -> None:
+    """Step 6: the report's versions and the time the old files go, in an audit row `step = "deleted"`."""
+    report.versions = deletion.versions()
     report.files_gone_by = (_now() + dt.timedelta(hours=settings.vacuum_retain_h)).isoformat()
     report.status = "deleted"
-    _append_audit(audit, report, "deleted")  # 6.
+    _append_audit(audit, report, "deleted")
     logger.info("forget deleted", extra={"entry": report.entry, "events_deleted": report.events_deleted,
                                          "quarantine_deleted": report.quarantine_deleted,
-                                         "forget_commits": forget_commits})
-    if purge:
-        purge_forgotten(settings, report, audit=audit, fold_kpi=fold_kpi)  # 7.
-    return report
+                                         "forget_commits": deletion.forget_commits})
 
 
 # ---------------------------------------------------------------------------------------------------- purging

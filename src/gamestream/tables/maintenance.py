@@ -218,28 +218,11 @@ def optimize(
     table = lake.open_table(uri)
     before = file_stats(table)
     chosen = [key for key in sorted(before.partitions)
-              if (partitions is None or key in partitions) and (since is None or key >= since)
-              and (zorder or before.partitions[key][0] >= only_with_at_least)]
+              if _should_optimize(key, before.partitions[key][0], partitions=partitions, since=since, zorder=zorder,
+                                  only_with_at_least=only_with_at_least)]
     removed = added = optimized = 0
     for number, key in enumerate(chosen, start=1):
-        try:
-            # an append or another compactor committed first: reload and redo this partition
-            for attempt in stamina.retry_context(on=CommitFailedError, attempts=retries, timeout=None,
-                                                 wait_initial=0.05, wait_max=2.0):
-                with attempt:
-                    if attempt.num > 1:
-                        logger.info("OPTIMIZE conflicted with another commit; retrying the partition",
-                                    extra={"table": uri, "partition": key, "attempt": attempt.num})
-                        table.update_incremental()
-                    filters = _partition_filter(table, key)
-                    if zorder:
-                        metrics = table.optimize.z_order(zorder, partition_filters=filters,
-                                                         target_size=target_size)
-                    else:
-                        metrics = table.optimize.compact(partition_filters=filters, target_size=target_size)
-        except CommitFailedError as error:
-            raise CommitFailedError(f"OPTIMIZE of partition {key} kept conflicting after {retries} attempts: "
-                                    f"{error}") from None
+        metrics = _optimize_partition(table, uri, key, target_size=target_size, zorder=zorder, retries=retries)
         removed += metrics["numFilesRemoved"]
         added += metrics["numFilesAdded"]
         optimized += 1 if metrics["numFilesRemoved"] else 0
@@ -247,6 +230,38 @@ def optimize(
             on_partition(key, number, len(chosen))
     table.update_incremental()
     return OptimizeReport(uri, before, file_stats(table), optimized, removed, added, time.monotonic() - started)
+
+
+def _should_optimize(key: str, files: int, *, partitions: list[str] | None, since: str | None,
+                     zorder: list[str] | None, only_with_at_least: int) -> bool:
+    """Whether `optimize` takes the partition `key` of `files` files: chosen by `partitions` / `since`, and worth
+    rewriting (Z-ordering, or at least `only_with_at_least` files to bin-pack)."""
+    return bool((partitions is None or key in partitions) and (since is None or key >= since)
+                and (zorder or files >= only_with_at_least))
+
+
+def _optimize_partition(table: DeltaTable, uri: str, key: str, *, target_size: int, zorder: list[str] | None,
+                        retries: int) -> dict:
+    """One partition compacted (or Z-ordered) in one commit; its metrics (`numFilesRemoved`, `numFilesAdded`).
+    Raises CommitFailedError when it still conflicts after `retries` attempts."""
+    try:
+        # an append or another compactor committed first: reload and redo this partition
+        for attempt in stamina.retry_context(on=CommitFailedError, attempts=retries, timeout=None,
+                                             wait_initial=0.05, wait_max=2.0):
+            with attempt:
+                if attempt.num > 1:
+                    logger.info("OPTIMIZE conflicted with another commit; retrying the partition",
+                                extra={"table": uri, "partition": key, "attempt": attempt.num})
+                    table.update_incremental()
+                filters = _partition_filter(table, key)
+                if zorder:
+                    metrics = table.optimize.z_order(zorder, partition_filters=filters, target_size=target_size)
+                else:
+                    metrics = table.optimize.compact(partition_filters=filters, target_size=target_size)
+    except CommitFailedError as error:
+        raise CommitFailedError(f"OPTIMIZE of partition {key} kept conflicting after {retries} attempts: "
+                                f"{error}") from None
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------- VACUUM
