@@ -41,6 +41,20 @@ def table_rows(uri: str | Path, columns: list[str] | None = None) -> list[dict]:
     return DeltaTable(str(uri)).to_pyarrow_table(columns=columns).to_pylist()
 
 
+# The suite runs in parallel (pytest-xdist, `--dist loadgroup`): each file is one group, so a file's tests share
+# its fixtures on one worker; the files that start JVMs and Python workers for Spark share one group, so they run
+# one after the other — Spark gives a Python worker 10 s to connect back to its JVM, which a machine busy with two
+# Spark runs at once can miss.
+SERIAL_GROUPS = {"test_spark.py": "spark", "test_benchmark_smoke.py": "spark"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(item.path.name, item.path.name)))
+
+
 _exit_status: list[int] = []
 
 

@@ -95,13 +95,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return source, tables
 
 
-# short runs on 2 cores: the JVMs start faster without the C2 compiler; few shuffle partitions for hourly windows.
-# The suite runs files in parallel: a Python worker importing pyspark and pyarrow on a busy machine can take longer
-# than Spark's 15 s default to connect back to its JVM.
+# short runs on 2 cores: the JVMs start faster without the C2 compiler; few shuffle partitions for hourly windows
 FAST = ("--shuffle-partitions", "2",
         "--conf", "spark.driver.extraJavaOptions=-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
-        "--conf", "spark.executor.extraJavaOptions=-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
-        "--conf", "spark.python.authenticate.socketTimeout=120s")
+        "--conf", "spark.executor.extraJavaOptions=-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 
 def _spark_job(data_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
