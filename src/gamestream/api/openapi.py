@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from gamestream import schema
-from gamestream.api.routes.events import MAX_IDEMPOTENCY_KEY
+from gamestream.log.envelope import MAX_IDEMPOTENCY_KEY
 from gamestream.api.routes.forget import FORGET_MAX_DEVICES
 from gamestream.ingest.http_guard import MAX_HEADER_LINES
 from gamestream.settings import Settings

@@ -58,7 +58,6 @@ MAX_CALL_BYTES = 5 * 1024 * 1024
 """One PutRecords call: at most this many records, and this many bytes of data plus partition keys."""
 MAX_PARTITION_KEY = 256
 """Unicode characters; a longer device id is hashed to a key (`partition_key`)."""
-MAX_IDEMPOTENCY_KEY = 200  # as the collector's
 RETRY_ATTEMPTS = 6
 RETRY_TIMEOUT_S = 8.0
 """Retries of refused records: at most this many attempts within this many seconds (keep the function's timeout
@@ -144,8 +143,8 @@ def handle(event: dict, *, client: Any, stream: str, settings: Settings,
         idempotency_key = envelope.header(event, "idempotency-key")
         if idempotency_key is not None:
             extra["Idempotency-Honoured"] = "false"
-            if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-                raise _Answer(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+            if not 0 < len(idempotency_key) <= envelope.MAX_IDEMPOTENCY_KEY:
+                raise _Answer(400, f"Idempotency-Key must be 1 to {envelope.MAX_IDEMPOTENCY_KEY} characters")
         events = _events(event, settings)
         answer, entries = _validate(events, received, settings)
         if answer["accepted"] == 0:

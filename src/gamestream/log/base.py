@@ -56,6 +56,11 @@ class AppendResult:
     replayed: bytes | None = None  # the first append's response, when the idempotency key was already used
 
 
+IDEMPOTENCY_SECONDS = 24 * 3600
+"""How long a log keeps the answer to an Idempotency-Key (a NATS bucket's TTL, Kinesis' in-process cache): a
+client retrying a lost answer within this gets the first answer again."""
+
+
 class LogFeatures:
     """What a backend may do beyond the common contract, declared with the defaults of a plain partitioned log.
     Every backend inherits this and overrides what differs; callers read these, never probe with `getattr`.

@@ -41,6 +41,9 @@ BodyKind = Literal["json", "ndjson", "sniff"]
 
 _raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
+MAX_IDEMPOTENCY_KEY = 200
+"""The longest Idempotency-Key the collector and the Lambda handler take (characters)."""
+
 
 class BodyError(Exception):
     """A request body that cannot be taken: `status` (400, 413 or 415) and a reason the sender can read."""

@@ -45,8 +45,8 @@ import nats.js.errors
 import stamina
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from gamestream.log.base import (DEFAULT_PARTITIONS, Append, AppendResult, Idempotency, LogFeatures, LogRecord,
-                                 LogUnavailable)
+from gamestream.log.base import (DEFAULT_PARTITIONS, IDEMPOTENCY_SECONDS, Append, AppendResult, Idempotency,
+                                 LogFeatures, LogRecord, LogUnavailable)
 from gamestream.log.sqlite import LogPartitionsMismatch
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ DEFAULT_STREAM = "gamestream"
 PARTITIONS_METADATA = "gamestream.partitions"
 EVENTS_HEADER = "Gs-Events"
 DUPLICATE_WINDOW_SECONDS = 5 * 60  # a retried publish within this window is stored once (Nats-Msg-Id)
-IDEMPOTENCY_SECONDS = 24 * 3600  # idempotency answers are kept this long (the bucket's TTL)
 PUBLISH_RETRY_SECONDS = 10.0  # a publish is retried this long while the stream has no leader, then fails
 PUBLISH_ATTEMPT_SECONDS = 2.0
 OPEN_RETRY_SECONDS = 30.0  # opening the log waits this long for a new cluster's or stream's leaders

@@ -37,7 +37,6 @@ from gamestream.ingest.collector import IngestAnswer, IngestPlan, encode, plan_a
 from gamestream.log import AppendResult, Idempotency, envelope
 from gamestream.settings import Settings
 
-MAX_IDEMPOTENCY_KEY = 200
 JSON = "application/json"
 
 
@@ -91,8 +90,8 @@ def _refuse_over_backlog(collector: Collector) -> None:
 
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise Refuse(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    if key is not None and not 0 < len(key) <= envelope.MAX_IDEMPOTENCY_KEY:
+        raise Refuse(400, f"Idempotency-Key must be 1 to {envelope.MAX_IDEMPOTENCY_KEY} characters")
     return key
 
 

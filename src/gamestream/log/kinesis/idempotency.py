@@ -11,9 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from gamestream.log.base import Append, AppendResult, Idempotency
+from gamestream.log.base import IDEMPOTENCY_SECONDS, Append, AppendResult, Idempotency
 
-IDEMPOTENCY_SECONDS = 24 * 3600
 IDEMPOTENCY_MAX_KEYS = 100_000
 
 
