@@ -21,6 +21,16 @@ EVENTS = 200_000
 KILLS = 20
 
 
+def _wait_for_a_commit_after(events: Path, version: int, child: subprocess.Popen, timeout: float = 60) -> None:
+    from gamestream.tables import lake
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if lake.table_exists(str(events)) and lake.open_table(str(events)).version() > version:
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_processor_killed_at_random_moments_leaves_every_event_exactly_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
@@ -39,10 +49,20 @@ def test_processor_killed_at_random_moments_leaves_every_event_exactly_once(tmp_
                "--max-batch-events", "500", "--max-batch-wait", "0.05"]
     kills = 0
     finished_early = 0
+    window = 0.12  # kills land up to this long after draining starts
     while kills < KILLS:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         child.stderr.readline()  # "processing partitions …": the tables are open, draining starts now
-        time.sleep(rng.uniform(0.0, 0.12))
+        if kills == 0:  # the first run is killed right after its first commit; it says how long one takes here
+            started = time.monotonic()
+            from gamestream.tables import lake
+
+            before = lake.open_table(str(data / "tables" / "events")).version()  # the processor made the table
+            _wait_for_a_commit_after(data / "tables" / "events", before, child)
+            # a quarter of the time to a first commit: 0.12 s on a quiet 2-core machine (0.5 s to the first commit),
+            # wider when the machine is busy (the suite runs files in parallel), so kills still land mid-drain
+            window = max(window, (time.monotonic() - started) / 4)
+        time.sleep(rng.uniform(0.0, window))
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
             kills += 1
