@@ -16,6 +16,15 @@ partitions of a NATS JetStream log, single node and a 3-node R3 cluster (every n
 3. Delta commit cost: sequential commits of one 100-event batch with a txn action to a local events table — the
    per-commit cost that bounds one table's commit rate (on this disk; object storage is slower).
 
+With `--quota CORES` (as root) every processor runs in a cgroup of its own limited to CORES of CPU (cgroup v1
+`cpu.cfs_quota_us`, v2 `cpu.max`; benchmarks/cpu_quota.py) and the single nats-server node in another
+(`--nats-quota`, 1 core), so that M processors behave like M small machines on this 2-core box instead of
+sharing its cores: only section 4 runs, on one node, and it adds each processor's CPU seconds, the throttled
+periods, how long after the events table the KPI tables were complete, and the efficiency rate(M) / (M ×
+rate(1)), both for the events table alone and counted to the moment the KPI tables are complete.
+
+    .venv/bin/python benchmarks/scale.py --quota 0.2 --events 3000000 --partitions 8 --processors 1,2,4
+
 Figures are printed with ratios against a peer measured in the same run; nothing asserts speed. On a 2-core
 machine, processors beyond 2 (sharing the cores with nats-server, the KPI stage and this script's poller)
 cannot add throughput: the table shows what happens, docs/scaling.md explains it.
@@ -40,6 +49,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import cpu_quota  # noqa: E402  (benchmarks/cpu_quota.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -197,7 +208,7 @@ class TablePoller:
 
 
 def process_run(work: Path, url: str, events: int, partitions: int, processors: int, label: str,
-                timeout: float) -> dict:
+                timeout: float, quota: float | None = None) -> dict:
     """M `gamestream process` on one fresh data directory, timed until the events table holds every event and
     until the KPI stage has folded the last version."""
     data = work / f"data-{label}"
@@ -206,10 +217,11 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
     ports = [free_port() for _ in range(processors)]
     logs = [open(work / f"process-{label}-{i}.log", "w") for i in range(processors)]
     poller = TablePoller(data, pipeline)
+    groups = [cpu_quota.CpuQuota(f"{pipeline}-{i}", quota) for i in range(processors)] if quota else []
     started = time.perf_counter()
     launch = lambda i: subprocess.Popen(  # noqa: E731
         gamestream("process", "--log", url, "--data-dir", str(data), "--metrics-port", str(ports[i])),
-        stdout=logs[i], stderr=subprocess.STDOUT, env=env)
+        stdout=logs[i], stderr=subprocess.STDOUT, env=env, preexec_fn=groups[i].preexec if groups else None)
     procs = [launch(0)]
     try:
         # The first processor creates the lease bucket; the others start once it holds its leases, so that
@@ -238,6 +250,8 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
             time.sleep(0.2)
         kpi_done = time.perf_counter() if poller.kpi_folded() >= version else None
         commits = poller.history()
+        cpu_s = [group.cpu_seconds() for group in groups]
+        throttled = sum(group.throttled_periods() for group in groups)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -249,6 +263,8 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
                 proc.wait()
         for handle in logs:
             handle.close()
+        for group in groups:
+            group.close()
     if rows != events:
         raise RuntimeError(f"{label}: the events table holds {rows:,} rows, expected {events:,}")
     total = lambda name: sum(f.get(name, 0.0) for f in figures)  # noqa: E731
@@ -268,6 +284,8 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
         "mean_flush": events / len(commits) if commits else 0,
         "commit_ms": 1000 * total("gamestream_commit_seconds_sum") / commit_count if commit_count else None,
         "retries": int(total("gamestream_commit_retries_total")),
+        "cpu_s": sum(cpu_s) if groups else None,
+        "throttled": throttled if groups else None,
     }
 
 
@@ -306,7 +324,18 @@ def main() -> int:
     parser.add_argument("--processors", default=None, help="comma-separated M values (default 1,2,4)")
     parser.add_argument("--append-seconds", type=float, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
+    parser.add_argument("--quota", type=float, default=None, metavar="CORES",
+                        help="each processor in its own cgroup with this much CPU (needs root); section 4 only")
+    parser.add_argument("--nats-quota", type=float, default=1.0, metavar="CORES",
+                        help="with --quota: the nats-server node's own budget (default 1 core)")
     args = parser.parse_args()
+    if args.quota is not None:
+        try:
+            cpu_quota.check_available()
+        except cpu_quota.QuotaUnavailable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return quota_main(args)
     if args.quick:
         n = min(args.events, 30_000) if "--events" in sys.argv else 30_000
         partitions = [int(p) for p in (args.partitions or "4,16").split(",")]
@@ -363,6 +392,78 @@ def main() -> int:
     total_s = time.perf_counter() - begun
     report(n, appends, levels, cost, loads, runs, total_s, quick=args.quick)
     return 0
+
+
+def quota_main(args: argparse.Namespace) -> int:
+    """Section 4 only, one NATS node in a budget of its own, each processor in its own CPU budget."""
+    from gamestream.demo.nats_cluster import NatsCluster
+
+    n = min(args.events, 30_000) if args.quick and "--events" not in sys.argv else args.events
+    partitions = [int(p) for p in (args.partitions or ("4" if args.quick else "8")).split(",")]
+    processors = [int(m) for m in (args.processors or ("1,2" if args.quick else "1,2,4")).split(",")]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="gamestream-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    begun = time.perf_counter()
+    runs: list[dict] = []
+    try:
+        print(f"workload: {n:,} events …", flush=True)
+        source = work / "events.ndjson"
+        run(gamestream("generate", "--out", str(source), "--events", str(n), "--users", str(max(2000, n // 100)),
+                       "--days", "3", "--seed", "2026", "--start", "2026-11-01"))
+        cluster = NatsCluster(work / "cluster", nodes=1).start()
+        nats_group = cpu_quota.CpuQuota("nats", args.nats_quota)
+        try:
+            for node in cluster.members:
+                nats_group.add(node.process.pid)
+            for p in partitions:
+                url = f"{cluster.url}?stream=quota{p}"
+                print(f"nats-1: load {n:,} events into {p} partitions …", flush=True)
+                run(gamestream("load", str(source), "--log", url, "--partitions", str(p)))
+                for m in processors:
+                    print(f"quota {args.quota:g} core each: P={p} M={m} …", flush=True)
+                    result = process_run(work, url, n, p, m, f"quota-P{p}-M{m}", timeout=1800, quota=args.quota)
+                    result["topology"] = "nats-1"
+                    runs.append(result)
+                    print(f"  {result['eps']:,.0f} events/s (wall), KPI complete at "
+                          f"{result['kpi_s'] or float('nan'):.1f}s", flush=True)
+        finally:
+            cluster.stop()
+            nats_group.close()
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    quota_report(n, args.quota, args.nats_quota, runs, time.perf_counter() - begun, quick=args.quick)
+    return 0
+
+
+def quota_report(n: int, quota: float, nats_quota: float, runs: list[dict], total_s: float, *, quick: bool) -> None:
+    print()
+    print(f"scaling with a CPU budget per process: {n:,} events; each processor {quota:g} core, nats-server "
+          f"{nats_quota:g} core (cgroup v{cpu_quota.version()}); machine: {os.cpu_count()} cores, "
+          f"{platform.platform()}; {dt.datetime.now(UTC):%Y-%m-%d %H:%M} UTC; benchmark took {total_s:.0f}s")
+    head = (f"| {'P':>3} | {'M':>2} | {'events s':>8} | {'events/s':>9} | {'steady ev/s':>11} | {'eff.':>5} | "
+            f"{'KPI done s':>10} | {'KPI lag s':>9} | {'eff. to KPI':>11} | {'CPU s':>6} | {'throttled':>9} | "
+            f"{'retries':>7} |")
+    print(head)
+    print("|" + "-" * (len(head) - 2) + "|")
+    base = {r["P"]: r for r in runs if r["M"] == 1}
+    efficiency = {}
+    for r in runs:
+        one = base.get(r["P"])
+        eff = r["eps"] / (r["M"] * one["eps"]) if one else float("nan")
+        to_kpi = (one["kpi_s"] * 1 / (r["M"] * r["kpi_s"])) if one and one["kpi_s"] and r["kpi_s"] else float("nan")
+        efficiency[(r["P"], r["M"])] = (eff, to_kpi)
+        steady = f"{r['steady_eps']:,.0f}" if r["steady_eps"] else "—"
+        kpi = f"{r['kpi_s']:.1f}" if r["kpi_s"] else "—"
+        lag = f"{r['kpi_s'] - r['wall_s']:.1f}" if r["kpi_s"] else "—"
+        print(f"| {r['P']:>3} | {r['M']:>2} | {r['wall_s']:>8.1f} | {r['eps']:>9,.0f} | {steady:>11} | "
+              f"{eff:>5.2f} | {kpi:>10} | {lag:>9} | {to_kpi:>11.2f} | {r['cpu_s']:>6.1f} | {r['throttled']:>9} | "
+              f"{r['retries']:>7} |")
+    print("eff. = events/s(M) / (M × events/s(1)); eff. to KPI counts to the moment the KPI tables are complete."
+          + ("  (--quick: smoke run)" if quick else ""))
+    fields = " ".join(f"eff_P{p}_M{m}={e:.2f} eff_kpi_P{p}_M{m}={k:.2f}" for (p, m), (e, k) in efficiency.items())
+    lags = " ".join(f"kpi_lag_P{r['P']}_M{r['M']}={r['kpi_s'] - r['wall_s']:.1f}" for r in runs if r["kpi_s"])
+    print(f"RESULT quota={quota:g} {fields} {lags}", flush=True)
 
 
 def report(n: int, appends: dict, levels: list[int], cost: dict, loads: dict, runs: list[dict], total_s: float,
