@@ -35,6 +35,7 @@ process_eps_best_r3=… …`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import datetime as dt
 import os
@@ -328,6 +329,10 @@ def main() -> int:
                         help="each processor in its own cgroup with this much CPU (needs root); section 4 only")
     parser.add_argument("--nats-quota", type=float, default=1.0, metavar="CORES",
                         help="with --quota: the nats-server node's own budget (default 1 core)")
+    parser.add_argument("--collectors", default=None, metavar="N,N",
+                        help="with --quota: also N `gamestream serve` processes, each in its own budget, under a "
+                             "load client outside the budgets (default 1,2,4; 0 skips)")
+    parser.add_argument("--collector-seconds", type=float, default=None, help="with --collectors: per run")
     args = parser.parse_args()
     if args.quota is not None:
         try:
@@ -405,11 +410,14 @@ def quota_main(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     begun = time.perf_counter()
     runs: list[dict] = []
+    served: list[dict] = []
     try:
         print(f"workload: {n:,} events …", flush=True)
         source = work / "events.ndjson"
         run(gamestream("generate", "--out", str(source), "--events", str(n), "--users", str(max(2000, n // 100)),
                        "--days", "3", "--seed", "2026", "--start", "2026-11-01"))
+        with open(source, "rb") as handle:
+            lines = [line.rstrip(b"\n") for _, line in zip(range(20_000), handle)]
         cluster = NatsCluster(work / "cluster", nodes=1).start()
         nats_group = cpu_quota.CpuQuota("nats", args.nats_quota)
         try:
@@ -426,6 +434,12 @@ def quota_main(args: argparse.Namespace) -> int:
                     runs.append(result)
                     print(f"  {result['eps']:,.0f} events/s (wall), KPI complete at "
                           f"{result['kpi_s'] or float('nan'):.1f}s", flush=True)
+            counts = [int(c) for c in (args.collectors or ("1,2" if args.quick else "1,2,4")).split(",") if int(c)]
+            seconds = args.collector_seconds or (3.0 if args.quick else 15.0)
+            for c in counts:
+                print(f"quota {args.quota:g} core each: {c} collector(s), {seconds:g}s …", flush=True)
+                served.append(collector_run(work, f"{cluster.url}?stream=collect", c, args.quota, seconds, lines))
+                print(f"  {served[-1]['eps']:,.0f} acknowledged events/s", flush=True)
         finally:
             cluster.stop()
             nats_group.close()
@@ -433,7 +447,79 @@ def quota_main(args: argparse.Namespace) -> int:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     quota_report(n, args.quota, args.nats_quota, runs, time.perf_counter() - begun, quick=args.quick)
+    collector_report(args.quota, served)
     return 0
+
+
+def collector_run(work: Path, url: str, count: int, quota: float, seconds: float, lines: list[bytes]) -> dict:
+    """`count` `gamestream serve --log url` processes, each in a CPU budget of its own, posted 100-event NDJSON
+    requests by a client outside the budgets (8 keep-alive connections per collector) for `seconds`."""
+    from collector import load  # benchmarks/collector.py's raw asyncio HTTP/1.1 client
+
+    bodies = [b"\n".join(lines[i:i + 100]) for i in range(0, len(lines) - 99, 100)]
+    groups = [cpu_quota.CpuQuota(f"serve-{count}-{i}", quota) for i in range(count)]
+    servers, urls = [], []
+    try:
+        for i, group in enumerate(groups):
+            data = work / f"serve-{count}-{i}"
+            server = subprocess.Popen(gamestream("serve", "--log", url, "--data-dir", str(data), "--port", "0"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=group.preexec)
+            servers.append(server)
+            while True:
+                line = server.stderr.readline()
+                if not line:
+                    raise RuntimeError(f"collector {i} did not start")
+                if found := re.search(r"listening on (http://[\d.]+:\d+)", line):
+                    urls.append(found[1])
+                    break
+        before = [group.cpu_seconds() for group in groups]
+
+        async def all_collectors():
+            return await asyncio.gather(*(load(u, bodies, "application/x-ndjson", seconds, 8) for u in urls))
+
+        results = asyncio.run(all_collectors())
+        cpu_s = sum(group.cpu_seconds() for group in groups) - sum(before)
+        throttled = sum(group.throttled_periods() for group in groups)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait()
+        for group in groups:
+            group.close()
+    statuses: dict[int, int] = {}
+    for _, answered, _ in results:
+        for status, n in answered.items():
+            statuses[status] = statuses.get(status, 0) + n
+    elapsed = max(s for _, _, s in results)
+    acknowledged = statuses.get(200, 0) * 100
+    latencies = sorted(x for lat, _, _ in results for x in lat)
+    return {"N": count, "eps": acknowledged / elapsed, "statuses": statuses, "cpu_s": cpu_s,
+            "us_per_event": 1e6 * cpu_s / acknowledged if acknowledged else float("nan"),
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
+            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
+            "throttled": throttled}
+
+
+def collector_report(quota: float, served: list[dict]) -> None:
+    if not served:
+        return
+    print()
+    print(f"collectors, each {quota:g} core, 100-event requests, 8 connections each, the client outside the budgets")
+    head = (f"| {'N':>2} | {'ack events/s':>12} | {'eff.':>5} | {'µs CPU/event':>12} | {'p50 ms':>7} | "
+            f"{'p99 ms':>7} | {'throttled':>9} | {'answers':<16} |")
+    print(head)
+    print("|" + "-" * (len(head) - 2) + "|")
+    one = next((s for s in served if s["N"] == 1), None)
+    fields = []
+    for s in served:
+        eff = s["eps"] / (s["N"] * one["eps"]) if one and one["eps"] else float("nan")
+        fields.append(f"collector_eff_N{s['N']}={eff:.2f} collector_eps_N{s['N']}={s['eps']:.0f}")
+        answers = ",".join(f"{k}:{v}" for k, v in sorted(s["statuses"].items()))
+        print(f"| {s['N']:>2} | {s['eps']:>12,.0f} | {eff:>5.2f} | {s['us_per_event']:>12.1f} | {s['p50_ms']:>7.1f} | "
+              f"{s['p99_ms']:>7.1f} | {s['throttled']:>9} | {answers:<16} |")
+    print(f"RESULT quota={quota:g} " + " ".join(fields), flush=True)
 
 
 def quota_report(n: int, quota: float, nats_quota: float, runs: list[dict], total_s: float, *, quick: bool) -> None:

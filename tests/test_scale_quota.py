@@ -25,9 +25,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="cgroups need root (CI
 
 @pytest.mark.slow
 @needs_root
-def test_the_quota_mode_runs_each_processor_in_its_own_budget_and_leaves_no_cgroup() -> None:
+def test_the_quota_mode_runs_each_processor_and_collector_in_its_own_budget_and_leaves_no_cgroup() -> None:
     completed = subprocess.run([sys.executable, str(SCALE), "--quota", "0.5", "--quick", "--events", "20000",
-                                "--partitions", "4", "--processors", "1,2"],
+                                "--partitions", "4", "--processors", "1,2", "--collectors", "1,2",
+                                "--collector-seconds", "2"],
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rows = re.findall(r"^\|\s+4 \|\s+(\d) \|.*\|\s+([\d.]+) \|\s+(\d+) \|\s+(\d+) \|$", completed.stdout, re.MULTILINE)
@@ -36,6 +37,10 @@ def test_the_quota_mode_runs_each_processor_in_its_own_budget_and_leaves_no_cgro
     assert all(float(cpu) > 0 for _, cpu, _, _ in rows)
     assert sum(int(throttled) for _, _, throttled, _ in rows) > 0, completed.stdout
     assert re.search(r"^RESULT quota=0.5 .*eff_P4_M2=[\d.]+ .*kpi_lag_P4_M2=[\d.]+", completed.stdout, re.MULTILINE)
+    collectors = re.findall(r"^\|\s+(\d) \|\s+([\d,]+) \|.*\| (200:\d+)\s*\|$", completed.stdout, re.MULTILINE)
+    assert [n for n, *_ in collectors] == ["1", "2"], completed.stdout
+    assert re.search(r"^RESULT quota=0.5 collector_eff_N1=1.00 collector_eps_N1=\d+ collector_eff_N2=[\d.]+",
+                     completed.stdout, re.MULTILINE)
     assert cpu_quota.leftover_groups() == []
 
 
