@@ -1,10 +1,13 @@
 """`gamestream demo --cluster`, run as a user runs it: three nats-server nodes, two collectors, two processors
-and the generator as separate processes, stopped in order at the end of --duration."""
+and the generator as separate processes, stopped in order at the end of --duration; and supervised: a processor,
+a collector and a nats-server node killed with SIGKILL while it runs are restarted, and Ctrl-C still ends with
+every acknowledged event in the table once."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -85,6 +88,115 @@ def test_cluster_demo_commits_exactly_what_both_collectors_accepted_and_leaves_n
                         r"table committed ([\d,]+)", output)
     assert summary, output
     accepted, via_first, via_second, committed = (int(group.replace(",", "")) for group in summary.groups())
+    assert via_first > 0 and via_second > 0 and via_first + via_second == accepted
+    ids = Counter(row["eventId"] for row in table_rows(data / "tables" / "events", ["eventId"]))
+    assert sum(ids.values()) == len(ids) == accepted == committed
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class _Lines:
+    """The demo's stdout, read by a thread; waits for a line matching a pattern."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, *, after: int = 0, timeout: float = 60.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines[after:]:
+                match = re.search(pattern, line)
+                if match:
+                    return match
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" + "".join(self.lines[-60:]))
+
+    def committed_after(self, after: int) -> list[int]:
+        """The `committed N` of every counter line from line `after` on."""
+        return [int(match[1].replace(",", "")) for line in self.lines[after:]
+                if (match := re.match(r"sent [\d,]+ · accepted .* · committed ([\d,]+) · ", line))]
+
+    def wait_for_growth(self, *, after: int, above: int, timeout: float = 45.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            grown = [value for value in self.committed_after(after) if value > above]
+            if grown:
+                return grown[0]
+            time.sleep(0.2)
+        raise AssertionError(f"committed did not grow past {above:,} within {timeout}s:\n" + "".join(self.lines[-40:]))
+
+
+@pytest.mark.slow
+def test_cluster_demo_restarts_every_kind_of_child_killed_and_still_commits_each_accepted_event_once(
+        tmp_path: Path) -> None:
+    """SIGKILL a processor, a collector and a nats-server node in turn while the demo runs: each death is one
+    line, the child comes back (a new pid), the counter keeps growing, the processor's partitions come back to
+    it; Ctrl-C then drains and the table holds every acknowledged event exactly once."""
+    data = tmp_path / "data"
+    stderr = open(tmp_path / "stderr.txt", "w")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gamestream", "demo", "--cluster", "--port", "0", "--rate", "300", "--seed", "9",
+         "--data-dir", str(data)],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "GAMESTREAM_LOG": ""})
+    out = _Lines(demo.stdout)
+    try:
+        pids_line = out.wait_for(r"^pids: (.*)$", timeout=180)
+        pids = {name: int(pid) for name, pid in re.findall(r"([\w-]+) (\d+)", pids_line[1])}
+        assert set(pids) == {"nats-n1", "nats-n2", "nats-n3", "processor-1", "processor-2", "collector-1",
+                             "collector-2"}, pids
+        committed = out.wait_for_growth(after=0, above=0, timeout=60)
+
+        for name in ("processor-1", "collector-1", "nats-n2"):
+            mark = len(out.lines)
+            pid = pids[name]
+            os.kill(pid, signal.SIGKILL)
+            died = out.wait_for(rf"{name} \(pid {pid}\) (was killed by SIGKILL) after [\d.]+s; restarting it in "
+                                rf"\d+s", after=mark, timeout=20)
+            assert died[1] == "was killed by SIGKILL"
+            assert not _alive(pid), f"{name} (pid {pid}) still runs"
+            back = out.wait_for(rf"{name} restarted \(pid (\d+)\)", after=mark, timeout=30)
+            pids[name] = int(back[1])
+            assert pids[name] != pid and _alive(pids[name])
+            committed = out.wait_for_growth(after=mark, above=committed)
+            if name == "processor-1":  # its partitions move to processor-2, then half come back to the new one
+                out.wait_for(r"partitions: processor-2 0,1,2,3$", after=mark, timeout=30)
+                out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", after=len(out.lines) - 1,
+                             timeout=40)
+        news = [line for line in out.lines
+                if re.search(r"(nats-n\d|processor-\d|collector-\d) \(pid \d+\) ", line)]
+        assert len(news) == 3, "".join(news)  # one line per kill, nothing else ended
+
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=180)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        out.reader.join(10)
+        stderr.close()
+    output = "".join(out.lines)
+    assert demo.returncode == 0, output + (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "Traceback" not in output
+    assert not _processes_mentioning(str(data)), "a child of the demo outlived it"
+
+    summary = re.search(r"generator accepted ([\d,]+) events \(([\d,]+) via \S+, ([\d,]+) via \S+\); "
+                        r"table committed ([\d,]+) \(quarantined 0\) · restarted: (.*)", output)
+    assert summary, output
+    accepted, via_first, via_second, committed = (int(group.replace(",", "")) for group in summary.groups()[:4])
+    assert "processor-1 ×1" in summary[5] and "collector-1 ×1" in summary[5] and "nats-n2 ×1" in summary[5]
     assert via_first > 0 and via_second > 0 and via_first + via_second == accepted
     ids = Counter(row["eventId"] for row in table_rows(data / "tables" / "events", ["eventId"]))
     assert sum(ids.values()) == len(ids) == accepted == committed

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -83,7 +84,7 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tab
 def _single_process_demo(settings: Settings, *, rate: float, users: int, duration: float | None,
                          seed: int) -> None:
     from gamestream.api import server
-    from gamestream.demo.runner import run_demo
+    from gamestream.demo.runner import DemoError, run_demo
 
     def started(url: str) -> None:
         announce_keys(settings)
@@ -97,8 +98,11 @@ def _single_process_demo(settings: Settings, *, rate: float, users: int, duratio
                   f"committed {processed.events_committed:,} · backlog {backlog:,} · "
                   f"{sent.rate:,.0f} events/s", highlight=False)
 
-    summary = server.run(run_demo(settings, port=settings.port, rate=rate, users=users, duration=duration,
-                                  seed=seed, on_started=started, on_tick=tick))
+    try:
+        summary = server.run(run_demo(settings, port=settings.port, rate=rate, users=users, duration=duration,
+                                      seed=seed, on_started=started, on_tick=tick, on_news=_news))
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
     out.print(f"stopped after {summary.seconds:.1f}s: generator accepted {summary.sent.accepted:,} events; "
               f"table committed {summary.processed.events_committed:,} "
               f"(quarantined {summary.processed.events_quarantined:,}) in {summary.processed.commits:,} commits",
@@ -106,9 +110,14 @@ def _single_process_demo(settings: Settings, *, rate: float, users: int, duratio
     _demo_query(settings)
 
 
+def _news(line: str) -> None:
+    """A supervisor's one line: a part of the demo ended, is restarting, is back, or was given up."""
+    out.print(f"[yellow]![/] {escape(line)}", highlight=False)
+
+
 def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: float | None, seed: int) -> None:
     from gamestream.api import server
-    from gamestream.demo.runner import run_cluster_demo
+    from gamestream.demo.runner import DemoError, run_cluster_demo
 
     def started(urls) -> None:
         announce_keys(settings)
@@ -118,24 +127,38 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
         for index, url in enumerate(urls.collectors, 1):
             out.print(f"collector {index}: {url}/v1/events · health {url}/healthz · metrics {url}/metrics",
                       highlight=False)
+        out.print("pids: " + " · ".join(f"{name} {pid}" for name, pid in urls.pids.items()), highlight=False)
         out.print(f"2 processors share the partitions; each process writes to {urls.logs}/<name>.log; tables "
                   f"under {settings.tables_root}; Ctrl-C stops (acknowledged events are committed first)",
                   highlight=False)
+        out.print("supervised: kill -9 any of these pids and it is restarted (a processor's partitions move to "
+                  "the other one and back)", highlight=False)
 
-    def tick(sent, backlog: int | None) -> None:
+    def tick(now) -> None:
+        sent = now.sent
         accepted = sum(s.accepted for s in sent)
         per = " + ".join(f"{s.accepted:,}" for s in sent)
+        committed = "?" if now.committed is None else f"{now.committed:,}"
+        backlog = "?" if now.backlog is None else f"{now.backlog:,}"
+        owners = "?" if now.owners is None else " · ".join(
+            f"{name} {','.join(map(str, partitions))}" for name, partitions in sorted(now.owners.items()))
         out.print(f"sent {sum(s.events_sent for s in sent):,} · accepted {accepted:,} ({per}) · "
-                  f"rejected {sum(s.rejected for s in sent):,} · "
-                  f"backlog {'?' if backlog is None else f'{backlog:,}'} · "
-                  f"{sum(s.rate for s in sent):,.0f} events/s", highlight=False)
+                  f"rejected {sum(s.rejected for s in sent):,} · committed {committed} · backlog {backlog} · "
+                  f"{sum(s.rate for s in sent):,.0f} events/s · "
+                  f"partitions: {owners}", highlight=False)
 
-    summary = server.run(run_cluster_demo(settings, port=settings.port, rate=rate, users=users, duration=duration,
-                                          seed=seed, log_format=root_log_format(), on_started=started,
-                                          on_tick=tick))
+    try:
+        summary = server.run(run_cluster_demo(settings, port=settings.port, rate=rate, users=users,
+                                              duration=duration, seed=seed, log_format=root_log_format(),
+                                              on_started=started, on_tick=tick, on_news=_news))
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
     per = ", ".join(f"{s.accepted:,} via {url}" for s, url in zip(summary.sent, summary.urls.collectors))
+    restarts = (" · restarted: " + ", ".join(f"{name} ×{count}" for name, count in summary.restarts.items())
+                if summary.restarts else "")
     out.print(f"stopped after {summary.seconds:.1f}s: generator accepted {summary.accepted:,} events ({per}); "
-              f"table committed {summary.committed:,} (quarantined {summary.quarantined:,})", highlight=False)
+              f"table committed {summary.committed:,} (quarantined {summary.quarantined:,}){restarts}",
+              highlight=False)
     if summary.committed:
         _demo_query(settings)
 

@@ -9,6 +9,7 @@ before the command returns; in the cluster, the nats-server nodes stop last.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import signal
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Callable
 from gamestream.api import server
 from gamestream.api.app import create_app
 from gamestream.demo.generator import SendStats, live_events, send
+from gamestream.demo.leases import LeaseView
+from gamestream.demo.supervisor import Part, Supervisor, how_it_ended, last_line
 from gamestream.log import EventLog, connect
 from gamestream.process.pipeline import Pipeline
 from gamestream.process.processor import ProcessorStats
@@ -30,6 +33,13 @@ from gamestream.settings import Settings
 
 if TYPE_CHECKING:
     from gamestream.demo.nats_cluster import NatsCluster
+
+TICK_S = 2.0
+"""How often the demo prints its counter line."""
+
+
+class DemoError(RuntimeError):
+    """The demo cannot start (a port taken, a binary missing, a child that never came up): one line says why."""
 
 
 @dataclass
@@ -42,51 +52,180 @@ class DemoSummary:
 
 async def run_demo(settings: Settings, *, port: int, rate: float | None, users: int, duration: float | None,
                    seed: int, on_started: Callable[[str], None], on_tick: Callable[[SendStats, ProcessorStats, int],
-                                                                                    None]) -> DemoSummary:
+                                                                                    None],
+                   on_news: Callable[[str], None] = lambda line: None) -> DemoSummary:
+    """The collector (a task), the processor (a thread) and the generator (a task) in this process.
+
+    Supervised (`gamestream.demo.supervisor`): a processor thread or generator task that fails is reported in one
+    line to `on_news` and started again after a short delay (given up after repeated fast failures); a collector
+    that fails is reported in one line and stops the demo (in order: every acknowledged event still committed)."""
     started = time.monotonic()
     stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
+    try:  # before anything starts: a port in use is one line
+        sock = server.bind(settings.host, port)
+    except OSError as error:
+        raise DemoError(f"the collector cannot listen on {settings.host}:{port}: {error.strerror or error}") \
+            from None
     log = connect(settings)
-    processor = Pipeline(settings, log, maintenance=True)
-    failures: list[BaseException] = []
-
-    def process() -> None:
-        try:
-            processor.run()
-        except BaseException as error:  # surfaced to the command once the collector has stopped
-            failures.append(error)
-            stop.set_threadsafe()
-
-    processing = threading.Thread(target=process, name="processor", daemon=True)
-    processing.start()
+    supervisor = Supervisor(on_news)
+    processor = _ProcessorRuns(settings, log)
+    processor.start()
+    supervisor.add(Part("processor", start=processor.start, ended=processor.ended))
     app = create_app(settings, log)
-    sock = server.bind(settings.host, port)
     url = f"http://{settings.host}:{sock.getsockname()[1]}"
     collector_stop = asyncio.Event()
     serving = asyncio.create_task(server.serve(app, sock, collector_stop, settings))
     await _wait_until_up(url)
     on_started(url)
 
-    stats = SendStats()
     api_key = settings.api_keys[0] if settings.api_keys else None
-    generating = asyncio.create_task(send(url, live_events(users=users, seed=seed), batch=20, concurrency=4,
-                                          rate=rate, duration=duration, api_key=api_key, stop=stop, stats=stats))
+    generator = _Generator(url, 0)
+    deadline = time.monotonic() + duration if duration else None
+
+    def start_generator() -> None:
+        generator.restart(send(url, live_events(users=users, seed=seed + 1000 * generator.runs), batch=20,
+                               concurrency=4, rate=rate, duration=_left(deadline), api_key=api_key, stop=stop,
+                               stats=generator.next_stats()))
+
+    start_generator()
+    supervisor.add(Part("generator", start=start_generator, ended=generator.ended))
+    supervision_ends = asyncio.Event()
+    supervising = asyncio.create_task(supervisor.run(supervision_ends))
     try:
-        while not generating.done():
-            await asyncio.wait([generating], timeout=2.0)
-            backlog = app.state.collector.backlog
-            on_tick(stats, processor.stats, backlog)
+        while not stop.is_set() and not (generator.finished() or supervisor.parts["generator"].given_up):
+            try:
+                await asyncio.wait_for(stop.wait(), TICK_S)
+            except TimeoutError:
+                pass
+            if serving.done():
+                error = None if serving.cancelled() else serving.exception()
+                on_news(f"collector failed ({type(error).__name__}: {error}): stopping the demo" if error else
+                        "collector stopped by itself: stopping the demo")
+                break
+            on_tick(generator.stats(), processor.stats, app.state.collector.backlog)
     finally:
         stop.set()
-        await asyncio.gather(generating, return_exceptions=True)
+        supervisor.release(["generator"])
+        await asyncio.gather(*(t for t in [generator.task] if t), return_exceptions=True)
         collector_stop.set()
-        await serving
-        processor.stop(drain=True)
-        await asyncio.to_thread(processing.join)
+        await asyncio.gather(serving, return_exceptions=True)
+        supervisor.release()
+        supervision_ends.set()
+        await supervising
+        failed_before = processor.error
+        await asyncio.to_thread(processor.stop_and_join)
+        if processor.error is not None and processor.error is not failed_before:
+            on_news(f"processor {processor.ended()} while draining: the table may lack events the collector "
+                    f"acknowledged; the next `gamestream process` commits them")
         log.close()
-    if failures:
-        raise RuntimeError("the processor failed") from failures[0]
-    return DemoSummary(url=url, sent=stats, processed=processor.stats, seconds=time.monotonic() - started)
+    return DemoSummary(url=url, sent=generator.stats(), processed=processor.stats,
+                       seconds=time.monotonic() - started)
+
+
+class _ProcessorRuns:
+    """The plain demo's processor thread (a `Pipeline`), started again by the supervisor should it fail; its
+    stats add up over its runs. A run that fails has released its partitions (`Pipeline.run`), so the next one
+    takes them."""
+
+    def __init__(self, settings: Settings, log: EventLog) -> None:
+        self.settings, self.log = settings, log
+        self.past = ProcessorStats()
+        self.pipeline: Pipeline | None = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        if self.pipeline is not None:
+            done = self.pipeline.stats
+            self.past.events_committed += done.events_committed
+            self.past.events_quarantined += done.events_quarantined
+            self.past.commits += done.commits
+        self.error = None
+        self.pipeline = Pipeline(self.settings, self.log, maintenance=True)
+        self.thread = threading.Thread(target=self._run, args=(self.pipeline,), name="processor", daemon=True)
+        self.thread.start()
+
+    def _run(self, pipeline: Pipeline) -> None:
+        try:
+            pipeline.run()
+        except BaseException as error:  # reported by the supervisor, in one line
+            self.error = error
+
+    def ended(self) -> str | None:
+        if self.thread is None or self.thread.is_alive():
+            return None
+        if self.error is None:
+            return "stopped by itself"
+        return f"failed ({type(self.error).__name__}: {self.error})"
+
+    @property
+    def stats(self) -> ProcessorStats:
+        current = self.pipeline.stats if self.pipeline else ProcessorStats()
+        if not (self.past.commits or self.past.events_committed):
+            return current
+        return ProcessorStats(events_committed=self.past.events_committed + current.events_committed,
+                              events_quarantined=self.past.events_quarantined + current.events_quarantined,
+                              commits=self.past.commits + current.commits, started=self.past.started)
+
+    def stop_and_join(self) -> None:
+        """Drains the log (every acknowledged event committed) and waits for the thread."""
+        if self.pipeline is not None and self.thread is not None and self.thread.is_alive():
+            self.pipeline.stop(drain=True)
+            self.thread.join()
+
+
+def _left(deadline: float | None) -> float | None:
+    return max(0.0, deadline - time.monotonic()) if deadline else None
+
+
+_SENT_COUNTS = ("requests", "events_sent", "accepted", "rejected", "retries", "failed_events")
+
+
+@dataclass
+class _Generator:
+    """A generator: an asyncio task in the demo, started again (with a seed of its own, so its events are new
+    ones) by the supervisor should it fail; its counts add up over its runs."""
+
+    url: str
+    index: int
+    past: SendStats = field(default_factory=SendStats)  # the runs before this one, added up
+    current: SendStats = field(default_factory=SendStats)
+    task: asyncio.Task | None = None
+    first_started: float = 0.0
+    runs: int = 0
+
+    def next_stats(self) -> SendStats:
+        """The stats for the next run (the counts so far go to `past`)."""
+        if self.runs:
+            for name in _SENT_COUNTS:
+                setattr(self.past, name, getattr(self.past, name) + getattr(self.current, name))
+            self.current = SendStats()
+        return self.current
+
+    def restart(self, sending) -> None:
+        self.task = asyncio.ensure_future(sending)
+        self.runs += 1
+        self.first_started = self.first_started or time.monotonic()
+
+    def stats(self) -> SendStats:
+        total = SendStats()
+        for name in _SENT_COUNTS:
+            setattr(total, name, getattr(self.past, name) + getattr(self.current, name))
+        total.started = self.first_started or self.current.started
+        total.finished = self.current.finished if self.finished() else 0.0
+        return total
+
+    def finished(self) -> bool:
+        """Done by itself (its duration is over, or the demo was stopped), not failed."""
+        return (self.task is not None and self.task.done() and not self.task.cancelled()
+                and self.task.exception() is None)
+
+    def ended(self) -> str | None:
+        if self.task is None or not self.task.done() or self.finished():
+            return None
+        error = None if self.task.cancelled() else self.task.exception()
+        return "was cancelled" if error is None else f"failed ({type(error).__name__}: {error})"
 
 
 class _ThreadsafeEvent(asyncio.Event):
@@ -126,6 +265,17 @@ class ClusterUrls:
     nats: str
     collectors: list[str]
     logs: Path  # where each child process writes its output
+    pids: dict[str, int] = field(default_factory=dict)  # each child's pid at start: nats-n1…, processor-1…
+
+
+@dataclass
+class ClusterTick:
+    """What the counter line shows, every TICK_S."""
+
+    sent: list[SendStats]  # one per collector
+    backlog: int | None  # events in the log not committed yet; None: the log cannot say now
+    committed: int | None  # events the events table gained during the run; None: cannot say now
+    owners: dict[str, list[int]] | None  # who holds which partitions (a child's name, or "free"); None: unknown
 
 
 @dataclass
@@ -135,6 +285,7 @@ class ClusterDemoSummary:
     committed: int  # events the events table gained during the run
     quarantined: int  # as the processors reported on stopping
     seconds: float
+    restarts: dict[str, int] = field(default_factory=dict)  # child → times it was restarted
 
     @property
     def accepted(self) -> int:
@@ -151,15 +302,17 @@ class _Child:
     env: dict[str, str]
     process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def start(self) -> None:
+    def start(self, *, append: bool = False) -> int:
+        """Starts it (again: `append` keeps the output of the earlier runs); its pid."""
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output, "wb") as handle:
+        with open(self.output, "ab" if append else "wb") as handle:
             # Its own session: a Ctrl-C in the terminal reaches only the demo, which stops the children in order
             # (a processor stopped before the collectors would leave acknowledged events behind). Parent-death
             # signal: should the demo itself be killed, the child still goes.
             self.process = subprocess.Popen([sys.executable, "-m", "gamestream", *self.args], stdout=handle,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                             start_new_session=True, preexec_fn=_die_with_parent)
+        return self.process.pid
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -182,6 +335,12 @@ class _Child:
             self.process.kill()
             return self.process.wait()
 
+    def part(self) -> Part:
+        """This child as a part the supervisor restarts (on the same command line, output appended)."""
+        return Part(self.name, start=lambda: self.start(append=True),
+                    ended=lambda: None if self.exited() is None else how_it_ended(self.exited()),
+                    why=lambda: last_line(self.output))
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the demo process dies (Linux prctl PR_SET_PDEATHSIG)."""
@@ -193,18 +352,25 @@ def _die_with_parent() -> None:
 
 async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None, users: int,
                            duration: float | None, seed: int, log_format: str,
-                           on_started: Callable[[ClusterUrls], None],
-                           on_tick: Callable[[list[SendStats], int | None], None]) -> ClusterDemoSummary:
+                           on_started: Callable[[ClusterUrls], None], on_tick: Callable[[ClusterTick], None],
+                           on_news: Callable[[str], None] = lambda line: None) -> ClusterDemoSummary:
     """Three nats-server nodes (clustered, replicas 3, fsync before every acknowledgement) under
     `<data_dir>/nats`, two collectors (`gamestream serve --log <cluster>`) on `port` and `port + 1` (0: free
     ports), two processors (`gamestream process --log <cluster>`, the first with `--maintenance`) sharing the
     partitions, and a generator posting to each collector. The Delta tables stay under the data directory.
 
+    Supervised (`gamestream.demo.supervisor`): a child that ends while the demo runs (killed, crashed) is reported
+    in one line to `on_news` and started again after a short delay, on the same command line — a collector on
+    the same port (the generators retry with the same Idempotency-Key), a nats-server node with its own port and
+    data directory (JetStream's replicas catch it up), a processor joining the leases again (its partitions move
+    back to it). After repeated fast failures a child is given up, in one line. A child that cannot start at
+    all when the demo starts raises `DemoError` (one line).
+
     Stopping (Ctrl-C, SIGTERM or `duration`), in the order that loses nothing (`_stop_in_order`):
     1. the generators stop (their in-flight requests are answered);
     2. the collectors get SIGTERM and answer what they are serving;
     3. the processors commit everything in the log (the events table's txn versions reach every partition's
-       last offset), then get SIGTERM;
+       last offset; a processor dying meanwhile is still restarted), then get SIGTERM;
     4. the nats-server nodes stop.
     """
     from gamestream.demo.nats_cluster import NatsCluster
@@ -213,24 +379,23 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
     stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
     run = _ClusterRun(settings, NatsCluster(settings.data_dir / "nats", nodes=3), settings.data_dir / "cluster",
-                      stop, sent=[SendStats() for _ in range(CLUSTER_COLLECTORS)])
-    rows_before = 0
-    failure: str | None = None
+                      stop, Supervisor(on_news))
     try:
-        rows_before = await _open_cluster_log(run)
+        await _open_cluster_log(run)
         _plan_children(run, port=port, log_format=log_format)
         await _start_children(run)
         if not stop.is_set():
             on_started(run.cluster_urls())
-            run.generating = _start_generators(run, rate=rate, users=users, duration=duration, seed=seed)
-            failure = await _watch(run, on_tick)
+            run.supervising = asyncio.create_task(run.supervisor.run(run.supervision_ends))
+            _start_generators(run, rate=rate, users=users, duration=duration, seed=seed)
+            await _watch(run, on_tick)
     finally:
-        await _stop_in_order(run, failure)
-    if failure:
-        raise RuntimeError(failure)
-    committed = await asyncio.to_thread(_events_in_table, settings) - rows_before
-    return ClusterDemoSummary(urls=run.cluster_urls(), sent=run.sent, committed=committed,
-                              quarantined=_quarantined(run.processors), seconds=time.monotonic() - started)
+        await _stop_in_order(run)
+    committed = await asyncio.to_thread(_events_in_table, settings) - run.rows_before
+    return ClusterDemoSummary(urls=run.cluster_urls(), sent=run.sent(), committed=committed,
+                              quarantined=_quarantined(run.processors), seconds=time.monotonic() - started,
+                              restarts={part.name: part.restarts for part in run.supervisor.parts.values()
+                                        if part.restarts})
 
 
 @dataclass
@@ -242,25 +407,62 @@ class _ClusterRun:
     nats: NatsCluster
     logs_dir: Path  # where each child process writes its output
     stop: _ThreadsafeEvent
-    sent: list[SendStats]  # one per collector
+    supervisor: Supervisor
+    supervision_ends: asyncio.Event = field(default_factory=asyncio.Event)
+    supervising: asyncio.Task | None = None
+    rows_before: int = 0
     log: EventLog | None = None
     log_settings: Settings | None = None  # `settings` with the cluster as the log; set with `log`
+    leases: LeaseView | None = None
     processors: list[_Child] = field(default_factory=list)
     collectors: list[_Child] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # the collectors', as each came up
-    generating: list[asyncio.Task] = field(default_factory=list)
+    generators: list[_Generator] = field(default_factory=list)
 
     def cluster_urls(self) -> ClusterUrls:
-        return ClusterUrls(nats=self.nats.url, collectors=self.urls, logs=self.logs_dir)
+        pids = {name: part.pids[0] for name, part in self.supervisor.parts.items() if part.pids}
+        return ClusterUrls(nats=self.nats.url, collectors=self.urls, logs=self.logs_dir, pids=pids)
+
+    def sent(self) -> list[SendStats]:
+        if self.generators:
+            return [generator.stats() for generator in self.generators]
+        return [SendStats() for _ in range(CLUSTER_COLLECTORS)]
+
+    def processors_left(self) -> bool:
+        """Whether any processor runs or will be restarted (not every one given up)."""
+        parts = [self.supervisor.parts.get(child.name) for child in self.processors]
+        return any(part is None or not part.given_up for part in parts) if parts else False
 
 
-async def _open_cluster_log(run: _ClusterRun) -> int:
-    """Starts the nats-server nodes and opens the log on them; returns the events table's rows before the run."""
-    await asyncio.to_thread(run.nats.start)
+async def _open_cluster_log(run: _ClusterRun) -> None:
+    """Starts the nats-server nodes (supervised from then on) and opens the log on them; notes the events
+    table's rows before the run."""
+    try:
+        await asyncio.to_thread(run.nats.start)
+    except Exception as error:  # the binary missing, a node that exits at once (a port taken): one line
+        raise DemoError(f"the nats-server nodes could not start: {error}") from None
+    for index, node in enumerate(run.nats.members):
+        run.supervisor.add(_node_part(run.nats, index), node.process.pid if node.process else None)
     run.log_settings = run.settings.with_(log=run.nats.url)
     # Creates the stream with the partition count once, before any child races to create it.
     run.log = await asyncio.to_thread(connect, run.log_settings)
-    return await asyncio.to_thread(_events_in_table, run.settings)
+    run.leases = LeaseView(run.nats.url, pipeline=run.settings.pipeline, partitions=run.log.partitions)
+    run.rows_before = await asyncio.to_thread(_events_in_table, run.settings)
+
+
+def _node_part(nats: NatsCluster, index: int) -> Part:
+    """nats-server node `index` as a part the supervisor restarts: the same config, port and data directory."""
+    node = nats.members[index]
+
+    def start() -> int:
+        nats._launch(index)
+        return node.process.pid  # type: ignore[union-attr]
+
+    def ended() -> str | None:
+        status = None if node.process is None else node.process.poll()
+        return None if status is None else how_it_ended(status)
+
+    return Part(f"nats-{node.name}", start=start, ended=ended, why=lambda: last_line(node.directory / "nats.log"))
 
 
 def _plan_children(run: _ClusterRun, *, port: int, log_format: str) -> None:
@@ -284,79 +486,155 @@ def _plan_children(run: _ClusterRun, *, port: int, log_format: str) -> None:
 
 
 async def _start_children(run: _ClusterRun) -> None:
-    """Starts the processors, then the collectors (their URLs go to `run.urls`); stops starting them when the
-    demo is stopped meanwhile."""
+    """Starts the processors, then the collectors (their URLs go to `run.urls`; a collector restarted later
+    comes back on the same port); stops starting them when the demo is stopped meanwhile. Each is supervised
+    once started."""
     # One at a time: each finds the stream, buckets and leases the ones before it created, instead of racing
     # them to create the same ones on a cluster that has just elected its leaders.
     for child in run.processors:
-        child.start()
+        run.supervisor.add(_processor_part(run, child), _start_child(child))
         if await _output_match(child, r"processing partitions", run.stop) is None:
             break  # stopped while starting
     for child in run.collectors:
         if run.stop.is_set():
             break
-        child.start()
+        run.supervisor.add(child.part(), _start_child(child))
         url = await _output_match(child, r"listening on (http://\S+?)/v1/events", run.stop)
         if url is None:
             break
         run.urls.append(url)
+        child.args[child.args.index("--port") + 1] = url.rsplit(":", 1)[1]  # `--port 0`: the port it got
         await _wait_until_up(url)
 
 
+def _processor_part(run: _ClusterRun, child: _Child) -> Part:
+    """A processor as a supervised part, restarted only once its leases have lapsed and the other processor has
+    had a round to take its partitions over (TTL + two renewal rounds + 1 s): the counter line then shows them
+    move away and, once it is back, half of them return (fair share). Restarted sooner, it would win its own
+    partitions back as they lapse and nothing would be seen to move."""
+    part = child.part()
+    ttl = max(1, math.ceil(run.settings.lease_ttl_s))
+    part.min_delay_s = ttl + 2 * ttl / 3 + 1
+    part.delay_note = "once its leases have lapsed: its partitions move to the other processor meanwhile"
+    return part
+
+
+def _start_child(child: _Child) -> int:
+    try:
+        return child.start()
+    except OSError as error:
+        raise DemoError(f"{child.name} could not start: {error}") from None
+
+
 def _start_generators(run: _ClusterRun, *, rate: float | None, users: int, duration: float | None,
-                      seed: int) -> list[asyncio.Task]:
-    """A generator posting to each collector, with its share of `rate` and a seed of its own."""
+                      seed: int) -> None:
+    """A generator posting to each collector, with its share of `rate` and a seed of its own; supervised."""
     api_key = run.settings.api_keys[0] if run.settings.api_keys else None
     share = rate / len(run.urls) if rate else None
-    return [asyncio.create_task(send(url, live_events(users=users, seed=seed + index), batch=20, concurrency=4,
-                                     rate=share, duration=duration, api_key=api_key, stop=run.stop,
-                                     stats=run.sent[index]))
-            for index, url in enumerate(run.urls)]
+    deadline = time.monotonic() + duration if duration else None
+
+    def starter(generator: _Generator) -> Callable[[], None]:
+        def start() -> None:
+            events = live_events(users=users, seed=seed + generator.index + 1000 * generator.runs)
+            generator.restart(send(generator.url, events, batch=20, concurrency=4, rate=share,
+                                   duration=_left(deadline), api_key=api_key, stop=run.stop,
+                                   stats=generator.next_stats()))
+        return start
+
+    for index, url in enumerate(run.urls):
+        generator = _Generator(url, index)
+        run.generators.append(generator)
+        start = starter(generator)
+        start()
+        run.supervisor.add(Part(f"generator-{index + 1}", start=start, ended=generator.ended))
 
 
-async def _watch(run: _ClusterRun, on_tick: Callable[[list[SendStats], int | None], None]) -> str | None:
-    """Reports progress until the generators are done or the demo is stopped; what went wrong when a child
-    exited meanwhile, else None."""
-    children = run.processors + run.collectors
-    while not all(task.done() for task in run.generating) and not run.stop.is_set():
-        await asyncio.wait(run.generating, timeout=2.0)
-        dead = [child for child in children if child.exited() is not None]
-        if dead:
-            return f"{dead[0].name} exited with status {dead[0].exited()}: see {dead[0].output}"
-        on_tick(run.sent, await _backlog(run))
-    return None
+def _generators_done(run: _ClusterRun) -> bool:
+    """Every generator finished by itself (its duration over) or was given up."""
+    return all(generator.finished() or run.supervisor.parts[f"generator-{generator.index + 1}"].given_up
+               for generator in run.generators)
+
+
+async def _watch(run: _ClusterRun, on_tick: Callable[[ClusterTick], None]) -> None:
+    """Reports progress every TICK_S until the generators are done or the demo is stopped (the supervisor
+    meanwhile restarts what ends)."""
+    while not _generators_done(run) and not run.stop.is_set():
+        try:
+            await asyncio.wait_for(run.stop.wait(), TICK_S)
+        except TimeoutError:
+            pass
+        if run.stop.is_set():
+            break
+        backlog, committed, owners = await asyncio.gather(_backlog(run), _committed(run), _owners(run))
+        on_tick(ClusterTick(run.sent(), backlog, committed, owners))
 
 
 async def _backlog(run: _ClusterRun) -> int | None:
     """The events in the log that the processors have not committed yet; None when the log cannot say now."""
     try:
-        return await asyncio.to_thread(run.log.pending_events, run.settings.pipeline)  # type: ignore[union-attr]
+        return await asyncio.wait_for(asyncio.to_thread(run.log.pending_events,  # type: ignore[union-attr]
+                                                        run.settings.pipeline), TICK_S)
     except Exception:
         return None
 
 
-async def _stop_in_order(run: _ClusterRun, failure: str | None) -> None:
+async def _committed(run: _ClusterRun) -> int | None:
+    """The events the events table gained since the demo started; None when the table cannot say now."""
+    try:
+        return await asyncio.to_thread(_events_in_table, run.settings) - run.rows_before
+    except Exception:
+        return None
+
+
+async def _owners(run: _ClusterRun) -> dict[str, list[int]] | None:
+    """Who holds which partition's lease now: a child's name (`processor-1 (old pid N)` for the lease of a
+    process that is gone and has not lapsed yet), or "free"."""
+    holders = await run.leases.holders() if run.leases else None
+    if holders is None:
+        return None
+    owners: dict[str, list[int]] = {}
+    for partition, pid in sorted(holders.items()):
+        if pid is None:
+            label = "free"
+        else:
+            known = run.supervisor.owner_of(pid)
+            label = f"pid {pid}" if known is None else known[0] if known[1] else f"{known[0]} (old pid {pid})"
+        owners.setdefault(label, []).append(partition)
+    return owners
+
+
+async def _stop_in_order(run: _ClusterRun) -> None:
     """The stopping steps of `run_cluster_demo`'s docstring, for whatever the run had started."""
+    supervisor = run.supervisor
     # Step 1: the generators stop
     run.stop.set()
-    await asyncio.gather(*run.generating, return_exceptions=True)
+    supervisor.release([f"generator-{g.index + 1}" for g in run.generators])
+    await asyncio.gather(*(g.task for g in run.generators if g.task), return_exceptions=True)
     # Step 2: the collectors
+    supervisor.release([child.name for child in run.collectors])
     await _stop_children(run.collectors)
-    # Step 3: the processors, once they have committed what the collectors acknowledged
-    if _should_drain(run, failure):
+    # Step 3: the processors, once they have committed what the collectors acknowledged (still supervised)
+    if _should_drain(run):
         await asyncio.to_thread(_wait_until_committed, run.log_settings, run.log,  # type: ignore[arg-type]
-                                run.processors)
+                                run.processors_left)
+    supervisor.release([child.name for child in run.processors])
     await _stop_children(run.processors)
     # Step 4: the log, then the nats-server nodes
+    supervisor.release()
+    run.supervision_ends.set()
+    if run.supervising is not None:
+        await run.supervising
+    if run.leases is not None:
+        await run.leases.close()
     if run.log is not None:
         await asyncio.to_thread(run.log.close)
     await asyncio.to_thread(run.nats.stop)
 
 
-def _should_drain(run: _ClusterRun, failure: str | None) -> bool:
-    """Whether to wait for the processors to commit the log: it is open, nothing failed and every processor
-    still runs (a dead one would never get there)."""
-    return run.log is not None and failure is None and all(child.exited() is None for child in run.processors)
+def _should_drain(run: _ClusterRun) -> bool:
+    """Whether to wait for the processors to commit the log: it is open, the children were all started (the
+    supervision runs) and some processor runs or will (one given up leaves its partitions to the others)."""
+    return run.log is not None and run.supervising is not None and run.processors_left()
 
 
 async def _stop_children(children: list[_Child]) -> None:
@@ -369,7 +647,8 @@ async def _stop_children(children: list[_Child]) -> None:
 
 
 def _quarantined(processors: list[_Child]) -> int:
-    """The events the processors reported as quarantined on stopping (`quarantined N;` in their output)."""
+    """The events the processors reported as quarantined on stopping (`quarantined N;` in their output, one per
+    run that stopped cleanly)."""
     return sum(int(m.replace(",", "")) for child in processors
                for m in re.findall(r"quarantined ([\d,]+);", child.text()))
 
@@ -387,7 +666,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
 
 async def _output_match(child: _Child, pattern: str, stop: asyncio.Event, timeout: float = 120.0) -> str | None:
     """Waits for `pattern` in a child's output (a `serve` printing its URL, a `process` its partitions); its
-    first group, or the whole match. None when the demo is stopped before."""
+    first group, or the whole match. None when the demo is stopped before. `DemoError` (one line) when the child
+    exits or does not get there in time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stop.is_set():
@@ -396,19 +676,22 @@ async def _output_match(child: _Child, pattern: str, stop: asyncio.Event, timeou
         if match:
             return match[1] if match.re.groups else match[0]
         if child.exited() is not None:
-            break
+            why = last_line(child.output)
+            raise DemoError(f"{child.name} could not start: it {how_it_ended(child.exited())}"
+                            f"{f' ({why})' if why else ''}; its output: {child.output}")
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"{child.name} did not start: see {child.output}\n{child.text()[-2000:]}")
+    raise DemoError(f"{child.name} did not start within {timeout:.0f}s; its output: {child.output}")
 
 
-def _wait_until_committed(settings: Settings, log, processors: list[_Child]) -> None:
+def _wait_until_committed(settings: Settings, log, processors_left: Callable[[], bool]) -> None:
     """Until the events table's txn version of every partition reaches the log's last offset there: everything
-    the collectors acknowledged is then in the table (the processors commit it exactly once)."""
+    the collectors acknowledged is then in the table (the processors commit it exactly once). Gives up when no
+    processor is left to do it, or after DRAIN_TIMEOUT_S."""
     from gamestream.tables import lake
 
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     targets = {lake.txn_app_id(settings.pipeline, p): log.last_offset(p) for p in range(log.partitions)}
-    while time.monotonic() < deadline and all(child.exited() is None for child in processors):
+    while time.monotonic() < deadline and processors_left():
         try:
             versions = lake.committed_versions(lake.open_table(settings.table_uri("events")), list(targets))
         except Exception:  # no table yet: nothing committed so far
