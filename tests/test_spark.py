@@ -233,7 +233,20 @@ def test_spark_job_killed_mid_run_and_restarted_leaves_every_event_once(referenc
     partial = DeltaTable(str(events)).to_pyarrow_table(columns=["eventId"]).num_rows
     assert 0 < partial < EVENTS + 4, f"killed with {partial} events in the table: not mid-run"
 
-    _spark_job(data)  # the same checkpoint: Spark replays the batch it was running, the txn skips what is in
+    # the same checkpoint: Spark replays the batch it was running, the txn skips what is in. The restart's first
+    # Python worker exits at once (a worker that cannot start, as on a starved machine): the failed query is
+    # restarted from its checkpoint, and the job still ends with every event once
+    flaky = tmp_path / "flaky-python"
+    flaky.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "workers"}"\n'
+                     f'case "$*" in *python_streaming_source_runner*)\n'
+                     f'  if mkdir "{tmp_path / "failed-once"}" 2>/dev/null; then exit 3; fi;;\nesac\n'
+                     f'exec "{sys.executable}" "$@"\n')
+    flaky.chmod(0o755)
+    completed = gamestream("spark-job", "--until-idle", *FAST, data_dir=data, env={**ENV, "PYSPARK_PYTHON": str(flaky)},
+                           timeout=300)
+    assert (tmp_path / "failed-once").is_dir(), (tmp_path / "workers").read_text()
+    assert "restarting the queries from their checkpoints in 2s (restart 1 of 3)" in completed.stderr, completed.stderr[-6000:]
+    assert "Traceback" not in completed.stderr
     ids = DeltaTable(str(events)).to_pyarrow_table(columns=["eventId"])["eventId"].to_pylist()
     assert len(ids) == len(set(ids)) == EVENTS + 4
     _assert_same_tables(expected, data)

@@ -33,10 +33,13 @@ from gamestream.cli.common import (
               help="Log records per partition per micro-batch (default: all available).")
 @click.option("--shuffle-partitions", type=click.IntRange(min=1), default=4, show_default=True,
               help="spark.sql.shuffle.partitions for the windowed aggregations.")
+@click.option("--restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="A query that fails is restarted from its checkpoint this many times (backoff 2, 4, 8 … s).")
 @click.option("--conf", "conf", multiple=True, metavar="KEY=VALUE", help="A further Spark setting (repeatable).")
 def spark_job(data_dir: Path | None, log_url: str | None, tables_uri: str | None, master: str,
               checkpoint: Path | None, until_idle: bool, trigger_seconds: float,
-              max_records_per_partition: int | None, shuffle_partitions: int, conf: tuple[str, ...]) -> None:
+              max_records_per_partition: int | None, shuffle_partitions: int, restarts: int,
+              conf: tuple[str, ...]) -> None:
     """Runs the reference pipeline on Spark (the gamestream[spark] extra; docs/spark.md): the log read with
     readStream.format("gamestream"), written to the same Delta tables as `process`, exactly once."""
     try:
@@ -52,7 +55,7 @@ def spark_job(data_dir: Path | None, log_url: str | None, tables_uri: str | None
     check_storage(settings)
     options = JobOptions(master=master, checkpoint=checkpoint, until_idle=until_idle, trigger_seconds=trigger_seconds,
                          max_records_per_partition=max_records_per_partition, shuffle_partitions=shuffle_partitions,
-                         conf=_spark_conf(conf))
+                         restarts=restarts, conf=_spark_conf(conf))
     console.print(f"spark job on {master}, checkpoint {options.checkpoint_dir(settings)}", highlight=False)
     try:
         result = run(settings, options)

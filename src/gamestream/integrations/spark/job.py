@@ -43,6 +43,7 @@ class JobOptions:
     max_records_per_partition: int | None = None  # log records per partition per micro-batch
     shuffle_partitions: int = 4  # Spark's default 200 is many times slower for hourly windows
     conf: dict[str, str] = field(default_factory=dict)  # further Spark settings (--conf key=value)
+    restarts: int = 3  # a failed query is restarted from its checkpoint this many times (backoff 2, 4, 8 … s)
 
     def checkpoint_dir(self, settings: Settings) -> Path:
         return (self.checkpoint or Path(settings.data_dir) / "spark-checkpoint").absolute()
@@ -149,7 +150,32 @@ def run(settings: Settings, options: JobOptions) -> JobResult:
                                                    checkpoint / "kpi_bookings_hourly")}
         frames = {"events": (events, "append"), "kpi_events_hourly": (counts, "update"),
                   "kpi_bookings_hourly": (bookings, "update")}
-        queries = []
+        attempt = 0
+        while True:
+            try:
+                _run_queries(spark, settings, options, checkpoint, frames, sinks)
+                break
+            except Exception as error:  # noqa: BLE001 - a failed query: restarted from its checkpoint, or raised
+                if not _query_failed(error) or attempt >= options.restarts:
+                    raise
+                attempt += 1
+                delay = 2.0 ** attempt
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                logger.warning(f"a query failed ({first_line[:300]}); restarting the queries from their checkpoints "
+                               f"in {delay:.0f}s (restart {attempt} of {options.restarts})")
+                time.sleep(delay)
+        batches = {name: _batches(checkpoint / name) for name in QUERIES}
+        return JobResult(sinks["events"].committed, batches, time.monotonic() - started)
+    finally:
+        spark.stop()
+
+
+def _run_queries(spark, settings: Settings, options: JobOptions, checkpoint: Path, frames: dict,
+                 sinks: dict) -> None:
+    """Starts the three queries and waits: until each has drained the log (`until_idle`), or until one ends (an
+    error, or a stop). Every query is stopped on the way out."""
+    queries = []
+    try:
         for name in QUERIES:
             frame, mode = frames[name]
             writer = (frame.writeStream.queryName(f"{settings.pipeline}-{name}").outputMode(mode)
@@ -159,23 +185,27 @@ def run(settings: Settings, options: JobOptions) -> JobResult:
             queries.append(writer.start())
         logger.info("spark job started", extra={"master": options.master, "checkpoint": str(checkpoint),
                                                  "until_idle": options.until_idle})
-        try:
-            if options.until_idle:
-                for query in queries:
-                    query.awaitTermination()
-            else:
-                spark.streams.awaitAnyTermination()
-                for query in queries:
-                    if query.exception() is not None:
-                        raise RuntimeError(f"query {query.name} failed: {query.exception()}")
-        finally:
+        if options.until_idle:
             for query in queries:
-                if query.isActive:
-                    query.stop()
-        batches = {name: _batches(checkpoint / name) for name in QUERIES}
-        return JobResult(sinks["events"].committed, batches, time.monotonic() - started)
+                query.awaitTermination()
+        else:
+            spark.streams.awaitAnyTermination()
+            for query in queries:
+                if query.exception() is not None:
+                    raise query.exception()
     finally:
-        spark.stop()
+        for query in queries:
+            if query.isActive:
+                query.stop()
+
+
+def _query_failed(error: BaseException) -> bool:
+    """A streaming query ended with an error (a Python worker that did not start in time on a busy machine, an
+    executor lost, storage unreachable for a while): worth a restart from the checkpoint, which replays the
+    batch in flight, and the txn versions skip what was committed. Errors before any query ran are not."""
+    from pyspark.errors import StreamingQueryException
+
+    return isinstance(error, StreamingQueryException)
 
 
 def _batches(checkpoint: Path) -> int:
