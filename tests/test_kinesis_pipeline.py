@@ -231,3 +231,62 @@ def test_a_split_and_a_merge_while_the_processor_runs_keep_every_event_once_pare
                 by_phase[phase].append(version_of[event_id])
         for phase in (1, 2):
             assert max(by_phase[phase]) <= min(by_phase[phase + 1]), (device, phase, dict(by_phase))
+
+
+def test_kpis_on_the_seed_lambdas_random_partition_keys_with_two_processors_are_exact(
+        env: dict, tmp_path: Path) -> None:
+    """The seed's Lambda puts with `PartitionKey = str(random.randint(1,100))`: a device's events spread over
+    every shard. Two processors, one shard each, and the KPI stage: every KPI equals the plain-Python answer
+    over the events the table holds, and the watermark's record names both shards."""
+    from kpi_reference import daily_and_cohorts
+    from test_envelope import SEED_HANDLER, SEED_STREAM
+
+    stream = fresh_stream()
+    KinesisEventLog.connect(f"kinesis://{stream}", partitions=2).close()
+    namespace: dict = {}
+    exec(compile(SEED_HANDLER.replace(SEED_STREAM, stream), "seed_lambda.py", "exec"), namespace)
+    handler = namespace["lambda_handler"]
+    rng = random.Random(11)
+    for i in range(240):
+        device = f"dev-{i % 12}"
+        body = (game_event(device) if i % 5 else
+                {"eventName": "purchaseEvent", "eventParams": {"device_id": device, "amount": rng.choice([0.99, 4.99])}})
+        handler(v2_event(json.dumps(body)), lambda_context())
+
+    data = tmp_path / "data"
+    processors = [subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--log",
+                                    f"kinesis://{stream}", "--data-dir", str(data), "--only", only,
+                                    "--max-batch-events", "50"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **env}) for only in ("0", "1")]
+    for child in processors:
+        assert child.wait(timeout=120) == 0, child.stderr.read()
+    # the KPI role is one process's: a last run folds what the other committed after the holder's final fold
+    gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
+
+    rows = table_rows(str(data / "tables" / "events"))
+    assert len(rows) == len({r["eventId"] for r in rows}) == 240
+    shards = defaultdict(set)
+    for row in rows:
+        shards[row["eventParams"]["device_id"]].add(row["eventId"].split("-")[1])
+    assert all(len(s) == 2 for s in shards.values()), "random keys did not spread each device over both shards"
+    recorded = {p for c in lake.open_table(str(data / "tables" / "events")).history()
+                for p in (lake.greatest_times_of(c) or {})}
+    assert recorded == {0, 1}
+
+    events = [{"eventTime": r["eventTime"].isoformat(), "eventName": r["eventName"],
+               "eventParams": {"device_id": r["eventParams"]["device_id"], "amount": r["eventParams"]["amount"]}}
+              for r in rows]
+    want_daily, want_cohorts, want_names = daily_and_cohorts(events)
+
+    def rounded(table: str, key: str) -> dict:
+        return {r.pop(key): {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}
+                for r in table_rows(str(data / "tables" / table))}
+
+    want = {day: {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
+            for day, row in want_daily.items()}
+    assert rounded("kpi_daily", "eventDate") == want
+    assert rounded("kpi_retention", "cohort_day") == {c: {k: round(v, 6) if isinstance(v, float) else v
+                                                          for k, v in row.items()} for c, row in want_cohorts.items()}
+    assert sum(r["events"] for r in table_rows(str(data / "tables" / "kpi_events_hourly"))) == 240
+    assert sum(r["purchases"] for r in table_rows(str(data / "tables" / "kpi_bookings_hourly"))) == 48

@@ -236,6 +236,48 @@ def test_kpi_metrics_show_the_folds_the_watermark_and_the_late_events(tmp_path: 
     assert sample("gamestream_commits_total", table="kpi_events_hourly") - merges == 2
 
 
+@pytest.mark.parametrize("path", ["offered", "change data feed"])
+def test_the_watermark_follows_the_partitions_rows_came_from_not_their_devices(tmp_path: Path, path: str) -> None:
+    """A producer that does not route by device (the reference Lambda's random Kinesis keys): the device of
+    partition 0's late rows hashes to partition 1. The watermark is taken from what each commit recorded, so
+    partition 0 holds it at 12:00 − 180 min; a partition guessed from the device would have left partition 0
+    unseen and the watermark at −∞, and no window would be final."""
+    import json
+
+    from deltalake import DeltaTable
+
+    from gamestream.kpi import fold_once
+    from gamestream.log import Append, open_log
+    from gamestream.process.pipeline import Pipeline
+    from gamestream.settings import Settings
+    from gamestream.tables import lake
+
+    device = next(f"dev-{i}" for i in range(100) if partition_for(f"dev-{i}", 2) == 1)
+
+    def record(partition: int, *times: str) -> Append:
+        lines = [json.dumps({"eventId": f"w-{partition}-{t}", "eventName": "levelEnd", "eventTime": t,
+                             "eventParams": {"device_id": device}}).encode() for t in times]
+        return Append(partition, b"\n".join(lines), len(lines))
+
+    settings = Settings(data_dir=tmp_path / "data", partitions=2)
+    log = open_log(settings.data_dir, partitions=2)
+    try:
+        log.append([record(0, "2026-11-01T07:10:00Z", "2026-11-01T12:00:00Z"), record(1, "2026-11-01T20:00:00Z")])
+        Pipeline(settings, log, kpi=path == "offered").run(until_idle=True)
+        if path == "change data feed":
+            fold_once(settings)
+    finally:
+        log.close()
+    commits = DeltaTable(settings.table_uri("events")).history()
+    recorded = [lake.greatest_times_of(c) for c in commits if lake.greatest_times_of(c)]
+    assert {p: t for r in recorded for p, t in r.items()} == {
+        0: int(dt.datetime(2026, 11, 1, 12, tzinfo=UTC).timestamp() * 1e6),
+        1: int(dt.datetime(2026, 11, 1, 20, tzinfo=UTC).timestamp() * 1e6)}
+    final = {r["window_start"].hour: r["final"] for r in table_rows(settings.table_uri("kpi_events_hourly"))}
+    # the watermark is 09:00: the 07:00 window is final, the 12:00 and 20:00 ones are not
+    assert final == {7: True, 12: False, 20: False}
+
+
 def test_a_data_directory_from_before_the_game_kpis_gains_them_without_replaying_history(tmp_path: Path) -> None:
     """A data directory written by a gamestream without the game KPIs has kpi_daily with the seed's six columns
     and no kpi_retention, kpi_top_events, kpi_activity or kpi_devices; its old events files may be vacuumed

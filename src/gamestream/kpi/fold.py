@@ -83,6 +83,13 @@ def note_greatest_times(max_seen: dict[int, int], partitions: pa.Array, times: p
             max_seen[partition] = greatest
 
 
+def note_recorded_times(max_seen: dict[int, int], recorded: dict[int, int]) -> None:
+    """Raises `max_seen` to the greatest eventTime per partition an events commit recorded."""
+    for partition, greatest in recorded.items():
+        if greatest > max_seen.get(partition, -(1 << 62)):
+            max_seen[partition] = greatest
+
+
 def note_first_days(fold: Fold, rows: pa.Table, purchase: pa.Array) -> None:
     """Lowers the fold's first day and first purchase day per device to the rows' least."""
     firsts = pa.table({"d": rows["device_id"], "day": rows["eventDate"],

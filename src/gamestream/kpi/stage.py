@@ -57,7 +57,15 @@ from gamestream import metrics
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
 from gamestream.kpi.derived import DerivedCommits
-from gamestream.kpi.fold import Fold, event_times, name_counts, note_first_days, note_greatest_times, window_deltas
+from gamestream.kpi.fold import (
+    Fold,
+    event_times,
+    name_counts,
+    note_first_days,
+    note_greatest_times,
+    note_recorded_times,
+    window_deltas,
+)
 from gamestream.kpi.forget import ForgetRevisions
 from gamestream.kpi.increments import IncrementalCommits
 from gamestream.kpi.recovery import StageRecovery
@@ -113,7 +121,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             self._bootstrap(bootstrap, start)
         self._rows_per_version = 1
         self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
+        self._offered_times: dict[int, dict[int, int] | None] = {}  # version → greatest eventTime per partition
         self._committed_here_lock = threading.Lock()
+        # version → the greatest eventTime per log partition its commit recorded (None: it recorded none)
+        self._greatest_times: dict[int, dict[int, int] | None] = {}
         self.offered_max_bytes = settings.kpi_offered_max_bytes
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)
@@ -133,9 +144,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self.state.watermark = advanced(self.state.watermark, self.state.max_seen, holding, self.delay_us)
 
     # ---------------------------------------------------------------------------------------------- reading
-    def offer(self, version: int, rows: pa.Table) -> None:
-        """The rows that events-table `version` added, from the processor that committed them in this process:
-        a fold whose versions are all offered uses them instead of reading the change data feed back."""
+    def offer(self, version: int, rows: pa.Table, greatest_times: dict[int, int] | None = None) -> None:
+        """The rows that events-table `version` added, and the greatest eventTime per log partition its commit
+        recorded, from the processor that committed them in this process: a fold whose versions are all offered
+        uses them instead of reading the change data feed back."""
         # only the columns the KPIs read (~75 bytes a row): the rest of eventParams is freed with the batch
         normalised = normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
         with self._committed_here_lock:
@@ -144,11 +156,13 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             held = sum(t.nbytes for t in self._committed_here.values())
             if held + normalised.nbytes <= self.offered_max_bytes:
                 self._committed_here[version] = normalised
+                self._offered_times[version] = greatest_times
 
     def _offered(self, first: int, last: int) -> pa.Table | None:
         with self._committed_here_lock:
             for version in [v for v in self._committed_here if v < first]:
                 del self._committed_here[version]  # folded already
+                self._offered_times.pop(version, None)
             if not all(v in self._committed_here for v in range(first, last + 1)):
                 return None
             parts = [t.append_column("_commit_version", pa.array([v] * t.num_rows, pa.int64()))
@@ -156,10 +170,14 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         return pa.concat_tables(parts)
 
     def _changes(self, first: int, last: int) -> tuple[pa.Table, list[int]]:
-        """The rows versions first..last inserted, and the versions among them that deleted rows."""
+        """The rows versions first..last inserted, and the versions among them that deleted rows; the greatest
+        eventTime per partition each version's commit recorded goes to `_greatest_times`."""
         offered = self._offered(first, last)
         if offered is not None:
+            with self._committed_here_lock:
+                self._greatest_times = {v: self._offered_times.get(v) for v in range(first, last + 1)}
             return offered, []
+        self._greatest_times = self._recorded_times(first, last)
         # names quoted: delta-rs plans this with DataFusion, which lower-cases unquoted identifiers
         reader = self.events.load_cdf(starting_version=first, ending_version=last, columns=[
             '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
@@ -172,6 +190,17 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         # delta-rs 1.6.3 lists every row of a file a DELETE rewrote as deleted, not only the rows it removed:
         # a delete is folded from its own metadata (`_fold_forget`), never from these rows
         return changes.filter(pc.equal(kinds, "insert")), deletes
+
+    def _recorded_times(self, first: int, last: int) -> dict[int, dict[int, int] | None]:
+        """Version → the greatest eventTime per log partition its commit recorded (`lake.GREATEST_TIMES_KEY`),
+        for versions first..last, from the table's history (newest first: as many commits as there are versions
+        from `first` to the latest)."""
+        recorded: dict[int, dict[int, int] | None] = {}
+        for commit in self.events.history(max(1, self.events.version() - first + 1)):
+            version = commit.get("version")
+            if version is not None and first <= version <= last:
+                recorded[version] = lake.greatest_times_of(commit)
+        return recorded
 
     # ---------------------------------------------------------------------------------------------- folding
     def fold(self) -> int:
@@ -213,7 +242,8 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         logger.debug("KPI fold committed", extra={"version": last, "rows": changes.num_rows})
 
     def _partitions_of(self, devices: pa.Array) -> pa.Array:
-        """The log partition of each row, from its device id (the producers' own rule)."""
+        """The log partition of each row, from its device id (the rule of gamestream's producers on SQLite and
+        NATS): only for a version whose commit recorded no greatest eventTimes (written by an older gamestream)."""
         encoded = pc.dictionary_encode(devices)
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()
@@ -226,7 +256,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
 
         1. the hourly window deltas (late when their window is final already);
         2. the events per (day, name);
-        3. the greatest eventTime per log partition;
+        3. the greatest eventTime per log partition, as the version's commit recorded it;
         4. the first day and first purchase day per device;
         5. the days' exact state, for the days not final yet (a final day is recomputed from the table);
         6. the watermark, advanced."""
@@ -237,8 +267,12 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                                               self.state.watermark, self.window_us)
         # Step 2
         fold.names[version] = name_counts(rows)
-        # Step 3
-        note_greatest_times(self.state.max_seen, self._partitions_of(rows["device_id"]), times)
+        # Step 3: from the commit's record of its partitions; a row does not keep its log partition
+        recorded = self._greatest_times.get(version)
+        if recorded is not None:
+            note_recorded_times(self.state.max_seen, recorded)
+        else:
+            note_greatest_times(self.state.max_seen, self._partitions_of(rows["device_id"]), times)
         # Step 4
         note_first_days(fold, rows, purchase)
         # Step 5

@@ -68,10 +68,10 @@ class Pipeline:
         self.kpi = None
         self.ownership.release_role(KPI_ROLE)
 
-    def _offer(self, version: int, rows) -> None:
+    def _offer(self, version: int, rows, greatest_times: dict[int, int]) -> None:
         stage = self.kpi
         if stage is not None:
-            stage.offer(version, rows)
+            stage.offer(version, rows, greatest_times)
 
     def run(self, *, until_idle: bool = False,
             on_progress: Callable[[ProcessorStats], None] | None = None) -> None:

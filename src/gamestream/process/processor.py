@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from gamestream import metrics, schema
@@ -97,6 +98,7 @@ class _Flush:
     built: dict[str, int] = field(default_factory=dict)  # rows each table's last attempt built
     built_rows: dict[str, pa.Table] = field(default_factory=dict)
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # commitInfo positions each table's last build stamped
+    greatest_times: dict[int, int] = field(default_factory=dict)  # partition → greatest eventTime (µs) committed
     quarantine_seconds: float | None = None
     events_version: int | None = None
     events_seconds: float = 0.0
@@ -128,6 +130,7 @@ class _TableWrite:
     partition_by: list[str] | None
     conforms_rows: bool  # to the table as it is now: it may have columns this configuration lacks
     commits_when_empty: bool  # a commit even with no row: the position moves
+    stamps_greatest_times: bool = False  # the commit records each partition's greatest eventTime (the watermark's)
 
     def should_skip(self, rows: pa.Table) -> bool:
         """A batch with no row for this table makes no commit, unless the commit must move the position."""
@@ -136,22 +139,41 @@ class _TableWrite:
 
 class _BatchDecoder:
     """A flush's records decoded after given positions: the whole batch as it was decoded while read, or (a
-    table that has part of the batch already) decoded again, once per distinct starting point — normally never."""
+    table that has part of the batch already) decoded again, once per distinct starting point — normally never.
+    Kept per log partition, so a commit can say how far in event time each partition went."""
 
-    def __init__(self, records: list[LogRecord], decoded_as_read: list[Decoded], params: schema.Params) -> None:
+    def __init__(self, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]],
+                 params: schema.Params) -> None:
         self.records, self.decoded_as_read, self.params = records, decoded_as_read, params
-        self._decoded: dict[tuple, Decoded] = {}
+        self._decoded: dict[tuple, dict[int, list[Decoded]]] = {}
 
-    def after(self, after: dict[int, int]) -> Decoded:
+    def _by_partition(self, after: dict[int, int]) -> dict[int, list[Decoded]]:
         if all(r.offset > after[r.partition] for r in self.records):  # the whole batch: decoded while read
-            return Decoded(events=[t for d in self.decoded_as_read for t in d.events],
-                           quarantine=[q for d in self.decoded_as_read for q in d.quarantine])
+            return self.decoded_as_read
         key = tuple(sorted(after.items()))
         if key not in self._decoded:
             self._decoded.clear()
-            self._decoded[key] = decode_records([r for r in self.records if r.offset > after[r.partition]],
-                                                params=self.params)
+            self._decoded[key] = {p: [decode_records([r for r in self.records if r.partition == p and
+                                                      r.offset > after[p]], params=self.params)]
+                                  for p in self.decoded_as_read}
         return self._decoded[key]
+
+    def after(self, after: dict[int, int]) -> Decoded:
+        decoded = [d for parts in self._by_partition(after).values() for d in parts]
+        return Decoded(events=[t for d in decoded for t in d.events],
+                       quarantine=[q for d in decoded for q in d.quarantine])
+
+    def greatest_times(self, after: dict[int, int]) -> dict[int, int]:
+        """Partition → the greatest eventTime (µs) of its events after `after`: how far each partition went in
+        event time, which the KPI stage's watermark takes from the commit rather than guessing a row's partition."""
+        greatest: dict[int, int] = {}
+        for partition, parts in self._by_partition(after).items():
+            times = [pc.max(t["eventTime"]).cast(pa.timestamp("us", tz="UTC")) for d in parts for t in d.events
+                     if t.num_rows]
+            values = [v.value for v in times if v.is_valid]
+            if values:
+                greatest[partition] = max(values)
+        return greatest
 
 
 class Processor:
@@ -197,9 +219,9 @@ class Processor:
         self._log_unavailable_since: float | None = None  # an episode of a log out of reach (LogUnavailable)
         self.stop_requested = threading.Event()
         self.drain_requested = threading.Event()
-        # told (version, rows) after each events commit: the KPI stage in the same process folds those rows
-        # without reading them back from the table
-        self.on_commit: Callable[[int, pa.Table], None] | None = None
+        # told (version, rows, greatest eventTime per partition) after each events commit: the KPI stage in the
+        # same process folds those rows without reading them back from the table
+        self.on_commit: Callable[[int, pa.Table, dict[int, int]], None] | None = None
         self._follow_ownership(initial=True)
 
     def _open_tables(self) -> None:
@@ -228,7 +250,7 @@ class Processor:
         events = _TableWrite(
             "events", "events", self.events_table, self._app_ids, self._positions,
             lambda d: self._forgotten.drop_events(d.events_table()),
-            partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True)
+            partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True, stamps_greatest_times=True)
         return quarantine, events
 
     @property
@@ -489,7 +511,7 @@ class Processor:
         if not records:
             return
         last_offsets = {p: self._pending[p][-1].offset for p in self.partitions if self._pending[p]}
-        decoded_as_read = [d for p in self.partitions for d in self._decoded[p]]
+        decoded_as_read = {p: list(self._decoded[p]) for p in self.partitions if self._pending[p]}
         flush = _Flush(Future(), last_offsets, self._pending_events)
         for partition in last_offsets:
             self._pending[partition] = []
@@ -499,7 +521,7 @@ class Processor:
         self._in_flight = flush
         flush.future = self._committer.submit(self._commit, flush, records, decoded_as_read)
 
-    def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: list[Decoded]) -> None:
+    def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]]) -> None:
         """The commit thread's part of a flush: both commits. Touches no processor state but `flush`.
 
         1. quarantine (only when there is something to quarantine), then
@@ -546,6 +568,9 @@ class Processor:
         flush.built[write.key] = rows.num_rows
         flush.built_rows[write.key] = rows
         txn_versions, metadata = positions.stamp(versions, todo)
+        if write.stamps_greatest_times:
+            flush.greatest_times = decoder.greatest_times(after)
+            metadata = {**metadata, **lake.stamp_greatest_times(flush.greatest_times)}
         flush.metadata[write.key] = metadata
         return lake.Batch(rows, txn_versions, metadata)
 
@@ -570,7 +595,7 @@ class Processor:
             metrics.commits.labels("events").inc()
             metrics.commit_seconds.labels("events").observe(flush.events_seconds)
             if self.on_commit:
-                self.on_commit(flush.events_version, flush.built_rows["events"])
+                self.on_commit(flush.events_version, flush.built_rows["events"], flush.greatest_times)
         metrics.batch_events.observe(flush.events_read)
         for partition, offset in flush.last_offsets.items():
             if partition not in self._terms:  # dropped while in flight: its next owner starts from the table

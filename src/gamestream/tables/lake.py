@@ -493,6 +493,28 @@ class Batch:
 
 POSITIONS_KEY = "gamestream.positions"
 TXN_VERSION_MAX = 2**63 - 1
+# An events commit's greatest eventTime (µs) per log partition it took rows from, as
+# ``"gamestream.greatest_event_time": {"<partition>": <µs>}``: the KPI stage's watermark reads a row's real log
+# partition from it (a row does not keep its partition, and producers need not route a device to one partition).
+GREATEST_TIMES_KEY = "gamestream.greatest_event_time"
+
+
+def stamp_greatest_times(greatest: dict[int, int]) -> dict[str, str]:
+    """The commitInfo metadata recording `greatest` (partition → greatest eventTime, µs)."""
+    return {GREATEST_TIMES_KEY: json.dumps({str(p): t for p, t in sorted(greatest.items())}, separators=(",", ":"))}
+
+
+def greatest_times_of(commit: dict) -> dict[int, int] | None:
+    """The greatest eventTime per partition a commit (a `DeltaTable.history()` entry) recorded; None for a commit
+    that recorded none (one by an older gamestream, or by another writer)."""
+    raw = commit.get(GREATEST_TIMES_KEY)
+    if raw is None:
+        return None
+    try:
+        entries = json.loads(raw) if isinstance(raw, str) else raw
+        return {int(p): int(t) for p, t in entries.items()}
+    except (ValueError, TypeError, AttributeError):
+        return None  # not ours
 
 
 class TxnPositions:
