@@ -71,7 +71,7 @@ from gamestream.kpi.increments import IncrementalCommits
 from gamestream.kpi.recovery import StageRecovery
 from gamestream.kpi.rows import day_rows, from_us, normalise
 from gamestream.kpi.state import STATE_KEY, KpiStageSuperseded, StageState
-from gamestream.kpi.watermark import advanced, day_is_final, holding_partitions
+from gamestream.kpi.watermark import advanced, committed_offsets, day_is_final, holding_partitions
 from gamestream.log import EventLog, connect, partition_for
 from gamestream.settings import Settings
 from gamestream.tables import lake
@@ -97,6 +97,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self.app_id = lake.txn_app_id(settings.pipeline, stage="kpi")
         self.events = lake.open_events(settings.table_uri("events"))
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
+        self._committed_offsets: tuple[int | None, dict[int, int]] = (None, {})  # (events version, offsets)
         existed = {name: lake.table_exists(settings.table_uri(name)) for name in kt.TABLES}
         self.tables = {name: self._open(name) for name in kt.TABLES}
         self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
@@ -140,7 +141,11 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         return day_is_final(day, self.state.watermark)
 
     def _advance_watermark(self) -> None:
-        holding = holding_partitions(self.settings, self.log, self._positions, self.events)
+        version = self.events.version()
+        if self._committed_offsets[0] != version:  # the events table moved on since (each fold reads it anew)
+            self._committed_offsets = (version, committed_offsets(self.settings, self.log, self._positions,
+                                                                  self.events))
+        holding = holding_partitions(self.settings, self.log, self._committed_offsets[1])
         self.state.watermark = advanced(self.state.watermark, self.state.max_seen, holding, self.delay_us)
 
     # ---------------------------------------------------------------------------------------------- reading

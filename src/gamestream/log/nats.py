@@ -691,12 +691,16 @@ class NatsEventLog(LogFeatures):
         return self._call(self._pending_in(partition, consumer))
 
     async def _consumer_positions(self) -> dict[int, list[int]]:
-        try:
-            keys = await self._consumers.keys()  # (its `filters` match substrings, not subjects)
-        except nats.js.errors.NoKeysError:
-            return {}
+        """Every consumer's committed position per partition. The keys are listed by the bucket's stream leader
+        (STREAM.INFO with a subjects filter), not by `keys()`, whose ordered consumer may sit on a replica that
+        has not yet seen a consumer's first commit: a consumer missing from the list would let a trim delete
+        records it has not read."""
+        bucket = f"{self.stream}_consumers"
+        prefix = f"$KV.{bucket}."
+        info = await self._js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}c.>")
+        keys = [subject[len(prefix):] for subject in (info.state.subjects or {})]
         positions: dict[int, list[int]] = {}
-        for key in (k for k in keys if k.startswith("c.")):
+        for key in keys:
             partition = int(key.rsplit(".", 1)[1])
             positions.setdefault(partition, []).append(await self._kv_int(self._consumers, key))
         return positions
