@@ -126,6 +126,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self._committed_here_lock = threading.Lock()
         # version → the greatest eventTime per log partition its commit recorded (None: it recorded none)
         self._greatest_times: dict[int, dict[int, int] | None] = {}
+        self._history_times: dict[int, dict[int, int] | None] = {}  # the same, read from the history ahead
         self.offered_max_bytes = settings.kpi_offered_max_bytes
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)
@@ -198,14 +199,16 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
 
     def _recorded_times(self, first: int, last: int) -> dict[int, dict[int, int] | None]:
         """Version → the greatest eventTime per log partition its commit recorded (`lake.GREATEST_TIMES_KEY`),
-        for versions first..last, from the table's history (newest first: as many commits as there are versions
-        from `first` to the latest)."""
-        recorded: dict[int, dict[int, int] | None] = {}
-        for commit in self.events.history(max(1, self.events.version() - first + 1)):
-            version = commit.get("version")
-            if version is not None and first <= version <= last:
-                recorded[version] = lake.greatest_times_of(commit)
-        return recorded
+        for versions first..last. Read from the table's history once for every version up to the latest (it
+        lists commits newest first, so a read per fold step would read the same commits again and again)."""
+        for version in [v for v in self._history_times if v < first]:
+            del self._history_times[version]  # folded already
+        if any(v not in self._history_times for v in range(first, last + 1)):
+            for commit in self.events.history(max(1, self.events.version() - first + 1)):
+                version = commit.get("version")
+                if version is not None and version >= first:
+                    self._history_times[version] = lake.greatest_times_of(commit)
+        return {v: self._history_times.get(v) for v in range(first, last + 1)}
 
     # ---------------------------------------------------------------------------------------------- folding
     def fold(self) -> int:
