@@ -25,15 +25,20 @@ def main(source: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     text = source.read_text(encoding="utf-8")
-    events = int(re.search(r"^scaling with a CPU budget per process: ([\d,]+) events", text, re.MULTILINE)[1]
-                 .replace(",", ""))
-    quota = re.search(r"each processor ([\d.]+) core", text)[1]
-    processors = _rows(text, r"^\|\s+\d+ \|\s+(\d+) \|\s+[\d.]+ \|\s+[\d,]+ \|\s+([\d,]+|—) \|\s+[\d.]+ \|"
-                             r"\s+([\d.]+|—) \|")
+    # one section per run of processors ("scaling with a CPU budget per process: …"): the first is the curve,
+    # later ones (M = 8 at a smaller budget, say) are points of their own
+    sections = re.split(r"^(?=scaling with a CPU budget per process: )", text, flags=re.MULTILINE)[1:]
+    runs = []
+    for section in sections:
+        events = int(re.search(r"^scaling with a CPU budget per process: ([\d,]+) events", section,
+                               re.MULTILINE)[1].replace(",", ""))
+        quota = re.search(r"each processor ([\d.]+) core", section)[1]
+        rows = _rows(section.split("\n\n")[0], r"^\|\s+\d+ \|\s+(\d+) \|\s+[\d.]+ \|\s+[\d,]+ \|"
+                     r"\s+([\d,]+|—) \|\s+(?:[\d.]+|nan) \|\s+([\d.]+|—) \|")
+        runs.append((quota, [int(r[0]) for r in rows], [float(r[1].replace(",", "")) for r in rows],
+                     [events / float(r[2]) for r in rows]))
+    quota, m, steady, to_kpi = runs[0]
     collectors = _rows(text, r"^\|\s+(\d+) \|\s+([\d,]+) \|\s+[\d.]+ \|\s+[\d.]+ \|")
-    m = [int(row[0]) for row in processors]
-    steady = [float(row[1].replace(",", "")) for row in processors]
-    to_kpi = [events / float(row[2]) for row in processors]
     n = [int(row[0]) for row in collectors]
     acked = [float(row[1].replace(",", "")) for row in collectors]
 
@@ -41,6 +46,10 @@ def main(source: Path, out: Path) -> None:
     left.plot(m, steady, "o-", label="events table, steady")
     left.plot(m, [m_ * steady[0] for m_ in m], ":", color="grey", label="ideal (M × one)")
     left.plot(m, to_kpi, "s-", label="to complete KPI tables")
+    for other_quota, other_m, other_steady, other_kpi in runs[1:]:
+        left.plot(other_m, other_steady, "D", label=f"events table, steady, {other_quota} core each")
+        left.plot(other_m, other_kpi, "X", label=f"to complete KPI tables, {other_quota} core each")
+        m = sorted(set(m) | set(other_m))
     left.set(title=f"processors, {quota} core each", xlabel="processors (M)", ylabel="events/s", xticks=m)
     left.legend()
     if n:

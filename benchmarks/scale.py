@@ -318,6 +318,8 @@ def commit_cost(work: Path, lines: list[bytes], commits: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ main
 def main() -> int:
+    # SIGTERM ends the run as Ctrl-C does: through the `finally`s that stop the children and remove the cgroups
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=600_000, help="events pre-filled per stream")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")

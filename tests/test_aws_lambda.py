@@ -185,6 +185,27 @@ def test_refusals_are_the_collectors(stream, collector, make, case: str) -> None
     assert stream_records(*stream) == []
 
 
+@BOTH_FORMATS
+def test_a_sent_at_header_corrects_the_device_clock_as_the_collector_does(stream, make) -> None:
+    """A device 3 days ahead: its events land at their real time, with sentAt and receivedAt stored; a Sent-At
+    that is not a timestamp gets the collector's 400."""
+    received = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    ahead = dt.timedelta(days=3)
+    happened = received - dt.timedelta(minutes=5)
+    body = json.dumps(game_event("skewed", eventTime=(happened + ahead).isoformat()))
+    sent = (received + ahead).isoformat()
+    client, name = stream
+    result = aws.handle(make(body, {"Sent-At": sent}), client=client, stream=name, settings=Settings(**LIMITS),
+                        received=received)
+    assert answer(result) == (200, {"accepted": 1, "rejected": 0, "errors": []})
+    (event,) = lines(stream_records(*stream)[0]["data"])
+    assert event["eventTime"] == happened.isoformat().replace("+00:00", "Z")
+    assert event["receivedAt"] == received.isoformat().replace("+00:00", "Z")
+    assert event["sentAt"] == (received + ahead).isoformat().replace("+00:00", "Z")
+    refused = call(stream, make(body, {"Sent-At": "soon"}))
+    assert refused["statusCode"] == 400 and "Sent-At: expected an RFC 3339 timestamp" in refused["body"]
+
+
 def test_answers_say_the_idempotency_key_is_not_honoured(stream) -> None:
     body = json.dumps(game_event("idem"))
     first = call(stream, v2_event(body, {"Idempotency-Key": "k-1"}))

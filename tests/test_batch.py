@@ -77,7 +77,8 @@ def assert_same(fast: dict[int, pa.Table], slow: dict[int, pa.Table], events: li
     for p, table in fast.items():
         assert table.schema == schema.decode_schema(params)
         assert table.num_rows == slow[p].num_rows == len(ids[p])
-        for name in ("eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra"):
+        for name in ("eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra", schema.SENT_AT,
+                     schema.RECEIVED_AT):
             assert table[name].to_pylist() == slow[p][name].to_pylist(), name
         # -0.0 == 0.0 in Python: compare the bits of the doubles too
         for double in ["amount"] + [name for name, kind in params if kind == "double"]:
@@ -210,6 +211,10 @@ def events(draw, weird: float = 0.3, promoted: float = 0.3) -> bytes:
         ("eventParams", maybe(draw, st.sampled_from([None, [], 1]), st.just(Obj(draw(st.permutations(params)))),
                               1 - weird / 4)),
     ]
+    # the device's send time and (kept by `load`, replaced by the collector) a receive time, now and then
+    for name, odds in ((schema.SENT_AT, 0.3), (schema.RECEIVED_AT, 0.15)):
+        if draw(st.floats(0, 1)) < odds:
+            top.append((name, maybe(draw, weird_times, good_times | st.none(), p)))
     if draw(st.floats(0, 1)) < weird / 2:
         top.append((draw(st.sampled_from(["extra", "eventName", "eventTime", "eventParams", "eventParams_extra",
                                           "event_extra"])), draw(st.one_of(extras, st.just('{"a":1}')))))
@@ -250,6 +255,8 @@ def timestamp_kinds(batch: list[bytes]) -> set[tuple[str, bool]]:
     for event in batch:
         decoded = msgspec.json.decode(event)
         for name, value in (("eventTime", decoded.get("eventTime")),
+                            (schema.SENT_AT, decoded.get(schema.SENT_AT)),
+                            (schema.RECEIVED_AT, decoded.get(schema.RECEIVED_AT)),
                             ("client_event_time", decoded["eventParams"].get("client_event_time")),
                             ("seen", decoded["eventParams"].get("seen"))):
             if value is not None:
@@ -270,7 +277,7 @@ def test_the_property_test_does_reach_the_fast_path(mode: str, params: schema.Pa
     null eventTimes), with promoted parameters of every type among them."""
     taken = []
 
-    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(batch=st.lists(events(weird=0.0, promoted=0.3 if params else 0.0), min_size=1, max_size=4))
     def run(batch: list[bytes]) -> None:
         if slow_tables(batch, mode, params=params) is None or has_unknown(batch, params):
@@ -546,7 +553,16 @@ def test_load_appends_arrow_records_with_the_same_rows_and_counts() -> None:
     finally:
         loader.validate_batch = original  # type: ignore[assignment]
     assert (slow_report.lines, slow_report.accepted) == (report.lines, report.accepted)
-    assert fast_log.rows() == slow_log.rows()
+    assert _without_received_at(fast_log.rows()) == _without_received_at(slow_log.rows())
+
+
+def _without_received_at(rows: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """The rows with receivedAt checked set and then blanked: it is each run's own time of arrival."""
+    for partition_rows in rows.values():
+        for row in partition_rows:
+            assert row["receivedAt"] is not None
+            row["receivedAt"] = None
+    return rows
 
 
 def test_load_splits_arrow_records_to_fit_the_record_limit() -> None:
@@ -606,7 +622,7 @@ def test_the_collector_answers_the_same_bytes_and_appends_arrow_records() -> Non
         for row in rows:  # the receive time differs between the two requests, and ids are assigned
             assert UUID7.match(row["eventId"])
             row["eventTime"] = row["eventId"] = None
-    assert fast_rows == slow_rows
+    assert _without_received_at(fast_rows) == _without_received_at(slow_rows)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -636,4 +652,6 @@ def test_load_gives_the_same_table_as_the_per_event_path(tmp_path: Path, monkeyp
         gamestream("process", "--until-idle", data_dir=tmp_path / name)
         tables[name] = sorted(table_rows(tmp_path / name / "tables" / "events"), key=lambda r: r["eventId"])
     assert len(tables["fast"]) == 3001
+    for rows in tables.values():  # each load's own time of arrival
+        assert all(row.pop("receivedAt") is not None for row in rows)
     assert tables["fast"] == tables["slow"]

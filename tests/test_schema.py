@@ -114,6 +114,7 @@ def test_canonical_form_keeps_unknown_fields_apart_drops_nulls_and_keeps_every_s
         "eventName": "levelStart", "eventId": "e", "eventTime": "2026-01-01T00:00:00Z",
         "eventParams": {**{k: v for k, v in params.items() if k != "extra"}, "amount": 4.0},
         "eventParams_extra": '{"extra":"x"}', "event_extra": '{"unknown":1}',
+        "receivedAt": "2026-11-25T12:00:00.123456Z",  # `load` stamps its own time where the line has none
     }
     minimal = valid(event(eventParams={"device_id": "d1", "platform": None}, eventId="e", eventTime=0))
     assert minimal["eventParams"] == {"device_id": "d1"}
@@ -208,7 +209,8 @@ def test_promoted_parameters_appear_in_arrow_spark_and_markdown() -> None:
 def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaration() -> None:
     arrow = schema.arrow_schema()
     assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra",
-                           "eventDate"]
+                           "sentAt", "receivedAt", "eventDate"]
+    assert arrow.field("sentAt").type == arrow.field("receivedAt").type == pa.timestamp("us", tz="UTC")
     assert arrow.field("eventTime").type == pa.timestamp("us", tz="UTC")
     params = arrow.field("eventParams").type
     assert [params.field(i).name for i in range(params.num_fields)] == [
@@ -221,11 +223,12 @@ def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaratio
     assert "eventDate" not in schema.decode_schema().names
 
 
-def test_spark_ddl_is_the_seeds_schema_with_the_extra_columns() -> None:
+def test_spark_ddl_is_the_seeds_schema_with_the_extra_columns_and_the_devices_times() -> None:
     assert schema.spark_ddl() == (
         "eventId STRING, eventName STRING, eventTime TIMESTAMP, eventParams STRUCT<game_keyword: STRING, "
         "app_name: STRING, scoreAdjustment: INT, platform: STRING, app_version: STRING, device_id: STRING, "
-        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventParams_extra STRING, event_extra STRING, eventDate DATE"
+        "client_event_time: TIMESTAMP, amount: DOUBLE>, eventParams_extra STRING, event_extra STRING, "
+        "sentAt TIMESTAMP, receivedAt TIMESTAMP, eventDate DATE"
     )
 
 

@@ -78,6 +78,10 @@ EVENT_PARAMS = Field(
 
 PARAMS_EXTRA = "eventParams_extra"
 EVENT_EXTRA = "event_extra"
+SENT_AT = "sentAt"
+RECEIVED_AT = "receivedAt"
+MAX_FUTURE = dt.timedelta(hours=1)
+"""How far past its receive time an event's clock-corrected time may lie (Mixpanel's rule); later is rejected."""
 # The two "rescued data" columns come before eventDate: a table made before they existed gains them there (a
 # delta-rs schema merge puts the partition column last), so old and new tables have the same column order.
 EVENT_FIELDS: tuple[Field, ...] = (
@@ -86,12 +90,19 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field(
         "eventTime",
         "timestamp",
-        "Server receive time (UTC, µs), stamped by the collector; `gamestream load` keeps the file's own.",
+        "The event's time (UTC, µs), which eventDate, windows and every KPI use: the collector's receive time; "
+        "when the device sends `sentAt`, its own event time corrected for its clock, `eventParams.client_event_time "
+        "+ (receivedAt − sentAt)`. `gamestream load` keeps the file's own.",
     ),
     EVENT_PARAMS,
     Field(PARAMS_EXTRA, "json", "Unknown keys of `eventParams`, values exactly as sent, as one JSON object in a "
                                 "string; null when there were none."),
     Field(EVENT_EXTRA, "json", "Unknown top-level keys of the event, the same way."),
+    Field(SENT_AT, "timestamp", "When the device sent the event, by the device's clock (optional: a field of the "
+                                "event, or the request's `Sent-At` header for all its events)."),
+    Field(RECEIVED_AT, "timestamp", "When gamestream received the event (UTC, µs): stamped by the collector and "
+                                    "the Lambda handler; `gamestream load` keeps the file's own, else the load's "
+                                    "time."),
     Field("eventDate", "date", "UTC date of `eventTime`; the table's partition column.", derived=True),
 )
 
@@ -556,6 +567,40 @@ def _to_utc(value: dt.datetime | int | float, path: str) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
 
 
+def parse_timestamp(text: str, path: str) -> dt.datetime:
+    """A timestamp given as text (an HTTP header such as Sent-At): RFC 3339 with a zone, or epoch seconds, as in
+    an event; `ValueError` naming `path` and the rule when it is neither."""
+    raw = text.strip()
+    try:
+        if raw.replace(".", "", 1).isdigit():
+            return _to_utc(float(raw), path)
+        return _to_utc(msgspec.json.decode(msgspec.json.encode(raw), type=dt.datetime), path)
+    except _Invalid as invalid:
+        raise ValueError(str(invalid.rejection)) from None
+    except (msgspec.DecodeError, ValueError, OverflowError):
+        raise ValueError(f"{path}: expected an RFC 3339 timestamp with a zone (2026-12-04T10:00:00Z) or epoch "
+                         "seconds") from None
+
+
+def corrected_time(device_time: dt.datetime | None, sent_at: dt.datetime | None,
+                   received: dt.datetime | None) -> dt.datetime | None:
+    """An event's time as the collector keeps it: the receive time, or, when the device said when it sent the
+    event by its own clock (`sent_at`), the device's event time moved by the clock's error, `device_time +
+    (received − sent_at)`. One still more than `MAX_FUTURE` after the receive time is refused (`_Invalid`)."""
+    if device_time is None or sent_at is None or received is None:
+        return received
+    try:
+        corrected = device_time + (received - sent_at)
+    except OverflowError:
+        raise _Invalid("eventTime", "out of range once corrected by the device clock's error "
+                                    "(receivedAt − sentAt)") from None
+    if corrected > received + MAX_FUTURE:
+        ahead = (corrected - received).total_seconds() / 3600
+        raise _Invalid("eventTime", f"{ahead:.1f} hours after it was received, even corrected by the device clock's "
+                                    "error (receivedAt − sentAt): at most 1 hour is accepted")
+    return corrected
+
+
 def new_event_id() -> str:
     """A UUIDv7: time-ordered, so ids assigned together sort together."""
     return str(uuid_utils.uuid7())
@@ -612,8 +657,10 @@ class EventValidator:
         self._param_times = tuple(c.name for c in params_field(params).children
                                   if c.kind == "timestamp" and c.name != "client_event_time")
 
-    def validate(self, line: bytes | str, now: dt.datetime | None) -> ValidEvent | Rejection:
-        """Checks one event; `now` (UTC) stamps eventTime where the mode says so."""
+    def validate(self, line: bytes | str, now: dt.datetime | None,
+                 sent_at: dt.datetime | None = None) -> ValidEvent | Rejection:
+        """Checks one event; `now` (UTC) stamps eventTime and receivedAt where the mode says so; `sent_at` (the
+        request's Sent-At header) is the sentAt of an event that gives none."""
         try:
             try:
                 event = self._decoder.decode(line)
@@ -623,7 +670,7 @@ class EventValidator:
                     raise
                 event = self._lenient.decode(line)
                 has_unknown = True
-            return self._normalise(event, now, line if has_unknown else None)
+            return self._normalise(event, now, line if has_unknown else None, sent_at)
         except msgspec.DecodeError as error:
             return _rejection_from_msgspec(error)
         except _Invalid as invalid:
@@ -647,7 +694,8 @@ class EventValidator:
         event.eventParams_extra = _extra_column(event.eventParams_extra, captured_params, PARAMS_EXTRA)
         event.event_extra = _extra_column(event.event_extra, captured, EVENT_EXTRA)
 
-    def _normalise(self, event: Any, now: dt.datetime | None, unknown: bytes | str | None) -> ValidEvent:
+    def _normalise(self, event: Any, now: dt.datetime | None, unknown: bytes | str | None,
+                   sent_at: dt.datetime | None = None) -> ValidEvent:
         params = event.eventParams
         if unknown is not None or event.eventParams_extra is not None or event.event_extra is not None:
             self._keep_unknown(event, unknown)
@@ -657,14 +705,20 @@ class EventValidator:
                 setattr(params, name, _to_utc(value, f"eventParams.{name}"))
         if params.client_event_time is not None:
             params.client_event_time = _to_utc(params.client_event_time, "eventParams.client_event_time")
+        event.sentAt = _to_utc(event.sentAt, SENT_AT) if event.sentAt is not None else sent_at
         if self._server_time:
             if params.client_event_time is None and event.eventTime not in (None, msgspec.UNSET):
                 params.client_event_time = _to_utc(event.eventTime, "eventTime")
-            event.eventTime = now
-        elif event.eventTime is msgspec.UNSET:
-            event.eventTime = now
-        elif event.eventTime is not None:
-            event.eventTime = _to_utc(event.eventTime, "eventTime")
+            if event.receivedAt is not None:  # the server's own time replaces it, but it must be a time
+                _to_utc(event.receivedAt, RECEIVED_AT)
+            event.receivedAt = now
+            event.eventTime = corrected_time(params.client_event_time, event.sentAt, now)
+        else:
+            event.receivedAt = _to_utc(event.receivedAt, RECEIVED_AT) if event.receivedAt is not None else now
+            if event.eventTime is msgspec.UNSET:
+                event.eventTime = now
+            elif event.eventTime is not None:
+                event.eventTime = _to_utc(event.eventTime, "eventTime")
         if event.eventId is None:
             event.eventId = new_event_id()
         # An explicit null eventTime is encoded as null (its default is UNSET, so omit_defaults keeps it).

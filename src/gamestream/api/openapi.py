@@ -151,13 +151,17 @@ def events_path(settings: Settings, event: Json) -> Json:
                        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
                        "description": "A retry with the same key gets the first answer and stores nothing (kept at "
                                       "least 24 h)."}
+    sent_at = {"name": "Sent-At", "in": "header", "required": False, "schema": {"type": "string"},
+               "description": "When the device sent the request, by its own clock (RFC 3339 with a zone, or epoch "
+                              "seconds): the sentAt of every event that gives none, so the collector corrects the "
+                              "device clock's error (eventTime = the event's own time + receivedAt − sentAt)."}
     batch = {"type": "array", "items": event, "minItems": 1, "maxItems": settings.max_events_per_request}
     replayed = {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]},
                                         "description": "present when this is the stored answer to an earlier "
                                                        "request with the same Idempotency-Key"}}
     return {"post": {
         "summary": "Send events",
-        "parameters": [idempotency_key],
+        "parameters": [idempotency_key, sent_at],
         "security": KEYED,
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"oneOf": [event, batch]}},

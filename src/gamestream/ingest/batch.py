@@ -90,7 +90,8 @@ def _layout(params: schema.Params) -> _Layout:
     out = schema.decode_schema(params)
     fields = schema.params_field(params).children
     return _Layout(out, out.field("eventParams").type,
-                   frozenset(["/eventTime"] + [f"/eventParams/{c.name}" for c in fields if c.kind == "timestamp"]),
+                   frozenset([f"/{f.name}" for f in out if f.type == _TS]
+                             + [f"/eventParams/{c.name}" for c in fields if c.kind == "timestamp"]),
                    tuple(c.name for c in fields if c.kind == "double"))
 
 
@@ -103,7 +104,7 @@ def _read_schema(params: schema.Params, numeric: frozenset[str]) -> pa.Schema:
     layout = _layout(params)
     event_params = pa.struct([pa.field(f.name, ts(f"/eventParams/{f.name}") if f.type == _TS else f.type)
                               for f in layout.params_type])
-    return pa.schema([pa.field(f.name, ts("/eventTime") if f.name == "eventTime"
+    return pa.schema([pa.field(f.name, ts(f"/{f.name}") if f.type == _TS
                                else event_params if f.name == "eventParams" else f.type) for f in layout.out])
 
 
@@ -241,10 +242,10 @@ def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.d
 
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
                    partitions: int, max_event_bytes: int, route: Callable[[str], int] | None = None,
-                   params: schema.Params = ()) -> dict[int, pa.Table] | None:
+                   params: schema.Params = (), sent_at: dt.datetime | None = None) -> dict[int, pa.Table] | None:
     """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema(params)}`,
     rows in input order within a partition; None unless every event is provably valid (see the module
-    docstring)."""
+    docstring). `sent_at` is the sentAt of the events that give none (the request's Sent-At)."""
     count = len(events)
     joined = _joined(events)
     if joined is None or not _framed(events, joined, max_event_bytes):
@@ -264,16 +265,22 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     event_id = columns["eventId"]
     if not _event_ids_fit(event_id, count) or not _doubles_as_msgspec_reads(children, layout.double_params, count):
         return None
-    event_time = _times(columns["eventTime"])
-    if event_time is None:
+    default_sent_at = sent_at
+    event_time, sent_at, received = (_times(columns[name]) for name in ("eventTime", schema.SENT_AT,
+                                                                          schema.RECEIVED_AT))
+    if event_time is None or sent_at is None or received is None:
         return None
+    if default_sent_at is not None and sent_at.null_count:
+        sent_at = pc.coalesce(sent_at, pa.scalar(default_sent_at, _TS))
     param_times = _param_times(children, layout)
     if param_times is None:
         return None
     children.update(param_times)
-    event_time, children["client_event_time"] = _times_for_mode(mode, event_time, children["client_event_time"],
-                                                                events, now)
-    out = _output_table(layout, columns, _with_fresh_ids(event_id), event_time, children)
+    times = _times_for_mode(mode, event_time, children["client_event_time"], sent_at, received, events, now)
+    if times is None:
+        return None
+    event_time, children["client_event_time"], received = times
+    out = _output_table(layout, columns, _with_fresh_ids(event_id), event_time, children, sent_at, received)
     part = _partition_of(device_id, partitions, route)
     if partitions == 1 and route is None:
         return {0: out}
@@ -335,17 +342,28 @@ def _param_times(children: dict[str, pa.Array], layout: _Layout) -> dict[str, pa
 
 
 def _times_for_mode(mode: Literal["server", "input"], event_time: pa.Array, client_time: pa.Array,
-                    events: Sequence[bytes | str], now: dt.datetime | None) -> tuple[pa.Array, pa.Array]:
-    """(eventTime, client_event_time) as the validator sets them: in "server" mode eventTime is `now` and the
-    client's time falls back on the eventTime it sent; in "input" mode an absent eventTime is stamped with
-    `now`."""
+                    sent_at: pa.Array, received: pa.Array, events: Sequence[bytes | str],
+                    now: dt.datetime | None) -> tuple[pa.Array, pa.Array, pa.Array] | None:
+    """(eventTime, client_event_time, receivedAt) as the validator sets them (`schema.corrected_time`): in
+    "server" mode receivedAt is `now`, the client's time falls back on the eventTime it sent, and eventTime is
+    `now` or, with sentAt, the client's time corrected by (now − sentAt); in "input" mode an absent eventTime and
+    receivedAt are stamped with `now`. None when a corrected time lies too far ahead (the per-event path
+    rejects it with its reason)."""
     count = len(event_time)
+    stamp = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
     if mode == "server":
         client_time = pc.coalesce(client_time, event_time)
-        event_time = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
-    elif event_time.null_count:  # absent (stamped with now) or explicit null (kept): the column cannot tell,
+        event_time = stamp
+        if now is not None and sent_at.null_count < count:
+            error = pc.subtract(pa.scalar(now, _TS), sent_at)  # the device clock's error, null without sentAt
+            corrected = pc.add(client_time, error)
+            if pc.any(pc.greater(corrected, pa.scalar(now + schema.MAX_FUTURE, _TS))).as_py():
+                return None
+            event_time = pc.coalesce(corrected, stamp)
+        return event_time, client_time, stamp
+    if event_time.null_count:  # absent (stamped with now) or explicit null (kept): the column cannot tell,
         event_time = _stamp_absent(event_time, events, now)  # the few events' own bytes can
-    return event_time, client_time
+    return event_time, client_time, pc.coalesce(received, stamp)
 
 
 def _with_fresh_ids(event_id: pa.Array) -> pa.Array:
@@ -357,11 +375,12 @@ def _with_fresh_ids(event_id: pa.Array) -> pa.Array:
 
 
 def _output_table(layout: _Layout, columns: dict[str, pa.Array], event_id: pa.Array, event_time: pa.Array,
-                  children: dict[str, pa.Array]) -> pa.Table:
+                  children: dict[str, pa.Array], sent_at: pa.Array, received: pa.Array) -> pa.Table:
     out_params = pa.StructArray.from_arrays([children[f.name] for f in layout.params_type],
                                             fields=list(layout.params_type))
     return pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params,
-                                 columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA]], schema=layout.out)
+                                 columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA], sent_at, received],
+                                schema=layout.out)
 
 
 def _split_by_partition(out: pa.Table, part: pa.Array) -> dict[int, pa.Table]:

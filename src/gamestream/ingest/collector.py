@@ -66,20 +66,21 @@ def oversized(event: bytes, settings: Settings) -> bool:
 
 
 def plan_appends(events: Sequence[bytes | str], received: dt.datetime, *, settings: Settings, log: EventLog,
-                 validator: schema.EventValidator) -> IngestPlan:
-    """The appends and the answer for `events` received at `received` (eventTime is stamped by the server)."""
+                 validator: schema.EventValidator, sent_at: dt.datetime | None = None) -> IngestPlan:
+    """The appends and the answer for `events` received at `received` (eventTime and receivedAt are stamped by
+    the server); `sent_at`, the request's Sent-At, is the sentAt of the events that give none."""
     if should_validate_as_batch(events):
-        plan = _plan_as_arrow(events, received, settings, log)
+        plan = _plan_as_arrow(events, received, settings, log, sent_at)
         if plan is not None:
             return plan
-    return _plan_event_by_event(events, received, settings, log, validator)
+    return _plan_event_by_event(events, received, settings, log, validator, sent_at)
 
 
 def _plan_as_arrow(events: Sequence[bytes | str], received: dt.datetime, settings: Settings,
-                   log: EventLog) -> IngestPlan | None:
+                   log: EventLog, sent_at: dt.datetime | None) -> IngestPlan | None:
     """Every event provably valid: Arrow records per partition, no per-event work. None: let the per-event path
     decide (`batch.validate_batch`)."""
-    tables = batch.validate_batch(events, now=received, mode="server", partitions=log.partitions,
+    tables = batch.validate_batch(events, now=received, mode="server", partitions=log.partitions, sent_at=sent_at,
                                   route=log.route if log.own_routing else None,
                                   max_event_bytes=settings.max_event_bytes, params=settings.schema_params)
     if tables is None:
@@ -91,7 +92,7 @@ def _plan_as_arrow(events: Sequence[bytes | str], received: dt.datetime, setting
 
 
 def _plan_event_by_event(events: Sequence[bytes | str], received: dt.datetime, settings: Settings, log: EventLog,
-                         validator: schema.EventValidator) -> IngestPlan:
+                         validator: schema.EventValidator, sent_at: dt.datetime | None) -> IngestPlan:
     """Which events are rejected, and why; the valid ones as NDJSON lines, one record per partition."""
     by_partition: dict[int, list[bytes]] = {}
     route = router(log)
@@ -104,7 +105,7 @@ def _plan_event_by_event(events: Sequence[bytes | str], received: dt.datetime, s
             errors.append(ErrorItem(index, f"event is {len(event)} bytes, over the "
                                            f"{settings.max_event_bytes}-byte limit"))
             continue
-        result = validator.validate(event, received)
+        result = validator.validate(event, received, sent_at)
         if isinstance(result, schema.Rejection):
             errors.append(ErrorItem(index, str(result)))
             continue

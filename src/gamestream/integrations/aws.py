@@ -145,8 +145,13 @@ def handle(event: dict, *, client: Any, stream: str, settings: Settings,
             extra["Idempotency-Honoured"] = "false"
             if not 0 < len(idempotency_key) <= envelope.MAX_IDEMPOTENCY_KEY:
                 raise _Answer(400, f"Idempotency-Key must be 1 to {envelope.MAX_IDEMPOTENCY_KEY} characters")
+        sent_at = envelope.header(event, "sent-at")
+        try:
+            sent = schema.parse_timestamp(sent_at, "Sent-At") if sent_at is not None else None
+        except ValueError as error:
+            raise _Answer(400, str(error)) from None
         events = _events(event, settings)
-        answer, entries = _validate(events, received, settings)
+        answer, entries = _validate(events, received, settings, sent)
         if answer["accepted"] == 0:
             message = "no events in the body" if not events else "no valid event in the body"
             return _answer(400, _encode({"error": message, **answer}), extra)
@@ -196,8 +201,8 @@ def _events(event: dict, settings: Settings) -> list[bytes | str]:
     return events
 
 
-def _validate(events: list[bytes | str], received: dt.datetime,
-              settings: Settings) -> tuple[dict[str, Any], list[Entry]]:
+def _validate(events: list[bytes | str], received: dt.datetime, settings: Settings,
+              sent_at: dt.datetime | None = None) -> tuple[dict[str, Any], list[Entry]]:
     """The collector's per-event path: the answer's counts and errors, and the records of the valid events."""
     errors: list[dict[str, Any]] = []
     by_device: dict[str, list[bytes]] = {}
@@ -209,7 +214,7 @@ def _validate(events: list[bytes | str], received: dt.datetime,
             errors.append({"index": index, "error": f"event is {len(raw)} bytes, over the "
                                                     f"{settings.max_event_bytes}-byte limit"})
             continue
-        result = _VALIDATOR.validate(raw, received)
+        result = _VALIDATOR.validate(raw, received, sent_at)
         if isinstance(result, schema.Rejection):
             errors.append({"index": index, "error": str(result)})
             continue

@@ -34,6 +34,7 @@ from gamestream.api.access import BEARER
 from gamestream.api.collector import Collector
 from gamestream.api.refusals import CLOSE, Refuse, answer_refusal
 from gamestream.ingest.collector import IngestAnswer, IngestPlan, encode, plan_appends
+from gamestream import schema
 from gamestream.log import AppendResult, Idempotency, envelope
 from gamestream.settings import Settings
 
@@ -59,12 +60,13 @@ async def _ingest(request: Request, collector: Collector) -> Response:
     _refuse_unless_authorised(request, collector)  # 1.
     _refuse_over_backlog(collector)  # 2.
     idempotency_key = _idempotency_key(request)  # 3.
+    sent_at = _sent_at(request)
     kind = body_kind(request)  # 4.
     body = await read_body(request, settings.max_body_bytes)
     events = split_events(body, kind)
     _refuse_too_many(events, settings)  # 5.
     plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
-                        validator=collector.validator)
+                        validator=collector.validator, sent_at=sent_at)
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid():
         return _nothing_valid(events, plan.answer)
@@ -93,6 +95,18 @@ def _idempotency_key(request: Request) -> str | None:
     if key is not None and not 0 < len(key) <= envelope.MAX_IDEMPOTENCY_KEY:
         raise Refuse(400, f"Idempotency-Key must be 1 to {envelope.MAX_IDEMPOTENCY_KEY} characters")
     return key
+
+
+def _sent_at(request: Request) -> dt.datetime | None:
+    """The request's Sent-At header: when the device sent it, by its own clock (the sentAt of events that give
+    none); 400 when it is not a timestamp."""
+    value = request.headers.get("sent-at")
+    if value is None:
+        return None
+    try:
+        return schema.parse_timestamp(value, "Sent-At")
+    except ValueError as error:
+        raise Refuse(400, str(error)) from None
 
 
 def _refuse_too_many(events: list[bytes | str], settings: Settings) -> None:
