@@ -5,7 +5,6 @@ refused records; the seed's own handler, verbatim, into the processor exactly on
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import gzip
 import itertools

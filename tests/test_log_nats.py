@@ -8,7 +8,6 @@ import hashlib
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
