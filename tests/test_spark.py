@@ -252,7 +252,8 @@ def test_spark_job_killed_mid_run_and_restarted_leaves_every_event_once(referenc
                            timeout=300)
     assert (tmp_path / "failed-once").is_dir(), (tmp_path / "workers").read_text()
     assert "restarting the queries from their checkpoints in 2s (restart 1 of 3)" in completed.stderr, completed.stderr[-6000:]
-    assert "Traceback" not in completed.stderr
+    # (Spark's own Python daemon may print a traceback for the worker that died; none comes from gamestream)
+    assert "/gamestream/" not in completed.stderr.partition("Traceback")[2]
     ids = DeltaTable(str(events)).to_pyarrow_table(columns=["eventId"])["eventId"].to_pylist()
     assert len(ids) == len(set(ids)) == EVENTS + 4
     _assert_same_tables(expected, data)

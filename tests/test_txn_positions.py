@@ -56,3 +56,23 @@ def test_a_counter_whose_commit_left_the_history_is_reported_not_guessed(tmp_pat
                              partition_by=None, retries=1)
     with pytest.raises(RuntimeError, match="no commit in the table's history records its log position"):
         lake.TxnPositions(counted=True).offsets(lake.open_table(uri), ["a"])
+
+
+def test_commit_infos_reads_the_versions_asked_where_a_stale_snapshots_history_misnumbers_them(tmp_path) -> None:
+    """deltalake 1.6.3: `history()` of a snapshot another writer has committed past lists the newest commits but
+    numbers them from the snapshot's own version. `lake.commit_infos` reads each version's own commit file."""
+    import pyarrow as pa
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    from gamestream.tables import lake
+
+    uri = str(tmp_path / "t")
+    write_deltalake(uri, pa.table({"a": [0]}), commit_properties=CommitProperties(custom_metadata={"n": "0"}))
+    stale = DeltaTable(uri)
+    for n in range(1, 4):
+        write_deltalake(uri, pa.table({"a": [n]}), mode="append",
+                        commit_properties=CommitProperties(custom_metadata={"n": str(n)}))
+    misnumbered = {c["version"]: c["n"] for c in stale.history()}
+    assert misnumbered[0] == "3"  # what this test guards against: the newest commit, labelled version 0
+    infos = lake.commit_infos(uri, [0, 2, 3, 7])
+    assert {v: (i or {}).get("n") for v, i in infos.items()} == {0: "0", 2: "2", 3: "3", 7: None}

@@ -199,15 +199,12 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
 
     def _recorded_times(self, first: int, last: int) -> dict[int, dict[int, int] | None]:
         """Version → the greatest eventTime per log partition its commit recorded (`lake.GREATEST_TIMES_KEY`),
-        for versions first..last. Read from the table's history once for every version up to the latest (it
-        lists commits newest first, so a read per fold step would read the same commits again and again)."""
+        for versions first..last, read from their commit files (`lake.commit_infos`) once each."""
         for version in [v for v in self._history_times if v < first]:
             del self._history_times[version]  # folded already
-        if any(v not in self._history_times for v in range(first, last + 1)):
-            for commit in self.events.history(max(1, self.events.version() - first + 1)):
-                version = commit.get("version")
-                if version is not None and version >= first:
-                    self._history_times[version] = lake.greatest_times_of(commit)
+        wanted = [v for v in range(first, last + 1) if v not in self._history_times]
+        for version, info in lake.commit_infos(self.settings.table_uri("events"), wanted).items():
+            self._history_times[version] = lake.greatest_times_of(info) if info is not None else None
         return {v: self._history_times.get(v) for v in range(first, last + 1)}
 
     # ---------------------------------------------------------------------------------------------- folding

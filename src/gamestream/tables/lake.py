@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -497,6 +497,26 @@ TXN_VERSION_MAX = 2**63 - 1
 # ``"gamestream.greatest_event_time": {"<partition>": <µs>}``: the KPI stage's watermark reads a row's real log
 # partition from it (a row does not keep its partition, and producers need not route a device to one partition).
 GREATEST_TIMES_KEY = "gamestream.greatest_event_time"
+
+
+def commit_infos(uri: str, versions: Iterable[int]) -> dict[int, dict | None]:
+    """The commitInfo of each of `versions`, read from its `_delta_log/<version>.json` (None when that file is
+    gone: cleaned up after a checkpoint). Not `DeltaTable.history()`: deltalake 1.6.3 lists the newest commits in
+    the store but numbers them from the snapshot's own version, so on a table another process has committed to
+    since it was loaded, its entries carry the wrong versions."""
+    from deltalake.fs import DeltaStorageHandler
+
+    handler = DeltaStorageHandler(uri, storage_options(uri))
+    infos: dict[int, dict | None] = {}
+    for version in versions:
+        try:
+            data = handler.open_input_file(f"_delta_log/{version:020d}.json").read()
+        except FileNotFoundError:
+            infos[version] = None
+            continue
+        infos[version] = next((json.loads(line)["commitInfo"] for line in data.splitlines()
+                               if b'"commitInfo"' in line[:16]), None)
+    return infos
 
 
 def stamp_greatest_times(greatest: dict[int, int]) -> dict[str, str]:
