@@ -251,7 +251,7 @@ def test_spark_job_killed_mid_run_and_restarted_leaves_every_event_once(referenc
     completed = gamestream("spark-job", "--until-idle", *FAST, data_dir=data, env={**ENV, "PYSPARK_PYTHON": str(flaky)},
                            timeout=300)
     assert (tmp_path / "failed-once").is_dir(), (tmp_path / "workers").read_text()
-    assert "restarting the queries from their checkpoints in 2s (restart 1 of 3)" in completed.stderr, completed.stderr[-6000:]
+    assert "; restarting it from its checkpoint in 2s (restart 1 of 3)" in completed.stderr, completed.stderr[-6000:]
     # (Spark's own Python daemon may print a traceback for the worker that died; none comes from gamestream)
     assert "/gamestream/" not in completed.stderr.partition("Traceback")[2]
     ids = DeltaTable(str(events)).to_pyarrow_table(columns=["eventId"])["eventId"].to_pylist()

@@ -150,20 +150,7 @@ def run(settings: Settings, options: JobOptions) -> JobResult:
                                                    checkpoint / "kpi_bookings_hourly")}
         frames = {"events": (events, "append"), "kpi_events_hourly": (counts, "update"),
                   "kpi_bookings_hourly": (bookings, "update")}
-        attempt = 0
-        while True:
-            try:
-                _run_queries(spark, settings, options, checkpoint, frames, sinks)
-                break
-            except Exception as error:  # noqa: BLE001 - a failed query: restarted from its checkpoint, or raised
-                if not _query_failed(error) or attempt >= options.restarts:
-                    raise
-                attempt += 1
-                delay = 2.0 ** attempt
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                logger.warning(f"a query failed ({first_line[:300]}); restarting the queries from their checkpoints "
-                               f"in {delay:.0f}s (restart {attempt} of {options.restarts})")
-                time.sleep(delay)
+        _run_queries(spark, settings, options, checkpoint, frames, sinks)
         batches = {name: _batches(checkpoint / name) for name in QUERIES}
         return JobResult(sinks["events"].committed, batches, time.monotonic() - started)
     finally:
@@ -173,30 +160,60 @@ def run(settings: Settings, options: JobOptions) -> JobResult:
 def _run_queries(spark, settings: Settings, options: JobOptions, checkpoint: Path, frames: dict,
                  sinks: dict) -> None:
     """Starts the three queries and waits: until each has drained the log (`until_idle`), or until one ends (an
-    error, or a stop). Every query is stopped on the way out."""
-    queries = []
+    error, or a stop). A query that fails is started again from its own checkpoint, up to `options.restarts`
+    times in all, after 2, 4, 8 … s; the others run on undisturbed (restarting them too would change where their
+    micro-batches end, and with it which windows the last batch marks final). Every query is stopped on the way
+    out."""
+    queries: dict[str, object] = {}
+    restarts = 0
+
+    def start(name: str):
+        frame, mode = frames[name]
+        writer = (frame.writeStream.queryName(f"{settings.pipeline}-{name}").outputMode(mode)
+                  .foreachBatch(sinks[name]).option("checkpointLocation", str(checkpoint / name)))
+        writer = (writer.trigger(availableNow=True) if options.until_idle
+                  else writer.trigger(processingTime=f"{options.trigger_seconds} seconds"))
+        queries[name] = writer.start()
+
+    def restart(name: str, error: BaseException) -> None:
+        nonlocal restarts
+        if not _query_failed(error) or restarts >= options.restarts:
+            raise error
+        restarts += 1
+        delay = 2.0 ** restarts
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning(f"query {name} failed ({first_line[:300]}); restarting it from its checkpoint in "
+                       f"{delay:.0f}s (restart {restarts} of {options.restarts})")
+        time.sleep(delay)
+        start(name)
+
     try:
         for name in QUERIES:
-            frame, mode = frames[name]
-            writer = (frame.writeStream.queryName(f"{settings.pipeline}-{name}").outputMode(mode)
-                      .foreachBatch(sinks[name]).option("checkpointLocation", str(checkpoint / name)))
-            writer = (writer.trigger(availableNow=True) if options.until_idle
-                      else writer.trigger(processingTime=f"{options.trigger_seconds} seconds"))
-            queries.append(writer.start())
+            start(name)
         logger.info("spark job started", extra={"master": options.master, "checkpoint": str(checkpoint),
                                                  "until_idle": options.until_idle})
         if options.until_idle:
-            for query in queries:
-                query.awaitTermination()
+            for name in QUERIES:
+                while True:
+                    try:
+                        queries[name].awaitTermination()  # type: ignore[attr-defined]
+                        break
+                    except Exception as error:  # noqa: BLE001 - restarted, or raised by `restart`
+                        restart(name, error)
         else:
-            spark.streams.awaitAnyTermination()
-            for query in queries:
-                if query.exception() is not None:
-                    raise query.exception()
+            while True:
+                spark.streams.awaitAnyTermination()
+                spark.streams.resetTerminated()
+                failed = [(n, q.exception()) for n, q in queries.items()  # type: ignore[attr-defined]
+                          if not q.isActive and q.exception() is not None]  # type: ignore[attr-defined]
+                if not failed:
+                    return  # stopped
+                for name, error in failed:
+                    restart(name, error)
     finally:
-        for query in queries:
-            if query.isActive:
-                query.stop()
+        for query in queries.values():
+            if query.isActive:  # type: ignore[attr-defined]
+                query.stop()  # type: ignore[attr-defined]
 
 
 def _query_failed(error: BaseException) -> bool:
