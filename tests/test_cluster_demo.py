@@ -103,12 +103,20 @@ def _alive(pid: int) -> bool:
 
 
 class _Lines:
-    """The demo's stdout, read by a thread; waits for a line matching a pattern."""
+    """The demo's stdout, read by a thread; waits for a line matching a pattern. A failure message shows the last
+    lines, and whether the demo has exited and what it wrote to stderr."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, demo: subprocess.Popen, stderr: Path) -> None:
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.demo = demo
+        self.stderr = stderr
+        self.reader = threading.Thread(target=self._read, args=(demo.stdout,), daemon=True)
         self.reader.start()
+
+    def _failure(self, what: str, last: int) -> AssertionError:
+        status = "still runs" if self.demo.poll() is None else f"exited with {self.demo.returncode}"
+        return AssertionError(f"{what}; the demo {status}:\n" + "".join(self.lines[-last:]) + "\nstderr:\n"
+                              + self.stderr.read_text(errors="replace")[-3000:])
 
     def _read(self, stream) -> None:
         for line in stream:
@@ -121,8 +129,10 @@ class _Lines:
                 match = re.search(pattern, line)
                 if match:
                     return match
+            if self.demo.poll() is not None and not self.reader.is_alive():
+                break
             time.sleep(0.1)
-        raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" + "".join(self.lines[-60:]))
+        raise self._failure(f"no line matching {pattern!r} within {timeout}s", 60)
 
     def committed_after(self, after: int) -> list[int]:
         """The `committed N` of every counter line from line `after` on."""
@@ -136,7 +146,7 @@ class _Lines:
             if grown:
                 return grown[0]
             time.sleep(0.2)
-        raise AssertionError(f"committed did not grow past {above:,} within {timeout}s:\n" + "".join(self.lines[-40:]))
+        raise self._failure(f"committed did not grow past {above:,} within {timeout}s", 40)
 
 
 @pytest.mark.slow
@@ -151,7 +161,7 @@ def test_cluster_demo_restarts_every_kind_of_child_killed_and_still_commits_each
         [sys.executable, "-m", "gamestream", "demo", "--cluster", "--port", "0", "--rate", "300", "--seed", "9",
          "--data-dir", str(data)],
         stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "GAMESTREAM_LOG": ""})
-    out = _Lines(demo.stdout)
+    out = _Lines(demo, tmp_path / "stderr.txt")
     try:
         pids_line = out.wait_for(r"^pids: (.*)$", timeout=180)
         pids = {name: int(pid) for name, pid in re.findall(r"([\w-]+) (\d+)", pids_line[1])}

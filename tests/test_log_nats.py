@@ -217,3 +217,29 @@ def test_losing_the_stream_leader_loses_and_duplicates_no_acknowledged_record(th
         log.close()
         if killed is not None and not three_nodes.members[killed].running:
             three_nodes.restart(killed)
+
+
+def test_a_cluster_whose_picked_port_was_taken_before_its_node_bound_it_starts_on_new_ports(tmp_path) -> None:
+    """The ports are picked free, then bound by the nodes a moment later: in between, another process (a parallel
+    test, an outgoing connection) can take one. The node exits saying so, and the cluster starts again on new
+    ports instead of failing."""
+    import socket
+
+    cluster = NatsCluster(tmp_path, nodes=3)
+    taken = cluster.members[1].client_port
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        cluster.start(timeout=30)
+        try:
+            assert "address already in use" in (tmp_path / "n2" / "nats.log").read_text().lower()  # it happened
+            assert taken not in {node.client_port for node in cluster.members}
+            log = NatsEventLog.connect(stream_url(cluster, fresh_stream()), partitions=2)
+            try:
+                [offset] = log.append([Append(0, payload("after"), 1)])
+                assert [(r.offset, r.payload) for r in read_all(log, 0)] == [(offset, payload("after"))]
+            finally:
+                log.close()
+        finally:
+            cluster.stop()

@@ -155,10 +155,32 @@ class NatsCluster:
         return [f"nats-route://{n.host}:{n.cluster_port}" for n in self.members]
 
     def start(self, timeout: float = 60) -> "NatsCluster":
-        for index in range(len(self.members)):
-            self._launch(index)
-        self.wait_healthy(timeout)
+        """Starts every node and waits until all are healthy. The ports were picked free, but another process
+        can bind one (or the kernel hand it to an outgoing connection) before the node does: a node that exits
+        saying so has all the nodes started again on new ports (twice at most; not in an isolated cluster,
+        whose ports are fixed in namespaces of their own)."""
+        for attempt in range(3):
+            for index in range(len(self.members)):
+                self._launch(index)
+            try:
+                self.wait_healthy(timeout)
+                return self
+            except RuntimeError:
+                if self.network or attempt == 2 or not self._port_taken():
+                    raise
+                self.stop()
+                for node in self.members:
+                    node.client_port, node.cluster_port, node.monitor_port = (free_port(node.host) for _ in range(3))
         return self
+
+    def _port_taken(self) -> bool:
+        """Whether a node that exited said one of its ports was in use."""
+        for node in self.members:
+            if node.process is not None and node.process.poll() is not None:
+                log = node.directory / "nats.log"
+                if log.exists() and "address already in use" in log.read_text(errors="replace").lower():
+                    return True
+        return False
 
     def _launch(self, index: int) -> None:
         node = self.members[index]

@@ -237,18 +237,21 @@ class _ThreadsafeEvent(asyncio.Event):
         self._owner.call_soon_threadsafe(self.set)
 
 
-async def _wait_until_up(url: str) -> None:
+async def _wait_until_up(url: str, timeout: float = 60.0) -> None:
+    """Until the collector at `url` answers its health check (`DemoError` after `timeout`: one line, on a
+    machine too busy to start it)."""
     import httpx
 
+    deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
-        for _ in range(200):
+        while time.monotonic() < deadline:
             try:
                 if (await client.get(url + "/healthz")).status_code in (200, 503):
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.05)
-    raise RuntimeError(f"the collector did not come up at {url}")
+    raise DemoError(f"the collector at {url} did not answer its health check within {timeout:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------------- cluster
