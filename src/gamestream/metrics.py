@@ -15,6 +15,9 @@ events_committed = Counter("gamestream_events_committed", "Events committed to t
                            registry=REGISTRY)
 events_quarantined = Counter("gamestream_events_quarantined",
                              "Events committed to the quarantine table with their reason", registry=REGISTRY)
+events_duplicates = Counter("gamestream_events_duplicates",
+                            "Copies of an event whose eventId had landed already (the same payload), dropped",
+                            registry=REGISTRY)
 commits = Counter("gamestream_commits", "Delta commits by table", ["table"], registry=REGISTRY)
 commit_retries = Counter("gamestream_commit_retries", "Delta commit attempts retried, by table and reason",
                          ["table", "reason"], registry=REGISTRY)

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
-          "kpi_top_events", "kpi_activity", "kpi_devices", "audit")
+          "kpi_top_events", "kpi_activity", "kpi_devices", "audit", "event_ids")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class Settings:
     """Log records are deleted once committed to the table and older than this."""
     commit_retries: int = 20
     """Attempts at a Delta commit that keeps conflicting before the processor gives up."""
+    dedupe_days: float = 7.0
+    """An eventId lands once per this many days of arrival: a later copy is dropped (the same payload) or
+    quarantined (another payload). 0 turns deduplication by eventId off (process/identity.py)."""
     window_minutes: int = 60
     """KPI: tumbling window size on eventTime."""
     watermark_delay_minutes: int = 180

@@ -95,7 +95,8 @@ def _progress_printer(started: float) -> Callable[[object], None]:
         last_print[0] = now
         rate = stats.events_committed / max(now - started, 1e-9)
         console.print(f"processed {stats.events_committed:,} events ({rate:,.0f}/s), "
-                      f"{stats.events_quarantined:,} quarantined, {stats.commits:,} commits", highlight=False)
+                      f"{stats.events_quarantined:,} quarantined, {stats.duplicates_dropped:,} duplicates dropped, "
+                      f"{stats.commits:,} commits", highlight=False)
 
     return show
 
@@ -103,4 +104,5 @@ def _progress_printer(started: float) -> Callable[[object], None]:
 def _print_processed(stats, seconds: float, settings: Settings) -> None:
     out.print(f"committed {stats.events_committed:,} events in {stats.commits:,} commits "
               f"({stats.events_committed / max(seconds, 1e-9):,.0f}/s over {seconds:.2f}s); "
-              f"quarantined {stats.events_quarantined:,}; table {settings.table_uri('events')}")
+              f"quarantined {stats.events_quarantined:,}; duplicates dropped {stats.duplicates_dropped:,}; "
+              f"table {settings.table_uri('events')}")

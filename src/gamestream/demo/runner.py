@@ -140,6 +140,7 @@ class _ProcessorRuns:
             done = self.pipeline.stats
             self.past.events_committed += done.events_committed
             self.past.events_quarantined += done.events_quarantined
+            self.past.duplicates_dropped += done.duplicates_dropped
             self.past.commits += done.commits
         self.error = None
         self.pipeline = Pipeline(self.settings, self.log, maintenance=True)
@@ -166,6 +167,7 @@ class _ProcessorRuns:
             return current
         return ProcessorStats(events_committed=self.past.events_committed + current.events_committed,
                               events_quarantined=self.past.events_quarantined + current.events_quarantined,
+                              duplicates_dropped=self.past.duplicates_dropped + current.duplicates_dropped,
                               commits=self.past.commits + current.commits, started=self.past.started)
 
     def stop_and_join(self) -> None:

@@ -41,6 +41,7 @@ processor has not committed, so a processor stopped while waiting loses nothing 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
@@ -49,6 +50,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
@@ -62,6 +64,7 @@ from gamestream.log.ownership import (
     ProcessLocks,
     open_ownership,
 )
+from gamestream.process import identity as identity_mod
 from gamestream.process.decode import Decoded, decode_records
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
@@ -82,6 +85,7 @@ __all__ = ["PartitionBusy", "ProcessLocks", "Processor", "ProcessorStats"]  # th
 class ProcessorStats:
     events_committed: int = 0
     events_quarantined: int = 0
+    duplicates_dropped: int = 0  # copies of an eventId already landed (process/identity.py)
     commits: int = 0
     batches_skipped: int = 0  # flushes that found everything already committed
     positions: dict[int, int] = field(default_factory=dict)
@@ -102,6 +106,9 @@ class _Flush:
     quarantine_seconds: float | None = None
     events_version: int | None = None
     events_seconds: float = 0.0
+    committed_before: dict[int, int] = field(default_factory=dict)  # each partition's offset before the batch
+    verdicts: dict[int, identity_mod.Verdict] = field(default_factory=dict)  # deduplication, as the events build saw it
+    duplicates: int = 0  # copies of events already landed, dropped by the events commit
 
 
 class _AppIds(dict):
@@ -143,9 +150,11 @@ class _BatchDecoder:
     Kept per log partition, so a commit can say how far in event time each partition went."""
 
     def __init__(self, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]],
-                 params: schema.Params) -> None:
+                 params: schema.Params, identity: "_Identity | None" = None) -> None:
         self.records, self.decoded_as_read, self.params = records, decoded_as_read, params
+        self.identity = identity
         self._decoded: dict[tuple, dict[int, list[Decoded]]] = {}
+        self._verdicts: dict[tuple, dict[int, identity_mod.Verdict]] = {}
 
     def _by_partition(self, after: dict[int, int]) -> dict[int, list[Decoded]]:
         if all(r.offset > after[r.partition] for r in self.records):  # the whole batch: decoded while read
@@ -158,10 +167,32 @@ class _BatchDecoder:
                                   for p in self.decoded_as_read}
         return self._decoded[key]
 
-    def after(self, after: dict[int, int]) -> Decoded:
+    def after(self, after: dict[int, int], expected: dict[int, int] | None = None) -> Decoded:
+        """The batch's rows after `after`; with deduplication by eventId, without the copies of events already in
+        the events table, and with the reuses of an eventId for another payload among the quarantine rows.
+        `expected`: the events table's offset per partition the deduplication state must reflect (`after`
+        itself for the events table's own build)."""
         decoded = [d for parts in self._by_partition(after).values() for d in parts]
-        return Decoded(events=[t for d in decoded for t in d.events],
-                       quarantine=[q for d in decoded for q in d.quarantine])
+        quarantine = [q for d in decoded for q in d.quarantine]
+        if self.identity is None:
+            return Decoded(events=[t for d in decoded for t in d.events], quarantine=quarantine)
+        verdicts = self.verdicts(after, expected or after)
+        conflicts = [_conflict_row(p, row) for p, v in verdicts.items() if v.conflicts.num_rows
+                     for row in v.conflicts.to_pylist()]
+        return Decoded(events=[v.rows for v in verdicts.values()], quarantine=quarantine + conflicts)
+
+    def verdicts(self, after: dict[int, int], expected: dict[int, int]) -> dict[int, identity_mod.Verdict]:
+        """Per partition, what deduplication makes of its rows after `after` (computed once per starting point)."""
+        assert self.identity is not None
+        key = (tuple(sorted(after.items())), tuple(sorted(expected.items())))
+        if key not in self._verdicts:
+            verdicts = {}
+            for partition, parts in self._by_partition(after).items():
+                tables = [t for d in parts for t in d.events]
+                rows = pa.concat_tables(tables) if tables else schema.arrow_schema(params=self.params).empty_table()
+                verdicts[partition] = identity_mod.judge(self.identity.state(partition, expected[partition]), rows)
+            self._verdicts[key] = verdicts
+        return self._verdicts[key]
 
     def greatest_times(self, after: dict[int, int]) -> dict[int, int]:
         """Partition → the greatest eventTime (µs) of its events after `after`: how far each partition went in
@@ -174,6 +205,37 @@ class _BatchDecoder:
             if values:
                 greatest[partition] = max(values)
         return greatest
+
+
+def _conflict_row(partition: int, row: dict) -> dict:
+    """A quarantine row for an event whose eventId landed before with another payload."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return {"quarantinedAt": now, "reason": identity_mod.DIFFERENT_PAYLOAD,
+            "payload": _ENCODER.encode(_without_nulls(row)).decode(), "logPartition": partition, "logOffset": None,
+            "quarantineDate": now.date()}
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _without_nulls(row: dict) -> dict:
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in row.items() if v is not None}
+
+
+@dataclass
+class _Identity:
+    """The processor's deduplication state (`identity.EventIds`) with what loading a partition needs."""
+
+    ids: identity_mod.EventIds
+    events_uri: str
+    app_ids: "_AppIds"
+
+    def state(self, partition: int, events_offset: int) -> identity_mod.PartitionIds:
+        """`partition`'s ids reflecting the events table at `events_offset`: held, or loaded from the tables."""
+        held = self.ids.partitions.get(partition)
+        if held is not None and held.events_offset == events_offset:
+            return held
+        return self.ids.load(partition, self.events_uri, self.app_ids[partition], events_offset)
 
 
 class Processor:
@@ -239,6 +301,9 @@ class Processor:
         # Kinesis) a commit counter with the offset in the same commit (lake.TxnPositions)
         self._positions = lake.positions_for(self.log)
         self._quarantine_positions = lake.positions_for(self.log)
+        # deduplication by eventId (process/identity.py); off with dedupe_days = 0
+        self._identity = _Identity(identity_mod.EventIds(settings), settings.table_uri("events"), self._app_ids) \
+            if settings.dedupe_days > 0 else None
 
     def _table_writes(self) -> tuple[_TableWrite, _TableWrite]:
         """The flush's two writes, in commit order: quarantine (only when there is something to quarantine),
@@ -309,6 +374,8 @@ class Processor:
             dropped[partition] = sum(r.events for r in records)
             self._terms.pop(partition, None)
             self.stats.positions.pop(partition, None)
+        if self._identity is not None:  # no flush is in flight here: its state is the loop's to change
+            self._identity.ids.drop(dropped)
         if self._pending_events == 0:
             self._pending_since = None
         logger.info("partitions released", extra={"partitions": sorted(dropped), "reason": why,
@@ -352,6 +419,8 @@ class Processor:
                 logger.info("processor stopping: committing what it has read",
                             extra={"pending_events": self._pending_events})
             self.flush()
+            if self._identity is not None:  # what a restart would otherwise read back from the events table
+                self._identity.ids.commit(self.stop_requested)
             if on_progress:
                 on_progress(self.stats)
         except lake.RetryInterrupted:
@@ -512,7 +581,8 @@ class Processor:
             return
         last_offsets = {p: self._pending[p][-1].offset for p in self.partitions if self._pending[p]}
         decoded_as_read = {p: list(self._decoded[p]) for p in self.partitions if self._pending[p]}
-        flush = _Flush(Future(), last_offsets, self._pending_events)
+        flush = _Flush(Future(), last_offsets, self._pending_events,
+                       committed_before={p: self.stats.positions[p] for p in last_offsets})
         for partition in last_offsets:
             self._pending[partition] = []
             self._decoded[partition] = []
@@ -526,7 +596,7 @@ class Processor:
 
         1. quarantine (only when there is something to quarantine), then
         2. events (always: the position moves)."""
-        decoder = _BatchDecoder(records, decoded_as_read, self.params)
+        decoder = _BatchDecoder(records, decoded_as_read, self.params, self._identity)
         # Step 1
         started = time.perf_counter()
         if self._commit_write(self._quarantine_write, flush, decoder) is not None:
@@ -535,6 +605,16 @@ class Processor:
         started = time.perf_counter()
         flush.events_version = self._commit_write(self._events_write, flush, decoder)
         flush.events_seconds = time.perf_counter() - started
+        # Step 3: the ids that landed join the deduplication state (and, now and then, the event_ids table)
+        if self._identity is not None:
+            ids = self._identity.ids
+            if flush.events_version is None:  # it was all in the table already: reload the state when next used
+                for partition in flush.last_offsets:
+                    ids.drop([partition])
+            else:
+                ids.remember(flush.verdicts, flush.events_version, flush.last_offsets)
+            if ids.commit_due():
+                ids.commit(self.stop_requested)
 
     def _commit_write(self, write: _TableWrite, flush: _Flush, decoder: _BatchDecoder) -> int | None:
         """One table's commit of the flush, exactly once (`lake.commit_exactly_once`); the version committed, or
@@ -560,7 +640,11 @@ class Processor:
         todo = {app_ids[p]: offset for p, offset in flush.last_offsets.items() if offset > after[p]}
         if not todo:
             return None
-        rows = write.rows_of(decoder.after(after))
+        expected = after if write.key == "events" else flush.committed_before
+        rows = write.rows_of(decoder.after(after, expected))
+        if write.key == "events" and decoder.identity is not None:
+            flush.verdicts = decoder.verdicts(after, expected)
+            flush.duplicates = sum(v.copies for v in flush.verdicts.values())
         if write.conforms_rows:
             rows = lake.conform_to(write.table, rows)
         if write.should_skip(rows):
@@ -592,6 +676,9 @@ class Processor:
             self.stats.commits += 1
             self.stats.events_committed += flush.built["events"]
             metrics.events_committed.inc(flush.built["events"])
+            if flush.duplicates:
+                self.stats.duplicates_dropped += flush.duplicates
+                metrics.events_duplicates.inc(flush.duplicates)
             metrics.commits.labels("events").inc()
             metrics.commit_seconds.labels("events").observe(flush.events_seconds)
             if self.on_commit:

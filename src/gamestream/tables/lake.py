@@ -519,6 +519,23 @@ def commit_infos(uri: str, versions: Iterable[int]) -> dict[int, dict | None]:
     return infos
 
 
+def txn_app_ids_of(uri: str, versions: Iterable[int]) -> dict[int, set[str] | None]:
+    """The txn appIds each of `versions` set (which log partitions a processor's commit moved), read from its
+    `_delta_log/<version>.json`; None when that file is gone (cleaned up after a checkpoint)."""
+    from deltalake.fs import DeltaStorageHandler
+
+    handler = DeltaStorageHandler(uri, storage_options(uri))
+    found: dict[int, set[str] | None] = {}
+    for version in versions:
+        try:
+            data = handler.open_input_file(f"_delta_log/{version:020d}.json").read()
+        except FileNotFoundError:
+            found[version] = None
+            continue
+        found[version] = {json.loads(line)["txn"]["appId"] for line in data.splitlines() if b'"txn"' in line[:8]}
+    return found
+
+
 def stamp_greatest_times(greatest: dict[int, int]) -> dict[str, str]:
     """The commitInfo metadata recording `greatest` (partition → greatest eventTime, µs)."""
     return {GREATEST_TIMES_KEY: json.dumps({str(p): t for p, t in sorted(greatest.items())}, separators=(",", ":"))}

@@ -1,0 +1,357 @@
+"""Exactly once by event identity: an eventId lands in the events table once per window of arrival.
+
+An Idempotency-Key covers one request; a mobile SDK that retries after a lost answer re-batches its queue under a
+new key, `load` may run twice, a week-old queue may be flushed again. So the processor, which already commits
+each log record once, also drops an event whose eventId has landed before:
+
+- the same eventId with the same payload (a copy) is dropped and counted (`duplicates`);
+- the same eventId with another payload keeps the first and sends the later one to `events_quarantine` with the
+  reason `duplicate eventId with a different payload`;
+- an eventId not seen in the window (`Settings.dedupe_days`, 7 days of arrival by default) lands.
+
+The payload compared is what the device sent: eventName, eventParams with the device's own event time
+(`client_event_time`, or for a `load`ed event without one its eventTime) and the unknown fields. The other times
+are not part of it: a copy is received, and may be sent, at another time, and a collector without `sentAt` makes
+its eventTime its receive time.
+
+State, per log partition, where the device lives (every producer gamestream runs routes a device to one
+partition, so a copy arrives on the partition of its first): in memory, a sorted array of 64-bit id keys (the
+lower half of the eventId's MD5, stable across versions) with a 64-bit fingerprint of the payload and the day of
+arrival, 18 bytes an id; durably, the table `event_ids` (partitioned by log partition), appended after each
+events commit with a txn per partition = the events version it covers + 1. A processor that gains a partition (or
+starts) loads that partition's rows of the window and then reads, from the events table's change data feed,
+every events version after the one `event_ids` covers that committed that partition: a crash between the events
+commit and the `event_ids` commit loses nothing (the events table is the truth) and lets no copy in. Those
+versions may hold other partitions' rows too; their ids are kept as well, which only catches more copies.
+
+The fingerprint is DuckDB's `hash` of the payload columns: not promised stable across DuckDB versions, so in the
+window after an upgrade that changed it an exact copy may be quarantined as a different payload (it is still
+not counted twice). Two different eventIds whose 64-bit keys collide (about 3·10⁻⁴ expected over a window of
+10⁸ ids) make the later one a "different payload": it is quarantined, not lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gamestream.settings import Settings
+from gamestream.tables import lake
+
+logger = logging.getLogger(__name__)
+
+TABLE = "event_ids"
+DIFFERENT_PAYLOAD = "duplicate eventId with a different payload"
+SCHEMA = pa.schema([
+    pa.field("logPartition", pa.int32()),
+    pa.field("idKey", pa.int64()),
+    pa.field("fingerprint", pa.int64()),
+    pa.field("arrivedOn", pa.date32()),
+])
+PARTITION_BY = ["logPartition"]
+_EPOCH = dt.date(1970, 1, 1)
+COMMIT_IDS = 500_000
+COMMIT_EVERY_S = 10.0
+# The device's own event time is `client_event_time` when the collector received the event (it keeps the time
+# as sent there), and `eventTime` when `load` read it from a file without one: the fingerprint takes the first
+# that is set, so a copy that came the other way still matches.
+_KEYS_SQL = ("SELECT md5_number_lower(eventId)::UBIGINT AS k, hash(eventName, struct_update(eventParams, "
+             "client_event_time := coalesce(eventParams.client_event_time, eventTime)), eventParams_extra, "
+             "event_extra)::UBIGINT AS f FROM rows")
+_KEY_COLUMNS = ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra"]
+
+_local = threading.local()
+
+
+def identity_keys(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the id key and the payload fingerprint (int64 views of unsigned 64-bit values), and whether the
+    row has an eventId at all (one without is never a duplicate)."""
+    if rows.num_rows == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=bool)
+    connection = getattr(_local, "duckdb", None)
+    if connection is None:
+        connection = _local.duckdb = duckdb.connect()
+    connection.register("rows", rows.select(_KEY_COLUMNS))
+    try:
+        keys = connection.sql(_KEYS_SQL).to_arrow_table()
+    finally:
+        connection.unregister("rows")
+    has_id = pc.is_valid(keys["k"]).to_numpy(zero_copy_only=False)
+    k = pc.fill_null(keys["k"], 0).to_numpy().view(np.int64)
+    f = pc.fill_null(keys["f"], 0).to_numpy().view(np.int64)
+    return k, f, has_id
+
+
+@dataclass
+class PartitionIds:
+    """One partition's ids in the window: sorted keys with their fingerprints and days of arrival, plus a small
+    sorted run of recent ones merged in when it grows (so adding a batch does not re-sort everything)."""
+
+    events_offset: int | None = None  # the events table's offset of this partition these ids reflect
+    events_version: int = 0  # the events table version they reflect
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    prints: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    days: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys) + (len(self.recent[0]) if self.recent else 0)
+
+    @property
+    def nbytes(self) -> int:
+        runs = [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]
+        return sum(a.nbytes for run in runs for a in run)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each key: whether it is held, and its fingerprint (meaningful where held)."""
+        found = np.zeros(len(keys), dtype=bool)
+        prints = np.zeros(len(keys), dtype=np.int64)
+        for run_keys, run_prints, _ in [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]:
+            if not len(run_keys):
+                continue
+            at = np.searchsorted(run_keys, keys)
+            inside = at < len(run_keys)
+            hit = np.zeros(len(keys), dtype=bool)
+            hit[inside] = run_keys[at[inside]] == keys[inside]
+            prints[hit] = run_prints[at[hit]]
+            found |= hit
+        return found, prints
+
+    def add(self, keys: np.ndarray, prints: np.ndarray, day: int | np.ndarray) -> None:
+        """Adds ids not held yet (the caller passes new ones; a key held already keeps its first fingerprint)."""
+        if not len(keys):
+            return
+        days = np.broadcast_to(np.asarray(day, dtype=np.int32), keys.shape)
+        held, _ = self.find(keys)
+        keys, prints, days = keys[~held], prints[~held], days[~held]
+        keys, first = np.unique(keys, return_index=True)
+        run = (keys, prints[first], days[first])
+        if self.recent is not None:
+            run = _merged(self.recent, run)
+        if len(run[0]) * 8 > max(len(self.keys), 1 << 16):
+            self.keys, self.prints, self.days = _merged((self.keys, self.prints, self.days), run)
+            self.recent = None
+        else:
+            self.recent = run
+
+    def expire(self, oldest_day: int) -> None:
+        """Forgets ids that arrived before `oldest_day` (days since 1970)."""
+        runs = [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]
+        kept = [tuple(a[run[2] >= oldest_day] for a in run) for run in runs]
+        self.keys, self.prints, self.days = kept[0]
+        self.recent = kept[1] if len(kept) > 1 else None
+
+
+def _merged(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    keys = np.concatenate([a[0], b[0]])
+    order = np.argsort(keys, kind="stable")
+    return keys[order], np.concatenate([a[1], b[1]])[order], np.concatenate([a[2], b[2]])[order]
+
+
+@dataclass
+class Verdict:
+    """What deduplication made of one partition's rows: the rows to land, the copies dropped, and the rows that
+    reuse an eventId with another payload (to quarantine); `new_*` are the ids to remember once committed."""
+
+    rows: pa.Table
+    copies: int
+    conflicts: pa.Table
+    new_keys: np.ndarray
+    new_prints: np.ndarray
+
+
+def judge(ids: PartitionIds, rows: pa.Table) -> Verdict:
+    """Splits `rows` (one partition's, in log order) into first arrivals, copies and conflicting reuses, against
+    the ids held and against the earlier rows of the same batch."""
+    keys, prints, has_id = identity_keys(rows)
+    n = rows.num_rows
+    keep = np.ones(n, dtype=bool)
+    conflict = np.zeros(n, dtype=bool)
+    held, held_prints = ids.find(keys)
+    held &= has_id
+    keep[held] = False
+    conflict[held] = held_prints[held] != prints[held]
+    # within the batch: the first row of each key not held stands for it; later ones are copies or conflicts
+    fresh = np.flatnonzero(has_id & ~held)
+    if len(fresh):
+        unique, first, inverse = np.unique(keys[fresh], return_index=True, return_inverse=True)
+        first_rows = fresh[first]
+        later = fresh[fresh != first_rows[inverse]]
+        if len(later):
+            later_first = first_rows[inverse[np.searchsorted(fresh, later)]]
+            keep[later] = False
+            conflict[later] = prints[later] != prints[later_first]
+        new_keys, new_prints = unique, prints[first_rows]
+    else:
+        new_keys, new_prints = keys[:0], prints[:0]
+    if keep.all():
+        return Verdict(rows, 0, rows.slice(0, 0), new_keys, new_prints)
+    copies = int((~keep & ~conflict).sum())
+    return Verdict(rows.filter(pa.array(keep)), copies, rows.filter(pa.array(conflict)), new_keys, new_prints)
+
+
+def today(now: float | None = None) -> int:
+    """Days since 1970 (UTC), the unit of `arrivedOn`."""
+    return int((time.time() if now is None else now) // 86400)
+
+
+class EventIds:
+    """The processor's deduplication state: `PartitionIds` per owned partition, backed by the `event_ids` table
+    (see the module docstring). Used from the processor's commit thread only."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.window_days = max(1, int(np.ceil(settings.dedupe_days)))
+        self.table = lake.open_or_create(settings.table_uri(TABLE), SCHEMA, PARTITION_BY)
+        self.app_ids: dict[int, str] = {}
+        self.partitions: dict[int, PartitionIds] = {}
+        self._pending: list[pa.Table] = []  # ids remembered, not in `event_ids` yet
+        self._pending_ids = 0
+        self._covered: int | None = None  # the events version the pending ids reach
+        self._committed_at = time.monotonic()
+
+    def app_id(self, partition: int) -> str:
+        if partition not in self.app_ids:
+            self.app_ids[partition] = lake.txn_app_id(self.settings.pipeline, partition, TABLE)
+        return self.app_ids[partition]
+
+    def oldest_day(self) -> int:
+        return today() - self.window_days + 1
+
+    def drop(self, partitions) -> None:
+        """Forgets partitions no longer owned (their next owner loads them from the tables)."""
+        for partition in partitions:
+            self.partitions.pop(partition, None)
+
+    def current(self, partition: int, events_offset: int) -> bool:
+        held = self.partitions.get(partition)
+        return held is not None and held.events_offset == events_offset
+
+    def _start(self, partition: int, events_version: int) -> None:
+        """Marks `partition` as covered up to `events_version` in `event_ids` (an empty commit with its txn)."""
+        app_id = self.app_id(partition)
+        lake.commit_exactly_once(
+            self.table, [app_id], lambda versions: None if versions.get(app_id, 0) > events_version else
+            lake.Batch(SCHEMA.empty_table(), {app_id: events_version + 1}),
+            partition_by=PARTITION_BY, retries=self.settings.commit_retries, name=TABLE)
+
+    def load(self, partition: int, events_table_uri: str, events_app_id: str, events_offset: int) -> PartitionIds:
+        """`partition`'s ids as the tables hold them now: its `event_ids` rows of the window, then the ids of the
+        events versions after the one those cover that committed the partition (a crash between the two
+        commits). `events_offset` is the partition's offset in the events table they then reflect."""
+        started = time.perf_counter()
+        self.table.update_incremental()
+        txn = self.table.transaction_version(self.app_id(partition))  # the events version covered + 1
+        events = lake.open_table(events_table_uri)
+        head = events.version()
+        if txn is None:  # the partition's first load: the window starts here (events before are not known)
+            self._start(partition, head)
+            txn = head + 1
+        covered = txn - 1
+        stored = self.table.to_pyarrow_dataset().to_table(
+            columns=["idKey", "fingerprint", "arrivedOn"],
+            filter=(pc.field("logPartition") == partition) & (pc.field("arrivedOn") >= pa.scalar(
+                _EPOCH + dt.timedelta(days=self.oldest_day()), pa.date32())))
+        held = PartitionIds()
+        days = pc.cast(stored["arrivedOn"], pa.int32()).to_numpy() if stored.num_rows else np.empty(0, np.int32)
+        held.add(stored["idKey"].to_numpy(), stored["fingerprint"].to_numpy(), days)
+        missed = [v for v, actions in lake.txn_app_ids_of(events_table_uri, range(covered + 1, head + 1)).items()
+                  if actions is None or events_app_id in actions] if covered < head else []
+        caught = 0
+        if missed:
+            rows = _rows_of_versions(events, missed)
+            keys, prints, has_id = identity_keys(rows)
+            held.add(keys[has_id], prints[has_id], today())
+            caught = int(has_id.sum())
+        held.events_offset, held.events_version = events_offset, head
+        self.partitions[partition] = held
+        logger.info("event ids loaded", extra={
+            "partition": partition, "ids": len(held), "from_events_versions": len(missed), "caught_up_ids": caught,
+            "seconds": round(time.perf_counter() - started, 3)})
+        return held
+
+    def remember(self, verdicts: dict[int, Verdict], events_version: int, last_offsets: dict[int, int]) -> None:
+        """After the events commit `events_version` (which took `last_offsets`): the new ids join each partition's
+        state, and wait for the next `commit` to `event_ids`."""
+        day = today()
+        for partition, verdict in verdicts.items():
+            self.partitions[partition].add(verdict.new_keys, verdict.new_prints, day)
+            if len(verdict.new_keys):
+                self._pending.append(pa.table({
+                    "logPartition": pa.array(np.full(len(verdict.new_keys), partition, dtype=np.int32)),
+                    "idKey": pa.array(verdict.new_keys), "fingerprint": pa.array(verdict.new_prints),
+                    "arrivedOn": pa.array(np.full(len(verdict.new_keys), day, dtype=np.int32)).cast(pa.date32()),
+                }, schema=SCHEMA))
+                self._pending_ids += len(verdict.new_keys)
+        for partition, offset in last_offsets.items():
+            if partition in self.partitions:
+                self.partitions[partition].events_offset = offset
+        for held in self.partitions.values():
+            held.events_version = events_version
+        self._covered = events_version
+
+    def commit_due(self) -> bool:
+        """Whether the ids remembered since the last commit should go to `event_ids` now: many of them, or a
+        while since. Committing less often costs only a longer catch-up after a crash (from the events table)."""
+        return self._covered is not None and (
+            self._pending_ids >= COMMIT_IDS or time.monotonic() - self._committed_at >= COMMIT_EVERY_S)
+
+    def commit(self, stop: threading.Event | None = None) -> None:
+        """Appends the remembered ids to `event_ids`, with the txn of every partition held = the events version
+        they cover (so a later load reads the events table only after it)."""
+        version = self._covered
+        if version is None:
+            return
+        rows = pa.concat_tables(self._pending) if self._pending else SCHEMA.empty_table()
+        owned = sorted(self.partitions)
+        ids = [self.app_id(p) for p in owned]
+
+        def build(versions: dict[str, int]) -> lake.Batch | None:
+            behind = {app_id: version + 1 for app_id in ids if versions.get(app_id, 0) < version + 1}
+            return lake.Batch(rows, behind) if behind or rows.num_rows else None
+
+        lake.commit_exactly_once(self.table, ids, build, partition_by=PARTITION_BY,
+                                 retries=self.settings.commit_retries, name=TABLE, stop=stop,
+                                 context={"events_version": version})
+        self._pending, self._pending_ids, self._covered = [], 0, None
+        self._committed_at = time.monotonic()
+
+    def expire(self) -> None:
+        oldest = self.oldest_day()
+        for held in self.partitions.values():
+            held.expire(oldest)
+
+
+def _rows_of_versions(events, versions: list[int]) -> pa.Table:
+    """The rows versions `versions` of the events table added (their change data feed), the columns the keys
+    are made of."""
+    columns = _KEY_COLUMNS
+    target = lake.arrow_schema_of(events)
+    parts = []
+    for first, last in _runs(versions):
+        reader = events.load_cdf(starting_version=first, ending_version=last,
+                                 columns=[f'"{c}"' for c in columns] + ["_change_type"])
+        table = pa.table(reader.read_all())
+        if table.num_rows:  # the change data feed hands out string_view columns: back to the table's types
+            plain = pa.table({c: pc.cast(table[c], target.field(c).type) for c in columns})
+            parts.append(plain.filter(pc.equal(pc.cast(table["_change_type"], pa.string()), "insert")))
+    return pa.concat_tables(parts) if parts else pa.schema([target.field(c) for c in columns]).empty_table()
+
+
+def _runs(versions: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for version in sorted(versions):
+        if runs and version == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], version)
+        else:
+            runs.append((version, version))
+    return runs
