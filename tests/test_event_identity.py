@@ -214,3 +214,25 @@ def test_ids_older_than_the_window_are_forgotten_and_a_partition_loads_only_its_
     found, prints = held.find(np.array([1, 2, 3], dtype=np.int64))
     assert found.tolist() == [True, False, False] and prints[0] == 10
     assert events.version() == 0
+
+
+def test_the_maintenance_deletes_event_ids_older_than_the_window_and_the_state_forgets_them(tmp_path: Path) -> None:
+    from gamestream.tables.maintenance import expire_event_ids
+    from deltalake import DeltaTable, write_deltalake
+
+    settings = Settings(data_dir=tmp_path, dedupe_days=7)
+    ids = identity.EventIds(settings)
+    today = identity.today()
+    write_deltalake(ids.table, pa.table({
+        "logPartition": pa.array([0, 0, 1], pa.int32()), "idKey": pa.array([1, 2, 3], pa.int64()),
+        "fingerprint": pa.array([10, 20, 30], pa.int64()),
+        "arrivedOn": pa.array([today - 6, today - 7, today - 30], pa.int32()).cast(pa.date32())}),
+        mode="append", partition_by=identity.PARTITION_BY)
+    assert expire_event_ids(settings) == 2
+    assert DeltaTable(settings.table_uri("event_ids")).to_pyarrow_table()["idKey"].to_pylist() == [1]
+    assert expire_event_ids(settings) == 0
+
+    held = identity.PartitionIds()
+    held.add(np.array([5, 6], dtype=np.int64), np.array([50, 60], dtype=np.int64), np.array([today - 8, today]))
+    held.expire(today - 6)
+    assert held.find(np.array([5, 6], dtype=np.int64))[0].tolist() == [False, True]

@@ -218,6 +218,7 @@ class EventIds:
         self._pending_ids = 0
         self._covered: int | None = None  # the events version the pending ids reach
         self._committed_at = time.monotonic()
+        self._expired_day = today()
 
     def app_id(self, partition: int) -> str:
         if partition not in self.app_ids:
@@ -324,8 +325,12 @@ class EventIds:
                                  context={"events_version": version})
         self._pending, self._pending_ids, self._covered = [], 0, None
         self._committed_at = time.monotonic()
+        if self._expired_day != today():  # a new day: the ids that left the window leave the memory too
+            self.expire()
 
     def expire(self) -> None:
+        """Forgets the ids that arrived before the window (the maintenance deletes their `event_ids` rows)."""
+        self._expired_day = today()
         oldest = self.oldest_day()
         for held in self.partitions.values():
             held.expire(oldest)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import stamina
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
@@ -400,6 +402,8 @@ class AutoMaintenance:
                     table.cleanup_metadata()
                     self.last_checkpoint[name] = version
             if time.monotonic() - self.last_vacuum >= self.settings.vacuum_every_h * 3600:
+                if "event_ids" in self.tables:
+                    expire_event_ids(self.settings)
                 for name in self.tables:
                     uri = self.settings.table_uri(name)
                     if lake.table_exists(uri):
@@ -422,6 +426,24 @@ class AutoMaintenance:
             if size < small:
                 counts[key] = counts.get(key, 0) + 1
         return [key for key, count in counts.items() if count >= self.settings.compact_small_files]
+
+
+def expire_event_ids(settings: Settings) -> int:
+    """Deletes the rows of `event_ids` (deduplication by eventId, process/identity.py) that arrived before the
+    window of `dedupe_days`; the number deleted. VACUUM then removes their files."""
+    import math
+
+    uri = settings.table_uri("event_ids")
+    if settings.dedupe_days <= 0 or not lake.table_exists(uri):
+        return 0
+    oldest = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=math.ceil(settings.dedupe_days) - 1)
+    table = lake.open_table(uri)
+    if not table.to_pyarrow_dataset().count_rows(filter=pc.field("arrivedOn") < pa.scalar(oldest, pa.date32())):
+        return 0
+    metrics = table.delete(f"arrivedOn < '{oldest.isoformat()}'")
+    deleted = int(metrics.get("num_deleted_rows", 0))
+    logger.info("deleted %d event id(s) older than the deduplication window", deleted, extra={"oldest": str(oldest)})
+    return deleted
 
 
 def last_operations(table: DeltaTable, limit: int = 1000) -> dict[str, str | None]:
