@@ -244,9 +244,10 @@ def test_a_pipeline_stopped_while_the_disk_is_full_leaves_its_events_to_a_run_st
     from gamestream.process.pipeline import Pipeline
     from gamestream.settings import Settings
 
-    def out_of_space_retries() -> float:
-        return metrics.REGISTRY.get_sample_value(
-            "gamestream_commit_retries_total", {"table": "events", "reason": "out_of_space"}) or 0.0
+    def out_of_space_retries() -> float:  # the first commit that waits: events, or event_ids (its first load)
+        return sum(metrics.REGISTRY.get_sample_value(
+            "gamestream_commit_retries_total", {"table": table, "reason": "out_of_space"}) or 0.0
+            for table in ("events", "event_ids"))
 
     settings = Settings(data_dir=small_disk, partitions=2, batch_max_wait_s=0.05, kpi_interval_s=0.2)
     lines = [json.dumps({"eventId": f"e-{i}", "eventName": "levelStart", "eventTime": "2026-11-01T10:00:00Z",

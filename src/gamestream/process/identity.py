@@ -93,62 +93,56 @@ def identity_keys(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @dataclass
 class PartitionIds:
-    """One partition's ids in the window: sorted keys with their fingerprints and days of arrival, plus a small
-    sorted run of recent ones merged in when it grows (so adding a batch does not re-sort everything)."""
+    """One partition's ids in the window: sorted runs of keys with their fingerprints and days of arrival, largest
+    first, merged like a binary counter (a run is merged into the one before it once it is at least half its
+    size), so adding a batch costs O(log n) amortized per id and a lookup searches O(log n) runs."""
 
     events_offset: int | None = None  # the events table's offset of this partition these ids reflect
     events_version: int = 0  # the events table version they reflect
-    keys: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    prints: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    days: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
-    recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.keys) + (len(self.recent[0]) if self.recent else 0)
+        return sum(len(run[0]) for run in self.runs)
 
     @property
     def nbytes(self) -> int:
-        runs = [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]
-        return sum(a.nbytes for run in runs for a in run)
+        return sum(a.nbytes for run in self.runs for a in run)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each key: whether it is held, and its fingerprint (meaningful where held)."""
         found = np.zeros(len(keys), dtype=bool)
         prints = np.zeros(len(keys), dtype=np.int64)
-        for run_keys, run_prints, _ in [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]:
-            if not len(run_keys):
-                continue
+        for run_keys, run_prints, _ in self.runs:
             at = np.searchsorted(run_keys, keys)
             inside = at < len(run_keys)
             hit = np.zeros(len(keys), dtype=bool)
             hit[inside] = run_keys[at[inside]] == keys[inside]
+            hit &= ~found
             prints[hit] = run_prints[at[hit]]
             found |= hit
         return found, prints
 
     def add(self, keys: np.ndarray, prints: np.ndarray, day: int | np.ndarray) -> None:
-        """Adds ids not held yet (the caller passes new ones; a key held already keeps its first fingerprint)."""
+        """Adds ids not held yet (a key held already keeps its first fingerprint)."""
         if not len(keys):
             return
         days = np.broadcast_to(np.asarray(day, dtype=np.int32), keys.shape)
         held, _ = self.find(keys)
         keys, prints, days = keys[~held], prints[~held], days[~held]
         keys, first = np.unique(keys, return_index=True)
-        run = (keys, prints[first], days[first])
-        if self.recent is not None:
-            run = _merged(self.recent, run)
-        if len(run[0]) * 8 > max(len(self.keys), 1 << 16):
-            self.keys, self.prints, self.days = _merged((self.keys, self.prints, self.days), run)
-            self.recent = None
-        else:
-            self.recent = run
+        if not len(keys):
+            return
+        self.runs.append((keys, prints[first], days[first]))
+        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+            newer = self.runs.pop()
+            self.runs[-1] = _merged(self.runs[-1], newer)
 
     def expire(self, oldest_day: int) -> None:
         """Forgets ids that arrived before `oldest_day` (days since 1970)."""
-        runs = [(self.keys, self.prints, self.days), *([self.recent] if self.recent else [])]
-        kept = [tuple(a[run[2] >= oldest_day] for a in run) for run in runs]
-        self.keys, self.prints, self.days = kept[0]
-        self.recent = kept[1] if len(kept) > 1 else None
+        runs = [tuple(a[run[2] >= oldest_day] for a in run) for run in self.runs]
+        self.runs = []
+        for run in sorted((r for r in runs if len(r[0])), key=lambda r: -len(r[0])):
+            self.runs.append(run)  # type: ignore[arg-type]
 
 
 def _merged(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -214,6 +208,7 @@ class EventIds:
         self.table = lake.open_or_create(settings.table_uri(TABLE), SCHEMA, PARTITION_BY)
         self.app_ids: dict[int, str] = {}
         self.partitions: dict[int, PartitionIds] = {}
+        self.stop: threading.Event | None = None  # ends a commit waiting for disk space (the processor's stop)
         self._pending: list[pa.Table] = []  # ids remembered, not in `event_ids` yet
         self._pending_ids = 0
         self._covered: int | None = None  # the events version the pending ids reach
@@ -243,7 +238,7 @@ class EventIds:
         lake.commit_exactly_once(
             self.table, [app_id], lambda versions: None if versions.get(app_id, 0) > events_version else
             lake.Batch(SCHEMA.empty_table(), {app_id: events_version + 1}),
-            partition_by=PARTITION_BY, retries=self.settings.commit_retries, name=TABLE)
+            partition_by=PARTITION_BY, retries=self.settings.commit_retries, name=TABLE, stop=self.stop)
 
     def load(self, partition: int, events_table_uri: str, events_app_id: str, events_offset: int) -> PartitionIds:
         """`partition`'s ids as the tables hold them now: its `event_ids` rows of the window, then the ids of the

@@ -281,6 +281,8 @@ class Processor:
         self._log_unavailable_since: float | None = None  # an episode of a log out of reach (LogUnavailable)
         self.stop_requested = threading.Event()
         self.drain_requested = threading.Event()
+        if self._identity is not None:
+            self._identity.ids.stop = self.stop_requested
         # told (version, rows, greatest eventTime per partition) after each events commit: the KPI stage in the
         # same process folds those rows without reading them back from the table
         self.on_commit: Callable[[int, pa.Table, dict[int, int]], None] | None = None
