@@ -236,3 +236,24 @@ def test_the_maintenance_deletes_event_ids_older_than_the_window_and_the_state_f
     held.add(np.array([5, 6], dtype=np.int64), np.array([50, 60], dtype=np.int64), np.array([today - 8, today]))
     held.expire(today - 6)
     assert held.find(np.array([5, 6], dtype=np.int64))[0].tolist() == [False, True]
+
+
+def test_ids_written_as_uuids_and_any_other_ids_both_find_their_copies() -> None:
+    """A UUID eventId is keyed by its own lower 64 bits (read in bulk), any other by the lower half of its MD5:
+    either way a copy in the same batch or in the state is found, and a different id is not."""
+    from gamestream import schema
+
+    an_id = str(uuid.uuid4())
+    rows = [{"eventId": i, "eventName": "levelEnd", "eventTime": dt.datetime(2026, 11, 1, tzinfo=UTC),
+             "eventParams": {"device_id": "d"}} for i in ("order-17", an_id, "order-17", an_id, "order-18", None)]
+    table = pa.Table.from_pylist(rows, schema=schema.arrow_schema())
+    keys, _, has_id = identity.identity_keys(table)
+    assert keys[0] == keys[2] and keys[1] == keys[3] and len({keys[0], keys[1], keys[4]}) == 3
+    assert keys[1].view(np.uint64) == uuid.UUID(an_id).int & (2**64 - 1)
+    assert has_id.tolist() == [True] * 5 + [False]
+    verdict = identity.judge(identity.PartitionIds(), table)
+    assert verdict.copies == 2 and verdict.rows.num_rows == 4 and verdict.conflicts.num_rows == 0
+    state = identity.PartitionIds()
+    state.add(verdict.new_keys, verdict.new_prints, identity.today())
+    again = identity.judge(state, table.slice(0, 2))
+    assert again.copies == 2 and again.rows.num_rows == 0

@@ -15,8 +15,9 @@ are not part of it: a copy is received, and may be sent, at another time, and a 
 its eventTime its receive time.
 
 State, per log partition, where the device lives (every producer gamestream runs routes a device to one
-partition, so a copy arrives on the partition of its first): in memory, a sorted array of 64-bit id keys (the
-lower half of the eventId's MD5, stable across versions) with a 64-bit fingerprint of the payload and the day of
+partition, so a copy arrives on the partition of its first): in memory, sorted arrays of 64-bit id keys (an
+eventId written as a UUID gives its own lower 64 bits, any other the lower half of its MD5: both stable across
+versions) with a 64-bit fingerprint of the payload and the day of
 arrival, 18 bytes an id; durably, the table `event_ids` (partitioned by log partition), appended after each
 events commit with a txn per partition = the events version it covers + 1. A processor that gains a partition (or
 starts) loads that partition's rows of the window and then reads, from the events table's change data feed,
@@ -63,9 +64,9 @@ COMMIT_EVERY_S = 10.0
 # The device's own event time is `client_event_time` when the collector received the event (it keeps the time
 # as sent there), and `eventTime` when `load` read it from a file without one: the fingerprint takes the first
 # that is set, so a copy that came the other way still matches.
-_KEYS_SQL = ("SELECT md5_number_lower(eventId)::UBIGINT AS k, hash(eventName, struct_update(eventParams, "
-             "client_event_time := coalesce(eventParams.client_event_time, eventTime)), eventParams_extra, "
-             "event_extra)::UBIGINT AS f FROM rows")
+_PRINTS_SQL = ("SELECT hash(eventName, struct_update(eventParams, client_event_time := "
+               "coalesce(eventParams.client_event_time, eventTime)), eventParams_extra, event_extra)::UBIGINT AS f "
+               "FROM rows")
 _KEY_COLUMNS = ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra"]
 
 _local = threading.local()
@@ -82,13 +83,53 @@ def identity_keys(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         connection = _local.duckdb = duckdb.connect()
     connection.register("rows", rows.select(_KEY_COLUMNS))
     try:
-        keys = connection.sql(_KEYS_SQL).to_arrow_table()
+        prints = connection.sql(_PRINTS_SQL).to_arrow_table()["f"]
     finally:
         connection.unregister("rows")
-    has_id = pc.is_valid(keys["k"]).to_numpy(zero_copy_only=False)
-    k = pc.fill_null(keys["k"], 0).to_numpy().view(np.int64)
-    f = pc.fill_null(keys["f"], 0).to_numpy().view(np.int64)
-    return k, f, has_id
+    ids = pc.cast(rows["eventId"], pa.string()).combine_chunks()
+    has_id = pc.is_valid(ids).to_numpy(zero_copy_only=False)
+    keys = np.zeros(len(ids), dtype=np.int64)
+    uuid_keys, is_uuid = _uuid_keys(ids)
+    keys[is_uuid] = uuid_keys
+    others = np.flatnonzero(has_id & ~is_uuid)
+    if len(others):  # not a UUID: the lower half of its MD5 (DuckDB's md5_number_lower)
+        connection.register("ids", pa.table({"eventId": ids.take(pa.array(others))}))
+        try:
+            hashed = connection.sql("SELECT md5_number_lower(eventId)::UBIGINT AS k FROM ids").to_arrow_table()["k"]
+        finally:
+            connection.unregister("ids")
+        keys[others] = hashed.to_numpy().view(np.int64)
+    return keys, pc.fill_null(prints, 0).to_numpy().view(np.int64), has_id
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+_UUID_DASHES = [8, 13, 18, 23]
+_UUID_LOW_HEX = [19, 20, 21, 22, *range(24, 36)]  # the last 16 hex digits: variant and 62 random bits (v4, v7)
+_SHIFTS = np.array([4 * (15 - i) for i in range(16)], dtype=np.uint64)
+
+
+def _uuid_keys(ids: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """The key of every eventId written as a UUID (8-4-4-4-12 hex digits): its own lower 64 bits, read in bulk
+    (most ids are UUIDs: v7 from the collector, v4 or v7 from the SDKs). Returns the keys of those rows, and which
+    rows they are."""
+    lengths = pc.fill_null(pc.binary_length(ids), 0).to_numpy(zero_copy_only=False)
+    shaped = np.flatnonzero(lengths == 36)
+    is_uuid = np.zeros(len(ids), dtype=bool)
+    if not len(shaped):
+        return np.empty(0, dtype=np.int64), is_uuid
+    candidates = ids.take(pa.array(shaped)) if len(shaped) < len(ids) else ids
+    offsets = np.frombuffer(candidates.buffers()[1], dtype=np.int32)[candidates.offset:
+                                                                     candidates.offset + len(candidates) + 1]
+    chars = np.frombuffer(candidates.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 36)
+    digits = _HEX[chars[:, _UUID_LOW_HEX]]
+    valid = (digits != 255).all(axis=1) & (chars[:, _UUID_DASHES] == ord("-")).all(axis=1)
+    keys = np.bitwise_or.reduce(digits[valid].astype(np.uint64) << _SHIFTS, axis=1).view(np.int64)
+    is_uuid[shaped[valid]] = True
+    return keys, is_uuid
 
 
 @dataclass
