@@ -165,10 +165,12 @@ class NatsCluster:
             try:
                 self.wait_healthy(timeout)
                 return self
-            except RuntimeError:
-                if self.network or attempt == 2 or not self._port_taken():
+            except (RuntimeError, TimeoutError):
+                retry = isinstance(sys.exc_info()[1], RuntimeError) and not self.network and attempt < 2 \
+                    and self._port_taken()
+                self.stop(remove_network=not retry)  # no node outlives a failed start
+                if not retry:
                     raise
-                self.stop()
                 for node in self.members:
                     node.client_port, node.cluster_port, node.monitor_port = (free_port(node.host) for _ in range(3))
         return self
@@ -255,7 +257,7 @@ class NatsCluster:
     def index_of(self, name: str) -> int:
         return next(i for i, n in enumerate(self.members) if n.name == name)
 
-    def stop(self) -> None:
+    def stop(self, *, remove_network: bool = True) -> None:
         """Stops every node (SIGCONT for a stopped one, SIGTERM, then SIGKILL after 10 s) and removes the
         network namespaces of an isolated cluster."""
         for node in self.members:
@@ -269,7 +271,7 @@ class NatsCluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(node.process.pid, signal.SIGKILL)
                     node.process.wait()
-        if self.network:
+        if self.network and remove_network:
             self.network.remove()
 
     def __enter__(self) -> "NatsCluster":
