@@ -210,7 +210,8 @@ def test_ids_older_than_the_window_are_forgotten_and_a_partition_loads_only_its_
     from gamestream.tables import lake
 
     events = lake.open_events(settings.table_uri("events"))
-    held = ids.load(0, settings.table_uri("events"), lake.txn_app_id(settings.pipeline, 0), 0)
+    ids.load({0: 0}, settings.table_uri("events"), {0: lake.txn_app_id(settings.pipeline, 0)})
+    held = ids.partitions[0]
     found, prints = held.find(np.array([1, 2, 3], dtype=np.int64))
     assert found.tolist() == [True, False, False] and prints[0] == 10
     assert events.version() == 0

@@ -273,48 +273,57 @@ class EventIds:
         held = self.partitions.get(partition)
         return held is not None and held.events_offset == events_offset
 
-    def _start(self, partition: int, events_version: int) -> None:
-        """Marks `partition` as covered up to `events_version` in `event_ids` (an empty commit with its txn)."""
-        app_id = self.app_id(partition)
+    def _start(self, partitions: list[int], events_version: int) -> None:
+        """Marks `partitions` as covered up to `events_version` in `event_ids` (one empty commit with their txns)."""
+        ids = [self.app_id(p) for p in partitions]
         lake.commit_exactly_once(
-            self.table, [app_id], lambda versions: None if versions.get(app_id, 0) > events_version else
-            lake.Batch(SCHEMA.empty_table(), {app_id: events_version + 1}),
+            self.table, ids, lambda versions: lake.Batch(SCHEMA.empty_table(), {
+                app_id: events_version + 1 for app_id in ids if versions.get(app_id, 0) <= events_version}) if any(
+                versions.get(app_id, 0) <= events_version for app_id in ids) else None,
             partition_by=PARTITION_BY, retries=self.settings.commit_retries, name=TABLE, stop=self.stop)
 
-    def load(self, partition: int, events_table_uri: str, events_app_id: str, events_offset: int) -> PartitionIds:
-        """`partition`'s ids as the tables hold them now: its `event_ids` rows of the window, then the ids of the
-        events versions after the one those cover that committed the partition (a crash between the two
-        commits). `events_offset` is the partition's offset in the events table they then reflect."""
+    def load(self, offsets: dict[int, int], events_table_uri: str, events_app_ids: dict[int, str]) -> None:
+        """Each partition of `offsets` (partition → its offset in the events table) as the tables hold it now: its
+        `event_ids` rows of the window, then the ids of the events versions after the one those cover that
+        committed the partition (a crash between the two commits). One scan and one pass over the commits for
+        all of them."""
         started = time.perf_counter()
+        partitions = sorted(offsets)
         self.table.update_incremental()
-        txn = self.table.transaction_version(self.app_id(partition))  # the events version covered + 1
+        txns = {p: self.table.transaction_version(self.app_id(p)) for p in partitions}  # events version covered + 1
         events = lake.open_table(events_table_uri)
         head = events.version()
-        if txn is None:  # the partition's first load: the window starts here (events before are not known)
-            self._start(partition, head)
-            txn = head + 1
-        covered = txn - 1
+        first = [p for p, txn in txns.items() if txn is None]
+        if first:  # a partition's first load: its window starts here (events before are not known)
+            self._start(first, head)
+            txns.update({p: head + 1 for p in first})
+        covered = {p: txn - 1 for p, txn in txns.items()}  # type: ignore[operator]
         stored = self.table.to_pyarrow_dataset().to_table(
-            columns=["idKey", "fingerprint", "arrivedOn"],
-            filter=(pc.field("logPartition") == partition) & (pc.field("arrivedOn") >= pa.scalar(
+            columns=["logPartition", "idKey", "fingerprint", "arrivedOn"],
+            filter=pc.field("logPartition").isin(partitions) & (pc.field("arrivedOn") >= pa.scalar(
                 _EPOCH + dt.timedelta(days=self.oldest_day()), pa.date32())))
-        held = PartitionIds()
+        owners = stored["logPartition"].to_numpy()
+        keys, prints = stored["idKey"].to_numpy(), stored["fingerprint"].to_numpy()
         days = pc.cast(stored["arrivedOn"], pa.int32()).to_numpy() if stored.num_rows else np.empty(0, np.int32)
-        held.add(stored["idKey"].to_numpy(), stored["fingerprint"].to_numpy(), days)
-        missed = [v for v, actions in lake.txn_app_ids_of(events_table_uri, range(covered + 1, head + 1)).items()
-                  if actions is None or events_app_id in actions] if covered < head else []
-        caught = 0
-        if missed:
-            rows = _rows_of_versions(events, missed)
-            keys, prints, has_id = identity_keys(rows)
-            held.add(keys[has_id], prints[has_id], today())
-            caught = int(has_id.sum())
-        held.events_offset, held.events_version = events_offset, head
-        self.partitions[partition] = held
-        logger.info("event ids loaded", extra={
-            "partition": partition, "ids": len(held), "from_events_versions": len(missed), "caught_up_ids": caught,
-            "seconds": round(time.perf_counter() - started, 3)})
-        return held
+        since = min(covered.values())
+        actions = lake.txn_app_ids_of(events_table_uri, range(since + 1, head + 1)) if since < head else {}
+        for partition in partitions:
+            held = PartitionIds()
+            mine = owners == partition
+            held.add(keys[mine], prints[mine], days[mine])
+            missed = [v for v, moved in actions.items() if v > covered[partition]
+                      and (moved is None or events_app_ids[partition] in moved)]
+            caught = 0
+            if missed:
+                rows = _rows_of_versions(events, missed)
+                row_keys, row_prints, has_id = identity_keys(rows)
+                held.add(row_keys[has_id], row_prints[has_id], today())
+                caught = int(has_id.sum())
+            held.events_offset, held.events_version = offsets[partition], head
+            self.partitions[partition] = held
+            logger.info("event ids loaded", extra={
+                "partition": partition, "ids": len(held), "from_events_versions": len(missed),
+                "caught_up_ids": caught, "seconds": round(time.perf_counter() - started, 3)})
 
     def remember(self, verdicts: dict[int, Verdict], events_version: int, last_offsets: dict[int, int]) -> None:
         """After the events commit `events_version` (which took `last_offsets`): the new ids join each partition's

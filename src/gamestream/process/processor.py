@@ -187,10 +187,12 @@ class _BatchDecoder:
         key = (tuple(sorted(after.items())), tuple(sorted(expected.items())))
         if key not in self._verdicts:
             verdicts = {}
-            for partition, parts in self._by_partition(after).items():
+            by_partition = self._by_partition(after)
+            states = self.identity.states({p: expected[p] for p in by_partition})
+            for partition, parts in by_partition.items():
                 tables = [t for d in parts for t in d.events]
                 rows = pa.concat_tables(tables) if tables else schema.arrow_schema(params=self.params).empty_table()
-                verdicts[partition] = identity_mod.judge(self.identity.state(partition, expected[partition]), rows)
+                verdicts[partition] = identity_mod.judge(states[partition], rows)
             self._verdicts[key] = verdicts
         return self._verdicts[key]
 
@@ -230,12 +232,14 @@ class _Identity:
     events_uri: str
     app_ids: "_AppIds"
 
-    def state(self, partition: int, events_offset: int) -> identity_mod.PartitionIds:
-        """`partition`'s ids reflecting the events table at `events_offset`: held, or loaded from the tables."""
-        held = self.ids.partitions.get(partition)
-        if held is not None and held.events_offset == events_offset:
-            return held
-        return self.ids.load(partition, self.events_uri, self.app_ids[partition], events_offset)
+    def states(self, offsets: dict[int, int]) -> dict[int, identity_mod.PartitionIds]:
+        """Each partition's ids reflecting the events table at its offset in `offsets`: held, or (those not held,
+        or held for another offset) loaded from the tables, together."""
+        stale = {p: o for p, o in offsets.items()
+                 if (held := self.ids.partitions.get(p)) is None or held.events_offset != o}
+        if stale:
+            self.ids.load(stale, self.events_uri, {p: self.app_ids[p] for p in stale})
+        return {p: self.ids.partitions[p] for p in offsets}
 
 
 class Processor:
