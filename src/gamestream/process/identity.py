@@ -135,61 +135,96 @@ def _uuid_keys(ids: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class PartitionIds:
     """One partition's ids in the window: sorted runs of keys with their fingerprints and days of arrival, largest
-    first, merged like a binary counter (a run is merged into the one before it once it is at least half its
-    size), so adding a batch costs O(log n) amortized per id and a lookup searches O(log n) runs."""
+    first, merged like a counter in base 4 (a run is merged into the one before it once it is at least a quarter
+    of its size, a linear merge of two sorted runs), so adding a batch costs O(log n) amortized per id and a
+    lookup searches O(log n) runs."""
 
     events_offset: int | None = None  # the events table's offset of this partition these ids reflect
     events_version: int = 0  # the events table version they reflect
-    runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    runs: list[tuple] = field(default_factory=list)  # (keys, prints, days, index bits, bucket starts, fullest)
 
     def __len__(self) -> int:
         return sum(len(run[0]) for run in self.runs)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for run in self.runs for a in run)
+        return sum(a.nbytes for run in self.runs for a in (run[0], run[1], run[2], run[4]))
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each key: whether it is held, and its fingerprint (meaningful where held)."""
         found = np.zeros(len(keys), dtype=bool)
         prints = np.zeros(len(keys), dtype=np.int64)
-        for run_keys, run_prints, _ in self.runs:
-            at = np.searchsorted(run_keys, keys)
-            inside = at < len(run_keys)
-            hit = np.zeros(len(keys), dtype=bool)
-            hit[inside] = run_keys[at[inside]] == keys[inside]
+        for run in self.runs:
+            at, hit = _search(run, keys)
             hit &= ~found
-            prints[hit] = run_prints[at[hit]]
+            prints[hit] = run[1][at[hit]]
             found |= hit
         return found, prints
 
     def add(self, keys: np.ndarray, prints: np.ndarray, day: int | np.ndarray) -> None:
-        """Adds ids not held yet (a key held already keeps its first fingerprint)."""
+        """Adds ids the caller knows are not held (`judge`'s new ones; a load's rows), the first of each key."""
         if not len(keys):
             return
         days = np.broadcast_to(np.asarray(day, dtype=np.int32), keys.shape)
-        held, _ = self.find(keys)
-        keys, prints, days = keys[~held], prints[~held], days[~held]
         keys, first = np.unique(keys, return_index=True)
-        if not len(keys):
-            return
-        self.runs.append((keys, prints[first], days[first]))
-        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+        self.runs.append(_run(keys, prints[first], days[first]))
+        while len(self.runs) > 1 and 4 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
             newer = self.runs.pop()
             self.runs[-1] = _merged(self.runs[-1], newer)
 
     def expire(self, oldest_day: int) -> None:
         """Forgets ids that arrived before `oldest_day` (days since 1970)."""
-        runs = [tuple(a[run[2] >= oldest_day] for a in run) for run in self.runs]
-        self.runs = []
-        for run in sorted((r for r in runs if len(r[0])), key=lambda r: -len(r[0])):
-            self.runs.append(run)  # type: ignore[arg-type]
+        runs = [_run(*(a[run[2] >= oldest_day] for a in run[:3])) for run in self.runs]
+        self.runs = sorted((r for r in runs if len(r[0])), key=lambda r: -len(r[0]))
+
+
+_BUCKET_FILL = 8  # keys per bucket of a run's index, on average
+
+
+def _bucket_index(keys: np.ndarray) -> tuple[int, np.ndarray, int]:
+    """For a sorted run of (uniformly spread) keys: 2**bits buckets by the keys' top bits, where each starts in
+    the run, and the most keys one holds — so a lookup searches a handful of neighbouring keys, not the whole run
+    (a binary search over millions of keys misses the cache ~20 times a key)."""
+    bits = max(1, min(30, int(np.log2(max(len(keys), 1) / _BUCKET_FILL) + 1)))
+    counts = np.bincount(_bucket_of(keys, bits), minlength=1 << bits)
+    return bits, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(counts.max(initial=0))
+
+
+def _bucket_of(keys: np.ndarray, bits: int) -> np.ndarray:
+    return ((keys >> np.int64(64 - bits)) + (1 << (bits - 1))).astype(np.int64)
+
+
+def _search(run: tuple, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each key would be in `run` (keys, prints, days, bits, bucket starts, fullest bucket), and whether it
+    is there: a branch-free lower bound inside every key's bucket at once, a few numpy steps for all the keys."""
+    run_keys, bits, starts, fullest = run[0], run[3], run[4], int(run[5])
+    if not len(run_keys):
+        return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
+    bucket = _bucket_of(keys, bits)
+    base = starts[bucket]
+    count = starts[bucket + 1] - base  # the answer lies in [base, base + count]
+    while fullest > 1:  # halves every key's range; ~log2(fullest bucket) rounds
+        half = count >> 1
+        probe = base + half  # inside the run whenever half > 0
+        step = (half > 0) & (run_keys[np.where(half > 0, probe, 0)] < keys)
+        base = np.where(step, probe, base)
+        count -= half
+        fullest -= fullest >> 1
+    last = len(run_keys) - 1
+    at = base + ((count > 0) & (run_keys[np.minimum(base, last)] < keys))
+    hit = (at <= last) & (run_keys[np.minimum(at, last)] == keys)
+    return at, hit
+
+
+def _run(keys: np.ndarray, prints: np.ndarray, days: np.ndarray) -> tuple:
+    bits, starts, fullest = _bucket_index(keys)
+    return keys, prints, days, bits, starts, fullest
 
 
 def _merged(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     keys = np.concatenate([a[0], b[0]])
-    order = np.argsort(keys, kind="stable")
-    return keys[order], np.concatenate([a[1], b[1]])[order], np.concatenate([a[2], b[2]])[order]
+    order = np.argsort(keys, kind="stable")  # two sorted runs: timsort merges them in linear time
+    return _run(keys[order], np.concatenate([a[1], b[1]])[order], np.concatenate([a[2], b[2]])[order])
 
 
 @dataclass
