@@ -67,6 +67,7 @@ class Decoded:
     events: list[pa.Table] = field(default_factory=list)
     quarantine: list[dict] = field(default_factory=list)
     params: schema.Params = ()
+    keys: list[tuple] | None = None  # per events table, its identity keys when computed as read (process/identity.py)
 
     def events_table(self) -> pa.Table:
         """The event rows, with `schema.arrow_schema(params=...)`."""

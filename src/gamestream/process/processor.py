@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
@@ -192,7 +193,11 @@ class _BatchDecoder:
             for partition, parts in by_partition.items():
                 tables = [t for d in parts for t in d.events]
                 rows = pa.concat_tables(tables) if tables else schema.arrow_schema(params=self.params).empty_table()
-                verdicts[partition] = identity_mod.judge(states[partition], rows)
+                keys = None
+                if tables and all(d.keys is not None for d in parts):  # computed as read
+                    computed = [k for d in parts for k in d.keys]  # type: ignore[union-attr]
+                    keys = tuple(np.concatenate([k[i] for k in computed]) for i in range(3))
+                verdicts[partition] = identity_mod.judge(states[partition], rows, keys)
             self._verdicts[key] = verdicts
         return self._verdicts[key]
 
@@ -505,8 +510,10 @@ class Processor:
                 self._read_to_end.discard(partition)
                 read_any = True
                 pending.extend(records)
-                self._decoded[partition].append(  # while a flush may be writing
-                    decode_records(records, params=self.params))
+                decoded = decode_records(records, params=self.params)  # while a flush may be writing
+                if self._identity is not None:  # the identity keys too, off the commit thread
+                    decoded.keys = [identity_mod.identity_keys(t) for t in decoded.events]
+                self._decoded[partition].append(decoded)
                 events = sum(r.events for r in records)
                 self._pending_events += events
                 self._events_per_record = max(1, events // len(records))
