@@ -17,9 +17,9 @@ its eventTime its receive time.
 State, per log partition, where the device lives (every producer gamestream runs routes a device to one
 partition, so a copy arrives on the partition of its first): in memory, sorted arrays of 64-bit id keys (an
 eventId written as a UUID gives its own lower 64 bits, any other the lower half of its MD5: both stable across
-versions) with a 64-bit fingerprint of the payload and the day of
-arrival, 18 bytes an id; durably, the table `event_ids` (partitioned by log partition), appended after each
-events commit with a txn per partition = the events version it covers + 1. A processor that gains a partition (or
+versions) with a 64-bit fingerprint of the payload and the day of arrival (about 22 bytes an id with the runs'
+bucket indexes); durably, the table `event_ids` (partitioned by log partition), appended after each events
+commit with a txn per partition = the events version it covers + 1. A processor that gains a partition (or
 starts) loads that partition's rows of the window and then reads, from the events table's change data feed,
 every events version after the one `event_ids` covers that committed that partition: a crash between the events
 commit and the `event_ids` commit loses nothing (the events table is the truth) and lets no copy in. Those
