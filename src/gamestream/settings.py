@@ -11,6 +11,14 @@ from urllib.parse import urlparse
 TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
           "kpi_top_events", "kpi_activity", "kpi_devices", "audit", "event_ids")
 
+KPI_PARTS = "kpi_parts"
+"""The folder under the tables root that holds each log partition's copy of the KPI tables (partitioned KPIs)."""
+
+
+def kpi_part_table(part: int, name: str) -> str:
+    """The name of partition `part`'s copy of KPI table `name`: `kpi_parts/p<part>/<name>`."""
+    return f"{KPI_PARTS}/p{part}/{name}"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -52,6 +60,12 @@ class Settings:
     """KPI: at most this many events-table versions are folded per KPI commit…"""
     kpi_rows_per_fold: int = 250_000
     """…and about this many rows (judged by the versions folded so far): bounds a catch-up's memory."""
+    kpi_mode: str = "global"
+    """KPI: `global` folds every event in one stage (the process holding the `kpi` role); `partitioned` folds
+    each log partition's devices where that partition is processed, into tables of its own, and a light merge
+    writes the KPI tables (needs a log whose producers route a device to one partition: the embedded log, NATS);
+    `auto` chooses partitioned on such a log unless the data directory's KPI tables were folded globally already
+    (docs/architecture.md, "KPIs partitioned like the data")."""
     kpi_offered_max_bytes: int = 256 * 1024 * 1024
     """KPI: the processor hands its commits' rows to the KPI stage in its process up to this much held; beyond
     it (a stage far behind), the stage reads them back from the change data feed."""
@@ -173,10 +187,20 @@ class Settings:
         return self.tables_uri or str((self.data_dir / "tables").absolute())
 
     def table_uri(self, name: str) -> str:
-        """Where table `name` lives: its override, else `<tables_root>/<name>` (`table_location`)."""
+        """Where table `name` lives: its override, else `<tables_root>/<name>` (`table_location`). A partition's
+        copy of a KPI table (partitioned KPIs) is named `kpi_parts/p<part>/<name>` (`kpi_part_table`)."""
+        if name.startswith(KPI_PARTS + "/"):
+            _, part, base = name.split("/", 2)
+            if not (part[:1] == "p" and part[1:].isdigit() and base.startswith("kpi_") and base in TABLES):
+                raise KeyError(f"unknown table {name!r}")
+            return table_location(self.tables_root, name)
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; tables are {', '.join(TABLES)}")
         return self.tables.get(name) or table_location(self.tables_root, name)
+
+    def kpi_part_uri(self, part: int, name: str) -> str:
+        """Where partition `part`'s own copy of KPI table `name` lives (partitioned KPIs)."""
+        return self.table_uri(kpi_part_table(part, name))
 
     @property
     def small_file_bytes(self) -> int:

@@ -35,16 +35,24 @@ class DerivedCommits(ExactlyOnceCommits):
             return
         base = self._daily_base(fold, version, days, existing)
         activity, devices = self._state_tables()
+        for day in days:  # a part's day without events of its own (only in a WAU/MAU window)
+            base.setdefault(day, {"dau": 0, "events": 0, "bookings": 0.0, "paying_users": 0, "sessions": 0,
+                                  "avg_session_s": 0.0})
         rows = _daily_rows(days, base, self._active_users(activity, days), self._first_counts(devices, days))
         source = pa.Table.from_pylist(rows, schema=kt.DAILY)
+        # A part keeps a row for each day its devices count in: with events, or in the WAU/MAU of a day (a day
+        # another partition has events on sums this part's WAU and MAU too).
+        kept = "s.events > 0 OR s.mau > 0" if self.part is not None else "s.events > 0"
         self._merge(name, source, "t.eventDate = s.eventDate", None, version, state_json,
-                    delete_when="s.events = 0", insert_when="s.events > 0", force=force)
+                    delete_when=f"NOT ({kept})", insert_when=kept, force=force)
 
     def _daily_days(self, fold: Fold, existing_days: set[dt.date]) -> list[dt.date]:
         """The kpi_daily rows the fold re-derives."""
         wanted = set(fold.daily_days) | fold.touched_days
         if self._derive_all:
             wanted |= existing_days | set(self.days)
+        if self.part is not None:
+            return sorted(wanted)  # also the days only in a WAU/MAU window (`_commit_daily`)
         # only days with events have a row (a day emptied by a forget loses it)
         return sorted(d for d in wanted if d in existing_days or d in fold.touched_days or d in self.days)
 
@@ -146,7 +154,9 @@ class DerivedCommits(ExactlyOnceCommits):
         for cohort, (size, *retained) in sorted(sizes.items()):
             row: dict = {"cohort_day": cohort, "cohort_size": size}
             for n, users in zip(kt.RETENTION_DAYS, retained):
-                measurable = last_day is not None and cohort + dt.timedelta(days=n) <= last_day
+                # a part's counts are kept whatever its own last day: the merge judges by every part's
+                measurable = self.part is not None or (last_day is not None
+                                                       and cohort + dt.timedelta(days=n) <= last_day)
                 row[f"d{n}_users"] = users if measurable else None
                 row[f"d{n}"] = (users / size if size else 0.0) if measurable else None
             rows.append(row)

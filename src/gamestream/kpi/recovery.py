@@ -25,7 +25,9 @@ class StageRecovery:
 
     def _open(self, name: str) -> DeltaTable:
         schema, partition_by, configuration = kt.TABLES[name]
-        table = lake.open_or_create(self.settings.table_uri(name), schema, partition_by, configuration)
+        if self.part is not None and name in kt.MERGED:  # the merge reads which keys a part's commits changed
+            configuration = {**configuration, "delta.enableChangeDataFeed": "true"}
+        table = lake.open_or_create(self._uri(name), schema, partition_by, configuration)
         if configuration:
             lake.ensure_properties(table, configuration)
         have = {f.name for f in table.schema().fields}

@@ -52,6 +52,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from deltalake import write_deltalake
 
 from gamestream import metrics
 from gamestream.kpi import tables as kt
@@ -68,6 +69,7 @@ from gamestream.kpi.fold import (
 )
 from gamestream.kpi.forget import ForgetRevisions
 from gamestream.kpi.increments import IncrementalCommits
+from gamestream.kpi.parts import ROWS, RouteDataset, insert_rows, keep_part, kpi_partitioned, version_needs
 from gamestream.kpi.recovery import StageRecovery
 from gamestream.kpi.rows import day_rows, from_us, normalise
 from gamestream.kpi.state import STATE_KEY, KpiStageSuperseded, StageState
@@ -86,19 +88,22 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
     recovery at start-up, forget revisions, the commits of the additive and state tables and of the derived
     tables (both on `commits.ExactlyOnceCommits`); this class reads the versions, folds them and commits."""
 
-    def __init__(self, settings: Settings, log: EventLog, *, stop: threading.Event | None = None) -> None:
+    def __init__(self, settings: Settings, log: EventLog, *, stop: threading.Event | None = None,
+                 part: int | None = None) -> None:
         """`stop`, once set, makes a commit waiting for disk space give up (`lake.RetryInterrupted`) instead of
-        waiting on: the pipeline shares its processor's stop request."""
+        waiting on: the pipeline shares its processor's stop request. `part`: fold only log partition `part`'s
+        devices, into its own copy of the KPI tables (`parts`; `merge.KpiMerge` sums the copies)."""
         self.settings = settings
         self.log = log
         self.stop = stop
+        self.part = part
         self.window_us = settings.window_minutes * 60 * 1_000_000
         self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
         self.app_id = lake.txn_app_id(settings.pipeline, stage="kpi")
         self.events = lake.open_events(settings.table_uri("events"))
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
         self._committed_offsets: tuple[int | None, dict[int, int]] = (None, {})  # (events version, offsets)
-        existed = {name: lake.table_exists(settings.table_uri(name)) for name in kt.TABLES}
+        existed = {name: lake.table_exists(self._uri(name)) for name in kt.TABLES}
         self.tables = {name: self._open(name) for name in kt.TABLES}
         self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
         # KPI tables a data directory from an older gamestream lacks: built from the events table as it is at
@@ -134,8 +139,13 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             "version": start, "watermark": from_us(self.state.watermark).isoformat() if self.state.watermark
             is not None else None, "open_days": len(self.days)})
 
-    def _events_dataset(self, version: int) -> ds.Dataset:
-        return lake.open_table(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+    def _uri(self, name: str) -> str:
+        """Where this stage's KPI table `name` lives: the one users read, or its partition's own copy."""
+        return self.settings.table_uri(name) if self.part is None else self.settings.kpi_part_uri(self.part, name)
+
+    def _events_dataset(self, version: int) -> ds.Dataset | RouteDataset:
+        dataset = lake.open_table(self.settings.table_uri("events"), version=version).to_pyarrow_dataset()
+        return dataset if self.part is None else RouteDataset(dataset, self.part, self.log.partitions)
 
     # ------------------------------------------------------------------------------------------- watermark
     def _day_is_final(self, day: dt.date) -> bool:
@@ -156,6 +166,12 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         uses them instead of reading the change data feed back."""
         # only the columns the KPIs read (~75 bytes a row): the rest of eventParams is freed with the batch
         normalised = normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
+        if self.part is not None:
+            normalised = keep_part(normalised, self.part, self.log.partitions)
+        self.hold(version, normalised, greatest_times)
+
+    def hold(self, version: int, normalised: pa.Table, greatest_times: dict[int, int] | None = None) -> None:
+        """`offer` of rows normalised already (`rows.normalise`), and kept to this stage's devices."""
         with self._committed_here_lock:
             # Bounded: a stage that falls far behind (a slow store, a long catch-up) holds at most
             # `kpi_offered_max_bytes`; the versions it was not handed are read back from the change data feed.
@@ -165,19 +181,27 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                 self._offered_times[version] = greatest_times
 
     def _offered(self, first: int, last: int) -> pa.Table | None:
+        """The rows offered for versions first..last, with `_commit_version`; None unless every one was offered."""
+        table, versions = self._offered_some(first, last)
+        return table if len(versions) == last - first + 1 else None
+
+    def _offered_some(self, first: int, last: int) -> tuple[pa.Table | None, set[int]]:
+        """The rows offered for those of versions first..last that were, with `_commit_version`, and which."""
         with self._committed_here_lock:
             for version in [v for v in self._committed_here if v < first]:
                 del self._committed_here[version]  # folded already
                 self._offered_times.pop(version, None)
-            if not all(v in self._committed_here for v in range(first, last + 1)):
-                return None
-            parts = [t.append_column("_commit_version", pa.array([v] * t.num_rows, pa.int64()))
-                     for v, t in sorted(self._committed_here.items()) if first <= v <= last]
-        return pa.concat_tables(parts)
+            versions = {v for v in self._committed_here if first <= v <= last}
+            parts = [self._committed_here[v].append_column(
+                "_commit_version", pa.array([v] * self._committed_here[v].num_rows, pa.int64()))
+                for v in sorted(versions)]
+        return (pa.concat_tables(parts) if parts else None), versions
 
     def _changes(self, first: int, last: int) -> tuple[pa.Table, list[int]]:
         """The rows versions first..last inserted, and the versions among them that deleted rows; the greatest
         eventTime per partition each version's commit recorded goes to `_greatest_times`."""
+        if self.part is not None:
+            return self._part_changes(first, last)
         offered = self._offered(first, last)
         if offered is not None:
             with self._committed_here_lock:
@@ -196,6 +220,32 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         # delta-rs 1.6.3 lists every row of a file a DELETE rewrote as deleted, not only the rows it removed:
         # a delete is folded from its own metadata (`_fold_forget`), never from these rows
         return changes.filter(pc.equal(kinds, "insert")), deletes
+
+    def _part_changes(self, first: int, last: int) -> tuple[pa.Table, list[int]]:
+        """`_changes` for a part stage: the rows of its devices versions first..last inserted — offered, or read
+        from the change data feed for the versions whose commit may hold some (`parts.version_needs`) — and
+        the versions among them that deleted rows (`gamestream forget`), from their commits' actions."""
+        actions = lake.commit_actions(self.settings.table_uri("events"), range(first, last + 1))
+        self._greatest_times = {}
+        for version, acts in actions.items():
+            info = lake.commit_info_of(acts) if acts is not None else None
+            self._greatest_times[version] = lake.greatest_times_of(info) if info is not None else None
+        deletes = sorted(v for v, acts in actions.items()
+                         if acts is not None and (lake.commit_info_of(acts) or {}).get("operation") == "DELETE")
+        offered, have = self._offered_some(first, last)
+        own = lake.txn_app_id(self.settings.pipeline, self.part)
+        prefix = lake.txn_app_id(self.settings.pipeline, 0)[:-1]
+        needed = {v for v, acts in actions.items()
+                  if v not in have and v not in deletes and version_needs(acts, own, prefix)}
+        tables = [offered] if offered is not None else []
+        if needed:
+            reader = self.events.load_cdf(starting_version=min(needed), ending_version=max(needed), columns=[
+                '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
+            read = keep_part(insert_rows(pa.table(reader.read_all()), needed), self.part, self.log.partitions)
+            tables.append(read)
+        if not tables:
+            return ROWS.empty_table(), deletes
+        return pa.concat_tables([t.select(ROWS.names).cast(ROWS) for t in tables]), deletes
 
     def _recorded_times(self, first: int, last: int) -> dict[int, dict[int, int] | None]:
         """Version → the greatest eventTime per log partition its commit recorded (`lake.GREATEST_TIMES_KEY`),
@@ -238,9 +288,15 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
     def _fold_range(self, first: int, last: int, changes: pa.Table) -> None:
         self._rows_per_version = max(1, changes.num_rows // (last - first + 1))
         fold = Fold()
-        versions = sorted(pc.unique(changes["_commit_version"]).to_pylist()) if changes.num_rows else []
-        for version in versions:
-            self._fold_version(version, changes.filter(pc.equal(changes["_commit_version"], version)), fold)
+        versions = set(pc.unique(changes["_commit_version"]).to_pylist()) if changes.num_rows else set()
+        for version in range(first, last + 1):
+            if version in versions:
+                self._fold_version(version, changes.filter(pc.equal(changes["_commit_version"], version)), fold)
+            elif self._greatest_times.get(version):
+                # a version that added none of this stage's rows (a part stage: other partitions' devices): the
+                # greatest eventTimes its commit recorded still move the watermark, in version order
+                note_recorded_times(self.state.max_seen, self._greatest_times[version])
+                self._advance_watermark()
         self._advance_watermark()  # partitions may have gone idle meanwhile
         self._commit_fold(fold, last)
         metrics.late_events.inc(sum(d.late for windows in fold.windows.values() for d in windows.values()))
@@ -317,6 +373,11 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self._commit_devices(fold, version, state_json)
         self._commit_daily(fold, version, state_json)
         self._commit_retention(fold, version, state_json)
+        if self.part is not None:
+            # A part's retention table always takes the version (an empty commit when nothing changed): its txn
+            # and state are where the merge reads how far the part has folded, and its watermark.
+            self._commit("kpi_retention", version, state_json, lambda table, properties: write_deltalake(
+                table, kt.RETENTION.empty_table(), mode="append", commit_properties=properties))
         for name in self.folded:  # a table with nothing to change made no commit; it has the version all the same
             self.folded[name] = max(self.folded[name], version)
         self._derive_all = False
@@ -334,6 +395,13 @@ def fold_once(settings: Settings) -> None:
     `gamestream.tables.forget` takes it as its `fold_kpi`)."""
     log = connect(settings)
     try:
-        KpiStage(settings, log, stop=threading.Event()).fold()
+        if kpi_partitioned(settings, log):  # every partition's part stage, then the merge
+            from gamestream.kpi.merge import KpiMerge
+
+            for part in range(log.partitions):
+                KpiStage(settings, log, stop=threading.Event(), part=part).fold()
+            KpiMerge(settings, log).merge()
+        else:
+            KpiStage(settings, log, stop=threading.Event()).fold()
     finally:
         log.close()

@@ -59,6 +59,9 @@ TABLES: dict[str, tuple[pa.Schema, list[str] | None, dict[str, str]]] = {
     "kpi_daily": (DAILY, None, {}),
     "kpi_retention": (RETENTION, None, {}),
 }
+# The tables users read, which partitioned KPIs keep per partition and merge (`merge.KpiMerge`); the state tables
+# stay in the partitions' copies.
+MERGED = ("kpi_events_hourly", "kpi_bookings_hourly", "kpi_top_events", "kpi_daily", "kpi_retention")
 # The order of a fold's commits. Outputs derived from the state tables (daily, retention) come after them, so a
 # crash between commits re-derives them from state that already holds the version being re-folded.
 COMMIT_ORDER = tuple(TABLES)

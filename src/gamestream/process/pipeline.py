@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
+import pyarrow.compute as pc
+
 from gamestream.kpi import KpiStage, KpiStageSuperseded
+from gamestream.kpi.merge import KpiMerge
+from gamestream.kpi.parts import kpi_partitioned, routes_of
+from gamestream.kpi.rows import normalise
 from gamestream.log import EventLog, LogUnavailable
 from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.process.processor import Processor, ProcessorStats
@@ -43,7 +49,11 @@ class Pipeline:
             self.maintenance = AutoMaintenance(settings, list(TABLES), self.ownership) if maintenance else None
             self.kpi_enabled = kpi
             self.kpi: KpiStage | None = None  # the running KPI stage, when this process holds the role
-            if kpi:
+            # Partitioned KPIs: a part stage per partition this process owns, and the merge with the role
+            self.partitioned = kpi and kpi_partitioned(settings, log)
+            self.part_stages: dict[int, KpiStage] = {}
+            self.merger: KpiMerge | None = None
+            if kpi and not self.partitioned:
                 self._take_kpi()
         except BaseException:
             self.ownership.close()
@@ -72,6 +82,68 @@ class Pipeline:
         stage = self.kpi
         if stage is not None:
             stage.offer(version, rows, greatest_times)
+        stages = dict(self.part_stages)
+        if stages:  # each part stage is handed its devices' rows, routed once here
+            held = normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
+            routes = routes_of(held["device_id"], self.log.partitions)
+            for part, part_stage in stages.items():
+                part_stage.hold(version, held.filter(pc.equal(routes, part)), greatest_times)
+
+    # ------------------------------------------------------------------------------------ partitioned KPIs
+    def _fold_parts(self, *, final: bool = False) -> None:
+        """Folds the partitions this process owns, each in its part stage (started for a partition gained, which
+        recovers from that partition's tables; dropped for one lost, whose new owner folds it).
+
+        `final`: the fold after the processor has finished (and released its partitions) folds every partition:
+        those another process worked on are caught up over the versions committed since that process last
+        folded them (most add none of their devices, and cost a commit file read each), so the process that
+        finishes last leaves the KPI tables complete. A process still folding one of them too is fenced off by
+        the tables' txn (`KpiStageSuperseded`: its stage starts afresh)."""
+        owned = set(range(self.log.partitions)) if final else set(self.ownership.owned())
+        for part in [p for p in self.part_stages if p not in owned]:
+            logger.info("KPI part stage stops here: its partition moved", extra={"partition": part})
+            del self.part_stages[part]
+        for part in sorted(owned - set(self.part_stages)):
+            self.part_stages[part] = KpiStage(self.settings, self.log, stop=self.processor.stop_requested, part=part)
+        for part, stage in list(self.part_stages.items()):
+            try:
+                stage.fold()
+            except KpiStageSuperseded as error:
+                logger.warning("KPI part stage stops here: %s", error, extra={"partition": part})
+                self.part_stages.pop(part, None)
+
+    def _merge(self, *, wait_s: float = 0.0) -> bool:
+        """The merge round, when this process holds the `kpi` role (taken if free; waited for up to `wait_s`
+        while another process holds it); False when another process holds it."""
+        deadline = time.monotonic() + wait_s
+        while self.merger is None:
+            if self.ownership.claim(KPI_ROLE):
+                self.merger = KpiMerge(self.settings, self.log, stop=self.processor.stop_requested)
+                break
+            if time.monotonic() >= deadline or self.processor.stop_requested.wait(0.2):
+                return False
+        if not self.ownership.holds(KPI_ROLE):
+            self._drop_merger("its lease lapsed (this process was paused or cut off from NATS)")
+            return False
+        try:
+            self.merger.merge()
+        except KpiStageSuperseded as error:
+            self._drop_merger(str(error))
+            return False
+        return True
+
+    def _drop_merger(self, why: str) -> None:
+        logger.warning("KPI merge stops here: %s", why)
+        self.merger = None
+        self.ownership.release_role(KPI_ROLE)
+
+    def _drop_partitioned(self) -> None:
+        """Drops every part stage and the merge (their memory may be ahead of their tables after a failure half-way):
+        the next round starts them afresh from the tables."""
+        self.part_stages.clear()
+        if self.merger is not None:
+            self.merger = None
+            self.ownership.release_role(KPI_ROLE)
 
     def run(self, *, until_idle: bool = False,
             on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
@@ -107,12 +179,26 @@ class Pipeline:
         """A final fold is due when this process runs the KPI stage, still holds the role, and the folding was
         not abandoned for a stop requested while the disk was full."""
         interrupted = folding is not None and folding.interrupted
+        if self.partitioned:
+            return not interrupted
         return bool(self.kpi) and not interrupted and self.ownership.holds(KPI_ROLE)
 
     def _fold_round(self) -> None:
         """One round of the folding thread: takes the KPI role when free (another process may have died), checks
         it is still held, and folds. A stage superseded, a log unavailable or an object store out of reach stops
         the stage here; the next round starts it afresh from the KPI tables."""
+        if self.partitioned:
+            try:
+                self._fold_parts()
+                self._merge()
+            except Exception as error:
+                # a log or object store out of reach: start afresh from the tables once it answers
+                if not (isinstance(error, LogUnavailable) or lake.is_store_unreachable(error)):
+                    raise
+                logger.warning("KPI part stages restart from their tables: the log or the object store is "
+                               "unreachable", extra={"error": type(error).__name__})
+                self._drop_partitioned()
+            return
         try:
             if self.kpi is None:
                 if not self._take_kpi():
@@ -151,6 +237,11 @@ class Pipeline:
         waiting = False
         while True:
             try:
+                if self.partitioned:
+                    self._fold_parts(final=True)
+                    # every partition's part stage may end in another process: the last to finish merges
+                    self._merge(wait_s=3 * self.settings.lease_ttl_s + 5)
+                    return
                 if self.kpi is None and not self._take_kpi():
                     return  # another process took the KPI stage meanwhile: it folds
                 self.kpi.fold()  # type: ignore[union-attr]
@@ -173,6 +264,7 @@ class Pipeline:
                     logger.warning("final KPI fold: log or object store unreachable; retrying until it answers",
                                    extra={"error": type(error).__name__})
                 waiting = True
+                self._drop_partitioned()
                 if self.kpi is not None:  # a fold stopped half-way: start afresh from the KPI tables
                     self.kpi = None
                     self.ownership.release_role(KPI_ROLE)

@@ -72,6 +72,7 @@ from gamestream.tables.forgotten import (
     delete_change_data,
     device_hash,
     hash_predicate,
+    kpi_part_tables,
     kpi_versions,
     open_audit,
     payload_device,
@@ -384,7 +385,8 @@ def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTab
     handle = MaintenanceLock(settings).acquire(wait=True)  # c.
     try:
         swept: dict[str, int] = {}
-        for name in PURGED_TABLES:
+        # the partitions' copies of the state tables too (partitioned KPIs): they hold device ids as well
+        for name in (*PURGED_TABLES, *kpi_part_tables(settings, ("kpi_activity", "kpi_devices"))):
             uri = settings.table_uri(name)
             if name not in keep_after or not lake.table_exists(uri):
                 continue

@@ -33,7 +33,7 @@ from deltalake.exceptions import CommitFailedError
 from prometheus_client import Counter
 
 from gamestream import metrics
-from gamestream.settings import TABLES, Settings
+from gamestream.settings import KPI_PARTS, TABLES, Settings, is_object_store, kpi_part_table
 from gamestream.tables import lake
 
 logger = logging.getLogger(__name__)
@@ -211,12 +211,27 @@ def kpi_versions(settings: Settings) -> dict[str, tuple[int, int]]:
     """Per existing KPI table: (its version, the events version folded in: its `<pipeline>-kpi` txn)."""
     app_id = lake.txn_app_id(settings.pipeline, stage="kpi")
     found = {}
-    for name in TABLES:
+    for name in [n for n in TABLES if n.startswith("kpi_")] + kpi_part_tables(settings):
         uri = settings.table_uri(name)
-        if name.startswith("kpi_") and lake.table_exists(uri):
+        if lake.table_exists(uri):
             table = lake.open_table(uri)
             found[name] = (table.version(), table.transaction_version(app_id) or 0)
     return found
+
+
+def kpi_part_tables(settings: Settings, names: tuple[str, ...] | None = None) -> list[str]:
+    """The partitions' copies of the KPI tables (partitioned KPIs) that exist: `kpi_parts/p<part>/<name>`, for
+    the KPI tables `names` (all by default)."""
+    wanted = names or tuple(n for n in TABLES if n.startswith("kpi_"))
+    root = settings.tables_root
+    if is_object_store(root):
+        parts = [p for p in range(settings.partitions or 64)
+                 if lake.table_exists(settings.kpi_part_uri(p, "kpi_retention"))]
+    else:
+        folder = Path(root.removeprefix("file://")) / KPI_PARTS
+        parts = sorted(int(d.name[1:]) for d in folder.iterdir()
+                       if d.name[:1] == "p" and d.name[1:].isdigit()) if folder.is_dir() else []
+    return [kpi_part_table(p, n) for p in parts for n in wanted]
 
 
 

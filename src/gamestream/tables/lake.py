@@ -499,41 +499,46 @@ TXN_VERSION_MAX = 2**63 - 1
 GREATEST_TIMES_KEY = "gamestream.greatest_event_time"
 
 
-def commit_infos(uri: str, versions: Iterable[int]) -> dict[int, dict | None]:
-    """The commitInfo of each of `versions`, read from its `_delta_log/<version>.json` (None when that file is
-    gone: cleaned up after a checkpoint). Not `DeltaTable.history()`: deltalake 1.6.3 lists the newest commits in
-    the store but numbers them from the snapshot's own version, so on a table another process has committed to
-    since it was loaded, its entries carry the wrong versions."""
+def commit_actions(uri: str, versions: Iterable[int]) -> dict[int, list[dict] | None]:
+    """The actions of each of `versions` (commitInfo, txn, add, remove, …), read from its
+    `_delta_log/<version>.json`; None when that file is gone (cleaned up after a checkpoint). Not
+    `DeltaTable.history()`: deltalake 1.6.3 lists the newest commits in the store but numbers them from the
+    snapshot's own version, so on a table another process has committed to since it was loaded, its entries carry
+    the wrong versions."""
     from deltalake.fs import DeltaStorageHandler
 
     handler = DeltaStorageHandler(uri, storage_options(uri))
-    infos: dict[int, dict | None] = {}
-    for version in versions:
-        try:
-            data = handler.open_input_file(f"_delta_log/{version:020d}.json").read()
-        except FileNotFoundError:
-            infos[version] = None
-            continue
-        infos[version] = next((json.loads(line)["commitInfo"] for line in data.splitlines()
-                               if b'"commitInfo"' in line[:16]), None)
-    return infos
-
-
-def txn_app_ids_of(uri: str, versions: Iterable[int]) -> dict[int, set[str] | None]:
-    """The txn appIds each of `versions` set (which log partitions a processor's commit moved), read from its
-    `_delta_log/<version>.json`; None when that file is gone (cleaned up after a checkpoint)."""
-    from deltalake.fs import DeltaStorageHandler
-
-    handler = DeltaStorageHandler(uri, storage_options(uri))
-    found: dict[int, set[str] | None] = {}
+    found: dict[int, list[dict] | None] = {}
     for version in versions:
         try:
             data = handler.open_input_file(f"_delta_log/{version:020d}.json").read()
         except FileNotFoundError:
             found[version] = None
             continue
-        found[version] = {json.loads(line)["txn"]["appId"] for line in data.splitlines() if b'"txn"' in line[:8]}
+        found[version] = [json.loads(line) for line in data.splitlines() if line.strip()]
     return found
+
+
+def commit_info_of(actions: list[dict]) -> dict | None:
+    """The commitInfo among a commit's actions (`commit_actions`)."""
+    return next((a["commitInfo"] for a in actions if "commitInfo" in a), None)
+
+
+def txn_app_ids_in(actions: list[dict]) -> set[str]:
+    """The txn appIds a commit's actions set (which log partitions a processor's commit moved)."""
+    return {a["txn"]["appId"] for a in actions if "txn" in a}
+
+
+def commit_infos(uri: str, versions: Iterable[int]) -> dict[int, dict | None]:
+    """The commitInfo of each of `versions` (None when its commit file is gone), from `commit_actions`."""
+    return {v: commit_info_of(actions) if actions is not None else None
+            for v, actions in commit_actions(uri, versions).items()}
+
+
+def txn_app_ids_of(uri: str, versions: Iterable[int]) -> dict[int, set[str] | None]:
+    """The txn appIds each of `versions` set (None when its commit file is gone), from `commit_actions`."""
+    return {v: txn_app_ids_in(actions) if actions is not None else None
+            for v, actions in commit_actions(uri, versions).items()}
 
 
 def stamp_greatest_times(greatest: dict[int, int]) -> dict[str, str]:

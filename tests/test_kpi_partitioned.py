@@ -1,0 +1,121 @@
+"""Partitioned KPIs (`kpi_mode = partitioned`): each partition's devices folded by the process that owns the
+partition, the copies merged. The KPI tables must equal the plain-Python reference and the global stage's, with
+1, 2 and 4 processors, partitions moving between processes, and a processor SIGKILLed in the middle of its folds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from conftest import gamestream, table_rows, write_ndjson
+from gamestream.demo.generator import simulate
+from test_kpi import expected_kpis, kpi_tables, late_events, rounded_rows
+
+UTC = dt.timezone.utc
+PARTITIONED = {"GAMESTREAM_KPI_MODE": "partitioned"}
+MERGED = ("kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention", "kpi_top_events")
+
+
+def process_with(data: Path, groups: list[str], env: dict | None = None) -> None:
+    """`process --until-idle` in one process per partition group (`--only`), all at once."""
+    children = [subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--only", only,
+                                  "--data-dir", str(data)], env={**os.environ, **PARTITIONED, **(env or {})},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for only in groups]
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, f"{child.args} exited {child.returncode}:\n{out}\n{err}"
+
+
+def kpi_txn(data: Path, name: str) -> int:
+    return DeltaTable(str(data / "tables" / name)).transaction_version("gamestream-kpi") or 0
+
+
+def test_partitioned_kpis_equal_the_reference_with_1_2_and_4_processors_and_partitions_moving(tmp_path: Path) -> None:
+    """The reference test of test_kpi (five weeks, a late phase for day 1, a later phase), each phase processed
+    by another number of processes, so every partition changes hands between phases: 2 processors, then 1, then
+    4. Every KPI table equals the plain-Python answer."""
+    data = tmp_path / "data"
+    start = dt.datetime(2026, 10, 1, tzinfo=UTC)
+    on_time = list(simulate(events=40_000, users=700, seed=21, start=start, days=35))
+    late = late_events(start, 300, seed=1)
+    later = list(simulate(events=3000, users=700, seed=22, start=start + dt.timedelta(days=35), days=0.5))
+    phases = [on_time, late, later]
+    for i, (phase, groups) in enumerate(zip(phases, (["0,1", "2,3"], ["0,1,2,3"], ["0", "1", "2", "3"]))):
+        write_ndjson(tmp_path / f"phase{i}.ndjson", phase)
+        gamestream("load", str(tmp_path / f"phase{i}.ndjson"), data_dir=data, env=PARTITIONED)
+        process_with(data, groups)
+
+    want_hourly, want_bookings, want_daily, want_cohorts, want_names = expected_kpis(phases)
+    got_hourly, got_bookings, got_daily, got_cohorts, got_names = kpi_tables(data)
+    assert sum(r["late_events"] for r in want_hourly.values()) == 300
+    assert got_hourly == want_hourly
+    assert rounded_rows(got_bookings) == rounded_rows(want_bookings)
+    assert rounded_rows(got_daily) == rounded_rows(want_daily)
+    assert rounded_rows(got_cohorts) == rounded_rows(want_cohorts)
+    assert got_names == want_names
+    # the partitioned path ran: every partition has its own copy, the global state tables were never written,
+    # and the merged tables say they are complete up to the events table's last version
+    tables = data / "tables"
+    assert sorted(p.name for p in (tables / "kpi_parts").iterdir()) == ["p0", "p1", "p2", "p3"]
+    assert all(table_rows(tables / "kpi_parts" / f"p{p}" / "kpi_devices") for p in range(4))
+    assert not (tables / "kpi_activity").exists()
+    events_version = DeltaTable(str(tables / "events")).version()
+    assert {name: kpi_txn(data, name) for name in MERGED} == {name: events_version for name in MERGED}
+
+
+def tables_of(data: Path) -> dict[str, list[dict]]:
+    def key(row: dict) -> tuple:
+        return tuple(str(v) for v in row.values())
+
+    return {name: rounded_rows({key(r): r for r in table_rows(data / "tables" / name)}) for name in MERGED}
+
+
+@pytest.mark.slow
+def test_a_processor_killed_in_the_middle_of_its_part_folds_ends_with_the_global_stages_tables(
+        tmp_path: Path) -> None:
+    """A processor folding partitioned KPIs in small versions is SIGKILLed once its partitions' copies have
+    taken a few folds and before the merged tables are complete; a second run finishes. The KPI tables equal
+    those the global stage computes from the same events."""
+    events = list(simulate(events=30_000, users=400, seed=5, days=3))
+    source = write_ndjson(tmp_path / "events.ndjson", events)
+    small = {"GAMESTREAM_BATCH_MAX_EVENTS": "1500", "GAMESTREAM_KPI_VERSIONS_PER_FOLD": "2",
+             "GAMESTREAM_KPI_INTERVAL_S": "0.2"}
+    reference, data = tmp_path / "global", tmp_path / "partitioned"
+    gamestream("load", str(source), data_dir=reference)
+    gamestream("process", "--until-idle", data_dir=reference, env={"GAMESTREAM_KPI_MODE": "global"})
+
+    gamestream("load", str(source), data_dir=data)
+    child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--data-dir", str(data)],
+                             env={**os.environ, **PARTITIONED, **small}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    copy = data / "tables" / "kpi_parts" / "p0" / "kpi_retention"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if copy.exists() and DeltaTable(str(copy)).version() >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the partition's copy never took three folds")
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    # the fault hit the middle of the folding: the merged tables were not complete when the process died
+    events_version = DeltaTable(str(data / "tables" / "events")).version()
+    merged = data / "tables" / "kpi_daily"
+    assert not merged.exists() or kpi_txn(data, "kpi_daily") < events_version
+
+    gamestream("process", "--until-idle", data_dir=data, env={**PARTITIONED, **small})
+    assert tables_of(data) == tables_of(reference)
+    events_version = DeltaTable(str(data / "tables" / "events")).version()
+    assert kpi_txn(data, "kpi_daily") == events_version
