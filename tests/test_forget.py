@@ -113,10 +113,12 @@ def table_kpis(tables: Path) -> tuple[dict, dict, dict]:
 
 
 # ------------------------------------------------------------------------------------- forget + purge, end to end
-@pytest.fixture(scope="module")
-def purged(tmp_path_factory) -> dict:
+@pytest.fixture(scope="module", params=["global", "partitioned"])
+def purged(tmp_path_factory, request) -> dict:
     """A pipeline's tables with the device in every place a copy can hide — several commits, an OPTIMIZE (old
-    files), quarantined raw lines (one invalid JSON, one JSON-escaped) — then `forget --purge`."""
+    files), quarantined raw lines (one invalid JSON, one JSON-escaped) — then `forget --purge`. Once with the
+    KPIs folded globally, once partitioned (each partition's copies of the state tables hold device ids too)."""
+    mode = {"GAMESTREAM_KPI_MODE": request.param}
     root = tmp_path_factory.mktemp("forget")
     data = root / "data"
     events = events_of([FORGOTTEN, *KEEPERS])
@@ -126,12 +128,15 @@ def purged(tmp_path_factory) -> dict:
         json.dumps({"eventName": "levelStart", "eventTime": "soon", "eventParams": {"device_id": FORGOTTEN}}),
         json.dumps({"eventName": "levelStart", "eventTime": "soon", "eventParams": {"device_id": KEEPERS[0]}}),
     ])
-    gamestream("process", "--until-idle", data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data, env=mode)
     gamestream("optimize", data_dir=data)
     tables = data / "tables"
     assert files_holding(tables, FORGOTTEN), "the set-up must put the id in files for the test to mean anything"
+    if request.param == "partitioned":
+        assert any("kpi_parts" in f for f in files_holding(tables, FORGOTTEN))
     quarantined_before = table_rows(tables / "events_quarantine")
-    answer = gamestream("forget", "--device-id", FORGOTTEN, "--purge", "--json", data_dir=data, env=FAST)
+    answer = gamestream("forget", "--device-id", FORGOTTEN, "--purge", "--json", data_dir=data,
+                        env={**FAST, **mode})
     return {"data": data, "tables": tables, "events": events, "report": json.loads(answer.stdout),
             "quarantined_before": quarantined_before}
 
@@ -191,7 +196,9 @@ def test_kpis_equal_a_recomputation_without_the_device(purged) -> None:
     assert {r.pop("cohort_day"): rounded(r) for r in table_rows(tables / "kpi_retention")} == {
         d: rounded(r) for d, r in cohorts.items()}
     assert {(r["eventDate"], r["eventName"]): r["events"] for r in table_rows(tables / "kpi_top_events")} == names
-    assert FORGOTTEN not in {r["device_id"] for r in table_rows(tables / "kpi_devices")}
+    copies = [tables / "kpi_devices"] if (tables / "kpi_devices").exists() else sorted(
+        (tables / "kpi_parts").glob("p*/kpi_devices"))
+    assert copies and all(FORGOTTEN not in {r["device_id"] for r in table_rows(c)} for c in copies)
 
 
 def test_without_purge_the_id_is_physically_gone_once_vacuum_passes_the_retention(tmp_path: Path) -> None:

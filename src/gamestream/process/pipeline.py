@@ -18,12 +18,13 @@ import pyarrow.compute as pc
 
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.kpi.merge import KpiMerge
+from gamestream.kpi.tables import TABLES as KPI_TABLES
 from gamestream.kpi.parts import kpi_partitioned, routes_of
 from gamestream.kpi.rows import normalise
 from gamestream.log import EventLog, LogUnavailable
 from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.process.processor import Processor, ProcessorStats
-from gamestream.settings import TABLES, Settings
+from gamestream.settings import TABLES, Settings, kpi_part_table
 from gamestream.tables import lake
 from gamestream.tables.maintenance import AutoMaintenance
 
@@ -46,11 +47,14 @@ class Pipeline:
         try:
             self.processor = Processor(settings, log, ownership=self.ownership)
             self.processor.on_commit = self._offer
-            self.maintenance = AutoMaintenance(settings, list(TABLES), self.ownership) if maintenance else None
             self.kpi_enabled = kpi
             self.kpi: KpiStage | None = None  # the running KPI stage, when this process holds the role
             # Partitioned KPIs: a part stage per partition this process owns, and the merge with the role
             self.partitioned = kpi and kpi_partitioned(settings, log)
+            # the partitions' copies of the KPI tables are compacted, checkpointed and vacuumed like the others
+            copies = [kpi_part_table(p, n) for p in range(log.partitions) for n in KPI_TABLES] if (
+                self.partitioned) else []
+            self.maintenance = AutoMaintenance(settings, [*TABLES, *copies], self.ownership) if maintenance else None
             self.part_stages: dict[int, KpiStage] = {}
             self.merger: KpiMerge | None = None
             if kpi and not self.partitioned:
