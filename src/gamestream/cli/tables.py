@@ -188,6 +188,7 @@ def status(data_dir: Path | None, partitions: int | None, log_url: str | None, t
     if log is not None:
         try:
             _print_log_backlog(settings, log)
+            _print_kpi_folding(settings, log)
         finally:
             log.close()
     _print_tables(settings)
@@ -225,6 +226,30 @@ def _print_log_backlog(settings: Settings, log) -> None:
         committed = log.committed(settings.pipeline, p)
         table.add_row(str(p), f"{log.last_offset(p):,}", f"{committed:,}",
                       f"{log.pending_events_in(p, settings.pipeline):,}")
+    out.print(table)
+
+
+def _print_kpi_folding(settings: Settings, log) -> None:
+    """How the KPIs are folded (`kpi_mode`): globally, or per partition — then how far each partition's copy has
+    folded the events table, its watermark, and how far the merged tables are complete."""
+    from gamestream.kpi.merge import partition_progress
+    from gamestream.kpi.parts import kpi_mode_choice
+    from gamestream.kpi.rows import from_us
+
+    try:
+        partitioned, why = kpi_mode_choice(settings, log)
+    except ValueError as error:
+        out.print(f"KPIs: {error}", highlight=False)
+        return
+    out.print(f"KPIs folded {'per partition' if partitioned else 'globally'} ({why})", highlight=False)
+    if not partitioned:
+        return
+    table = Table(title="KPIs per partition", caption="the KPI tables are complete up to the least version")
+    for column in ("partition", "events version folded", "watermark"):
+        table.add_column(column, justify="right")
+    for part, (version, watermark) in sorted(partition_progress(settings, log.partitions).items()):
+        table.add_row(str(part), f"{version:,}" if version else "not started",
+                      from_us(watermark).isoformat()[:19] if watermark is not None else "—")
     out.print(table)
 
 

@@ -94,14 +94,8 @@ class KpiMerge:
         """(the least events version every partition has folded, the least of their watermarks, and per
         partition (version, watermark)); a partition whose part stage never ran counts as version 0 and no
         watermark."""
-        seen: dict[int, tuple[int, int | None]] = {}
-        for part in range(self.partitions):
-            table = self._part(part, "kpi_retention")  # every part fold commits to it last (its txn and state)
-            if table is None:
-                seen[part] = (0, None)
-                continue
-            folded = table.transaction_version(self.app_id) or 0
-            seen[part] = (folded, _part_watermark(self.settings.kpi_part_uri(part, "kpi_retention"), table, folded))
+        seen = {part: _part_progress(self.settings, self._part(part, "kpi_retention"), part)
+                for part in range(self.partitions)}
         versions = [v for v, _ in seen.values()]
         marks = [w for _, w in seen.values()]
         least = min(versions) if versions else 0
@@ -318,6 +312,24 @@ def _newly_measurable(before: str | None, after: str | None) -> set:
         return set()  # never merged: every cohort is a touched key already
     days = [low + dt.timedelta(days=k) for k in range(1, (high - low).days + 1)]
     return {d - dt.timedelta(days=n) for d in days for n in kt.RETENTION_DAYS}
+
+
+def _part_progress(settings: Settings, table: DeltaTable | None, part: int) -> tuple[int, int | None]:
+    """(events version folded, watermark) of a partition's copy, from its retention table (every part fold
+    commits to it last, with its txn and state); (0, None) while it does not exist."""
+    if table is None:
+        return 0, None
+    folded = table.transaction_version(lake.txn_app_id(settings.pipeline, stage="kpi")) or 0
+    return folded, _part_watermark(settings.kpi_part_uri(part, "kpi_retention"), table, folded)
+
+
+def partition_progress(settings: Settings, partitions: int) -> dict[int, tuple[int, int | None]]:
+    """Per partition: (events version its copy of the KPI tables has folded, its watermark) — for `status`."""
+    progress = {}
+    for part in range(partitions):
+        uri = settings.kpi_part_uri(part, "kpi_retention")
+        progress[part] = _part_progress(settings, lake.open_table(uri) if lake.table_exists(uri) else None, part)
+    return progress
 
 
 def _part_watermark(uri: str, table: DeltaTable, folded: int) -> int | None:

@@ -100,25 +100,30 @@ def insert_rows(changes: pa.Table, versions: set[int]) -> pa.Table:
 
 
 def kpi_partitioned(settings: "Settings", log: "EventLog") -> bool:
-    """Whether the KPIs are folded per partition (`Settings.kpi_mode`): `auto` chooses it on a log whose producers
-    route a device to one partition, unless the data directory's KPI tables were folded globally already (its
-    `kpi_activity` has a version folded in and no partition has tables of its own)."""
+    """Whether the KPIs are folded per partition (`Settings.kpi_mode`; `kpi_mode_choice` says why)."""
+    return kpi_mode_choice(settings, log)[0]
+
+
+def kpi_mode_choice(settings: "Settings", log: "EventLog") -> tuple[bool, str]:
+    """(whether the KPIs are folded per partition, why): `auto` chooses it on a log whose producers route a device
+    to one partition, unless the data directory's KPI tables were folded globally already (its `kpi_activity`
+    has a version folded in and no partition has tables of its own)."""
     mode = settings.kpi_mode
     if mode not in ("auto", "global", "partitioned"):
         raise ValueError(f"kpi_mode must be auto, global or partitioned, not {mode!r}")
     if mode == "global":
-        return False
+        return False, "kpi_mode = global"
     if log.own_routing:
         if mode == "partitioned":
             raise ValueError("partitioned KPIs need a log whose producers route a device to one partition; this "
                              "log routes by its own rule (Kinesis): use kpi_mode = global")
-        return False
+        return False, "kpi_mode = auto, and this log's producers need not route a device to one partition"
     if mode == "partitioned":
-        return True
+        return True, "kpi_mode = partitioned"
     if any(lake.table_exists(settings.kpi_part_uri(p, "kpi_retention")) for p in range(log.partitions)):
-        return True
+        return True, "kpi_mode = auto, and the partitions have KPI tables of their own"
     activity = settings.table_uri("kpi_activity")
-    if lake.table_exists(activity):
-        return not (lake.open_table(activity).transaction_version(lake.txn_app_id(settings.pipeline, stage="kpi"))
-                    or 0)
-    return True
+    if lake.table_exists(activity) and (lake.open_table(activity).transaction_version(
+            lake.txn_app_id(settings.pipeline, stage="kpi")) or 0):
+        return False, "kpi_mode = auto, and the KPI tables were folded globally already"
+    return True, "kpi_mode = auto, on a log that routes a device to one partition"

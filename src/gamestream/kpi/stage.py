@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 import duckdb
 import pyarrow as pa
@@ -103,6 +104,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self.events = lake.open_events(settings.table_uri("events"))
         self._positions = lake.positions_for(log)  # the processor's committed offsets, however they are kept
         self._committed_offsets: tuple[int | None, dict[int, int]] = (None, {})  # (events version, offsets)
+        self._holding: tuple[int, float, list[int]] | None = None  # (events version, when, partitions holding)
         existed = {name: lake.table_exists(self._uri(name)) for name in kt.TABLES}
         self.tables = {name: self._open(name) for name in kt.TABLES}
         self.folded = {name: table.transaction_version(self.app_id) or 0 for name, table in self.tables.items()}
@@ -156,7 +158,13 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         if self._committed_offsets[0] != version:  # the events table moved on since (each fold reads it anew)
             self._committed_offsets = (version, committed_offsets(self.settings, self.log, self._positions,
                                                                   self.events))
-        holding = holding_partitions(self.settings, self.log, self._committed_offsets[1])
+        # Which partitions hold the watermark back, asked of the log (a round trip per partition on NATS) at
+        # most once a second per events version: a part stage advances it after every version, also those that
+        # added none of its rows, and idleness is judged in seconds anyway.
+        now = time.monotonic()
+        if self._holding is None or self._holding[0] != version or now - self._holding[1] > 1.0:
+            self._holding = (version, now, holding_partitions(self.settings, self.log, self._committed_offsets[1]))
+        holding = self._holding[2]
         self.state.watermark = advanced(self.state.watermark, self.state.max_seen, holding, self.delay_us)
 
     # ---------------------------------------------------------------------------------------------- reading
