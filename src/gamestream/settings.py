@@ -66,6 +66,10 @@ class Settings:
     writes the KPI tables (needs a log whose producers route a device to one partition: the embedded log, NATS);
     `auto` chooses partitioned on such a log unless the data directory's KPI tables were folded globally already
     (docs/architecture.md, "KPIs partitioned like the data")."""
+    kpi_part_interval_s: float = 5.0
+    """KPI, partitioned: while its processor keeps committing, a partition's part stage folds at most this often
+    (its fixed cost per fold — a handful of Delta commits — is spread over more rows); once the processor has
+    committed nothing for a round, at once."""
     kpi_offered_max_bytes: int = 256 * 1024 * 1024
     """KPI: the processor hands its commits' rows to the KPI stage in its process up to this much held; beyond
     it (a stage far behind), the stage reads them back from the change data feed."""

@@ -39,7 +39,8 @@ class IncrementalCommits(ExactlyOnceCommits):
         watermark = self.state.watermark
         is_final = (lambda start: watermark is not None and start + self.window_us <= watermark)
         open_windows = self.open_windows[name]
-        starts = sorted(set(totals) | {s for s in open_windows if is_final(s)})
+        # (a partition's copy: its windows' `final` is the merge's to decide, so no MERGE only to flag them)
+        starts = sorted(set(totals) | ({s for s in open_windows if is_final(s)} if self.part is None else set()))
         columns: dict[str, list] = defaultdict(list)
         for start in starts:
             delta = totals.get(start, WindowDelta())

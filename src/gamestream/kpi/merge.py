@@ -336,9 +336,8 @@ def _part_watermark(uri: str, table: DeltaTable, folded: int) -> int | None:
     """A part stage's watermark as of events version `folded`, from its retention table's latest commits (each
     part fold ends with one there, carrying the stage's state)."""
     latest = table.version()
-    for version, info in sorted(lake.commit_infos(uri, range(latest, max(-1, latest - 10), -1)).items(),
-                                reverse=True):
-        text = (info or {}).get(STATE_KEY)
+    for version in range(latest, max(-1, latest - 10), -1):  # one commit file at a time: usually the latest
+        text = (lake.commit_infos(uri, [version])[version] or {}).get(STATE_KEY)
         if text:
             state = StageState.from_json(text)
             if state.version == folded:

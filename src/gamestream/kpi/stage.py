@@ -134,7 +134,8 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         # version → the greatest eventTime per log partition its commit recorded (None: it recorded none)
         self._greatest_times: dict[int, dict[int, int] | None] = {}
         self._history_times: dict[int, dict[int, int] | None] = {}  # the same, read from the history ahead
-        self.offered_max_bytes = settings.kpi_offered_max_bytes
+        # a process may hold a part stage per partition: together they hold at most the one bound
+        self.offered_max_bytes = settings.kpi_offered_max_bytes // (1 if part is None else max(1, log.partitions))
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)
         logger.info("KPI stage started", extra={

@@ -56,6 +56,8 @@ class Pipeline:
                 self.partitioned) else []
             self.maintenance = AutoMaintenance(settings, [*TABLES, *copies], self.ownership) if maintenance else None
             self.part_stages: dict[int, KpiStage] = {}
+            self._folded_at: dict[int, float] = {}  # partition → when its part stage last folded (monotonic)
+            self._commits_seen = -1  # the processor's commits at the last round
             self.merger: KpiMerge | None = None
             if kpi and not self.partitioned:
                 self._take_kpi()
@@ -109,7 +111,14 @@ class Pipeline:
             del self.part_stages[part]
         for part in sorted(owned - set(self.part_stages)):
             self.part_stages[part] = KpiStage(self.settings, self.log, stop=self.processor.stop_requested, part=part)
+        commits = self.processor.stats.commits
+        quiet = final or commits == self._commits_seen  # nothing committed here since the last round
+        self._commits_seen = commits
+        now = time.monotonic()
         for part, stage in list(self.part_stages.items()):
+            if not quiet and now - self._folded_at.get(part, 0.0) < self.settings.kpi_part_interval_s:
+                continue  # busy: fold later, with more rows per fold
+            self._folded_at[part] = now
             try:
                 stage.fold()
             except KpiStageSuperseded as error:
