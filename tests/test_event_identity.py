@@ -90,6 +90,8 @@ def test_load_twice_sdk_retries_rebatched_under_new_keys_and_a_week_old_queue_la
     assert bookings(data) == round(sum(e["eventParams"]["amount"] for e in first + live), 2)
     assert "quarantined 0; duplicates dropped 2,340;" in processed.stdout, processed.stdout
     assert table_rows(data / "tables" / "events_quarantine") == []
+    # `status` counts them too, from the events table (a later process, not this one's memory)
+    assert "duplicates dropped: 2,340 copies" in gamestream("status", data_dir=data).stdout
 
 
 def test_an_eventid_reused_with_another_payload_keeps_the_first_and_quarantines_the_later_with_the_reason(
@@ -175,6 +177,8 @@ def test_a_processor_killed_between_its_events_and_event_ids_commits_lets_no_cop
     ids = events_by_id(data)
     assert len(ids) == 6000 and set(ids.values()) == {1}, ids.most_common(3)
     assert table_rows(data / "tables" / "events_quarantine") == []
+    # every copy counted once, though the processor was killed four times: the counter commits with the rows
+    assert "duplicates dropped: 2,400 copies" in gamestream("status", data_dir=data).stdout
 
 
 def _until_committed(processor: subprocess.Popen, data: Path, *, expected: int, timeout: float = 120) -> str:

@@ -220,13 +220,32 @@ def _print_log_backlog(settings: Settings, log) -> None:
                   caption="offsets are positions in a partition, not event counts; "
                           "a record holds a batch of events")
     for column in ("partition", "appended up to (offset)", "committed up to (offset)",
-                   "events not yet committed"):
+                   "events not yet committed", "duplicates dropped"):
         table.add_column(column, justify="right")
+    dropped = _duplicates_dropped(settings, log.partitions)
     for p in range(log.partitions):
         committed = log.committed(settings.pipeline, p)
         table.add_row(str(p), f"{log.last_offset(p):,}", f"{committed:,}",
-                      f"{log.pending_events_in(p, settings.pipeline):,}")
+                      f"{log.pending_events_in(p, settings.pipeline):,}", f"{dropped.get(p, 0):,}")
     out.print(table)
+    if dropped:
+        out.print(f"duplicates dropped: {sum(dropped.values()):,} copies of events already in the table (same "
+                  "eventId and payload; another payload with a known eventId is quarantined instead)",
+                  highlight=False)
+
+
+def _duplicates_dropped(settings: Settings, partitions: int) -> dict[int, int]:
+    """Per log partition, the copies of already-landed eventIds the processor dropped (a counter the events
+    table's commits keep: `lake.duplicates_app_id`)."""
+    from gamestream.tables import lake
+
+    uri = settings.table_uri("events")
+    if not lake.table_exists(uri):
+        return {}
+    events = lake.open_table(uri)
+    counts = {p: events.transaction_version(lake.duplicates_app_id(settings.pipeline, p)) or 0
+              for p in range(partitions)}
+    return {p: n for p, n in counts.items() if n}
 
 
 def _print_kpi_folding(settings: Settings, log) -> None:

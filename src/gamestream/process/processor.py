@@ -139,6 +139,7 @@ class _TableWrite:
     conforms_rows: bool  # to the table as it is now: it may have columns this configuration lacks
     commits_when_empty: bool  # a commit even with no row: the position moves
     stamps_greatest_times: bool = False  # the commit records each partition's greatest eventTime (the watermark's)
+    counts_duplicates: str | None = None  # the pipeline whose copies-dropped counters the commit moves
 
     def should_skip(self, rows: pa.Table) -> bool:
         """A batch with no row for this table makes no commit, unless the commit must move the position."""
@@ -326,7 +327,8 @@ class Processor:
         events = _TableWrite(
             "events", "events", self.events_table, self._app_ids, self._positions,
             lambda d: self._forgotten.drop_events(d.events_table()),
-            partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True, stamps_greatest_times=True)
+            partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True, stamps_greatest_times=True,
+            counts_duplicates=self.settings.pipeline)
         return quarantine, events
 
     @property
@@ -633,8 +635,10 @@ class Processor:
         """One table's commit of the flush, exactly once (`lake.commit_exactly_once`); the version committed, or
         None when the table had everything already (or nothing was to be committed)."""
         last_offsets = flush.last_offsets
+        counters = [lake.duplicates_app_id(write.counts_duplicates, p) for p in last_offsets] if (
+            write.counts_duplicates and decoder.identity is not None) else []
         version = lake.commit_exactly_once(
-            write.table, [write.app_ids[p] for p in last_offsets],
+            write.table, [write.app_ids[p] for p in last_offsets] + counters,
             lambda versions: self._build(write, flush, decoder, versions),
             partition_by=write.partition_by, retries=self.settings.commit_retries, name=write.name,
             stop=self.stop_requested, context={"partitions": sorted(last_offsets), "offsets": dict(last_offsets)},
@@ -665,6 +669,12 @@ class Processor:
         flush.built[write.key] = rows.num_rows
         flush.built_rows[write.key] = rows
         txn_versions, metadata = positions.stamp(versions, todo)
+        if flush.duplicates and write.counts_duplicates:  # per partition, in the same commit (`status` reads it)
+            txn_versions = dict(txn_versions)
+            for partition, verdict in flush.verdicts.items():
+                if verdict.copies:
+                    counter = lake.duplicates_app_id(write.counts_duplicates, partition)
+                    txn_versions[counter] = versions.get(counter, 0) + verdict.copies
         if write.stamps_greatest_times:
             flush.greatest_times = decoder.greatest_times(after)
             metadata = {**metadata, **lake.stamp_greatest_times(flush.greatest_times)}

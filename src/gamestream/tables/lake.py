@@ -218,6 +218,13 @@ def txn_app_id(pipeline: str, partition: int | None = None, table: str = "events
     return base if table == "events" else f"{pipeline}-{table}-p{partition}"
 
 
+def duplicates_app_id(pipeline: str, partition: int) -> str:
+    """The txn appId whose version counts the copies of already-landed eventIds the processor dropped from log
+    partition `partition` (`<pipeline>-duplicates-p<partition>` on the events table): a counter committed with the
+    rows it concerns, so it is exact after any crash and costs `status` one lookup per partition."""
+    return f"{pipeline}-duplicates-p{partition}"
+
+
 def open_or_create(uri: str, arrow_schema: pa.Schema, partition_by: list[str] | None,
                    configuration: Mapping[str, str] | None = None) -> DeltaTable:
     """Opens the table, creating it (empty, with the schema) when it does not exist yet.
