@@ -117,7 +117,7 @@ from gamestream.settings import Settings
 logs.setup("json")
 url, data, pipeline_name, kpi = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "kpi"
 settings = Settings(data_dir=Path(data), partitions=4, lease_ttl_s=2, pipeline=pipeline_name,
-                    batch_max_wait_s=0.1, kpi_interval_s=0.2)
+                    batch_max_wait_s=0.1, kpi_interval_s=0.2, kpi_mode=sys.argv[5])
 log = open_log(settings.data_dir, partitions=4)
 ownership = LeaseOwnership(url, pipeline=pipeline_name, partitions=4, ttl_s=2)
 pipeline = Pipeline(settings, log, kpi=kpi, ownership=ownership)
@@ -130,11 +130,12 @@ os._exit(0)
 """
 
 
-def start_processor(url: str, data: Path, pipeline: str, *, kpi: bool = False) -> subprocess.Popen:
+def start_processor(url: str, data: Path, pipeline: str, *, kpi: bool = False,
+                    kpi_mode: str = "global") -> subprocess.Popen:
     """A processor process; its log lines go to `<data>/../processor-<pid>.log` (read them when a test fails)."""
     with open(data.parent / f"processor-{time.monotonic_ns()}.log", "w") as log_file:
-        child = subprocess.Popen([sys.executable, "-c", RUNNER, url, str(data), pipeline, "kpi" if kpi else "no-kpi"],
-                                 stdout=subprocess.PIPE, stderr=log_file, text=True)
+        child = subprocess.Popen([sys.executable, "-c", RUNNER, url, str(data), pipeline, "kpi" if kpi else "no-kpi",
+                                  kpi_mode], stdout=subprocess.PIPE, stderr=log_file, text=True)
     assert child.stdout.readline().strip() == "ready"
     return child
 
@@ -435,15 +436,19 @@ def test_processors_started_stopped_killed_and_paused_past_their_lease_store_eve
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kpi_mode", ["global", "partitioned"])
 def test_when_the_kpi_stage_holder_dies_another_processor_runs_it_and_the_kpis_stay_exact(
-        tmp_path: Path, nats_url: str, pipeline_name: str) -> None:
+        tmp_path: Path, nats_url: str, pipeline_name: str, kpi_mode: str) -> None:
+    """Two processors on NATS leases; the one holding the KPI role is SIGKILLed while events keep coming. The
+    other takes the role over and the KPIs stay exact. Partitioned: the killed processor's partitions (and its
+    part stages' copies) move to the survivor mid-run too, and the survivor merges."""
     data = tmp_path / "data"
     settings = settings_for(data, pipeline_name)
     log = open_log(data, partitions=PARTITIONS)
     children: list[subprocess.Popen] = []
     try:
         append_events(log, list(simulate(events=3000, users=200, seed=40, days=1)))
-        children = [start_processor(nats_url, data, pipeline_name, kpi=True) for _ in range(2)]
+        children = [start_processor(nats_url, data, pipeline_name, kpi=True, kpi_mode=kpi_mode) for _ in range(2)]
         eventually(lambda: "roles.kpi" in holders(nats_url, pipeline_name), within=10, what="a KPI stage starts")
         holder = next(c for c in children if c.pid == holders(nats_url, pipeline_name)["roles.kpi"])
         survivor = next(c for c in children if c is not holder)
@@ -462,6 +467,10 @@ def test_when_the_kpi_stage_holder_dies_another_processor_runs_it_and_the_kpis_s
                 table_rows(settings.table_uri("events"), ["eventId"])) == 9000
 
         eventually(caught_up, within=40, what="the new KPI stage folds everything, each version once")
+        if kpi_mode == "partitioned":  # the killed processor's partitions moved, with their copies
+            assert partitions_held_by(nats_url, pipeline_name, survivor.pid) == set(range(PARTITIONS))
+            assert not os.path.exists(settings.table_uri("kpi_activity"))
+            assert all(table_rows(settings.kpi_part_uri(p, "kpi_devices")) for p in range(PARTITIONS))
         survivor.send_signal(signal.SIGTERM)
         assert survivor.wait(timeout=30) == 0
     finally:
