@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -290,3 +291,53 @@ def test_kpis_on_the_seed_lambdas_random_partition_keys_with_two_processors_are_
                                                           for k, v in row.items()} for c, row in want_cohorts.items()}
     assert sum(r["events"] for r in table_rows(str(data / "tables" / "kpi_events_hourly"))) == 240
     assert sum(r["purchases"] for r in table_rows(str(data / "tables" / "kpi_bookings_hourly"))) == 48
+
+
+def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_processors(
+        env: dict, tmp_path: Path) -> None:
+    """The seed's envelopes (`{"body": {...}}`) put with random partition keys, as its Lambda puts them, each
+    event carrying its own eventId; then a third of them put again, with new random keys — an SDK's retry after a
+    lost answer. A copy lands on another shard than its original about half the time, where a state per partition
+    would let it in. Two processors, one shard each, committing at once: every event is stored once, the copies
+    are counted, and the ones that crossed shards are among them."""
+    import boto3
+
+    stream = fresh_stream()
+    KinesisEventLog.connect(f"kinesis://{stream}", partitions=2).close()
+    client = boto3.client("kinesis")
+    rng = random.Random(23)
+
+    def put(body: dict) -> str:
+        envelope = v2_event(json.dumps(body))
+        envelope["body"] = body  # what the seed's handler puts: the parsed body inside the request's envelope
+        answer = client.put_record(StreamName=stream, Data=json.dumps(envelope),
+                                   PartitionKey=str(rng.randint(1, 100)))
+        return answer["ShardId"]
+
+    originals = [{"eventId": f"evt-{i:04d}", "eventName": "purchaseEvent" if i % 4 == 0 else "levelStart",
+                  "eventTime": 1793750400 + i,
+                  "eventParams": {"device_id": f"dev-{i % 9}", **({"amount": 4.99} if i % 4 == 0 else {})}}
+                 for i in range(300)]
+    shard_of = {body["eventId"]: put(body) for body in originals}
+    copies = rng.sample(originals, 100)
+    crossed = sum(put(body) != shard_of[body["eventId"]] for body in copies)
+    assert crossed >= 20, "too few copies landed on another shard than their original to test anything"
+
+    data = tmp_path / "data"
+    processors = [subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--no-kpi",
+                                    "--log", f"kinesis://{stream}", "--data-dir", str(data), "--only", only,
+                                    "--max-batch-events", "20"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **env}) for only in ("0", "1")]
+    outputs = [child.communicate(timeout=180) for child in processors]
+    for child, (_, err) in zip(processors, outputs):
+        assert child.returncode == 0, err
+    ids = _ids(data)
+    assert len(ids) == 300 and set(ids.values()) == {1}, ids.most_common(3)
+    assert table_rows(str(data / "tables" / "events_quarantine")) == []
+    dropped = sum(int(n.replace(",", "")) for out, _ in outputs
+                  for n in re.findall(r"duplicates dropped ([\d,]+);", out))
+    assert dropped == 100
+    status = gamestream("status", "--log", f"kinesis://{stream}", data_dir=data).stdout
+    assert "duplicates dropped: 100 copies" in status
+    assert all("committed" in out for out, _ in outputs), outputs  # both processors worked

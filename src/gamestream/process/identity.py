@@ -50,6 +50,7 @@ from gamestream.tables import lake
 logger = logging.getLogger(__name__)
 
 TABLE = "event_ids"
+SERIAL = "identity"  # the txn appId every events commit sets in shared mode (`EventIds`): `<pipeline>-identity`
 DIFFERENT_PAYLOAD = "duplicate eventId with a different payload"
 SCHEMA = pa.schema([
     pa.field("logPartition", pa.int32()),
@@ -300,10 +301,22 @@ def today(now: float | None = None) -> int:
 
 class EventIds:
     """The processor's deduplication state: `PartitionIds` per owned partition, backed by the `event_ids` table
-    (see the module docstring). Used from the processor's commit thread only."""
+    (see the module docstring). Used from the processor's commit thread only.
 
-    def __init__(self, settings: Settings) -> None:
+    `shared`: the stream's producers need not route a device to one partition (Kinesis: the reference Lambda's
+    random partition keys), so a copy may arrive on any partition. Then one state holds the ids of every
+    partition (`shared_state`): loaded from all of `event_ids`, and before each judgement caught up with every
+    events version committed since (`catch_up`: other processors' commits, read from the change data feed). The
+    events commits of all processors are serialised by a txn appId they all set (`SERIAL_APP_ID`): of two
+    processors committing at once, one conflicts, catches up with the other's commit and judges again."""
+
+    def __init__(self, settings: Settings, *, shared_partitions: int | None = None) -> None:
+        """`shared_partitions`: the stream's partition count, for a stream whose copies may arrive on any
+        partition (see the class docstring); None: per partition."""
         self.settings = settings
+        self.shared_partitions = shared_partitions
+        self.shared_state: PartitionIds | None = PartitionIds() if shared_partitions is not None else None
+        self._shared_loaded = False
         self.window_days = max(1, int(np.ceil(settings.dedupe_days)))
         self.table = lake.open_or_create(settings.table_uri(TABLE), SCHEMA, PARTITION_BY)
         self.app_ids: dict[int, str] = {}
@@ -340,6 +353,52 @@ class EventIds:
                 app_id: events_version + 1 for app_id in ids if versions.get(app_id, 0) <= events_version}) if any(
                 versions.get(app_id, 0) <= events_version for app_id in ids) else None,
             partition_by=PARTITION_BY, retries=self.settings.commit_retries, name=TABLE, stop=self.stop)
+
+    def catch_up(self, events, partitions) -> PartitionIds:
+        """The shared state (`shared`), loaded once from `event_ids` and then caught up with every version of
+        `events` (the DeltaTable about to be committed to, at its snapshot) it does not reflect yet; `partitions`:
+        the ones this processor is about to commit."""
+        state = self.shared_state
+        assert state is not None
+        if not self._shared_loaded:
+            self._load_shared(events, partitions)
+        head = events.version()
+        if head > state.events_version:
+            rows = _rows_of_versions(events, list(range(state.events_version + 1, head + 1)))
+            keys, prints, has_id = identity_keys(rows)
+            state.add(keys[has_id], prints[has_id], today())
+            state.events_version = head
+        return state
+
+    def _load_shared(self, events, partitions) -> None:
+        """Every partition's `event_ids` rows of the window, then the ids of the events versions after the least
+        version those rows cover (a processor's ids not in `event_ids` yet, or lost in a crash).
+
+        In order: this processor's partitions that `event_ids` has never covered are marked covered from the events
+        table's version now (their window starts here, as on a first load per partition); then every partition's
+        txn is read. A partition with none has had no events commit with deduplication: its owner marks it before
+        its first, so one that started after this read commits after the version read here, and is caught up."""
+        started = time.perf_counter()
+        self.table.update_incremental()
+        head = events.version()
+        fresh = [p for p in partitions if self.table.transaction_version(self.app_id(p)) is None]
+        if fresh:
+            self._start(fresh, head)
+        self.table.update_incremental()
+        txns = [v for v in (self.table.transaction_version(self.app_id(p))
+                            for p in range(max(self.shared_partitions or 0, *partitions) + 1)) if v]
+        stored = self.table.to_pyarrow_dataset().to_table(
+            columns=["idKey", "fingerprint", "arrivedOn"],
+            filter=pc.field("arrivedOn") >= pa.scalar(_EPOCH + dt.timedelta(days=self.oldest_day()), pa.date32()))
+        state = self.shared_state
+        assert state is not None
+        days = pc.cast(stored["arrivedOn"], pa.int32()).to_numpy() if stored.num_rows else np.empty(0, np.int32)
+        state.add(stored["idKey"].to_numpy(), stored["fingerprint"].to_numpy(), days)
+        state.events_version = min(txns) - 1 if txns else head
+        self._shared_loaded = True
+        logger.info("event ids loaded for the whole stream (partition keys need not follow devices)", extra={
+            "ids": len(state), "from_events_version": state.events_version,
+            "seconds": round(time.perf_counter() - started, 3)})
 
     def load(self, offsets: dict[int, int], events_table_uri: str, events_app_ids: dict[int, str]) -> None:
         """Each partition of `offsets` (partition → its offset in the events table) as the tables hold it now: its
@@ -389,7 +448,8 @@ class EventIds:
         state, and wait for the next `commit` to `event_ids`."""
         day = today()
         for partition, verdict in verdicts.items():
-            self.partitions[partition].add(verdict.new_keys, verdict.new_prints, day)
+            held = self.shared_state if self.shared_state is not None else self.partitions[partition]
+            held.add(verdict.new_keys, verdict.new_prints, day)
             if len(verdict.new_keys):
                 self._pending.append(pa.table({
                     "logPartition": pa.array(np.full(len(verdict.new_keys), partition, dtype=np.int32)),
@@ -402,6 +462,10 @@ class EventIds:
                 self.partitions[partition].events_offset = offset
         for held in self.partitions.values():
             held.events_version = events_version
+        if self.shared_state is not None:
+            self.shared_state.events_version = events_version
+            for partition in verdicts:
+                self.partitions[partition] = self.shared_state  # what `commit` names the txns of
         self._covered = events_version
 
     def commit_due(self) -> bool:
@@ -436,7 +500,8 @@ class EventIds:
         """Forgets the ids that arrived before the window (the maintenance deletes their `event_ids` rows)."""
         self._expired_day = today()
         oldest = self.oldest_day()
-        for held in self.partitions.values():
+        shared = [self.shared_state] if self.shared_state is not None else []
+        for held in {id(h): h for h in [*self.partitions.values(), *shared]}.values():
             held.expire(oldest)
 
 

@@ -152,9 +152,13 @@ class _BatchDecoder:
     Kept per log partition, so a commit can say how far in event time each partition went."""
 
     def __init__(self, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]],
-                 params: schema.Params, identity: "_Identity | None" = None) -> None:
+                 params: schema.Params, identity: "_Identity | None" = None,
+                 events_table: DeltaTable | None = None) -> None:
+        """`events_table`: the DeltaTable the events commit writes with (a shared deduplication state is caught
+        up with it before judging)."""
         self.records, self.decoded_as_read, self.params = records, decoded_as_read, params
         self.identity = identity
+        self.events_table = events_table
         self._decoded: dict[tuple, dict[int, list[Decoded]]] = {}
         self._verdicts: dict[tuple, dict[int, identity_mod.Verdict]] = {}
 
@@ -184,13 +188,17 @@ class _BatchDecoder:
         return Decoded(events=[v.rows for v in verdicts.values()], quarantine=quarantine + conflicts)
 
     def verdicts(self, after: dict[int, int], expected: dict[int, int]) -> dict[int, identity_mod.Verdict]:
-        """Per partition, what deduplication makes of its rows after `after` (computed once per starting point)."""
+        """Per partition, what deduplication makes of its rows after `after` (computed once per starting point,
+        and per version of the events table when the state is shared by the stream's partitions: a commit
+        retried after another processor's judges again)."""
         assert self.identity is not None
-        key = (tuple(sorted(after.items())), tuple(sorted(expected.items())))
+        events = self.events_table if self.identity.ids.shared_state is not None else None
+        key = (tuple(sorted(after.items())), tuple(sorted(expected.items())),
+               events.version() if events is not None else None)
         if key not in self._verdicts:
             verdicts = {}
             by_partition = self._by_partition(after)
-            states = self.identity.states({p: expected[p] for p in by_partition})
+            states = self.identity.states({p: expected[p] for p in by_partition}, events)
             for partition, parts in by_partition.items():
                 tables = [t for d in parts for t in d.events]
                 rows = pa.concat_tables(tables) if tables else schema.arrow_schema(params=self.params).empty_table()
@@ -238,9 +246,15 @@ class _Identity:
     events_uri: str
     app_ids: "_AppIds"
 
-    def states(self, offsets: dict[int, int]) -> dict[int, identity_mod.PartitionIds]:
+    def states(self, offsets: dict[int, int], events: DeltaTable | None = None
+               ) -> dict[int, identity_mod.PartitionIds]:
         """Each partition's ids reflecting the events table at its offset in `offsets`: held, or (those not held,
-        or held for another offset) loaded from the tables, together."""
+        or held for another offset) loaded from the tables, together. A stream whose copies may arrive on any
+        partition: the one shared state, caught up with `events` (the table at the snapshot to commit to)."""
+        if self.ids.shared_state is not None:
+            assert events is not None
+            state = self.ids.catch_up(events, sorted(offsets))
+            return {p: state for p in offsets}
         stale = {p: o for p, o in offsets.items()
                  if (held := self.ids.partitions.get(p)) is None or held.events_offset != o}
         if stale:
@@ -314,8 +328,10 @@ class Processor:
         self._positions = lake.positions_for(self.log)
         self._quarantine_positions = lake.positions_for(self.log)
         # deduplication by eventId (process/identity.py); off with dedupe_days = 0
-        self._identity = _Identity(identity_mod.EventIds(settings), settings.table_uri("events"), self._app_ids) \
-            if settings.dedupe_days > 0 else None
+        # a stream whose producers need not route a device to one partition (Kinesis) shares one state
+        shared = self.log.partitions if self.log.own_routing else None
+        self._identity = _Identity(identity_mod.EventIds(settings, shared_partitions=shared),
+                                   settings.table_uri("events"), self._app_ids) if settings.dedupe_days > 0 else None
 
     def _table_writes(self) -> tuple[_TableWrite, _TableWrite]:
         """The flush's two writes, in commit order: quarantine (only when there is something to quarantine),
@@ -611,7 +627,7 @@ class Processor:
 
         1. quarantine (only when there is something to quarantine), then
         2. events (always: the position moves)."""
-        decoder = _BatchDecoder(records, decoded_as_read, self.params, self._identity)
+        decoder = _BatchDecoder(records, decoded_as_read, self.params, self._identity, self.events_table)
         # Step 1
         started = time.perf_counter()
         if self._commit_write(self._quarantine_write, flush, decoder) is not None:
@@ -637,6 +653,8 @@ class Processor:
         last_offsets = flush.last_offsets
         counters = [lake.duplicates_app_id(write.counts_duplicates, p) for p in last_offsets] if (
             write.counts_duplicates and decoder.identity is not None) else []
+        if counters and decoder.identity.ids.shared_state is not None:  # type: ignore[union-attr]
+            counters.append(lake.txn_app_id(write.counts_duplicates, stage=identity_mod.SERIAL))
         version = lake.commit_exactly_once(
             write.table, [write.app_ids[p] for p in last_offsets] + counters,
             lambda versions: self._build(write, flush, decoder, versions),
@@ -669,6 +687,10 @@ class Processor:
         flush.built[write.key] = rows.num_rows
         flush.built_rows[write.key] = rows
         txn_versions, metadata = positions.stamp(versions, todo)
+        serial = lake.txn_app_id(write.counts_duplicates, stage=identity_mod.SERIAL) if (
+            write.counts_duplicates) else None
+        if serial in versions:  # shared identity: every events commit moves it, so concurrent ones conflict
+            txn_versions = {**txn_versions, serial: versions[serial] + 1}
         if flush.duplicates and write.counts_duplicates:  # per partition, in the same commit (`status` reads it)
             txn_versions = dict(txn_versions)
             for partition, verdict in flush.verdicts.items():

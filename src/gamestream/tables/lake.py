@@ -205,11 +205,13 @@ def txn_app_id(pipeline: str, partition: int | None = None, table: str = "events
     - the processor, per log partition: `<pipeline>-p<partition>` on the events table; other tables that commit
       per partition (the quarantine) prefix their own name so the ids never collide;
     - the KPI stage (`stage="kpi"`), one per table: `<pipeline>-kpi`, version = the events version folded in;
-    - the Spark job (`stage="spark"`), one per table: `<pipeline>-spark`, version = Spark's batch id + 1.
+    - the Spark job (`stage="spark"`), one per table: `<pipeline>-spark`, version = Spark's batch id + 1;
+    - `stage="identity"`: `<pipeline>-identity` on the events table, moved by every events commit when the
+      deduplication state is shared by the stream's partitions (process/identity.py), so concurrent ones conflict.
 
     The writers' ids differ, so one set of tables is written by the processor or by the Spark job, never both."""
     if stage != "processor":
-        if stage not in ("kpi", "spark"):
+        if stage not in ("kpi", "spark", "identity"):
             raise ValueError(f"unknown writer stage {stage!r}")
         return f"{pipeline}-{stage}"
     if partition is None:
