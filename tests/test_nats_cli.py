@@ -43,8 +43,9 @@ def test_load_generate_status_and_process_on_a_nats_log(tmp_path: Path, nats_url
     status = gamestream("status", "--log", url, data_dir=data)
     assert "event log (nats://" in status.stdout and "disconnected" not in status.stderr
     log_part = status.stdout.split("tables")[0]
-    backlog = [int(cells[-1].replace(",", "")) for line in log_part.splitlines()
-               if len(cells := [c.strip() for c in line.split("│") if c.strip()]) == 4 and cells[0].isdigit()]
+    # partition, appended, committed, not yet committed, duplicates dropped
+    backlog = [int(cells[3].replace(",", "")) for line in log_part.splitlines()
+               if len(cells := [c.strip() for c in line.split("│") if c.strip()]) == 5 and cells[0].isdigit()]
     assert len(backlog) == 3 and sum(backlog) == 3500  # every partition shown, nothing committed yet
     processed = gamestream("process", "--until-idle", "--log", url, data_dir=data, timeout=300)
     assert "committed 3,500 events" in processed.stdout, processed.stdout + processed.stderr

@@ -75,7 +75,9 @@ def _process(settings: Settings, *, until_idle: bool, only: list[int] | None = N
         pipeline.install_signal_handlers()
         started = time.monotonic()
         mode = "until the log is drained" if until_idle else "until stopped (Ctrl-C)"
-        kpi_note = "" if pipeline.kpi else " (KPI stage: off or run by another process)"
+        kpi_note = (" (KPIs folded per partition here, merged by the process holding the KPI role)"
+                    if pipeline.partitioned else "" if pipeline.kpi else
+                    " (KPI stage: off or run by another process)")
         console.print(f"processing partitions {pipeline.processor.partitions} of {describe(settings)} "
                       f"{mode}{kpi_note}", highlight=False)
         pipeline.run(until_idle=until_idle, on_progress=_progress_printer(started))

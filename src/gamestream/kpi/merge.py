@@ -345,6 +345,14 @@ def _part_watermark(uri: str, table: DeltaTable, folded: int) -> int | None:
     return None
 
 
+def merged_up_to(settings: Settings) -> int:
+    """The least events version every partition had folded when the KPI tables were last merged (their txn)."""
+    uri = settings.table_uri("kpi_daily")
+    if not lake.table_exists(uri):
+        return 0
+    return lake.open_table(uri).transaction_version(lake.txn_app_id(settings.pipeline, stage="kpi")) or 0
+
+
 def merge_once(settings: Settings, log: EventLog) -> None:
     """One merge round in this process (for a caller holding the `kpi` role)."""
     KpiMerge(settings, log).merge()

@@ -50,6 +50,7 @@ from gamestream.tables import lake
 logger = logging.getLogger(__name__)
 
 TABLE = "event_ids"
+CAUGHT_UP = -1  # the `logPartition` of ids a shared state caught up with (other processors' commits)
 SERIAL = "identity"  # the txn appId every events commit sets in shared mode (`EventIds`): `<pipeline>-identity`
 DIFFERENT_PAYLOAD = "duplicate eventId with a different payload"
 SCHEMA = pa.schema([
@@ -367,6 +368,9 @@ class EventIds:
             rows = _rows_of_versions(events, list(range(state.events_version + 1, head + 1)))
             keys, prints, has_id = identity_keys(rows)
             state.add(keys[has_id], prints[has_id], today())
+            # written to `event_ids` with this processor's next commit there (under partition -1: the shared load
+            # reads every partition's rows), which moves its partitions' txns past these versions
+            self._hold_for_commit(CAUGHT_UP, keys[has_id], prints[has_id], today())
             state.events_version = head
         return state
 
@@ -437,6 +441,10 @@ class EventIds:
                 row_keys, row_prints, has_id = identity_keys(rows)
                 held.add(row_keys[has_id], row_prints[has_id], today())
                 caught = int(has_id.sum())
+                # Kept for `event_ids` too: this processor's next commit there moves the partition's txn past
+                # these versions, so ids another processor committed and never wrote there (it was killed, or
+                # lost the partition first) must be written with it, or the next owner would not find them.
+                self._hold_for_commit(partition, row_keys[has_id], row_prints[has_id], today())
             held.events_offset, held.events_version = offsets[partition], head
             self.partitions[partition] = held
             logger.info("event ids loaded", extra={
@@ -450,13 +458,7 @@ class EventIds:
         for partition, verdict in verdicts.items():
             held = self.shared_state if self.shared_state is not None else self.partitions[partition]
             held.add(verdict.new_keys, verdict.new_prints, day)
-            if len(verdict.new_keys):
-                self._pending.append(pa.table({
-                    "logPartition": pa.array(np.full(len(verdict.new_keys), partition, dtype=np.int32)),
-                    "idKey": pa.array(verdict.new_keys), "fingerprint": pa.array(verdict.new_prints),
-                    "arrivedOn": pa.array(np.full(len(verdict.new_keys), day, dtype=np.int32)).cast(pa.date32()),
-                }, schema=SCHEMA))
-                self._pending_ids += len(verdict.new_keys)
+            self._hold_for_commit(partition, verdict.new_keys, verdict.new_prints, day)
         for partition, offset in last_offsets.items():
             if partition in self.partitions:
                 self.partitions[partition].events_offset = offset
@@ -467,6 +469,16 @@ class EventIds:
             for partition in verdicts:
                 self.partitions[partition] = self.shared_state  # what `commit` names the txns of
         self._covered = events_version
+
+    def _hold_for_commit(self, partition: int, keys: np.ndarray, prints: np.ndarray, day: int) -> None:
+        """Ids of `partition` to append to `event_ids` with the next `commit`."""
+        if len(keys):
+            self._pending.append(pa.table({
+                "logPartition": pa.array(np.full(len(keys), partition, dtype=np.int32)),
+                "idKey": pa.array(keys), "fingerprint": pa.array(prints),
+                "arrivedOn": pa.array(np.full(len(keys), day, dtype=np.int32)).cast(pa.date32()),
+            }, schema=SCHEMA))
+            self._pending_ids += len(keys)
 
     def commit_due(self) -> bool:
         """Whether the ids remembered since the last commit should go to `event_ids` now: many of them, or a

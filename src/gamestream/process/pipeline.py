@@ -17,7 +17,7 @@ from typing import Callable
 import pyarrow.compute as pc
 
 from gamestream.kpi import KpiStage, KpiStageSuperseded
-from gamestream.kpi.merge import KpiMerge
+from gamestream.kpi.merge import KpiMerge, merged_up_to
 from gamestream.kpi.tables import TABLES as KPI_TABLES
 from gamestream.kpi.parts import kpi_partitioned, routes_of
 from gamestream.kpi.rows import normalise
@@ -96,7 +96,7 @@ class Pipeline:
                 part_stage.hold(version, held.filter(pc.equal(routes, part)), greatest_times)
 
     # ------------------------------------------------------------------------------------ partitioned KPIs
-    def _fold_parts(self, *, final: bool = False) -> None:
+    def _fold_parts(self, *, final: bool = False, every: bool = True) -> None:
         """Folds the partitions this process owns, each in its part stage (started for a partition gained, which
         recovers from that partition's tables; dropped for one lost, whose new owner folds it).
 
@@ -104,8 +104,13 @@ class Pipeline:
         those another process worked on are caught up over the versions committed since that process last
         folded them (most add none of their devices, and cost a commit file read each), so the process that
         finishes last leaves the KPI tables complete. A process still folding one of them too is fenced off by
-        the tables' txn (`KpiStageSuperseded`: its stage starts afresh)."""
-        owned = set(range(self.log.partitions)) if final else set(self.ownership.owned())
+        the tables' txn (`KpiStageSuperseded`: its stage starts afresh). `every=False` (a final fold on SIGTERM):
+        only the partitions it worked on."""
+        if final:
+            owned = set(range(self.log.partitions)) if every else set(self.part_stages) | set(
+                self.processor.partitions)
+        else:
+            owned = set(self.ownership.owned())
         for part in [p for p in self.part_stages if p not in owned]:
             logger.info("KPI part stage stops here: its partition moved", extra={"partition": part})
             del self.part_stages[part]
@@ -126,14 +131,21 @@ class Pipeline:
                 self.part_stages.pop(part, None)
 
     def _merge(self, *, wait_s: float = 0.0) -> bool:
-        """The merge round, when this process holds the `kpi` role (taken if free; waited for up to `wait_s`
-        while another process holds it); False when another process holds it."""
+        """The merge round, when this process holds the `kpi` role (taken if free); False when another process
+        holds it. `wait_s`: while another process holds it, wait up to this long for the role — or until the KPI
+        tables show that process merged everything this one folded (their txn reached it)."""
         deadline = time.monotonic() + wait_s
+        folded = min((stage.state.version for stage in self.part_stages.values()), default=0)
         while self.merger is None:
             if self.ownership.claim(KPI_ROLE):
                 self.merger = KpiMerge(self.settings, self.log, stop=self.processor.stop_requested)
                 break
+            if wait_s and merged_up_to(self.settings) >= folded:
+                return False  # the holder merged after this process's last folds
             if time.monotonic() >= deadline or self.processor.stop_requested.wait(0.2):
+                if wait_s:
+                    logger.warning("the KPI role stayed with another process: it merges what this one folded",
+                                   extra={"waited_s": wait_s})
                 return False
         if not self.ownership.holds(KPI_ROLE):
             self._drop_merger("its lease lapsed (this process was paused or cut off from NATS)")
@@ -178,7 +190,7 @@ class Pipeline:
             if folding:
                 folding.finish()  # raises the fold's failure
             if self._should_fold_finally(folding):
-                self._final_fold()
+                self._final_fold(until_idle=until_idle)
             if self.kpi:
                 logger.info("KPI stage stopped", extra={"version": self.kpi.state.version})
         finally:
@@ -242,7 +254,7 @@ class Pipeline:
                 self.ownership.release_role(KPI_ROLE)
                 logger.debug("KPI stage cannot start: the object store is unreachable")
 
-    def _final_fold(self) -> None:
+    def _final_fold(self, *, until_idle: bool = True) -> None:
         """The fold after the processor has finished, which makes the KPI tables reflect everything committed
         (what `run(until_idle=True)` promises). A log or object store out of reach is waited out — the stage is
         started afresh from its tables after each failed attempt, as the folding thread does — until it answers
@@ -251,9 +263,12 @@ class Pipeline:
         while True:
             try:
                 if self.partitioned:
-                    self._fold_parts(final=True)
-                    # every partition's part stage may end in another process: the last to finish merges
-                    self._merge(wait_s=3 * self.settings.lease_ttl_s + 5)
+                    if until_idle:  # every partition, and the merge: the last process to finish completes them
+                        self._fold_parts(final=True)
+                        self._merge(wait_s=max(120.0, 3 * self.settings.lease_ttl_s))
+                    else:  # stopped (SIGTERM): its own partitions; the merge only if the role is free or here
+                        self._fold_parts(final=True, every=False)
+                        self._merge()
                     return
                 if self.kpi is None and not self._take_kpi():
                     return  # another process took the KPI stage meanwhile: it folds
