@@ -236,11 +236,12 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         the versions among them that deleted rows (`gamestream forget`), from their commits' actions."""
         actions = lake.commit_actions(self.settings.table_uri("events"), range(first, last + 1))
         self._greatest_times = {}
+        deletes = []
         for version, acts in actions.items():
             info = lake.commit_info_of(acts) if acts is not None else None
             self._greatest_times[version] = lake.greatest_times_of(info) if info is not None else None
-        deletes = sorted(v for v, acts in actions.items()
-                         if acts is not None and (lake.commit_info_of(acts) or {}).get("operation") == "DELETE")
+            if info is not None and info.get("operation") == "DELETE":
+                deletes.append(version)
         offered, have = self._offered_some(first, last)
         own = lake.txn_app_id(self.settings.pipeline, self.part)
         prefix = lake.txn_app_id(self.settings.pipeline, 0)[:-1]

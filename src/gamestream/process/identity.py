@@ -308,7 +308,7 @@ class EventIds:
     random partition keys), so a copy may arrive on any partition. Then one state holds the ids of every
     partition (`shared_state`): loaded from all of `event_ids`, and before each judgement caught up with every
     events version committed since (`catch_up`: other processors' commits, read from the change data feed). The
-    events commits of all processors are serialised by a txn appId they all set (`SERIAL_APP_ID`): of two
+    events commits of all processors are serialised by a txn appId they all set (`SERIAL`): of two
     processors committing at once, one conflicts, catches up with the other's commit and judges again."""
 
     def __init__(self, settings: Settings, *, shared_partitions: int | None = None) -> None:
@@ -367,10 +367,11 @@ class EventIds:
         if head > state.events_version:
             rows = _rows_of_versions(events, list(range(state.events_version + 1, head + 1)))
             keys, prints, has_id = identity_keys(rows)
-            state.add(keys[has_id], prints[has_id], today())
+            day = today()
+            state.add(keys[has_id], prints[has_id], day)
             # written to `event_ids` with this processor's next commit there (under partition -1: the shared load
             # reads every partition's rows), which moves its partitions' txns past these versions
-            self._hold_for_commit(CAUGHT_UP, keys[has_id], prints[has_id], today())
+            self._hold_for_commit(CAUGHT_UP, keys[has_id], prints[has_id], day)
             state.events_version = head
         return state
 
