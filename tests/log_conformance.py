@@ -117,9 +117,11 @@ class LogConformance:
         seen: list[int] = []
 
         def writer() -> None:
-            for i in range(400):
-                acked.extend(log.append([Append(3, payload(f"r{i}"), 1)]))
-            done.set()
+            try:
+                for i in range(400):
+                    acked.extend(log.append([Append(3, payload(f"r{i}"), 1)]))
+            finally:
+                done.set()  # a failed append ends the reader too: the test fails on the count, not by timeout
 
         def reader() -> None:
             after = 0
@@ -138,6 +140,7 @@ class LogConformance:
             t.start()
         for t in threads:
             t.join()
+        assert len(acked) == 400
         assert seen == acked
 
     def test_committed_position_only_moves_forward(self, log: EventLog) -> None:

@@ -63,6 +63,7 @@ OPEN_RETRY_SECONDS = 30.0  # opening the log waits this long for a new cluster's
 ATOMIC_BATCH_MAX = 1000  # the server's limit of messages in one atomic batch
 _NO_SUITABLE_PEERS = 10005
 _STREAM_NAME_IN_USE = 10058
+_DUPLICATE_IN_PROCESS = 10158
 _DUPLICATE_IN_BATCH = 10201  # JetStream: "atomic publish batch contains duplicate message id"
 CLAIM_TIMEOUT_SECONDS = 20.0  # an idempotency claim older than this is taken over (its appender crashed)
 PENDING_SCAN_BYTES = 256 * 1024  # pending_events reads at most this much per partition; beyond, it extrapolates
@@ -153,7 +154,9 @@ def _transient(error: Exception) -> bool:
     if isinstance(error, nats.js.errors.APIError):
         # unavailable / JetStream not ready / "no suitable peers for placement, peer offline" (a busy cluster's
         # meta layer briefly thinks a peer is gone: creating a replicated stream or bucket then fails)
-        return error.code == 503 or error.err_code in (10008, _NO_SUITABLE_PEERS)
+        # "duplicate message id is in process": an earlier attempt of this publish is still being replicated;
+        # the retry gets its acknowledgement (a duplicate) once it is stored
+        return error.code == 503 or error.err_code in (10008, _NO_SUITABLE_PEERS, _DUPLICATE_IN_PROCESS)
     return isinstance(error, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                               nats.js.errors.NoStreamResponseError, nats.errors.ConnectionReconnectingError,
                               nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError))

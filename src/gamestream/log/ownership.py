@@ -495,6 +495,9 @@ class LeaseOwnership:
         from nats.js.api import Header
         from nats.js.errors import APIError
 
+        with self._state:
+            if self._held.get(key) is not lease:
+                return  # released since the round looked: the release's purge follows this round
         if time.monotonic() >= lease.deadline:
             self._lose(key, lease, "lapsed: not renewed within the TTL")
             return
@@ -508,8 +511,11 @@ class LeaseOwnership:
                 return
             raise
         with self._state:
+            # the revision even of a lease released while this renewal was in flight: the release's purge, which
+            # runs after this round, must name it, or the renewed key would stay held until the TTL
+            lease.revision = ack.seq
             if self._held.get(key) is lease:
-                lease.revision, lease.deadline = ack.seq, sent + self.ttl
+                lease.deadline = sent + self.ttl
 
     def _lose(self, key: str, lease: _Lease, why: str) -> None:
         with self._state:
