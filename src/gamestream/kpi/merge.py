@@ -62,6 +62,9 @@ class KpiMerge:
                        for name in kt.MERGED}
         self.states = {name: self._read_state(name) for name in kt.MERGED}
         self._parts: dict[tuple[int, str], DeltaTable] = {}
+        # (part, table) → (version, the copy's rows at that version): a copy is small (a row per window, day or
+        # cohort), and between two rounds most copies do not change; a changed one is read whole and compared
+        self._copies: dict[tuple[int, str], tuple[int, pa.Table]] = {}
 
     # ------------------------------------------------------------------------------------------------ state
     def _read_state(self, name: str) -> dict:
@@ -69,9 +72,9 @@ class KpiMerge:
         copy summed}, "watermark": µs | None, "last_day": ISO day | None}; empty for a table never merged."""
         table = self.tables[name]
         latest = table.version()
-        infos = lake.commit_infos(self.settings.table_uri(name), range(latest, max(-1, latest - 50), -1))
-        for version in range(latest, max(-1, latest - 50), -1):
-            raw = (infos.get(version) or {}).get(MERGE_KEY)
+        uri = self.settings.table_uri(name)
+        for version in range(latest, max(-1, latest - 50), -1):  # one commit file at a time: usually the latest
+            raw = (lake.commit_infos(uri, [version])[version] or {}).get(MERGE_KEY)
             if raw:
                 state = json.loads(raw)
                 state["parts"] = {int(p): v for p, v in state["parts"].items()}
@@ -111,9 +114,22 @@ class KpiMerge:
             written += self._merge_table(name, version, watermark)
         return written
 
+    def _copy(self, part: int, name: str, table: DeltaTable) -> pa.Table:
+        """The rows of a copy at its current version (cached while it stays at that version)."""
+        cached = self._copies.get((part, name))
+        if cached is not None and cached[0] == table.version():
+            return cached[1]
+        schema = kt.TABLES[name][0]
+        rows = table.to_pyarrow_table().select(schema.names).cast(schema) if table.version() > 0 else \
+            schema.empty_table()
+        self._copies[(part, name)] = (table.version(), rows)
+        return rows
+
     def _touched(self, name: str) -> tuple[set, dict[int, int]]:
         """The keys (window starts, days, cohorts) the partitions' copies of `name` changed since the merge last
-        read them, and each copy's version now."""
+        read them, and each copy's version now. A copy this merge holds in memory at the version it last summed
+        is compared with its new rows; any other (the first round in this process) is read from its change data
+        feed."""
         key = KEYS[name]
         keys: set = set()
         versions: dict[int, int] = {}
@@ -125,6 +141,10 @@ class KpiMerge:
             now = versions[part] = table.version()
             since = merged.get(part, 0)
             if now <= since:
+                continue
+            cached = self._copies.get((part, name))
+            if cached is not None and cached[0] == since:
+                keys.update(_changed_keys(cached[1], self._copy(part, name, table), key))
                 continue
             try:
                 changes = pa.table(table.load_cdf(starting_version=since + 1, ending_version=now,
@@ -207,10 +227,10 @@ class KpiMerge:
         wanted = pa.array(keys, schema.field(key).type)
         parts = []
         for part in range(self.partitions):
-            table = self._part(part, name)
+            table = self._parts.get((part, name))  # brought up to date by `_touched` this round
             if table is not None and table.version() > 0:
-                rows = table.to_pyarrow_dataset().to_table(filter=ds.field(key).isin(wanted))
-                parts.append(rows.select(schema.names).cast(schema))
+                rows = self._copy(part, name, table)
+                parts.append(rows.filter(pc.is_in(rows[key], wanted)))
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
     def _source(self, name: str, keys: list, watermark: int | None, last_day: str | None) -> pa.Table:
@@ -255,6 +275,18 @@ class KpiMerge:
 
 _COUNT = {"kpi_events_hourly": "events", "kpi_bookings_hourly": "purchases", "kpi_top_events": "events",
           "kpi_daily": "events", "kpi_retention": "cohort_size"}
+
+
+def _changed_keys(before: pa.Table, after: pa.Table, key: str) -> set:
+    """The keys whose rows differ between two versions of a copy (added, removed or changed)."""
+    def by_key(rows: pa.Table) -> dict:
+        grouped: dict = {}
+        for row in zip(*(rows[c].to_pylist() for c in rows.column_names)):
+            grouped.setdefault(row[rows.column_names.index(key)], []).append(row)
+        return {k: sorted(v, key=repr) for k, v in grouped.items()}
+
+    old, new = by_key(before), by_key(after)
+    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
 
 
 def _sums(rows: pa.Table, key: str, columns: list[str]) -> dict:
