@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +54,34 @@ def test_generate_posts_to_a_collector_and_reports_what_was_accepted(tmp_path: P
                      result.stdout), result.stdout
     gamestream("process", "--until-idle", data_dir=tmp_path / "data")
     assert len(table_rows(tmp_path / "data" / "tables" / "events", ["eventId"])) == 2500
+
+
+def test_generate_stopped_by_sigterm_has_recorded_every_event_it_was_answered_for(tmp_path: Path) -> None:
+    """`--acked FILE`: what the demo's supervisor relies on. SIGTERM stops it once the requests in flight are
+    answered; the file then lists exactly the events the collector acknowledged, which the table holds."""
+    server = ServeProcess(tmp_path / "data")
+    acked = tmp_path / "g.acked"
+    try:
+        generator = subprocess.Popen(
+            [sys.executable, "-m", "gamestream", "generate", "--target", server.url, "--duration", "120",
+             "--rate", "2000", "--batch", "20", "--concurrency", "4", "--acked", str(acked)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while (not acked.exists() or acked.read_text().count("\n") < 500) and time.monotonic() < deadline:
+            assert generator.poll() is None, generator.stdout.read() if generator.stdout else ""
+            time.sleep(0.1)
+        generator.send_signal(signal.SIGTERM)
+        output, _ = generator.communicate(timeout=60)
+    finally:
+        server.stop()
+    assert generator.returncode == 0, output
+    ids = acked.read_text().splitlines()
+    counts = json.loads((tmp_path / "g.acked.counts").read_text())
+    assert len(ids) >= 500 and counts["accepted"] == len(ids) == len(set(ids))
+    assert counts["events_sent"] == len(ids) and counts["failed_events"] == 0  # every request sent was answered
+    gamestream("process", "--until-idle", data_dir=tmp_path / "data")
+    assert sorted(row["eventId"] for row in table_rows(tmp_path / "data" / "tables" / "events", ["eventId"])) \
+        == sorted(ids)
 
 
 def test_generate_out_writes_ndjson(tmp_path: Path) -> None:

@@ -212,14 +212,21 @@ def _demo_query(settings: Settings) -> None:
 @click.option("--days", type=float, default=1.0, show_default=True, help="--out: spread sessions over this many days.")
 @click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None, help="--out: first day (UTC).")
 @click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--acked", "acked_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--target: append the eventId of every event the collector acknowledged to this file, one per "
+                   "line, as each answer arrives (what a generator killed with SIGKILL had acknowledged survives "
+                   "it), and keep the counts so far in FILE.counts (JSON).")
 def generate(data_dir: Path | None, partitions: int | None, log_url: str | None, target: str | None, to_log: bool,
              out_file: Path | None, events: int | None, duration: float | None,
              rate: float | None, batch: int, concurrency: int, api_key: str | None, users: int, days: float,
-             start: dt.datetime | None, seed: int) -> None:
+             start: dt.datetime | None, seed: int, acked_file: Path | None) -> None:
     """Simulates players: posts their events to a collector (--target), appends them straight to the log
-    (--to-log) or writes NDJSON (--out)."""
+    (--to-log) or writes NDJSON (--out). Posting, SIGTERM or Ctrl-C stops it once the requests in flight are
+    answered."""
     if sum((target is not None, out_file is not None, to_log)) != 1:
         raise click.UsageError("give exactly one of --target URL, --to-log or --out FILE")
+    if acked_file is not None and target is None:
+        raise click.UsageError("--acked goes with --target")
     count = events if events is not None else 10_000
     start_utc = start.replace(tzinfo=dt.timezone.utc) if start else None
     if to_log:
@@ -232,7 +239,8 @@ def generate(data_dir: Path | None, partitions: int | None, log_url: str | None,
     if events is None and duration is None:
         raise click.UsageError("give --events N or --duration SECONDS to bound the run")
     stats = asyncio.run(_post_with_progress(target, events=events, duration=duration, rate=rate, batch=batch,
-                                            concurrency=concurrency, api_key=api_key, users=users, seed=seed))
+                                            concurrency=concurrency, api_key=api_key, users=users, seed=seed,
+                                            acked=acked_file, stop_on_signals=True))
     _print_send_summary(stats)
     if stats.failed_events:
         raise SystemExit(1)
@@ -270,22 +278,36 @@ def _generate_to_file(out_file: Path, *, count: int, users: int, seed: int, star
 
 async def _post_with_progress(target: str, *, events: int | None, duration: float | None, rate: float | None,
                               batch: int, concurrency: int, api_key: str | None, users: int, seed: int,
-                              stop: "asyncio.Event | None" = None):
-    from gamestream.demo.generator import SendStats, live_events, send
+                              stop: "asyncio.Event | None" = None, acked: Path | None = None,
+                              stop_on_signals: bool = False):
+    import signal
+
+    from gamestream.demo.generator import AckedFile, SendStats, live_events, send
 
     stats = SendStats()
+    if stop_on_signals:  # SIGTERM (a supervisor stopping it) as Ctrl-C: stop sending, let the answers arrive
+        stop = stop or asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    record = AckedFile(acked) if acked is not None else None
     with Progress(TextColumn("posting"), BarColumn(), TextColumn("{task.fields[counters]}"), console=console,
                   transient=True) as progress:
         task = progress.add_task("posting", total=events if events is not None else duration, counters="")
         sending = asyncio.ensure_future(send(
             target, live_events(users=users, seed=seed, limit=events), batch=batch, concurrency=concurrency,
-            rate=rate, duration=duration, api_key=api_key, stop=stop, stats=stats))
+            rate=rate, duration=duration, api_key=api_key, stop=stop, stats=stats,
+            on_ack=record.add if record else None))
         while not sending.done():
             await asyncio.wait([sending], timeout=0.5)
+            if record:
+                record.write_counts(stats)
             done = stats.events_sent if events is not None else time.monotonic() - stats.started
             progress.update(task, completed=done, counters=(
                 f"sent {stats.events_sent:,} · accepted {stats.accepted:,} · rejected {stats.rejected:,} · "
                 f"{stats.rate:,.0f} events/s"))
+        if record:
+            record.write_counts(stats)
+            record.close()
         return sending.result()
 
 

@@ -8,10 +8,12 @@ pay, a few pay a lot — and a session end. The same seed gives the same events.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
@@ -129,6 +131,43 @@ class SendStats:
 
         end = self.finished or time.monotonic()
         return self.events_sent / max(end - self.started, 1e-9)
+
+
+COUNTED = ("requests", "events_sent", "accepted", "rejected", "retries", "failed_events")
+
+
+class AckedFile:
+    """`generate --acked FILE`: the eventId of every event a collector acknowledged, appended to FILE as each
+    answer arrives (written through to the OS at once, so a generator killed with SIGKILL leaves every id it had
+    been answered for), and the counts so far in FILE.counts, replaced whole each time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.counts = path.with_name(path.name + ".counts")
+        self.handle = open(path, "a", buffering=1)
+
+    def add(self, events: list[dict], answer: dict) -> None:
+        refused = {error.get("index") for error in answer.get("errors") or []}
+        self.handle.write("".join(f"{event['eventId']}\n" for index, event in enumerate(events)
+                                  if index not in refused))
+        self.handle.flush()
+
+    def write_counts(self, stats: SendStats) -> None:
+        partial = self.counts.with_name(self.counts.name + ".part")
+        partial.write_text(json.dumps({name: getattr(stats, name) for name in COUNTED}))
+        partial.replace(self.counts)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    @staticmethod
+    def read_counts(path: Path) -> dict[str, int]:
+        """The counts a generator last wrote for `--acked path` (zeros when none yet)."""
+        try:
+            counts = json.loads(path.with_name(path.name + ".counts").read_text())
+        except (OSError, ValueError):
+            counts = {}
+        return {name: int(counts.get(name, 0)) for name in COUNTED}
 
 
 def live_events(*, users: int, seed: int, limit: int | None = None) -> Iterator[dict]:

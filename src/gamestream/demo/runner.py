@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from gamestream.api import server
 from gamestream.api.app import create_app
-from gamestream.demo.generator import SendStats, live_events, send
+from gamestream.demo.generator import COUNTED, AckedFile, SendStats, live_events, send
 from gamestream.demo.leases import LeaseView
 from gamestream.demo.supervisor import Part, Supervisor, how_it_ended, last_line
 from gamestream.log import EventLog, connect
@@ -181,9 +181,6 @@ def _left(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic()) if deadline else None
 
 
-_SENT_COUNTS = ("requests", "events_sent", "accepted", "rejected", "retries", "failed_events")
-
-
 @dataclass
 class _Generator:
     """A generator: an asyncio task in the demo, started again (with a seed of its own, so its events are new
@@ -200,7 +197,7 @@ class _Generator:
     def next_stats(self) -> SendStats:
         """The stats for the next run (the counts so far go to `past`)."""
         if self.runs:
-            for name in _SENT_COUNTS:
+            for name in COUNTED:
                 setattr(self.past, name, getattr(self.past, name) + getattr(self.current, name))
             self.current = SendStats()
         return self.current
@@ -212,7 +209,7 @@ class _Generator:
 
     def stats(self) -> SendStats:
         total = SendStats()
-        for name in _SENT_COUNTS:
+        for name in COUNTED:
             setattr(total, name, getattr(self.past, name) + getattr(self.current, name))
         total.started = self.first_started or self.current.started
         total.finished = self.current.finished if self.finished() else 0.0
@@ -390,9 +387,9 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
         _plan_children(run, port=port, log_format=log_format)
         await _start_children(run)
         if not stop.is_set():
+            _start_generators(run, rate=rate, users=users, duration=duration, seed=seed)
             on_started(run.cluster_urls())
             run.supervising = asyncio.create_task(run.supervisor.run(run.supervision_ends))
-            _start_generators(run, rate=rate, users=users, duration=duration, seed=seed)
             await _watch(run, on_tick)
     finally:
         await _stop_in_order(run)
@@ -422,7 +419,7 @@ class _ClusterRun:
     processors: list[_Child] = field(default_factory=list)
     collectors: list[_Child] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # the collectors', as each came up
-    generators: list[_Generator] = field(default_factory=list)
+    generators: list[_GeneratorChild] = field(default_factory=list)
 
     def cluster_urls(self) -> ClusterUrls:
         pids = {name: part.pids[0] for name, part in self.supervisor.parts.items() if part.pids}
@@ -525,38 +522,116 @@ def _processor_part(run: _ClusterRun, child: _Child) -> Part:
 
 
 def _start_child(child: _Child) -> int:
+    return _start_child_with(child.name, child.start)
+
+
+def _start_child_with(name: str, start: Callable[[], int]) -> int:
     try:
-        return child.start()
+        return start()
     except OSError as error:
-        raise DemoError(f"{child.name} could not start: {error}") from None
+        raise DemoError(f"{name} could not start: {error}") from None
+
+
+@dataclass
+class _GeneratorChild:
+    """A generator as a child process (`gamestream generate --target URL --acked FILE`), supervised like the
+    others: started again after a kill with a seed of its own (new events, new eventIds) for the time left. The
+    eventIds it was answered for accumulate in FILE over its runs, written as each answer arrives, so what a
+    generator killed with SIGKILL had acknowledged is still known; its other counts add up over its runs."""
+
+    index: int
+    url: str
+    child: _Child
+    acked: Path
+    seed: int
+    users: int
+    rate: float | None
+    deadline: float | None
+    past: dict[str, int] = field(default_factory=lambda: {name: 0 for name in COUNTED})
+    runs: int = 0
+    first_started: float = 0.0
+    finished_at: float = 0.0
+    _lines: int = 0
+    _read_to: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"generator-{self.index + 1}"
+
+    def start(self) -> int:
+        if self.runs:  # the run that ended: its last counts join the past ones
+            for name, value in AckedFile.read_counts(self.acked).items():
+                self.past[name] += value
+            self.acked.with_name(self.acked.name + ".counts").unlink(missing_ok=True)
+        left = _left(self.deadline)
+        self.child.args = ["generate", "--target", self.url, "--acked", str(self.acked), "--batch", "20",
+                           "--concurrency", "4", "--users", str(self.users),
+                           "--seed", str(self.seed + self.index + 1000 * self.runs),
+                           "--duration", f"{left if left is not None else 10.0 ** 9:.3f}",
+                           *(["--rate", f"{self.rate:g}"] if self.rate else [])]
+        pid = self.child.start(append=self.runs > 0)
+        self.runs += 1
+        self.first_started = self.first_started or time.monotonic()
+        return pid
+
+    def finished(self) -> bool:
+        """Done by itself (its duration over, or stopped by the demo), not killed or failed."""
+        done = self.child.exited() == 0
+        if done and not self.finished_at:
+            self.finished_at = time.monotonic()
+        return done
+
+    def ended(self) -> str | None:
+        status = self.child.exited()
+        return None if status is None or status == 0 else how_it_ended(status)
+
+    def accepted(self) -> int:
+        """The events acknowledged over every run: the lines of the acked file (read on from where it was)."""
+        try:
+            with open(self.acked, "rb") as handle:
+                handle.seek(self._read_to)
+                data = handle.read()
+        except OSError:
+            return self._lines
+        complete = data.rfind(b"\n") + 1  # a line being written counts once it is whole
+        self._lines += data.count(b"\n", 0, complete)
+        self._read_to += complete
+        return self._lines
+
+    def stats(self) -> SendStats:
+        current = AckedFile.read_counts(self.acked)
+        total = SendStats(**{name: self.past[name] + current[name] for name in COUNTED})
+        total.accepted = self.accepted()
+        total.events_sent = max(total.events_sent, total.accepted)  # counts lag the ids by up to half a second
+        total.started = self.first_started
+        total.finished = self.finished_at if self.finished() else 0.0
+        return total
 
 
 def _start_generators(run: _ClusterRun, *, rate: float | None, users: int, duration: float | None,
                       seed: int) -> None:
-    """A generator posting to each collector, with its share of `rate` and a seed of its own; supervised."""
-    api_key = run.settings.api_keys[0] if run.settings.api_keys else None
-    share = rate / len(run.urls) if rate else None
+    """A generator process posting to each collector, with its share of `rate` and a seed of its own;
+    supervised. The write key goes by environment (GAMESTREAM_API_KEY), never on its command line."""
+    env = _child_env(run.settings)
+    if run.settings.api_keys:
+        env["GAMESTREAM_API_KEY"] = run.settings.api_keys[0]
     deadline = time.monotonic() + duration if duration else None
-
-    def starter(generator: _Generator) -> Callable[[], None]:
-        def start() -> None:
-            events = live_events(users=users, seed=seed + generator.index + 1000 * generator.runs)
-            generator.restart(send(generator.url, events, batch=20, concurrency=4, rate=share,
-                                   duration=_left(deadline), api_key=api_key, stop=run.stop,
-                                   stats=generator.next_stats()))
-        return start
-
     for index, url in enumerate(run.urls):
-        generator = _Generator(url, index)
+        name = f"generator-{index + 1}"
+        generator = _GeneratorChild(index, url, _Child(name, [], run.logs_dir / f"{name}.log", env),
+                                    acked=run.logs_dir / f"{name}.acked", seed=seed, users=users,
+                                    rate=rate / len(run.urls) if rate else None, deadline=deadline)
+        generator.acked.unlink(missing_ok=True)
+        generator.acked.with_name(generator.acked.name + ".counts").unlink(missing_ok=True)
         run.generators.append(generator)
-        start = starter(generator)
-        start()
-        run.supervisor.add(Part(f"generator-{index + 1}", start=start, ended=generator.ended))
+        pid = _start_child_with(name, generator.start)
+        run.supervisor.add(Part(name, start=generator.start, ended=generator.ended,
+                                why=lambda child=generator.child: last_line(child.output)), pid)
 
 
 def _generators_done(run: _ClusterRun) -> bool:
     """Every generator finished by itself (its duration over) or was given up."""
-    return all(generator.finished() or run.supervisor.parts[f"generator-{generator.index + 1}"].given_up
+    return all(generator.finished() or run.supervisor.parts[generator.name].given_up
                for generator in run.generators)
 
 
@@ -611,10 +686,10 @@ async def _owners(run: _ClusterRun) -> dict[str, list[int]] | None:
 async def _stop_in_order(run: _ClusterRun) -> None:
     """The stopping steps of `run_cluster_demo`'s docstring, for whatever the run had started."""
     supervisor = run.supervisor
-    # Step 1: the generators stop
+    # Step 1: the generators stop (SIGTERM: no new requests; those in flight are answered)
     run.stop.set()
-    supervisor.release([f"generator-{g.index + 1}" for g in run.generators])
-    await asyncio.gather(*(g.task for g in run.generators if g.task), return_exceptions=True)
+    supervisor.release([g.name for g in run.generators])
+    await _stop_children([g.child for g in run.generators])
     # Step 2: the collectors
     supervisor.release([child.name for child in run.collectors])
     await _stop_children(run.collectors)
