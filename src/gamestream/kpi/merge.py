@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import threading
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -70,11 +71,8 @@ class KpiMerge:
     def _read_state(self, name: str) -> dict:
         """The merge state of table `name` from its latest commit that has one: {"parts": {part: version of its
         copy summed}, "watermark": µs | None, "last_day": ISO day | None}; empty for a table never merged."""
-        table = self.tables[name]
-        latest = table.version()
-        uri = self.settings.table_uri(name)
-        for version in range(latest, max(-1, latest - 50), -1):  # one commit file at a time: usually the latest
-            raw = (lake.commit_infos(uri, [version])[version] or {}).get(MERGE_KEY)
+        for info in _latest_commit_infos(self.settings.table_uri(name), self.tables[name].version(), 50):
+            raw = info.get(MERGE_KEY)
             if raw:
                 state = json.loads(raw)
                 state["parts"] = {int(p): v for p, v in state["parts"].items()}
@@ -367,14 +365,20 @@ def partition_progress(settings: Settings, partitions: int) -> dict[int, tuple[i
 def _part_watermark(uri: str, table: DeltaTable, folded: int) -> int | None:
     """A part stage's watermark as of events version `folded`, from its retention table's latest commits (each
     part fold ends with one there, carrying the stage's state)."""
-    latest = table.version()
-    for version in range(latest, max(-1, latest - 10), -1):  # one commit file at a time: usually the latest
-        text = (lake.commit_infos(uri, [version])[version] or {}).get(STATE_KEY)
+    for info in _latest_commit_infos(uri, table.version(), 10):
+        text = info.get(STATE_KEY)
         if text:
             state = StageState.from_json(text)
             if state.version == folded:
                 return state.watermark
     return None
+
+
+def _latest_commit_infos(uri: str, latest: int, most: int) -> Iterator[dict]:
+    """The commitInfo of a table's versions from `latest` back, at most `most` of them, read one commit file at a
+    time (the one wanted is usually the latest); {} for a commit file gone."""
+    for version in range(latest, max(-1, latest - most), -1):
+        yield lake.commit_infos(uri, [version])[version] or {}
 
 
 def merged_up_to(settings: Settings) -> int:

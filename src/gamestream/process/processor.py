@@ -141,6 +141,12 @@ class _TableWrite:
     stamps_greatest_times: bool = False  # the commit records each partition's greatest eventTime (the watermark's)
     counts_duplicates: str | None = None  # the pipeline whose copies-dropped counters the commit moves
 
+    @property
+    def serial_app_id(self) -> str | None:
+        """The txn appId every events commit moves when the stream's partitions share one identity state
+        (`identity.SERIAL`: concurrent commits then conflict); None for a table that counts no duplicates."""
+        return lake.txn_app_id(self.counts_duplicates, stage=identity_mod.SERIAL) if self.counts_duplicates else None
+
     def should_skip(self, rows: pa.Table) -> bool:
         """A batch with no row for this table makes no commit, unless the commit must move the position."""
         return not self.commits_when_empty and rows.num_rows == 0
@@ -654,7 +660,7 @@ class Processor:
         counters = [lake.duplicates_app_id(write.counts_duplicates, p) for p in last_offsets] if (
             write.counts_duplicates and decoder.identity is not None) else []
         if counters and decoder.identity.ids.shared_state is not None:  # type: ignore[union-attr]
-            counters.append(lake.txn_app_id(write.counts_duplicates, stage=identity_mod.SERIAL))
+            counters.append(write.serial_app_id)  # type: ignore[arg-type]
         version = lake.commit_exactly_once(
             write.table, [write.app_ids[p] for p in last_offsets] + counters,
             lambda versions: self._build(write, flush, decoder, versions),
@@ -687,8 +693,7 @@ class Processor:
         flush.built[write.key] = rows.num_rows
         flush.built_rows[write.key] = rows
         txn_versions, metadata = positions.stamp(versions, todo)
-        serial = lake.txn_app_id(write.counts_duplicates, stage=identity_mod.SERIAL) if (
-            write.counts_duplicates) else None
+        serial = write.serial_app_id
         if serial in versions:  # shared identity: every events commit moves it, so concurrent ones conflict
             txn_versions = {**txn_versions, serial: versions[serial] + 1}
         if flush.duplicates and write.counts_duplicates:  # per partition, in the same commit (`status` reads it)
