@@ -262,3 +262,41 @@ def test_ids_written_as_uuids_and_any_other_ids_both_find_their_copies() -> None
     state.add(verdict.new_keys, verdict.new_prints, identity.today())
     again = identity.judge(state, table.slice(0, 2))
     assert again.copies == 2 and again.rows.num_rows == 0
+
+
+def test_judge_agrees_with_a_plain_reference_over_many_batches_with_copies_conflicts_and_repeats() -> None:
+    """Random batches against a growing state (runs small and large next to a batch, so both ways of searching
+    run): which rows land, which are copies, which conflict, and what joins the state, as a dict would say."""
+    rng = np.random.default_rng(7)
+    state, reference = identity.PartitionIds(), {}
+    pool = rng.integers(-2**63, 2**63 - 1, 60_000, dtype=np.int64)
+    repeats_seen = copies_seen = conflicts_seen = 0
+    for size in [5, 40_000, 300, 7, 2_000, 1, 25_000, 64, 0, 900] * 3:
+        keys = rng.choice(pool, size)
+        prints = rng.integers(0, 3, size).astype(np.int64)  # a copy, or another payload
+        has_id = rng.random(size) > 0.02
+        rows = pa.table({"i": np.arange(size)})
+        verdict = identity.judge(state, rows, (keys, prints, has_id))
+        expected_keep, expected_conflicts, copies, new = [], [], 0, {}
+        for i in range(size):
+            key, fingerprint = int(keys[i]), int(prints[i])
+            first = reference.get(key, new.get(key))
+            if not has_id[i] or first is None:
+                expected_keep.append(i)
+                if has_id[i]:
+                    new[key] = fingerprint
+            elif first == fingerprint:
+                copies += 1
+            else:
+                expected_conflicts.append(i)
+        repeats_seen += size - len(set(keys.tolist())) > 0
+        copies_seen += copies
+        conflicts_seen += len(expected_conflicts)
+        assert verdict.rows["i"].to_pylist() == expected_keep
+        assert verdict.conflicts["i"].to_pylist() == expected_conflicts
+        assert verdict.copies == copies
+        assert dict(zip(verdict.new_keys.tolist(), verdict.new_prints.tolist())) == new
+        state.add(verdict.new_keys, verdict.new_prints, 1, unique=True)
+        reference.update(new)
+        assert len(state) == len(reference)
+    assert repeats_seen and copies_seen and conflicts_seen
