@@ -25,9 +25,9 @@ every events version after the one `event_ids` covers that committed that partit
 commit and the `event_ids` commit loses nothing (the events table is the truth) and lets no copy in. Those
 versions may hold other partitions' rows too; their ids are kept as well, which only catches more copies.
 
-The fingerprint is DuckDB's `hash` of the payload columns: not promised stable across DuckDB versions, so in the
-window after an upgrade that changed it an exact copy may be quarantined as a different payload (it is still
-not counted twice). Two different eventIds whose 64-bit keys collide (about 3·10⁻⁴ expected over a window of
+The keys and fingerprints come from `gamestream_native` (native/, Rust): the fingerprint is XXH3-64 chained
+over the payload's non-null values in a fixed order, specified and stable across versions (an older gamestream
+used DuckDB's `hash`: copies of the ids it recorded are quarantined as different payloads). Two different eventIds whose 64-bit keys collide (about 3·10⁻⁴ expected over a window of
 10⁸ ids) make the later one a "different payload": it is quarantined, not lost.
 """
 
@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import duckdb
+import gamestream_native as native
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,98 +63,127 @@ PARTITION_BY = ["logPartition"]
 _EPOCH = dt.date(1970, 1, 1)
 COMMIT_IDS = 500_000
 COMMIT_EVERY_S = 10.0
-# The device's own event time is `client_event_time` when the collector received the event (it keeps the time
-# as sent there), and `eventTime` when `load` read it from a file without one: the fingerprint takes the first
-# that is set, so a copy that came the other way still matches.
-_PRINTS_SQL = ("SELECT hash(eventName, struct_update(eventParams, client_event_time := "
-               "coalesce(eventParams.client_event_time, eventTime)), eventParams_extra, event_extra)::UBIGINT AS f "
-               "FROM rows")
-_KEY_COLUMNS = ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra"]
+# The payload columns, in this order (a struct's fields by name, as `<column>.<field>`). The device's own event
+# time is `client_event_time` when the collector received the event (it keeps the time as sent there), and
+# `eventTime` when `load` read it from a file without one: the fingerprint takes the first that is set, so a copy
+# that came the other way still matches.
+_PAYLOAD = ["eventName", "eventParams", "eventParams_extra", "event_extra"]
+_DEVICE_TIME = "eventParams.client_event_time"
 
 _local = threading.local()
 
 
 def identity_keys(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: the id key and the payload fingerprint (int64 views of unsigned 64-bit values), and whether the
-    row has an eventId at all (one without is never a duplicate)."""
-    if rows.num_rows == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, np.empty(0, dtype=bool)
+    row has an eventId at all (one without is never a duplicate). Computed by `gamestream_native` (Rust) over
+    the table's Arrow buffers, a record batch at a time."""
+    n = rows.num_rows
+    keys = np.zeros(n, dtype=np.uint64)
+    prints = np.zeros(n, dtype=np.uint64)
+    is_uuid = np.zeros(n, dtype=np.uint8)
+    has_id = np.zeros(n, dtype=bool)
+    start = 0
+    # one batch (a decoded table is many small ones, and each costs a dozen Arrow calls; copying is cheaper)
+    for batch in rows.select(["eventId", "eventTime", *_PAYLOAD]).combine_chunks().to_batches():
+        rows_here = slice(start, start + batch.num_rows)
+        start += batch.num_rows
+        ids = _strings(batch.column(0))
+        has_id[rows_here] = _valid(ids) if ids.null_count else True
+        offsets, data = _string_buffers(ids)
+        native.uuid_keys(offsets, data, keys[rows_here].view(np.uint8), is_uuid[rows_here])
+        native.fingerprints(_payload_columns(batch), prints[rows_here].view(np.uint8))
+    others = np.flatnonzero(has_id & (is_uuid == 0))
+    if len(others):  # not a UUID: the lower half of its MD5 (DuckDB's md5_number_lower)
+        keys[others] = _md5_keys(pc.cast(rows["eventId"], pa.string()).take(pa.array(others)))
+    return keys.view(np.int64), prints.view(np.int64), has_id
+
+
+def _payload_columns(batch: pa.RecordBatch) -> list[tuple]:
+    """`gamestream_native.fingerprints`' columns for the payload of `batch`: (name, kind, validity bitmap or None,
+    the array's offset, int32 offsets or None, data), the Arrow buffers as numpy byte views, not copied."""
+    columns: list[tuple] = []
+    event_time = batch.column("eventTime")
+
+    def add(name: str, array: pa.Array) -> None:
+        kind = array.type
+        if pa.types.is_struct(kind):
+            children = array.flatten()  # each field with the struct's own nulls applied
+            for index in sorted(range(kind.num_fields), key=lambda i: kind.field(i).name):
+                add(f"{name}.{kind.field(index).name}", children[index])
+            return
+        if name == _DEVICE_TIME:
+            array = pc.coalesce(array, event_time.cast(array.type))
+        if pa.types.is_null(kind) or array.null_count == len(array):
+            return  # no value in any row: skipped, as a null is
+        if pa.types.is_large_string(kind) or pa.types.is_large_binary(kind) or pa.types.is_string_view(kind) \
+                or pa.types.is_binary_view(kind):
+            array, kind = array.cast(pa.string()), pa.string()
+        layout = next((code for test, code in _LAYOUTS if test(kind)), None)
+        if layout is None:  # any other type: as 8-byte integers, or as text
+            try:
+                array = array.cast(pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                array = array.cast(pa.string())
+            add(name, array)
+            return
+        buffers = array.buffers()
+        validity = _bytes(buffers[0]) if array.null_count and buffers[0] is not None else None
+        offsets = _bytes(buffers[1]) if layout == _STRING else None
+        columns.append((name, layout, validity, array.offset, offsets, _bytes(buffers[-1])))
+
+    for name in _PAYLOAD:
+        add(name, batch.column(name))
+    return columns
+
+
+_STRING, _INT64, _INT32, _FLOAT32, _BOOL = range(5)  # gamestream_native's column kinds
+_LAYOUTS = [
+    (lambda t: pa.types.is_string(t) or pa.types.is_binary(t), _STRING),
+    (lambda t: t in (pa.int64(), pa.float64()) or pa.types.is_timestamp(t) or pa.types.is_date64(t), _INT64),
+    (lambda t: t == pa.int32() or pa.types.is_date32(t), _INT32),
+    (lambda t: t == pa.float32(), _FLOAT32),
+    (pa.types.is_boolean, _BOOL),
+]
+
+
+def _bytes(buffer: pa.Buffer | None) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=np.uint8) if buffer is not None else np.empty(0, dtype=np.uint8)
+
+
+def _strings(array: pa.Array) -> pa.StringArray:
+    """`array` as a string array with int32 offsets."""
+    if pa.types.is_string(array.type):
+        return array
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        return array.cast(pa.binary()).view(pa.string()) if pa.types.is_large_binary(array.type) \
+            else array.view(pa.string())
+    return array.cast(pa.string())
+
+
+def _string_buffers(array: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
+    """The int32 offsets (from the array's own offset on) and the value buffer of a string array, as bytes."""
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[array.offset:array.offset + len(array) + 1]
+    return offsets.view(np.uint8), _bytes(data)
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    return pc.is_valid(array).to_numpy(zero_copy_only=False)
+
+
+def _md5_keys(ids: pa.StringArray) -> np.ndarray:
+    """The lower half of each id's MD5, as DuckDB's md5_number_lower gives it (uint64)."""
     connection = getattr(_local, "duckdb", None)
     if connection is None:
+        import duckdb
+
         connection = _local.duckdb = duckdb.connect()
-    connection.register("rows", rows.select(_KEY_COLUMNS))
+    connection.register("ids", pa.table({"eventId": ids}))
     try:
-        prints = connection.sql(_PRINTS_SQL).to_arrow_table()["f"]
+        hashed = connection.sql("SELECT md5_number_lower(eventId)::UBIGINT AS k FROM ids").to_arrow_table()["k"]
     finally:
-        connection.unregister("rows")
-    ids = pc.cast(rows["eventId"], pa.string()).combine_chunks()
-    has_id = pc.is_valid(ids).to_numpy(zero_copy_only=False)
-    keys = np.zeros(len(ids), dtype=np.int64)
-    uuid_keys, is_uuid = _uuid_keys(ids)
-    keys[is_uuid] = uuid_keys
-    others = np.flatnonzero(has_id & ~is_uuid)
-    if len(others):  # not a UUID: the lower half of its MD5 (DuckDB's md5_number_lower)
-        connection.register("ids", pa.table({"eventId": ids.take(pa.array(others))}))
-        try:
-            hashed = connection.sql("SELECT md5_number_lower(eventId)::UBIGINT AS k FROM ids").to_arrow_table()["k"]
-        finally:
-            connection.unregister("ids")
-        keys[others] = hashed.to_numpy().view(np.int64)
-    return keys, pc.fill_null(prints, 0).to_numpy().view(np.int64), has_id
-
-
-def _pair_tables() -> np.ndarray:
-    """Lookup tables from two bytes of a UUID's text (read as one little-endian uint16) to their value: two hex
-    digits (0–255), a dash then a hex digit, or a hex digit then a dash (0–15); 0xFFFF for anything else."""
-    digit = np.full(256, -1, dtype=np.int32)
-    for value, char in enumerate(b"0123456789abcdef"):
-        digit[char] = value
-    for value, char in enumerate(b"ABCDEF", start=10):
-        digit[char] = value
-    first, second = np.arange(65536) & 0xFF, np.arange(65536) >> 8
-    high, low = digit[first], digit[second]
-    dash = ord("-")
-    tables = np.full((3, 65536), 0xFFFF, dtype=np.uint16)
-    both = (high >= 0) & (low >= 0)
-    tables[0, both] = (high[both] << 4) | low[both]
-    dash_first = (first == dash) & (low >= 0)
-    tables[1, dash_first] = low[dash_first]
-    dash_second = (high >= 0) & (second == dash)
-    tables[2, dash_second] = high[dash_second]
-    return tables
-
-
-_PAIRS = _pair_tables()
-# the 18 byte pairs of `8-4-4-4-12`: hex-hex, except (8,9) and (18,19) dash-hex, (12,13) and (22,23) hex-dash
-_PAIR_KINDS = np.array([0, 0, 0, 0, 1, 0, 2, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0])
-# the key: hex digits 19–22 and 24–35 (the variant and 62 random bits of v4 and v7), from pairs 9 to 17
-_KEY_SHIFTS = np.array([60, 52, 48, 40, 32, 24, 16, 8, 0], dtype=np.uint64)
-
-
-def _uuid_keys(ids: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
-    """The key of every eventId written as a UUID (8-4-4-4-12 hex digits, either case): its own lower 64 bits,
-    read in bulk, two characters at a time (most ids are UUIDs: v7 from the collector, v4 or v7 from the SDKs).
-    Returns the keys of those rows, and which rows they are."""
-    lengths = pc.fill_null(pc.binary_length(ids), 0).to_numpy(zero_copy_only=False)
-    shaped = np.flatnonzero(lengths == 36)
-    is_uuid = np.zeros(len(ids), dtype=bool)
-    if not len(shaped):
-        return np.empty(0, dtype=np.int64), is_uuid
-    candidates = ids.take(pa.array(shaped)) if len(shaped) < len(ids) else ids
-    offsets = np.frombuffer(candidates.buffers()[1], dtype=np.int32)[candidates.offset:
-                                                                     candidates.offset + len(candidates) + 1]
-    text = np.frombuffer(candidates.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
-    pairs = np.ascontiguousarray(text).view("<u2").reshape(-1, 18)
-    values = np.empty((18, len(pairs)), dtype=np.uint16)
-    for column, kind in enumerate(_PAIR_KINDS):  # a column at a time: 18 plain gathers
-        np.take(_PAIRS[kind], pairs[:, column], out=values[column])
-    valid = (values != 0xFFFF).all(axis=0)
-    keys = np.zeros(len(pairs), dtype=np.uint64)
-    for column, shift in zip(range(9, 18), _KEY_SHIFTS):
-        keys |= values[column].astype(np.uint64) << shift
-    is_uuid[shaped[valid]] = True
-    return keys[valid].view(np.int64), is_uuid
+        connection.unregister("ids")
+    return hashed.to_numpy()
 
 
 @dataclass
@@ -555,7 +584,7 @@ class EventIds:
 def _rows_of_versions(events, versions: list[int]) -> pa.Table:
     """The rows versions `versions` of the events table added (their change data feed), the columns the keys
     are made of."""
-    columns = _KEY_COLUMNS
+    columns = ["eventId", "eventTime", *_PAYLOAD]
     target = lake.arrow_schema_of(events)
     parts = []
     for first, last in _runs(versions):
