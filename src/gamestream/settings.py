@@ -148,6 +148,9 @@ class Settings:
     """Custom parameters promoted to typed columns of `eventParams`: (name, type) pairs from the configuration
     file's `[schema.params]` table, e.g. `level = "int"` (types: `schema.PARAM_TYPES`). Every process that
     validates or writes events (collector, load, processor) must read the same file."""
+    compat: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    """The vendor protocols' mappings (`[compat.<vendor>]` of the configuration file, `gamestream.compat`):
+    (vendor, ((key, value), …)) pairs; a vendor not named maps by its defaults."""
 
     def __post_init__(self) -> None:
         if self.log_compression not in ("auto", "none", "lz4", "zstd"):
@@ -170,7 +173,7 @@ class Settings:
         for f in fields(cls):
             raw = os.environ.get(_ENVIRONMENT_NAMES.get(f.name, f"GAMESTREAM_{f.name.upper()}"))
             # per-table overrides come from code (tests), not the env; promoted parameters from the config file
-            if raw is None or f.name in ("tables", "schema_params"):
+            if raw is None or f.name in ("tables", "schema_params", "compat"):
                 continue
             values[f.name] = _parse(f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -183,6 +186,7 @@ class Settings:
             path = values.get("config") or Path(data_dir) / CONFIG_FILE  # type: ignore[arg-type]
             if values.get("config") or path.is_file():  # type: ignore[union-attr]
                 values["schema_params"] = read_config(path)  # type: ignore[arg-type]
+                values.setdefault("compat", read_compat_config(path))  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -242,18 +246,32 @@ def read_config(path: Path) -> tuple[tuple[str, str], ...]:
         raise ValueError(f"cannot read the configuration file {path}: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"configuration file {path} is not valid TOML: {error}") from None
-    unknown = set(document) - {"schema"}
+    unknown = set(document) - {"schema", "compat"}
     section = document.get("schema", {})
     if not unknown and isinstance(section, dict):
         unknown = {f"schema.{key}" for key in set(section) - {"params"}}
     if unknown:
         raise ValueError(f"configuration file {path}: unknown section or key {', '.join(sorted(unknown))} "
-                         "(known: [schema.params])")
+                         "(known: [schema.params], [compat.<vendor>])")
     params = section.get("params", {}) if isinstance(section, dict) else None
     if not isinstance(params, dict):
         raise ValueError(f"configuration file {path}: [schema.params] must be a table of name = \"type\"")
     try:
         return schema.check_params(tuple(params.items()))
+    except ValueError as error:
+        raise ValueError(f"configuration file {path}: {error}") from None
+
+
+def read_compat_config(path: Path) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
+    """The `[compat.<vendor>]` tables of the TOML file at `path` (read after `read_config` accepted the file),
+    checked by `gamestream.compat.check_config`: `ValueError` naming what is wrong."""
+    import tomllib
+
+    from gamestream import compat
+
+    document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return compat.check_config(document.get("compat", {}))
     except ValueError as error:
         raise ValueError(f"configuration file {path}: {error}") from None
 

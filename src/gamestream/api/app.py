@@ -16,6 +16,7 @@ from gamestream.api.collector import Collector
 from gamestream.api.dashboard import DashboardData
 from gamestream.api.purge_jobs import PurgeJobs, purge_with_kpi_fold
 from gamestream.api.routes import dashboard, events, forget, health, openapi, sql
+from gamestream.compat import routes as compat
 from gamestream.log import EventLog
 from gamestream.settings import Settings
 
@@ -30,6 +31,7 @@ ROUTES: list[BaseRoute] = [
     Route("/", dashboard.page, methods=["GET"]),
     Route("/v1/dashboard", dashboard.dashboard_json, methods=["GET"]),
     Mount("/static", app=StaticFiles(directory=dashboard.STATIC), name="static"),
+    *compat.ROUTES,  # the vendor SDKs' protocols (docs/compat.md)
 ]
 
 

@@ -1,0 +1,7 @@
+"""The snowplow protocol (being written: see docs/compat.md)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+ROUTES: list[BaseRoute] = []
