@@ -114,13 +114,13 @@ class KpiMerge:
 
     def _copy(self, part: int, name: str, table: DeltaTable) -> pa.Table:
         """The rows of a copy at its current version (cached while it stays at that version)."""
+        version = table.version()
         cached = self._copies.get((part, name))
-        if cached is not None and cached[0] == table.version():
+        if cached is not None and cached[0] == version:
             return cached[1]
         schema = kt.TABLES[name][0]
-        rows = table.to_pyarrow_table().select(schema.names).cast(schema) if table.version() > 0 else \
-            schema.empty_table()
-        self._copies[(part, name)] = (table.version(), rows)
+        rows = table.to_pyarrow_table().select(schema.names).cast(schema) if version > 0 else schema.empty_table()
+        self._copies[(part, name)] = (version, rows)
         return rows
 
     def _touched(self, name: str) -> tuple[set, dict[int, int]]:
@@ -278,10 +278,11 @@ _COUNT = {"kpi_events_hourly": "events", "kpi_bookings_hourly": "purchases", "kp
 def _changed_keys(before: pa.Table, after: pa.Table, key: str) -> set:
     """The keys whose rows differ between two versions of a copy (added, removed or changed)."""
     def by_key(rows: pa.Table) -> dict:
+        at = rows.column_names.index(key)
         grouped: dict = {}
         for row in zip(*(rows[c].to_pylist() for c in rows.column_names)):
-            grouped.setdefault(row[rows.column_names.index(key)], []).append(row)
-        return {k: sorted(v, key=repr) for k, v in grouped.items()}
+            grouped.setdefault(row[at], []).append(row)
+        return {k: sorted(v, key=repr) if len(v) > 1 else v for k, v in grouped.items()}
 
     old, new = by_key(before), by_key(after)
     return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
