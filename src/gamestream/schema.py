@@ -77,6 +77,7 @@ EVENT_PARAMS = Field(
 )
 
 PARAMS_EXTRA = "eventParams_extra"
+PURCHASE = "purchaseEvent"  # the eventName whose eventParams.amount the KPIs count as bookings
 EVENT_EXTRA = "event_extra"
 SENT_AT = "sentAt"
 RECEIVED_AT = "receivedAt"

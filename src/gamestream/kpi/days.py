@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gamestream.schema import PURCHASE as PURCHASE  # the KPI modules' name for it
+
 SESSION_GAP_US = 30 * 60 * 1_000_000
-PURCHASE = "purchaseEvent"
 
 
 @dataclass
