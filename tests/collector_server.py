@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from gamestream.log.sqlite import SqliteEventLog
+
 
 class ServeProcess:
     def __init__(self, data_dir: Path, *args: str, env: dict | None = None) -> None:
@@ -48,3 +50,12 @@ class ServeProcess:
         if self.process.stderr:
             self.process.stderr.close()
         return code
+
+
+def stored_events(data_dir: Path) -> int:
+    """Events in the embedded log of `data_dir`, processed or not."""
+    log = SqliteEventLog(data_dir / "log", partitions=4)
+    try:
+        return sum(log.events_after(p, 0) for p in range(4))
+    finally:
+        log.close()

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collector_server import ServeProcess
+from collector_server import ServeProcess, stored_events
 from conftest import gamestream, table_rows
-from gamestream.log.sqlite import SqliteEventLog
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -25,14 +24,6 @@ def ev(event_id: str, **params) -> dict:
 def ndjson(*events) -> bytes:
     return b"\n".join(e if isinstance(e, bytes) else json.dumps(e).encode() for e in events)
 
-
-def stored_events(data_dir: Path) -> int:
-    """Events in the log, whether processed or not."""
-    log = SqliteEventLog(data_dir / "log", partitions=4)
-    try:
-        return sum(log.events_after(p, 0) for p in range(4))
-    finally:
-        log.close()
 
 
 @pytest.fixture

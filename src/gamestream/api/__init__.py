@@ -4,7 +4,8 @@ Owns: the Starlette application (`app`: routes, state, lifespan), one module per
 (`routes.events`, `routes.health`, `routes.sql`, `routes.forget`, `routes.dashboard`, `routes.openapi`), the
 collector's shared state (`collector`) and metrics (`http_metrics`), keys (`access`), refusals (`refusals`),
 background purges (`purge_jobs`), the OpenAPI document (`openapi`), uvicorn under the connection guard
-(`server`), the Spark-SQL-over-DuckDB engine (`query`) and the dashboard's page and data (`dashboard`).
+(`server`), the Spark-SQL-over-DuckDB engine (`query`), the dashboard's page and data (`dashboard`) and the vendor
+SDKs' protocols (`compat`: Amplitude, Segment, PostHog, Snowplow).
 
 May import: core, log, ingest, tables, kpi
 """

@@ -16,7 +16,7 @@ from gamestream.api.collector import Collector
 from gamestream.api.dashboard import DashboardData
 from gamestream.api.purge_jobs import PurgeJobs, purge_with_kpi_fold
 from gamestream.api.routes import dashboard, events, forget, health, openapi, sql
-from gamestream.compat import routes as compat
+from gamestream.api.compat import routes as compat
 from gamestream.log import EventLog
 from gamestream.settings import Settings
 

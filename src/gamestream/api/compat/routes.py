@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from gamestream.compat import amplitude, posthog, segment, snowplow
+from gamestream.api.compat import amplitude, posthog, segment, snowplow
 
 ROUTES: list[BaseRoute] = [*amplitude.ROUTES, *segment.ROUTES, *posthog.ROUTES, *snowplow.ROUTES]

@@ -44,14 +44,17 @@ async def read_body(request: Request) -> bytes:
 
 
 async def ingest(request: Request, events: list[dict | str], *, sent_at: dt.datetime | None = None,
-                 received: dt.datetime | None = None) -> IngestAnswer:
+                 received: dt.datetime | None = None, all_or_nothing: bool = False,
+                 check_backlog: bool = True) -> IngestAnswer:
     """Validates `events` (gamestream events as dicts; a string is the reason an event was already rejected) and
-    appends the valid ones durably; the answer counts every event, errors by index. Nothing valid: nothing
-    appended, the answer says so (accepted 0). Raises `Refuse` for the backlog (503), the event-count limit (413)
-    and a log that cannot take writes (503)."""
+    appends the valid ones durably; the answer counts every event, errors by index. Nothing valid — or, with
+    `all_or_nothing` (a vendor whose SDK resends the valid events of a refused request), anything invalid:
+    nothing appended, the answer says which (accepted counts the valid ones). Raises `Refuse` for the backlog
+    (503; `check_backlog=False` for a route that answers it its own way), the event-count limit (413) and a log
+    that cannot take writes (503)."""
     collector = collector_of(request)
     received = received or dt.datetime.now(dt.timezone.utc)
-    if collector.backlog_over_bound():
+    if check_backlog and collector.backlog_over_bound():
         raise Refuse(503, f"backlog of {collector.backlog:,} unprocessed events is over the bound of "
                           f"{collector.settings.max_backlog_events:,}; retry later", retry_after(collector))
     if len(events) > collector.settings.max_events_per_request:
@@ -61,7 +64,7 @@ async def ingest(request: Request, events: list[dict | str], *, sent_at: dt.date
     plan = plan_appends(raw, received, settings=collector.settings, log=collector.log,
                         validator=collector.validator, sent_at=sent_at)
     collector.metrics.rejected.inc(plan.answer.rejected)
-    if plan.nothing_valid():
+    if plan.nothing_valid() or (all_or_nothing and plan.answer.rejected):
         return plan.answer
     try:
         await asyncio.wrap_future(collector.log.submit(plan.appends, None))

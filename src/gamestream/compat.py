@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gamestream.kpi.days import PURCHASE
+from gamestream.schema import PURCHASE
 
 VENDORS = ("amplitude", "segment", "posthog", "snowplow")
 PLAYERS = ("device", "user")

@@ -1,7 +1,0 @@
-"""The posthog protocol (being written: see docs/compat.md)."""
-
-from __future__ import annotations
-
-from starlette.routing import BaseRoute
-
-ROUTES: list[BaseRoute] = []
