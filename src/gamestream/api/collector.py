@@ -30,6 +30,8 @@ class Collector:
         self.validator = schema.EventValidator(event_time="server", params=settings.schema_params)
         self.log_description = describe(settings)
         self.metrics = HttpMetrics.create(self.log_description)
+        if hasattr(log, "group_commits"):  # the embedded log: its fsync'd group commits
+            self.metrics.group_commits.set_function(lambda: log.group_commits)
         self.backlog = 0
         self.accepted_total = 0
         self.ingest_rate = IngestRate()

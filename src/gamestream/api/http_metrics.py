@@ -18,6 +18,7 @@ class HttpMetrics:
     latency: Histogram
     backlog: Gauge
     log_reachable: Gauge
+    group_commits: Gauge
 
     @classmethod
     def create(cls, log_description: str) -> HttpMetrics:
@@ -36,4 +37,7 @@ class HttpMetrics:
             backlog=Gauge("gamestream_log_backlog_events", "Events in the log not yet committed to the table",
                           registry=registry),
             log_reachable=log_reachable.labels(log_description),  # type: ignore[arg-type]
+            group_commits=Gauge("gamestream_log_group_commits", "Transactions the embedded log committed, one "
+                                "fsync each, since this process started (appends of concurrent requests share one)",
+                                registry=registry),
         )

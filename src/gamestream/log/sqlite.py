@@ -74,6 +74,7 @@ class SqliteEventLog(LogFeatures):
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self._closed = False
+        self.group_commits = 0  # transactions the writer committed (one fsync each), for /metrics
 
     # ------------------------------------------------------------------------------------------- connections
     def _connect(self) -> sqlite3.Connection:
@@ -181,6 +182,7 @@ class SqliteEventLog(LogFeatures):
                 for *_, done in group:
                     done.set_exception(error)
                 continue
+            self.group_commits += 1
             if failing:
                 logger.info("log appends succeed again", extra={"appends": len(group)})
                 failing = False
