@@ -25,3 +25,18 @@ def test_benchmark_runs_both_sides_and_they_agree(tmp_path: Path) -> None:
                         r"freshness_p99_s=[\d.]+ limit_ratio=[\d.]+ load_eps=\d+", last), last
     text = results.read_text()
     assert "limit: Arrow → one write_deltalake" in text and "Spark: seed pipeline" in text and "pyspark 4.3.0" in text and "RESULT" in text
+
+
+def test_the_collector_breakdown_runs_every_layer_and_counts_the_collectors_fsyncs(tmp_path: Path) -> None:
+    results = tmp_path / "COLLECTOR_RESULTS.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collector.py"), "--seconds", "0.5",
+                          "--sizes", "1,10", "--encodings", "plain,gzip", "--results", str(results)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.fullmatch(r"RESULT collector_us_per_event_1=[\d.]+ collector_us_per_event_10=[\d.]+",
+                        run.stdout.strip().splitlines()[-1])
+    rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| ")][1:]
+    assert {row[0].lstrip("| ") for row in rows} == {"noop-starlette", "noop-asgi", "stubbed", "collector"}
+    assert len(rows) == 4 * 2 * 2
+    collector_fsyncs = [float(row[-1].rstrip(" |").replace(",", "")) for row in rows if row[0] == "| collector"]
+    assert collector_fsyncs and all(f > 0 for f in collector_fsyncs)  # every answer waited for a group commit
