@@ -179,3 +179,18 @@ def test_health_metrics_and_openapi_describe_the_service(collector) -> None:
     params = spec["components"]["schemas"]["EventParams"]["properties"]
     assert params["scoreAdjustment"]["anyOf"][0] == {"type": "integer", "minimum": -2147483648,
                                                      "maximum": 2147483647}
+
+
+def test_v1_events_answers_posts_on_its_fast_path_and_everything_else_as_starlette_did(collector) -> None:
+    """POST /v1/events is served straight from the ASGI call (`api.app.CollectorApp`); other methods, the
+    trailing slash and the other routes still go through Starlette's router, with its answers."""
+    url = collector.url
+    assert httpx.post(url + "/v1/events", json=ev("fast-1")).json() == {"accepted": 1, "rejected": 0, "errors": []}
+    wrong_method = httpx.get(url + "/v1/events")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert httpx.request("OPTIONS", url + "/v1/events").status_code == 405
+    slash = httpx.post(url + "/v1/events/", json=ev("slash-1"), follow_redirects=False)
+    assert slash.status_code == 307 and slash.headers["location"].endswith("/v1/events")
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert 'gamestream_http_requests_total{path="/v1/events",status="200"} 1.0' in httpx.get(url + "/metrics").text
+    assert stored_events(collector.data_dir) == 1
