@@ -478,7 +478,8 @@ def collector_run(work: Path, url: str, count: int, quota: float, seconds: float
         before = [group.cpu_seconds() for group in groups]
 
         async def all_collectors():
-            return await asyncio.gather(*(load(u, bodies, "application/x-ndjson", seconds, 8) for u in urls))
+            return await asyncio.gather(*(load(u, bodies, "Content-Type: application/x-ndjson\r\n", seconds, 8)
+                                          for u in urls))
 
         results = asyncio.run(all_collectors())
         cpu_s = sum(group.cpu_seconds() for group in groups) - sum(before)

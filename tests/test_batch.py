@@ -239,6 +239,8 @@ batches = st.lists(events(), min_size=1, max_size=8)
 @example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","amount":-0}}'])
 @example(batch=[b'{"eventName":"x","eventTime":0.0000005,"eventParams":{"device_id":"d"}}'])
 @example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","ratio":-0,"level":1}}'])
+@example(batch=[b'{"eventName":"x","eventParams":{"device_id":"d","client_event_time":0},'  # corrected: before year 1
+                b'"sentAt":"3996-01-01T00:00:00Z"}'])
 def test_tables_from_a_batch_are_what_the_per_event_path_makes(mode: str, params: schema.Params,
                                                                batch: list[bytes]) -> None:
     fast = validate_batch(batch, now=NOW, mode=mode, partitions=4, max_event_bytes=MAX,  # type: ignore[arg-type]

@@ -348,7 +348,7 @@ def _times_for_mode(mode: Literal["server", "input"], event_time: pa.Array, clie
     "server" mode receivedAt is `now`, the client's time falls back on the eventTime it sent, and eventTime is
     `now` or, with sentAt, the client's time corrected by (now − sentAt); in "input" mode an absent eventTime and
     receivedAt are stamped with `now`. None when a corrected time lies too far ahead (the per-event path
-    rejects it with its reason)."""
+    rejects it with its reason), or before year 1."""
     count = len(event_time)
     stamp = pa.nulls(count, _TS) if now is None else pa.repeat(pa.scalar(now, _TS), count)
     if mode == "server":
@@ -358,6 +358,10 @@ def _times_for_mode(mode: Literal["server", "input"], event_time: pa.Array, clie
             error = pc.subtract(pa.scalar(now, _TS), sent_at)  # the device clock's error, null without sentAt
             corrected = pc.add(client_time, error)
             if pc.any(pc.greater(corrected, pa.scalar(now + schema.MAX_FUTURE, _TS))).as_py():
+                return None
+            # before year 1 (a sentAt thousands of years ahead): a datetime cannot hold it, and the per-event path
+            # rejects the event as out of range
+            if pc.any(pc.less(pc.cast(corrected, pa.int64()), _MIN_US)).as_py():
                 return None
             event_time = pc.coalesce(corrected, stamp)
         return event_time, client_time, stamp
