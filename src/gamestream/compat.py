@@ -20,6 +20,8 @@ The mapping comes from `[compat.<vendor>]` in gamestream.toml (docs/compat.md):
 
 from __future__ import annotations
 
+import functools
+
 import datetime as dt
 import math
 from dataclasses import dataclass, field
@@ -92,8 +94,10 @@ def _frozen(value: object) -> object:
     return value
 
 
+@functools.lru_cache(maxsize=64)
 def mapping(compat: tuple, vendor: str) -> Mapping:
-    """The mapping of `vendor`: its defaults, then its `[compat.<vendor>]` keys (`Settings.compat`)."""
+    """The mapping of `vendor`: its defaults, then its `[compat.<vendor>]` keys (`Settings.compat`); built once
+    per configuration (the routes ask for it on every request). Not to be changed by the caller."""
     values: dict[str, Any] = dict(DEFAULTS[vendor])
     for name, items in compat:
         if name == vendor:
@@ -139,7 +143,7 @@ def gamestream_event(mapping: Mapping, *, name: object, event_id: object = None,
     if name in mapping.purchases:
         event_name = PURCHASE
         params[VENDOR_EVENT] = name
-        amount = next((a for a in (_number((properties or {}).get(k)) for k in mapping.amount) if a is not None),
+        amount = next((a for a in (number((properties or {}).get(k)) for k in mapping.amount) if a is not None),
                       None)
         if amount is not None:
             params["amount"] = amount
@@ -160,7 +164,7 @@ def _other(player: str) -> str:
     return "user" if player == "device" else "device"
 
 
-def _number(value: object) -> float | None:
+def number(value: object) -> float | None:
     """A finite amount from a number or a numeric string; None otherwise."""
     if isinstance(value, bool):
         return None

@@ -185,8 +185,9 @@ class Settings:
             data_dir = values.get("data_dir", cls.data_dir)
             path = values.get("config") or Path(data_dir) / CONFIG_FILE  # type: ignore[arg-type]
             if values.get("config") or path.is_file():  # type: ignore[union-attr]
-                values["schema_params"] = read_config(path)  # type: ignore[arg-type]
-                values.setdefault("compat", read_compat_config(path))  # type: ignore[arg-type]
+                document = load_config(path)  # type: ignore[arg-type]
+                values["schema_params"] = config_params(document, path)  # type: ignore[arg-type]
+                values.setdefault("compat", config_compat(document, path))  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -228,17 +229,14 @@ CONFIG_FILE = "gamestream.toml"
 """The configuration file read from the data directory when no `--config` names one."""
 
 
-def read_config(path: Path) -> tuple[tuple[str, str], ...]:
-    """The promoted parameters of the TOML file at `path`; `ValueError` saying what is wrong (no such file,
-    not TOML, an unknown section or key, a parameter that clashes with a field of eventParams, an unknown
-    type). The file holds one table today::
+def load_config(path: Path) -> dict:
+    """The TOML file at `path`, parsed; `ValueError` saying what is wrong (no such file, not TOML, an unknown
+    section or key). The file holds `[schema.params]` (`config_params`) and `[compat.<vendor>]` (`config_compat`)::
 
         [schema.params]
         level = "int"      # string, int (64-bit), int32, double, bool, timestamp
     """
     import tomllib
-
-    from gamestream import schema
 
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -253,6 +251,15 @@ def read_config(path: Path) -> tuple[tuple[str, str], ...]:
     if unknown:
         raise ValueError(f"configuration file {path}: unknown section or key {', '.join(sorted(unknown))} "
                          "(known: [schema.params], [compat.<vendor>])")
+    return document
+
+
+def config_params(document: dict, path: Path) -> tuple[tuple[str, str], ...]:
+    """The promoted parameters of a configuration file's `document` (`load_config`); `ValueError` for a
+    parameter that clashes with a field of eventParams or an unknown type."""
+    from gamestream import schema
+
+    section = document.get("schema", {})
     params = section.get("params", {}) if isinstance(section, dict) else None
     if not isinstance(params, dict):
         raise ValueError(f"configuration file {path}: [schema.params] must be a table of name = \"type\"")
@@ -262,14 +269,11 @@ def read_config(path: Path) -> tuple[tuple[str, str], ...]:
         raise ValueError(f"configuration file {path}: {error}") from None
 
 
-def read_compat_config(path: Path) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
-    """The `[compat.<vendor>]` tables of the TOML file at `path` (read after `read_config` accepted the file),
-    checked by `gamestream.compat.check_config`: `ValueError` naming what is wrong."""
-    import tomllib
-
+def config_compat(document: dict, path: Path) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
+    """The `[compat.<vendor>]` tables of a configuration file's `document`, checked by
+    `gamestream.compat.check_config`: `ValueError` naming what is wrong."""
     from gamestream import compat
 
-    document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     try:
         return compat.check_config(document.get("compat", {}))
     except ValueError as error:

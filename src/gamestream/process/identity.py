@@ -27,8 +27,9 @@ versions may hold other partitions' rows too; their ids are kept as well, which 
 
 The keys and fingerprints come from `gamestream_native` (native/, Rust): the fingerprint is XXH3-64 chained
 over the payload's non-null values in a fixed order, specified and stable across versions (an older gamestream
-used DuckDB's `hash`: copies of the ids it recorded are quarantined as different payloads). Two different eventIds whose 64-bit keys collide (about 3·10⁻⁴ expected over a window of
-10⁸ ids) make the later one a "different payload": it is quarantined, not lost.
+used DuckDB's `hash`: copies of the ids it recorded are quarantined as different payloads). Two different
+eventIds whose 64-bit keys collide (about 3·10⁻⁴ expected over a window of 10⁸ ids) make the later one a
+"different payload": it is quarantined, not lost.
 """
 
 from __future__ import annotations

@@ -52,7 +52,6 @@ The answers, in Amplitude's shapes, so the SDK's own retry logic does the right 
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 
 import msgspec
@@ -63,8 +62,9 @@ from starlette.routing import BaseRoute, Route
 from gamestream import compat, schema
 from gamestream.api.collector import Collector
 from gamestream.api.compat import posthog
-from gamestream.api.compat.http import Handler, authorised, collector_of, counted, ingest, read_body, retry_after
+from gamestream.api.compat.http import Handler, authorised, collector_of, counted, ingest, read_body
 from gamestream.api.refusals import Refuse
+from gamestream.api.routes.events import retry_after
 from gamestream.ingest.collector import ErrorItem, IngestAnswer
 
 VENDOR = "amplitude"
@@ -103,7 +103,7 @@ async def post_upload(request: Request) -> Response:
     if collector.backlog_over_bound():  # 3.
         return throttled(len(upload.events), f"backlog of {collector.backlog:,} unprocessed events is over the "
                                              f"bound of {collector.settings.max_backlog_events:,}; retry later",
-                         retry_after(collector))
+                         retry_after(collector.settings))
     mapping = compat.mapping(collector.settings.compat, VENDOR)
     converted = [to_gamestream(mapping, event) for event in upload.events]  # 4.
     # 5. one invalid event and nothing is appended: Amplitude answers 400 for the whole request and the SDK
@@ -256,10 +256,10 @@ def amplitude_revenue(event: dict, properties: dict) -> float | None:
     for price, quantity, revenue in ((event.get("price"), event.get("quantity"), event.get("revenue")),
                                      (properties.get("$price"), properties.get("$quantity"),
                                       properties.get("$revenue"))):
-        if (unit := _number(price)) is not None:
-            count = _number(quantity)
+        if (unit := compat.number(price)) is not None:
+            count = compat.number(quantity)
             return unit * (count if count is not None else 1.0)
-        if (total := _number(revenue)) is not None:
+        if (total := compat.number(revenue)) is not None:
             return total
     return None
 
@@ -277,19 +277,6 @@ def _present(value: object) -> bool:
     return value is not None and str(value) != ""
 
 
-def _number(value: object) -> float | None:
-    """A finite number from a number or a numeric string (`"0.99"`); None otherwise."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-# ------------------------------------------------------------------------------------------- the durable part
 # ------------------------------------------------------------------------------------------------ the answers
 def answer_json(status: int, body: dict, headers: dict[str, str] | None = None) -> Response:
     """Amplitude's answers all carry `code`, the status: the SDKs read it from the body."""

@@ -10,7 +10,6 @@ vendor's shape. `counted` times and counts every answer in `gamestream_http_requ
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
@@ -54,29 +53,18 @@ async def ingest(request: Request, events: list[dict | str], *, sent_at: dt.date
     that cannot take writes (503)."""
     collector = collector_of(request)
     received = received or dt.datetime.now(dt.timezone.utc)
-    if check_backlog and collector.backlog_over_bound():
-        raise Refuse(503, f"backlog of {collector.backlog:,} unprocessed events is over the bound of "
-                          f"{collector.settings.max_backlog_events:,}; retry later", retry_after(collector))
-    if len(events) > collector.settings.max_events_per_request:
-        raise Refuse(413, f"{len(events)} events in one request; the limit is "
-                          f"{collector.settings.max_events_per_request}")
+    if check_backlog:
+        events_route.refuse_over_backlog(collector)
+    events_route.refuse_too_many(events, collector.settings)
     raw = [event if isinstance(event, str) else _encode(event) for event in events]
     plan = plan_appends(raw, received, settings=collector.settings, log=collector.log,
                         validator=collector.validator, sent_at=sent_at)
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid() or (all_or_nothing and plan.answer.rejected):
         return plan.answer
-    try:
-        await asyncio.wrap_future(collector.log.submit(plan.appends, None))
-    except Exception as error:  # the log cannot take writes (disk full, locked): nothing was stored
-        raise Refuse(503, f"the event log cannot take writes right now ({type(error).__name__}); nothing was "
-                          "stored, retry later", retry_after(collector)) from None
+    await events_route.append(collector, plan.appends)
     collector.count_accepted(plan.accepted)
     return plan.answer
-
-
-def retry_after(collector: Collector) -> dict[str, str]:
-    return {"Retry-After": str(collector.settings.retry_after_s)}
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -243,7 +243,7 @@ def _renamed(params: dict[str, str], names: dict[str, str]) -> dict[str, object]
 
 def _typed(key: str, value: str) -> object:
     """A numeric parameter's text as its number (`DECIMALS` as floats, `COUNTS` as ints); others as sent."""
-    number = compat._number(value) if key in DECIMALS or key in COUNTS else None
+    number = compat.number(value) if key in DECIMALS or key in COUNTS else None
     if number is None:
         return value
     return int(number) if key in COUNTS and number.is_integer() else number

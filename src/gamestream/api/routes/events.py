@@ -33,7 +33,7 @@ from starlette.responses import Response
 from gamestream.api.access import BEARER
 from gamestream.api.collector import Collector
 from gamestream.api.refusals import CLOSE, Refuse, answer_refusal
-from gamestream.ingest.collector import IngestAnswer, IngestPlan, encode, plan_appends
+from gamestream.ingest.collector import IngestAnswer, encode, plan_appends
 from gamestream import schema
 from gamestream.log import AppendResult, Idempotency, envelope
 from gamestream.settings import Settings
@@ -58,20 +58,20 @@ async def _ingest(request: Request, collector: Collector) -> Response:
     received = dt.datetime.now(dt.timezone.utc)
     settings = collector.settings
     _refuse_unless_authorised(request, collector)  # 1.
-    _refuse_over_backlog(collector)  # 2.
+    refuse_over_backlog(collector)  # 2.
     idempotency_key = _idempotency_key(request)  # 3.
     sent_at = _sent_at(request)
     kind = body_kind(request)  # 4.
     body = await read_body(request, settings.max_body_bytes)
     events = split_events(body, kind)
-    _refuse_too_many(events, settings)  # 5.
+    refuse_too_many(events, settings)  # 5.
     plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
                         validator=collector.validator, sent_at=sent_at)
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid():
         return _nothing_valid(events, plan.answer)
     encoded = encode(plan.answer)
-    result = await _append(collector, plan, idempotency_key, encoded)  # 7.
+    result = await append(collector, plan.appends, idempotency_key and Idempotency(idempotency_key, encoded))  # 7.
     if was_replayed(result):  # 8.
         return Response(result.replayed, media_type=JSON, headers={"Idempotent-Replayed": "true"})
     collector.count_accepted(plan.accepted)
@@ -84,10 +84,10 @@ def _refuse_unless_authorised(request: Request, collector: Collector) -> None:
         raise Refuse(401, "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", BEARER)
 
 
-def _refuse_over_backlog(collector: Collector) -> None:
+def refuse_over_backlog(collector: Collector) -> None:
     if collector.backlog_over_bound():
         raise Refuse(503, f"backlog of {collector.backlog:,} unprocessed events is over the bound of "
-                          f"{collector.settings.max_backlog_events:,}; retry later", _retry_after(collector.settings))
+                          f"{collector.settings.max_backlog_events:,}; retry later", retry_after(collector.settings))
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -109,12 +109,12 @@ def _sent_at(request: Request) -> dt.datetime | None:
         raise Refuse(400, str(error)) from None
 
 
-def _refuse_too_many(events: list[bytes | str], settings: Settings) -> None:
+def refuse_too_many(events: list[bytes | str], settings: Settings) -> None:
     if len(events) > settings.max_events_per_request:
         raise Refuse(413, f"{len(events)} events in one request; the limit is {settings.max_events_per_request}")
 
 
-def _retry_after(settings: Settings) -> dict[str, str]:
+def retry_after(settings: Settings) -> dict[str, str]:
     return {"Retry-After": str(settings.retry_after_s)}
 
 
@@ -178,15 +178,14 @@ def _nothing_valid(events: list[bytes | str], answer: IngestAnswer) -> Response:
     return Response(encode({"error": message, **msgspec.structs.asdict(answer)}), status_code=400, media_type=JSON)
 
 
-async def _append(collector: Collector, plan: IngestPlan, idempotency_key: str | None,
-                  encoded: bytes) -> AppendResult:
-    """The plan's appends, durable in the log (with the answer, under the key, when one is given)."""
-    idempotency = Idempotency(idempotency_key, encoded) if idempotency_key else None
+async def append(collector: Collector, appends: list, idempotency: Idempotency | None = None) -> AppendResult:
+    """`appends` durable in the log (with the first answer, under its key, when `idempotency` is given); 503 with
+    Retry-After as `Refuse` when the log cannot take writes (nothing was stored)."""
     try:
-        return await asyncio.wrap_future(collector.log.submit(plan.appends, idempotency))
+        return await asyncio.wrap_future(collector.log.submit(appends, idempotency))
     except Exception as error:  # the log cannot take writes (disk full, locked): nothing was stored
         raise Refuse(503, f"the event log cannot take writes right now ({type(error).__name__}); "
-                          "nothing was stored, retry later", _retry_after(collector.settings)) from None
+                          "nothing was stored, retry later", retry_after(collector.settings)) from None
 
 
 def was_replayed(result: AppendResult) -> bool:
