@@ -78,6 +78,34 @@ NOOP_ASGI = textwrap.dedent("""
                 http="httptools", loop="uvloop", lifespan="off")
 """ % (len(ANSWER), ANSWER))
 
+NOOP_GRANIAN = textwrap.dedent("""
+    import asyncio, sys
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    class App:  # RSGI: the body read in one await, the answer in one call
+        async def __rsgi__(self, scope, protocol):
+            await protocol()
+            protocol.response_bytes(200, [("content-type", "application/json")], %r)
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d")]})
+        await send({"type": "http.response.body", "body": %r})
+
+    rsgi = sys.argv[2] == "rsgi"
+    server = Server(App() if rsgi else asgi, address="127.0.0.1", port=int(sys.argv[1]),
+                    interface=Interfaces.RSGI if rsgi else Interfaces.ASGI, log_enabled=False, websockets=False)
+    print("listening on http://127.0.0.1:" + sys.argv[1], file=sys.stderr, flush=True)
+    asyncio.run(server.serve())
+""" % (ANSWER, len(ANSWER), ANSWER))
+
 STUBBED = textwrap.dedent("""
     import asyncio, sys
     from concurrent.futures import Future
@@ -115,6 +143,8 @@ def start(name: str, work: Path) -> tuple[subprocess.Popen, str]:
     command = {
         "noop-starlette": [sys.executable, "-c", NOOP_STARLETTE, port],
         "noop-asgi": [sys.executable, "-c", NOOP_ASGI, port],
+        "noop-granian-rsgi": [sys.executable, "-c", NOOP_GRANIAN, port, "rsgi"],
+        "noop-granian-asgi": [sys.executable, "-c", NOOP_GRANIAN, port, "asgi"],
         "stubbed": [sys.executable, "-c", STUBBED, str(work / name)],
         "collector": [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(work / name), "--port", "0"],
     }[name]

@@ -558,6 +558,24 @@ def test_load_appends_arrow_records_with_the_same_rows_and_counts() -> None:
     assert _without_received_at(fast_log.rows()) == _without_received_at(slow_log.rows())
 
 
+def test_load_with_worker_processes_appends_what_one_process_does_in_the_same_order() -> None:
+    from gamestream.ingest.loader import load_pool
+
+    lines = [msgspec.json.encode(e) for e in simulate(events=6000)]
+    for number in range(700, 6000, 190):  # bad lines in most chunks: the per-event path, rejections by line
+        lines[number] = b'{"eventName":"x","eventParams":{"device_id":""}}'
+    alone, pooled = RecordingLog(partitions=3), RecordingLog(partitions=3)
+    report = load_lines(lines, alone, max_event_bytes=MAX, lines_per_chunk=500)
+    with load_pool(2) as pool:
+        pooled_report = load_lines(lines, pooled, max_event_bytes=MAX, lines_per_chunk=500, pool=pool)
+    assert report.rejected == 28 and len(report.first_rejections) == 20
+    assert pooled_report == report
+    assert report.first_rejections[0] == (701, "eventParams.device_id: expected str of length >= 1")
+    assert [(r.partition, r.events) for r in pooled.appended] == [(r.partition, r.events) for r in alone.appended]
+    assert any(payload.is_arrow(r.payload) for r in pooled.appended)  # the chunks without a bad line
+    assert _without_received_at(pooled.rows()) == _without_received_at(alone.rows())
+
+
 def _without_received_at(rows: dict[int, list[dict]]) -> dict[int, list[dict]]:
     """The rows with receivedAt checked set and then blanked: it is each run's own time of arrival."""
     for partition_rows in rows.values():

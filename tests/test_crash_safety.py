@@ -42,7 +42,8 @@ def test_processor_killed_at_random_moments_leaves_every_event_exactly_once(tmp_
     rng.shuffle(lines)
     write_ndjson(tmp_path / "events.ndjson", lines)
     # records of 500 lines: 400 commits, so a kill lands in every phase and after-commit kills leave work to do
-    gamestream("load", str(tmp_path / "events.ndjson"), "--chunk-lines", "500", data_dir=data)
+    # two worker processes validate the chunks (the pool `load` takes for big files), appended in order
+    gamestream("load", str(tmp_path / "events.ndjson"), "--chunk-lines", "500", "--jobs", "2", data_dir=data)
 
     # Small batches make many commits, so a kill lands in every phase: decoding, writing Parquet files,
     # between the quarantine and the events commit, right after a commit.

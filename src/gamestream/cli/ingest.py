@@ -118,8 +118,10 @@ def _serve_in_this_process(settings: Settings, announce: Callable[[str], None]) 
 @click.option("--chunk-lines", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Lines validated and appended together: one log record per partition per chunk. Smaller chunks "
                    "make smaller records (more, smaller processor commits); larger ones are faster.")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, show_default="0: one per core for 16 MiB and more",
+              help="Worker processes that validate and encode chunks while this one appends them, in order.")
 def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None, log_url: str | None,
-         chunk_lines: int) -> None:
+         chunk_lines: int, jobs: int) -> None:
     """Validates NDJSON files (or .gz) and appends their events to the log.
 
     Events keep their own eventTime and eventId; absent ones are stamped now / given a UUIDv7. Rejected lines
@@ -127,11 +129,32 @@ def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None,
     """
     settings = command_settings(data_dir=data_dir, partitions=partitions, log=log_url)
     check_writable_for_log(settings)
-    for file in files:
-        _load(settings, file, chunk_lines)
+    pool = _load_pool(jobs, files)
+    try:
+        for file in files:
+            _load(settings, file, chunk_lines, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
-def _load(settings: Settings, path: Path, chunk_lines: int = 20000):
+LOAD_POOL_BYTES = 16 << 20
+"""Below this much input, `load` validates in its own process: workers would not repay their start."""
+
+
+def _load_pool(jobs: int, files: tuple[Path, ...]):
+    """The worker processes of `load` (None: validate in this process): `jobs` of them, or with 0 one per
+    core when the files hold 16 MiB or more. Made before any log is opened (they are forked)."""
+    import os
+
+    from gamestream.ingest.loader import load_pool
+
+    if jobs == 0:
+        jobs = (os.cpu_count() or 1) if sum(f.stat().st_size for f in files) >= LOAD_POOL_BYTES else 1
+    return load_pool(jobs) if jobs > 1 else None
+
+
+def _load(settings: Settings, path: Path, chunk_lines: int = 20000, pool=None):
     from gamestream.ingest.loader import load_file
 
     log = open_log(settings)
@@ -145,7 +168,7 @@ def _load(settings: Settings, path: Path, chunk_lines: int = 20000):
         try:
             report = load_file(path, log, max_event_bytes=settings.max_event_bytes, lines_per_chunk=chunk_lines,
                                compression=settings.record_compression,  # type: ignore[arg-type]
-                               params=settings.schema_params,
+                               params=settings.schema_params, pool=pool,
                                on_progress=lambda n: progress.advance(task, n))
         finally:
             log.close()

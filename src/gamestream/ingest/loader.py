@@ -8,7 +8,10 @@ chunk's records are appended in one log transaction, so per-record costs are pai
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gzip
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -18,7 +21,7 @@ import pyarrow as pa
 
 from gamestream import schema
 from gamestream.ingest.batch import validate_batch
-from gamestream.log import Append, EventLog, payload, router
+from gamestream.log import Append, EventLog, partition_for, payload
 from gamestream.schema import EventValidator, Rejection
 
 MAX_REPORTED_REJECTIONS = 20
@@ -114,16 +117,30 @@ def load_file(
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
     params: schema.Params = (),
+    pool: Executor | None = None,
 ) -> LoadReport:
     """Validates and appends every line of `path`; returns what was accepted and rejected, with reasons.
 
     `on_progress` receives the number of raw bytes consumed since its last call. `params`: the parameters the
-    configuration promotes (`Settings.schema_params`), validated with their types.
+    configuration promotes (`Settings.schema_params`), validated with their types. `pool`: worker processes
+    that validate and encode chunks while this one appends (`load_lines`).
     """
     with open_events_file(path) as handle:
         return load_lines(handle, log, max_event_bytes=max_event_bytes, lines_per_chunk=lines_per_chunk,
                           compression=compression, params=params,
-                          on_progress=on_progress)
+                          on_progress=on_progress, pool=pool)
+
+
+@dataclass
+class _Chunk:
+    """One chunk, validated and encoded: its appends and its share of the report."""
+
+    appends: list[Append]
+    lines: int
+    accepted: int
+    rejected: int
+    rejections: list[tuple[int, str]]
+    raw_bytes: int
 
 
 def load_lines(
@@ -135,30 +152,86 @@ def load_lines(
     on_progress: Callable[[int], None] | None = None,
     compression: payload.Compression = "zstd",
     params: schema.Params = (),
+    pool: Executor | None = None,
 ) -> LoadReport:
-    """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it)."""
-    validator = EventValidator(event_time="input", params=params)
-    route = router(log)
-    own_route = log.route if log.own_routing else None  # Kinesis routes itself; else crc32 in the batch path
+    """`load_file` for any source of NDJSON lines (the generator writing straight to the log uses it).
+
+    With a `pool` of worker processes (`load_pool`), chunks are validated and encoded there, a few ahead, while
+    this process reads the next chunks and appends the finished ones — in the file's order, one log transaction
+    per chunk, as without a pool. A log that routes devices itself (Kinesis) is loaded in this process."""
     report = LoadReport()
     limit = log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
-    for first_number, chunk in _chunks(lines, lines_per_chunk):
-        now = dt.datetime.now(dt.timezone.utc)
-        validated = _validate_chunk(chunk, now, partitions=log.partitions, route=own_route,
-                                    max_event_bytes=max_event_bytes, params=params)
-        if validated is not None:  # every line valid: Arrow records, no per-event work
-            events, tables = validated
-            appends = [Append(p, data, rows) for p, table in sorted(tables.items())
-                       for data, rows in arrow_records(table, limit, compression)]
-            report.lines += len(events)
-            report.accepted += len(events)
-        else:
-            appends = _validate_each(chunk, first_number, now, validator, route, max_event_bytes, limit, report)
-        log.append(appends)
-        report.records += len(appends)
+    own_route = log.route if log.own_routing else None  # Kinesis routes itself; else crc32 of the device
+    prepare = functools.partial(_prepare_chunk, partitions=log.partitions, route=own_route,
+                                max_event_bytes=max_event_bytes, params=params, limit=limit,
+                                compression=compression)
+    chunks = ((first, chunk, dt.datetime.now(dt.timezone.utc)) for first, chunk in _chunks(lines, lines_per_chunk))
+    if pool is None or own_route is not None:
+        prepared: Iterable[_Chunk] = (prepare(chunk, first, now) for first, chunk, now in chunks)
+    else:
+        prepared = _ahead(pool, prepare, chunks, LOAD_AHEAD)
+    for chunk in prepared:
+        log.append(chunk.appends)
+        report.lines += chunk.lines
+        report.accepted += chunk.accepted
+        report.rejected += chunk.rejected
+        report.first_rejections.extend(chunk.rejections[:MAX_REPORTED_REJECTIONS - len(report.first_rejections)])
+        report.records += len(chunk.appends)
         if on_progress:
-            on_progress(sum(map(len, chunk)))
+            on_progress(chunk.raw_bytes)
     return report
+
+
+LOAD_AHEAD = 2
+"""Chunks in flight per worker process: enough to keep them busy while this process appends."""
+
+
+def load_pool(workers: int) -> Executor:
+    """Worker processes for `load_lines`: forked, so they start at once with the modules this process has
+    imported — create the pool before the log is opened (before this process has threads)."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _ahead(pool: Executor, prepare: Callable[..., _Chunk], chunks: Iterable[tuple[int, list[bytes], dt.datetime]],
+           per_worker: int) -> Iterator[_Chunk]:
+    """`prepare(chunk, first, now)` of every chunk, run in `pool`, yielded in the chunks' order, at most
+    `per_worker` × workers submitted and not yet yielded."""
+    in_flight: deque[Future[_Chunk]] = deque()
+    depth = per_worker * max(1, getattr(pool, "_max_workers", 1))
+    for first, chunk, now in chunks:
+        in_flight.append(pool.submit(prepare, chunk, first, now))
+        if len(in_flight) >= depth:
+            yield in_flight.popleft().result()
+    while in_flight:
+        yield in_flight.popleft().result()
+
+
+def _prepare_chunk(chunk: list[bytes], first_number: int, now: dt.datetime, *, partitions: int,
+                   route: Callable[[str], int] | None, max_event_bytes: int, params: schema.Params,
+                   limit: int | None, compression: payload.Compression) -> _Chunk:
+    """One chunk's appends: Arrow records per partition when every line is valid (`validate_batch`), else the
+    per-event path's NDJSON records and the rejections with their line numbers. `route` None: crc32 of the
+    device over `partitions` (what a worker process computes)."""
+    raw_bytes = sum(map(len, chunk))
+    validated = _validate_chunk(chunk, now, partitions=partitions, route=route, max_event_bytes=max_event_bytes,
+                                params=params)
+    if validated is not None:  # every line valid: Arrow records, no per-event work
+        events, tables = validated
+        appends = [Append(p, data, rows) for p, table in sorted(tables.items())
+                   for data, rows in arrow_records(table, limit, compression)]
+        return _Chunk(appends, len(events), len(events), 0, [], raw_bytes)
+    report = LoadReport()
+    appends = _validate_each(chunk, first_number, now, _input_validator(params),
+                             route or functools.partial(partition_for, partitions=partitions), max_event_bytes,
+                             limit, report)
+    return _Chunk(appends, report.lines, report.accepted, report.rejected, report.first_rejections, raw_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _input_validator(params: schema.Params) -> EventValidator:
+    return EventValidator(event_time="input", params=params)
 
 
 def _validate_chunk(chunk: list[bytes], now: dt.datetime, *, partitions: int, route: Callable[[str], int] | None,
