@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from gamestream import schema
 from gamestream.api.access import presented_key_in
+from gamestream.api.coalesce import Coalescer
 from gamestream.api.dashboard import IngestRate
 from gamestream.api.http_metrics import HttpMetrics
 from gamestream.log import EventLog, describe
@@ -32,6 +33,8 @@ class Collector:
         self.metrics = HttpMetrics.create(self.log_description)
         if hasattr(log, "group_commits"):  # the embedded log: its fsync'd group commits
             self.metrics.group_commits.set_function(lambda: log.group_commits)
+        self.coalescer = Coalescer(log)
+        self.metrics.log_submits.set_function(lambda: self.coalescer.groups)
         self.backlog = 0
         self.accepted_total = 0
         self.ingest_rate = IngestRate()

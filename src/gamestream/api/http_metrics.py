@@ -19,6 +19,7 @@ class HttpMetrics:
     backlog: Gauge
     log_reachable: Gauge
     group_commits: Gauge
+    log_submits: Gauge
 
     @classmethod
     def create(cls, log_description: str) -> HttpMetrics:
@@ -40,4 +41,7 @@ class HttpMetrics:
             group_commits=Gauge("gamestream_log_group_commits", "Transactions the embedded log committed, one "
                                 "fsync each, since this process started (appends of concurrent requests share one)",
                                 registry=registry),
+            log_submits=Gauge("gamestream_log_submits", "Log submits of requests without an Idempotency-Key since "
+                              "this process started: one per event-loop turn for all such requests in it",
+                              registry=registry),
         )

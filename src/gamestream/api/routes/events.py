@@ -180,8 +180,11 @@ def _nothing_valid(events: list[bytes | str], answer: IngestAnswer) -> Response:
 
 async def append(collector: Collector, appends: list, idempotency: Idempotency | None = None) -> AppendResult:
     """`appends` durable in the log (with the first answer, under its key, when `idempotency` is given); 503 with
-    Retry-After as `Refuse` when the log cannot take writes (nothing was stored)."""
+    Retry-After as `Refuse` when the log cannot take writes (nothing was stored). Offsets are not reported."""
     try:
+        if idempotency is None:  # with the other requests of this loop turn (`api.coalesce`)
+            await collector.coalescer.append(appends)
+            return AppendResult([])
         return await asyncio.wrap_future(collector.log.submit(appends, idempotency))
     except Exception as error:  # the log cannot take writes (disk full, locked): nothing was stored
         raise Refuse(503, f"the event log cannot take writes right now ({type(error).__name__}); "
