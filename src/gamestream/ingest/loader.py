@@ -191,7 +191,9 @@ def load_pool(workers: int) -> Executor:
     imported — create the pool before the log is opened (before this process has threads)."""
     import multiprocessing
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()  # a pool that forks starts every worker at its first task: now, not later
+    return pool
 
 
 def _ahead(pool: Executor, prepare: Callable[..., _Chunk], chunks: Iterable[tuple[int, list[bytes], dt.datetime]],
