@@ -29,7 +29,10 @@ class Settings:
     None opens an existing log with the count it has."""
     log: str | None = None
     """The event log (`--log`, GAMESTREAM_LOG): None = the embedded SQLite log under `<data_dir>/log`;
-    `nats://host:port[,host:port…][?stream=NAME]` = a NATS JetStream stream (default name `gamestream`)."""
+    `nats://host:port[,host:port…][?stream=NAME]` = a NATS JetStream stream (default name `gamestream`);
+    `kinesis://STREAM` = a Kinesis data stream (AWS settings from the AWS environment);
+    `kafka://host:port[,host:port…]/TOPIC` = a Kafka topic (SASL/TLS settings from `GAMESTREAM_KAFKA_CONFIG` or
+    the `GAMESTREAM_KAFKA_*` variables, never in the URL: docs/kafka.md)."""
     lease_ttl_s: float = 5.0
     """Scale-out: a processor's ownership of a partition (and the KPI stage's singleton lease) lapses this long
     after its last renewal; another process takes it over then. Whole seconds on NATS."""

@@ -1,7 +1,7 @@
 """The event log: partitioned, durable, replayable.
 
 Every backend implements `EventLog` and passes the shared conformance suite (tests/log_conformance.py). The
-embedded default is SQLite (`gamestream.log.sqlite`); NATS JetStream and Kinesis come as further modules.
+embedded default is SQLite (`gamestream.log.sqlite`); NATS JetStream, Kinesis and Kafka come as further modules.
 
 Invariants every backend keeps:
 - `append` returns only once its records are durable (fsync'd or replicated); its offsets are then final.
@@ -41,8 +41,10 @@ __all__ = ["Append", "AppendResult", "DEFAULT_PARTITIONS", "EventLog", "Idempote
 def connect(settings: "Settings") -> EventLog:
     """The log the settings name (`settings.log`, `--log URL`, GAMESTREAM_LOG): the embedded SQLite log under
     `<data_dir>/log` when unset, a NATS JetStream stream for `nats://…`, a Kinesis data stream for
-    `kinesis://STREAM`. `settings.partitions` fixes the count when the log is created; None takes an existing log's
-    own count (DEFAULT_PARTITIONS for a new one; Kinesis creates a missing stream only when a count is given)."""
+    `kinesis://STREAM`, a Kafka topic for `kafka://host:port[,host:port…]/TOPIC` (security settings from the
+    environment: `gamestream.log.kafka`). `settings.partitions` fixes the count when the log is created; None takes
+    an existing log's own count (DEFAULT_PARTITIONS for a new one; Kinesis creates a missing stream only when a
+    count is given)."""
     url = settings.log
     if not url:
         return open_log(settings.data_dir, partitions=settings.partitions)
@@ -55,8 +57,13 @@ def connect(settings: "Settings") -> EventLog:
         from gamestream.log.kinesis import KinesisEventLog
 
         return KinesisEventLog.connect(url, partitions=settings.partitions)
+    if scheme == "kafka" and url.split("://", 1)[1].partition("/")[2].strip("/"):
+        from gamestream.log.kafka import KafkaEventLog
+
+        return KafkaEventLog.connect(url, partitions=settings.partitions)
     raise ValueError(f"log URL {url!r}: give nats://host:port[,host:port…][?stream=NAME], kinesis://STREAM (region, "
-                     "credentials and endpoint from the AWS environment), or nothing for the embedded log in the "
+                     "credentials and endpoint from the AWS environment), kafka://host:port[,host:port…]/TOPIC "
+                     "(security settings from GAMESTREAM_KAFKA_* variables), or nothing for the embedded log in the "
                      "data directory")
 
 
@@ -75,6 +82,10 @@ def describe(settings: "Settings") -> str:
                           if part)
         return f"kinesis://{rest.strip('/')}" + (f" ({where})" if where else "")
     hosts = ",".join(part.rsplit("@", 1)[-1] for part in rest.split(","))
+    if scheme.lower() == "kafka":  # the security protocol comes from the environment: say which
+        from gamestream.log.kafka import security_protocol
+
+        return f"kafka://{hosts.rstrip('/')} ({security_protocol()})"
     return f"{scheme}://{hosts}"
 
 
