@@ -17,7 +17,7 @@ from gamestream.api.access import admin_keys
 from gamestream.api.collector import Collector
 from gamestream.api.dashboard import DashboardData
 from gamestream.api.purge_jobs import PurgeJobs, purge_with_kpi_fold
-from gamestream.api.routes import dashboard, events, forget, health, openapi, sql
+from gamestream.api.routes import dashboard, events, forget, funnel, health, openapi, sql
 from gamestream.api.compat import routes as compat
 from gamestream.log import EventLog
 from gamestream.settings import Settings
@@ -28,6 +28,7 @@ ROUTES: list[BaseRoute] = [
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     Route("/v1/sql", sql.post_sql, methods=["POST"]),
+    Route("/v1/funnel", funnel.post_funnel, methods=["POST"]),
     Route("/v1/forget", forget.post_forget, methods=["POST"]),
     Route("/v1/forget/{entry}", forget.get_forget, methods=["GET"]),
     Route("/", dashboard.page, methods=["GET"]),

@@ -14,6 +14,7 @@ import msgspec
 
 from gamestream import schema
 from gamestream.log.envelope import MAX_IDEMPOTENCY_KEY
+from gamestream.api import funnel as funnels
 from gamestream.api.routes.forget import FORGET_MAX_DEVICES
 from gamestream.ingest.http_guard import MAX_HEADER_LINES
 from gamestream.settings import Settings
@@ -202,6 +203,47 @@ def sql_path(settings: Settings) -> Json:
     }}
 
 
+def funnel_path(settings: Settings) -> Json:
+    params = funnels.param_names(settings)
+    where = {"type": "object", "propertyNames": {"enum": params}, "additionalProperties": {"type": "string"},
+             "description": "param: value, compared as text"}
+    step = {"oneOf": [
+        {"type": "string", "pattern": funnels.step_pattern(params), "description": "NAME or NAME[param=value,…]"},
+        {"type": "object", "required": ["event"], "additionalProperties": False,
+         "properties": {"event": {"type": "string", "minLength": 1}, "where": where}}]}
+    request = {"type": "object", "required": ["steps"], "additionalProperties": False, "properties": {
+        "steps": {"type": "array", "minItems": funnels.MIN_STEPS, "maxItems": funnels.MAX_STEPS, "items": step},
+        "within": {"type": ["string", "null"], "pattern": f"^{funnels.DURATION_PATTERN}$",
+                   "description": f"the whole funnel completes within this of step 1 (default "
+                                  f"{funnels.DEFAULT_WITHIN}; at most {funnels.MAX_WITHIN.days}d)"},
+        "from": {"type": ["string", "null"], "format": "date", "description": "first day of step 1 (UTC)"},
+        "to": {"type": ["string", "null"], "format": "date", "description": "last day of step 1 (UTC; default "
+                                                                             "today)"},
+        "by": {"enum": [*funnels.dimension_names(settings), None], "description": "split by the step-1 event's "
+               "value (country too, once the events table has it)"}}}
+    result = {"type": "object", "required": ["steps", "within", "from", "to", "by", "columns", "rows"],
+              "properties": {"steps": {"type": "array", "items": {"type": "string"}},
+                             "within": {"type": "string"}, "from": {"type": "string", "format": "date"},
+                             "to": {"type": "string", "format": "date"}, "by": {"type": ["string", "null"]},
+                             "columns": {"type": "array", "items": {"type": "string"}},
+                             "rows": {"type": "array", "items": {"type": "object"}, "description": "day (then "
+                                      "total), the dimension, step_1…step_n, step_2_rate…step_n_rate, "
+                                      "conversion"}}}
+    return {"post": {
+        "operationId": "funnel",
+        "summary": "Devices that did the steps in order within the window, per day of step 1 (docs/kpi.md, Funnels)",
+        "security": KEYED,
+        "requestBody": json_body(request),
+        "responses": {
+            **body_limits(settings),
+            "200": reply("Rows per day (and value), then the total", result),
+            "400": reply("Not a funnel request: error says why (an unknown param or dimension, a bad step, "
+                         "duration or day, too few or too many steps)", ERROR),
+            "401": reply(NO_ADMIN_KEY, ERROR),
+        },
+    }}
+
+
 FORGET_REQUEST: Json = {"type": "object", "required": ["device_ids"], "additionalProperties": False, "properties": {
     "device_ids": {"type": "array", "minItems": 1, "maxItems": FORGET_MAX_DEVICES,
                    "items": {"type": "string", "minLength": 1}},
@@ -286,6 +328,7 @@ def openapi(settings: Settings) -> Json:
         "paths": {
             "/v1/events": events_path(settings, event),
             "/v1/sql": sql_path(settings),
+            "/v1/funnel": funnel_path(settings),
             "/v1/forget": forget_path(settings),
             "/v1/forget/{entry}": forget_entry_path(settings),
             "/v1/dashboard": dashboard_path(settings),

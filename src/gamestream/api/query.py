@@ -391,7 +391,7 @@ class SqlEngine:
         finally:
             lock.close()
 
-    def _connect(self, tables: set[str]) -> duckdb.DuckDBPyConnection:
+    def connect(self, tables: set[str]) -> duckdb.DuckDBPyConnection:
         """A connection that sees the given tables and nothing else.
 
         The datasets are registered first (pyarrow, not DuckDB, reads their files, so scanning them keeps
@@ -416,7 +416,7 @@ class SqlEngine:
 
     def _prepared(self, query: str, max_rows: int | None) -> tuple[Translated, duckdb.DuckDBPyConnection]:
         translated = translate(query, max_rows=max_rows)
-        connection = self._connect(translated.tables)
+        connection = self.connect(translated.tables)
         try:
             _check_duckdb_tree(connection, translated.duckdb_sql, translated.tables)
         except BaseException:
