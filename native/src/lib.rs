@@ -7,11 +7,15 @@
 //!   value hashed with a seed made of the hash so far and the column's name); a null adds nothing, so a column
 //!   added to the schema later (null in older events) leaves fingerprints as they were. XXH3 is specified and
 //!   stable: fingerprints stored in `event_ids` stay comparable across versions.
+//! - `Validator` (validate.rs): the collector's per-event validation, "prove valid, or hand back" — for each
+//!   raw JSON event, the canonical line `schema.EventValidator` would write and its partition, or None.
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+mod validate;
 
 /// A read-only view of a Python buffer's bytes that may cross into a thread without the GIL (the caller keeps
 /// the objects alive for the whole call).
@@ -242,5 +246,6 @@ fn fingerprints(py: Python<'_>, columns: Vec<Column>, out: PyBuffer<u8>) -> PyRe
 fn gamestream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(uuid_keys, module)?)?;
     module.add_function(wrap_pyfunction!(fingerprints, module)?)?;
+    module.add_class::<validate::Validator>()?;
     Ok(())
 }

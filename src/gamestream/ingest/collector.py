@@ -5,7 +5,8 @@ are validated and grouped by log partition, in one of two ways that give the sam
 
 1. the whole batch at once into Arrow records (`batch.validate_batch`), when it is big enough to repay the call
    (`should_validate_as_batch`) and every event in it is provably valid;
-2. else event by event (`schema.EventValidator`), which says which events are rejected and why.
+2. else event by event: the native kernel (`native_validate`) proves the usual event valid and renders its line
+   in Rust; any event it is not sure about goes to `schema.EventValidator`, which accepts it or says why not.
 
 Either way the answer counts every event sent: `accepted + rejected == len(events)`, errors in index order.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from gamestream import schema
-from gamestream.ingest import batch
+from gamestream.ingest import batch, native_validate
 from gamestream.ingest.loader import arrow_records
 from gamestream.log import Append, EventLog, router
 from gamestream.settings import Settings
@@ -97,7 +98,13 @@ def _plan_event_by_event(events: Sequence[bytes | str], received: dt.datetime, s
     by_partition: dict[int, list[bytes]] = {}
     route = router(log)
     errors: list[ErrorItem] = []
+    proven = native_validate.validate_native(events, received, sent_at, None if log.own_routing else log.partitions,
+                                             max_event_bytes=settings.max_event_bytes, params=settings.schema_params)
     for index, event in enumerate(events):
+        if proven is not None and (valid := proven[index]) is not None:  # the native kernel proved it valid
+            line, where = valid
+            by_partition.setdefault(route(where) if isinstance(where, str) else where, []).append(line)
+            continue
         if isinstance(event, str):  # already known bad (an NDJSON line that is not JSON is one event)
             errors.append(ErrorItem(index, event))
             continue
