@@ -30,6 +30,9 @@ class LogRecord:
     payload: bytes  # canonical NDJSON lines of one batch, "\n"-separated
     events: int  # how many events the payload holds
     appended_at: float  # unix seconds
+    # why nothing in the record can be an event (a foreign producer's message the log could not read: empty, not
+    # UTF-8, not JSON…), naming where it sits; the processor quarantines the whole record with this reason
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

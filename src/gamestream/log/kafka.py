@@ -51,6 +51,11 @@ How the `EventLog` protocol maps onto Kafka:
   partition's high watermark, which an acknowledged (acks=all) record is already below.
 - **Events per record**: header `gs-events` on gamestream's records; for records without it (other producers),
   counted from the payload (Arrow rows or NDJSON lines).
+- **Other producers' messages** (no `gs-events` header) are read by what they hold, never by gamestream's payload
+  format (`kafka_foreign`): one JSON event, a JSON array of events, NDJSON, an API Gateway proxy event; anything
+  else comes back `refused`, with a reason naming topic, partition and offset, and the processor quarantines it.
+- **Ownership** of the partitions among processors (and of the singleton roles) is Kafka's consumer-group
+  protocol: `kafka_group.KafkaGroupOwnership`, chosen by `ownership.open_ownership` for a `kafka://` log.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from gamestream.log.base import (
     LogRecord,
     LogUnavailable,
 )
+from gamestream.log.kafka_foreign import read_foreign
 from gamestream.log.kinesis.events import events_in
 from gamestream.log.kinesis.idempotency import ProcessIdempotency
 from gamestream.log.sqlite import LogPartitionsMismatch
@@ -211,6 +217,11 @@ def _raise_kafka(error: Exception, what: str) -> None:
     """Raises `LogUnavailable` for a transient Kafka error (or a bound we set running out), else nothing."""
     if _unavailable(error) or isinstance(error, TimeoutError):
         raise LogUnavailable(f"the Kafka log is unavailable ({what}): {error}") from error
+
+
+def _is_ours(message: Message) -> bool:
+    """A record a gamestream producer wrote (it carries the `gs-events` header)."""
+    return any(name == EVENTS_HEADER for name, _ in message.headers() or ())
 
 
 def _events_of(message: Message) -> int:
@@ -515,11 +526,21 @@ class KafkaEventLog(LogFeatures):
                 raise
 
     def read(self, partition: int, after_offset: int, max_records: int) -> list[LogRecord]:
+        """gamestream's records (header `gs-events`) as they are; another producer's messages as what they hold
+        (`kafka_foreign`: an event, an array of events, NDJSON, an API Gateway event), or refused with a reason
+        naming topic, partition and offset, which the processor quarantines."""
         if max_records <= 0:
             return []
-        return [LogRecord(partition, message.offset() + 1, message.value() or b"", _events_of(message),
-                          message.timestamp()[1] / 1000) for message in self._messages(partition, after_offset,
-                                                                                       max_records)]
+        return [self._record(partition, message) for message in self._messages(partition, after_offset,
+                                                                                  max_records)]
+
+    def _record(self, partition: int, message: Message) -> LogRecord:
+        offset, appended_at = message.offset() + 1, message.timestamp()[1] / 1000
+        if _is_ours(message):
+            return LogRecord(partition, offset, message.value() or b"", _events_of(message), appended_at)
+        foreign = read_foreign(message.value(), topic=self.topic, partition=partition, kafka_offset=message.offset(),
+                               timestamp_ms=message.timestamp()[1])
+        return LogRecord(partition, offset, foreign.payload, foreign.events, appended_at, foreign.refused)
 
     def _high(self, partition: int) -> tuple[int, int]:
         reader = self._reader(partition)

@@ -6,7 +6,7 @@ of exactly once: the Delta `txn` check in `gamestream.tables.lake.commit_exactly
 paused past its lease, then resumed) from committing a row twice, and it holds even when two processes believe
 they own the same partition.
 
-Two implementations of `Ownership`:
+Three implementations of `Ownership`:
 
 - `LocalOwnership`: one machine, the embedded log. A fixed set of partitions (all, or `process --only`), each
   held by a `flock` that the kernel releases when the process dies; `PartitionBusy` when another process holds
@@ -14,6 +14,9 @@ Two implementations of `Ownership`:
 - `LeaseOwnership`: any number of processors on any machines, through leases in a NATS JetStream key-value
   bucket. Partitions are shared out by a fair-share rule and move within seconds when a processor joins, stops
   or dies (docs/architecture.md, "Ownership").
+- `KafkaGroupOwnership` (`gamestream.log.kafka_group`): on a Kafka log, Kafka's own consumer-group protocol
+  (cooperative-sticky) assigns the partitions, and a consumer group per role on a one-partition topic holds the
+  singletons.
 """
 
 from __future__ import annotations
@@ -112,9 +115,35 @@ def uses_leases(settings: "Settings") -> bool:
     return bool(settings.log and settings.log.startswith("nats://"))
 
 
+def uses_kafka_groups(settings: "Settings") -> bool:
+    """True when ownership is held by Kafka consumer groups (the log is `kafka://…`), visible to every machine."""
+    return bool(settings.log and settings.log.lower().startswith("kafka://"))
+
+
+def shared_across_machines(settings: "Settings") -> bool:
+    """Whether ownership (partitions and roles) is kept on the log's cluster — NATS leases or Kafka consumer
+    groups — so processes on any machine see it; else lock files in the data directory."""
+    return uses_leases(settings) or uses_kafka_groups(settings)
+
+
+def open_roles(settings: "Settings") -> Ownership:
+    """An ownership holding no partition, only the roles it `claim`s (the maintenance lock of `optimize`, the KPI
+    fold of `forget`): on the log's cluster when it is shared across machines, else lock files."""
+    if uses_leases(settings):
+        return LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
+                              ttl_s=settings.lease_ttl_s)
+    if uses_kafka_groups(settings):
+        from gamestream.log.kafka_group import KafkaGroupOwnership
+
+        return KafkaGroupOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
+                                   session_timeout_s=settings.lease_ttl_s)
+    return LocalOwnership(settings.data_dir / "log", 0, [])
+
+
 def open_ownership(settings: "Settings", partitions: int, only: list[int] | None = None) -> Ownership:
     """The ownership a pipeline uses: leases on the NATS cluster that holds the log (`settings.log` is
-    `nats://…`), else flocks under `<data_dir>/log`.
+    `nats://…`), the log's consumer groups on a Kafka log (`kafka://…`: `kafka_group.KafkaGroupOwnership`), else
+    flocks under `<data_dir>/log`.
 
     With leases, a fixed `only` list is refused: a processor that takes partitions regardless of the shares would
     fight the others' balancing. Run more processors instead; they share the partitions by themselves."""
@@ -124,6 +153,17 @@ def open_ownership(settings: "Settings", partitions: int, only: list[int] | None
                              "leases; start more processors instead")
         return LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=partitions,
                               ttl_s=settings.lease_ttl_s)
+    if uses_kafka_groups(settings):
+        if only is not None:
+            raise OwnershipUnavailable("--only does not combine with a kafka:// log: processors share the partitions "
+                                       "through the consumer group; start more processors instead")
+        from gamestream.log.kafka_group import GroupUnavailable, KafkaGroupOwnership
+
+        try:
+            return KafkaGroupOwnership(settings.log, pipeline=settings.pipeline,  # type: ignore[arg-type]
+                                       partitions=partitions, session_timeout_s=settings.lease_ttl_s)
+        except GroupUnavailable as error:
+            raise OwnershipUnavailable(str(error)) from error
     return LocalOwnership(settings.data_dir / "log", partitions, only)
 
 

@@ -3,6 +3,9 @@
 Arrow records (`gamestream.log.payload`: what the collector and `load` write when a whole batch passed the
 vectorised checks) are read as they are and concatenated; only their rows' required fields are checked again.
 
+Records the log could not read as events (`LogRecord.refused`: a foreign producer's Kafka message that is empty,
+not UTF-8 or not JSON) are quarantined whole, with the log's reason, which names where the message sits.
+
 Records holding one API Gateway proxy event (the seed's Lambda wrote those) are unwrapped first
 (`gamestream.log.envelope.unwrap`): their body's events, validated and given ids derived from the record's place in
 the log, join the NDJSON records; what fails is quarantined with the whole record as its payload.
@@ -99,7 +102,9 @@ def decode_records(records: list[LogRecord], now: dt.datetime | None = None, *,
     json_records = []
     arrow_records = []
     for record in records:
-        if payload.is_arrow(record.payload):
+        if record.refused is not None:  # a foreign message the log could not read as events: quarantined whole
+            out.quarantine.append(_quarantine_row(record, record.payload, record.refused, now))
+        elif payload.is_arrow(record.payload):
             arrow_records.append(record)
         elif (unwrapped := envelope.unwrap(record)) is not None:  # an API Gateway proxy event (the seed's Lambda)
             out.quarantine += [_quarantine_row(record, record.payload, why, now) for why in unwrapped.rejected]

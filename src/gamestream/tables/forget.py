@@ -57,12 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from gamestream.log.ownership import (
-    KPI_ROLE,
-    LeaseOwnership,
-    LocalOwnership,
-    uses_leases,
-)
+from gamestream.log.ownership import KPI_ROLE, open_roles
 from gamestream.settings import Settings
 from gamestream.tables import lake
 from gamestream.tables.forgotten import (
@@ -430,9 +425,7 @@ def _wait_for_kpi(settings: Settings, version: int, wait_s: float, fold_kpi: Fol
         if fold_kpi is None:
             ownership = None
         else:
-            ownership = (LeaseOwnership(settings.log, pipeline=settings.pipeline, partitions=0,  # type: ignore[arg-type]
-                                        ttl_s=settings.lease_ttl_s) if uses_leases(settings)
-                         else LocalOwnership(settings.data_dir / "log", 0, []))
+            ownership = open_roles(settings)
         try:
             if ownership is not None and ownership.claim(KPI_ROLE):  # no KPI stage runs: fold here
                 fold_kpi(settings)  # type: ignore[misc]  (that fold is over when it returns)

@@ -115,22 +115,23 @@ class MaintenanceLock:
 
     - Tables in a local folder, or an embedded log: a flock on `<data_dir>/log/maintenance.lock`; every process
       that can write these tables runs on this machine.
-    - Tables on object storage with a NATS log (`ownership.uses_leases`): processes on any machine write them, so
-      a file lock would protect nothing; the lock is the `maintenance` role lease in the NATS key-value bucket
-      (`LeaseOwnership.claim`), renewed by the ownership's own thread while held, lapsing when its holder dies.
-      A pipeline passes its own `ownership`; a command without one (`optimize`, `vacuum`) opens a lease
-      ownership that holds no partition, only the role.
+    - Tables on object storage with a NATS or Kafka log (`ownership.shared_across_machines`): processes on any
+      machine write them, so a file lock would protect nothing; the lock is the `maintenance` role — a lease in
+      the NATS key-value bucket (`LeaseOwnership.claim`), renewed by the ownership's own thread while held,
+      lapsing when its holder dies; on Kafka, partition 0 of the role's consumer group (`KafkaGroupOwnership`).
+      A pipeline passes its own `ownership`; a command without one (`optimize`, `vacuum`) opens one that holds
+      no partition, only the role (`ownership.open_roles`).
 
     `acquire` returns a handle to `close()` (None when not waiting and another holds the lock).
     """
 
     def __init__(self, settings: Settings, ownership: "Ownership | None" = None) -> None:
-        from gamestream.log.ownership import uses_leases
+        from gamestream.log.ownership import shared_across_machines
 
         self.settings = settings
         self.path = settings.data_dir / "log" / "maintenance.lock"
         self.ownership = ownership
-        self.uses_lease = lake.is_object_store(settings.tables_root) and uses_leases(settings)
+        self.uses_lease = lake.is_object_store(settings.tables_root) and shared_across_machines(settings)
 
     def acquire(self, *, wait: bool) -> object | None:
         if self.uses_lease:
@@ -147,13 +148,11 @@ class MaintenanceLock:
         return handle
 
     def _acquire_lease(self, *, wait: bool) -> "_LeaseHandle | None":
-        from gamestream.log.ownership import MAINTENANCE_ROLE, LeaseOwnership
+        from gamestream.log.ownership import MAINTENANCE_ROLE, open_roles
 
         ownership, opened = self.ownership, False
         if ownership is None:
-            assert self.settings.log is not None
-            ownership = LeaseOwnership(self.settings.log, pipeline=self.settings.pipeline, partitions=0,
-                                       ttl_s=self.settings.lease_ttl_s)
+            ownership = open_roles(self.settings)
             opened = True
         while not ownership.claim(MAINTENANCE_ROLE):
             if not wait:
