@@ -162,7 +162,7 @@ def native_validator(params: schema.Params = (), max_event_bytes: int = 32 * 102
     if _Kernel is None:
         return None
     try:
-        return NativeValidator(params, max_event_bytes=max_event_bytes)
+        return NativeValidator(schema.check_params(params), max_event_bytes=max_event_bytes)
     except ValueError:
         return None
 
@@ -181,7 +181,7 @@ def validate_native(events: Sequence[bytes | str], received: dt.datetime, sent_a
     ...                 dt.datetime(2026, 12, 5, tzinfo=dt.timezone.utc), None, 4, max_event_bytes=1024)
     [(b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventId":"e","eventTime":"2026-12-05T00:00:00Z","receivedAt":"2026-12-05T00:00:00Z"}', 2), None]
     """
-    validator = native_validator(schema.check_params(params), max_event_bytes)
+    validator = native_validator(params, max_event_bytes)
     if validator is None:
         return None
     return validator.validate(events, received, sent_at, partitions)
