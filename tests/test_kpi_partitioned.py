@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ from deltalake import DeltaTable
 
 from conftest import gamestream, table_rows, write_ndjson
 from gamestream.demo.generator import simulate
+from gamestream.kpi import KpiStage, KpiStageSuperseded
+from gamestream.log import connect
+from gamestream.settings import Settings
 from test_kpi import expected_kpis, kpi_tables, late_events, rounded_rows
 
 UTC = dt.timezone.utc
@@ -69,6 +74,40 @@ def test_partitioned_kpis_equal_the_reference_with_1_2_and_4_processors_and_part
     assert not (tables / "kpi_activity").exists()
     events_version = DeltaTable(str(tables / "events")).version()
     assert {name: kpi_txn(data, name) for name in MERGED} == {name: events_version for name in MERGED}
+
+
+def test_two_stages_folding_one_partition_at_once_never_leave_a_wrong_copy(tmp_path: Path) -> None:
+    """Two part stages of one partition fold the same versions at once (two processes' final folds). Here one
+    runs whole between the other's kpi_daily and kpi_retention commits — the interleaving that once left the
+    partition's copy without the cohort of its newest devices (the late stage found them in kpi_devices already,
+    so it saw no first day move). The late stage is fenced off; the copy's cohorts are its devices' first days."""
+    data = tmp_path / "data"
+    write_ndjson(tmp_path / "events.ndjson", list(simulate(events=4000, users=200, seed=3, days=3)))
+    gamestream("load", str(tmp_path / "events.ndjson"), data_dir=data, env=PARTITIONED)
+    gamestream("process", "--until-idle", "--no-kpi", data_dir=data, env=PARTITIONED)
+    settings = Settings(data_dir=data, kpi_mode="partitioned")
+    log = connect(settings)
+    try:
+        first, second = (KpiStage(settings, log, stop=threading.Event(), part=0) for _ in range(2))
+        raised: list[BaseException] = []
+        commit_retention = first._commit_retention
+
+        def second_folds_first(*args, **kwargs):
+            try:
+                second.fold()
+            except KpiStageSuperseded as error:
+                raised.append(error)
+            return commit_retention(*args, **kwargs)
+
+        first._commit_retention = second_folds_first  # type: ignore[method-assign]
+        first.fold()
+    finally:
+        log.close()
+    assert len(raised) == 1, "the second stage folded over the first one's commits"
+    copy = data / "tables" / "kpi_parts" / "p0"
+    firsts = Counter(r["first_day"] for r in table_rows(copy / "kpi_devices"))
+    assert len(firsts) >= 3
+    assert {r["cohort_day"]: r["cohort_size"] for r in table_rows(copy / "kpi_retention")} == firsts
 
 
 def tables_of(data: Path) -> dict[str, list[dict]]:

@@ -20,9 +20,7 @@ class DerivedCommits(ExactlyOnceCommits):
     """`KpiStage`'s commits of kpi_daily and kpi_retention (a part of the stage, not a stage of its own)."""
 
     def _state_tables(self) -> tuple[ds.Dataset, ds.Dataset]:
-        for name in ("kpi_activity", "kpi_devices"):
-            self.tables[name].update_incremental()
-        return self.tables["kpi_activity"].to_pyarrow_dataset(), self.tables["kpi_devices"].to_pyarrow_dataset()
+        return self._read_own("kpi_activity").to_pyarrow_dataset(), self._read_own("kpi_devices").to_pyarrow_dataset()
 
     def _commit_daily(self, fold: Fold, version: int, state_json: str, *, force: bool = False) -> None:
         name = "kpi_daily"
@@ -122,8 +120,7 @@ class DerivedCommits(ExactlyOnceCommits):
         if self.folded[name] >= version and not force:
             return
         activity, devices = self._state_tables()
-        daily = self.tables["kpi_daily"]
-        daily.update_incremental()
+        daily = self._read_own("kpi_daily")
         days = daily.to_pyarrow_table(columns=["eventDate"])["eventDate"] if daily.version() > 0 else pa.array(
             [], pa.date32())
         last_day = pc.max(days).as_py()

@@ -37,8 +37,7 @@ class ForgetRevisions:
                            "them", version)
         else:
             salt = forgotten.read_salt(self.settings)
-            devices = self.tables["kpi_devices"]
-            devices.update_incremental()
+            devices = self._read_own("kpi_devices")
             known = set(devices.to_pyarrow_table(columns=["device_id"])["device_id"].to_pylist()) | {
                 d for state in self.days.values() for d in state.devices}
             wanted = set(hashes)
@@ -51,8 +50,7 @@ class ForgetRevisions:
         logger.info("KPI tables revised for a forget", extra={"version": version, "devices": len(fold.forgotten)})
 
     def _revise_for_deleted(self, version: int, ids: list[str], fold: Fold) -> None:
-        activity = self.tables["kpi_activity"]
-        activity.update_incremental()
+        activity = self._read_own("kpi_activity")
         active = rows_in(activity.to_pyarrow_dataset(), "device_id", ids)
         days = sorted(set(active["eventDate"].to_pylist()))
         before = self._events_dataset(version - 1)

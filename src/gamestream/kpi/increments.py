@@ -116,8 +116,7 @@ class IncrementalCommits(ExactlyOnceCommits):
         """kpi_devices' rows of these devices (first day, first purchase day), from memory where known."""
         wanted = [d for d in ids if d not in self._known_devices]
         if wanted:
-            table = self.tables["kpi_devices"]
-            table.update_incremental()
+            table = self._read_own("kpi_devices")
             rows = rows_in(table.to_pyarrow_dataset(), "device_id", wanted)
             for device, first, purchase in zip(*(rows[c].to_pylist() for c in kt.DEVICES.names)):
                 self._known_devices[device] = (first, purchase)

@@ -10,6 +10,7 @@ stage has committed since it last did (`KpiStageSuperseded`), stops and drops it
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Callable
@@ -105,7 +106,8 @@ class Pipeline:
         those another process worked on are caught up over the versions committed since that process last
         folded them (most add none of their devices, and cost a commit file read each), so the process that
         finishes last leaves the KPI tables complete. A process still folding one of them too is fenced off by
-        the tables' txn (`KpiStageSuperseded`: its stage starts afresh). `every=False` (a final fold on SIGTERM):
+        the tables' txn (`KpiStageSuperseded`: its stage starts afresh, at once in a final fold, so the process
+        finishing last does leave them complete). `every=False` (a final fold on SIGTERM):
         only the partitions it worked on."""
         if final:
             owned = set(range(self.log.partitions)) if every else set(self.part_stages) | set(
@@ -131,11 +133,22 @@ class Pipeline:
             due = [min(due, key=lambda item: self._folded_at.get(item[0], 0.0))] if due else []
         for part, stage in due:
             self._folded_at[part] = self._last_part_fold = now
-            try:
-                stage.fold()
-            except KpiStageSuperseded as error:
-                logger.warning("KPI part stage stops here: %s", error, extra={"partition": part})
-                self.part_stages.pop(part, None)
+            for attempt in range(1, _FINAL_ATTEMPTS + 1):
+                try:
+                    stage.fold()
+                    break
+                except KpiStageSuperseded as error:
+                    self.part_stages.pop(part, None)
+                    if not final or attempt == _FINAL_ATTEMPTS or self.processor.stop_requested.is_set():
+                        logger.warning("KPI part stage stops here: %s", error, extra={"partition": part})
+                        break
+                    # another process's final fold is folding this partition too: start afresh from the tables
+                    # (the versions that one committed are skipped, a half-done fold re-derived), after a pause
+                    # that makes a second race unlikely
+                    logger.info("KPI part stage starts afresh: %s", error, extra={"partition": part})
+                    self.processor.stop_requested.wait(random.uniform(0.05, 0.5) * attempt)
+                    stage = self.part_stages[part] = KpiStage(self.settings, self.log,
+                                                              stop=self.processor.stop_requested, part=part)
 
     def _merge(self, *, wait_s: float = 0.0) -> bool:
         """The merge round, when this process holds the `kpi` role (taken if free); False when another process
@@ -314,6 +327,9 @@ class Pipeline:
     @property
     def stats(self) -> ProcessorStats:
         return self.processor.stats
+
+
+_FINAL_ATTEMPTS = 8  # a final fold's part stage, started afresh each time another process's fold supersedes it
 
 
 class _FoldingThread:
