@@ -16,7 +16,8 @@ import pytest
 from gamestream import log as log_module
 from gamestream.log import Append, LogUnavailable, partition_for, router
 from gamestream.log import kafka as kafka_log
-from gamestream.log.kafka import KafkaEventLog, RecordTooLarge
+from gamestream.log import RecordTooLarge
+from gamestream.log.kafka import KafkaEventLog
 from gamestream.log.sqlite import LogPartitionsMismatch
 from gamestream.settings import Settings
 from kafka_cluster import KafkaCluster, kafka_cluster

@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from gamestream.log import Append, Idempotency
-from gamestream.log.nats import NatsEventLog, RecordTooLarge
+from gamestream.log import RecordTooLarge
+from gamestream.log.nats import NatsEventLog
 from gamestream.log.sqlite import LogPartitionsMismatch
 from gamestream.demo.nats_cluster import NatsCluster
 from log_conformance import LogConformance, payload, read_all

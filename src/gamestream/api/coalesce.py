@@ -28,7 +28,6 @@ class Coalescer:
         self.log = log
         self.limit = log.max_record_bytes
         self._pending: list[tuple[Sequence[Append], asyncio.Future[None]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.groups = 0  # submits made, for the metrics
         self.requests = 0  # requests they carried
 
@@ -36,13 +35,12 @@ class Coalescer:
         """Returns once `appends` are durable in the log; raises what the log's submit raised."""
         loop = asyncio.get_running_loop()
         if not self._pending:
-            self._loop = loop
-            loop.call_soon(self._flush)
+            loop.call_soon(self._flush, loop)
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((appends, done))
         await done
 
-    def _flush(self) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -53,9 +51,6 @@ class Coalescer:
         except Exception as error:  # refused before anything was written (closed, a partition out of range)
             _settle(pending, error)
             return
-        loop = self._loop
-        assert loop is not None
-
         def durable(future) -> None:
             loop.call_soon_threadsafe(_settle, pending, future.exception())
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from gamestream.cli.app import cli
-from gamestream.cli.common import command_settings, console, data_dir_option, out, tables_option
+from gamestream.cli.common import command_settings, data_dir_option, tables_option
 
 
 @cli.command()
@@ -33,25 +33,14 @@ def funnel(steps: tuple[str, ...], within: str | None, first_day: str | None, la
     """Counts the devices that did the steps in order, each step after the one before and all within --within of
     the first, per day of the first step (then a total row summing the days)."""
     from gamestream.api.funnel import Funnel, FunnelError, parse_step, run
-    from gamestream.api.query import to_csv, to_json
+    from gamestream.cli.sql import fail, print_result
 
     try:
         asked = Funnel.of([parse_step(step) for step in steps], within=within, first_day=first_day,
                           last_day=last_day, by=by)
         result = run(command_settings(data_dir=data_dir, tables_uri=tables_uri), asked)
     except FunnelError as error:
-        from rich.text import Text
-
-        console.print(Text.assemble(("error: ", "red"), str(error)))
-        raise SystemExit(2)
-    if output == "csv":
-        out.out(to_csv(result), end="")
-    elif output == "json":
-        out.out(to_json(result))
-    else:
-        from gamestream.cli.sql import print_result_table
-
-        legend = " → ".join(f"{k}. {step.label()}" for k, step in enumerate(asked.steps, start=1))
-        out.print(f"{legend}, within {asked.describe()['within']}, {asked.first_day} to {asked.last_day}",
-                  highlight=False, markup=False)
-        print_result_table(result)
+        fail(str(error))
+    legend = " → ".join(f"{k}. {step.label()}" for k, step in enumerate(asked.steps, start=1))
+    print_result(result, output,
+                 heading=f"{legend}, within {asked.describe()['within']}, {asked.first_day} to {asked.last_day}")

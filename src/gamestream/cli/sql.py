@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.table import Table
@@ -23,20 +24,34 @@ def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) 
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
     kpi_activity, kpi_devices, audit). Dates are UTC."""
-    from gamestream.api.query import QueryError, SqlEngine, to_csv, to_json
+    from gamestream.api.query import QueryError, SqlEngine
 
     try:
         result = SqlEngine(command_settings(data_dir=data_dir, tables_uri=tables_uri)).run(query)
     except QueryError as error:
-        from rich.text import Text
+        fail(error.pointed())
+    print_result(result, output)
 
-        console.print(Text.assemble(("error: ", "red"), error.pointed()))
-        raise SystemExit(2)
+
+def fail(message: str) -> NoReturn:
+    """A user's mistake: one red line on stderr, exit status 2."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "red"), message))
+    raise SystemExit(2)
+
+
+def print_result(result, output: str, *, heading: str | None = None) -> None:
+    """An Arrow table as `output` (table, csv or json); `heading` goes above a table."""
+    from gamestream.api.query import to_csv, to_json
+
     if output == "csv":
         out.out(to_csv(result), end="")
     elif output == "json":
         out.out(to_json(result))
     else:
+        if heading:
+            out.print(heading, highlight=False, markup=False)
         print_result_table(result)
 
 

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gamestream.log.base import (DEFAULT_PARTITIONS, Append, AppendResult, EventLog, Idempotency, LogRecord,
-                                 LogUnavailable, partition_for, router)
+                                 LogUnavailable, RecordTooLarge, partition_for, router)
 
 if TYPE_CHECKING:
     from gamestream.settings import Settings
 
 __all__ = ["Append", "AppendResult", "DEFAULT_PARTITIONS", "EventLog", "Idempotency", "LogRecord", "LogUnavailable",
-           "partition_for", "router", "connect", "describe", "open_log"]
+           "RecordTooLarge", "partition_for", "router", "connect", "describe", "open_log"]
 
 
 def connect(settings: "Settings") -> EventLog:

@@ -44,6 +44,20 @@ class Append:
     events: int
 
 
+class RecordTooLarge(ValueError):
+    """A record is larger than the log takes in one record; it is refused rather than truncated or split."""
+
+
+def check_records(records: Sequence[Append], partitions: int, max_bytes: int | None = None, limit: str = "") -> None:
+    """Refuses a batch before any of it is written: a record for a partition outside 0..`partitions`-1
+    (ValueError), or one over `max_bytes` (RecordTooLarge; `limit` names the limit and how to raise it)."""
+    for record in records:
+        if not 0 <= record.partition < partitions:
+            raise ValueError(f"partition {record.partition} is outside 0..{partitions - 1}")
+        if max_bytes is not None and len(record.payload) > max_bytes:
+            raise RecordTooLarge(f"a record of {len(record.payload):,} bytes is over {limit}")
+
+
 @dataclass(frozen=True, slots=True)
 class Idempotency:
     """Makes an append happen at most once per key: the first append stores `response` with its records, in the

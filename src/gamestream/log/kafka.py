@@ -82,6 +82,7 @@ from gamestream.log.base import (
     LogFeatures,
     LogRecord,
     LogUnavailable,
+    check_records,
 )
 from gamestream.log.kafka_foreign import read_foreign
 from gamestream.log.kinesis.events import events_in
@@ -118,10 +119,6 @@ _TRANSIENT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRAN
               KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
               KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._PURGE_INFLIGHT, KafkaError._PURGE_QUEUE}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-class RecordTooLarge(ValueError):
-    """A record is larger than the topic's `max.message.bytes`; it is refused rather than truncated."""
 
 
 @dataclass(frozen=True)
@@ -448,12 +445,8 @@ class KafkaEventLog(LogFeatures):
         LogUnavailable when one is not within PUBLISH_TIMEOUT_SECONDS."""
         if self._closed:
             raise RuntimeError("the log is closed")
-        for record in records:
-            if not 0 <= record.partition < self._partitions:
-                raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
-            if len(record.payload) > self.max_record_bytes:
-                raise RecordTooLarge(f"a record of {len(record.payload):,} bytes is over topic {self.topic!r}'s "
-                                     f"max.message.bytes of {self._max_message:,}; split it, or raise the limit")
+        check_records(records, self._partitions, self.max_record_bytes, f"topic {self.topic!r}'s max.message.bytes "
+                      f"of {self._max_message:,}; split it, or raise the limit")
         if idempotency is not None:
             return self._idempotency.submit(list(records), idempotency)
         return self._enqueue(list(records))

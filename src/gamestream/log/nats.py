@@ -46,7 +46,7 @@ import stamina
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from gamestream.log.base import (DEFAULT_PARTITIONS, IDEMPOTENCY_SECONDS, Append, AppendResult, Idempotency,
-                                 LogFeatures, LogRecord, LogUnavailable)
+                                 LogFeatures, LogRecord, LogUnavailable, check_records)
 from gamestream.log.sqlite import LogPartitionsMismatch
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,6 @@ _HEADER_ROOM = 256  # bytes for our headers (Nats-Msg-Id, Gs-Events) on top of t
 _CLAIM = b"C"  # idempotency entry: a claim, followed by the claim's unix time
 _DONE = b"R"  # idempotency entry: the stored response, followed by its bytes
 _KEY_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class RecordTooLarge(ValueError):
-    """A record is larger than the servers' `max_payload`; it is refused rather than truncated."""
 
 
 class StreamNotWritable(RuntimeError):
@@ -354,12 +350,8 @@ class NatsEventLog(LogFeatures):
         fsync'd), or fails — after retrying for up to PUBLISH_RETRY_SECONDS while the stream has no leader."""
         if self._closed:
             raise RuntimeError("the log is closed")
-        for record in records:
-            if not 0 <= record.partition < self._partitions:
-                raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
-            if len(record.payload) > self.max_record_bytes:
-                raise RecordTooLarge(f"a record of {len(record.payload):,} bytes is over the NATS servers' "
-                                     f"max_payload of {self._max_payload:,} bytes; split it, or raise max_payload")
+        check_records(records, self._partitions, self.max_record_bytes, f"the NATS servers' max_payload of "
+                      f"{self._max_payload:,} bytes; split it, or raise max_payload")
         if not records and idempotency is None:
             done: Future[AppendResult] = Future()
             done.set_result(AppendResult([]))

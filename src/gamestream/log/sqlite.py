@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Sequence
 
-from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, LogRecord
+from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, LogRecord, check_records
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -136,9 +136,7 @@ class SqliteEventLog(LogFeatures):
         if not records and idempotency is None:
             done.set_result(AppendResult([]))
             return done
-        for record in records:
-            if not 0 <= record.partition < self._partitions:
-                raise ValueError(f"partition {record.partition} is outside 0..{self._partitions - 1}")
+        check_records(records, self._partitions)
         if self._closed:
             raise RuntimeError("the log is closed")
         self._ensure_writer()

@@ -71,9 +71,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, LogRecord, LogUnavailable
+from gamestream.log.base import (Append, AppendResult, Idempotency, LogFeatures, LogRecord, LogUnavailable,
+                                 RecordTooLarge)
 from gamestream.log.kinesis import errors
-from gamestream.log.kinesis.errors import RecordTooLarge, error_code, unavailable
+from gamestream.log.kinesis.errors import error_code, unavailable
 from gamestream.log.kinesis.events import events_in
 from gamestream.log.kinesis.idempotency import IDEMPOTENCY_MAX_KEYS, IDEMPOTENCY_SECONDS, ProcessIdempotency
 from gamestream.log.kinesis.reader import CachedIterator, behind_latest, ends_with_page, records_of

@@ -19,10 +19,6 @@ RETRYABLE_CODES = {"ProvisionedThroughputExceededException", "ThrottlingExceptio
 STREAM_BUSY_CODES = ("ResourceInUseException", "ResourceNotFoundException")
 
 
-class RecordTooLarge(ValueError):
-    """A record (with its partition key) is over Kinesis' 1 MiB per record; it is refused rather than split."""
-
-
 class EntriesFailed(Exception):
     """Some entries of a PutRecords call came back with an ErrorCode (throttled, InternalFailure)."""
 
