@@ -1,5 +1,5 @@
-"""A real 3-broker Apache Kafka cluster (KRaft) for the tests: scripts/kafka-cluster's `KafkaCluster`, imported
-from the script, with what fault tests ask of it — who leads a partition, which replicas are in sync.
+"""A real 3-broker Apache Kafka cluster (KRaft) for the tests: `gamestream.demo.kafka_cluster.KafkaCluster` (what
+scripts/kafka-cluster and `demo --cluster --log kafka` start), with what fault tests ask of it — who leads a partition, which replicas are in sync.
 
     with kafka_cluster(tmp_path) as cluster:
         log = KafkaEventLog.connect(f"kafka://{cluster.bootstrap}/events", partitions=4)
@@ -13,30 +13,17 @@ The broker jars are fetched once into ~/.cache/gamestream/kafka-4.4.0 (scripts/s
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kafka-cluster"
+from gamestream.demo import kafka_cluster as base
+from gamestream.demo.kafka_cluster import fetch
+
+__all__ = ["KafkaCluster", "fetch", "kafka_cluster"]
 
 
-def _load_script():
-    loader = importlib.machinery.SourceFileLoader("gamestream_kafka_cluster_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[loader.name] = module  # dataclasses look their module up there
-    loader.exec_module(module)
-    return module
-
-
-script = _load_script()
-fetch = script.fetch
-
-
-class KafkaCluster(script.KafkaCluster):  # type: ignore[misc, name-defined]
+class KafkaCluster(base.KafkaCluster):
     """The script's cluster, plus the cluster's view of a topic through an admin client."""
 
     def admin(self):

@@ -1,7 +1,7 @@
-"""`gamestream demo --cluster`, run as a user runs it: three nats-server nodes, two collectors, two processors
-and the generator as separate processes, stopped in order at the end of --duration; and supervised: a processor,
-a collector, a nats-server node and a generator killed with SIGKILL while it runs are restarted, and Ctrl-C still ends with
-every acknowledged event in the table once."""
+"""`gamestream demo --cluster`, run as a user runs it: three nats-server nodes (or, with `--log kafka`, three Kafka
+brokers), two collectors, two processors and the generator as separate processes, stopped in order at the end of
+--duration; and supervised: a processor, a collector, a nats-server node (a Kafka broker) and a generator killed
+with SIGKILL while it runs are restarted, and Ctrl-C still ends with every acknowledged event in the table once."""
 
 from __future__ import annotations
 
@@ -221,3 +221,73 @@ def test_cluster_demo_restarts_every_kind_of_child_killed_and_still_commits_each
     assert len(acked) == len(set(acked)) == accepted
     assert set(acked) <= set(ids)
     assert 0 <= committed - accepted <= 4 * 20
+
+
+@pytest.mark.slow
+def test_cluster_demo_on_kafka_survives_a_processor_and_a_broker_killed_and_commits_each_accepted_event_once(
+        tmp_path: Path) -> None:
+    """`demo --cluster --log kafka`: three Kafka brokers instead of the NATS nodes. SIGKILL a processor (its
+    partitions move to the other through the consumer group, then half come back) and a broker (the topic's
+    replicas carry on; it is restarted and catches up); Ctrl-C then drains, and the table holds every
+    acknowledged event exactly once."""
+    data = tmp_path / "data"
+    stderr = open(tmp_path / "stderr.txt", "w")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gamestream", "demo", "--cluster", "--log", "kafka", "--port", "0", "--rate", "300",
+         "--seed", "11", "--data-dir", str(data)],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "GAMESTREAM_LOG": ""})
+    out = _Lines(demo, tmp_path / "stderr.txt")
+    try:
+        out.wait_for(r"^kafka \(3 KRaft brokers.*\): kafka://127\.0\.0\.1:\d+,127\.0\.0\.1:\d+,127\.0\.0\.1:\d+/events$",
+                     timeout=300)
+        pids_line = out.wait_for(r"^pids: (.*)$", timeout=120)
+        pids = {name: int(pid) for name, pid in re.findall(r"([\w-]+) (\d+)", pids_line[1])}
+        assert set(pids) == {"kafka-broker1", "kafka-broker2", "kafka-broker3", "processor-1", "processor-2",
+                             "collector-1", "collector-2", "generator-1", "generator-2"}, pids
+        committed = out.wait_for_growth(after=0, above=0, timeout=90)
+        out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", timeout=60)
+
+        for name in ("processor-1", "kafka-broker2"):
+            mark = len(out.lines)
+            pid = pids[name]
+            os.kill(pid, signal.SIGKILL)
+            died = out.wait_for(rf"{name} \(pid {pid}\) (was killed by SIGKILL) after [\d.]+s; restarting it in "
+                                rf"\d+s", after=mark, timeout=20)
+            assert died[1] == "was killed by SIGKILL"
+            assert not _alive(pid), f"{name} (pid {pid}) still runs"
+            back = out.wait_for(rf"{name} restarted \(pid (\d+)\)", after=mark, timeout=40)
+            pids[name] = int(back[1])
+            assert pids[name] != pid and _alive(pids[name])
+            committed = out.wait_for_growth(after=mark, above=committed, timeout=90)
+            if name == "processor-1":  # the group gives its partitions to processor-2, then half come back
+                out.wait_for(r"partitions: processor-2 0,1,2,3$", after=mark, timeout=40)
+                out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", after=len(out.lines) - 1,
+                             timeout=60)
+        news = [line for line in out.lines
+                if re.search(r"(kafka-broker\d|processor-\d|collector-\d|generator-\d) \(pid \d+\) ", line)]
+        assert len(news) == 2, "".join(news)  # one line per kill, nothing else ended
+
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=240)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        out.reader.join(10)
+        stderr.close()
+    output = "".join(out.lines)
+    assert demo.returncode == 0, output + (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "Traceback" not in output
+    assert not _processes_mentioning(str(data)), "a child of the demo outlived it"
+
+    summary = re.search(r"generator accepted ([\d,]+) events \(([\d,]+) via \S+, ([\d,]+) via \S+\); "
+                        r"table committed ([\d,]+) \(quarantined 0\) · restarted: (.*)", output)
+    assert summary, output
+    accepted, via_first, via_second, committed = (int(group.replace(",", "")) for group in summary.groups()[:4])
+    assert all(f"{name} ×1" in summary[5] for name in ("processor-1", "kafka-broker2")), output
+    assert via_first > 0 and via_second > 0 and via_first + via_second == accepted
+    ids = Counter(row["eventId"] for row in table_rows(data / "tables" / "events", ["eventId"]))
+    assert sum(ids.values()) == len(ids) == committed == accepted  # each acknowledged event once, nothing else
+    acked = {line for name in ("generator-1", "generator-2")
+             for line in (data / "cluster" / f"{name}.acked").read_text().splitlines()}
+    assert acked == set(ids)

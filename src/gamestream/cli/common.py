@@ -28,7 +28,8 @@ partitions_option = click.option(
 log_option = click.option(
     "--log", "log_url", type=str, default=None, metavar="URL",
     help="The event log: nats://host:port[,host:port…][?stream=NAME] for NATS JetStream, kinesis://STREAM for "
-         "AWS Kinesis (region, credentials, endpoint from the AWS environment); absent, the embedded SQLite log in "
+         "AWS Kinesis (region, credentials, endpoint from the AWS environment), kafka://host:port[,host:port…]/TOPIC for "
+         "Apache Kafka (security settings from the environment: docs/kafka.md); absent, the embedded SQLite log in "
          "the data directory (or GAMESTREAM_LOG).",
 )
 

@@ -45,7 +45,8 @@ from gamestream.settings import Settings
 @unsafe_writes_option
 @click.option("--cluster", is_flag=True,
               help="The scale-out shape on this machine: 3 nats-server nodes, 2 collectors, 2 processors, each "
-                   "its own process (not with --log).")
+                   "its own process; with --log kafka, 3 Kafka brokers instead of the NATS nodes (Java 17+; the "
+                   "broker jars are fetched from Maven Central once).")
 @click.option("--port", type=int, default=None,
               help="Collector port (default 8000; 0 picks a free one); with --cluster, the second collector "
                    "takes the next port.")
@@ -65,9 +66,13 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tab
     """
     import random
 
-    if cluster and (log_url or os.environ.get("GAMESTREAM_LOG")):
-        raise click.UsageError("--cluster starts its own NATS cluster: give --cluster or --log, not both "
-                               "(unset GAMESTREAM_LOG)")
+    log_kind = "nats"
+    if cluster:
+        if log_url in ("nats", "kafka"):
+            log_kind, log_url = log_url, None
+        elif log_url or os.environ.get("GAMESTREAM_LOG"):
+            raise click.UsageError("--cluster starts its own log's servers: --log may only say which, nats (the "
+                                   "default) or kafka (unset GAMESTREAM_LOG)")
     settings = command_settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
                                 api_keys=api_keys_from(api_key, api_keys_file), admin_keys=tuple(admin_key) or None,
                                 insecure_no_auth=insecure_no_auth, tables_uri=tables_uri,
@@ -76,7 +81,7 @@ def demo(data_dir: Path | None, partitions: int | None, log_url: str | None, tab
     check_storage(settings)
     seed = seed if seed is not None else random.randrange(1 << 30)
     if cluster:
-        _cluster_demo(settings, rate=rate, users=users, duration=duration, seed=seed)
+        _cluster_demo(settings, rate=rate, users=users, duration=duration, seed=seed, log_kind=log_kind)
     else:
         _single_process_demo(settings, rate=rate, users=users, duration=duration, seed=seed)
 
@@ -115,7 +120,8 @@ def _news(line: str) -> None:
     out.print(f"[yellow]![/] {escape(line)}", highlight=False)
 
 
-def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: float | None, seed: int) -> None:
+def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: float | None, seed: int,
+                  log_kind: str) -> None:
     from gamestream.api import server
     from gamestream.demo.runner import DemoError, run_cluster_demo
 
@@ -123,7 +129,7 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
         announce_keys(settings)
         dashboard = urls.collectors[0]
         out.print(f"[bold]gamestream demo --cluster[/] — dashboard {dashboard}/", highlight=False)
-        out.print(f"nats (3 nodes, replicas 3, fsync always): {urls.nats}", highlight=False)
+        out.print(f"{urls.servers}: {urls.log}", highlight=False)
         for index, url in enumerate(urls.collectors, 1):
             out.print(f"collector {index}: {url}/v1/events · health {url}/healthz · metrics {url}/metrics",
                       highlight=False)
@@ -150,7 +156,8 @@ def _cluster_demo(settings: Settings, *, rate: float, users: int, duration: floa
     try:
         summary = server.run(run_cluster_demo(settings, port=settings.port, rate=rate, users=users,
                                               duration=duration, seed=seed, log_format=root_log_format(),
-                                              on_started=started, on_tick=tick, on_news=_news))
+                                              on_started=started, on_tick=tick, on_news=_news,
+                                              log_kind=log_kind))
     except DemoError as error:
         raise click.ClickException(str(error)) from None
     per = ", ".join(f"{s.accepted:,} via {url}" for s, url in zip(summary.sent, summary.urls.collectors))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from gamestream.api import server
 from gamestream.api.app import create_app
 from gamestream.demo.generator import COUNTED, AckedFile, SendStats, live_events, send
-from gamestream.demo.leases import LeaseView
+from gamestream.demo.leases import GroupView, LeaseView
 from gamestream.demo.supervisor import Part, Supervisor, how_it_ended, last_line
 from gamestream.log import EventLog, connect
 from gamestream.process.pipeline import Pipeline
@@ -32,6 +32,7 @@ from gamestream.process.processor import ProcessorStats
 from gamestream.settings import Settings
 
 if TYPE_CHECKING:
+    from gamestream.demo.kafka_cluster import KafkaCluster
     from gamestream.demo.nats_cluster import NatsCluster
 
 TICK_S = 2.0
@@ -264,7 +265,8 @@ DRAIN_TIMEOUT_S = 120.0
 
 @dataclass
 class ClusterUrls:
-    nats: str
+    log: str  # the log's URL (nats://… or kafka://…/TOPIC)
+    servers: str  # what serves it, in words
     collectors: list[str]
     logs: Path  # where each child process writes its output
     pids: dict[str, int] = field(default_factory=dict)  # each child's pid at start: nats-n1…, processor-1…
@@ -355,17 +357,20 @@ def _die_with_parent() -> None:
 async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None, users: int,
                            duration: float | None, seed: int, log_format: str,
                            on_started: Callable[[ClusterUrls], None], on_tick: Callable[[ClusterTick], None],
-                           on_news: Callable[[str], None] = lambda line: None) -> ClusterDemoSummary:
+                           on_news: Callable[[str], None] = lambda line: None,
+                           log_kind: str = "nats") -> ClusterDemoSummary:
     """Three nats-server nodes (clustered, replicas 3, fsync before every acknowledgement) under
-    `<data_dir>/nats`, two collectors (`gamestream serve --log <cluster>`) on `port` and `port + 1` (0: free
+    `<data_dir>/nats` — or, with `log_kind="kafka"`, three Kafka brokers (KRaft, replication factor 3,
+    min.insync.replicas 2, fsync before every acknowledgement) under `<data_dir>/kafka` and the topic `events` —,
+    two collectors (`gamestream serve --log <cluster>`) on `port` and `port + 1` (0: free
     ports), two processors (`gamestream process --log <cluster>`, the first with `--maintenance`) sharing the
     partitions, and a generator posting to each collector. The Delta tables stay under the data directory.
 
     Supervised (`gamestream.demo.supervisor`): a child that ends while the demo runs (killed, crashed) is reported
     in one line to `on_news` and started again after a short delay, on the same command line — a collector on
     the same port (the generators retry with the same Idempotency-Key), a nats-server node with its own port and
-    data directory (JetStream's replicas catch it up), a processor joining the leases again (its partitions move
-    back to it). After repeated fast failures a child is given up, in one line. A child that cannot start at
+    data directory (JetStream's replicas catch it up; a Kafka broker likewise), a processor joining the leases (on
+    Kafka: the consumer group) again (its partitions move back to it). After repeated fast failures a child is given up, in one line. A child that cannot start at
     all when the demo starts raises `DemoError` (one line).
 
     Stopping (Ctrl-C, SIGTERM or `duration`), in the order that loses nothing (`_stop_in_order`):
@@ -373,15 +378,13 @@ async def run_cluster_demo(settings: Settings, *, port: int, rate: float | None,
     2. the collectors get SIGTERM and answer what they are serving;
     3. the processors commit everything in the log (the events table's txn versions reach every partition's
        last offset; a processor dying meanwhile is still restarted), then get SIGTERM;
-    4. the nats-server nodes stop.
+    4. the nats-server nodes (or Kafka brokers) stop.
     """
-    from gamestream.demo.nats_cluster import NatsCluster
-
     started = time.monotonic()
     stop = _ThreadsafeEvent(asyncio.get_running_loop())
     server.install_stop_signals(stop)
-    run = _ClusterRun(settings, NatsCluster(settings.data_dir / "nats", nodes=3), settings.data_dir / "cluster",
-                      stop, Supervisor(on_news))
+    run = _ClusterRun(settings, _LogCluster.of(log_kind, settings.data_dir), settings.data_dir / "cluster", stop,
+                      Supervisor(on_news))
     try:
         await _open_cluster_log(run)
         _plan_children(run, port=port, log_format=log_format)
@@ -406,7 +409,7 @@ class _ClusterRun:
     stopping steps, which stop only what is there)."""
 
     settings: Settings
-    nats: NatsCluster
+    cluster: _LogCluster
     logs_dir: Path  # where each child process writes its output
     stop: _ThreadsafeEvent
     supervisor: Supervisor
@@ -415,7 +418,7 @@ class _ClusterRun:
     rows_before: int = 0
     log: EventLog | None = None
     log_settings: Settings | None = None  # `settings` with the cluster as the log; set with `log`
-    leases: LeaseView | None = None
+    leases: LeaseView | GroupView | None = None
     processors: list[_Child] = field(default_factory=list)
     collectors: list[_Child] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)  # the collectors', as each came up
@@ -423,7 +426,7 @@ class _ClusterRun:
 
     def cluster_urls(self) -> ClusterUrls:
         pids = {name: part.pids[0] for name, part in self.supervisor.parts.items() if part.pids}
-        return ClusterUrls(nats=self.nats.url, collectors=self.urls, logs=self.logs_dir, pids=pids)
+        return ClusterUrls(log=self.cluster.url, servers=self.cluster.description, collectors=self.urls, logs=self.logs_dir, pids=pids)
 
     def sent(self) -> list[SendStats]:
         if self.generators:
@@ -436,35 +439,89 @@ class _ClusterRun:
         return any(part is None or not part.given_up for part in parts) if parts else False
 
 
+@dataclass
+class _LogCluster:
+    """The log's servers the cluster demo runs: nats-server nodes or Kafka brokers, each a supervised part."""
+
+    kind: str  # "nats" or "kafka"
+    servers: NatsCluster | KafkaCluster
+
+    @classmethod
+    def of(cls, kind: str, data_dir: Path) -> _LogCluster:
+        if kind == "nats":
+            from gamestream.demo.nats_cluster import NatsCluster
+
+            return cls(kind, NatsCluster(data_dir / "nats", nodes=3))
+        if kind == "kafka":
+            from gamestream.demo.kafka_cluster import KafkaCluster
+
+            return cls(kind, KafkaCluster(data_dir / "kafka", brokers=3))
+        raise ValueError(f"the cluster demo runs its own NATS or Kafka cluster, not {kind!r}")
+
+    @property
+    def url(self) -> str:
+        if self.kind == "kafka":
+            return f"kafka://{self.servers.bootstrap}/{KAFKA_TOPIC}"  # type: ignore[union-attr]
+        return self.servers.url  # type: ignore[union-attr]
+
+    @property
+    def description(self) -> str:
+        if self.kind == "kafka":
+            return "kafka (3 KRaft brokers, replication factor 3, min.insync.replicas 2, fsync every batch)"
+        return "nats (3 nodes, replicas 3, fsync always)"
+
+    def start(self) -> None:
+        self.servers.start()
+
+    def stop(self) -> None:
+        self.servers.stop()
+
+    def parts(self) -> list[tuple[Part, int | None]]:
+        """Each node or broker as a part the supervisor restarts (the same config, port and data directory), with
+        its pid now."""
+        parts = []
+        for index, node in enumerate(self.servers.members):
+            name, output = ((f"kafka-broker{node.node_id}", node.log) if self.kind == "kafka"  # type: ignore
+                            else (f"nats-{node.name}", node.directory / "nats.log"))  # type: ignore[union-attr]
+            parts.append((self._part(index, name, output), node.process.pid if node.process else None))
+        return parts
+
+    def _part(self, index: int, name: str, output: Path) -> Part:
+        node = self.servers.members[index]
+
+        def start() -> int:
+            self.servers._launch(index)
+            return node.process.pid  # type: ignore[union-attr]
+
+        def ended() -> str | None:
+            status = None if node.process is None else node.process.poll()
+            return None if status is None else how_it_ended(status)
+
+        return Part(name, start=start, ended=ended, why=lambda: last_line(output))
+
+    def owners_view(self, pipeline: str, partitions: int) -> LeaseView | GroupView:
+        view = GroupView if self.kind == "kafka" else LeaseView
+        return view(self.url, pipeline=pipeline, partitions=partitions)
+
+
+KAFKA_TOPIC = "events"  # the cluster demo's topic on its own Kafka brokers
+
+
 async def _open_cluster_log(run: _ClusterRun) -> None:
-    """Starts the nats-server nodes (supervised from then on) and opens the log on them; notes the events
-    table's rows before the run."""
+    """Starts the log's servers (supervised from then on) and opens the log on them; notes the events table's
+    rows before the run."""
     try:
-        await asyncio.to_thread(run.nats.start)
-    except Exception as error:  # the binary missing, a node that exits at once (a port taken): one line
-        raise DemoError(f"the nats-server nodes could not start: {error}") from None
-    for index, node in enumerate(run.nats.members):
-        run.supervisor.add(_node_part(run.nats, index), node.process.pid if node.process else None)
-    run.log_settings = run.settings.with_(log=run.nats.url)
-    # Creates the stream with the partition count once, before any child races to create it.
+        await asyncio.to_thread(run.cluster.start)
+    except Exception as error:  # a binary or Java missing, a server that exits at once (a port taken): one line
+        what = "Kafka brokers" if run.cluster.kind == "kafka" else "nats-server nodes"
+        raise DemoError(f"the {what} could not start: {error}") from None
+    for part, pid in run.cluster.parts():
+        run.supervisor.add(part, pid)
+    run.log_settings = run.settings.with_(log=run.cluster.url)
+    # Creates the stream (the topic) with the partition count once, before any child races to create it.
     run.log = await asyncio.to_thread(connect, run.log_settings)
-    run.leases = LeaseView(run.nats.url, pipeline=run.settings.pipeline, partitions=run.log.partitions)
+    run.leases = run.cluster.owners_view(run.settings.pipeline, run.log.partitions)
     run.rows_before = await asyncio.to_thread(_events_in_table, run.settings)
-
-
-def _node_part(nats: NatsCluster, index: int) -> Part:
-    """nats-server node `index` as a part the supervisor restarts: the same config, port and data directory."""
-    node = nats.members[index]
-
-    def start() -> int:
-        nats._launch(index)
-        return node.process.pid  # type: ignore[union-attr]
-
-    def ended() -> str | None:
-        status = None if node.process is None else node.process.poll()
-        return None if status is None else how_it_ended(status)
-
-    return Part(f"nats-{node.name}", start=start, ended=ended, why=lambda: last_line(node.directory / "nats.log"))
 
 
 def _plan_children(run: _ClusterRun, *, port: int, log_format: str) -> None:
@@ -472,7 +529,7 @@ def _plan_children(run: _ClusterRun, *, port: int, log_format: str) -> None:
     as child processes, not started yet."""
     settings = run.settings
     env = _child_env(settings)
-    common = ["--data-dir", str(settings.data_dir), "--log", run.nats.url, "--tables", settings.tables_root,
+    common = ["--data-dir", str(settings.data_dir), "--log", run.cluster.url, "--tables", settings.tables_root,
               *(["--unsafe-no-conditional-writes"] if settings.unsafe_no_conditional_writes else [])]
     for index in range(CLUSTER_PROCESSORS):
         extra = ["--maintenance"] if index == 0 else []
@@ -699,7 +756,7 @@ async def _stop_in_order(run: _ClusterRun) -> None:
                                 run.processors_left)
     supervisor.release([child.name for child in run.processors])
     await _stop_children(run.processors)
-    # Step 4: the log, then the nats-server nodes
+    # Step 4: the log, then its servers
     supervisor.release()
     run.supervision_ends.set()
     if run.supervising is not None:
@@ -708,7 +765,7 @@ async def _stop_in_order(run: _ClusterRun) -> None:
         await run.leases.close()
     if run.log is not None:
         await asyncio.to_thread(run.log.close)
-    await asyncio.to_thread(run.nats.stop)
+    await asyncio.to_thread(run.cluster.stop)
 
 
 def _should_drain(run: _ClusterRun) -> bool:

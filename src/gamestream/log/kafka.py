@@ -21,7 +21,8 @@ How the `EventLog` protocol maps onto Kafka:
 - **Offset = Kafka offset + 1**: the protocol wants positive offsets; Kafka's start at 0. So the offset of a
   record is also the position a Kafka consumer commits after it ("the next offset to read"), and `read(p, after)`
   starts reading at Kafka offset `after`. Offsets are contiguous unless the topic holds transaction markers or
-  is compacted (foreign producers), which the protocol allows.
+  is compacted (foreign producers), which the protocol allows. An append's result gives 0 for a record whose
+  offset the producer was not told (a resend after a lost answer that the leader already held): it is stored.
 - **The topic** is created when absent with the given partition count (DEFAULT_PARTITIONS when None),
   replication factor min(3, brokers), `min.insync.replicas` 2 with 3 or more brokers (else 1), broker-stamped
   timestamps (`message.timestamp.type=LogAppendTime`, so `appended_at` is the broker's clock) and records up to
@@ -32,7 +33,7 @@ How the `EventLog` protocol maps onto Kafka:
   sync. `append`/`submit` resolve only once every record of the append has been acknowledged; a record not
   acknowledged within PUBLISH_TIMEOUT_SECONDS (brokers unreachable, too few replicas, no leader) fails the append
   with `LogUnavailable`. Kafka acknowledges a write once the replicas hold it in memory; each broker fsyncs when
-  `flush.messages` / `log.flush.interval.messages` say (scripts/kafka-cluster sets 1, as gamestream's NATS nodes
+  `flush.messages` / `log.flush.interval.messages` say (gamestream/demo/kafka_cluster.py sets 1, as gamestream's NATS nodes
   set `sync_interval: always`; docs/kafka.md).
 - **What Kafka cannot do** without transactions (the flags tell callers):
   * an append that fails may still have stored some of its records (Kafka has no multi-record atomicity outside
@@ -117,7 +118,12 @@ _TRANSIENT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRAN
               KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
               KafkaError.REQUEST_TIMED_OUT, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
               KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
-              KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._PURGE_INFLIGHT, KafkaError._PURGE_QUEUE}
+              KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._PURGE_INFLIGHT, KafkaError._PURGE_QUEUE,
+              # a partition's new leader before its high watermark has caught up, or whose epoch the client has
+              # not learnt yet, or a broker handle librdkafka dropped (each seen right after a broker was killed:
+              # the watermark read failed for a moment)
+              KafkaError.OFFSET_NOT_AVAILABLE, KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
+              KafkaError.KAFKA_STORAGE_ERROR, KafkaError._DESTROY_BROKER}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
@@ -250,7 +256,11 @@ class _Append:
                     failure = KafkaException(error)
                 self.future.set_exception(failure)
                 return
-            self.offsets[index] = message.offset() + 1
+            # A record the idempotent producer sent again after a lost answer, which the partition leader already
+            # held (DUPLICATE_SEQUENCE_NUMBER), is reported delivered without its offset (seen after a broker was
+            # killed under load): it is durable all the same; its offset is given as 0, unknown.
+            offset = message.offset()
+            self.offsets[index] = offset + 1 if offset is not None and offset >= 0 else 0
             self.waiting -= 1
             if self.waiting == 0:
                 self.future.set_result(AppendResult(self.offsets))
@@ -431,10 +441,13 @@ class KafkaEventLog(LogFeatures):
     def _poll_loop(self) -> None:
         """Serves the producers' delivery reports (which resolve the appends) until the log is closed."""
         while not self._closed:
-            self._producer.poll(0.05)
-            for retired in list(self._retired):
-                if retired.poll(0) == 0 and len(retired) == 0:
-                    self._retired.remove(retired)
+            try:
+                self._producer.poll(0.05)
+                for retired in list(self._retired):
+                    if retired.poll(0) == 0 and len(retired) == 0:
+                        self._retired.remove(retired)
+            except Exception:  # a report that cannot be served must not stop the others: appends would hang
+                logger.exception("a Kafka delivery report failed")
 
     def append(self, records: Sequence[Append]) -> list[int]:
         """Appends; returns the offsets once every record is acknowledged by all in-sync replicas."""
