@@ -14,10 +14,11 @@ from gamestream.log.sqlite import SqliteEventLog
 
 
 class ServeProcess:
-    def __init__(self, data_dir: Path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command the server runs under (`unshare --net …`, say)."""
         self.data_dir = data_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
+            [*prefix, sys.executable, "-m", "gamestream", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
         )
         self.url = self._wait_for_url()

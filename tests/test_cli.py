@@ -131,7 +131,9 @@ def test_process_logs_json_lines_and_serves_its_metrics(tmp_path: Path) -> None:
                 text = httpx.get(match[1], timeout=5).text
                 found = re.search(r"^gamestream_events_committed_total (\S+)$", text, re.MULTILINE)
                 committed = float(found[1]) if found else None
-                if committed == 1200:
+                # the lag gauges are refreshed every few seconds: the last commit's may not be in yet
+                if committed == 1200 and re.search(r'^gamestream_log_lag_events\{partition="0"\} 0', text,
+                                                   re.MULTILINE):
                     break
             time.sleep(0.2)
         assert committed == 1200, err.read_text()

@@ -287,6 +287,7 @@ def test_forget_over_http_needs_the_admin_key_answers_the_audit_entry_and_purges
         entry = answer.json()
         assert entry["events_deleted"] == 3 and entry["status"] == "deleted" and "VACUUM" in entry["message"]
         assert "admin-key" not in answer.text and entry["requested_by"].startswith("admin key sha256:")
+        assert entry["requested_by"].endswith(" from 127.0.0.1")  # the peer: no proxy is trusted
         assert httpx.get(f"{url}/{entry['entry']}", headers=admin).json()["state"] == "done"  # without purge
         accepted = httpx.post(url, json={"device_ids": [KEEPERS[0]], "purge": True}, headers=admin, timeout=60)
         assert accepted.status_code == 202, accepted.text  # the purge runs on: poll Location

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(native_validate.native_validator() is None,
 
 # ------------------------------------------------------------------------------------------------- the oracle
 def python_results(events: list[bytes | str], sent_at: dt.datetime | None,
-                   params: schema.Params) -> list[schema.ValidEvent | None]:
+                   params: schema.Params, country: str | None = None) -> list[schema.ValidEvent | None]:
     """What the collector's per-event path makes of each event: its ValidEvent, or None when rejected."""
     validator = schema.EventValidator(event_time="server", params=params)
     results: list[schema.ValidEvent | None] = []
@@ -54,7 +54,7 @@ def python_results(events: list[bytes | str], sent_at: dt.datetime | None,
             results.append(None)
             continue
         try:
-            result = validator.validate(event, NOW, sent_at)
+            result = validator.validate(event, NOW, sent_at, country)
         except Exception:  # whatever the validator cannot handle, the kernel must not take either
             result = None
         results.append(result if isinstance(result, schema.ValidEvent) else None)
@@ -80,11 +80,11 @@ def with_id(line: bytes, event_id: str) -> bytes:
 
 
 def assert_kernel_agrees(events: list[bytes | str], sent_at: dt.datetime | None, params: schema.Params,
-                         partitions: int | None = PARTITIONS) -> list[bool]:
+                         partitions: int | None = PARTITIONS, country: str | None = None) -> list[bool]:
     """The rule of the module docstring, for each event; returns which events the kernel took."""
-    fast = validate_native(events, NOW, sent_at, partitions, max_event_bytes=MAX, params=params)
+    fast = validate_native(events, NOW, sent_at, partitions, max_event_bytes=MAX, params=params, country=country)
     assert fast is not None and len(fast) == len(events)
-    slow = python_results(events, sent_at, params)
+    slow = python_results(events, sent_at, params, country)
     for event, mine, theirs in zip(events, fast, slow):
         if mine is None:
             continue
@@ -261,16 +261,17 @@ request_sent_at = st.one_of(st.none(), st.sampled_from([NOW - dt.timedelta(minut
 # --------------------------------------------------------------------------------------------------- property
 @pytest.mark.parametrize("params", [(), PROMOTED], ids=["default", "promoted"])
 @PROPERTY
-@given(events=corpus, sent_at=request_sent_at)
-@example(events=[b'{"eventName":"x","eventParams":{"device_id":"d","amount":-0}}'], sent_at=None)
+@given(events=corpus, sent_at=request_sent_at, country=st.sampled_from([None, "DE"]))
+@example(events=[b'{"eventName":"x","eventParams":{"device_id":"d","amount":-0}}'], sent_at=None, country="DE")
 @example(events=[b'{"eventName":"x","eventParams":{"device_id":"d","client_event_time":0},'
-                 b'"sentAt":"3996-01-01T00:00:00Z"}'], sent_at=None)
+                 b'"sentAt":"3996-01-01T00:00:00Z"}'], sent_at=None, country=None)
 @example(events=[b'{"eventName":"x","eventTime":0.0000005,"eventParams":{"device_id":"d"},"sentAt":0}'],
-         sent_at=None)
-@example(events=[b'{"eventName":"x","eventParams":{"device_id":"d"},"eventName":"y"}'], sent_at=None)
+         sent_at=None, country=None)
+@example(events=[b'{"eventName":"x","eventParams":{"device_id":"d"},"eventName":"y"}'], sent_at=None, country=None)
 def test_the_kernel_takes_only_what_the_validator_accepts_and_writes_its_line(
-        params: schema.Params, events: list[bytes | str], sent_at: dt.datetime | None) -> None:
-    assert_kernel_agrees(events, sent_at, params)
+        params: schema.Params, events: list[bytes | str], sent_at: dt.datetime | None,
+        country: str | None) -> None:
+    assert_kernel_agrees(events, sent_at, params, country=country)
 
 
 @pytest.mark.parametrize("params", [(), PROMOTED], ids=["default", "promoted"])
@@ -349,7 +350,7 @@ def test_the_description_is_the_schemas() -> None:
     assert {path: kind for path, (kind, _) in rows.items()} == expected
     assert [path for path in rows if "." not in path] == list(schema.input_event(PROMOTED).__struct_fields__)
     assert {role for _, role in rows.values()} == {"value", "event_id", "event_time", "sent_at", "received_at",
-                                                    "client_time", "extra", "partition_key"}
+                                                    "country", "client_time", "extra", "partition_key"}
 
 
 # ------------------------------------------------------------------------------------------ what goes back

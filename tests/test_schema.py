@@ -209,7 +209,7 @@ def test_promoted_parameters_appear_in_arrow_spark_and_markdown() -> None:
 def test_arrow_schema_is_time_zone_aware_microseconds_and_matches_the_declaration() -> None:
     arrow = schema.arrow_schema()
     assert arrow.names == ["eventId", "eventName", "eventTime", "eventParams", "eventParams_extra", "event_extra",
-                           "sentAt", "receivedAt", "eventDate"]
+                           "sentAt", "receivedAt", "geo_country", "eventDate"]
     assert arrow.field("sentAt").type == arrow.field("receivedAt").type == pa.timestamp("us", tz="UTC")
     assert arrow.field("eventTime").type == pa.timestamp("us", tz="UTC")
     params = arrow.field("eventParams").type
@@ -228,7 +228,7 @@ def test_spark_ddl_is_the_seeds_schema_with_the_extra_columns_and_the_devices_ti
         "eventId STRING, eventName STRING, eventTime TIMESTAMP, eventParams STRUCT<game_keyword: STRING, "
         "app_name: STRING, scoreAdjustment: INT, platform: STRING, app_version: STRING, device_id: STRING, "
         "client_event_time: TIMESTAMP, amount: DOUBLE>, eventParams_extra STRING, event_extra STRING, "
-        "sentAt TIMESTAMP, receivedAt TIMESTAMP, eventDate DATE"
+        "sentAt TIMESTAMP, receivedAt TIMESTAMP, geo_country STRING, eventDate DATE"
     )
 
 

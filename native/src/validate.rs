@@ -54,6 +54,9 @@ enum Role {
     SentAt,
     /// Checked as a time when given, then replaced by the receive time.
     ReceivedAt,
+    /// Checked as a string when given, then replaced by the request's country (absent when it has none): the
+    /// server's lookup of the client's address, never the client's word.
+    Country,
     /// The device's event time (inside the struct): the event's own, else its `EventTime`.
     ClientTime,
     /// A "rescued data" column: given (not null), the event is handed back (Python joins it).
@@ -110,6 +113,7 @@ fn role_of(name: &str) -> Option<Role> {
         "event_time" => Role::EventTime,
         "sent_at" => Role::SentAt,
         "received_at" => Role::ReceivedAt,
+        "country" => Role::Country,
         "client_time" => Role::ClientTime,
         "extra" => Role::Extra,
         "partition_key" => Role::PartitionKey,
@@ -184,6 +188,11 @@ fn build(rows: Vec<FieldRow>) -> Result<(Vec<FieldSpec>, Places), String> {
     };
     if !children[places.partition_key].required || children[places.partition_key].nullable {
         return Err("the partition key must be required and not nullable".into());
+    }
+    if children.iter().any(|f| f.role == Role::Country)
+        || top.iter().filter(|f| f.role == Role::Country).any(|f| f.kind != Kind::Str || f.required)
+        || top.iter().filter(|f| f.role == Role::Country).count() > 1 {
+        return Err("at most one country field, an optional string at the top level".into());
     }
     for f in top.iter().chain(children.iter()) {
         if f.role == Role::Extra && (f.kind != Kind::Str || f.required) {
@@ -778,6 +787,8 @@ struct Request {
     received: i64,
     sent_at: Option<i64>,
     partitions: Option<u32>,
+    /// Every event's country, looked up once for the request.
+    country: Option<String>,
 }
 
 /// A Python bytes object's data, readable without the GIL (the caller holds a reference to the object).
@@ -868,6 +879,12 @@ impl Validator {
                     write_key(&mut out, field, &mut first);
                     write_time(&mut out, received);
                 }
+                Role::Country => {
+                    if let Some(country) = &request.country {
+                        write_key(&mut out, field, &mut first);
+                        write_str(&mut out, country);
+                    }
+                }
                 Role::Extra => {} // given ones were handed back
                 _ if i == places.params => {
                     write_key(&mut out, field, &mut first);
@@ -911,16 +928,21 @@ impl Validator {
         Ok(Validator { fields, places, rules: Rules { epoch_max, max_future_us }, max_event_bytes })
     }
 
-    /// `validate(events, received_us, sent_at_us, partitions)`: for each item of `events` (raw JSON bytes; a
-    /// str, an already known rejection, or anything else gets None), either `(canonical line, partition)` —
-    /// the partition being CRC-32(partition key) % `partitions`, or the partition key itself when
-    /// `partitions` is None — or None: let the Python validator decide. `received_us` is the receive time and
-    /// `sent_at_us` the request's Sent-At (µs since 1970, UTC). The events are checked with the GIL released.
-    #[pyo3(signature = (events, received_us, sent_at_us, partitions))]
+    /// `validate(events, received_us, sent_at_us, partitions, country=None)`: for each item of `events` (raw
+    /// JSON bytes; a str, an already known rejection, or anything else gets None), either `(canonical line,
+    /// partition)` — the partition being CRC-32(partition key) % `partitions`, or the partition key itself when
+    /// `partitions` is None — or None: let the Python validator decide. `received_us` is the receive time,
+    /// `sent_at_us` the request's Sent-At (µs since 1970, UTC), `country` every event's country (two capital
+    /// letters). The events are checked with the GIL released.
+    #[pyo3(signature = (events, received_us, sent_at_us, partitions, country=None))]
     fn validate<'py>(&self, py: Python<'py>, events: &Bound<'py, PyList>, received_us: i64,
-                     sent_at_us: Option<i64>, partitions: Option<u32>) -> PyResult<Bound<'py, PyList>> {
+                     sent_at_us: Option<i64>, partitions: Option<u32>, country: Option<String>)
+                     -> PyResult<Bound<'py, PyList>> {
         if partitions == Some(0) {
             return Err(PyValueError::new_err("partitions must be at least 1"));
+        }
+        if country.as_ref().is_some_and(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase())) {
+            return Err(PyValueError::new_err("country must be two capital letters (ISO 3166-1 alpha-2)"));
         }
         if !(0..=MAX_US).contains(&received_us) || sent_at_us.is_some_and(|s| !(MIN_US..=MAX_US).contains(&s)) {
             return Err(PyValueError::new_err("received_us or sent_at_us out of range"));
@@ -933,7 +955,7 @@ impl Validator {
                 Raw { ptr: data.as_ptr(), len: data.len() }
             })
         }).collect();
-        let request = Request { received: received_us, sent_at: sent_at_us, partitions };
+        let request = Request { received: received_us, sent_at: sent_at_us, partitions, country };
         let bytes: usize = raws.iter().map(|raw| raw.map_or(0, |r| r.len)).sum();
         let work = move || -> Vec<Option<(Vec<u8>, Route)>> {
             let mut random = || {

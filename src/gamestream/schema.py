@@ -81,6 +81,8 @@ PURCHASE = "purchaseEvent"  # the eventName whose eventParams.amount the KPIs co
 EVENT_EXTRA = "event_extra"
 SENT_AT = "sentAt"
 RECEIVED_AT = "receivedAt"
+GEO_COUNTRY = "geo_country"
+_ALPHA2 = re.compile(r"^[A-Z]{2}$")
 MAX_FUTURE = dt.timedelta(hours=1)
 """How far past its receive time an event's clock-corrected time may lie (Mixpanel's rule); later is rejected."""
 # The two "rescued data" columns come before eventDate: a table made before they existed gains them there (a
@@ -104,6 +106,12 @@ EVENT_FIELDS: tuple[Field, ...] = (
     Field(RECEIVED_AT, "timestamp", "When gamestream received the event (UTC, µs): stamped by the collector and "
                                     "the Lambda handler; `gamestream load` keeps the file's own, else the load's "
                                     "time."),
+    Field(GEO_COUNTRY, "string", "The country of the client's address when the event was received (ISO 3166-1 "
+                                 "alpha-2, e.g. `DE`): stamped by the collector and the Lambda handler from an "
+                                 "offline lookup, replacing any value the client sent; null for a private or "
+                                 "unknown address, or with the lookup off. The address itself is kept nowhere "
+                                 "(docs/privacy.md). `gamestream load` keeps the file's own code (two capital "
+                                 "letters)."),
     Field("eventDate", "date", "UTC date of `eventTime`; the table's partition column.", derived=True),
 )
 
@@ -473,6 +481,8 @@ def _input_type(field: Field, forbid_unknown: bool) -> Any:
         return _input_struct(field.name[:1].upper() + field.name[1:], field.children, forbid_unknown)
     if field.name == "eventId":
         return Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_ID_MAX)] | None
+    if field.name == GEO_COUNTRY:  # two letters; capitals checked by EventValidator where a given code is kept
+        return Annotated[str, msgspec.Meta(min_length=2, max_length=2)] | None
     base: Any = {
         "string": Annotated[str, msgspec.Meta(min_length=1)] if field.required else str,
         "json": str,  # a JSON object in a string, checked by EventValidator
@@ -636,6 +646,9 @@ class EventValidator:
     eventTime is kept as `eventParams.client_event_time` when that is absent, as the seed's Lambda does.
     `event_time="input"` (`gamestream load`): the event's own eventTime is kept; absent is stamped with `now`,
     explicit null stays null (the processor quarantines it).
+    geo_country: in "server" mode the `country` given to `validate` replaces whatever the event says (a given
+    value must still be a string of two characters, as a given receivedAt must be a time); in "input" mode the
+    event's own code is kept, and must be two capital letters.
 
     >>> v = EventValidator(event_time="input")
     >>> v.validate(b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventTime":0,"eventId":"e1"}', now=None)
@@ -659,9 +672,10 @@ class EventValidator:
                                   if c.kind == "timestamp" and c.name != "client_event_time")
 
     def validate(self, line: bytes | str, now: dt.datetime | None,
-                 sent_at: dt.datetime | None = None) -> ValidEvent | Rejection:
+                 sent_at: dt.datetime | None = None, country: str | None = None) -> ValidEvent | Rejection:
         """Checks one event; `now` (UTC) stamps eventTime and receivedAt where the mode says so; `sent_at` (the
-        request's Sent-At header) is the sentAt of an event that gives none."""
+        request's Sent-At header) is the sentAt of an event that gives none; `country` (server mode: the
+        client's country, `ingest.geo`) is its geo_country, whatever the event says."""
         try:
             try:
                 event = self._decoder.decode(line)
@@ -671,7 +685,7 @@ class EventValidator:
                     raise
                 event = self._lenient.decode(line)
                 has_unknown = True
-            return self._normalise(event, now, line if has_unknown else None, sent_at)
+            return self._normalise(event, now, line if has_unknown else None, sent_at, country)
         except msgspec.DecodeError as error:
             return _rejection_from_msgspec(error)
         except _Invalid as invalid:
@@ -696,7 +710,7 @@ class EventValidator:
         event.event_extra = _extra_column(event.event_extra, captured, EVENT_EXTRA)
 
     def _normalise(self, event: Any, now: dt.datetime | None, unknown: bytes | str | None,
-                   sent_at: dt.datetime | None = None) -> ValidEvent:
+                   sent_at: dt.datetime | None = None, country: str | None = None) -> ValidEvent:
         params = event.eventParams
         if unknown is not None or event.eventParams_extra is not None or event.event_extra is not None:
             self._keep_unknown(event, unknown)
@@ -714,7 +728,10 @@ class EventValidator:
                 _to_utc(event.receivedAt, RECEIVED_AT)
             event.receivedAt = now
             event.eventTime = corrected_time(params.client_event_time, event.sentAt, now)
+            event.geo_country = country  # the server's lookup, never the client's word
         else:
+            if event.geo_country is not None and not _ALPHA2.match(event.geo_country):
+                raise _Invalid(GEO_COUNTRY, "expected an ISO 3166-1 alpha-2 country code in capitals, such as US")
             event.receivedAt = _to_utc(event.receivedAt, RECEIVED_AT) if event.receivedAt is not None else now
             if event.eventTime is msgspec.UNSET:
                 event.eventTime = now

@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+if TYPE_CHECKING:
+    from ipaddress import IPv4Network, IPv6Network
+
 TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
-          "kpi_top_events", "kpi_activity", "kpi_devices", "audit", "event_ids")
+          "kpi_top_events", "kpi_activity", "kpi_devices", "audit", "event_ids", "alerts")
 
 KPI_PARTS = "kpi_parts"
 """The folder under the tables root that holds each log partition's copy of the KPI tables (partitioned KPIs)."""
@@ -154,6 +158,17 @@ class Settings:
     compat: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     """The vendor protocols' mappings (`[compat.<vendor>]` of the configuration file, `gamestream.compat`):
     (vendor, ((key, value), …)) pairs; a vendor not named maps by its defaults."""
+    geo_country: bool = True
+    """Collector and Lambda handler: stamp `geo_country` (ISO 3166-1 alpha-2) on each event from the client's
+    address, which is never kept (`ingest.geo`, docs/privacy.md); False leaves the column null. `[geo] country`
+    in the configuration file, GAMESTREAM_GEO_COUNTRY."""
+    geo_mmdb: Path | None = None
+    """A MaxMind DB file (GeoLite2/GeoIP2 Country or City) to look countries up in; None: the RIR data bundled
+    with the `iptocc` package. `[geo] mmdb` (relative to the configuration file's folder), GAMESTREAM_GEO_MMDB."""
+    geo_trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks of the proxies in front of the collector whose X-Forwarded-For is believed (walked
+    from the right); from any other peer the header is ignored. `[geo] trusted_proxies`,
+    GAMESTREAM_GEO_TRUSTED_PROXIES (comma-separated)."""
 
     def __post_init__(self) -> None:
         if self.log_compression not in ("auto", "none", "lz4", "zstd"):
@@ -161,6 +176,7 @@ class Settings:
         from gamestream import schema
 
         object.__setattr__(self, "schema_params", schema.check_params(self.schema_params))
+        trusted_networks(self.geo_trusted_proxies)  # a ValueError naming the entry, at start
 
     @property
     def record_compression(self) -> str:
@@ -191,6 +207,8 @@ class Settings:
                 document = load_config(path)  # type: ignore[arg-type]
                 values["schema_params"] = config_params(document, path)  # type: ignore[arg-type]
                 values.setdefault("compat", config_compat(document, path))  # type: ignore[arg-type]
+                for key, value in config_geo(document, path).items():  # the environment's values win
+                    values.setdefault(key, value)
         return cls(**values)  # type: ignore[arg-type]
 
     @property
@@ -247,13 +265,13 @@ def load_config(path: Path) -> dict:
         raise ValueError(f"cannot read the configuration file {path}: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"configuration file {path} is not valid TOML: {error}") from None
-    unknown = set(document) - {"schema", "compat"}
+    unknown = set(document) - {"schema", "compat", "geo", "alerting", "alerts"}  # alerts: gamestream.alerts
     section = document.get("schema", {})
     if not unknown and isinstance(section, dict):
         unknown = {f"schema.{key}" for key in set(section) - {"params"}}
     if unknown:
         raise ValueError(f"configuration file {path}: unknown section or key {', '.join(sorted(unknown))} "
-                         "(known: [schema.params], [compat.<vendor>])")
+                         "(known: [schema.params], [compat.<vendor>], [geo], [alerting], [[alerts]])")
     return document
 
 
@@ -281,6 +299,53 @@ def config_compat(document: dict, path: Path) -> tuple[tuple[str, tuple[tuple[st
         return compat.check_config(document.get("compat", {}))
     except ValueError as error:
         raise ValueError(f"configuration file {path}: {error}") from None
+
+
+def trusted_networks(entries: tuple[str, ...] | list[str]) -> tuple["IPv4Network | IPv6Network", ...]:
+    """`geo_trusted_proxies` as networks: each entry an address (`10.0.0.7`, `::1`) or a network (`10.0.0.0/8`);
+    `ValueError` naming the entry that is neither."""
+    import ipaddress
+
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"geo trusted_proxies: {entry!r} is not an IP address or network (such as 10.0.0.0/8 "
+                             "or 127.0.0.1)") from None
+    return tuple(networks)
+
+
+_GEO_KEYS = {"country": "geo_country", "mmdb": "geo_mmdb", "trusted_proxies": "geo_trusted_proxies"}
+
+
+def config_geo(document: dict, path: Path) -> dict[str, object]:
+    """The `[geo]` table of a configuration file's `document` as Settings values (`country` = true/false,
+    `mmdb` = "path" relative to the file's folder, `trusted_proxies` = ["10.0.0.0/8", "127.0.0.1"]);
+    `ValueError` naming what is wrong."""
+    section = document.get("geo", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"configuration file {path}: [geo] must be a table")
+    unknown = set(section) - set(_GEO_KEYS)
+    if unknown:
+        raise ValueError(f"configuration file {path}: unknown key {', '.join(f'geo.{k}' for k in sorted(unknown))} "
+                         "(known: country, mmdb, trusted_proxies)")
+    values: dict[str, object] = {}
+    if "country" in section:
+        if not isinstance(section["country"], bool):
+            raise ValueError(f"configuration file {path}: geo.country must be true or false")
+        values["geo_country"] = section["country"]
+    if "mmdb" in section:
+        if not isinstance(section["mmdb"], str) or not section["mmdb"]:
+            raise ValueError(f"configuration file {path}: geo.mmdb must be the path of a MaxMind DB file")
+        values["geo_mmdb"] = Path(path).absolute().parent / Path(section["mmdb"]).expanduser()
+    if "trusted_proxies" in section:
+        proxies = section["trusted_proxies"]
+        if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
+            raise ValueError(f"configuration file {path}: geo.trusted_proxies must be a list of addresses or "
+                             'networks, such as ["10.0.0.0/8", "127.0.0.1"]')
+        values["geo_trusted_proxies"] = tuple(proxies)
+    return values
 
 
 # Settings whose variable is not GAMESTREAM_<FIELD>: the issue and the docs name the tables root GAMESTREAM_TABLES.

@@ -1,5 +1,6 @@
-"""The collector's state shared by its routes: the log, the write keys, the validator, the metrics and the log's
-backlog, watched every 0.5 s so that `POST /v1/events` can answer 503 before the backlog passes its bound."""
+"""The collector's state shared by its routes: the log, the write keys, the validator, the country lookup, the
+metrics and the log's backlog, watched every 0.5 s so that `POST /v1/events` can answer 503 before the backlog
+passes its bound."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gamestream.api.access import presented_key_in
 from gamestream.api.coalesce import Coalescer
 from gamestream.api.dashboard import IngestRate
 from gamestream.api.http_metrics import HttpMetrics
+from gamestream.ingest import geo
 from gamestream.log import EventLog, describe
 from gamestream.settings import Settings
 
@@ -29,6 +31,7 @@ class Collector:
         self.log = log
         self.keys = [key.encode() for key in settings.api_keys]
         self.validator = schema.EventValidator(event_time="server", params=settings.schema_params)
+        self.geo = geo.resolver_for(settings)  # GeoDataError here, at start, for a MaxMind DB file that won't open
         self.log_description = describe(settings)
         self.metrics = HttpMetrics.create(self.log_description)
         if hasattr(log, "group_commits"):  # the embedded log: its fsync'd group commits
@@ -87,6 +90,11 @@ class Collector:
     def authorised(self, request: Request) -> bool:
         """A write key in a header, or no write key configured."""
         return not self.keys or presented_key_in(request, self.keys)
+
+    def country_of(self, request: Request) -> str | None:
+        """The request's client's country (`geo.CountryResolver`), None when the lookup is off or finds none.
+        The address is read here and dropped: only the country goes on."""
+        return self.geo.country_of_scope(request.scope) if self.geo is not None else None
 
     def backlog_over_bound(self) -> bool:
         return self.backlog > self.settings.max_backlog_events

@@ -60,6 +60,9 @@ async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settin
     sock.listen(listen_backlog(settings))  # listening already (see `bind`); this sets the backlog
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             http=protocol_for(settings), ws="none",
+                            # the peer as it is: X-Forwarded-For is believed only from the configured proxies, by
+                            # `ingest.geo` (uvicorn's own default believes it from loopback, FORWARDED_ALLOW_IPS)
+                            proxy_headers=False,
                             # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
                             timeout_keep_alive=settings.header_timeout_s,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

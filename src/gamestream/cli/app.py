@@ -85,6 +85,8 @@ def _report_failure(error: Exception) -> int:
 def _explain(error: Exception) -> str | None:
     """The one line for an error the user can act on (a busy partition, an unusable data directory, a missing
     table, an object store without conditional writes…); None for an error we cannot explain."""
+    from gamestream.alerts import AlertConfigError
+    from gamestream.ingest.geo import GeoDataError
     from gamestream.log.ownership import OwnershipUnavailable
     from gamestream.log.sqlite import LogPartitionsMismatch
     from gamestream.process.processor import PartitionBusy
@@ -94,6 +96,7 @@ def _explain(error: Exception) -> str | None:
     if isinstance(error, TableMissing):
         unusable = f"{error}; run `gamestream process` first"
     if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable,
-                          OwnershipUnavailable, ConditionalWritesUnsupported, StoreUnreachable)) or unusable:
+                          OwnershipUnavailable, ConditionalWritesUnsupported, StoreUnreachable,
+                          GeoDataError, AlertConfigError)) or unusable:
         return unusable or str(error)
     return None

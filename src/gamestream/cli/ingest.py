@@ -60,6 +60,9 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, ta
                                 tables_uri=tables_uri, unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     refuse_open_exposure(settings)
     check_storage(settings)
+    from gamestream.ingest import geo
+
+    geo.resolver_for(settings)  # a MaxMind DB file that cannot be opened: one line (GeoDataError), before binding
     announce = partial(_announce_collector, settings)
     if settings.workers > 1:
         _serve_with_workers(settings, announce)
@@ -68,6 +71,7 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, ta
 
 
 def _announce_collector(settings: Settings, url: str) -> None:
+    from gamestream.ingest import geo
     from gamestream.log import describe
 
     announce_keys(settings)
@@ -75,6 +79,7 @@ def _announce_collector(settings: Settings, url: str) -> None:
     console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
                   f"metrics {url}/metrics, API {url}/openapi.json); log {describe(settings)}; {processes}; "
                   "Ctrl-C stops", highlight=False)
+    console.print(geo.describe(settings), highlight=False)
 
 
 def _serve_with_workers(settings: Settings, announce: Callable[[str], None]) -> None:

@@ -242,10 +242,12 @@ def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.d
 
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
                    partitions: int, max_event_bytes: int, route: Callable[[str], int] | None = None,
-                   params: schema.Params = (), sent_at: dt.datetime | None = None) -> dict[int, pa.Table] | None:
+                   params: schema.Params = (), sent_at: dt.datetime | None = None,
+                   country: str | None = None) -> dict[int, pa.Table] | None:
     """`events` (raw JSON objects, one per item) as `{log partition: table with schema.decode_schema(params)}`,
     rows in input order within a partition; None unless every event is provably valid (see the module
-    docstring). `sent_at` is the sentAt of the events that give none (the request's Sent-At)."""
+    docstring). `sent_at` is the sentAt of the events that give none (the request's Sent-At); `country`, in
+    "server" mode, every event's geo_country (the client's, `ingest.geo`)."""
     count = len(events)
     joined = _joined(events)
     if joined is None or not _framed(events, joined, max_event_bytes):
@@ -280,7 +282,11 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     if times is None:
         return None
     event_time, children["client_event_time"], received = times
-    out = _output_table(layout, columns, _with_fresh_ids(event_id), event_time, children, sent_at, received)
+    geo_country = _geo_country(columns[schema.GEO_COUNTRY], mode, country)
+    if geo_country is None:
+        return None
+    out = _output_table(layout, columns, _with_fresh_ids(event_id), event_time, children, sent_at, received,
+                        geo_country)
     part = _partition_of(device_id, partitions, route)
     if partitions == 1 and route is None:
         return {0: out}
@@ -370,6 +376,21 @@ def _times_for_mode(mode: Literal["server", "input"], event_time: pa.Array, clie
     return event_time, client_time, pc.coalesce(received, stamp)
 
 
+def _geo_country(given: pa.Array, mode: Literal["server", "input"], country: str | None) -> pa.Array | None:
+    """The geo_country column as `EventValidator` sets it: in "server" mode `country` for every row (a given
+    value must be two characters long, and is replaced); in "input" mode the given codes, each two capital
+    letters. None when a given value breaks that rule (the per-event path rejects the event with its reason)."""
+    if given.null_count < len(given):
+        rule = (pc.equal(pc.utf8_length(given), 2) if mode == "server"
+                else pc.match_substring_regex(given, "^[A-Z]{2}$"))
+        if not _all(rule):
+            return None
+    if mode == "input":
+        return given
+    return pa.repeat(pa.scalar(country, pa.string()), len(given)) if country is not None \
+        else pa.nulls(len(given), pa.string())
+
+
 def _with_fresh_ids(event_id: pa.Array) -> pa.Array:
     """The eventId column with a new id (`schema.new_event_id`) wherever the event gave none."""
     if not event_id.null_count:
@@ -379,12 +400,13 @@ def _with_fresh_ids(event_id: pa.Array) -> pa.Array:
 
 
 def _output_table(layout: _Layout, columns: dict[str, pa.Array], event_id: pa.Array, event_time: pa.Array,
-                  children: dict[str, pa.Array], sent_at: pa.Array, received: pa.Array) -> pa.Table:
+                  children: dict[str, pa.Array], sent_at: pa.Array, received: pa.Array,
+                  geo_country: pa.Array) -> pa.Table:
     out_params = pa.StructArray.from_arrays([children[f.name] for f in layout.params_type],
                                             fields=list(layout.params_type))
     return pa.Table.from_arrays([event_id, columns["eventName"], event_time, out_params,
-                                 columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA], sent_at, received],
-                                schema=layout.out)
+                                 columns[schema.PARAMS_EXTRA], columns[schema.EVENT_EXTRA], sent_at, received,
+                                 geo_country], schema=layout.out)
 
 
 def _split_by_partition(out: pa.Table, part: pa.Array) -> dict[int, pa.Table]:

@@ -67,23 +67,26 @@ def oversized(event: bytes, settings: Settings) -> bool:
 
 
 def plan_appends(events: Sequence[bytes | str], received: dt.datetime, *, settings: Settings, log: EventLog,
-                 validator: schema.EventValidator, sent_at: dt.datetime | None = None) -> IngestPlan:
+                 validator: schema.EventValidator, sent_at: dt.datetime | None = None,
+                 country: str | None = None) -> IngestPlan:
     """The appends and the answer for `events` received at `received` (eventTime and receivedAt are stamped by
-    the server); `sent_at`, the request's Sent-At, is the sentAt of the events that give none."""
+    the server); `sent_at`, the request's Sent-At, is the sentAt of the events that give none; `country`, the
+    client's (`geo.CountryResolver`, looked up once for the request), is every event's geo_country."""
     if should_validate_as_batch(events):
-        plan = _plan_as_arrow(events, received, settings, log, sent_at)
+        plan = _plan_as_arrow(events, received, settings, log, sent_at, country)
         if plan is not None:
             return plan
-    return _plan_event_by_event(events, received, settings, log, validator, sent_at)
+    return _plan_event_by_event(events, received, settings, log, validator, sent_at, country)
 
 
 def _plan_as_arrow(events: Sequence[bytes | str], received: dt.datetime, settings: Settings,
-                   log: EventLog, sent_at: dt.datetime | None) -> IngestPlan | None:
+                   log: EventLog, sent_at: dt.datetime | None, country: str | None) -> IngestPlan | None:
     """Every event provably valid: Arrow records per partition, no per-event work. None: let the per-event path
     decide (`batch.validate_batch`)."""
     tables = batch.validate_batch(events, now=received, mode="server", partitions=log.partitions, sent_at=sent_at,
                                   route=log.route if log.own_routing else None,
-                                  max_event_bytes=settings.max_event_bytes, params=settings.schema_params)
+                                  max_event_bytes=settings.max_event_bytes, params=settings.schema_params,
+                                  country=country)
     if tables is None:
         return None
     limit = log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
@@ -93,13 +96,15 @@ def _plan_as_arrow(events: Sequence[bytes | str], received: dt.datetime, setting
 
 
 def _plan_event_by_event(events: Sequence[bytes | str], received: dt.datetime, settings: Settings, log: EventLog,
-                         validator: schema.EventValidator, sent_at: dt.datetime | None) -> IngestPlan:
+                         validator: schema.EventValidator, sent_at: dt.datetime | None,
+                         country: str | None) -> IngestPlan:
     """Which events are rejected, and why; the valid ones as NDJSON lines, one record per partition."""
     by_partition: dict[int, list[bytes]] = {}
     route = router(log)
     errors: list[ErrorItem] = []
     proven = native_validate.validate_native(events, received, sent_at, None if log.own_routing else log.partitions,
-                                             max_event_bytes=settings.max_event_bytes, params=settings.schema_params)
+                                             max_event_bytes=settings.max_event_bytes, params=settings.schema_params,
+                                             country=country)
     for index, event in enumerate(events):
         if proven is not None and (valid := proven[index]) is not None:  # the native kernel proved it valid
             line, where = valid
@@ -112,7 +117,7 @@ def _plan_event_by_event(events: Sequence[bytes | str], received: dt.datetime, s
             errors.append(ErrorItem(index, f"event is {len(event)} bytes, over the "
                                            f"{settings.max_event_bytes}-byte limit"))
             continue
-        result = validator.validate(event, received, sent_at)
+        result = validator.validate(event, received, sent_at, country)
         if isinstance(result, schema.Rejection):
             errors.append(ErrorItem(index, str(result)))
             continue

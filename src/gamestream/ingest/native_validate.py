@@ -14,8 +14,9 @@ The schema is not written in Rust: `describe(params)` reads it here from `schema
 msgspec types the validator decodes with (`msgspec.inspect`): each field's name, in the order msgspec writes
 it; its kind (string, int, double, boolean, timestamp, the eventParams object); whether it is required or may
 be null; its limits (string lengths in code points, integer bounds); and its part in the time rules, named by
-`schema`'s own constants (eventTime, sentAt, receivedAt, client_event_time, the extra columns, device_id). A
-type the kernel does not know makes `describe` raise, and `validate_native` then returns None: no kernel.
+`schema`'s own constants (eventTime, sentAt, receivedAt, geo_country, client_event_time, the extra columns,
+device_id). A type the kernel does not know makes `describe` raise, and `validate_native` then returns None: no
+kernel (so does a role an older build of native/ does not know: the constructor refuses it).
 
 Handed back (None) besides every invalid event: a str item (already a rejection), an event over
 `max_event_bytes`, an unknown key at the top level or in eventParams (the validator keeps it, value exactly as
@@ -69,6 +70,7 @@ _ROLES = {
     "eventTime": "event_time",
     schema.SENT_AT: "sent_at",
     schema.RECEIVED_AT: "received_at",
+    schema.GEO_COUNTRY: "country",  # replaced by the request's country, as receivedAt by its receive time
     f"{schema.EVENT_PARAMS.name}.client_event_time": "client_time",
     f"{schema.EVENT_PARAMS.name}.device_id": "partition_key",  # "picks the log partition" (log.partition_for)
 }
@@ -135,7 +137,8 @@ class NativeValidator:
                                epoch_max=schema.EPOCH_MAX, max_future_us=schema.MAX_FUTURE // _US)
 
     def validate(self, events: Sequence[bytes | str], received: dt.datetime, sent_at: dt.datetime | None,
-                 partitions: int | None) -> list[tuple[bytes, int] | tuple[bytes, str] | None] | None:
+                 partitions: int | None, country: str | None = None
+                 ) -> list[tuple[bytes, int] | tuple[bytes, str] | None] | None:
         """See `validate_native`."""
         received_us = _utc_micros(received)
         sent_at_us = _utc_micros(sent_at) if sent_at is not None else None
@@ -144,7 +147,7 @@ class NativeValidator:
         if received_us < 0:
             return None
         return self._kernel.validate(events if isinstance(events, list) else list(events), received_us,
-                                     sent_at_us, partitions)
+                                     sent_at_us, partitions, country)
 
 
 def _utc_micros(moment: dt.datetime) -> int | None:
@@ -168,11 +171,12 @@ def native_validator(params: schema.Params = (), max_event_bytes: int = 32 * 102
 
 
 def validate_native(events: Sequence[bytes | str], received: dt.datetime, sent_at: dt.datetime | None,
-                    partitions: int | None, *, max_event_bytes: int,
-                    params: schema.Params = ()) -> list[tuple[bytes, int] | tuple[bytes, str] | None] | None:
+                    partitions: int | None, *, max_event_bytes: int, params: schema.Params = (),
+                    country: str | None = None) -> list[tuple[bytes, int] | tuple[bytes, str] | None] | None:
     """For each of `events` (`envelope.split`'s items for one request), `(canonical line, partition)` when the
     event is provably valid, else None (run `schema.EventValidator(event_time="server").validate` on it);
-    `received` and `sent_at` (the request's Sent-At) as that validator takes them, UTC. The partition is
+    `received`, `sent_at` (the request's Sent-At) and `country` (its geo_country) as that validator takes them,
+    UTC. The partition is
     `log.partition_for(device_id, partitions)`; with `partitions=None` (a log with its own routing) the
     device_id is given in its place, for `log.route`. None overall when there is no kernel (gamestream_native
     without `Validator`), or the times are not UTC datetimes: then every event goes to the Python validator.
@@ -184,4 +188,4 @@ def validate_native(events: Sequence[bytes | str], received: dt.datetime, sent_a
     validator = native_validator(params, max_event_bytes)
     if validator is None:
         return None
-    return validator.validate(events, received, sent_at, partitions)
+    return validator.validate(events, received, sent_at, partitions, country)

@@ -5,7 +5,10 @@ collector's contract (docs/aws.md deploys it).
 as the collector does (`gamestream.api.routes.events`), using the same body rules (`gamestream.log.envelope`) and the one
 schema: one object, a JSON array or NDJSON; base64 (`isBase64Encoded`) and gzip (`Content-Encoding`) bodies; a
 200 with per-index errors; 400/413/415 with the collector's words; eventTime stamped on arrival; an eventId
-(UUIDv7) for an event without one.
+(UUIDv7) for an event without one; geo_country from the request context's source IP (`requestContext.identity
+.sourceIp` in payload 1.0, `requestContext.http.sourceIp` in 2.0; X-Forwarded-For only when that address is a
+configured trusted proxy), looked up once per request as the collector does (`gamestream.ingest.geo`) — the
+address itself is not written to the stream or logged.
 
 What goes on the stream is what gamestream's own collector writes to its log: canonical NDJSON lines, **one
 Kinesis record per device per request** (split only when a device's lines pass a record's 1 MiB), with the
@@ -25,7 +28,8 @@ state, so a retried request is stored again. Answers to a request that carries t
 
 Configuration: `GAMESTREAM_KINESIS_STREAM` (the stream's name or ARN), the collector's limits from the usual
 GAMESTREAM_* variables (`max_body_bytes`, `max_events_per_request`, `max_event_bytes`, `retry_after_s`,
-`api_keys`), and boto3's own AWS environment (region, credentials, `AWS_ENDPOINT_URL`). boto3 is the Lambda
+`api_keys`; the country lookup's `GAMESTREAM_GEO_COUNTRY`, `GAMESTREAM_GEO_MMDB` — a file in the deployment
+package or a layer —, `GAMESTREAM_GEO_TRUSTED_PROXIES`), and boto3's own AWS environment (region, credentials, `AWS_ENDPOINT_URL`). boto3 is the Lambda
 runtime's; it is imported on first use.
 """
 
@@ -43,6 +47,7 @@ import msgspec
 import stamina
 
 from gamestream import schema
+from gamestream.ingest import geo
 from gamestream.ingest.auth import key_matches
 from gamestream.log import envelope
 from gamestream.settings import Settings
@@ -115,7 +120,9 @@ def lambda_handler(event: dict, context: Any) -> dict:
     if not stream:
         raise RuntimeError(f"{STREAM_ENV} is not set: give the Kinesis stream's name or ARN")
     if _settings is None:
-        _settings = Settings.from_env()
+        settings = Settings.from_env()
+        geo.resolver_for(settings)  # a MaxMind DB file that cannot be opened fails the cold start, with the path
+        _settings = settings
     if _client is None:
         _client = kinesis_client()
     return handle(event, client=_client, stream=stream, settings=_settings)
@@ -151,7 +158,7 @@ def handle(event: dict, *, client: Any, stream: str, settings: Settings,
         except ValueError as error:
             raise _Answer(400, str(error)) from None
         events = _events(event, settings)
-        answer, entries = _validate(events, received, settings, sent)
+        answer, entries = _validate(events, received, settings, sent, request_country(event, settings))
         if answer["accepted"] == 0:
             message = "no events in the body" if not events else "no valid event in the body"
             return _answer(400, _encode({"error": message, **answer}), extra)
@@ -201,8 +208,33 @@ def _events(event: dict, settings: Settings) -> list[bytes | str]:
     return events
 
 
+def source_ip(event: dict) -> str | None:
+    """The address API Gateway saw the request come from: `requestContext.identity.sourceIp` (REST API, payload
+    1.0) or `requestContext.http.sourceIp` (HTTP API, payload 2.0); None when the event has neither."""
+    context = event.get("requestContext")
+    if not isinstance(context, dict):
+        return None
+    for part in ("http", "identity"):
+        value = context.get(part)
+        if isinstance(value, dict) and isinstance(value.get("sourceIp"), str):
+            return value["sourceIp"]
+    return None
+
+
+def request_country(event: dict, settings: Settings) -> str | None:
+    """The client's country for a proxy event, as the collector finds it for a connection (`geo`): the source
+    IP, or from a trusted proxy its X-Forwarded-For; None when the lookup is off or places no country."""
+    resolver = geo.resolver_for(settings)
+    if resolver is None:
+        return None
+    peer = source_ip(event)
+    forwarded_for = envelope.header(event, "x-forwarded-for") if resolver.trusted and peer else None
+    return resolver.country(peer, forwarded_for)
+
+
 def _validate(events: list[bytes | str], received: dt.datetime, settings: Settings,
-              sent_at: dt.datetime | None = None) -> tuple[dict[str, Any], list[Entry]]:
+              sent_at: dt.datetime | None = None,
+              country: str | None = None) -> tuple[dict[str, Any], list[Entry]]:
     """The collector's per-event path: the answer's counts and errors, and the records of the valid events."""
     errors: list[dict[str, Any]] = []
     by_device: dict[str, list[bytes]] = {}
@@ -214,7 +246,7 @@ def _validate(events: list[bytes | str], received: dt.datetime, settings: Settin
             errors.append({"index": index, "error": f"event is {len(raw)} bytes, over the "
                                                     f"{settings.max_event_bytes}-byte limit"})
             continue
-        result = _VALIDATOR.validate(raw, received, sent_at)
+        result = _VALIDATOR.validate(raw, received, sent_at, country)
         if isinstance(result, schema.Rejection):
             errors.append({"index": index, "error": str(result)})
             continue

@@ -12,7 +12,7 @@ each log record once, also drops an event whose eventId has landed before:
 The payload compared is what the device sent: eventName, eventParams with the device's own event time
 (`client_event_time`, or for a `load`ed event without one its eventTime) and the unknown fields. The other times
 are not part of it: a copy is received, and may be sent, at another time, and a collector without `sentAt` makes
-its eventTime its receive time.
+its eventTime its receive time. Nor is `geo_country`: a copy may come through another network.
 
 State, per log partition, where the device lives (every producer gamestream runs routes a device to one
 partition, so a copy arrives on the partition of its first): in memory, sorted arrays of 64-bit id keys (an

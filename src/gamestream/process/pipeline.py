@@ -17,6 +17,7 @@ from typing import Callable
 
 import pyarrow.compute as pc
 
+from gamestream.alerts.evaluator import for_pipeline as alert_evaluator
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.kpi.merge import KpiMerge, merged_up_to
 from gamestream.kpi.tables import TABLES as KPI_TABLES
@@ -56,6 +57,8 @@ class Pipeline:
             copies = [kpi_part_table(p, n) for p in range(log.partitions) for n in KPI_TABLES] if (
                 self.partitioned) else []
             self.maintenance = AutoMaintenance(settings, [*TABLES, *copies], self.ownership) if maintenance else None
+            # the alert rules of the configuration file, if it has any, under the `alerts` role (gamestream.alerts)
+            self.alerts = alert_evaluator(settings, log, self.ownership)
             self.part_stages: dict[int, KpiStage] = {}
             self._folded_at: dict[int, float] = {}  # partition → when its part stage last folded (monotonic)
             self._commits_seen = -1  # the processor's commits at the last round
@@ -203,6 +206,8 @@ class Pipeline:
         folding = _FoldingThread(self) if self.kpi_enabled else None
         if self.maintenance:
             self.maintenance.start()
+        if self.alerts:
+            self.alerts.start()
         if folding:
             folding.start()
         try:
@@ -218,6 +223,8 @@ class Pipeline:
                 folding.done.set()
             if self.maintenance:
                 self.maintenance.stop()
+            if self.alerts:
+                self.alerts.stop()
             self.ownership.close()
 
     def _should_fold_finally(self, folding: _FoldingThread | None) -> bool:

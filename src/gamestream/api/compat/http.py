@@ -1,5 +1,6 @@
 """What every vendor endpoint shares with `POST /v1/events`: the write key, the backlog bound, the event-count
-limit, validation with a reason per rejected event, and the durable append before the answer.
+limit, validation with a reason per rejected event, the client's country (`geo_country`), and the durable append
+before the answer.
 
 A vendor route reads its body (`read_body`: the size limit, gzip), turns it into gamestream events
 (`gamestream.compat.gamestream_event`; a `Reject`'s reason in place of an event that cannot be one) and calls
@@ -58,7 +59,7 @@ async def ingest(request: Request, events: list[dict | str], *, sent_at: dt.date
     events_route.refuse_too_many(events, collector.settings)
     raw = [event if isinstance(event, str) else _encode(event) for event in events]
     plan = plan_appends(raw, received, settings=collector.settings, log=collector.log,
-                        validator=collector.validator, sent_at=sent_at)
+                        validator=collector.validator, sent_at=sent_at, country=collector.country_of(request))
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid() or (all_or_nothing and plan.answer.rejected):
         return plan.answer

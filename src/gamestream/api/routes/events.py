@@ -16,8 +16,8 @@ Answers:
   key gets that answer again and appends nothing.
 
 The steps of `post_events`, in order: 1. the key, 2. the backlog, 3. the Idempotency-Key, 4. the body (kind,
-size, gzip, split into events), 5. the event count, 6. validation into appends (`ingest.collector`), 7. the
-durable append, 8. the answer.
+size, gzip, split into events), 5. the event count, 6. validation into appends (`ingest.collector`), with the
+client's country looked up once (`ingest.geo`: the address is not kept), 7. the durable append, 8. the answer.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ async def _ingest(request: Request, collector: Collector) -> Response:
     events = split_events(body, kind)
     refuse_too_many(events, settings)  # 5.
     plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
-                        validator=collector.validator, sent_at=sent_at)
+                        validator=collector.validator, sent_at=sent_at, country=collector.country_of(request))
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid():
         return _nothing_valid(events, plan.answer)

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from gamestream.api.access import BEARER, admin_key_needed, is_admin, presented_key
 from gamestream.api.purge_jobs import PurgeJobs
 from gamestream.api.refusals import Refuse, answers_refusals, read_capped_body
+from gamestream.ingest import geo
 from gamestream.settings import Settings
 from gamestream.tables import forget as forgetting
 
@@ -85,4 +86,6 @@ def _requested_by(request: Request) -> str:
     settings: Settings = request.app.state.settings
     who = (forgetting.key_fingerprint(presented_key(request) or "") if settings.keys_configured
            else "open server (no keys configured)")
-    return who + f" from {request.client.host if request.client else 'unknown'}"
+    # from where: the peer, or the client a trusted proxy names (`geo_trusted_proxies`, as for geo_country)
+    address = geo.client_address_of_scope(request.scope, geo.trusted_proxies(tuple(settings.geo_trusted_proxies)))
+    return who + f" from {address or 'unknown'}"
