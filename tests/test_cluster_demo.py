@@ -137,6 +137,34 @@ class _Lines:
             time.sleep(0.1)
         raise self._failure(f"no line matching {pattern!r} within {timeout}s", 60)
 
+    def kill_and_see_it_back(self, pids: dict[str, int], name: str, committed: int, *,
+                             patience: float = 1.0) -> int:
+        """SIGKILLs child `name`: one line says so, it is restarted (a new pid, in `pids`), the counter grows past
+        `committed` (returned: the new figure); a processor's partitions move to processor-2, then half come
+        back. `patience` stretches the waits."""
+        mark = len(self.lines)
+        pid = pids[name]
+        os.kill(pid, signal.SIGKILL)
+        died = self.wait_for(rf"{name} \(pid {pid}\) (was killed by SIGKILL) after [\d.]+s; restarting it in "
+                             rf"\d+s", after=mark, timeout=20)
+        assert died[1] == "was killed by SIGKILL"
+        assert not _alive(pid), f"{name} (pid {pid}) still runs"
+        back = self.wait_for(rf"{name} restarted \(pid (\d+)\)", after=mark, timeout=30 * patience)
+        pids[name] = int(back[1])
+        assert pids[name] != pid and _alive(pids[name])
+        committed = self.wait_for_growth(after=mark, above=committed, timeout=45 * patience)
+        if name == "processor-1":
+            self.wait_for(r"partitions: processor-2 0,1,2,3$", after=mark, timeout=30 * patience)
+            self.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", after=len(self.lines) - 1,
+                          timeout=40 * patience)
+        return committed
+
+    def assert_one_line_per_kill(self, kills: int) -> None:
+        """Exactly `kills` lines say a child ended: nothing else did."""
+        news = [line for line in self.lines if re.search(
+            r"(nats-n\d|kafka-broker\d|processor-\d|collector-\d|generator-\d) \(pid \d+\) ", line)]
+        assert len(news) == kills, "".join(news)
+
     def committed_after(self, after: int) -> list[int]:
         """The `committed N` of every counter line from line `after` on."""
         return [int(match[1].replace(",", "")) for line in self.lines[after:]
@@ -173,24 +201,8 @@ def test_cluster_demo_restarts_every_kind_of_child_killed_and_still_commits_each
         committed = out.wait_for_growth(after=0, above=0, timeout=60)
 
         for name in ("processor-1", "collector-1", "nats-n2", "generator-2"):
-            mark = len(out.lines)
-            pid = pids[name]
-            os.kill(pid, signal.SIGKILL)
-            died = out.wait_for(rf"{name} \(pid {pid}\) (was killed by SIGKILL) after [\d.]+s; restarting it in "
-                                rf"\d+s", after=mark, timeout=20)
-            assert died[1] == "was killed by SIGKILL"
-            assert not _alive(pid), f"{name} (pid {pid}) still runs"
-            back = out.wait_for(rf"{name} restarted \(pid (\d+)\)", after=mark, timeout=30)
-            pids[name] = int(back[1])
-            assert pids[name] != pid and _alive(pids[name])
-            committed = out.wait_for_growth(after=mark, above=committed)
-            if name == "processor-1":  # its partitions move to processor-2, then half come back to the new one
-                out.wait_for(r"partitions: processor-2 0,1,2,3$", after=mark, timeout=30)
-                out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", after=len(out.lines) - 1,
-                             timeout=40)
-        news = [line for line in out.lines
-                if re.search(r"(nats-n\d|processor-\d|collector-\d|generator-\d) \(pid \d+\) ", line)]
-        assert len(news) == 4, "".join(news)  # one line per kill, nothing else ended
+            committed = out.kill_and_see_it_back(pids, name, committed)
+        out.assert_one_line_per_kill(4)
 
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=180)
@@ -247,25 +259,9 @@ def test_cluster_demo_on_kafka_survives_a_processor_and_a_broker_killed_and_comm
         committed = out.wait_for_growth(after=0, above=0, timeout=90)
         out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", timeout=60)
 
-        for name in ("processor-1", "kafka-broker2"):
-            mark = len(out.lines)
-            pid = pids[name]
-            os.kill(pid, signal.SIGKILL)
-            died = out.wait_for(rf"{name} \(pid {pid}\) (was killed by SIGKILL) after [\d.]+s; restarting it in "
-                                rf"\d+s", after=mark, timeout=20)
-            assert died[1] == "was killed by SIGKILL"
-            assert not _alive(pid), f"{name} (pid {pid}) still runs"
-            back = out.wait_for(rf"{name} restarted \(pid (\d+)\)", after=mark, timeout=40)
-            pids[name] = int(back[1])
-            assert pids[name] != pid and _alive(pids[name])
-            committed = out.wait_for_growth(after=mark, above=committed, timeout=90)
-            if name == "processor-1":  # the group gives its partitions to processor-2, then half come back
-                out.wait_for(r"partitions: processor-2 0,1,2,3$", after=mark, timeout=40)
-                out.wait_for(r"partitions: processor-1 \d+,\d+ · processor-2 \d+,\d+$", after=len(out.lines) - 1,
-                             timeout=60)
-        news = [line for line in out.lines
-                if re.search(r"(kafka-broker\d|processor-\d|collector-\d|generator-\d) \(pid \d+\) ", line)]
-        assert len(news) == 2, "".join(news)  # one line per kill, nothing else ended
+        for name in ("processor-1", "kafka-broker2"):  # a Kafka group moves partitions after its 6 s session
+            committed = out.kill_and_see_it_back(pids, name, committed, patience=2.0)
+        out.assert_one_line_per_kill(2)
 
         demo.send_signal(signal.SIGINT)
         demo.wait(timeout=240)

@@ -310,7 +310,6 @@ def test_post_v1_funnel_needs_the_admin_key_and_answers_the_reference(data, serv
     ({"steps": ["a", "b"], "to": "2026-02-30"}, "to '2026-02-30'"),
     ({"steps": ["a", "b"], "by": "shoe_size"}, ("unknown dimension 'shoe_size'; dimensions are platform, "
                                                 "app_version, level")),
-    ({"steps": ["a", "b"], "by": "country"}, "dimension country is unknown: the events table has no country"),
     ({"steps": ["a", "b[platform]"]}, "a filter is param=value"),
     ({"steps": ["a", {"event": "b", "where": {"level": 3}}]}, "the values strings"),
     ({"steps": "a,b"}, "send {"),
@@ -320,6 +319,16 @@ def test_post_v1_funnel_answers_a_bad_request_with_400_and_the_reason(server, re
     answer = httpx.post(server.url + "/v1/funnel", json=request_body, headers=BOSS, timeout=30)
     assert answer.status_code == 400, answer.text
     assert reason in answer.json()["error"]
+
+
+def test_post_v1_funnel_splits_by_country_from_the_geo_country_column(server) -> None:
+    """`by: country` reads `geo_country` (the collector's lookup; null for events `load`ed without one)."""
+    answer = httpx.post(server.url + "/v1/funnel", json={"steps": CLI_STEPS, "within": "1h", "from": "2026-11-01",
+                                                          "to": "2026-11-05", "by": "country"}, headers=BOSS, timeout=30)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["by"] == "country" and body["columns"][:2] == ["day", "country"]
+    assert body["rows"] and all(row["country"] is None for row in body["rows"])  # loaded without a country
 
 
 def test_post_v1_funnel_refuses_a_body_that_is_not_json(server) -> None:

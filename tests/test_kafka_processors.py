@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 from confluent_kafka import KafkaError
+from deltalake import DeltaTable
 
 from conftest import gamestream, table_rows
 from gamestream.log import Append, partition_for
@@ -390,6 +391,87 @@ def test_a_processor_paused_past_its_session_wakes_as_a_zombie_and_no_event_land
         for child in children:
             child.kill()
         log.close()
+    stored = Counter(row["eventId"] for row in table_rows(data / "tables" / "events", ["eventId"]))
+    duplicates = {event_id: n for event_id, n in stored.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} events written more than once"
+    assert set(stored) == expected
+
+
+@pytest.mark.slow
+def test_rebalances_while_processors_commit_under_load_land_every_event_once_without_the_eventid_check(
+        cluster: KafkaCluster, tmp_path: Path) -> None:
+    """Partitions move while their processors are committing: under a steady load of small commits, a second and a
+    third `process` join the group (each join revokes partitions from processors in the middle of their batches),
+    then the second leaves cleanly (its partitions go back). Deduplication by eventId is off (`dedupe_days = 0`),
+    so only the revoke hand-over and the Delta txn check stand between a moved partition and a record committed
+    twice: every appended event is in the table exactly once."""
+    from fleet import Child
+
+    topic, pipeline = fresh(), fresh("p")
+    url = f"kafka://{cluster.bootstrap}/{topic}"
+    data = tmp_path / "data"
+    log = KafkaEventLog.connect(url, partitions=6)
+    appended: list[str] = []
+    stop_appending = threading.Event()
+
+    def appender() -> None:
+        i = 0
+        while not stop_appending.is_set():
+            batch = [event(i + j, device=f"d{(i + j) % 211}") for j in range(300)]
+            append_events(log, batch, per_record=10)
+            appended.extend(e["eventId"] for e in batch)
+            i += 300
+            time.sleep(0.05)
+
+    env = {"GAMESTREAM_PIPELINE": pipeline, "GAMESTREAM_BATCH_MAX_WAIT_S": "0.05",
+           "GAMESTREAM_BATCH_MAX_EVENTS": "200", "GAMESTREAM_DEDUPE_DAYS": "0"}
+    children = [Child(f"processor{i}", ["process", "--no-kpi", "--log", url, "--data-dir", str(data)],
+                      tmp_path / f"processor{i}.log", env) for i in range(3)]
+    group = processors_group(pipeline, topic)
+
+    def held(child) -> set[int]:
+        return held_by_pid(group_assignment(cluster, group), child.pid)
+
+    def committed() -> int:  # rows in the events table, from its files' metadata (cheap enough to poll)
+        events = data / "tables" / "events"
+        return DeltaTable(str(events)).to_pyarrow_dataset().count_rows() if (events / "_delta_log").exists() else 0
+
+    appending = threading.Thread(target=appender, daemon=True)
+    moves = 0
+    try:
+        appending.start()
+        children[0].start()
+        eventually(lambda: held(children[0]) == set(range(6)), within=60, what="the first process holds all six")
+        eventually(lambda: committed() > 1000, within=60, what="the first process commits")
+        for joining in children[1:]:
+            before = committed()
+            joining.start()
+            eventually(lambda: bool(held(joining)), within=60, what=f"{joining.name} is assigned partitions")
+            moves += 1
+            eventually(lambda: committed() > before + 1000, within=60, what="commits go on across the rebalance")
+        shares = [held(child) for child in children]
+        assert all(shares) and set().union(*shares) == set(range(6)) and sum(map(len, shares)) == 6, shares
+        before = committed()
+        assert children[1].stop() == 0  # a clean leave: its partitions go back to the others
+        eventually(lambda: held(children[0]) | held(children[2]) == set(range(6)), within=30,
+                   what="the partitions of the process that left are assigned again")
+        moves += 1
+        eventually(lambda: committed() > before + 1000, within=60, what="commits go on after it left")
+        stop_appending.set()
+        appending.join(timeout=60)
+        expected = set(appended)
+        eventually(lambda: committed() >= len(expected), within=120, what="every appended event is committed")
+        time.sleep(2)  # anything committed twice would be in by now
+        for child in (children[0], children[2]):
+            assert child.stop() == 0
+    finally:
+        stop_appending.set()
+        for child in children:
+            child.kill()
+        log.close()
+    assert moves == 3  # the faults happened: two joins and a leave, each a rebalance under load
+    revokes = sum(child.text().count("partitions revoked") for child in children)
+    assert revokes >= 2, "no partition was revoked from a committing processor"
     stored = Counter(row["eventId"] for row in table_rows(data / "tables" / "events", ["eventId"]))
     duplicates = {event_id: n for event_id, n in stored.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} events written more than once"

@@ -293,13 +293,12 @@ def test_kpis_on_the_seed_lambdas_random_partition_keys_with_two_processors_are_
     assert sum(r["purchases"] for r in table_rows(str(data / "tables" / "kpi_bookings_hourly"))) == 48
 
 
-def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_processors(
-        env: dict, tmp_path: Path) -> None:
+def _seed_events_sent_again_on_random_keys(env: dict, tmp_path: Path, change) -> tuple[Path, list, set[str], str]:
     """The seed's envelopes (`{"body": {...}}`) put with random partition keys, as its Lambda puts them, each
-    event carrying its own eventId; then a third of them put again, with new random keys — an SDK's retry after a
-    lost answer. A copy lands on another shard than its original about half the time, where a state per partition
-    would let it in. Two processors, one shard each, committing at once: every event is stored once, the copies
-    are counted, and the ones that crossed shards are among them."""
+    event carrying its own eventId; then a third of them put again — `change(body)` of them — with new random keys.
+    About half land on another shard than their original. Two processors, one shard each, committing at once in
+    batches of 20 (so their commits race): (the data directory, each processor's (stdout, stderr), the eventIds
+    sent twice, the stream)."""
     import boto3
 
     stream = fresh_stream()
@@ -319,9 +318,9 @@ def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_
                   "eventParams": {"device_id": f"dev-{i % 9}", **({"amount": 4.99} if i % 4 == 0 else {})}}
                  for i in range(300)]
     shard_of = {body["eventId"]: put(body) for body in originals}
-    copies = rng.sample(originals, 100)
-    crossed = sum(put(body) != shard_of[body["eventId"]] for body in copies)
-    assert crossed >= 20, "too few copies landed on another shard than their original to test anything"
+    again = rng.sample(originals, 100)
+    crossed = sum(put(change(body)) != shard_of[body["eventId"]] for body in again)
+    assert crossed >= 20, "too few events sent again landed on another shard than their original to test anything"
 
     data = tmp_path / "data"
     processors = [subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--no-kpi",
@@ -332,6 +331,16 @@ def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_
     outputs = [child.communicate(timeout=180) for child in processors]
     for child, (_, err) in zip(processors, outputs):
         assert child.returncode == 0, err
+    assert all("committed" in out for out, _ in outputs), outputs  # both processors worked
+    return data, outputs, {body["eventId"] for body in again}, stream
+
+
+def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_processors(
+        env: dict, tmp_path: Path) -> None:
+    """An SDK's retry after a lost answer, on the seed's random partition keys: a copy lands on another shard
+    than its original about half the time, where a state per partition would let it in. Every event is stored
+    once, the copies are counted, and the ones that crossed shards are among them."""
+    data, outputs, _, stream = _seed_events_sent_again_on_random_keys(env, tmp_path, lambda body: body)
     ids = _ids(data)
     assert len(ids) == 300 and set(ids.values()) == {1}, ids.most_common(3)
     assert table_rows(str(data / "tables" / "events_quarantine")) == []
@@ -340,4 +349,25 @@ def test_copies_under_the_seed_lambdas_random_partition_keys_land_once_with_two_
     assert dropped == 100
     status = gamestream("status", "--log", f"kinesis://{stream}", data_dir=data).stdout
     assert "duplicates dropped: 100 copies" in status
-    assert all("committed" in out for out, _ in outputs), outputs  # both processors worked
+
+
+def test_eventids_reused_with_another_payload_on_random_partition_keys_are_each_quarantined_once(
+        env: dict, tmp_path: Path) -> None:
+    """The same, but what is sent again has another payload under the same eventId (a buggy client reusing ids).
+    The two processors' commits race, so a reuse is often committed by one processor between the other's
+    quarantine and events commits: the events commit, retried, judges again and keeps the reuse out — and it
+    must still reach the quarantine (it was once lost there: in neither table). Each eventId is in the events table once, and
+    each reuse is in the quarantine once, with its reason; nothing counts as a copy."""
+    def changed(body: dict) -> dict:
+        return {**body, "eventName": "levelEnd", "eventParams": {**body["eventParams"], "score": 7}}
+
+    data, outputs, reused, _ = _seed_events_sent_again_on_random_keys(env, tmp_path, changed)
+    ids = _ids(data)
+    assert len(ids) == 300 and set(ids.values()) == {1}, ids.most_common(3)
+    quarantined = table_rows(str(data / "tables" / "events_quarantine"))
+    assert {row["reason"] for row in quarantined} == {"duplicate eventId with a different payload"}
+    by_id = Counter(json.loads(row["payload"])["eventId"] for row in quarantined)
+    assert set(by_id) == reused and set(by_id.values()) == {1}, (len(by_id), by_id.most_common(3))
+    dropped = sum(int(n.replace(",", "")) for out, _ in outputs
+                  for n in re.findall(r"duplicates dropped ([\d,]+);", out))
+    assert dropped == 0

@@ -16,7 +16,7 @@ The definition, which `tests/test_funnel.py` checks against a plain-Python refer
    day's attempts. A row per day (days with no step-1 event have none): `step_k` = devices that reached at least
    step k; `step_k_rate` = step_k / step_(k-1) (k ≥ 2); `conversion` = step_n / step_1 (null when a denominator
    is 0).
-5. `by` (platform, app_version, country once the events table has it, or a promoted parameter) splits the rows
+5. `by` (platform, app_version, country — the `geo_country` column —, or a promoted parameter) splits the rows
    by the value of the device's step-1 event (as text; null when absent). A device whose step-1 events of a day
    carry different values counts under each value, at the greatest depth of that value's attempts.
 6. After the days, a `total` row (one per value with `by`) sums the daily counts: a device of two days counts
@@ -55,7 +55,7 @@ MAX_WITHIN = dt.timedelta(days=90)
 # A longer window would make every funnel read a quarter of the table beyond its days; a funnel longer than that
 # is a retention question (kpi_retention).
 DIMENSIONS = ("platform", "app_version", "country")
-"""Dimensions besides the promoted parameters. `country` is taken once the events table has such a column."""
+"""Dimensions besides the promoted parameters. `country` is the `geo_country` column (`ingest.geo`)."""
 PARAMS_DIMENSIONS = ("platform", "app_version")
 """The built-in params that are dimensions (country, once it exists, may be a param or a column)."""
 _COUNTRY_COLUMNS = (("eventParams", "country"), (None, "geo_country"), (None, "country"))
@@ -199,10 +199,10 @@ def param_names(settings: Settings) -> list[str]:
 
 
 def dimension_names(settings: Settings) -> list[str]:
-    """The dimensions by the settings: platform, app_version and the promoted params (country once the events
-    table has it)."""
+    """The dimensions by the settings: platform, app_version, country (`geo_country`) and the promoted params."""
     built_in = {field.name for field in schema.EVENT_PARAMS.children}
-    return [*PARAMS_DIMENSIONS, *(name for name in param_names(settings) if name not in built_in)]
+    return [*PARAMS_DIMENSIONS, "country",
+            *(name for name in param_names(settings) if name not in built_in and name != "country")]
 
 
 def _quote(name: str) -> str:
@@ -239,11 +239,12 @@ def _dimension_sql(by: str, table_schema: pa.Schema, params: dict[str, bool]) ->
                 return f"CAST({_quote(column)} AS VARCHAR)"
             if struct is not None and column in params:
                 return _param_sql(column, params)
-        raise FunnelError("dimension country is unknown: the events table has no country column yet")
+        raise FunnelError("dimension country is unknown: the events table has no geo_country column yet (a "
+                          "processor adds it when it next starts)")
     if by in PARAMS_DIMENSIONS or by in promoted:
         return _param_sql(by, params)
     raise FunnelError(f"unknown dimension {by!r}; dimensions are {', '.join([*PARAMS_DIMENSIONS, *promoted])}"
-                      " (and country once the events table has it)")
+                      " and country")
 
 
 def _step_sql(index: int, step: Step, params: dict[str, bool], values: dict[str, object]) -> str:

@@ -220,7 +220,7 @@ def funnel_path(settings: Settings) -> Json:
         "to": {"type": ["string", "null"], "format": "date", "description": "last day of step 1 (UTC; default "
                                                                              "today)"},
         "by": {"enum": [*funnels.dimension_names(settings), None], "description": "split by the step-1 event's "
-               "value (country too, once the events table has it)"}}}
+               "value (country: the collector's geo_country)"}}}
     result = {"type": "object", "required": ["steps", "within", "from", "to", "by", "columns", "rows"],
               "properties": {"steps": {"type": "array", "items": {"type": "string"}},
                              "within": {"type": "string"}, "from": {"type": "string", "format": "date"},

@@ -16,8 +16,8 @@
 4. sqlglot writes it as DuckDB SQL without comments (a comment could end early and uncover a second statement);
    DuckDB's own parser must see it as one SELECT with the same tables and functions (`_check_duckdb_tree`).
 5. It runs with `TimeZone = 'UTC'` over the tables registered as Arrow datasets
-   (`DeltaTable.to_pyarrow_dataset()`): `events` (also under the reference pipeline's name
-   `mobile_events_delta_raw`), `events_quarantine`, `kpi_events_hourly`, `kpi_bookings_hourly`, `kpi_daily`;
+   (`DeltaTable.to_pyarrow_dataset()`): those of `settings.TABLES` that exist — `events` (also under the
+   reference pipeline's name `mobile_events_delta_raw`), `events_quarantine`, the KPI tables, `audit`, `alerts`;
    then the connection is locked: no file system, no extensions, no Python replacement scans, configuration
    frozen. Each query is stopped after `sql_timeout_s` and refused beyond `sql_max_rows` result rows.
 """

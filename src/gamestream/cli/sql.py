@@ -23,7 +23,7 @@ MAX_TABLE_ROWS = 1000
 def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) -> None:
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
-    kpi_activity, kpi_devices, audit). Dates are UTC."""
+    kpi_activity, kpi_devices, audit, alerts). Dates are UTC."""
     from gamestream.api.query import QueryError, SqlEngine
 
     try:

@@ -125,6 +125,10 @@ _TRANSIENT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRAN
               KafkaError.OFFSET_NOT_AVAILABLE, KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
               KafkaError.KAFKA_STORAGE_ERROR, KafkaError._DESTROY_BROKER}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# A group's coordinator that moved or is loading: asked again briefly (`_committed_by`)
+_COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                       KafkaError.COORDINATOR_LOAD_IN_PROGRESS}
+COORDINATOR_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -580,15 +584,26 @@ class KafkaEventLog(LogFeatures):
             return found
 
     def _committed_by(self, client: Consumer, partition: int) -> int:
-        try:
-            (position,) = client.committed([TopicPartition(self.topic, partition)], timeout=REQUEST_SECONDS)
-        except KafkaException as error:
-            _raise_kafka(error, "reading a committed position")
-            raise
-        if position.error is not None:
-            _raise_kafka(KafkaException(position.error), "reading a committed position")
-            raise KafkaException(position.error)
-        return max(position.offset, 0)  # OFFSET_INVALID (-1001) when the group committed nothing here
+        """The group's committed position; a coordinator that moved or is loading (NOT_COORDINATOR, seen under
+        load) is asked again for up to COORDINATOR_WAIT_SECONDS — the client finds the new one meanwhile —
+        before LogUnavailable."""
+        deadline = time.monotonic() + COORDINATOR_WAIT_SECONDS
+        while True:
+            try:
+                (position,) = client.committed([TopicPartition(self.topic, partition)], timeout=REQUEST_SECONDS)
+                error = position.error
+            except KafkaException as raised:
+                error = raised.args[0] if raised.args and isinstance(raised.args[0], KafkaError) else None
+                if error is None:
+                    _raise_kafka(raised, "reading a committed position")
+                    raise
+            if error is None:
+                return max(position.offset, 0)  # OFFSET_INVALID (-1001) when the group committed nothing here
+            if error.code() in _COORDINATOR_MOVING and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            _raise_kafka(KafkaException(error), "reading a committed position")
+            raise KafkaException(error)
 
     def commit(self, consumer: str, partition: int, offset: int) -> None:
         """Commits `offset` (the Kafka offset to read next) in consumer group `consumer`, unless it holds as much

@@ -110,6 +110,9 @@ class _Flush:
     committed_before: dict[int, int] = field(default_factory=dict)  # each partition's offset before the batch
     verdicts: dict[int, identity_mod.Verdict] = field(default_factory=dict)  # deduplication, as the events build saw it
     duplicates: int = 0  # copies of events already landed, dropped by the events commit
+    # (partition, eventId) of the reuses the quarantine commit took (a shared deduplication state); None when
+    # this flush made no quarantine build (the table had its offsets already)
+    conflicts_quarantined: set[tuple[int, str]] | None = None
 
 
 class _AppIds(dict):
@@ -642,6 +645,8 @@ class Processor:
         started = time.perf_counter()
         flush.events_version = self._commit_write(self._events_write, flush, decoder)
         flush.events_seconds = time.perf_counter() - started
+        if flush.events_version is not None:
+            self._quarantine_late_conflicts(flush)
         # Step 3: the ids that landed join the deduplication state (and, now and then, the event_ids table)
         if self._identity is not None:
             ids = self._identity.ids
@@ -652,6 +657,41 @@ class Processor:
                 ids.remember(flush.verdicts, flush.events_version, flush.last_offsets)
             if ids.commit_due():
                 ids.commit(self.stop_requested)
+
+    def _quarantine_late_conflicts(self, flush: _Flush) -> None:
+        """With a deduplication state shared by the stream's partitions (Kinesis), another processor may commit
+        an eventId between this flush's quarantine commit and its events commit: the events commit, retried,
+        judges again and keeps the reuse out of the events table, after the quarantine commit was made without
+        it. Those reuses are quarantined here, in a commit of their own (txn `<pipeline>-late-conflicts-p<N>` =
+        the events version for each partition of the flush, once). A crash between the two commits loses them
+        (they are in neither table): the window is one commit long."""
+        if flush.conflicts_quarantined is None or not flush.verdicts:
+            return
+        late = [_conflict_row(p, row) for p, verdict in flush.verdicts.items() if verdict.conflicts.num_rows
+                for row in verdict.conflicts.to_pylist()
+                if (p, row.get("eventId")) not in flush.conflicts_quarantined]
+        if not late:
+            return
+        write = self._quarantine_write
+        rows = write.rows_of(Decoded(events=[], quarantine=late))
+        if write.conforms_rows:
+            rows = lake.conform_to(write.table, rows)
+        app_ids = [lake.txn_app_id(self.settings.pipeline, p, table="late-conflicts") for p in flush.last_offsets]
+        version: int = flush.events_version  # type: ignore[assignment]
+
+        def build(versions: dict[str, int]) -> lake.Batch | None:
+            if all(versions.get(app_id, 0) >= version for app_id in app_ids):
+                return None
+            return lake.Batch(rows, {app_id: version for app_id in app_ids})
+
+        if lake.commit_exactly_once(write.table, app_ids, build, partition_by=write.partition_by,
+                                    retries=self.settings.commit_retries, name=write.name, stop=self.stop_requested,
+                                    context={"late_conflicts": len(late)}) is not None:
+            flush.built["quarantine"] = flush.built.get("quarantine", 0) + rows.num_rows
+            if flush.quarantine_seconds is None:
+                flush.quarantine_seconds = 0.0
+            logger.info("eventIds reused with another payload, committed by another processor meanwhile, "
+                        "quarantined", extra={"events": rows.num_rows})
 
     def _commit_write(self, write: _TableWrite, flush: _Flush, decoder: _BatchDecoder) -> int | None:
         """One table's commit of the flush, exactly once (`lake.commit_exactly_once`); the version committed, or
@@ -683,6 +723,9 @@ class Processor:
             return None
         expected = after if write.key == "events" else flush.committed_before
         rows = write.rows_of(decoder.after(after, expected))
+        if write.key != "events" and decoder.identity is not None and decoder.identity.ids.shared_state is not None:
+            flush.conflicts_quarantined = {(p, row.get("eventId")) for p, v in decoder.verdicts(after, expected).items()
+                                           if v.conflicts.num_rows for row in v.conflicts.to_pylist()}
         if write.key == "events" and decoder.identity is not None:
             flush.verdicts = decoder.verdicts(after, expected)
             flush.duplicates = sum(v.copies for v in flush.verdicts.values())
