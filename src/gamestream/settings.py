@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from ipaddress import IPv4Network, IPv6Network
 
 TABLES = ("events", "events_quarantine", "kpi_events_hourly", "kpi_bookings_hourly", "kpi_daily", "kpi_retention",
-          "kpi_top_events", "kpi_activity", "kpi_devices", "audit", "event_ids", "alerts")
+          "kpi_top_events", "kpi_activity", "kpi_devices", "kpi_device_segments", "kpi_daily_segments",
+          "kpi_retention_segments", "audit", "event_ids", "alerts")
 
 KPI_PARTS = "kpi_parts"
 """The folder under the tables root that holds each log partition's copy of the KPI tables (partitioned KPIs)."""
@@ -77,6 +78,14 @@ class Settings:
     """KPI, partitioned: while its processor keeps committing, a partition's part stage folds at most this often
     (its fixed cost per fold — a handful of Delta commits — is spread over more rows); once the processor has
     committed nothing for a round, at once."""
+    kpi_dimensions: tuple[str, ...] = ()
+    """KPI breakdowns (`kpi_daily_segments`, `kpi_retention_segments`): promoted parameters to break the KPIs down
+    by, besides the built-in platform, app_version and country. `[kpi] dimensions` in the configuration file."""
+    kpi_top_values: int = 50
+    """KPI breakdowns: per day (and install cohort) and dimension, the values past this many (by DAU, by cohort
+    size) are summed into one `(other)` row. `[kpi] top_values`."""
+    kpi_segments: bool = True
+    """KPI breakdowns on (False: the stage keeps no segment tables, e.g. to save its CPU). `[kpi] segments`."""
     kpi_offered_max_bytes: int = 256 * 1024 * 1024
     """KPI: the processor hands its commits' rows to the KPI stage in its process up to this much held; beyond
     it (a stage far behind), the stage reads them back from the change data feed."""
@@ -177,6 +186,17 @@ class Settings:
 
         object.__setattr__(self, "schema_params", schema.check_params(self.schema_params))
         trusted_networks(self.geo_trusted_proxies)  # a ValueError naming the entry, at start
+        check_dimensions(self.kpi_dimensions, self.schema_params)
+        if self.kpi_top_values < 1:
+            raise ValueError(f"kpi top_values must be at least 1, not {self.kpi_top_values}")
+
+    @property
+    def segment_dimensions(self) -> tuple[str, ...]:
+        """The dimensions the KPIs are broken down by: the built-in ones, then `kpi_dimensions`; none when
+        `kpi_segments` is off."""
+        if not self.kpi_segments:
+            return ()
+        return tuple(dict.fromkeys((*BUILTIN_DIMENSIONS, *self.kpi_dimensions)))
 
     @property
     def record_compression(self) -> str:
@@ -192,7 +212,7 @@ class Settings:
         for f in fields(cls):
             raw = os.environ.get(_ENVIRONMENT_NAMES.get(f.name, f"GAMESTREAM_{f.name.upper()}"))
             # per-table overrides come from code (tests), not the env; promoted parameters from the config file
-            if raw is None or f.name in ("tables", "schema_params", "compat"):
+            if raw is None or f.name in ("tables", "schema_params", "compat", "kpi_dimensions"):
                 continue
             values[f.name] = _parse(f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -208,6 +228,8 @@ class Settings:
                 values["schema_params"] = config_params(document, path)  # type: ignore[arg-type]
                 values.setdefault("compat", config_compat(document, path))  # type: ignore[arg-type]
                 for key, value in config_geo(document, path).items():  # the environment's values win
+                    values.setdefault(key, value)
+                for key, value in config_kpi(document, path).items():
                     values.setdefault(key, value)
         return cls(**values)  # type: ignore[arg-type]
 
@@ -265,13 +287,13 @@ def load_config(path: Path) -> dict:
         raise ValueError(f"cannot read the configuration file {path}: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"configuration file {path} is not valid TOML: {error}") from None
-    unknown = set(document) - {"schema", "compat", "geo", "alerting", "alerts"}  # alerts: gamestream.alerts
+    unknown = set(document) - {"schema", "compat", "geo", "kpi", "alerting", "alerts"}  # alerts: gamestream.alerts
     section = document.get("schema", {})
     if not unknown and isinstance(section, dict):
         unknown = {f"schema.{key}" for key in set(section) - {"params"}}
     if unknown:
         raise ValueError(f"configuration file {path}: unknown section or key {', '.join(sorted(unknown))} "
-                         "(known: [schema.params], [compat.<vendor>], [geo], [alerting], [[alerts]])")
+                         "(known: [schema.params], [compat.<vendor>], [geo], [kpi], [alerting], [[alerts]])")
     return document
 
 
@@ -314,6 +336,59 @@ def trusted_networks(entries: tuple[str, ...] | list[str]) -> tuple["IPv4Network
             raise ValueError(f"geo trusted_proxies: {entry!r} is not an IP address or network (such as 10.0.0.0/8 "
                              "or 127.0.0.1)") from None
     return tuple(networks)
+
+
+BUILTIN_DIMENSIONS = ("platform", "app_version", "country")
+"""The KPI breakdowns' built-in dimensions: eventParams.platform, eventParams.app_version and geo_country."""
+_SCALAR_PARAM_TYPES = {"string", "int", "int32", "double", "bool"}
+
+
+def check_dimensions(dimensions: tuple[str, ...], params: tuple[tuple[str, str], ...]) -> None:
+    """`ValueError` unless each of `kpi_dimensions` is a built-in dimension or a promoted parameter of a scalar
+    type (a breakdown needs one value per event)."""
+    types = dict(params)
+    for name in dimensions:
+        if name in BUILTIN_DIMENSIONS:
+            continue
+        if name not in types:
+            raise ValueError(f"kpi dimensions: {name!r} is not a promoted parameter; promote it in [schema.params] "
+                             f"first (promoted: {', '.join(types) or 'none'}), or use one of "
+                             f"{', '.join(BUILTIN_DIMENSIONS)}")
+        if types[name] not in _SCALAR_PARAM_TYPES:
+            raise ValueError(f"kpi dimensions: {name!r} is promoted as {types[name]}; a dimension must be one of "
+                             f"{', '.join(sorted(_SCALAR_PARAM_TYPES))}")
+
+
+_KPI_KEYS = {"dimensions": "kpi_dimensions", "top_values": "kpi_top_values", "segments": "kpi_segments"}
+
+
+def config_kpi(document: dict, path: Path) -> dict[str, object]:
+    """The `[kpi]` table of a configuration file's `document` as Settings values (`dimensions` = ["level"],
+    `top_values` = 50, `segments` = true/false); `ValueError` naming what is wrong."""
+    section = document.get("kpi", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"configuration file {path}: [kpi] must be a table")
+    unknown = set(section) - set(_KPI_KEYS)
+    if unknown:
+        raise ValueError(f"configuration file {path}: unknown key {', '.join(f'kpi.{k}' for k in sorted(unknown))} "
+                         "(known: dimensions, top_values, segments)")
+    values: dict[str, object] = {}
+    if "dimensions" in section:
+        dimensions = section["dimensions"]
+        if not isinstance(dimensions, list) or not all(isinstance(d, str) and d for d in dimensions):
+            raise ValueError(f"configuration file {path}: kpi.dimensions must be a list of parameter names, such "
+                             'as ["level"]')
+        values["kpi_dimensions"] = tuple(dimensions)
+    if "top_values" in section:
+        top = section["top_values"]
+        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+            raise ValueError(f"configuration file {path}: kpi.top_values must be a whole number of at least 1")
+        values["kpi_top_values"] = top
+    if "segments" in section:
+        if not isinstance(section["segments"], bool):
+            raise ValueError(f"configuration file {path}: kpi.segments must be true or false")
+        values["kpi_segments"] = section["segments"]
+    return values
 
 
 _GEO_KEYS = {"country": "geo_country", "mmdb": "geo_mmdb", "trusted_proxies": "geo_trusted_proxies"}

@@ -69,7 +69,7 @@ class ExactlyOnceCommits:
 
     def _merge(self, name: str, source: pa.Table, predicate: str, updates: dict[str, str] | None, version: int,
                state_json: str, *, delete_when: str | None = None, insert_when: str | None = None,
-               force: bool = False) -> None:
+               update_when: str | None = None, force: bool = False) -> None:
         if not source.num_rows:
             return  # nothing to change: no commit (the table's txn lags; `_commit_fold` notes the version)
 
@@ -78,7 +78,8 @@ class ExactlyOnceCommits:
                                  commit_properties=properties)
             if delete_when:
                 merger = merger.when_matched_delete(predicate=delete_when)
-            merger = merger.when_matched_update(updates) if updates else merger.when_matched_update_all()
+            merger = (merger.when_matched_update(updates, predicate=update_when) if updates
+                      else merger.when_matched_update_all(predicate=update_when))
             merger.when_not_matched_insert_all(predicate=insert_when).execute()
 
         self._commit(name, version, state_json, merge, force=force)

@@ -9,6 +9,11 @@ Google Analytics ends sessions at midnight — so a day's sessions depend on tha
 event never revises another day. A session's length is its last event's time minus its first (a single event is
 a session of length 0). Events may arrive in any order: each device's sessions of the day are kept as sorted
 [start, end] intervals and an arrival merges every interval it comes within 30 minutes of.
+
+Breakdowns (`kpi_daily_segments`): rows with value columns (`rows.segment_column`) also fold into one `DayState`
+per (dimension, value) (`segments`), over that value's events alone: a device counts under every value it sent
+that day, its events and purchases under the value they carry, and its sessions are those of its events with
+the value.
 """
 
 from __future__ import annotations
@@ -33,10 +38,23 @@ class DayState:
     sessions: dict[str, list[list[int]]] = field(default_factory=dict)  # device → sorted [start_us, end_us]
     session_count: int = 0
     session_us: int = 0
+    segments: dict[tuple[str, str], "DayState"] = field(default_factory=dict)  # (dimension, value) → its state
 
     def add(self, rows: pa.Table) -> set[str]:
-        """Folds rows of this day (columns device_id, t (µs), purchase (bool), amount); returns the devices that
-        had no event this day before (new (day, device) pairs)."""
+        """Folds rows of this day (columns device_id, t (µs), purchase (bool), amount, and each breakdown's
+        `d:<dimension>` values); returns the devices that had no event this day before (new (day, device)
+        pairs)."""
+        values = [c for c in rows.column_names if c.startswith("d:")]
+        if values:
+            base = rows.select(["device_id", "t", "purchase", "amount"])
+            for column in values:
+                for value, part in _by_value(base, rows[column]):
+                    key = (column[2:], value)
+                    state = self.segments.get(key)
+                    if state is None:
+                        state = self.segments[key] = DayState()
+                    state.add(part)
+            rows = base
         devices = rows["device_id"]
         purchase = rows["purchase"]
         distinct = set(pc.unique(devices).to_pylist()) - {None}
@@ -109,8 +127,26 @@ class DayState:
         self.session_count += 1 - len(joined)
         self.session_us += (merged[1] - merged[0]) - sum(b - a for a, b in joined)
 
+    def segment_rows(self) -> dict[tuple[str, str], dict]:
+        """(dimension, value) → that value's own figures of the day (`base_row`)."""
+        return {key: state.base_row() for key, state in self.segments.items()}
+
     def base_row(self) -> dict:
         return {"dau": len(self.devices), "events": self.events, "bookings": self.bookings,
                 "paying_users": len(self.payers), "sessions": self.session_count,
                 "session_us": self.session_us}
 
+
+
+def _by_value(rows: pa.Table, values: pa.ChunkedArray | pa.Array) -> list[tuple[str, pa.Table]]:
+    """The rows split by their value (strings, no nulls): one slice per value, from one stable sort."""
+    counts = pc.value_counts(values)
+    found = counts.field("values").to_pylist()
+    if len(found) == 1:
+        return [(found[0], rows)]
+    ordered = rows.take(pc.sort_indices(values))
+    slices, offset = [], 0
+    for value, count in sorted(zip(found, counts.field("counts").to_pylist())):
+        slices.append((value, ordered.slice(offset, count)))
+        offset += count
+    return slices

@@ -64,7 +64,7 @@ class DerivedCommits(ExactlyOnceCommits):
             if state is None and (day in fold.touched_days or self._derive_all):
                 if dataset is None:
                     dataset = self._events_dataset(version)
-                state = day_from_table(dataset, day)
+                state = fold.recomputed[day] = day_from_table(dataset, day, self.dimensions)
                 if day in self.days:
                     self.days[day] = state
             if state is not None:

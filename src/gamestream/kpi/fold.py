@@ -39,6 +39,12 @@ class Fold:
     forgotten_hashes: list[str] = field(default_factory=list)
     daily_days: set[dt.date] = field(default_factory=set)  # kpi_daily rows to re-derive
     cohorts: set[dt.date] = field(default_factory=set)  # kpi_retention rows to re-derive
+    # breakdowns: (device, dimension) → (time µs, value) of the device's earliest event in this fold
+    first_segments: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+    new_devices: set[str] = field(default_factory=set)  # devices kpi_devices did not have before this fold
+    segment_days: set[dt.date] = field(default_factory=set)  # kpi_daily_segments days whose new users moved
+    segment_cohorts: set[dt.date] = field(default_factory=set)  # kpi_retention_segments cohorts whose members moved
+    recomputed: dict = field(default_factory=dict)  # day → its DayState recomputed from the table in this fold
 
 
 def event_times(rows: pa.Table) -> pa.Array:
@@ -102,3 +108,24 @@ def note_first_days(fold: Fold, rows: pa.Table, purchase: pa.Array) -> None:
             fold.first_day[device] = day
         if pday is not None and (device not in fold.first_purchase or pday < fold.first_purchase[device]):
             fold.first_purchase[device] = pday
+
+
+def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...]) -> None:
+    """Lowers the fold's earliest (time, value) per device and breakdown dimension to the rows' earliest (of two
+    events at the same microsecond, the least value): the value the device's install cohort takes."""
+    for dimension in dimensions:
+        frame = pa.table({"d": rows["device_id"], "t": times, "v": rows[f"d:{dimension}"]}).sort_by(
+            [("d", "ascending"), ("t", "ascending"), ("v", "ascending")])
+        devices = frame["d"].combine_chunks()
+        if not len(devices):
+            continue
+        starts = pa.concat_arrays([pa.array([True]), pc.fill_null(pc.not_equal(devices[1:], devices[:-1]), True)])
+        first = frame.filter(starts)
+        firsts = fold.first_segments
+        for device, t, value in zip(*(first[c].to_pylist() for c in ("d", "t", "v"))):
+            if device is None:
+                continue
+            key = (device, dimension)
+            held = firsts.get(key)
+            if held is None or (t, value) < held:
+                firsts[key] = (t, value)

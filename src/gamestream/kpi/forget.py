@@ -76,6 +76,7 @@ class ForgetRevisions:
             self._known_devices.pop(device, None)
         fold.daily_days.update(d for row in first.values() for d in row if d is not None)
         fold.cohorts.update(row[0] for row in first.values())
+        fold.segment_days.update(row[0] for row in first.values())  # their first events' values lose a new user
         for day in days:  # WAU/MAU of the days after each active day, and the cohorts they were retained in
             fold.daily_days.update(day + dt.timedelta(days=k) for k in range(kt.MAU_DAYS))
 

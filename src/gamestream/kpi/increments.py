@@ -130,6 +130,7 @@ class IncrementalCommits(ExactlyOnceCommits):
         if not fold.first_day or self.folded[name] >= version:
             return  # (a re-fold after a crash: the table has this version; `_derive_all` re-derives its effects)
         known = self._devices_rows(fold.first_day)
+        fold.new_devices = {d for d in fold.first_day if d not in known}
         changed: dict[str, tuple[dt.date, dt.date | None]] = {}
         for device, day in fold.first_day.items():
             old_first, old_purchase = known.get(device, (None, None))

@@ -34,6 +34,7 @@ import pyarrow.dataset as ds
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
 from gamestream import metrics
+from gamestream.kpi import segments
 from gamestream.kpi import tables as kt
 from gamestream.kpi.rows import us
 from gamestream.kpi.state import STATE_KEY, KpiStageSuperseded, StageState
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 MERGE_KEY = "gamestream.kpi_merge"
 KEYS = {"kpi_events_hourly": "window_start", "kpi_bookings_hourly": "window_start", "kpi_top_events": "eventDate",
-        "kpi_daily": "eventDate", "kpi_retention": "cohort_day"}
+        "kpi_daily": "eventDate", "kpi_retention": "cohort_day", "kpi_daily_segments": "eventDate",
+        "kpi_retention_segments": "cohort_day"}
 _DAILY_SUMS = ("dau", "events", "bookings", "paying_users", "new_users", "wau", "mau", "first_purchase_users",
                "sessions")
 
@@ -163,7 +165,7 @@ class KpiMerge:
         last_day = state.get("last_day")
         if name in ("kpi_events_hourly", "kpi_bookings_hourly"):
             keys |= self._newly_final(table, watermark)
-        if name == "kpi_retention":
+        if name in ("kpi_retention", "kpi_retention_segments"):
             last_day = self._last_day()
             keys |= _newly_measurable(state.get("last_day"), last_day)
         committed = table.transaction_version(self.app_id) or 0
@@ -182,7 +184,7 @@ class KpiMerge:
                 if source.num_rows:
                     key = KEYS[name]
                     match = f"t.{key} = s.{key}" + (" AND t.eventName = s.eventName" if name == "kpi_top_events"
-                                                    else "")
+                                                    else _SEGMENT_MATCH if name in _SEGMENT_TABLES else "")
                     count = _COUNT[name]
                     table.merge(source, predicate=match, source_alias="s", target_alias="t",
                                 commit_properties=properties).when_matched_delete(
@@ -243,6 +245,8 @@ class KpiMerge:
             return self._top_events(keys, rows)
         if name == "kpi_daily":
             return _daily(keys, rows)
+        if name in _SEGMENT_TABLES:
+            return self._segments(name, keys, rows, dt.date.fromisoformat(last_day) if last_day else None)
         return _retention(keys, rows, dt.date.fromisoformat(last_day) if last_day else None)
 
     def _hourly(self, name: str, keys: list, rows: pa.Table, watermark: int | None) -> pa.Table:
@@ -271,8 +275,32 @@ class KpiMerge:
                          "events": pa.array(list(counts.values()), pa.int64())}, schema=kt.TOP_EVENTS)
 
 
+    def _segments(self, name: str, keys: list, rows: pa.Table, last_day: dt.date | None) -> pa.Table:
+        """The breakdown rows of `keys` (days, cohorts): the partitions' counts summed per (key, dimension, value),
+        then cut to the top values (`segments.cut_daily`, `segments.retention_rows`); a row the merged table has
+        and the sums no longer do gets zeros (the MERGE deletes it)."""
+        key = KEYS[name]
+        daily = name == "kpi_daily_segments"
+        counts = segments.DAILY_COUNTS if daily else segments.RETENTION_COUNTS
+        summed: list[dict] = []
+        if rows.num_rows:
+            grouped = rows.group_by([key, "dimension", "value"]).aggregate([(c, "sum") for c in counts])
+            for values in zip(*(grouped[c].to_pylist() for c in (key, "dimension", "value",
+                                                                 *(f"{c}_sum" for c in counts)))):
+                summed.append({key: values[0], "dimension": values[1], "value": values[2],
+                               **{c: v or 0 for c, v in zip(counts, values[3:])}})
+        top = self.settings.kpi_top_values
+        out = segments.cut_daily(summed, top) if daily else segments.retention_rows(summed, top, last_day)
+        schema = kt.TABLES[name][0]
+        return segments.with_zeros(out, segments.existing_keys(self.tables[name], key, keys),
+                                   (key, "dimension", "value"), schema)
+
+
+_SEGMENT_TABLES = ("kpi_daily_segments", "kpi_retention_segments")
+_SEGMENT_MATCH = " AND t.dimension = s.dimension AND t.value = s.value"
 _COUNT = {"kpi_events_hourly": "events", "kpi_bookings_hourly": "purchases", "kpi_top_events": "events",
-          "kpi_daily": "events", "kpi_retention": "cohort_size"}
+          "kpi_daily": "events", "kpi_retention": "cohort_size", "kpi_daily_segments": "events",
+          "kpi_retention_segments": "cohort_size"}
 
 
 def _changed_keys(before: pa.Table, after: pa.Table, key: str) -> set:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from gamestream.kpi.rows import normalise
+from gamestream.kpi.rows import normalise, segment_column
 from gamestream.tables import lake
 
 if TYPE_CHECKING:
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 # the rows a part stage folds (`rows.normalise`, with the version that added each)
 ROWS = pa.schema([("eventTime", pa.timestamp("us", tz="UTC")), ("eventName", pa.string()), ("device_id", pa.string()),
                   ("amount", pa.float64()), ("eventDate", pa.date32()), ("_commit_version", pa.int64())])
+
+
+def rows_schema(dimensions: tuple[str, ...]) -> pa.Schema:
+    """`ROWS` with each breakdown dimension's value column (`rows.segment_column`)."""
+    fields = [*ROWS][:-1] + [pa.field(segment_column(d), pa.string()) for d in dimensions] + [ROWS.field(
+        "_commit_version")]
+    return pa.schema(fields)
 
 # operations that add no row to the events table (a part stage need not read their change data)
 _NO_ROWS = frozenset({"OPTIMIZE", "CREATE TABLE", "ADD COLUMN", "ADD COLUMNS", "SET TBLPROPERTIES", "VACUUM START",
@@ -65,6 +72,10 @@ class RouteDataset:
     def __init__(self, dataset: ds.Dataset, part: int, parts: int) -> None:
         self.dataset, self.part, self.parts = dataset, part, parts
 
+    @property
+    def schema(self) -> pa.Schema:
+        return self.dataset.schema
+
     def to_table(self, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
         wanted = columns or self.dataset.schema.names
         read = list(dict.fromkeys([*wanted, "eventParams"]))
@@ -90,13 +101,14 @@ def version_needs(actions: list[dict] | None, own_app_id: str, processor_prefix:
     return info.get("operation") not in _NO_ROWS
 
 
-def insert_rows(changes: pa.Table, versions: set[int]) -> pa.Table:
-    """The inserted rows of `versions`, normalised, from a change data feed read (`_change_type`,
-    `_commit_version`)."""
+def insert_rows(changes: pa.Table, versions: set[int], dimensions: tuple[str, ...] = ()) -> pa.Table:
+    """The inserted rows of `versions`, normalised (with the breakdowns' `dimensions`), from a change data feed
+    read (`_change_type`, `_commit_version`)."""
     kinds = pc.cast(changes["_change_type"], pa.string())
     wanted = pc.and_(pc.equal(kinds, "insert"),
                      pc.is_in(pc.cast(changes["_commit_version"], pa.int64()), pa.array(sorted(versions), pa.int64())))
-    return normalise(changes).filter(wanted)  # normalised first: the feed's string_view columns cannot be taken
+    # normalised first: the feed's string_view columns cannot be taken
+    return normalise(changes, dimensions).filter(wanted)
 
 
 def kpi_partitioned(settings: "Settings", log: "EventLog") -> bool:

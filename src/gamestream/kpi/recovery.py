@@ -12,8 +12,8 @@ from deltalake import DeltaTable, write_deltalake
 
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
-from gamestream.kpi.fold import Fold
-from gamestream.kpi.rows import day_from_table, normalise, us
+from gamestream.kpi.fold import Fold, event_times, note_first_segments
+from gamestream.kpi.rows import day_from_table, event_columns, normalise, us
 from gamestream.kpi.state import STATE_KEY, StageState
 from gamestream.tables import lake
 
@@ -65,15 +65,17 @@ class StageRecovery:
             return {}
         dataset = self._events_dataset(version)
         dates = set(pc.unique(dataset.to_table(columns=["eventDate"])["eventDate"]).to_pylist())
-        return {day: day_from_table(dataset, day) for day in sorted(dates) if not self._day_is_final(day)}
+        return {day: day_from_table(dataset, day, self.dimensions) for day in sorted(dates)
+                if not self._day_is_final(day)}
 
     def _bootstrap(self, names: list[str], version: int) -> None:
         """Fills the KPI tables in `names` (created just now, beside older ones that have `version` folded in) from
         the events table at `version`, then re-derives every daily and cohort row, all with txn `version`."""
         logger.info("KPI tables added to an existing data directory: building them", extra={
             "tables": names, "version": version})
-        rows = normalise(self._events_dataset(version).to_table(
-            columns=["eventTime", "eventName", "eventParams", "eventDate"]))
+        dataset = self._events_dataset(version)
+        rows = normalise(dataset.to_table(columns=event_columns(self.dimensions, dataset.schema.names)),
+                         self.dimensions)
         purchase = pc.fill_null(pc.equal(rows["eventName"], PURCHASE), False)
         state_json = StageState(version, dict(self.state.max_seen), self.state.watermark).to_json()
         names_count = rows.group_by(["eventDate", "eventName"]).aggregate([("eventName", "count")])
@@ -89,6 +91,14 @@ class StageRecovery:
             "kpi_devices": pa.table({"device_id": firsts["device_id"], "first_day": firsts["day_min"],
                                      "first_purchase_day": firsts["pday_min"]}, schema=kt.DEVICES),
         }
+        if self.dimensions:
+            fold = Fold()
+            note_first_segments(fold, rows, event_times(rows), self.dimensions)
+            firsts = fold.first_segments
+            built["kpi_device_segments"] = pa.table({
+                "device_id": [k[0] for k in firsts], "dimension": [k[1] for k in firsts],
+                "first_time": pa.array([v[0] for v in firsts.values()], pa.int64()).cast(kt.TS),
+                "value": [v[1] for v in firsts.values()]}, schema=kt.DEVICE_SEGMENTS)
         for name in names:
             if name in built and built[name].num_rows:
                 data = built[name]
@@ -99,6 +109,8 @@ class StageRecovery:
                                    "move the KPI tables aside to rebuild them all from the events table")
         self._derive_all = True
         self._commit_daily(Fold(), version, state_json, force=True)
+        self._commit_daily_segments(Fold(), version, state_json, force=True)
+        self._commit_retention_segments(Fold(), version, state_json, force=True)
         self._commit_retention(Fold(), version, state_json, force=True)
         self._derive_all = False
         for name in self.folded:

@@ -25,9 +25,27 @@ def from_us(value: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=value)
 
 
-def normalise(table: pa.Table) -> pa.Table:
+EVENT_COLUMNS = ["eventTime", "eventName", "eventParams", "eventDate"]
+COUNTRY_COLUMN = "geo_country"
+
+
+def event_columns(dimensions: tuple[str, ...] = (), available: list[str] | None = None) -> list[str]:
+    """The events table's columns `normalise` reads: the four every KPI needs, and `geo_country` when the
+    breakdowns include the country and the table has the column (`available`; None: assume it has)."""
+    if "country" in dimensions and (available is None or COUNTRY_COLUMN in available):
+        return [*EVENT_COLUMNS, COUNTRY_COLUMN]
+    return list(EVENT_COLUMNS)
+
+
+def segment_column(dimension: str) -> str:
+    """The column of a normalised row that holds its value of a breakdown `dimension`."""
+    return f"d:{dimension}"
+
+
+def normalise(table: pa.Table, dimensions: tuple[str, ...] = ()) -> pa.Table:
     """eventTime, eventName, eventDate and the two parameters the KPIs read, with plain types (the change data
-    feed hands out string_view columns; the events table's eventParams may have promoted fields)."""
+    feed hands out string_view columns; the events table's eventParams may have promoted fields); and each
+    breakdown dimension's value as a string (`segment_column`), `(not set)` where an event has none."""
     params = table["eventParams"]
     columns = {
         "eventTime": pc.cast(table["eventTime"], TS),
@@ -36,6 +54,18 @@ def normalise(table: pa.Table) -> pa.Table:
         "amount": pc.cast(pc.struct_field(params, "amount"), pa.float64()),
         "eventDate": pc.cast(table["eventDate"], pa.date32()),
     }
+    if dimensions:
+        names = {params.type.field(i).name for i in range(params.type.num_fields)}
+        for dimension in dimensions:
+            if dimension == "country":
+                values = table[COUNTRY_COLUMN] if COUNTRY_COLUMN in table.column_names else None
+            else:
+                values = pc.struct_field(params, dimension) if dimension in names else None
+            if values is None:
+                column = pa.array([kt.NOT_SET] * table.num_rows, pa.string())
+            else:
+                column = pc.fill_null(pc.cast(values, pa.string()), kt.NOT_SET)
+            columns[segment_column(dimension)] = column
     if "_commit_version" in table.column_names:
         columns["_commit_version"] = pc.cast(table["_commit_version"], pa.int64())
     return pa.table(columns)
@@ -51,20 +81,22 @@ def rows_in(dataset: ds.Dataset, column: str, values, columns: list[str] | None 
 
 
 def day_rows(rows: pa.Table) -> pa.Table:
-    """The columns `DayState.add` folds."""
+    """The columns `DayState.add` folds (with the breakdowns' value columns, when the rows have them)."""
     purchase = pc.fill_null(pc.equal(rows["eventName"], PURCHASE), False)
-    return pa.table({
+    columns = {
         "device_id": rows["device_id"],
         "t": pc.cast(pc.cast(rows["eventTime"], pa.timestamp("us")), pa.int64()),
         "purchase": purchase,
         "amount": pc.fill_null(rows["amount"], 0.0),
-    })
+    }
+    columns.update({c: rows[c] for c in rows.column_names if c.startswith("d:")})
+    return pa.table(columns)
 
 
-def day_from_table(dataset: ds.Dataset, day: dt.date) -> DayState:
-    """The day's exact state, recomputed from the events table."""
+def day_from_table(dataset: ds.Dataset, day: dt.date, dimensions: tuple[str, ...] = ()) -> DayState:
+    """The day's exact state (and its breakdowns by `dimensions`), recomputed from the events table."""
     rows = dataset.to_table(filter=ds.field("eventDate") == day,
-                            columns=["eventTime", "eventName", "eventParams", "eventDate"])
+                            columns=event_columns(dimensions, dataset.schema.names))
     state = DayState()
-    state.add(day_rows(normalise(rows)))
+    state.add(day_rows(normalise(rows, dimensions)))
     return state

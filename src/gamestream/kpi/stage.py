@@ -64,15 +64,17 @@ from gamestream.kpi.fold import (
     event_times,
     name_counts,
     note_first_days,
+    note_first_segments,
     note_greatest_times,
     note_recorded_times,
     window_deltas,
 )
 from gamestream.kpi.forget import ForgetRevisions
 from gamestream.kpi.increments import IncrementalCommits
-from gamestream.kpi.parts import ROWS, RouteDataset, insert_rows, keep_part, kpi_partitioned, version_needs
+from gamestream.kpi.parts import RouteDataset, insert_rows, keep_part, kpi_partitioned, rows_schema, version_needs
 from gamestream.kpi.recovery import StageRecovery
-from gamestream.kpi.rows import day_rows, from_us, normalise
+from gamestream.kpi.rows import day_rows, event_columns, from_us, normalise
+from gamestream.kpi.segments import SegmentCommits
 from gamestream.kpi.state import STATE_KEY, KpiStageSuperseded, StageState
 from gamestream.kpi.watermark import advanced, committed_offsets, day_is_final, holding_partitions
 from gamestream.log import EventLog, connect, partition_for
@@ -84,7 +86,7 @@ __all__ = ["STATE_KEY", "KpiStage", "KpiStageSuperseded", "StageState", "fold_on
 logger = logging.getLogger(__name__)
 
 
-class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommits):
+class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommits, SegmentCommits):
     """The KPI stage (see the module docstring). Its parts are the classes it is made of, one module each:
     recovery at start-up, forget revisions, the commits of the additive and state tables and of the derived
     tables (both on `commits.ExactlyOnceCommits`); this class reads the versions, folds them and commits."""
@@ -98,6 +100,8 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self.log = log
         self.stop = stop
         self.part = part
+        self.dimensions = settings.segment_dimensions  # the breakdowns (`segments`)
+        self._known_segments: dict[tuple[str, str], tuple[int, str]] = {}  # kpi_device_segments rows read lately
         self.window_us = settings.window_minutes * 60 * 1_000_000
         self.delay_us = settings.watermark_delay_minutes * 60 * 1_000_000
         self.app_id = lake.txn_app_id(settings.pipeline, stage="kpi")
@@ -174,7 +178,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         recorded, from the processor that committed them in this process: a fold whose versions are all offered
         uses them instead of reading the change data feed back."""
         # only the columns the KPIs read (~75 bytes a row): the rest of eventParams is freed with the batch
-        normalised = normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
+        normalised = normalise(rows.select(event_columns(self.dimensions, rows.column_names)), self.dimensions)
         if self.part is not None:
             normalised = keep_part(normalised, self.part, self.log.partitions)
         self.hold(version, normalised, greatest_times)
@@ -217,11 +221,9 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                 self._greatest_times = {v: self._offered_times.get(v) for v in range(first, last + 1)}
             return offered, []
         self._greatest_times = self._recorded_times(first, last)
-        # names quoted: delta-rs plans this with DataFusion, which lower-cases unquoted identifiers
-        reader = self.events.load_cdf(starting_version=first, ending_version=last, columns=[
-            '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
+        reader = self.events.load_cdf(starting_version=first, ending_version=last, columns=self._cdf_columns())
         raw = pa.table(reader.read_all())
-        changes = normalise(raw)
+        changes = normalise(raw, self.dimensions)
         if not changes.num_rows:
             return changes, []
         kinds = pc.cast(raw["_change_type"], pa.string())
@@ -249,13 +251,21 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                   if v not in have and v not in deletes and version_needs(acts, own, prefix)}
         tables = [offered] if offered is not None else []
         if needed:
-            reader = self.events.load_cdf(starting_version=min(needed), ending_version=max(needed), columns=[
-                '"eventTime"', '"eventName"', '"eventParams"', '"eventDate"', "_change_type", "_commit_version"])
-            read = keep_part(insert_rows(pa.table(reader.read_all()), needed), self.part, self.log.partitions)
+            reader = self.events.load_cdf(starting_version=min(needed), ending_version=max(needed),
+                                          columns=self._cdf_columns())
+            read = keep_part(insert_rows(pa.table(reader.read_all()), needed, self.dimensions), self.part,
+                             self.log.partitions)
             tables.append(read)
+        schema = rows_schema(self.dimensions)
         if not tables:
-            return ROWS.empty_table(), deletes
-        return pa.concat_tables([t.select(ROWS.names).cast(ROWS) for t in tables]), deletes
+            return schema.empty_table(), deletes
+        return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]), deletes
+
+    def _cdf_columns(self) -> list[str]:
+        """The columns read from the events table's change data feed (names quoted: delta-rs plans the read with
+        DataFusion, which lower-cases unquoted identifiers)."""
+        available = [f.name for f in self.events.schema().fields]
+        return [f'"{c}"' for c in event_columns(self.dimensions, available)] + ["_change_type", "_commit_version"]
 
     def _recorded_times(self, first: int, last: int) -> dict[int, dict[int, int] | None]:
         """Version → the greatest eventTime per log partition its commit recorded (`lake.GREATEST_TIMES_KEY`),
@@ -346,6 +356,8 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             note_greatest_times(self.state.max_seen, self._partitions_of(rows["device_id"]), times)
         # Step 4
         note_first_days(fold, rows, purchase)
+        if self.dimensions:
+            note_first_segments(fold, rows, times, self.dimensions)
         # Step 5
         self._fold_days(version, rows, fold)
         # Step 6
@@ -381,7 +393,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self._commit_names(fold.names, version, state_json)
         self._commit_activity(fold, version, state_json)
         self._commit_devices(fold, version, state_json)
+        self._commit_device_segments(fold, version, state_json)
         self._commit_daily(fold, version, state_json)
+        self._commit_daily_segments(fold, version, state_json)
+        self._commit_retention_segments(fold, version, state_json)
         self._commit_retention(fold, version, state_json)
         if self.part is not None:
             # A part's retention table always takes the version (an empty commit when nothing changed): its txn
@@ -394,6 +409,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         for day in [d for d in self.days if self._day_is_final(d)]:
             del self.days[day]  # final days leave memory
             self._known_devices.clear()  # bounded: the devices of the days still open come back as they play
+            self._known_segments.clear()
         metrics.kpi_commits.inc()
         if self.state.watermark is not None:
             metrics.watermark.set(self.state.watermark / 1e6)

@@ -22,7 +22,7 @@ from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.kpi.merge import KpiMerge, merged_up_to
 from gamestream.kpi.tables import TABLES as KPI_TABLES
 from gamestream.kpi.parts import kpi_partitioned, routes_of
-from gamestream.kpi.rows import normalise
+from gamestream.kpi.rows import event_columns, normalise
 from gamestream.log import EventLog, LogUnavailable
 from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.process.processor import Processor, ProcessorStats
@@ -95,7 +95,8 @@ class Pipeline:
             stage.offer(version, rows, greatest_times)
         stages = dict(self.part_stages)
         if stages:  # each part stage is handed its devices' rows, routed once here
-            held = normalise(rows.select(["eventTime", "eventName", "eventParams", "eventDate"]))
+            dimensions = self.settings.segment_dimensions
+            held = normalise(rows.select(event_columns(dimensions, rows.column_names)), dimensions)
             routes = routes_of(held["device_id"], self.log.partitions)
             for part, part_stage in stages.items():
                 part_stage.hold(version, held.filter(pc.equal(routes, part)), greatest_times)

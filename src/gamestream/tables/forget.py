@@ -29,9 +29,9 @@
    b. `sql_timeout_s` has passed since that commit and since the KPI tables were seen folded: a query holds a
       snapshot at most that long (the dashboard and SQL read the latest version through `lake.TableCache`);
    c. under the maintenance lock (no automatic OPTIMIZE/VACUUM meanwhile), VACUUM with retention 0 of
-      `events`, `events_quarantine`, `kpi_activity`, `kpi_devices`, keeping every version after the forget
-      (`keep_versions`): the files removed at or before it go, what later versions (and a KPI stage still
-      folding them) read stays;
+      `events`, `events_quarantine`, `kpi_activity`, `kpi_devices`, `kpi_device_segments`, keeping every version
+      after the forget (`keep_versions`): the files removed at or before it go, what later versions (and a KPI
+      stage still folding them) read stays;
    d. the forget commits' `_change_data` files are deleted (VACUUM leaves them; only change-feed reads of those
       versions need them, and the KPI stage has folded those);
    then an audit row `step = "purged"`.
@@ -85,7 +85,7 @@ GRACE_S = 3.0
 MAX_RECHECKS = 5
 KPI_WAIT_S = 300.0
 """Purge waits at most this long for a running KPI stage to fold the forget commit."""
-PURGED_TABLES = ("events", "events_quarantine", "kpi_activity", "kpi_devices")
+PURGED_TABLES = ("events", "events_quarantine", "kpi_activity", "kpi_devices", "kpi_device_segments")
 """The tables whose old files may hold a device id (the KPI state tables keep device_id)."""
 
 class ForgetError(ValueError):
@@ -381,7 +381,7 @@ def purge_forgotten(settings: Settings, report: ForgetReport, *, audit: DeltaTab
     try:
         swept: dict[str, int] = {}
         # the partitions' copies of the state tables too (partitioned KPIs): they hold device ids as well
-        for name in (*PURGED_TABLES, *kpi_part_tables(settings, ("kpi_activity", "kpi_devices"))):
+        for name in (*PURGED_TABLES, *kpi_part_tables(settings, PURGED_TABLES[2:])):
             uri = settings.table_uri(name)
             if name not in keep_after or not lake.table_exists(uri):
                 continue
