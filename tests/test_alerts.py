@@ -323,8 +323,9 @@ def _error(text: str, tmp_path: Path) -> str:
     ('kpi = "kpi_daily.arpdau"\nover = "5m"\nbelow = 1', "over needs a column that adds up over time"),
     ('kpi = "kpi_daily.dau"\ndrop_pct = 20\nwindow = "current"', "changes and bands compare whole windows"),
     ('kpi = "kpi_daily.dau"\noutside_band = 1', "outside_band is how many past same-window values"),
-    ('kpi = "kpi_daily.dau"\nbelow = 1\nsegment = "country = \'DE\'"', "per-segment KPIs (kpi_daily_segments) "
-                                                                         "are not available yet"),
+    ('kpi = "kpi_daily.dau"\nbelow = 1\nsegment = "DE"', "segment must be \"<dimension>=<value>\""),
+    ('kpi = "kpi_bookings_hourly.purchases"\nbelow = 1\nsegment = "country=DE"', "segment applies to kpi_daily's"),
+    ('kpi = "kpi_daily.wau"\nbelow = 1\nsegment = "country=DE"', "kpi_daily_segments has no column 'wau'"),
     ('sql = "DELETE FROM events"\nabove = 1', "sql: DELETE is not allowed here"),
     ('sql = "SELEC count(*) FROM events"\nabove = 1', "sql: "),
     ('sql = "SELECT 1"\ndrop_pct = 10', "a sql rule takes above/below"),

@@ -6,6 +6,7 @@ countries and a promoted parameter, events without a platform, late events earli
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 from pathlib import Path
 
@@ -156,3 +157,73 @@ def test_segment_kpis_equal_the_reference_with_late_events_and_a_forget(tmp_path
     copies = [data / "tables" / "kpi_device_segments"] if mode == "global" else sorted(
         (data / "tables" / "kpi_parts").glob("p*/kpi_device_segments"))
     assert copies and all(forgotten not in {r["device_id"] for r in table_rows(c)} for c in copies)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[kpi]\ndimensions = ["level"]\n', "kpi dimensions: 'level' is not a promoted parameter"),
+    ('[schema.params]\nseen = "timestamp"\n[kpi]\ndimensions = ["seen"]\n', "'seen' is promoted as timestamp"),
+    ('[kpi]\ntop_values = 0\n', "kpi.top_values must be a whole number of at least 1"),
+    ('[kpi]\ndimension = ["platform"]\n', "unknown key kpi.dimension"),
+])
+def test_a_bad_kpi_section_stops_a_command_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gamestream.toml").write_text(text)
+    failed = gamestream("process", "--until-idle", data_dir=data, check=False)
+    assert failed.returncode != 0
+    assert message in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_the_segment_tables_answer_sql_and_follow_top_values(tmp_path: Path) -> None:
+    """`gamestream sql` reads the breakdowns; with `top_values = 1` each day keeps one value per dimension and
+    sums the rest into (other), whose DAU is the sum of theirs."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gamestream.toml").write_text("[kpi]\ntop_values = 1\n")
+    events = play(41, events=2000, users=60, start=START, days=2)
+    gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events)), data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+    want, _ = segments(events, ("platform", "app_version", "country"), 1)
+    answer = gamestream("sql", "select eventDate, dimension, value, dau from kpi_daily_segments", "--format", "json",
+                        data_dir=data)
+    got = {(dt.date.fromisoformat(r["eventDate"]), r["dimension"], r["value"]): r["dau"]
+           for r in json.loads(answer.stdout)}
+    assert got == {k: r["dau"] for k, r in want.items()}
+    assert OTHER in {k[2] for k in got if k[1] == "country"}
+    assert all(sum(1 for k in got if k[0] == day and k[1] == "platform") == 2 for day in {k[0] for k in got})
+
+
+def test_an_alert_rule_reads_one_segment_of_yesterday(tmp_path: Path) -> None:
+    """`segment = "platform=android"` on a kpi_daily rule reads that value's row of kpi_daily_segments."""
+    data = tmp_path / "data"
+    data.mkdir()
+    yesterday = dt.datetime.combine(dt.datetime.now(UTC).date() - dt.timedelta(days=1), dt.time(), UTC)
+    events = play(51, events=1500, users=80, start=yesterday, days=0.9)
+    gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events)), data_dir=data)
+    gamestream("process", "--until-idle", data_dir=data)
+    (data / "gamestream.toml").write_text("""
+[alerting.pipeline]
+backlog_growing = false
+freshness = false
+quarantine_rate = false
+commit_errors = false
+
+[[alerts]]
+name = "android"
+kpi = "kpi_daily.dau"
+segment = "platform=android"
+below = 1000
+
+[[alerts]]
+name = "brazil buyers"
+kpi = "kpi_daily.paying_users"
+segment = "country=BR"
+above = 1000
+""")
+    want, _ = segments(events, ("platform", "country"), 50)
+    rows = {r["name"]: r for r in json.loads(gamestream("alerts", "--format", "json", data_dir=data).stdout)}
+    assert rows["android"]["value_now"] == want[(yesterday.date(), "platform", "android")]["dau"] > 0
+    assert rows["android"]["breach_now"] is True
+    assert rows["brazil buyers"]["value_now"] == want[(yesterday.date(), "country", "BR")]["paying_users"]
+    assert rows["brazil buyers"]["breach_now"] is False
+    assert "where platform = android" in gamestream("alerts", data_dir=data).stdout

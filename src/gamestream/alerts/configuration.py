@@ -170,13 +170,15 @@ class Rule:
     webhook: Webhook | None = None
     severity: Severity = "warning"
     summary: str = ""
+    segment: tuple[str, str] | None = None  # (dimension, value): the rule reads kpi_daily_segments' row of it
 
     @property
     def reads(self) -> str:
         """What the rule reads, in words, for listings and messages."""
         if self.source == "kpi":
             span = f"growth over {format_duration(self.over_s)}" if self.over_s else f"{self.window} window"
-            return f"{self.table}.{self.column} ({span})"
+            where = f" where {self.segment[0]} = {self.segment[1]}" if self.segment else ""
+            return f"{self.table}.{self.column}{where} ({span})"
         if self.source == "sql":
             one_line = " ".join((self.sql or "").split())
             return f"sql: {one_line[:80]}{'…' if len(one_line) > 80 else ''}"
@@ -468,9 +470,6 @@ def _user_rules(entries: object, base: _Base, where: str) -> list[Rule]:
 
 
 def _user_rule(entry: dict, name: str, base: _Base, ctx: _Context) -> Rule:
-    if "segment" in entry:
-        raise ctx.fail("segment: per-segment KPIs (kpi_daily_segments) are not available yet; write the rule with "
-                       "sql = \"SELECT … FROM events WHERE …\" for one segment meanwhile")
     kpi, sql = entry.get("kpi"), entry.get("sql")
     if (kpi is None) == (sql is None):
         raise ctx.fail("give what the rule reads: kpi = \"<table>.<column>\" or sql = \"SELECT …\" (one of them)")
@@ -483,6 +482,7 @@ def _user_rule(entry: dict, name: str, base: _Base, ctx: _Context) -> Rule:
     if sql is not None:
         return Rule(source="sql", sql=_checked_sql(sql, condition, entry, ctx), **common)
     table, column = _kpi_target(kpi, ctx)
+    segment = _segment(entry, table, column, ctx) if "segment" in entry else None
     window = entry.get("window", "last")
     if window not in ("current", "last"):
         raise ctx.fail(f"window must be \"current\" (the window under way) or \"last\" (the last complete one), "
@@ -498,7 +498,28 @@ def _user_rule(entry: dict, name: str, base: _Base, ctx: _Context) -> Rule:
             raise ctx.fail("over takes above/below; changes and bands compare whole windows (use window)")
     elif condition.kind in ("change", "band") and window == "current":
         raise ctx.fail("changes and bands compare whole windows: use window = \"last\" (the default)")
-    return Rule(source="kpi", table=table, column=column, window=window, over_s=over, **common)
+    return Rule(source="kpi", table=table, column=column, window=window, over_s=over, segment=segment, **common)
+
+
+_DIMENSION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _segment(entry: dict, table: str, column: str, ctx: _Context) -> tuple[str, str]:
+    """A rule's `segment = "<dimension>=<value>"`: it reads that value's row of kpi_daily_segments."""
+    from gamestream.kpi import tables as kt
+
+    raw = entry["segment"]
+    dimension, _, value = raw.partition("=") if isinstance(raw, str) else ("", "", "")
+    dimension, value = dimension.strip(), value.strip()
+    if not _DIMENSION.match(dimension) or not value:
+        raise ctx.fail(f"segment must be \"<dimension>=<value>\", e.g. \"platform=android\" or \"country=BR\", "
+                       f"not {raw!r}")
+    if table != "kpi_daily":
+        raise ctx.fail("segment applies to kpi_daily's columns (the breakdowns are per day: kpi_daily_segments)")
+    columns = [f.name for f in kt.DAILY_SEGMENTS if f.name not in ("eventDate", "dimension", "value")]
+    if column not in columns:
+        raise ctx.fail(f"segment: kpi_daily_segments has no column {column!r}; its columns are {', '.join(columns)}")
+    return dimension, value
 
 
 def _kpi_target(kpi: object, ctx: _Context) -> tuple[str, str]:

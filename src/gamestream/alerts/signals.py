@@ -102,13 +102,21 @@ class Signals:
     # ------------------------------------------------------------------------------------------------- KPIs
     def _kpi(self, rule: Rule, now: float) -> Reading:
         assert rule.table and rule.column
-        table = self.tables.latest(self.settings.table_uri(rule.table))
+        name = "kpi_daily_segments" if rule.segment else rule.table
+        table = self.tables.latest(self.settings.table_uri(name))
         if table is None:
-            return Reading(None, f"{rule.table} does not exist yet")
+            return Reading(None, f"{name} does not exist yet")
         key = KPI_WINDOWS[rule.table]
         if rule.column not in lake.arrow_schema_of(table).names:
-            return Reading(None, f"{rule.table} has no column {rule.column} yet")
-        rows = table.to_pyarrow_table(columns=[key, rule.column])
+            return Reading(None, f"{name} has no column {rule.column} yet")
+        if rule.segment:  # the value's rows (a day it was not among the day's top values has none: 0 of a count)
+            # (filtered after the read: MERGE-written files declare string_view columns a scan filter cannot take)
+            dimension, value = rule.segment
+            rows = table.to_pyarrow_table(columns=[key, rule.column, "dimension", "value"])
+            rows = rows.filter(pc.and_(pc.equal(pc.cast(rows["dimension"], pa.string()), dimension),
+                                       pc.equal(pc.cast(rows["value"], pa.string()), value)))
+        else:
+            rows = table.to_pyarrow_table(columns=[key, rule.column])
         if rule.over_s:
             total = pc.sum(rows[rule.column]).as_py() or 0
             grown = self._growth(rule, float(total), rule.over_s)

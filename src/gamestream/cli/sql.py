@@ -23,7 +23,8 @@ MAX_TABLE_ROWS = 1000
 def sql(query: str, data_dir: Path | None, tables_uri: str | None, output: str) -> None:
     """Runs a read-only Spark SQL query over the tables (events, alias mobile_events_delta_raw,
     events_quarantine, kpi_events_hourly, kpi_bookings_hourly, kpi_daily, kpi_retention, kpi_top_events,
-    kpi_activity, kpi_devices, audit, alerts). Dates are UTC."""
+    kpi_activity, kpi_devices, kpi_daily_segments, kpi_retention_segments, kpi_device_segments, audit, alerts).
+    Dates are UTC."""
     from gamestream.api.query import QueryError, SqlEngine
 
     try:
