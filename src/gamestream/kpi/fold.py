@@ -112,19 +112,33 @@ def note_first_days(fold: Fold, rows: pa.Table, purchase: pa.Array) -> None:
 
 def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...]) -> None:
     """Lowers the fold's earliest (time, value) per device and breakdown dimension to the rows' earliest (of two
-    events at the same microsecond, the least value): the value the device's install cohort takes."""
-    for dimension in dimensions:
-        frame = pa.table({"d": rows["device_id"], "t": times, "v": rows[f"d:{dimension}"]}).sort_by(
-            [("d", "ascending"), ("t", "ascending"), ("v", "ascending")])
-        devices = frame["d"].combine_chunks()
-        if not len(devices):
+    events at the same microsecond, the least value): the value the device's install cohort takes. One sort by
+    (device, time) finds each device's earliest row; the rare devices with two rows at that microsecond take the
+    least value of those rows, dimension by dimension."""
+    if not rows.num_rows:
+        return
+    columns = [f"d:{d}" for d in dimensions]
+    frame = pa.table({"d": rows["device_id"], "t": times, **{c: rows[c] for c in columns}}).sort_by(
+        [("d", "ascending"), ("t", "ascending")])
+    devices = frame["d"].combine_chunks()
+    stamps = frame["t"].combine_chunks()
+    starts = pa.concat_arrays([pa.array([True]), pc.fill_null(pc.not_equal(devices[1:], devices[:-1]), True)])
+    # a device whose second row has its first row's time: the least value among those rows, per dimension
+    tied_next = pc.and_(pc.invert(starts[1:]), pc.equal(stamps[1:], stamps[:-1]))
+    tied = set(devices.filter(pa.concat_arrays([pc.fill_null(pc.and_(starts[:-1], tied_next), False),
+                                                pa.array([False])])).to_pylist()) if len(devices) > 1 else set()
+    first = frame.filter(starts)
+    values = [first[c].to_pylist() for c in columns]
+    firsts = fold.first_segments
+    for index, (device, t) in enumerate(zip(first["d"].to_pylist(), first["t"].to_pylist())):
+        if device is None:
             continue
-        starts = pa.concat_arrays([pa.array([True]), pc.fill_null(pc.not_equal(devices[1:], devices[:-1]), True)])
-        first = frame.filter(starts)
-        firsts = fold.first_segments
-        for device, t, value in zip(*(first[c].to_pylist() for c in ("d", "t", "v"))):
-            if device is None:
-                continue
+        if device in tied:
+            same = frame.filter(pc.and_(pc.equal(frame["d"], device), pc.equal(frame["t"], t)))
+            row = tuple(min(same[c].to_pylist()) for c in columns)
+        else:
+            row = tuple(v[index] for v in values)
+        for dimension, value in zip(dimensions, row):
             key = (device, dimension)
             held = firsts.get(key)
             if held is None or (t, value) < held:

@@ -35,11 +35,12 @@ from gamestream.kpi import tables as kt
 from gamestream.kpi.commits import ExactlyOnceCommits
 from gamestream.kpi.days import DayState
 from gamestream.kpi.fold import Fold
-from gamestream.kpi.rows import day_from_table, from_us, rows_in
+from gamestream.kpi.rows import day_from_table, rows_in
 
 DAILY_COUNTS = ("dau", "new_users", "events", "bookings", "paying_users", "sessions")
 RETENTION_COUNTS = ("cohort_size", *(f"d{n}_users" for n in kt.RETENTION_DAYS))
 DAILY_KEY = "t.eventDate = s.eventDate AND t.dimension = s.dimension AND t.value = s.value"
+_EPOCH, _DAY_US = dt.date(1970, 1, 1), 86_400_000_000
 RETENTION_KEY = "t.cohort_day = s.cohort_day AND t.dimension = s.dimension AND t.value = s.value"
 
 
@@ -79,7 +80,7 @@ class SegmentCommits(ExactlyOnceCommits):
                 changed[key] = first
                 for t in (first[0], old[0] if old else None):
                     if t is not None:
-                        day = from_us(t).date()
+                        day = _EPOCH + dt.timedelta(days=t // _DAY_US)
                         fold.segment_days.add(day)
                         fold.segment_cohorts.add(day)
         if not changed:
