@@ -15,6 +15,7 @@ import msgspec
 from gamestream import schema
 from gamestream.log.envelope import MAX_IDEMPOTENCY_KEY
 from gamestream.api import funnel as funnels
+from gamestream.api.dashboard import segments
 from gamestream.api.routes.forget import FORGET_MAX_DEVICES
 from gamestream.ingest.http_guard import MAX_HEADER_LINES
 from gamestream.settings import Settings
@@ -71,6 +72,24 @@ DASHBOARD: Json = {"type": "object", "properties": {
                   "(D1/D7/D30 null until measurable)"},
     "top_events": {"type": ["object", "null"], "description": "the latest day's 10 most frequent eventNames "
                    "(kpi_top_events)"},
+    "segments": {"type": "object", "required": ["dimension", "dimensions"], "description": (
+        "Breakdowns (kpi_daily_segments, kpi_retention_segments): `dimensions` always; the rest with "
+        f"?dimension=. Of the dimension's values, the {segments.SERIES_SHOWN} with the most DAU over the days shown "
+        "(for retention: the most installs over the cohorts shown) are series of their own; every other value, "
+        "and the KPI stage's own `(other)`, is summed into `(other)` (its ARPPU and conversion computed from the "
+        "sums). Empty while the tables are missing"), "properties": {
+        "dimension": {"type": ["string", "null"], "description": "the dimension asked for; null: the totals"},
+        "dimensions": {"type": "array", "items": {"type": "string"},
+                       "description": "the dimensions present in the segment tables (the page's selector)"},
+        "series": {"type": "array", "items": {"type": "string"}, "description": "the values drawn, top first, "
+                   "then `(other)` when anything was folded into it"},
+        "days": {"type": "array", "description": "per day (oldest first, the last 30 days) and series: eventDate, "
+                 "value, dau, new_users, events, bookings, paying_users, arppu, conversion, sessions"},
+        "latest": {"type": ["object", "null"], "description": "{eventDate, rows}: the newest day's rows as stored "
+                   "(every value; by DAU, `(other)` last), each with the figures of `days`"},
+        "retention": {"type": "array", "description": "per install cohort (the 37 newest, newest first) and "
+                      "series: cohort_day, value, cohort_size, d1, d7, d30 (null until measurable), d1_users, "
+                      "d7_users, d30_users"}}},
     "ingest": {"type": "object", "properties": {"events_per_second": {"type": "number"}}},
     "lag": {"type": "object", "properties": {
         "backlog_events": {"type": "integer"},
@@ -88,6 +107,10 @@ DASHBOARD: Json = {"type": "object", "properties": {
             "small_file_bytes": {"type": "integer", "description": "a quarter of OPTIMIZE's target size"},
             "last_optimize": {"type": ["string", "null"], "format": "date-time"},
             "last_vacuum": {"type": ["string", "null"], "format": "date-time"}}}}}}}
+
+
+DIMENSION_ERROR: Json = {"type": "object", "required": ["error", "dimensions"], "properties": {
+    **ERROR["properties"], "dimensions": {"type": "array", "items": {"type": "string"}}}}
 
 
 def reply(description: str, body: Json) -> Json:
@@ -296,10 +319,16 @@ def forget_entry_path(settings: Settings) -> Json:
 def dashboard_path(settings: Settings) -> Json:
     key = {"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
            "description": "admin key, when keys are configured (or a header)"}
+    # the configured dimensions ([kpi] dimensions after the built-in ones); none when [kpi] segments is off
+    known = segments.known_dimensions(segments.SegmentRows(), settings.segment_dimensions)
+    dimension = {"name": "dimension", "in": "query", "required": False, "schema": {"type": "string", "enum": known},
+                 "description": "split the answer's `segments` by this dimension's values (absent: the totals "
+                                "only). Also taken: any other dimension present in the segment tables"}
     return {"get": {
         "summary": "What the dashboard at / shows, as JSON (the page polls it every second)",
-        "parameters": [key],
+        "parameters": [key, dimension] if known else [key],
         "responses": {**connection_limits(settings), "200": reply("KPIs, lag, quarantine and table health", DASHBOARD),
+                      "400": reply("An unknown dimension; `dimensions` lists the known ones", DIMENSION_ERROR),
                       "401": reply(NO_ADMIN_KEY, ERROR)},
     }}
 

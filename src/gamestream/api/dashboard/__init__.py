@@ -10,12 +10,19 @@ From the KPI tables of issue 16 it also shows the latest day's engagement and mo
 new users, ARPPU, conversion, sessions, average session length; DAU/WAU/MAU per day as a chart), the retention
 cohorts (D1, D7, D30) and the latest day's top events. A table or column the KPI stage has not written yet (a
 data directory from an older version) is shown as "no data yet": each figure it would give is None or empty here.
+
+Breakdowns (issue 27, `segments.py`): a dimension selector ("Total", then each dimension in kpi_daily_segments)
+splits the daily chart (DAU per day per value), the latest day's figures (a row per value) and the retention table
+(a row per cohort and value). The answer always carries `segments.dimensions` (what the selector lists); with
+`?dimension=NAME` also the split itself (`segments.breakdown`), built from one cached read of kpi_daily_segments
+and kpi_retention_segments that serves every dimension. A name neither configured (`Settings.segment_dimensions`)
+nor in the tables is refused (`UnknownDimension`, a 400 naming the known ones); a known one without rows, or
+missing tables, gives an empty split ("no data yet").
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import threading
 import time
 from collections import deque
@@ -24,6 +31,9 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from gamestream.api.dashboard import segments
+from gamestream.api.dashboard.figures import number as _number
+from gamestream.api.dashboard.segments import SegmentRows, UnknownDimension
 from gamestream.settings import Settings
 from gamestream.tables import lake
 from gamestream.tables.maintenance import file_stats, last_operations
@@ -46,14 +56,6 @@ ACTIVITY_COLUMNS = {"dau": None, "wau": None, "mau": None, "stickiness": None, "
 
 def _iso(value: dt.datetime | dt.date | None) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def _number(value: float | int | None, decimals: int | None = None) -> float | int | None:
-    """A figure as JSON can carry it: rounded, and None for a missing value, NaN or infinity (which a JSON
-    document cannot hold; starlette refuses to encode them, which would fail the whole answer)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None
-    return round(value, decimals) if decimals is not None else value
 
 
 def activity(daily: list[dict]) -> tuple[dict | None, list[dict]]:
@@ -114,11 +116,13 @@ class IngestRate:
 @dataclass(frozen=True)
 class _Cached:
     """One read of the tables: when (monotonic), what the answer shows of them, and the newest committed
-    eventTime, kept apart because freshness is measured from it at each request, not at the read."""
+    eventTime, kept apart because freshness is measured from it at each request, not at the read; likewise the
+    segment tables' rows, which each request splits by the dimension it asks for."""
 
     read_at: float
     tables: dict[str, Any]
     newest_event_time: dt.datetime | None
+    segments: SegmentRows
 
 
 class DashboardData:
@@ -131,29 +135,51 @@ class DashboardData:
         self._lock = threading.Lock()
         self._tables = lake.TableCache()  # used under self._lock only
 
-    def snapshot(self, *, backlog: int | None, events_per_second: float) -> dict[str, Any]:
-        """The `/v1/dashboard` answer. The cached tables are shared by every request within `ttl_s` (several open
-        pages, or one page polling faster than the cache expires), so nothing here may change them: freshness is
-        computed anew from the cached newest eventTime each time, which keeps it right on every cache hit."""
+    def snapshot(self, *, backlog: int | None, events_per_second: float,
+                 dimension: str | None = None) -> dict[str, Any]:
+        """The `/v1/dashboard` answer, split by `dimension` when one is given (`segments`); raises
+        `UnknownDimension` for a name `known_dimensions` does not hold. The cached tables are shared by every
+        request within `ttl_s` (several open pages, or one page polling faster than the cache expires), so nothing
+        here may change them: freshness is computed anew from the cached newest eventTime each time, which keeps
+        it right on every cache hit, and the split is built anew from the cached segment rows."""
         with self._lock:
             if self._cached and time.monotonic() - self._cached.read_at < self.ttl_s:
                 cached = self._cached
             else:
                 tables, newest = self._read_tables()
-                cached = self._cached = _Cached(time.monotonic(), tables, newest)
+                cached = self._cached = _Cached(time.monotonic(), tables, newest, self._read_segments())
+        listed = segments.listed_dimensions(cached.segments, self.settings.segment_dimensions)
+        split: dict[str, Any] = {"dimension": None, "dimensions": listed}
+        if dimension is not None:
+            known = self.known_dimensions(cached.segments)
+            if dimension not in known:
+                raise UnknownDimension(dimension, known)
+            split = segments.breakdown(cached.segments, dimension, listed)
         now = dt.datetime.now(UTC)
         newest = cached.newest_event_time
         return {
             "generated_at": now.isoformat(),
             **cached.tables,
+            "segments": split,
             "ingest": {"events_per_second": round(events_per_second, 1)},
             "lag": {"backlog_events": backlog,
                     "newest_event_time": _iso(newest),
                     "freshness_seconds": round((now - newest).total_seconds(), 1) if newest else None},
         }
 
+    def known_dimensions(self, rows: SegmentRows) -> list[str]:
+        """What `?dimension=` takes: the dimensions the KPI stage is configured to keep, and any in the tables."""
+        return segments.known_dimensions(rows, self.settings.segment_dimensions)
+
     def _table(self, name: str) -> DeltaTable | None:
         return self._tables.latest(self.settings.table_uri(name))
+
+    def _read_segments(self) -> SegmentRows:
+        """The segment tables' rows of the days and cohorts shown (none while a table is missing)."""
+        return SegmentRows(
+            days=segments.read_days(self._tables.dataset(self.settings.table_uri("kpi_daily_segments")), DAYS_SHOWN),
+            cohorts=segments.read_cohorts(self._tables.dataset(self.settings.table_uri("kpi_retention_segments")),
+                                          COHORTS_SHOWN))
 
     def _rows(self, name: str) -> list[dict]:
         """All rows of a small KPI table (one read), or none when the table does not exist yet."""

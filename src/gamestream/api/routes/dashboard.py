@@ -1,4 +1,5 @@
-"""The dashboard: its page at `/` (static files under `/static`) and the JSON it polls, `GET /v1/dashboard`.
+"""The dashboard: its page at `/` (static files under `/static`) and the JSON it polls, `GET /v1/dashboard`
+(`?dimension=NAME` splits it by a dimension's values; an unknown name is a 400 naming the known ones).
 Both need an admin key when keys are configured, in a header or as `?key=` (a browser's address bar)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from gamestream.api.access import is_admin_in_browser
 from gamestream.api.collector import Collector
 from gamestream.api.dashboard import DashboardData
+from gamestream.api.dashboard.segments import UnknownDimension
 
 STATIC = Path(__file__).resolve().parents[1] / "dashboard" / "static"
 NO_STORE = {"Cache-Control": "no-store"}
@@ -30,6 +32,10 @@ async def dashboard_json(request: Request) -> Response:
         return JSONResponse({"error": "the dashboard needs an admin key"}, status_code=401)
     collector: Collector = request.app.state.collector
     dashboard: DashboardData = request.app.state.dashboard
-    data = await asyncio.to_thread(dashboard.snapshot, backlog=collector.backlog,
-                                   events_per_second=collector.ingest_rate.per_second())
+    try:
+        data = await asyncio.to_thread(dashboard.snapshot, backlog=collector.backlog,
+                                       events_per_second=collector.ingest_rate.per_second(),
+                                       dimension=request.query_params.get("dimension"))
+    except UnknownDimension as error:
+        return JSONResponse({"error": str(error), "dimensions": error.known}, status_code=400, headers=NO_STORE)
     return JSONResponse(data, headers=NO_STORE)

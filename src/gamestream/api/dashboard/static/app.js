@@ -12,7 +12,7 @@
   const upTo1 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
   const percent1 = new Intl.NumberFormat(undefined, { style: "percent", minimumFractionDigits: 1, maximumFractionDigits: 1 });
   const NO_DATA = "no data yet";  // a figure whose KPI table or column the KPI stage has not written (yet)
-  let eventsPlot = null, bookingsPlot = null, activityPlot = null, lastData = null;
+  let eventsPlot = null, bookingsPlot = null, activityPlot = null, segmentPlot = null, lastData = null;
   // the plots and the poll count, for the end-to-end test (tests/test_dashboard.py) and for curious consoles
   window.gamestream = { plots: {}, polls: 0 };
 
@@ -178,16 +178,18 @@
       };
       cell(c.cohort_day);
       cell(number.format(c.cohort_size), "cohort_size");
-      for (const n of [1, 7, 30]) {
-        const rate = c["d" + n], td = cell(rate == null ? "—" : percent1.format(rate), "d" + n);
-        if (rate == null) { td.className = "unmeasured"; td.title = "day " + n + " after install is still to come"; continue; }
-        td.className = rate > 0.5 ? "rate strong" : "rate";
-        td.dataset.rate = rate;
-        td.style.setProperty("--rate", String(Math.min(1, Math.max(0, rate))));
-        td.title = number.format(c["d" + n + "_users"]) + " of " + number.format(c.cohort_size) + " devices";
-      }
+      for (const n of [1, 7, 30]) rateCell(cell(c["d" + n] == null ? "—" : percent1.format(c["d" + n]), "d" + n), c, n);
       return tr;
     }));
+  }
+
+  function rateCell(td, c, n) {
+    const rate = c["d" + n];
+    if (rate == null) { td.className = "unmeasured"; td.title = "day " + n + " after install is still to come"; return; }
+    td.className = rate > 0.5 ? "rate strong" : "rate";
+    td.dataset.rate = rate;
+    td.style.setProperty("--rate", String(Math.min(1, Math.max(0, rate))));
+    td.title = number.format(c["d" + n + "_users"]) + " of " + number.format(c.cohort_size) + " devices";
   }
 
   function topEventsList(top) {
@@ -205,6 +207,167 @@
     });
     if (!items.length) { const li = document.createElement("li"); li.className = "muted"; li.textContent = NO_DATA; items.push(li); }
     $("top-events").replaceChildren(...items);
+  }
+
+  // ------------------------------------------------------------------------------------------------ breakdowns
+  // The dimension the page is split by ("" = Total), kept in the address (?dimension=country) so that a reload, a
+  // bookmark or a shared link shows the same split; every poll asks for it (GET /v1/dashboard?dimension=…).
+  const address = new URL(location.href);
+  let dimension = address.searchParams.get("dimension") || "";
+  let segmentSeries = "";  // the series the segment chart was built with (rebuilt when they change)
+  let segmentRange = null;  // its days, as the activity chart's: plus one on each side, at least a week
+  window.gamestream.dimension = () => dimension;
+  const SERIES_COLORS = ["--s1", "--s2", "--s3", "--s4", "--s5", "--s6", "--s7", "--s8"];
+  const OTHER = "(other)";
+  const seriesColor = (value, i) => css(value === OTHER ? "--other" : SERIES_COLORS[i % SERIES_COLORS.length]);
+
+  function dashboardUrl() {
+    return "/v1/dashboard" + (dimension ? "?dimension=" + encodeURIComponent(dimension) : "");
+  }
+
+  function choose(value, note) {
+    if (value !== dimension) {  // nothing of the previous split stays on screen while the new one is asked for
+      dropSegmentPlot();
+      for (const [id, columns] of [["segment-latest", 9], ["segment-cohorts", 6]]) noDataRow($(id), columns, "…");
+      $("segment-chart").replaceChildren();
+    }
+    dimension = value;
+    if (value) address.searchParams.set("dimension", value); else address.searchParams.delete("dimension");
+    history.replaceState(null, "", address.pathname + address.search + address.hash);
+    $("dimension").value = value;
+    $("dimension-status").textContent = note || "";
+    showSplit(Boolean(value));
+  }
+
+  // "Total", then each dimension the segment tables hold (and the chosen one, should they not hold it yet);
+  // rebuilt only when that list changes, so an open drop-down is not closed under the viewer's pointer
+  function dimensionOptions(dimensions) {
+    const select = $("dimension");
+    const names = dimensions.slice();
+    if (dimension && !names.includes(dimension)) names.push(dimension);
+    const wanted = JSON.stringify(names);
+    if (select.dataset.options !== wanted) {
+      const options = names.map((name) => { const o = document.createElement("option"); o.value = o.textContent = name; return o; });
+      const total = document.createElement("option"); total.value = ""; total.textContent = "Total";
+      select.replaceChildren(total, ...options);
+      select.dataset.options = wanted;
+    }
+    select.value = dimension;
+  }
+
+  function showSplit(split) {
+    for (const id of ["segment-latest-card", "segment-chart-card", "cohorts-split"]) $(id).hidden = !split;
+    $("cohorts-total").hidden = split;
+    document.querySelector(".by-dimension").hidden = !split;
+    for (const el of document.querySelectorAll(".dimension-name")) el.textContent = dimension;
+    if (!split) dropSegmentPlot();
+  }
+
+  function dropSegmentPlot() {
+    if (segmentPlot) segmentPlot.destroy();
+    segmentPlot = null; segmentSeries = ""; window.gamestream.plots.segments = null;
+  }
+
+  function noDataRow(tbody, columns, text) {
+    const tr = document.createElement("tr"), td = document.createElement("td");
+    td.colSpan = columns; td.className = "muted"; td.textContent = text || NO_DATA;
+    tr.appendChild(td); tbody.replaceChildren(tr);
+  }
+
+  function swatch(value, series) {
+    const i = series.indexOf(value), span = document.createElement("span");
+    span.className = "swatch";
+    span.style.background = i < 0 ? "transparent" : seriesColor(value, i);
+    return span;
+  }
+
+  // the latest day's stored rows, every value (a value the chart folds into (other) still has its own row here)
+  function segmentLatest(s) {
+    $("segment-latest-day").textContent = s.latest ? s.latest.eventDate + " (UTC)" : NO_DATA;
+    const tbody = $("segment-latest");
+    if (!s.latest || !s.latest.rows.length) { noDataRow(tbody, 9); return; }
+    tbody.replaceChildren(...s.latest.rows.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.value = r.value;
+      const name = document.createElement("td");
+      name.append(swatch(r.value, s.series), r.value);
+      tr.appendChild(name);
+      for (const [field, format] of [["dau", number], ["new_users", number], ["events", number], ["bookings", money],
+        ["paying_users", number], ["arppu", money], ["conversion", percent1], ["sessions", number]]) {
+        const td = document.createElement("td");
+        td.dataset.field = field;
+        td.textContent = r[field] == null ? "–" : format.format(r[field]);
+        tr.appendChild(td);
+      }
+      return tr;
+    }));
+  }
+
+  // DAU per day, one line per series; a day without a row for a value is a gap, not a made-up zero
+  function segmentChart(s) {
+    const el = $("segment-chart");
+    const days = [...new Set(s.days.map((r) => r.eventDate))].sort();
+    const key = JSON.stringify(s.series);
+    if (!days.length) {
+      dropSegmentPlot();
+      const p = document.createElement("p"); p.className = "muted nodata"; p.textContent = NO_DATA;
+      el.replaceChildren(p); return;
+    }
+    const xs = days.map(daySeconds);
+    const dau = new Map(s.days.map((r) => [r.eventDate + "\u0000" + r.value, r.dau]));
+    const data = [xs, ...s.series.map((value) => days.map((d) => { const v = dau.get(d + "\u0000" + value); return v == null ? null : v; }))];
+    const max = Math.max(...xs) + DAY;
+    segmentRange = [Math.min(Math.min(...xs) - DAY, max - 8 * DAY), max];
+    if (segmentPlot && key === segmentSeries) { segmentPlot.setData(data); return; }
+    if (segmentPlot) segmentPlot.destroy();
+    el.replaceChildren();
+    const [x, y] = axes();
+    segmentPlot = new uPlot({
+      width: width(el), height: 240, tzDate: utc,
+      scales: { x: { time: true, range: () => segmentRange }, y: { range: fromZero } },
+      axes: [{ ...x, incrs: [DAY, 2 * DAY, 7 * DAY, 14 * DAY, 28 * DAY], values: (u, splits) => splits.map(day) }, y],
+      series: [{ label: "day (UTC)", value: (u, ts) => ts == null ? "–" : new Date(ts * 1e3).toISOString().slice(0, 10) },
+               ...s.series.map((value, i) => ({ label: value, stroke: seriesColor(value, i), width: 2,
+                 dash: value === OTHER ? [5, 4] : undefined,
+                 points: { size: 6, fill: seriesColor(value, i), show: (u) => u.data[0].length <= 31 } }))],
+    }, data, el);
+    segmentSeries = key;
+    window.gamestream.plots.segments = segmentPlot;
+  }
+
+  // one row per cohort and value, the cohort's first row ruled off; rates shaded as in the totals' table
+  function segmentCohorts(s) {
+    const tbody = $("segment-cohorts");
+    if (!s.retention.length) { noDataRow(tbody, 6); return; }
+    let previous = null;
+    tbody.replaceChildren(...s.retention.map((c) => {
+      const tr = document.createElement("tr");
+      tr.dataset.cohort = c.cohort_day; tr.dataset.value = c.value;
+      if (c.cohort_day !== previous) tr.className = "first-of-cohort";
+      const cell = (text, field) => {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (field) td.dataset.field = field;
+        tr.appendChild(td);
+        return td;
+      };
+      cell(c.cohort_day === previous ? "" : c.cohort_day);
+      previous = c.cohort_day;
+      cell(c.value, "value").className = "value";
+      cell(number.format(c.cohort_size), "cohort_size");
+      for (const n of [1, 7, 30]) rateCell(cell(c["d" + n] == null ? "—" : percent1.format(c["d" + n]), "d" + n), c, n);
+      return tr;
+    }));
+  }
+
+  function segments(d) {
+    const s = d.segments || { dimension: null, dimensions: [] };
+    dimensionOptions(s.dimensions);
+    // an answer asked for before the viewer changed the selection: its split is not the one on screen
+    if ((s.dimension || "") !== dimension || !dimension) return;
+    segmentLatest(s);
+    segmentChart(s);
+    segmentCohorts(s);
   }
 
   function rowsTable(tbody, rows, cells) {
@@ -239,6 +402,7 @@
     activityTiles(d.activity || {});
     activityChart(d.activity_days || []);
     cohortsTable(d.retention || []);
+    segments(d);
     topEventsList(d.top_events || null);
     rowsTable($("events-rows"), d.hourly, (r) => [[hourLabel(r.window_start)], [r.events, "events"],
       [r.late_events, "late_events"], [r.final ? "final" : "provisional", "status"]]);
@@ -269,10 +433,20 @@
     document.body.dataset.generatedAt = d.generated_at;
   }
 
-  async function poll() {
+  // one request and its rendering; `poll` repeats it every second, a change of the selector asks at once
+  async function refresh() {
     try {
-      const response = await fetch("/v1/dashboard", { headers, cache: "no-store" });
-      if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+      const asked = dimension;
+      const response = await fetch(dashboardUrl(), { headers, cache: "no-store" });
+      if (!response.ok) {
+        const answer = await response.json().catch(() => ({}));
+        // a dimension the server does not know (an old link, a typo in the address): the totals, and why
+        if (response.status === 400 && answer.dimensions && asked && asked === dimension) {
+          choose("", "unknown dimension “" + asked + "”: the totals are shown (dimensions: " + answer.dimensions.join(", ") + ")");
+          return refresh();
+        }
+        throw new Error(answer.error || response.statusText);
+      }
       lastData = await response.json();
       render(lastData);
       window.gamestream.polls += 1;
@@ -280,13 +454,19 @@
     } catch (error) {
       $("pulse").className = "pulse err";
       $("updated").textContent = "cannot reach the collector: " + error.message;
-    } finally {
-      setTimeout(poll, 1000);
     }
   }
 
+  async function poll() {
+    try { await refresh(); } finally { setTimeout(poll, 1000); }
+  }
+
+  $("dimension").addEventListener("change", (event) => { choose(event.target.value); refresh(); });
+  choose(dimension);
+
   window.addEventListener("resize", () => {
-    for (const [plot, id] of [[eventsPlot, "events-chart"], [bookingsPlot, "bookings-chart"], [activityPlot, "activity-chart"]]) {
+    for (const [plot, id] of [[eventsPlot, "events-chart"], [bookingsPlot, "bookings-chart"], [activityPlot, "activity-chart"],
+      [segmentPlot, "segment-chart"]]) {
       if (plot) plot.setSize({ width: width($(id)), height: plot.height });
     }
   });
