@@ -212,7 +212,7 @@ def test_without_purge_the_id_is_physically_gone_once_vacuum_passes_the_retentio
     gamestream("process", "--until-idle", data_dir=data)  # the KPI stage folds the forget
     tables = data / "tables"
     assert any("_change_data" in f for f in files_holding(tables, FORGOTTEN))  # still there before the vacuum
-    for name in ("events", "events_quarantine", "kpi_activity", "kpi_devices"):
+    for name in ("events", "events_quarantine", "kpi_activity", "kpi_devices", "kpi_device_segments"):
         gamestream("vacuum", "--table", name, "--retain", "0h", "--force", data_dir=data)
     assert files_holding(tables, FORGOTTEN) == []
 
