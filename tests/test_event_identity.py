@@ -300,3 +300,27 @@ def test_judge_agrees_with_a_plain_reference_over_many_batches_with_copies_confl
         reference.update(new)
         assert len(state) == len(reference)
     assert repeats_seen and copies_seen and conflicts_seen
+
+
+def test_an_event_sent_without_a_time_and_sent_again_later_is_a_copy_not_another_payload(tmp_path: Path) -> None:
+    """A device that sends no eventTime gets the receive time as eventTime; its retry arrives later, so that time
+    differs — the copy must still be dropped as a copy (found by the Kafka fault tests: retries through another
+    collector were quarantined as `duplicate eventId with a different payload`)."""
+    data = tmp_path / "data"
+    timeless = {"eventId": "no-time-1", "eventName": "levelStart", "eventParams": {"device_id": "d1", "level": 3}}
+    timed = {"eventId": "with-time-1", "eventName": "levelStart", "eventTime": iso(dt.datetime.now(UTC)),
+             "eventParams": {"device_id": "d1"}}
+    changed = {**timeless, "eventId": "no-time-2"}
+    server = ServeProcess(data)
+    try:
+        post(server.url, [timeless, timed, changed], "first")
+        time.sleep(1.1)  # the retry's receive time is another second
+        post(server.url, [timeless, timed, {**changed, "eventParams": {"device_id": "d1", "level": 4}}], "retry")
+    finally:
+        assert server.stop() == 0
+    processed = gamestream("process", "--until-idle", data_dir=data)
+    assert sorted(events_by_id(data).items()) == [("no-time-1", 1), ("no-time-2", 1), ("with-time-1", 1)]
+    assert "quarantined 1; duplicates dropped 2;" in processed.stdout, processed.stdout
+    quarantined = table_rows(data / "tables" / "events_quarantine")
+    assert [(q["reason"], json.loads(q["payload"])["eventId"]) for q in quarantined] == [
+        (identity.DIFFERENT_PAYLOAD, "no-time-2")]  # a different level is still another payload

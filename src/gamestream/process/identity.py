@@ -67,7 +67,9 @@ COMMIT_EVERY_S = 10.0
 # The payload columns, in this order (a struct's fields by name, as `<column>.<field>`). The device's own event
 # time is `client_event_time` when the collector received the event (it keeps the time as sent there), and
 # `eventTime` when `load` read it from a file without one: the fingerprint takes the first that is set, so a copy
-# that came the other way still matches.
+# that came the other way still matches. An event the device sent without any time has neither: the collector
+# stamped `eventTime` = `receivedAt`, a time of the arrival, not of the event, so it is left out (a copy arriving
+# a second later is still a copy).
 _PAYLOAD = ["eventName", "eventParams", "eventParams_extra", "event_extra"]
 _DEVICE_TIME = "eventParams.client_event_time"
 
@@ -85,7 +87,8 @@ def identity_keys(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     has_id = np.zeros(n, dtype=bool)
     start = 0
     # one batch (a decoded table is many small ones, and each costs a dozen Arrow calls; copying is cheaper)
-    for batch in rows.select(["eventId", "eventTime", *_PAYLOAD]).combine_chunks().to_batches():
+    received = ["receivedAt"] if "receivedAt" in rows.column_names else []
+    for batch in rows.select(["eventId", "eventTime", *_PAYLOAD, *received]).combine_chunks().to_batches():
         rows_here = slice(start, start + batch.num_rows)
         start += batch.num_rows
         ids = _strings(batch.column(0))
@@ -104,6 +107,9 @@ def _payload_columns(batch: pa.RecordBatch) -> list[tuple]:
     the array's offset, int32 offsets or None, data), the Arrow buffers as numpy byte views, not copied."""
     columns: list[tuple] = []
     event_time = batch.column("eventTime")
+    if "receivedAt" in batch.schema.names:  # a time the collector stamped at arrival is no device time
+        stamped = pc.fill_null(pc.equal(event_time, batch.column("receivedAt").cast(event_time.type)), False)
+        event_time = pc.if_else(stamped, pa.scalar(None, event_time.type), event_time)
 
     def add(name: str, array: pa.Array) -> None:
         kind = array.type
