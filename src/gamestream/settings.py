@@ -85,7 +85,7 @@ class Settings:
     """KPI breakdowns: per day (and install cohort) and dimension, the values past this many (by DAU, by cohort
     size) are summed into one `(other)` row. `[kpi] top_values`."""
     kpi_segments: bool = True
-    """KPI breakdowns on (False: the stage keeps no segment tables, e.g. to save its CPU). `[kpi] segments`."""
+    """KPI breakdowns on (False: the stage stops updating the segment tables, saving its CPU). `[kpi] segments`."""
     kpi_offered_max_bytes: int = 256 * 1024 * 1024
     """KPI: the processor hands its commits' rows to the KPI stage in its process up to this much held; beyond
     it (a stage far behind), the stage reads them back from the change data feed."""

@@ -64,6 +64,8 @@ class SegmentCommits(ExactlyOnceCommits):
         return {k: self._known_segments[k] for k in keys if k in self._known_segments}
 
     def _commit_device_segments(self, fold: Fold, version: int, state_json: str) -> None:
+        if not self.dimensions:
+            return  # breakdowns off (`kpi_segments`): the tables keep what they had
         name = "kpi_device_segments"
         if fold.forgotten:
             self._delete_devices(name, fold, version, state_json)
@@ -100,6 +102,8 @@ class SegmentCommits(ExactlyOnceCommits):
 
     # ---------------------------------------------------------------------------------- kpi_daily_segments
     def _commit_daily_segments(self, fold: Fold, version: int, state_json: str, *, force: bool = False) -> None:
+        if not self.dimensions:
+            return  # breakdowns off (`kpi_segments`): the tables keep what they had
         name = "kpi_daily_segments"
         if self.folded[name] >= version and not force:
             return
@@ -179,6 +183,8 @@ class SegmentCommits(ExactlyOnceCommits):
 
     # ------------------------------------------------------------------------------ kpi_retention_segments
     def _commit_retention_segments(self, fold: Fold, version: int, state_json: str, *, force: bool = False) -> None:
+        if not self.dimensions:
+            return  # breakdowns off (`kpi_segments`): the tables keep what they had
         name = "kpi_retention_segments"
         if self.folded[name] >= version and not force:
             return
