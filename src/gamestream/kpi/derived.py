@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -93,15 +94,7 @@ class DerivedCommits(ExactlyOnceCommits):
         """WAU and MAU of each day: distinct devices active in the 7 and 30 days ending that day."""
         low = min(days) - dt.timedelta(days=kt.MAU_DAYS - 1)
         pairs = activity.to_table(filter=(ds.field("eventDate") >= low) & (ds.field("eventDate") <= max(days)))
-        targets = pa.table({"day": pa.array(days, pa.date32())})
-        result = self._query(pairs=pairs, targets=targets, sql=f"""
-                SELECT t.day,
-                       count(DISTINCT p.device_id) FILTER (WHERE p.eventDate > t.day - {kt.WAU_DAYS}) AS wau,
-                       count(DISTINCT p.device_id) AS mau
-                FROM targets t JOIN pairs p
-                  ON p.eventDate <= t.day AND p.eventDate > t.day - {kt.MAU_DAYS}
-                GROUP BY t.day""")
-        return {day: (wau, mau) for day, wau, mau in result}
+        return active_users(pairs, days)
 
     @staticmethod
     def _first_counts(devices: ds.Dataset, days: list[dt.date]) -> dict[tuple[str, dt.date], int]:
@@ -160,6 +153,41 @@ class DerivedCommits(ExactlyOnceCommits):
         source = pa.Table.from_pylist(rows, schema=kt.RETENTION)
         self._merge(name, source, "t.cohort_day = s.cohort_day", None, version, state_json,
                     delete_when="s.cohort_size = 0", insert_when="s.cohort_size > 0", force=force)
+
+
+def active_users(pairs: pa.Table, days: list[dt.date]) -> dict[dt.date, tuple[int, int]]:
+    """WAU and MAU of each of `days` from (eventDate, device_id) pairs: the distinct devices with a pair in the 7
+    (30) days ending that day. Per device, its active days' windows [d, d + N - 1] are joined where they touch, so
+    the device covers each day at most once; a difference array over the days summed up counts the devices. (One
+    sort, in numpy: a join of every day with its 30 days of pairs cost DuckDB ~40 ms even for a few thousand.)"""
+    if not days:
+        return {}
+    first = np.datetime64(min(days), "D").astype(np.int64)
+    span = (np.datetime64(max(days), "D").astype(np.int64) - first) + 1
+    wanted = np.array([np.datetime64(d, "D").astype(np.int64) - first for d in days], np.int64)
+    if not pairs.num_rows:
+        return {d: (0, 0) for d in days}
+    encoded = pc.dictionary_encode(pc.cast(pairs["device_id"], pa.string())).combine_chunks()
+    devices = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    at = pc.cast(pairs["eventDate"], pa.date32()).combine_chunks().to_numpy(zero_copy_only=False).astype(
+        "datetime64[D]").astype(np.int64) - first
+    order = np.lexsort((at, devices))
+    devices, at = devices[order], at[order]
+    counts = []
+    for window in (kt.WAU_DAYS, kt.MAU_DAYS):
+        # a new stretch where the device changes or its next active day is past the window of the last one
+        starts = np.ones(len(at), bool)
+        starts[1:] = (devices[1:] != devices[:-1]) | (at[1:] - at[:-1] > window)
+        begin = at[starts]
+        ends = np.append(np.flatnonzero(starts)[1:], len(at)) - 1
+        finish = at[ends] + window - 1
+        begin, finish = np.clip(begin, 0, span), np.clip(finish, -1, span - 1)
+        keep = begin <= finish
+        change = np.zeros(span + 1, np.int64)
+        np.add.at(change, begin[keep], 1)
+        np.add.at(change, finish[keep] + 1, -1)
+        counts.append(np.cumsum(change)[:span][wanted])
+    return {d: (int(w), int(m)) for d, w, m in zip(days, counts[0], counts[1])}
 
 
 def _daily_rows(days: list[dt.date], base: dict[dt.date, dict], windows: dict[dt.date, tuple[int, int]],
