@@ -1,7 +1,7 @@
 """Scale-out figures on this machine: the log's append rate, and processing throughput with M processors on P
 partitions of a NATS JetStream log, single node and a 3-node R3 cluster (every node `sync_interval: always`).
 
-    .venv/bin/python benchmarks/scale.py [--events 600000] [--quick]
+    .venv/bin/python benchmarks/scale.py [--events 600000] [--quick] [--kafka]
 
 1. appends: records of 100 events (what one collector request of 100 events to one partition makes), kept
    `c` in flight through `EventLog.submit` as concurrent collector requests do, for a few seconds each, into
@@ -25,11 +25,31 @@ rate(1)), both for the events table alone and counted to the moment the KPI tabl
 
     .venv/bin/python benchmarks/scale.py --quota 0.2 --events 3000000 --partitions 8 --processors 1,2,4
 
+With `--kafka` the local 3-broker Kafka cluster (gamestream/demo/kafka_cluster.py: KRaft, replication factor 3,
+`min.insync.replicas` 2, every appended batch fsync'd, as the NATS nodes' `sync_interval: always`; the producer
+idempotent with acks=all) is a topology too, measured after the NATS runs so that no idle JVM sits beside them,
+with one broker start for all its runs: its data in a fresh directory under the work directory, the jars from
+the usual cache (fetched from Maven Central once; Java 17+ needed). It is added to section 1 (the same
+appends into a topic of 4 partitions) and to sections 3–4 (`gamestream load` into a topic of P partitions, then
+the M processors on a fresh data directory per run; the partitions are shared by Kafka's consumer group
+`<pipeline>.<topic>.processors`, a fresh pipeline name per run), and a section 5 sets Kafka's figures over
+NATS' of the same run (R3 against R3, and against the single node). The brokers are stopped at the end, also
+on an error, Ctrl-C or SIGTERM. With `--quota … --kafka` the same processor runs (and collector runs) follow
+on Kafka once the NATS node is stopped: each processor and collector in its own budget, the three brokers
+together in one budget of their own, `--kafka-quota` (default: the NATS node's `--nats-quota`, so the log gets
+the same CPU whichever it is; 0 leaves the brokers outside any budget).
+
+    .venv/bin/python benchmarks/scale.py --kafka
+    .venv/bin/python benchmarks/scale.py --kafka --quota 0.2 --events 3000000 --partitions 8 --processors 1,2,4
+
 Figures are printed with ratios against a peer measured in the same run; nothing asserts speed. On a 2-core
 machine, processors beyond 2 (sharing the cores with nats-server, the KPI stage and this script's poller)
 cannot add throughput: the table shows what happens, docs/scaling.md explains it.
 Ends with `RESULT sqlite_append_eps=… nats1_append_eps=… r3_append_eps=… process_eps_best_1=…
-process_eps_best_r3=… …`.
+process_eps_best_r3=… …`, with `--kafka` followed by `kafka_append_eps=… kafka_vs_r3_append=…
+kafka_append_p50_ms=… kafka_load_eps_best=… kafka_vs_r3_load=… process_eps_best_kafka=… kafka_vs_r3_process=…`
+(the quota mode's RESULT lines by `kafka_eff_P…_M…`, `kafka_eps_P…_M…`, `kafka_vs_nats_P…_M…`, and
+`kafka_collector_…`, `kafka_vs_nats_collector_N…`).
 """
 
 from __future__ import annotations
@@ -37,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -56,6 +77,9 @@ import cpu_quota  # noqa: E402  (benchmarks/cpu_quota.py, beside this file)
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 UTC = dt.timezone.utc
+KAFKA = "kafka-r3"  # the topology name of the local 3-broker Kafka cluster in the tables and RESULT lines
+# What the first processor logs once it owns partitions: NATS' lease bucket, Kafka's consumer group
+STARTED_LINES = {"nats": "leases started", "kafka": "consumer group joined"}
 
 
 def gamestream(*args: str) -> list[str]:
@@ -102,32 +126,112 @@ def append_rate(log, bodies: list[bytes], *, in_flight: int, seconds: float) -> 
             "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000}
 
 
-def append_benchmarks(work: Path, bodies: list[bytes], seconds: float, levels: list[int]) -> dict:
+def append_levels(work: Path, name: str, url: str | None, bodies: list[bytes], seconds: float,
+                  levels: list[int], results: dict) -> None:
+    """`append_rate` at each level into the log `url` (4 partitions; None: the embedded SQLite log), after a
+    warm-up at that level; into `results[(name, level)]`."""
     from gamestream.log import connect
-    from gamestream.demo.nats_cluster import NatsCluster
     from gamestream.settings import Settings
+
+    try:
+        log = connect(Settings(data_dir=work / f"append-{name}-data", partitions=4, log=url))
+        try:
+            for level in levels:
+                print(f"  appends: {name}, {level} in flight …", flush=True)
+                append_rate(log, bodies, in_flight=level, seconds=min(1.0, seconds / 4))  # warm-up
+                results[(name, level)] = append_rate(log, bodies, in_flight=level, seconds=seconds)
+        finally:
+            log.close()
+    finally:
+        shutil.rmtree(work / f"append-{name}-data", ignore_errors=True)
+
+
+def append_benchmarks(work: Path, bodies: list[bytes], seconds: float, levels: list[int]) -> dict:
+    from gamestream.demo.nats_cluster import NatsCluster
 
     results: dict[tuple[str, int], dict] = {}
     backends = [("sqlite", None), ("nats-1", 1), ("nats-r3", 3)]
     for name, nodes in backends:
         cluster = NatsCluster(work / f"append-{name}", nodes=nodes).start() if nodes else None
         try:
-            settings = Settings(data_dir=work / f"append-{name}-data", partitions=4,
-                                log=f"{cluster.url}?stream=appends" if cluster else None)
-            log = connect(settings)
-            try:
-                for level in levels:
-                    print(f"  appends: {name}, {level} in flight …", flush=True)
-                    append_rate(log, bodies, in_flight=level, seconds=min(1.0, seconds / 4))  # warm-up
-                    results[(name, level)] = append_rate(log, bodies, in_flight=level, seconds=seconds)
-            finally:
-                log.close()
+            append_levels(work, name, f"{cluster.url}?stream=appends" if cluster else None, bodies, seconds, levels,
+                          results)
         finally:
             if cluster:
                 cluster.stop()
             shutil.rmtree(work / f"append-{name}", ignore_errors=True)
-            shutil.rmtree(work / f"append-{name}-data", ignore_errors=True)
     return results
+
+
+# ------------------------------------------------------------------------------------------------------ kafka
+@contextlib.contextmanager
+def kafka_brokers(work: Path, budget: cpu_quota.CpuQuota | None = None):
+    """The local 3-broker KRaft cluster of `gamestream.demo.kafka_cluster` (replication factor 3,
+    min.insync.replicas 2, every appended batch fsync'd), its data in a fresh directory under `work`, the jars
+    from the usual cache (fetched once). With `budget`, the three broker JVMs are moved into that one cgroup once
+    started (and warmed up). Yields the cluster; stops every broker at the end, also on an error or Ctrl-C: the
+    brokers run in sessions of their own, so nothing else would stop them."""
+    from gamestream.demo.kafka_cluster import KafkaCluster
+
+    cluster = KafkaCluster(Path(tempfile.mkdtemp(prefix="kafka-", dir=work)), brokers=3)
+    try:
+        print(f"{KAFKA}: starting 3 Kafka brokers (data in {cluster.directory}) …", flush=True)
+        started = time.perf_counter()
+        cluster.start()
+        warm_up_kafka(work, cluster.bootstrap)
+        print(f"  started and warmed up in {time.perf_counter() - started:.0f}s: {cluster.bootstrap}", flush=True)
+        if budget:
+            for broker in cluster.members:
+                budget.add(broker.pid)
+        yield cluster
+    finally:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave brokers behind
+        try:
+            cluster.stop()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+
+
+def kafka_preflight() -> str | None:
+    """Why the Kafka cluster could not start here (no Java; jars neither cached nor fetchable), checked before
+    the NATS runs rather than after them; None when it can. Fetches the jars into the cache if they are not yet
+    there (once)."""
+    from gamestream.demo.kafka_cluster import fetch
+
+    if shutil.which("java") is None:
+        return "--kafka needs Java 17 or later on the PATH (Debian: apt-get install default-jre-headless)"
+    try:
+        fetch()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def warm_up_kafka(work: Path, bootstrap: str) -> None:
+    """What a new cluster makes once, on its first use, made before anything is timed — else the first timed run
+    pays for it: the group coordinator's `__consumer_offsets` topic (a position committed), an idempotent
+    producer's id (one append), and the singleton roles' coordination topic with a first role group (`kpi`
+    claimed and let go)."""
+    from gamestream.log import Append, connect
+    from gamestream.log.ownership import open_ownership
+    from gamestream.settings import Settings
+
+    settings = Settings(data_dir=work / "kafka-warm-up", partitions=1, log=f"kafka://{bootstrap}/warm-up",
+                        pipeline="scalewarmup")
+    log = connect(settings)
+    try:
+        log.append([Append(0, b"{}", 1)])
+        log.commit(settings.pipeline, 0, 1)
+        ownership = open_ownership(settings, log.partitions)
+        try:
+            deadline = time.monotonic() + 60
+            while not ownership.claim("kpi") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            ownership.close()
+    finally:
+        log.close()
+        shutil.rmtree(work / "kafka-warm-up", ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- processing
@@ -224,11 +328,13 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
         gamestream("process", "--log", url, "--data-dir", str(data), "--metrics-port", str(ports[i])),
         stdout=logs[i], stderr=subprocess.STDOUT, env=env, preexec_fn=groups[i].preexec if groups else None)
     procs = [launch(0)]
+    started_line = STARTED_LINES[url.split("://", 1)[0]]
     try:
-        # The first processor creates the lease bucket; the others start once it holds its leases, so that
-        # start-up (bucket creation, the R3 bucket's leader election) is the same in every run.
+        # The first processor creates the lease bucket (NATS) or the consumer group (Kafka); the others start once
+        # it owns the partitions, so that start-up (bucket creation, the R3 bucket's leader election, the group's
+        # first assignment) is the same in every run.
         log_0 = work / f"process-{label}-0.log"
-        while "leases started" not in log_0.read_text():
+        while started_line not in log_0.read_text():
             if procs[0].poll() is not None or time.perf_counter() - started > 60:
                 raise RuntimeError(f"{label}: the first processor did not start; see {log_0}")
             time.sleep(0.05)
@@ -335,7 +441,16 @@ def main() -> int:
                         help="with --quota: also N `gamestream serve` processes, each in its own budget, under a "
                              "load client outside the budgets (default 1,2,4; 0 skips)")
     parser.add_argument("--collector-seconds", type=float, default=None, help="with --collectors: per run")
+    parser.add_argument("--kafka", action="store_true",
+                        help="also the local 3-broker Kafka cluster (replication 3, min.insync.replicas 2), after "
+                             "the NATS runs, with ratios against NATS; needs Java 17+ (and Maven the first time)")
+    parser.add_argument("--kafka-quota", type=float, default=None, metavar="CORES",
+                        help="with --quota --kafka: the three brokers' one budget together (default: the same "
+                             "as --nats-quota; 0 leaves them outside any budget)")
     args = parser.parse_args()
+    if args.kafka and (problem := kafka_preflight()):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.quota is not None:
         try:
             cpu_quota.check_available()
@@ -378,27 +493,49 @@ def main() -> int:
         for topology, nodes in (("nats-1", 1), ("nats-r3", 3)):
             cluster = NatsCluster(work / f"cluster-{topology}", nodes=nodes).start()
             try:
-                for p in partitions:
-                    url = f"{cluster.url}?stream=scale{p}"
-                    print(f"{topology}: load {n:,} events into {p} partitions …", flush=True)
-                    seconds, _ = run(gamestream("load", str(source), "--log", url, "--partitions", str(p)))
-                    loads[(topology, p)] = seconds
-                    for m in processors:
-                        print(f"{topology}: P={p} M={m} …", flush=True)
-                        result = process_run(work, url, n, p, m, f"{topology}-P{p}-M{m}", timeout=300)
-                        result["topology"] = topology
-                        runs.append(result)
-                        print(f"  {result['eps']:,.0f} events/s (wall), KPI caught up at "
-                              f"{result['kpi_s'] or float('nan'):.1f}s", flush=True)
+                processing(work, topology, lambda p: f"{cluster.url}?stream=scale{p}", source, n, partitions,
+                           processors, loads, runs)
             finally:
                 cluster.stop()
                 shutil.rmtree(work / f"cluster-{topology}", ignore_errors=True)
+
+        if args.kafka:
+            # last, alone on the machine: no idle JVMs beside the NATS runs, one broker start for both sections
+            with kafka_brokers(work) as brokers:
+                print("appends: 100-event records into Kafka …", flush=True)
+                append_levels(work, KAFKA, f"kafka://{brokers.bootstrap}/appends", bodies, append_seconds, levels,
+                              appends)
+                processing(work, KAFKA, lambda p: f"kafka://{brokers.bootstrap}/scale{p}", source, n, partitions,
+                           processors, loads, runs)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     total_s = time.perf_counter() - begun
     report(n, appends, levels, cost, loads, runs, total_s, quick=args.quick)
     return 0
+
+
+def processing(work: Path, topology: str, url_for, source: Path, n: int, partitions: list[int],
+               processors: list[int], loads: dict, runs: list[dict], *, timeout: float = 300,
+               quota: float | None = None) -> None:
+    """For each P: `gamestream load` into the log `url_for(P)` (a stream or topic of P partitions, timed into
+    `loads`), then for each M a `process_run` (into `runs`)."""
+    for p in partitions:
+        url = url_for(p)
+        print(f"{topology}: load {n:,} events into {p} partitions …", flush=True)
+        seconds, _ = run(gamestream("load", str(source), "--log", url, "--partitions", str(p)))
+        loads[(topology, p)] = seconds
+        for m in processors:
+            if quota:
+                print(f"quota {quota:g} core each: {topology} P={p} M={m} …", flush=True)
+            else:
+                print(f"{topology}: P={p} M={m} …", flush=True)
+            label = f"{'quota-' if quota else ''}{topology}-P{p}-M{m}"
+            result = process_run(work, url, n, p, m, label, timeout=timeout, quota=quota)
+            result["topology"] = topology
+            runs.append(result)
+            print(f"  {result['eps']:,.0f} events/s (wall), KPI {'complete' if quota else 'caught up'} at "
+                  f"{result['kpi_s'] or float('nan'):.1f}s", flush=True)
 
 
 def quota_main(args: argparse.Namespace) -> int:
@@ -413,6 +550,7 @@ def quota_main(args: argparse.Namespace) -> int:
     begun = time.perf_counter()
     runs: list[dict] = []
     served: list[dict] = []
+    brokers_cpu = None
     try:
         print(f"workload: {n:,} events …", flush=True)
         source = work / "events.ndjson"
@@ -445,25 +583,59 @@ def quota_main(args: argparse.Namespace) -> int:
         finally:
             cluster.stop()
             nats_group.close()
+
+        kafka_quota = args.nats_quota if args.kafka_quota is None else args.kafka_quota
+        if args.kafka:
+            # after NATS is stopped: the brokers share one budget of their own (the same CPU as the NATS node by
+            # default), each processor and collector its own, as on NATS
+            kafka_group = cpu_quota.CpuQuota("kafka", kafka_quota) if kafka_quota else None
+            try:
+                kafka_runs(work, args, kafka_group, source, n, partitions, processors, counts, seconds, lines, runs,
+                           served)
+                if kafka_group:
+                    brokers_cpu = (kafka_group.cpu_seconds(), kafka_group.throttled_periods())
+            finally:
+                if kafka_group:
+                    kafka_group.close()
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    quota_report(n, args.quota, args.nats_quota, runs, time.perf_counter() - begun, quick=args.quick)
+    quota_report(n, args.quota, args.nats_quota, runs, time.perf_counter() - begun, quick=args.quick,
+                 kafka_quota=kafka_quota if args.kafka else None, brokers_cpu=brokers_cpu)
     collector_report(args.quota, served)
     return 0
 
 
-def collector_run(work: Path, url: str, count: int, quota: float, seconds: float, lines: list[bytes]) -> dict:
+def kafka_runs(work: Path, args: argparse.Namespace, budget: cpu_quota.CpuQuota | None, source: Path, n: int,
+               partitions: list[int], processors: list[int], counts: list[int], seconds: float, lines: list[bytes],
+               runs: list[dict], served: list[dict]) -> None:
+    """The quota mode's processor and collector runs on the local Kafka cluster, its brokers in `budget`."""
+    with kafka_brokers(work, budget) as brokers:
+        processing(work, KAFKA, lambda p: f"kafka://{brokers.bootstrap}/quota{p}", source, n, partitions,
+                   processors, {}, runs, timeout=1800, quota=args.quota)
+        for c in counts:
+            print(f"quota {args.quota:g} core each: {KAFKA}, {c} collector(s), {seconds:g}s …", flush=True)
+            result = collector_run(work, f"kafka://{brokers.bootstrap}/collect", c, args.quota, seconds, lines,
+                                   name=f"kafka-serve-{c}")
+            result["topology"] = KAFKA
+            served.append(result)
+            print(f"  {result['eps']:,.0f} acknowledged events/s", flush=True)
+
+
+def collector_run(work: Path, url: str, count: int, quota: float, seconds: float, lines: list[bytes],
+                  name: str | None = None) -> dict:
     """`count` `gamestream serve --log url` processes, each in a CPU budget of its own, posted 100-event NDJSON
-    requests by a client outside the budgets (8 keep-alive connections per collector) for `seconds`."""
+    requests by a client outside the budgets (8 keep-alive connections per collector) for `seconds`. `name`
+    (default `serve-<count>`) names their data directories and cgroups."""
     from collector import load  # benchmarks/collector.py's raw asyncio HTTP/1.1 client
 
+    name = name or f"serve-{count}"
     bodies = [b"\n".join(lines[i:i + 100]) for i in range(0, len(lines) - 99, 100)]
-    groups = [cpu_quota.CpuQuota(f"serve-{count}-{i}", quota) for i in range(count)]
+    groups = [cpu_quota.CpuQuota(f"{name}-{i}", quota) for i in range(count)]
     servers, urls = [], []
     try:
         for i, group in enumerate(groups):
-            data = work / f"serve-{count}-{i}"
+            data = work / f"{name}-{i}"
             server = subprocess.Popen(gamestream("serve", "--log", url, "--data-dir", str(data), "--port", "0"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                       preexec_fn=group.preexec)
@@ -508,28 +680,78 @@ def collector_run(work: Path, url: str, count: int, quota: float, seconds: float
 def collector_report(quota: float, served: list[dict]) -> None:
     if not served:
         return
+    nats = [s for s in served if "topology" not in s]
+    kafka = [s for s in served if s.get("topology") == KAFKA]
+    fields = collector_table(quota, nats, "") if nats else []
+    if kafka:
+        fields += collector_table(quota, kafka, f"{KAFKA}: ")
+        print(f"{KAFKA} against NATS (one node), acknowledged events/s: " + ", ".join(
+            f"N={s['N']}: {ratio(s['eps'], other['eps']):.2f}×" for s in kafka
+            for other in nats if other["N"] == s["N"]))
+        fields += [f"kafka_vs_nats_collector_N{s['N']}={ratio(s['eps'], other['eps']):.2f}" for s in kafka
+                   for other in nats if other["N"] == s["N"]]
+    print(f"RESULT quota={quota:g} " + " ".join(fields), flush=True)
+
+
+def collector_table(quota: float, served: list[dict], title: str) -> list[str]:
+    """Prints one log's collector runs; the RESULT fields (prefixed `kafka_` for Kafka's)."""
     print()
-    print(f"collectors, each {quota:g} core, 100-event requests, 8 connections each, the client outside the budgets")
+    print(f"{title}collectors, each {quota:g} core, 100-event requests, 8 connections each, the client outside the "
+          "budgets")
     head = (f"| {'N':>2} | {'ack events/s':>12} | {'eff.':>5} | {'µs CPU/event':>12} | {'p50 ms':>7} | "
             f"{'p99 ms':>7} | {'throttled':>9} | {'answers':<16} |")
     print(head)
     print("|" + "-" * (len(head) - 2) + "|")
     one = next((s for s in served if s["N"] == 1), None)
+    prefix = "kafka_" if title else ""
     fields = []
     for s in served:
         eff = s["eps"] / (s["N"] * one["eps"]) if one and one["eps"] else float("nan")
-        fields.append(f"collector_eff_N{s['N']}={eff:.2f} collector_eps_N{s['N']}={s['eps']:.0f}")
+        fields.append(f"{prefix}collector_eff_N{s['N']}={eff:.2f} {prefix}collector_eps_N{s['N']}={s['eps']:.0f}")
         answers = ",".join(f"{k}:{v}" for k, v in sorted(s["statuses"].items()))
         print(f"| {s['N']:>2} | {s['eps']:>12,.0f} | {eff:>5.2f} | {s['us_per_event']:>12.1f} | {s['p50_ms']:>7.1f} | "
               f"{s['p99_ms']:>7.1f} | {s['throttled']:>9} | {answers:<16} |")
-    print(f"RESULT quota={quota:g} " + " ".join(fields), flush=True)
+    return fields
 
 
-def quota_report(n: int, quota: float, nats_quota: float, runs: list[dict], total_s: float, *, quick: bool) -> None:
+def ratio(a: float | None, b: float | None) -> float:
+    return a / b if a and b else float("nan")
+
+
+def quota_report(n: int, quota: float, nats_quota: float, runs: list[dict], total_s: float, *, quick: bool,
+                 kafka_quota: float | None = None, brokers_cpu: tuple[float, int] | None = None) -> None:
     print()
     print(f"scaling with a CPU budget per process: {n:,} events; each processor {quota:g} core, nats-server "
           f"{nats_quota:g} core (cgroup v{cpu_quota.version()}); machine: {os.cpu_count()} cores, "
           f"{platform.platform()}; {dt.datetime.now(UTC):%Y-%m-%d %H:%M} UTC; benchmark took {total_s:.0f}s")
+    nats = [r for r in runs if r["topology"] != KAFKA]
+    kafka = [r for r in runs if r["topology"] == KAFKA]
+    fields, lags = quota_table(nats, "")
+    print("eff. = events/s(M) / (M × events/s(1)); eff. to KPI counts to the moment the KPI tables are complete."
+          + ("  (--quick: smoke run)" if quick else ""))
+    if kafka_quota is not None:
+        print()
+        brokers = f"the 3 brokers {kafka_quota:g} core together" if kafka_quota else "the 3 brokers outside any budget"
+        print(f"{KAFKA}: the same, on the local 3-broker Kafka cluster (replication 3, min.insync.replicas 2); "
+              f"each processor {quota:g} core, {brokers}")
+        kafka_fields, kafka_lags = quota_table(kafka, "kafka_")
+        if brokers_cpu:
+            print(f"the brokers' budget, over every Kafka run (collectors too): {brokers_cpu[0]:.1f} CPU s, "
+                  f"throttled in {brokers_cpu[1]} periods")
+        fields, lags = f"{fields} {kafka_fields}", f"{lags} {kafka_lags}"
+        against = {(r["P"], r["M"]): r for r in nats}
+        pairs = [(r, against[(r["P"], r["M"])]) for r in kafka if (r["P"], r["M"]) in against]
+        print(f"{KAFKA} against NATS (one node), events/s to the events table and time to complete KPI tables: "
+              + ", ".join(f"P={k['P']} M={k['M']}: {ratio(k['eps'], o['eps']):.2f}× events/s, KPI "
+                          f"{k['kpi_s'] or float('nan'):.1f}s vs {o['kpi_s'] or float('nan'):.1f}s" for k, o in pairs))
+        fields += " " + " ".join(f"kafka_eps_P{k['P']}_M{k['M']}={k['eps']:.0f} "
+                                 f"kafka_vs_nats_P{k['P']}_M{k['M']}={ratio(k['eps'], o['eps']):.2f}"
+                                 for k, o in pairs)
+    print(f"RESULT quota={quota:g} {fields} {lags}", flush=True)
+
+
+def quota_table(runs: list[dict], prefix: str) -> tuple[str, str]:
+    """Prints one log's runs of the quota mode; its RESULT fields (efficiencies, KPI lags) with `prefix`."""
     head = (f"| {'P':>3} | {'M':>2} | {'events s':>8} | {'events/s':>9} | {'steady ev/s':>11} | {'eff.':>5} | "
             f"{'KPI done s':>10} | {'KPI lag s':>9} | {'eff. to KPI':>11} | {'CPU s':>6} | {'throttled':>9} | "
             f"{'retries':>7} |")
@@ -548,15 +770,15 @@ def quota_report(n: int, quota: float, nats_quota: float, runs: list[dict], tota
         print(f"| {r['P']:>3} | {r['M']:>2} | {r['wall_s']:>8.1f} | {r['eps']:>9,.0f} | {steady:>11} | "
               f"{eff:>5.2f} | {kpi:>10} | {lag:>9} | {to_kpi:>11.2f} | {r['cpu_s']:>6.1f} | {r['throttled']:>9} | "
               f"{r['retries']:>7} |")
-    print("eff. = events/s(M) / (M × events/s(1)); eff. to KPI counts to the moment the KPI tables are complete."
-          + ("  (--quick: smoke run)" if quick else ""))
-    fields = " ".join(f"eff_P{p}_M{m}={e:.2f} eff_kpi_P{p}_M{m}={k:.2f}" for (p, m), (e, k) in efficiency.items())
-    lags = " ".join(f"kpi_lag_P{r['P']}_M{r['M']}={r['kpi_s'] - r['wall_s']:.1f}" for r in runs if r["kpi_s"])
-    print(f"RESULT quota={quota:g} {fields} {lags}", flush=True)
+    fields = " ".join(f"{prefix}eff_P{p}_M{m}={e:.2f} {prefix}eff_kpi_P{p}_M{m}={k:.2f}"
+                      for (p, m), (e, k) in efficiency.items())
+    lags = " ".join(f"{prefix}kpi_lag_P{r['P']}_M{r['M']}={r['kpi_s'] - r['wall_s']:.1f}" for r in runs if r["kpi_s"])
+    return fields, lags
 
 
 def report(n: int, appends: dict, levels: list[int], cost: dict, loads: dict, runs: list[dict], total_s: float,
            *, quick: bool) -> None:
+    kafka = any(r["topology"] == KAFKA for r in runs)
     print()
     print(f"scale-out figures: {n:,} events; machine: {os.cpu_count()} cores, {platform.platform()}, "
           f"python {platform.python_version()}; {dt.datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
@@ -568,9 +790,10 @@ def report(n: int, appends: dict, levels: list[int], cost: dict, loads: dict, ru
     print(head)
     print("|" + "-" * (len(head) - 2) + "|")
     names = {"sqlite": "SQLite (embedded, FULL)", "nats-1": "NATS 1 node, sync always",
-             "nats-r3": "NATS 3 nodes R3, sync always"}
+             "nats-r3": "NATS 3 nodes R3, sync always", KAFKA: "Kafka 3 brokers R3, fsync"}
+    logs = ("sqlite", "nats-1", "nats-r3") + ((KAFKA,) if kafka else ())
     for level in levels:
-        for name in ("sqlite", "nats-1", "nats-r3"):
+        for name in logs:
             a = appends[(name, level)]
             ratio = a["events_s"] / appends[("sqlite", level)]["events_s"]
             print(f"| {names[name]:<28} | {level:>9} | {a['records_s']:>10,.0f} | {a['events_s']:>10,.0f} | "
@@ -581,8 +804,8 @@ def report(n: int, appends: dict, levels: list[int], cost: dict, loads: dict, ru
           f"p50 {cost['p50_ms']:.1f} ms "
           f"→ at most ~{1000 / cost['mean_ms']:.0f} commits/s for one table from one writer")
     print()
-    print("3. load (validate → log): " + ", ".join(
-        f"{t} P={p}: {n / s:,.0f} events/s" for (t, p), s in sorted(loads.items())))
+    in_order = sorted(loads.items(), key=lambda item: (item[0][0] == KAFKA, item[0]))  # NATS' first, Kafka's last
+    print("3. load (validate → log): " + ", ".join(f"{t} P={p}: {n / s:,.0f} events/s" for (t, p), s in in_order))
     print()
     print("4. processing: M `gamestream process` (KPI on) draining N pre-filled events from P partitions")
     head = (f"| {'log':<8} | {'P':>3} | {'M':>2} | {'wall s':>7} | {'events/s':>9} | {'steady ev/s':>11} | "
@@ -602,21 +825,63 @@ def report(n: int, appends: dict, levels: list[int], cost: dict, loads: dict, ru
     print()
     best = lambda topology: max((r for r in runs if r["topology"] == topology), key=lambda r: r["eps"])  # noqa: E731
     b1, b3 = best("nats-1"), best("nats-r3")
-    mean_flush = statistics.mean(r["mean_flush"] for r in runs)
-    commit_ms = statistics.mean(r["commit_ms"] for r in runs if r["commit_ms"])
+    nats_runs = [r for r in runs if r["topology"] != KAFKA]  # the NATS figures as without --kafka
+    mean_flush = statistics.mean(r["mean_flush"] for r in nats_runs)
+    commit_ms = statistics.mean(r["commit_ms"] for r in nats_runs if r["commit_ms"])
     print(f"best: single node {b1['eps']:,.0f} events/s (P={b1['P']}, M={b1['M']}); R3 {b3['eps']:,.0f} events/s "
           f"(P={b3['P']}, M={b3['M']}); mean flush {mean_flush:,.0f} events per commit, mean flush commit "
           f"{commit_ms:.0f} ms")
     print(f"note: {os.cpu_count()} cores — nats-server, M processors, the KPI stage and the poller share them; "
           "more processors than cores cannot add throughput here." + ("  (--quick: smoke run)" if quick else ""))
+    extra = kafka_report(n, appends, levels, loads, runs, b3) if kafka else ""
     top = {name: appends[(name, levels[-1])]["events_s"] for name in ("sqlite", "nats-1", "nats-r3")}
     print(f"RESULT sqlite_append_eps={appends[('sqlite', levels[-1])]['events_s']:.0f} "
           f"nats1_append_eps={appends[('nats-1', levels[-1])]['events_s']:.0f} "
           f"r3_append_eps={appends[('nats-r3', levels[-1])]['events_s']:.0f} "
           f"r3_vs_sqlite_append={top['nats-r3'] / top['sqlite']:.2f} "
           f"process_eps_best_1={b1['eps']:.0f} process_eps_best_r3={b3['eps']:.0f} "
-          f"flush_events={mean_flush:.0f} flush_commit_ms={commit_ms:.0f} delta_commit_ms={cost['mean_ms']:.1f}",
-          flush=True)
+          f"flush_events={mean_flush:.0f} flush_commit_ms={commit_ms:.0f} delta_commit_ms={cost['mean_ms']:.1f}"
+          f"{extra}", flush=True)
+
+
+def kafka_report(n: int, appends: dict, levels: list[int], loads: dict, runs: list[dict], best_r3: dict) -> str:
+    """Section 5: Kafka's figures over NATS' of the same run (R3 against R3: both replicate each record to three
+    nodes and fsync it before the acknowledgement; the single NATS node for scale). The RESULT fields."""
+    print()
+    print("5. Kafka (3 brokers, replication 3, min.insync.replicas 2, acks=all, fsync each batch) beside NATS, "
+          "same run: Kafka's figure / NATS'")
+    print("appends, events/s: " + "; ".join(
+        f"{level} in flight {appends[(KAFKA, level)]['events_s']:,.0f} = "
+        f"{ratio(appends[(KAFKA, level)]['events_s'], appends[('nats-r3', level)]['events_s']):.2f}× R3, "
+        f"{ratio(appends[(KAFKA, level)]['events_s'], appends[('nats-1', level)]['events_s']):.2f}× one node "
+        f"(p50 {appends[(KAFKA, level)]['p50_ms']:.1f} vs {appends[('nats-r3', level)]['p50_ms']:.1f} ms R3)"
+        for level in levels))
+    partitions = sorted({p for (t, p) in loads if t == KAFKA})
+    print("load, events/s: " + "; ".join(
+        f"P={p} {n / loads[(KAFKA, p)]:,.0f} = {ratio(loads[('nats-r3', p)], loads[(KAFKA, p)]):.2f}× R3, "
+        f"{ratio(loads[('nats-1', p)], loads[(KAFKA, p)]):.2f}× one node" for p in partitions))
+    head = (f"| {'P':>3} | {'M':>2} | {'Kafka ev/s':>10} | {'vs R3':>6} | {'vs 1 node':>9} | {'Kafka KPI s':>11} | "
+            f"{'R3 KPI s':>8} |")
+    print(head)
+    print("|" + "-" * (len(head) - 2) + "|")
+    by = {(r["topology"], r["P"], r["M"]): r for r in runs}
+    for r in (r for r in runs if r["topology"] == KAFKA):
+        r3, one = by.get(("nats-r3", r["P"], r["M"])), by.get(("nats-1", r["P"], r["M"]))
+        kpi = f"{r['kpi_s']:.1f}" if r["kpi_s"] else "—"
+        kpi_r3 = f"{r3['kpi_s']:.1f}" if r3 and r3["kpi_s"] else "—"
+        print(f"| {r['P']:>3} | {r['M']:>2} | {r['eps']:>10,.0f} | {ratio(r['eps'], r3 and r3['eps']):>5.2f}× | "
+              f"{ratio(r['eps'], one and one['eps']):>8.2f}× | {kpi:>11} | {kpi_r3:>8} |")
+    bk = max((r for r in runs if r["topology"] == KAFKA), key=lambda r: r["eps"])
+    print(f"best: Kafka {bk['eps']:,.0f} events/s (P={bk['P']}, M={bk['M']}), "
+          f"{ratio(bk['eps'], best_r3['eps']):.2f}× NATS R3's best")
+    top = levels[-1]
+    best_load = max(n / seconds for (t, _), seconds in loads.items() if t == KAFKA)
+    best_load_r3 = max(n / seconds for (t, _), seconds in loads.items() if t == "nats-r3")
+    return (f" kafka_append_eps={appends[(KAFKA, top)]['events_s']:.0f} "
+            f"kafka_vs_r3_append={ratio(appends[(KAFKA, top)]['events_s'], appends[('nats-r3', top)]['events_s']):.2f} "
+            f"kafka_append_p50_ms={appends[(KAFKA, top)]['p50_ms']:.1f} "
+            f"kafka_load_eps_best={best_load:.0f} kafka_vs_r3_load={ratio(best_load, best_load_r3):.2f} "
+            f"process_eps_best_kafka={bk['eps']:.0f} kafka_vs_r3_process={ratio(bk['eps'], best_r3['eps']):.2f}")
 
 
 if __name__ == "__main__":
