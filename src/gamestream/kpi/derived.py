@@ -132,14 +132,9 @@ class DerivedCommits(ExactlyOnceCommits):
         later = sorted({c + dt.timedelta(days=n) for c in cohorts for n in kt.RETENTION_DAYS})
         returns = activity.to_table(filter=ds.field("eventDate").isin(pa.array(later, pa.date32())))
         sizes = {c: (0, 0, 0, 0) for c in cohorts}
-        for row in self._query(members=members, returns=returns, sql="""
-                SELECT m.first_day, count(DISTINCT m.device_id),
-                       count(DISTINCT CASE WHEN r.eventDate = m.first_day + 1 THEN m.device_id END),
-                       count(DISTINCT CASE WHEN r.eventDate = m.first_day + 7 THEN m.device_id END),
-                       count(DISTINCT CASE WHEN r.eventDate = m.first_day + 30 THEN m.device_id END)
-                FROM members m LEFT JOIN returns r ON r.device_id = m.device_id
-                GROUP BY m.first_day"""):
-            sizes[row[0]] = tuple(row[1:])
+        members = pa.table({"device_id": pc.cast(members["device_id"], pa.string()), "cohort": members["first_day"]})
+        for (cohort,), counts in retention_counts(members, returns, []).items():
+            sizes[cohort] = counts
         rows = []
         for cohort, (size, *retained) in sorted(sizes.items()):
             row: dict = {"cohort_day": cohort, "cohort_size": size}
@@ -153,6 +148,33 @@ class DerivedCommits(ExactlyOnceCommits):
         source = pa.Table.from_pylist(rows, schema=kt.RETENTION)
         self._merge(name, source, "t.cohort_day = s.cohort_day", None, version, state_json,
                     delete_when="s.cohort_size = 0", insert_when="s.cohort_size > 0", force=force)
+
+
+def retention_counts(members: pa.Table, returns: pa.Table, keys: list[str]) -> dict[tuple, tuple[int, ...]]:
+    """(cohort, *keys) → (cohort size, devices active exactly 1, 7 and 30 days after the cohort day), from the
+    cohorts' `members` (device_id, cohort, *keys; one row per device and key) and the (eventDate, device_id) pairs
+    of those later days (`returns`). Hash joins in Arrow (DuckDB's planning cost ~40 ms a query for a handful of
+    rows)."""
+    group = ["cohort", *keys]
+    if not members.num_rows:
+        return {}
+    sizes = members.group_by(group).aggregate([("device_id", "count_distinct")])
+    found = {tuple(k): [n, 0, 0, 0] for *k, n in zip(*(sizes[c].to_pylist() for c in group),
+                                                     sizes["device_id_count_distinct"].to_pylist())}
+    if returns.num_rows:
+        back = pa.table({"device_id": pc.cast(returns["device_id"], pa.string()),
+                         "day": pc.cast(returns["eventDate"], pa.date32())})
+        cohort_days = pc.cast(pc.cast(members["cohort"], pa.date32()), pa.int32())
+        for index, n in enumerate(kt.RETENTION_DAYS, start=1):
+            later = members.append_column("day", pc.cast(pc.cast(pc.add(cohort_days, n), pa.int32()), pa.date32()))
+            hits = later.join(back, keys=["device_id", "day"], join_type="inner")
+            if not hits.num_rows:
+                continue
+            counted = hits.group_by(group).aggregate([("device_id", "count_distinct")])
+            for *k, count in zip(*(counted[c].to_pylist() for c in group),
+                                 counted["device_id_count_distinct"].to_pylist()):
+                found[tuple(k)][index] = count
+    return {k: tuple(v) for k, v in found.items()}
 
 
 def active_users(pairs: pa.Table, days: list[dt.date]) -> dict[dt.date, tuple[int, int]]:

@@ -34,6 +34,7 @@ from deltalake import write_deltalake
 from gamestream.kpi import tables as kt
 from gamestream.kpi.commits import ExactlyOnceCommits
 from gamestream.kpi.days import DayState
+from gamestream.kpi.derived import retention_counts
 from gamestream.kpi.fold import Fold
 from gamestream.kpi.rows import day_from_table, rows_in
 
@@ -206,17 +207,11 @@ class SegmentCommits(ExactlyOnceCommits):
         returns = activity.to_table(filter=ds.field("eventDate").isin(pa.array(later, pa.date32())))
         last_day = self._last_day() if self.part is None else None
         rows = []
-        if members.num_rows:
-            for cohort, dimension, value, size, *retained in self._query(members=members, returns=returns, sql="""
-                    SELECT m.cohort, m.dimension, m.value, count(DISTINCT m.device_id),
-                           count(DISTINCT CASE WHEN r.eventDate = m.cohort + 1 THEN m.device_id END),
-                           count(DISTINCT CASE WHEN r.eventDate = m.cohort + 7 THEN m.device_id END),
-                           count(DISTINCT CASE WHEN r.eventDate = m.cohort + 30 THEN m.device_id END)
-                    FROM members m LEFT JOIN returns r ON r.device_id = m.device_id
-                    GROUP BY m.cohort, m.dimension, m.value"""):
-                row = {"cohort_day": cohort, "dimension": dimension, "value": value, "cohort_size": size}
-                row.update({f"d{n}_users": users for n, users in zip(kt.RETENTION_DAYS, retained)})
-                rows.append(row)
+        for (cohort, dimension, value), (size, *retained) in retention_counts(
+                members, returns, ["dimension", "value"]).items():
+            row = {"cohort_day": cohort, "dimension": dimension, "value": value, "cohort_size": size}
+            row.update({f"d{n}_users": users for n, users in zip(kt.RETENTION_DAYS, retained)})
+            rows.append(row)
         # a part's counts are kept whatever its own last day: the merge judges by every part's
         rows = retention_rows(rows, None if self.part is not None else self.settings.kpi_top_values, last_day,
                               measure=self.part is None)
