@@ -30,12 +30,14 @@ def holding_partitions(settings: Settings, log: EventLog, committed: dict[int, i
     fully consumed (`committed`: offsets in the events table) and idle past the timeout."""
     now = time.time()
     holding = []
+    tails = getattr(log, "partition_tails", None)  # a log that asks for every partition at once (Kafka)
+    known = tails() if tails is not None else {}
     for p in range(log.partitions):
-        last = log.last_offset(p)
+        last = known[p][0] if p in known else log.last_offset(p)
         if last == 0:
             continue
         consumed = committed.get(p, 0) >= last
-        appended = log.last_appended_at(p)
+        appended = known[p][1] if p in known else log.last_appended_at(p)
         idle = appended is None or now - appended > settings.partition_idle_s
         if consumed and idle:
             continue
