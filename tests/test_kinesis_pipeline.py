@@ -97,6 +97,11 @@ def test_seed_lambda_records_and_gamestreams_own_land_once_and_a_rerun_writes_no
     assert lake.open_table(str(data / "tables" / "events")).version() == version
 
 
+# each run is killed a random moment after a commit of its own: 6 such kills interrupt the drain as 10 did, and
+# the 600 records of 10 events (batches of 10) outlast them many times over
+KILLS = 6
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_nothing(
         env: dict, tmp_path: Path) -> None:
@@ -115,7 +120,7 @@ def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_
     rng = random.Random(7)
     kills = landed = 0
     version = -1
-    while kills < 10:
+    while kills < KILLS:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, **env})
         # the kill lands at a random moment after this run's first commit: on a busy machine (the suite runs files
@@ -131,7 +136,7 @@ def test_sigkill_of_the_processor_while_it_drains_a_stream_loses_and_duplicates_
             now = lake.open_table(str(data / "tables" / "events")).version()
             landed += now > version
             version = now
-    assert kills >= 10, f"the stream drained after only {kills} kills: make it longer"
+    assert kills >= KILLS, f"the stream drained after only {kills} kills: make it longer"
     assert landed >= 3, f"only {landed} of {kills} runs committed anything before their kill"
     gamestream("process", "--until-idle", "--log", f"kinesis://{stream}", data_dir=data)
     ids = _ids(data)

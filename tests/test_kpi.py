@@ -158,11 +158,12 @@ def test_processing_again_changes_no_kpi_table(tmp_path: Path) -> None:
 def test_kpi_stage_killed_during_catch_up_ends_with_the_same_tables(tmp_path: Path) -> None:
     ingested = tmp_path / "ingested"
     start = dt.datetime(2026, 11, 1, tzinfo=UTC)
-    events = list(simulate(events=60_000, users=1000, seed=8, start=start, days=4))
+    events = list(simulate(events=30_000, users=1000, seed=8, start=start, days=4))
     events += late_events(start, 200, seed=2)  # in the same load: late only if the watermark passed them
     write_ndjson(tmp_path / "all.ndjson", events)
-    gamestream("load", str(tmp_path / "all.ndjson"), "--chunk-lines", "5000", data_dir=ingested)  # many records
-    # many small events-table versions, no KPI yet: the KPI stage will have to catch up
+    gamestream("load", str(tmp_path / "all.ndjson"), "--chunk-lines", "2500", data_dir=ingested)  # many records
+    # many small events-table versions (~100), no KPI yet: the KPI stage will have to catch up, one version per
+    # fold, for far longer than the 8 runs below live before their kills
     gamestream("process", "--until-idle", "--no-kpi", "--max-batch-events", "300", data_dir=ingested)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     shutil.copytree(ingested, reference)

@@ -152,15 +152,18 @@ def test_conditional_write_probe_passes_on_the_s3_server_and_leaves_no_key(moto,
     assert moto.keys(s3.removeprefix(f"s3://{BUCKET}/")) == []
 
 
-KILLS_PER_PROCESSOR = 10
+# 4 kills per processor (8 in all) land in every phase of a run, as 20 did; the events are enough for each pair of
+# partitions to outlast its kills (a run killed within 0.3 s of starting commits a batch or two of 200) and leave
+# most of the drain to the last runs, which commit beside each other
+KILLS_PER_PROCESSOR = 4
 
 
 @pytest.mark.slow
-def test_two_processors_on_disjoint_partitions_killed_20_times_commit_each_event_once_on_s3(
+def test_two_processors_on_disjoint_partitions_killed_8_times_commit_each_event_once_on_s3(
         tmp_path: Path, moto, s3: str) -> None:
     rng = random.Random(20261130)
     data = tmp_path / "data"
-    path, events = _events_file(tmp_path / "events.ndjson", 60_000, seed=11)
+    path, events = _events_file(tmp_path / "events.ndjson", 20_000, seed=11)
     # small records (~250 events): each run killed within 0.3 s of starting makes at most a commit or two
     gamestream("load", str(path), "--partitions", "4", "--chunk-lines", "1000", data_dir=data)
     env = {**os.environ, **aws_environment(moto.endpoint)}
