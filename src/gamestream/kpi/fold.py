@@ -110,11 +110,17 @@ def note_first_days(fold: Fold, rows: pa.Table, purchase: pa.Array) -> None:
             fold.first_purchase[device] = pday
 
 
-def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...]) -> None:
+_EPOCH_DAY, _DAY_US = dt.date(1970, 1, 1), 86_400_000_000
+
+
+def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...],
+                        first_days: dict[str, tuple] | None = None) -> None:
     """Lowers the fold's earliest (time, value) per device and breakdown dimension to the rows' earliest (of two
     events at the same microsecond, the least value): the value the device's install cohort takes. One sort by
     (device, time) finds each device's earliest row; the rare devices with two rows at that microsecond take the
-    least value of those rows, dimension by dimension."""
+    least value of those rows, dimension by dimension. `first_days`: kpi_devices rows known already (device →
+    (first day, …)); a device whose first day lies before its earliest row here cannot change, and is skipped
+    (most devices of a fold: they played before)."""
     if not rows.num_rows:
         return
     columns = [f"d:{d}" for d in dimensions]
@@ -128,6 +134,12 @@ def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions:
     tied = set(devices.filter(pa.concat_arrays([pc.fill_null(pc.and_(starts[:-1], tied_next), False),
                                                 pa.array([False])])).to_pylist()) if len(devices) > 1 else set()
     first = frame.filter(starts)
+    if first_days:
+        keep = []
+        for device, t in zip(first["d"].to_pylist(), first["t"].to_pylist()):
+            known = first_days.get(device)
+            keep.append(known is None or known[0] >= _EPOCH_DAY + dt.timedelta(days=t // _DAY_US))
+        first = first.filter(pa.array(keep, pa.bool_()))
     values = [first[c].to_pylist() for c in columns]
     firsts = fold.first_segments
     for index, (device, t) in enumerate(zip(first["d"].to_pylist(), first["t"].to_pylist())):

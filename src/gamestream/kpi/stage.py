@@ -357,7 +357,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         # Step 4
         note_first_days(fold, rows, purchase)
         if self.dimensions:
-            note_first_segments(fold, rows, times, self.dimensions)
+            note_first_segments(fold, rows, times, self.dimensions, self._known_devices)
         # Step 5
         self._fold_days(version, rows, fold)
         # Step 6
