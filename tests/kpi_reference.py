@@ -89,35 +89,37 @@ def segment_value(event: dict, dimension: str) -> str:
 def segments(events: list[dict], dimensions: tuple[str, ...], top: int) -> tuple[dict, dict]:
     """(kpi_daily_segments rows by (day, dimension, value), kpi_retention_segments rows by (cohort, dimension,
     value)), computed from the definitions: a segment's daily figures are the daily KPIs over the events that
-    carry the value; a device's install cohort takes the value of its first event (the least value among events
-    at the same microsecond); past the top `top` values of a day (by DAU) or cohort (by size), rows are summed
-    into (other)."""
+    carry the value, but its sessions are the day's sessions of the devices counted under it; a device's install
+    cohort takes the value of its first event (the least value among events at the same microsecond); past the
+    top `top` values of a day (by DAU) or cohort (by size), rows are summed into (other)."""
     devices: dict[tuple, set[str]] = defaultdict(set)
     payers: dict[tuple, set[str]] = defaultdict(set)
     counts: dict[tuple, int] = defaultdict(int)
     bookings: dict[tuple, float] = defaultdict(float)
-    times: dict[tuple, list[dt.datetime]] = defaultdict(list)
+    day_times: dict[tuple[dt.date, str], list[dt.datetime]] = defaultdict(list)
     first: dict[tuple[str, str], tuple[dt.datetime, str]] = {}
     active: dict[dt.date, set[str]] = defaultdict(set)
     for e in events:
         t = parse(e["eventTime"])
         device = e["eventParams"]["device_id"]
         active[t.date()].add(device)
+        day_times[(t.date(), device)].append(t)
         for dimension in dimensions:
             value = segment_value(e, dimension)
             key = (t.date(), dimension, value)
             devices[key].add(device)
             counts[key] += 1
-            times[(key, device)].append(t)
             if e["eventName"] == "purchaseEvent":
                 payers[key].add(device)
                 bookings[key] += e["eventParams"].get("amount") or 0.0
             if (device, dimension) not in first or (t, value) < first[(device, dimension)]:
                 first[(device, dimension)] = (t, value)
-    sessions: dict[tuple, int] = defaultdict(int)
-    for (key, _), moments in times.items():
+    day_sessions: dict[tuple[dt.date, str], int] = {}  # (day, device) → its sessions that day, all its events
+    for (day, device), moments in day_times.items():
         moments.sort()
-        sessions[key] += 1 + sum(1 for a, b in zip(moments, moments[1:]) if b - a >= GAP)
+        day_sessions[(day, device)] = 1 + sum(1 for a, b in zip(moments, moments[1:]) if b - a >= GAP)
+    # a value's sessions: the day's sessions of the devices counted under it
+    sessions = {key: sum(day_sessions[(key[0], d)] for d in group) for key, group in devices.items()}
     new_users: dict[tuple, int] = defaultdict(int)
     members: dict[tuple, set[str]] = defaultdict(set)
     for (device, dimension), (t, value) in first.items():

@@ -12,8 +12,10 @@ a session of length 0). Events may arrive in any order: each device's sessions o
 
 Breakdowns (`kpi_daily_segments`): rows with value columns (`rows.segment_column`) also fold into one `DayState`
 per (dimension, value) (`segments`), over that value's events alone: a device counts under every value it sent
-that day, its events and purchases under the value they carry, and its sessions are those of its events with
-the value.
+that day, its events and purchases under the value they carry. A value's sessions are the day's sessions of the
+devices counted under it (a device that updated its app at noon counts all its sessions of the day under both
+versions): a value's own state keeps no session intervals, which would cost the whole session bookkeeping again
+per dimension.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class DayState:
     session_count: int = 0
     session_us: int = 0
     segments: dict[tuple[str, str], "DayState"] = field(default_factory=dict)  # (dimension, value) → its state
+    own_sessions: bool = True  # False: a value's state (its sessions are counted from the day's, `segment_rows`)
 
     def add(self, rows: pa.Table) -> set[str]:
         """Folds rows of this day (columns device_id, t (µs), purchase (bool), amount, and each breakdown's
@@ -52,7 +55,7 @@ class DayState:
                     key = (column[2:], value)
                     state = self.segments.get(key)
                     if state is None:
-                        state = self.segments[key] = DayState()
+                        state = self.segments[key] = DayState(own_sessions=False)
                     state.add(part)
             rows = base
         devices = rows["device_id"]
@@ -64,7 +67,8 @@ class DayState:
         self.payers.discard(None)
         self.events += rows.num_rows
         self.bookings += pc.sum(pc.if_else(purchase, rows["amount"], 0.0)).as_py() or 0.0
-        self._add_sessions(devices, rows["t"])
+        if self.own_sessions:
+            self._add_sessions(devices, rows["t"])
         return new
 
     def _add_sessions(self, devices: pa.ChunkedArray | pa.Array, times: pa.ChunkedArray | pa.Array) -> None:
@@ -128,8 +132,15 @@ class DayState:
         self.session_us += (merged[1] - merged[0]) - sum(b - a for a, b in joined)
 
     def segment_rows(self) -> dict[tuple[str, str], dict]:
-        """(dimension, value) → that value's own figures of the day (`base_row`)."""
-        return {key: state.base_row() for key, state in self.segments.items()}
+        """(dimension, value) → that value's own figures of the day (`base_row`), its sessions those of its
+        devices."""
+        rows = {}
+        sessions = self.sessions
+        for key, state in self.segments.items():
+            row = state.base_row()
+            row["sessions"] = sum(len(sessions.get(device, ())) for device in state.devices)
+            rows[key] = row
+        return rows
 
     def base_row(self) -> dict:
         return {"dau": len(self.devices), "events": self.events, "bookings": self.bookings,

@@ -66,7 +66,7 @@ class DerivedCommits(ExactlyOnceCommits):
                 if dataset is None:
                     dataset = self._events_dataset(version)
                 state = fold.recomputed[day] = day_from_table(dataset, day, self.dimensions)
-                if day in self.days:
+                if day in self.days or day in fold.recompute_days:  # kept: later late rows are added to it
                     self.days[day] = state
             if state is not None:
                 row = state.base_row()

@@ -40,7 +40,8 @@ class Fold:
     daily_days: set[dt.date] = field(default_factory=set)  # kpi_daily rows to re-derive
     cohorts: set[dt.date] = field(default_factory=set)  # kpi_retention rows to re-derive
     # breakdowns: (device, dimension) → (time µs, value) of the device's earliest event in this fold
-    first_segments: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+    first_segments: list = field(default_factory=list)  # per version, its devices' `first_rows`
+    segment_candidates: set[str] | None = None  # devices whose first event may be in this fold (None: any)
     new_devices: set[str] = field(default_factory=set)  # devices kpi_devices did not have before this fold
     segment_days: set[dt.date] = field(default_factory=set)  # kpi_daily_segments days whose new users moved
     segment_cohorts: set[dt.date] = field(default_factory=set)  # kpi_retention_segments cohorts whose members moved
@@ -110,48 +111,26 @@ def note_first_days(fold: Fold, rows: pa.Table, purchase: pa.Array) -> None:
             fold.first_purchase[device] = pday
 
 
-_EPOCH_DAY, _DAY_US = dt.date(1970, 1, 1), 86_400_000_000
-
-
-def note_first_segments(fold: Fold, rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...],
-                        first_days: dict[str, tuple] | None = None) -> None:
-    """Lowers the fold's earliest (time, value) per device and breakdown dimension to the rows' earliest (of two
-    events at the same microsecond, the least value): the value the device's install cohort takes. One sort by
-    (device, time) finds each device's earliest row; the rare devices with two rows at that microsecond take the
-    least value of those rows, dimension by dimension. `first_days`: kpi_devices rows known already (device →
-    (first day, …)); a device whose first day lies before its earliest row here cannot change, and is skipped
-    (most devices of a fold: they played before)."""
-    if not rows.num_rows:
-        return
+def first_rows(rows: pa.Table, times: pa.Array, dimensions: tuple[str, ...]) -> pa.Table:
+    """Each device's earliest row (`d`, `t` µs, and per dimension the least value among its rows at that
+    microsecond, `d:<dimension>`): the values its install cohort would take. Vectorized: the least time per
+    device, the rows at that time, the least value of each column among them."""
     columns = [f"d:{d}" for d in dimensions]
-    frame = pa.table({"d": rows["device_id"], "t": times, **{c: rows[c] for c in columns}}).sort_by(
-        [("d", "ascending"), ("t", "ascending")])
-    devices = frame["d"].combine_chunks()
-    stamps = frame["t"].combine_chunks()
-    starts = pa.concat_arrays([pa.array([True]), pc.fill_null(pc.not_equal(devices[1:], devices[:-1]), True)])
-    # a device whose second row has its first row's time: the least value among those rows, per dimension
-    tied_next = pc.and_(pc.invert(starts[1:]), pc.equal(stamps[1:], stamps[:-1]))
-    tied = set(devices.filter(pa.concat_arrays([pc.fill_null(pc.and_(starts[:-1], tied_next), False),
-                                                pa.array([False])])).to_pylist()) if len(devices) > 1 else set()
-    first = frame.filter(starts)
-    if first_days:
-        keep = []
-        for device, t in zip(first["d"].to_pylist(), first["t"].to_pylist()):
-            known = first_days.get(device)
-            keep.append(known is None or known[0] >= _EPOCH_DAY + dt.timedelta(days=t // _DAY_US))
-        first = first.filter(pa.array(keep, pa.bool_()))
-    values = [first[c].to_pylist() for c in columns]
-    firsts = fold.first_segments
-    for index, (device, t) in enumerate(zip(first["d"].to_pylist(), first["t"].to_pylist())):
-        if device is None:
-            continue
-        if device in tied:
-            same = frame.filter(pc.and_(pc.equal(frame["d"], device), pc.equal(frame["t"], t)))
-            row = tuple(min(same[c].to_pylist()) for c in columns)
-        else:
-            row = tuple(v[index] for v in values)
-        for dimension, value in zip(dimensions, row):
-            key = (device, dimension)
-            held = firsts.get(key)
-            if held is None or (t, value) < held:
-                firsts[key] = (t, value)
+    frame = pa.table({"d": rows["device_id"], "t": times, **{c: rows[c] for c in columns}})
+    return _earliest(frame.filter(pc.is_valid(frame["d"])), columns)
+
+
+def _earliest(frame: pa.Table, columns: list[str]) -> pa.Table:
+    if not frame.num_rows:
+        return frame
+    least = frame.group_by("d").aggregate([("t", "min")]).rename_columns(["d", "t"])
+    at_least = frame.join(least, keys=["d", "t"], join_type="inner")
+    grouped = at_least.group_by(["d", "t"]).aggregate([(c, "min") for c in columns])
+    return grouped.rename_columns(["d", "t", *columns]).select(["d", "t", *columns])
+
+
+def merge_first_rows(tables: list[pa.Table], dimensions: tuple[str, ...]) -> pa.Table | None:
+    """`first_rows` of several versions' rows reduced to one row per device, as `first_rows` of them all."""
+    if not tables:
+        return None
+    return _earliest(pa.concat_tables(tables), [f"d:{d}" for d in dimensions])

@@ -131,9 +131,14 @@ class IncrementalCommits(ExactlyOnceCommits):
             return  # (a re-fold after a crash: the table has this version; `_derive_all` re-derives its effects)
         known = self._devices_rows(fold.first_day)
         fold.new_devices = {d for d in fold.first_day if d not in known}
+        # the devices whose first event may be in this fold: new ones, and those first seen on or after the
+        # day of their earliest row here (the others' install cohort, and its breakdown values, cannot move)
+        candidates = fold.segment_candidates = set()
         changed: dict[str, tuple[dt.date, dt.date | None]] = {}
         for device, day in fold.first_day.items():
             old_first, old_purchase = known.get(device, (None, None))
+            if old_first is None or old_first >= day:
+                candidates.add(device)
             first = min(day, old_first) if old_first else day
             new_purchase = fold.first_purchase.get(device)
             purchase = min(p for p in (old_purchase, new_purchase) if p) if (old_purchase or new_purchase) else None

@@ -12,7 +12,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
-from gamestream.kpi.fold import Fold, event_times, note_first_segments
+from gamestream.kpi.fold import Fold, event_times, first_rows
 from gamestream.kpi.rows import day_from_table, event_columns, normalise, us
 from gamestream.kpi.state import STATE_KEY, StageState
 from gamestream.tables import lake
@@ -92,13 +92,11 @@ class StageRecovery:
                                      "first_purchase_day": firsts["pday_min"]}, schema=kt.DEVICES),
         }
         if self.dimensions:
-            fold = Fold()
-            note_first_segments(fold, rows, event_times(rows), self.dimensions)
-            firsts = fold.first_segments
-            built["kpi_device_segments"] = pa.table({
-                "device_id": [k[0] for k in firsts], "dimension": [k[1] for k in firsts],
-                "first_time": pa.array([v[0] for v in firsts.values()], pa.int64()).cast(kt.TS),
-                "value": [v[1] for v in firsts.values()]}, schema=kt.DEVICE_SEGMENTS)
+            firsts = first_rows(rows, event_times(rows), self.dimensions)
+            built["kpi_device_segments"] = pa.concat_tables([pa.table({
+                "device_id": firsts["d"], "dimension": pa.array([d] * firsts.num_rows, pa.string()),
+                "first_time": firsts["t"].cast(kt.TS), "value": firsts[f"d:{d}"]}, schema=kt.DEVICE_SEGMENTS)
+                for d in self.dimensions])
         for name in names:
             if name in built and built[name].num_rows:
                 data = built[name]

@@ -35,7 +35,7 @@ from gamestream.kpi import tables as kt
 from gamestream.kpi.commits import ExactlyOnceCommits
 from gamestream.kpi.days import DayState
 from gamestream.kpi.derived import retention_counts
-from gamestream.kpi.fold import Fold
+from gamestream.kpi.fold import Fold, merge_first_rows
 from gamestream.kpi.rows import day_from_table, rows_in
 
 DAILY_COUNTS = ("dau", "new_users", "events", "bookings", "paying_users", "sessions")
@@ -73,11 +73,34 @@ class SegmentCommits(ExactlyOnceCommits):
             return
         if not fold.first_segments or self.folded[name] >= version:
             return  # (a re-fold after a crash: the table has this version; `_derive_all` re-derives its effects)
-        # a device kpi_devices did not have before this fold has no row here either (committed after it)
-        maybe_known = [k for k in fold.first_segments if k[0] not in fold.new_devices]
-        known = self._segment_rows_of(maybe_known) if maybe_known else {}
+        firsts = merge_first_rows(fold.first_segments, self.dimensions)
+        if fold.segment_candidates is not None:  # (None: `_commit_devices` did not say: every device may move)
+            firsts = firsts.filter(pc.is_in(firsts["d"], pa.array(list(fold.segment_candidates), pa.string())))
+        if not firsts.num_rows:
+            return
+        # A device kpi_devices did not have before this fold has no row here either (committed after it): its
+        # rows are new, built without looking (most devices a fold adds).
+        new = pc.is_in(firsts["d"], pa.array(list(fold.new_devices), pa.string()))
+        fresh, others = firsts.filter(new), firsts.filter(pc.invert(new))
+        parts = [pa.table({"device_id": fresh["d"], "dimension": pa.array([d] * fresh.num_rows, pa.string()),
+                           "first_time": fresh["t"].cast(kt.TS), "value": fresh[f"d:{d}"]}, schema=kt.DEVICE_SEGMENTS)
+                 for d in self.dimensions] if fresh.num_rows else []
+        for t in pc.unique(pc.divide(fresh["t"], _DAY_US)).to_pylist() if fresh.num_rows else []:
+            day = _EPOCH + dt.timedelta(days=t)
+            fold.segment_days.add(day)
+            fold.segment_cohorts.add(day)
+        cached = self._known_segments
+        for dimension in self.dimensions:  # remembered: a later fold today finds them here, not in the table
+            values = fresh[f"d:{dimension}"].to_pylist()
+            cached.update(((d, dimension), (t, v)) for d, t, v in zip(fresh["d"].to_pylist(),
+                                                                      fresh["t"].to_pylist(), values))
+        # The others (first seen today, say, or after a restart) are compared with what the table holds.
+        keys = {(d, dimension): (t, v)
+                for d, t, *values in zip(*(others[c].to_pylist() for c in others.column_names))
+                for dimension, v in zip(self.dimensions, values)}
+        known = self._segment_rows_of(list(keys)) if keys else {}
         changed: dict[tuple[str, str], tuple[int, str]] = {}
-        for key, first in fold.first_segments.items():
+        for key, first in keys.items():
             old = known.get(key)
             if old is None or first < old:
                 changed[key] = first
@@ -86,11 +109,14 @@ class SegmentCommits(ExactlyOnceCommits):
                         day = _EPOCH + dt.timedelta(days=t // _DAY_US)
                         fold.segment_days.add(day)
                         fold.segment_cohorts.add(day)
-        if not changed:
+        if changed:
+            parts.append(pa.table({
+                "device_id": [k[0] for k in changed], "dimension": [k[1] for k in changed],
+                "first_time": pa.array([v[0] for v in changed.values()], pa.int64()).cast(kt.TS),
+                "value": [v[1] for v in changed.values()]}, schema=kt.DEVICE_SEGMENTS))
+        if not parts:
             return
-        source = pa.table({"device_id": [k[0] for k in changed], "dimension": [k[1] for k in changed],
-                           "first_time": pa.array([v[0] for v in changed.values()], pa.int64()).cast(kt.TS),
-                           "value": [v[1] for v in changed.values()]}, schema=kt.DEVICE_SEGMENTS)
+        source = pa.concat_tables(parts)
         if all(key not in known for key in changed):  # none the table has: appended
             self._commit(name, version, state_json, lambda table, properties: write_deltalake(
                 table, source, mode="append", commit_properties=properties))
@@ -148,7 +174,7 @@ class SegmentCommits(ExactlyOnceCommits):
                 if dataset is None:
                     dataset = self._events_dataset(version)
                 state = fold.recomputed[day] = day_from_table(dataset, day, self.dimensions)
-                if day in self.days:
+                if day in self.days or day in fold.recompute_days:  # kept: later late rows are added to it
                     self.days[day] = state
             figures[day] = state.segment_rows()
         return figures

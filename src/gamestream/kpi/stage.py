@@ -64,7 +64,7 @@ from gamestream.kpi.fold import (
     event_times,
     name_counts,
     note_first_days,
-    note_first_segments,
+    first_rows,
     note_greatest_times,
     note_recorded_times,
     window_deltas,
@@ -84,6 +84,8 @@ from gamestream.tables import lake
 __all__ = ["STATE_KEY", "KpiStage", "KpiStageSuperseded", "StageState", "fold_once"]
 
 logger = logging.getLogger(__name__)
+
+LATE_DAYS_KEPT = 4  # final days a fold touched that stay in memory for the late rows of the next folds
 
 
 class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommits, SegmentCommits):
@@ -357,7 +359,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         # Step 4
         note_first_days(fold, rows, purchase)
         if self.dimensions:
-            note_first_segments(fold, rows, times, self.dimensions, self._known_devices)
+            fold.first_segments.append(first_rows(rows, times, self.dimensions))
         # Step 5
         self._fold_days(version, rows, fold)
         # Step 6
@@ -406,8 +408,15 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         for name in self.folded:  # a table with nothing to change made no commit; it has the version all the same
             self.folded[name] = max(self.folded[name], version)
         self._derive_all = False
-        for day in [d for d in self.days if self._day_is_final(d)]:
-            del self.days[day]  # final days leave memory
+        # Final days leave memory, except the latest few this fold touched: a backfill (or a flood of offline
+        # devices) sends late rows for the same final days fold after fold, and each would recompute the whole
+        # day from the events table; kept, its state (exact: recomputed or folded up to this version) takes them.
+        final = [d for d in self.days if self._day_is_final(d)]
+        kept = set(sorted((d for d in final if d in fold.touched_days), reverse=True)[:LATE_DAYS_KEPT])
+        for day in final:
+            if day in kept:
+                continue
+            del self.days[day]
             self._known_devices.clear()  # bounded: the devices of the days still open come back as they play
             self._known_segments.clear()
         metrics.kpi_commits.inc()
