@@ -6,8 +6,8 @@ Dimensions: `platform` and `app_version` (eventParams), `country` (`geo_country`
 - `kpi_daily_segments`: a day's own figures over the events that carry the value (`days.DayState.segments`):
   devices with at least one such event (so a device counts under every value it sent that day, and a
   dimension's values may sum above the day's DAU), their events, purchases' bookings, paying devices (a purchase
-  with the value) and sessions (of those events); `new_users`: devices whose first event — the one their install
-  cohort is counted from — was that day and carried the value.
+  with the value), and the day's sessions of those devices; `new_users`: devices whose first event — the one
+  their install cohort is counted from — was that day and carried the value.
 - `kpi_retention_segments`: a cohort split by the value of its devices' first event (`kpi_device_segments`
   keeps it per device and dimension, with its time: a late event earlier than the first one moves it), with the
   strict D1/D7/D30 of `kpi_retention`.
