@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,18 +76,6 @@ class DerivedCommits(ExactlyOnceCommits):
                 base[row["eventDate"]] = {k: row[k] for k in ("dau", "events", "bookings", "paying_users",
                                                               "sessions", "avg_session_s")}
         return base
-
-    def _query(self, sql: str, **tables: pa.Table) -> list[tuple]:
-        """Runs DuckDB `sql` over the Arrow `tables` on the stage's one connection (a connection costs ~20 ms)."""
-        if self._duckdb is None:
-            self._duckdb = duckdb.connect(config={"threads": 1})
-        try:
-            for name, table in tables.items():
-                self._duckdb.register(name, table)
-            return self._duckdb.execute(sql).fetchall()
-        finally:
-            for name in tables:
-                self._duckdb.unregister(name)
 
     def _active_users(self, activity: ds.Dataset, days: list[dt.date]) -> dict[dt.date, tuple[int, int]]:
         """WAU and MAU of each day: distinct devices active in the 7 and 30 days ending that day."""

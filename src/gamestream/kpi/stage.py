@@ -49,7 +49,6 @@ import logging
 import threading
 import time
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -130,7 +129,6 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         derived = min(self.folded["kpi_daily"], self.folded["kpi_retention"])
         self._derive_all = derived < max(self.folded["kpi_activity"], self.folded["kpi_devices"])
         self._known_devices: dict[str, tuple[dt.date, dt.date | None]] = {}  # kpi_devices rows read lately
-        self._duckdb: duckdb.DuckDBPyConnection | None = None
         if bootstrap:
             self._bootstrap(bootstrap, start)
         self._rows_per_version = 1
