@@ -826,8 +826,17 @@ def _wait_until_committed(settings: Settings, log, processors_left: Callable[[],
     processor is left to do it, or after DRAIN_TIMEOUT_S."""
     from gamestream.tables import lake
 
+    from gamestream.log import LogUnavailable
+
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    targets = {lake.txn_app_id(settings.pipeline, p): log.last_offset(p) for p in range(log.partitions)}
+    while True:  # a broker just restarted may not lead its partitions yet: asked again until the deadline
+        try:
+            targets = {lake.txn_app_id(settings.pipeline, p): log.last_offset(p) for p in range(log.partitions)}
+            break
+        except LogUnavailable:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.25)
     while time.monotonic() < deadline and processors_left():
         try:
             versions = lake.committed_versions(lake.open_table(settings.table_uri("events")), list(targets))
