@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 
 from gamestream.ingest.http_guard import protocol_for
 from gamestream.settings import Settings
+from gamestream.shutdown import stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def serve_workers(settings: Settings, sock: socket.socket, *, log_format: str = 
     workers = [context.Process(target=_worker, args=(settings, sock, index, log_format, os.getpid()),
                                name=f"gamestream-collector-{index + 1}") for index in range(settings.workers)]
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    restore_signals = stop_on_signals(stop)
     died: list[int] = []
     try:
         for worker in workers:
@@ -128,8 +129,7 @@ def serve_workers(settings: Settings, sock: socket.socket, *, log_format: str = 
                 logger.error("a collector worker did not stop in time; killing it", extra={"pid": worker.pid})
                 worker.kill()
                 worker.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals()
         sock.close()
     return 1 if died else 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import signal
 from pathlib import Path
 
 import click
@@ -25,6 +24,7 @@ from gamestream.cli.common import (
     with_options,
 )
 from gamestream.settings import Settings
+from gamestream.shutdown import stop_on_signals
 
 format_option = click.option("--format", "output", type=click.Choice(["table", "json"]), default="table",
                              show_default=True)
@@ -160,12 +160,7 @@ def run(data_dir: Path | None, log_url: str | None, tables_uri: str | None) -> N
     log = open_log(settings)
     ownership = open_roles(settings)
     evaluator = Evaluator(settings, config, ownership, log=log, in_process=False)
-
-    def stop(signum, frame) -> None:
-        evaluator.stop_requested.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(evaluator.stop_requested)
     console.print(f"evaluating {len(config.rules)} alert rule(s) until stopped (Ctrl-C)", highlight=False)
     try:
         evaluator.run()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +68,7 @@ from gamestream.process import identity as identity_mod
 from gamestream.process.decode import Decoded, decode_records
 from gamestream.schema import PARTITION_COLUMN
 from gamestream.settings import Settings
+from gamestream.shutdown import stop_on_signals
 from gamestream.tables import lake
 from gamestream.tables.forgotten import ForgottenDevices
 
@@ -511,12 +511,7 @@ class Processor:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop after committing what has been read (acknowledged events included)."""
-
-        def request_stop(signum: int, frame: object) -> None:
-            self.stop_requested.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        stop_on_signals(self.stop_requested)
 
     def _read_available(self) -> bool:
         read_any = False
