@@ -159,3 +159,55 @@ def test_a_processor_killed_in_the_middle_of_its_part_folds_ends_with_the_global
     assert tables_of(data) == tables_of(reference)
     events_version = DeltaTable(str(data / "tables" / "events")).version()
     assert kpi_txn(data, "kpi_daily") == events_version
+
+
+@pytest.mark.parametrize("backlog", [2000, 0], ids=["held-back", "never-waits"])
+def test_a_processor_reads_no_further_while_its_part_folds_are_a_backlog_behind(tmp_path: Path, backlog: int) -> None:
+    """`kpi_part_backlog_events`: the processor stops reading while its part stages hold that many committed
+    events per partition they have not folded, and wakes their folds. The folding thread's own rounds are an hour
+    apart here, so only that wake-up folds anything before the end: with the bound, no commit finds more than the
+    bound plus the one flush that may be in flight unfolded; without it (0), the backlog grows to nearly every
+    event. Either way the KPI tables end complete and exact."""
+    import json
+
+    from gamestream import metrics
+    from gamestream.log import Append, open_log, partition_for
+    from gamestream.process.pipeline import Pipeline
+
+    data = tmp_path / "data"
+    events = list(simulate(events=24_000, users=400, seed=5, start=dt.datetime(2026, 10, 1, tzinfo=UTC), days=2))
+    settings = Settings(data_dir=data, partitions=4, kpi_mode="partitioned", batch_max_events=2000,
+                        kpi_part_backlog_events=backlog, kpi_interval_s=3600, kpi_part_interval_s=3600)
+    waited = metrics.REGISTRY.get_sample_value("gamestream_kpi_backpressure_seconds_total") or 0.0
+    log = open_log(data, partitions=4)
+    try:
+        by_partition: dict[int, list[bytes]] = {}
+        for event in events:
+            by_partition.setdefault(partition_for(event["eventParams"]["device_id"], 4), []).append(
+                json.dumps(event).encode())
+        log.append([Append(p, b"\n".join(lines[i:i + 100]), len(lines[i:i + 100]))
+                    for p, lines in by_partition.items() for i in range(0, len(lines), 100)])
+        pipeline = Pipeline(settings, log)
+        unfolded: list[int] = []  # the part stages' backlog as each commit lands
+        offer = pipeline.processor.on_commit
+
+        def recording(version, rows, greatest_times) -> None:
+            unfolded.append(sum(stage.backlog_rows() for stage in dict(pipeline.part_stages).values()))
+            offer(version, rows, greatest_times)
+
+        pipeline.processor.on_commit = recording
+        pipeline.run(until_idle=True)
+    finally:
+        log.close()
+    waited = (metrics.REGISTRY.get_sample_value("gamestream_kpi_backpressure_seconds_total") or 0.0) - waited
+    assert len(unfolded) >= 12  # 24,000 events in batches of about 2,000
+    if backlog:
+        assert waited > 0
+        assert max(unfolded) <= 4 * backlog + settings.batch_max_events, unfolded
+    else:
+        assert waited == 0
+        assert max(unfolded) >= 20_000, unfolded
+    daily = DeltaTable(str(data / "tables" / "kpi_daily")).to_pyarrow_table().to_pylist()
+    assert sum(row["events"] for row in daily) == len(events)
+    assert {name: kpi_txn(data, name) for name in MERGED} == {
+        name: DeltaTable(str(data / "tables" / "events")).version() for name in MERGED}

@@ -32,6 +32,9 @@ log_position = Gauge("gamestream_log_committed_offset", "Last log offset committ
                      ["partition"], registry=REGISTRY)
 watermark = Gauge("gamestream_kpi_watermark_seconds", "KPI watermark (event time, Unix seconds)",
                   registry=REGISTRY)
+kpi_backpressure_seconds = Counter(
+    "gamestream_kpi_backpressure_seconds", "Time the processor read nothing while its partitions' KPI folds caught "
+    "up (partitioned KPIs, `kpi_part_backlog_events`)", registry=REGISTRY)
 kpi_commits = Counter("gamestream_kpi_folds", "KPI folds committed", registry=REGISTRY)
 late_events = Counter("gamestream_kpi_late_events", "Events that arrived for a window already final",
                       registry=REGISTRY)

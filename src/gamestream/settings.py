@@ -78,6 +78,11 @@ class Settings:
     """KPI, partitioned: while its processor keeps committing, a partition's part stage folds at most this often
     (its fixed cost per fold — a handful of Delta commits — is spread over more rows); once the processor has
     committed nothing for a round, at once."""
+    kpi_part_backlog_events: int = 50_000
+    """KPI, partitioned: a processor reads no further while the part stages in its process hold this many
+    committed events not folded yet per partition it owns; it waits for their folds (which then run at once), so
+    the KPI tables stay within about that much of the events table even when the process's CPU is the limit.
+    0: never wait."""
     kpi_dimensions: tuple[str, ...] = ()
     """KPI breakdowns (`kpi_daily_segments`, `kpi_retention_segments`): promoted parameters to break the KPIs down
     by, besides the built-in platform, app_version and country. `[kpi] dimensions` in the configuration file."""

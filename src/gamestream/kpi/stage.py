@@ -193,6 +193,12 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                 self._committed_here[version] = normalised
                 self._offered_times[version] = greatest_times
 
+    def backlog_rows(self) -> int:
+        """Rows handed to this stage (`offer`, `hold`) for versions it has not folded yet."""
+        with self._committed_here_lock:
+            return sum(rows.num_rows for version, rows in self._committed_here.items()
+                       if version > self.state.version)
+
     def _offered(self, first: int, last: int) -> pa.Table | None:
         """The rows offered for versions first..last, with `_commit_version`; None unless every one was offered."""
         table, versions = self._offered_some(first, last)

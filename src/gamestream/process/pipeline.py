@@ -64,6 +64,9 @@ class Pipeline:
             self._commits_seen = -1  # the processor's commits at the last round
             self._last_part_fold = 0.0  # when any part stage last folded (monotonic)
             self.merger: KpiMerge | None = None
+            self.fold_soon = threading.Event()  # wakes the folding thread before its interval is up
+            if self.partitioned and settings.kpi_part_backlog_events > 0:
+                self.processor.held_back = self._folds_behind
             if kpi and not self.partitioned:
                 self._take_kpi()
         except BaseException:
@@ -102,6 +105,33 @@ class Pipeline:
                 part_stage.hold(version, held.filter(pc.equal(routes, part)), greatest_times)
 
     # ------------------------------------------------------------------------------------ partitioned KPIs
+    def _backlog_full(self) -> bool:
+        """The part stages here hold `kpi_part_backlog_events` or more committed events per partition (per
+        stage) that they have not folded: the same fold size per partition however many a process owns."""
+        stages = list(dict(self.part_stages).values())
+        return bool(stages) and sum(stage.backlog_rows() for stage in stages) >= (
+            self.settings.kpi_part_backlog_events * len(stages))
+
+    def _folds_behind(self) -> bool:
+        """The processor's `held_back`: True (and the folds woken) while the part stages' backlog is full. The
+        processor then reads nothing, so a process whose CPU is the limit spends it on folding what it committed
+        instead of running ahead of its KPIs: they stay within about a batch of its commits."""
+        if not self._backlog_full():
+            return False
+        self.fold_soon.set()
+        return True
+
+    def _start_part_stages(self, owned: set[int], *, final: bool = False) -> None:
+        """Drops the part stages of partitions not in `owned` and starts those missing (each recovers from its
+        partition's tables)."""
+        for part in [p for p in self.part_stages if p not in owned]:
+            logger.info("KPI part stage stops here: its partition moved", extra={"partition": part})
+            del self.part_stages[part]
+        for part in sorted(owned - set(self.part_stages)):
+            if not final and (not self.ownership.owns(part) or part in self.ownership.surplus()):
+                continue  # handed over while the stages before it started
+            self.part_stages[part] = KpiStage(self.settings, self.log, stop=self.processor.stop_requested, part=part)
+
     def _fold_parts(self, *, final: bool = False, every: bool = True) -> None:
         """Folds the partitions this process owns, each in its part stage (started for a partition gained, which
         recovers from that partition's tables; dropped for one lost, whose new owner folds it).
@@ -117,14 +147,13 @@ class Pipeline:
             owned = set(range(self.log.partitions)) if every else set(self.part_stages) | set(
                 self.processor.partitions)
         else:
-            owned = set(self.ownership.owned())
-        for part in [p for p in self.part_stages if p not in owned]:
-            logger.info("KPI part stage stops here: its partition moved", extra={"partition": part})
-            del self.part_stages[part]
-        for part in sorted(owned - set(self.part_stages)):
-            self.part_stages[part] = KpiStage(self.settings, self.log, stop=self.processor.stop_requested, part=part)
+            # not the surplus a processor is about to hand over (many, when it started first and others join)
+            owned = set(self.ownership.owned()) - self.ownership.surplus()
+        self._start_part_stages(owned, final=final)
         commits = self.processor.stats.commits
-        quiet = final or commits == self._commits_seen  # nothing committed here since the last round
+        # nothing committed here since the last round, or the processor waits for these folds
+        quiet = final or commits == self._commits_seen or (
+            self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
         self._commits_seen = commits
         now = time.monotonic()
         due = list(self.part_stages.items())
@@ -209,9 +238,11 @@ class Pipeline:
             self.maintenance.start()
         if self.alerts:
             self.alerts.start()
-        if folding:
-            folding.start()
         try:
+            if self.partitioned:
+                self._first_part_stages()
+            if folding:
+                folding.start()
             self.processor.run(until_idle=until_idle, on_progress=on_progress)
             if folding:
                 folding.finish()  # raises the fold's failure
@@ -222,11 +253,23 @@ class Pipeline:
         finally:
             if folding:
                 folding.done.set()
+                self.fold_soon.set()
             if self.maintenance:
                 self.maintenance.stop()
             if self.alerts:
                 self.alerts.stop()
             self.ownership.close()
+
+    def _first_part_stages(self) -> None:
+        """The part stages of the partitions owned at the start, started before the processor reads, so that
+        its first commits' rows are handed to them (not read back from the change data feed) and count towards
+        `kpi_part_backlog_events`. A log or store out of reach leaves it to the folding rounds."""
+        try:
+            self._start_part_stages(set(self.ownership.owned()) - self.ownership.surplus())
+        except Exception as error:
+            if not (isinstance(error, LogUnavailable) or lake.is_store_unreachable(error)):
+                raise
+            self._drop_partitioned()
 
     def _should_fold_finally(self, folding: _FoldingThread | None) -> bool:
         """A final fold is due when this process runs the KPI stage, still holds the role, and the folding was
@@ -358,6 +401,7 @@ class _FoldingThread:
     def finish(self) -> None:
         """Ends the rounds, waits for the one under way, and raises the failure that stopped them, if any."""
         self.done.set()
+        self.pipeline.fold_soon.set()
         self.thread.join()
         if self.failures:
             raise self.failures[0]
@@ -365,8 +409,10 @@ class _FoldingThread:
     def _run(self) -> None:
         pipeline = self.pipeline
         try:
-            while not self.done.wait(pipeline.settings.kpi_interval_s):
-                pipeline._fold_round()
+            while not self.done.is_set():
+                pipeline._fold_round()  # the first at once: it starts the stages (they recover from their tables)
+                pipeline.fold_soon.wait(pipeline.settings.kpi_interval_s)  # or sooner, for a processor waiting
+                pipeline.fold_soon.clear()
         except lake.RetryInterrupted:
             self.interrupted = True
         except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind

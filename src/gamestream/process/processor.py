@@ -319,6 +319,8 @@ class Processor:
         # told (version, rows, greatest eventTime per partition) after each events commit: the KPI stage in the
         # same process folds those rows without reading them back from the table
         self.on_commit: Callable[[int, pa.Table, dict[int, int]], None] | None = None
+        # True while the KPI folds of this process are too far behind its commits: read nothing meanwhile
+        self.held_back: Callable[[], bool] | None = None
         self._follow_ownership(initial=True)
 
     def _open_tables(self) -> None:
@@ -466,12 +468,18 @@ class Processor:
                            "and are committed by the next run", extra={"pending_events": self._pending_events})
 
     def _round(self, *, until_idle: bool, on_progress: Callable[[ProcessorStats], None] | None) -> bool:
-        """One round: land a finished flush, follow the ownership, read, flush when due, and wait when there was
-        nothing to read. False once drained (`until_idle`, or a drain requested)."""
+        """One round: land a finished flush, follow the ownership, read (unless `held_back`: then wait a poll
+        interval), flush when due, and wait when there was nothing to read. False once drained (`until_idle`, or a
+        drain requested)."""
         if self._in_flight is not None and self._in_flight.future.done():
             if self._finish_flush() and on_progress:
                 on_progress(self.stats)
         self._follow_ownership()
+        if self.held_back is not None and not self._pending_events and self.held_back():
+            started = time.monotonic()
+            self.stop_requested.wait(self.settings.poll_interval_s)
+            metrics.kpi_backpressure_seconds.inc(time.monotonic() - started)
+            return True
         read_any = self._read_round()
         draining = until_idle or self.drain_requested.is_set()
         if self._flush_due(drained=draining and not read_any):
