@@ -115,7 +115,8 @@ class Pipeline:
     def _folds_behind(self) -> bool:
         """The processor's `held_back`: True (and the folds woken) while the part stages' backlog is full. The
         processor then reads nothing, so a process whose CPU is the limit spends it on folding what it committed
-        instead of running ahead of its KPIs: they stay within about a batch of its commits."""
+        instead of running ahead of its KPIs: they stay within about `kpi_part_backlog_events` per partition of
+        its commits."""
         if not self._backlog_full():
             return False
         self.fold_soon.set()
