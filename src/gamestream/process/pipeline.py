@@ -410,10 +410,12 @@ class _FoldingThread:
     def _run(self) -> None:
         pipeline = self.pipeline
         try:
-            while not self.done.is_set():
-                pipeline._fold_round()  # the first at once: it starts the stages (they recover from their tables)
+            while True:
                 pipeline.fold_soon.wait(pipeline.settings.kpi_interval_s)  # or sooner, for a processor waiting
                 pipeline.fold_soon.clear()
+                if self.done.is_set():
+                    break
+                pipeline._fold_round()
         except lake.RetryInterrupted:
             self.interrupted = True
         except BaseException as error:  # the pipeline stops: KPIs must not silently fall behind
