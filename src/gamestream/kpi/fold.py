@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gamestream.kpi import tables as kt
+
 
 @dataclass
 class WindowDelta:
@@ -127,6 +129,14 @@ def _earliest(frame: pa.Table, columns: list[str]) -> pa.Table:
     at_least = frame.join(least, keys=["d", "t"], join_type="inner")
     grouped = at_least.group_by(["d", "t"]).aggregate([(c, "min") for c in columns])
     return grouped.rename_columns(["d", "t", *columns]).select(["d", "t", *columns])
+
+
+def device_segment_rows(firsts: pa.Table, dimensions: tuple[str, ...]) -> pa.Table:
+    """`first_rows` as `kpi_device_segments` rows: one per device and dimension."""
+    return pa.concat_tables([pa.table({
+        "device_id": firsts["d"], "dimension": pa.array([d] * firsts.num_rows, pa.string()),
+        "first_time": firsts["t"].cast(kt.TS), "value": firsts[f"d:{d}"]}, schema=kt.DEVICE_SEGMENTS)
+        for d in dimensions])
 
 
 def merge_first_rows(tables: list[pa.Table], dimensions: tuple[str, ...]) -> pa.Table | None:

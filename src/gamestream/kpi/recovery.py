@@ -12,7 +12,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from gamestream.kpi import tables as kt
 from gamestream.kpi.days import PURCHASE, DayState
-from gamestream.kpi.fold import Fold, event_times, first_rows
+from gamestream.kpi.fold import Fold, device_segment_rows, event_times, first_rows
 from gamestream.kpi.rows import day_from_table, event_columns, normalise, us
 from gamestream.kpi.state import STATE_KEY, StageState
 from gamestream.tables import lake
@@ -93,10 +93,7 @@ class StageRecovery:
         }
         if self.dimensions:
             firsts = first_rows(rows, event_times(rows), self.dimensions)
-            built["kpi_device_segments"] = pa.concat_tables([pa.table({
-                "device_id": firsts["d"], "dimension": pa.array([d] * firsts.num_rows, pa.string()),
-                "first_time": firsts["t"].cast(kt.TS), "value": firsts[f"d:{d}"]}, schema=kt.DEVICE_SEGMENTS)
-                for d in self.dimensions])
+            built["kpi_device_segments"] = device_segment_rows(firsts, self.dimensions)
         for name in names:
             if name in built and built[name].num_rows:
                 data = built[name]

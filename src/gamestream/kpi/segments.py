@@ -35,7 +35,7 @@ from gamestream.kpi import tables as kt
 from gamestream.kpi.commits import ExactlyOnceCommits
 from gamestream.kpi.days import DayState
 from gamestream.kpi.derived import retention_counts
-from gamestream.kpi.fold import Fold, merge_first_rows
+from gamestream.kpi.fold import Fold, device_segment_rows, merge_first_rows
 from gamestream.kpi.rows import day_from_table, rows_in
 
 DAILY_COUNTS = ("dau", "new_users", "events", "bookings", "paying_users", "sessions")
@@ -82,18 +82,16 @@ class SegmentCommits(ExactlyOnceCommits):
         # rows are new, built without looking (most devices a fold adds).
         new = pc.is_in(firsts["d"], pa.array(list(fold.new_devices), pa.string()))
         fresh, others = firsts.filter(new), firsts.filter(pc.invert(new))
-        parts = [pa.table({"device_id": fresh["d"], "dimension": pa.array([d] * fresh.num_rows, pa.string()),
-                           "first_time": fresh["t"].cast(kt.TS), "value": fresh[f"d:{d}"]}, schema=kt.DEVICE_SEGMENTS)
-                 for d in self.dimensions] if fresh.num_rows else []
+        parts = [device_segment_rows(fresh, self.dimensions)] if fresh.num_rows else []
         for t in pc.unique(pc.divide(fresh["t"], _DAY_US)).to_pylist() if fresh.num_rows else []:
             day = _EPOCH + dt.timedelta(days=t)
             fold.segment_days.add(day)
             fold.segment_cohorts.add(day)
         cached = self._known_segments
+        devices, times = fresh["d"].to_pylist(), fresh["t"].to_pylist()
         for dimension in self.dimensions:  # remembered: a later fold today finds them here, not in the table
-            values = fresh[f"d:{dimension}"].to_pylist()
-            cached.update(((d, dimension), (t, v)) for d, t, v in zip(fresh["d"].to_pylist(),
-                                                                      fresh["t"].to_pylist(), values))
+            cached.update(((d, dimension), (t, v)) for d, t, v in zip(devices, times,
+                                                                      fresh[f"d:{dimension}"].to_pylist()))
         # The others (first seen today, say, or after a restart) are compared with what the table holds.
         keys = {(d, dimension): (t, v)
                 for d, t, *values in zip(*(others[c].to_pylist() for c in others.column_names))
