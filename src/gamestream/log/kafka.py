@@ -66,7 +66,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -587,8 +587,7 @@ class KafkaEventLog(LogFeatures):
         """Every partition's (`last_offset`, `last_appended_at`), asked of the brokers for all partitions at once:
         each takes two round trips and a fetch, ~0.3 s, so one after the other they held the KPI stage's watermark
         check for seconds on 16 partitions (each partition has a reader, and a lock, of its own)."""
-        with ThreadPoolExecutor(max_workers=min(16, self._partitions)) as pool:
-            return dict(zip(range(self._partitions), pool.map(self._tail, range(self._partitions))))
+        return _each_partition(self._tail, range(self._partitions))
 
     # ------------------------------------------------------------------------------------------- positions
     def _committer(self, consumer: str) -> tuple[Consumer, threading.Lock]:
@@ -661,11 +660,8 @@ class KafkaEventLog(LogFeatures):
     def pending_events_by_partition(self, consumer: str, partitions: Sequence[int] | None = None) -> dict[int, int]:
         """`pending_events_in` of every partition (or of `partitions`), asked in parallel threads: one after the
         other, their round trips held the processor's lag gauges for a second on 16 partitions."""
-        wanted = list(range(self._partitions)) if partitions is None else list(partitions)
-        if not wanted:
-            return {}
-        with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
-            return dict(zip(wanted, pool.map(lambda p: self.pending_events_in(p, consumer), wanted)))
+        wanted = range(self._partitions) if partitions is None else partitions
+        return _each_partition(lambda partition: self.pending_events_in(partition, consumer), wanted)
 
     def trim(self, retention_seconds: float, now: float | None = None) -> int:
         """Nothing: records leave a Kafka topic by its retention (`retention.ms`; `supports_trim` is False)."""
@@ -689,3 +685,13 @@ class KafkaEventLog(LogFeatures):
                 client.close()
             except Exception:
                 pass
+
+
+def _each_partition(ask: Callable[[int], Any], partitions: Sequence[int]) -> dict[int, Any]:
+    """partition → `ask(partition)`, asked of every partition at once in threads (up to 16): each is a few broker
+    round trips, and each partition has a reader, and a lock, of its own."""
+    wanted = list(partitions)
+    if not wanted:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(wanted))) as pool:
+        return dict(zip(wanted, pool.map(ask, wanted)))
