@@ -123,7 +123,10 @@ _TRANSIENT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRAN
               # not learnt yet, or a broker handle librdkafka dropped (each seen right after a broker was killed:
               # the watermark read failed for a moment)
               KafkaError.OFFSET_NOT_AVAILABLE, KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
-              KafkaError.KAFKA_STORAGE_ERROR, KafkaError._DESTROY_BROKER}
+              KafkaError.KAFKA_STORAGE_ERROR, KafkaError._DESTROY_BROKER,
+              # a client whose metadata does not list the partition yet (a reader opened right after a broker
+              # restart): the topic's partitions were read back when the log was opened, so it exists
+              KafkaError._UNKNOWN_PARTITION}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # A group's coordinator that moved or is loading: asked again briefly (`_committed_by`)
 _COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
