@@ -210,6 +210,28 @@ def test_a_holder_that_stops_renewing_loses_the_lease_after_the_ttl_and_knows_it
 
 
 # ------------------------------------------------------------------------------------------------ balancing
+def test_partitions_move_at_once_when_a_member_joins_or_leaves_not_at_the_next_round(
+        nats_url: str, pipeline_name: str) -> None:
+    """With a TTL of 30 s a member's own rounds come every 10 s; the nudges of a member joining and of a release
+    make the others balance at once (each step here within 2 s, far below a round's interval)."""
+    first = LeaseOwnership(nats_url, pipeline=pipeline_name, partitions=8, ttl_s=30)
+    second = None
+    try:
+        assert first.interval == 10 and sorted(first.owned()) == list(range(8)) and not first.surplus()
+        second = LeaseOwnership(nats_url, pipeline=pipeline_name, partitions=8, ttl_s=30)
+        assert not second.owned()  # every partition is held: it must wait for the first to hand some over
+        eventually(lambda: len(first.surplus()) == 4, within=2, what="the first member sees the second join")
+        first.release(first.surplus())  # what a processor does once it has committed what it read of them
+        eventually(lambda: len(second.owned()) == 4, within=2, what="the second takes the released partitions")
+        assert not set(first.owned()) & set(second.owned())
+        first.close()
+        eventually(lambda: len(second.owned()) == 8, within=2, what="the second takes over a leaving member's")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+
+
 def run_in_thread(processor: Processor) -> threading.Thread:
     thread = threading.Thread(target=processor.run, daemon=True)
     thread.start()

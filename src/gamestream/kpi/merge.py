@@ -65,6 +65,10 @@ class KpiMerge:
                        for name in kt.MERGED}
         self.states = {name: self._read_state(name) for name in kt.MERGED}
         self._parts: dict[tuple[int, str], DeltaTable] = {}
+        # (part, table) → the version of the part's retention copy when that copy was last brought up to date:
+        # every part fold commits its retention copy last, so a copy whose part's retention has not moved since
+        # has not changed either, and is not listed again (56 directory listings a round become 8 while idle)
+        self._fresh_at: dict[tuple[int, str], int] = {}
         # (part, table) → (version, the copy's rows at that version): a copy is small (a row per window, day or
         # cohort), and between two rounds most copies do not change; a changed one is read whole and compared
         self._copies: dict[tuple[int, str], tuple[int, pa.Table]] = {}
@@ -84,13 +88,17 @@ class KpiMerge:
     def _part(self, part: int, name: str) -> DeltaTable | None:
         """Partition `part`'s copy of table `name`, brought up to date; None while it does not exist."""
         table = self._parts.get((part, name))
+        retention = self._parts.get((part, "kpi_retention"))
+        moved = None if name == "kpi_retention" or retention is None else retention.version()
         if table is None:
             uri = self.settings.kpi_part_uri(part, name)
             if not lake.table_exists(uri):
                 return None
             table = self._parts[(part, name)] = lake.open_table(uri)
-        else:
+        elif moved is None or self._fresh_at.get((part, name)) != moved:
             table.update_incremental()
+        if moved is not None:
+            self._fresh_at[(part, name)] = moved
         return table
 
     def progress(self) -> tuple[int, int | None, dict[int, tuple[int, int | None]]]:

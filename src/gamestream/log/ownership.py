@@ -327,6 +327,11 @@ class LeaseOwnership:
     `members.<id>`, renewed like leases) each process takes free partitions up to its fair share ⌈partitions / M⌉
     and offers what it holds beyond it as `surplus`, which the processor releases after committing what it read.
 
+    A member that joins and a member that releases leases publish a nudge (a plain NATS message on
+    `gamestream.ownership.<bucket>.nudge`): every member runs its round at once instead of at its next interval,
+    so partitions move within a commit of a processor joining or leaving, not seconds later. A nudge lost (a
+    reconnection) only delays the move to the next round.
+
     A lease counts as held only until `deadline` = the time its last renewal was sent + TTL: the server's clock
     starts later than ours, so we give a partition up locally no later than the server frees it. A failed
     renewal (the key was taken over, or expired) loses it at once; a renewal that cannot reach the server keeps
@@ -361,7 +366,7 @@ class LeaseOwnership:
         except BaseException:
             self._stop_loop()
             raise
-        self._rounds = asyncio.run_coroutine_threadsafe(self._rounds_forever(), self._loop)
+        self._rounds = self._call(self._spawn_rounds(), timeout=5)
         logger.info("leases started", extra={"bucket": self.bucket, "member": self.member, "ttl_s": self.ttl,
                                              "partitions": sorted(self.owned())})
 
@@ -412,7 +417,10 @@ class LeaseOwnership:
         if self._closed:
             return
         self._closed = True
-        self._rounds.cancel()
+        try:
+            self._call(self._serialized(self._cancel_rounds()), timeout=self.ttl + 5)
+        except Exception:  # the loop is stuck: whatever a round held lapses after the TTL
+            pass
         with self._state:
             keys = list(self._held)
         try:
@@ -510,7 +518,10 @@ class LeaseOwnership:
                         raise
                     await self._js.key_value(self.bucket)  # created by another member, maybe differently
                 await self._acquire(_MEMBERS + self.member)
+        self._nudged = asyncio.Event()
+        await self._nc.subscribe(self._nudge_subject, cb=self._on_nudge)
         await self._round()
+        await self._nudge()  # the members already there see this one now, not at their next round
 
     async def _acquire(self, key: str) -> bool:
         from nats.js.api import Header
@@ -567,6 +578,7 @@ class LeaseOwnership:
         for key, lease in leases.items():
             # only our revision and older: a newer holder's write (after a lapse) survives
             await self._js.purge_stream(f"KV_{self.bucket}", subject=self._subject(key), seq=lease.revision + 1)
+        await self._nudge()  # whoever is below its share takes them now
 
     async def _round(self) -> None:
         """Renew, look, acquire up to the fair share, mark the rest surplus."""
@@ -593,9 +605,37 @@ class LeaseOwnership:
         with self._state:
             self._surplus = frozenset(sorted(mine)[share:])
 
+    @property
+    def _nudge_subject(self) -> str:
+        return f"gamestream.ownership.{self.bucket}.nudge"
+
+    async def _on_nudge(self, _message) -> None:
+        self._nudged.set()
+
+    async def _nudge(self) -> None:
+        """Tells every member to run its round now (a lease was released, or a member joined)."""
+        try:
+            await self._nc.publish(self._nudge_subject, b"")
+            await self._nc.flush(timeout=1)  # out before a close that may follow at once
+        except Exception as error:  # the next rounds balance all the same
+            logger.debug("nudge not sent: %s", error)
+
+    async def _spawn_rounds(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._rounds_forever())
+
+    async def _cancel_rounds(self) -> None:
+        """Cancels the rounds between two of them (called holding the lock a round runs under): a round cancelled
+        half-way could have taken a lease the server holds but this member no longer knows of, which would then
+        stay taken until the TTL instead of being released by the close."""
+        self._rounds.cancel()
+
     async def _rounds_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.wait_for(self._nudged.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._nudged.clear()
             try:
                 await self._serialized(self._round())
                 if self._warned:
