@@ -59,6 +59,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import itertools
 import os
 import platform
 import re
@@ -327,18 +328,18 @@ def process_run(work: Path, url: str, events: int, partitions: int, processors: 
     launch = lambda i: subprocess.Popen(  # noqa: E731
         gamestream("process", "--log", url, "--data-dir", str(data), "--metrics-port", str(ports[i])),
         stdout=logs[i], stderr=subprocess.STDOUT, env=env, preexec_fn=groups[i].preexec if groups else None)
-    procs = [launch(0)]
+    # All M at once, as M machines started together on a backlog: the first to come up creates the lease bucket
+    # (NATS) or the consumer group (Kafka) and takes every partition, and hands the others' shares over as they
+    # join (a commit of what it read, then a release that nudges them).
+    procs = [launch(i) for i in range(processors)]
     started_line = STARTED_LINES[url.split("://", 1)[0]]
     try:
-        # The first processor creates the lease bucket (NATS) or the consumer group (Kafka); the others start once
-        # it owns the partitions, so that start-up (bucket creation, the R3 bucket's leader election, the group's
-        # first assignment) is the same in every run.
-        log_0 = work / f"process-{label}-0.log"
-        while started_line not in log_0.read_text():
-            if procs[0].poll() is not None or time.perf_counter() - started > 60:
-                raise RuntimeError(f"{label}: the first processor did not start; see {log_0}")
-            time.sleep(0.05)
-        procs += [launch(i) for i in range(1, processors)]
+        for i, proc in enumerate(procs):
+            log_i = work / f"process-{label}-{i}.log"
+            while started_line not in log_i.read_text():
+                if proc.poll() is not None or time.perf_counter() - started > 60:
+                    raise RuntimeError(f"{label}: processor {i} did not start; see {log_i}")
+                time.sleep(0.05)
         rows = version = 0
         first_rows_at = None
         while rows < events:
@@ -578,7 +579,7 @@ def quota_main(args: argparse.Namespace) -> int:
             seconds = args.collector_seconds or (3.0 if args.quick else 15.0)
             for c in counts:
                 print(f"quota {args.quota:g} core each: {c} collector(s), {seconds:g}s …", flush=True)
-                served.append(collector_run(work, f"{cluster.url}?stream=collect", c, args.quota, seconds, lines))
+                served.append(collector_run(work, f"{cluster.url}?stream=collect{c}", c, args.quota, seconds, lines))
                 print(f"  {served[-1]['eps']:,.0f} acknowledged events/s", flush=True)
         finally:
             cluster.stop()
@@ -615,28 +616,52 @@ def kafka_runs(work: Path, args: argparse.Namespace, budget: cpu_quota.CpuQuota 
                    processors, {}, runs, timeout=1800, quota=args.quota)
         for c in counts:
             print(f"quota {args.quota:g} core each: {KAFKA}, {c} collector(s), {seconds:g}s …", flush=True)
-            result = collector_run(work, f"kafka://{brokers.bootstrap}/collect", c, args.quota, seconds, lines,
+            result = collector_run(work, f"kafka://{brokers.bootstrap}/collect{c}", c, args.quota, seconds, lines,
                                    name=f"kafka-serve-{c}")
             result["topology"] = KAFKA
             served.append(result)
             print(f"  {result['eps']:,.0f} acknowledged events/s", flush=True)
 
 
+COLLECT_PARTITIONS = 4  # the collector runs' log
+
+
+def one_partition_bodies(lines: list[bytes], partitions: int, size: int) -> list[bytes]:
+    """NDJSON bodies of `size` events each, every body's events of devices in one log partition."""
+    import json
+
+    from gamestream.log import partition_for
+
+    by_partition: dict[int, list[bytes]] = {}
+    for line in lines:
+        by_partition.setdefault(partition_for(json.loads(line)["eventParams"]["device_id"], partitions), []
+                                ).append(line)
+    chunks = [[b"\n".join(group[i:i + size]) for i in range(0, len(group) - size + 1, size)]
+              for group in by_partition.values()]
+    # interleaved, so that requests sent together go to every partition, not one after the other
+    return [body for turn in itertools.zip_longest(*chunks) for body in turn if body is not None]
+
+
 def collector_run(work: Path, url: str, count: int, quota: float, seconds: float, lines: list[bytes],
                   name: str | None = None) -> dict:
     """`count` `gamestream serve --log url` processes, each in a CPU budget of its own, posted 100-event NDJSON
     requests by a client outside the budgets (8 keep-alive connections per collector) for `seconds`. `name`
-    (default `serve-<count>`) names their data directories and cgroups."""
+    (default `serve-<count>`) names their data directories and cgroups.
+
+    Each request's events lie in one log partition, so a request is one record, as a phone's request (one
+    device's events) is: requests mixing every partition's devices would make each request COLLECT_PARTITIONS
+    records, and the log's per-record appends (an fsync each on NATS), not the collectors, would bind."""
     from collector import load  # benchmarks/collector.py's raw asyncio HTTP/1.1 client
 
     name = name or f"serve-{count}"
-    bodies = [b"\n".join(lines[i:i + 100]) for i in range(0, len(lines) - 99, 100)]
+    bodies = one_partition_bodies(lines, COLLECT_PARTITIONS, 100)
     groups = [cpu_quota.CpuQuota(f"{name}-{i}", quota) for i in range(count)]
     servers, urls = [], []
     try:
         for i, group in enumerate(groups):
             data = work / f"{name}-{i}"
-            server = subprocess.Popen(gamestream("serve", "--log", url, "--data-dir", str(data), "--port", "0"),
+            server = subprocess.Popen(gamestream("serve", "--log", url, "--data-dir", str(data), "--port", "0",
+                                                 "--partitions", str(COLLECT_PARTITIONS)),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                       preexec_fn=group.preexec)
             servers.append(server)

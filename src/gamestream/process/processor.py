@@ -418,8 +418,9 @@ class Processor:
             self._identity.ids.drop(dropped)
         if self._pending_events == 0:
             self._pending_since = None
-        logger.info("partitions released", extra={"partitions": sorted(dropped), "reason": why,
-                                                   "uncommitted_events_dropped": dropped})
+        if dropped:  # (a partition released before this processor started reading it was never its own)
+            logger.info("partitions released", extra={"partitions": sorted(dropped), "reason": why,
+                                                       "uncommitted_events_dropped": dropped})
 
     # ------------------------------------------------------------------------------------------------- loop
     def run(self, *, until_idle: bool = False, on_progress: Callable[[ProcessorStats], None] | None = None) -> None:
