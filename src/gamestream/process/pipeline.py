@@ -103,6 +103,8 @@ class Pipeline:
             routes = routes_of(held["device_id"], self.log.partitions)
             for part, part_stage in stages.items():
                 part_stage.hold(version, held.filter(pc.equal(routes, part)), greatest_times)
+            if self.processor.caught_up():
+                self.fold_soon.set()  # the last commit of a backlog: its folds need not wait for the interval
 
     # ------------------------------------------------------------------------------------ partitioned KPIs
     def _backlog_full(self) -> bool:
@@ -153,7 +155,7 @@ class Pipeline:
         self._start_part_stages(owned, final=final)
         commits = self.processor.stats.commits
         # nothing committed here since the last round, or the processor waits for these folds
-        quiet = final or commits == self._commits_seen or (
+        quiet = final or commits == self._commits_seen or self.processor.caught_up() or (
             self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
         self._commits_seen = commits
         now = time.monotonic()

@@ -607,6 +607,12 @@ class Processor:
             return self._in_flight.last_offsets[partition]
         return self.stats.positions[partition]
 
+    def caught_up(self) -> bool:
+        """Every partition it owns was read to its end at the last look, and nothing read is left uncommitted
+        (a flush may still be landing): what the log held is in, or about to be in, the events table."""
+        owned = set(self.partitions)
+        return bool(owned) and not self._pending_events and owned <= self._read_to_end
+
     def flush(self) -> None:
         """Commits every pending record of the partitions still owned, and returns once it is committed:
         quarantine first, then events (see the module docstring)."""
