@@ -127,6 +127,42 @@ def test_the_client_is_the_peer_or_the_rightmost_untrusted_hop_a_trusted_proxy_n
     assert (str(found) if found is not None else None) == client
 
 
+@pytest.mark.parametrize(("peer", "forwarded", "client"), [
+    ("10.0.0.5", f"for={JP}", JP),
+    ("10.0.0.5", f"For={SPOOFED};proto=https, for={JP};by=10.0.0.5", JP),  # the client's own, left, ignored
+    ("10.0.0.5", f'for="{JP}:4711", for=10.9.9.9', JP),  # quoted with a port; a trusted hop skipped
+    ("10.0.0.5", f'for="[{US6}]:443";proto=https', US6),
+    ("10.0.0.5", f'for="\\[{US6}\\]"', US6),  # backslash escapes removed
+    ("10.0.0.5", f"for={JP}, for=unknown", "10.0.0.5"),  # an unreadable hop: the peer
+    ("10.0.0.5", f"for={JP}, for=_hidden", "10.0.0.5"),  # an obfuscated node
+    ("10.0.0.5", f"for={JP}, proto=https", "10.0.0.5"),  # an element without `for`
+    ("10.0.0.5", f"for={JP};for=", "10.0.0.5"),
+    ("10.0.0.5", f"{JP}", "10.0.0.5"),  # an X-Forwarded-For value is no `Forwarded` element
+    (GB, f"for={JP}", GB),  # an untrusted peer's header is not read
+])
+def test_the_forwarded_header_of_rfc_7239_names_the_client_when_configured(peer, forwarded, client) -> None:
+    trusted = geo.trusted_proxies(("10.0.0.0/8", "127.0.0.1"))
+    found = geo.client_address(peer, forwarded, trusted, "forwarded")
+    assert (str(found) if found is not None else None) == client
+    if "for=" in forwarded.lower():  # a `Forwarded` header read as X-Forwarded-For is not understood: the peer
+        assert str(geo.client_address(peer, forwarded, trusted)) == peer
+
+
+def test_the_lambda_handler_reads_the_configured_forwarding_header_from_a_trusted_source_ip() -> None:
+    from gamestream.integrations import aws
+
+    def proxy_event(headers: dict) -> dict:  # API Gateway HTTP API, payload 2.0
+        return {"version": "2.0", "headers": headers, "requestContext": {"http": {"sourceIp": "10.0.0.5"}}}
+
+    both = proxy_event({"forwarded": f"for={JP}", "x-forwarded-for": GB})
+    forwarded = Settings(geo_trusted_proxies=("10.0.0.0/8",), geo_forwarded_header="Forwarded")
+    assert forwarded.geo_forwarded_header == "forwarded"  # names are not case-sensitive
+    assert aws.request_country(both, forwarded) == "JP"
+    assert aws.request_country(both, Settings(geo_trusted_proxies=("10.0.0.0/8",))) == "GB"
+    with pytest.raises(ValueError, match="forwarded_header must be x-forwarded-for or forwarded"):
+        Settings(geo_forwarded_header="x-real-ip")
+
+
 def test_countries_of_public_private_and_mapped_addresses() -> None:
     resolver = geo.resolver_for(Settings())
     assert resolver is not None and not resolver.trusted
@@ -212,6 +248,32 @@ def test_x_forwarded_for_from_a_trusted_proxy_gives_the_clients_country_and_the_
         **{f"batch-{i}": {"GB"} for i in range(7)}, "amplitude-jp": {"JP"},
     }
     assert_nowhere(ADDRESSES, data, stderr, metrics, processed.stdout + processed.stderr)
+
+
+def test_a_forwarded_header_from_a_trusted_proxy_gives_the_clients_country_and_x_forwarded_for_is_then_ignored(
+        tmp_path: Path) -> None:
+    """`forwarded_header = "forwarded"`: RFC 7239's header names the client; an X-Forwarded-For beside it (the
+    client may have written it, a proxy appending to `Forwarded` passes it through) is not read."""
+    data = tmp_path / "data"
+    write_config(data, '[geo]\ntrusted_proxies = ["127.0.0.1"]\nforwarded_header = "forwarded"\n')
+    server = ServeProcess(data)
+    sent = {
+        "fwd-jp": {"Forwarded": f"for={JP};proto=https"},
+        "fwd-gb": {"Forwarded": f'for={SPOOFED}, for="{GB}:5555"'},
+        "fwd-us6": {"Forwarded": f'for="[{US6}]"'},
+        "fwd-and-xff": {"Forwarded": f"for={JP}", "X-Forwarded-For": GB},
+        "xff-only": {"X-Forwarded-For": GB},
+        "fwd-unknown": {"Forwarded": "for=unknown"},
+    }
+    for device, headers in sent.items():
+        answer = httpx.post(server.url + "/v1/events", json=event(device), headers=headers)
+        assert answer.status_code == 200 and answer.json()["accepted"] == 1, answer.text
+    stderr = stop(server)
+    assert "Forwarded trusted from 127.0.0.1" in stderr
+    gamestream("process", "--until-idle", data_dir=data)
+    assert countries(data) == {"fwd-jp": {"JP"}, "fwd-gb": {"GB"}, "fwd-us6": {"US"}, "fwd-and-xff": {"JP"},
+                               "xff-only": {None}, "fwd-unknown": {None}}
+    assert_nowhere(ADDRESSES, data, stderr)
 
 
 def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(tmp_path: Path) -> None:
@@ -307,7 +369,8 @@ def test_a_replaced_maxmind_db_file_is_opened_again(tmp_path: Path, monkeypatch:
     assert lookup.country(address) == "NO"  # a broken replacement: the data opened before goes on
 
 
-@pytest.mark.parametrize("case", ["missing", "not-a-database", "asn-database", "bad-proxy", "unknown-key"])
+@pytest.mark.parametrize("case", ["missing", "not-a-database", "asn-database", "bad-proxy", "unknown-key",
+                                  "bad-header"])
 def test_geo_settings_that_cannot_work_stop_serve_at_start_in_one_line(tmp_path: Path, case: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -319,6 +382,8 @@ def test_geo_settings_that_cannot_work_stop_serve_at_start_in_one_line(tmp_path:
         "asn-database": ('[geo]\nmmdb = "asn.mmdb"\n', "is a GeoLite2-ASN database, which holds no countries"),
         "bad-proxy": ('[geo]\ntrusted_proxies = ["10.0.0.0/33"]\n', "'10.0.0.0/33' is not an IP address or network"),
         "unknown-key": ('[geo]\nmmbd = "x.mmdb"\n', "unknown key geo.mmbd"),
+        "bad-header": ('[geo]\nforwarded_header = "x-real-ip"\n',
+                       "geo.forwarded_header must be 'x-forwarded-for' or 'forwarded'"),
     }[case]
     write_config(data, config)
     ran = gamestream("serve", "--port", "0", data_dir=data, check=False, timeout=60)

@@ -183,6 +183,10 @@ class Settings:
     """Addresses or networks of the proxies in front of the collector whose X-Forwarded-For is believed (walked
     from the right); from any other peer the header is ignored. `[geo] trusted_proxies`,
     GAMESTREAM_GEO_TRUSTED_PROXIES (comma-separated)."""
+    geo_forwarded_header: str = "x-forwarded-for"
+    """Which header the trusted proxies append the client's address to: `x-forwarded-for`, or `forwarded`
+    (RFC 7239, its `for=` parameters). Only that one is read — the other may hold whatever the client wrote.
+    `[geo] forwarded_header`, GAMESTREAM_GEO_FORWARDED_HEADER."""
 
     def __post_init__(self) -> None:
         if self.log_compression not in ("auto", "none", "lz4", "zstd"):
@@ -191,6 +195,10 @@ class Settings:
 
         object.__setattr__(self, "schema_params", schema.check_params(self.schema_params))
         trusted_networks(self.geo_trusted_proxies)  # a ValueError naming the entry, at start
+        object.__setattr__(self, "geo_forwarded_header", self.geo_forwarded_header.strip().lower())
+        if self.geo_forwarded_header not in FORWARDED_HEADERS:
+            raise ValueError(f"geo forwarded_header must be {' or '.join(FORWARDED_HEADERS)}, not "
+                             f"{self.geo_forwarded_header!r}")
         check_dimensions(self.kpi_dimensions, self.schema_params)
         if self.kpi_top_values < 1:
             raise ValueError(f"kpi top_values must be at least 1, not {self.kpi_top_values}")
@@ -396,7 +404,9 @@ def config_kpi(document: dict, path: Path) -> dict[str, object]:
     return values
 
 
-_GEO_KEYS = {"country": "geo_country", "mmdb": "geo_mmdb", "trusted_proxies": "geo_trusted_proxies"}
+_GEO_KEYS = {"country": "geo_country", "mmdb": "geo_mmdb", "trusted_proxies": "geo_trusted_proxies",
+             "forwarded_header": "geo_forwarded_header"}
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 
 
 def config_geo(document: dict, path: Path) -> dict[str, object]:
@@ -409,7 +419,7 @@ def config_geo(document: dict, path: Path) -> dict[str, object]:
     unknown = set(section) - set(_GEO_KEYS)
     if unknown:
         raise ValueError(f"configuration file {path}: unknown key {', '.join(f'geo.{k}' for k in sorted(unknown))} "
-                         "(known: country, mmdb, trusted_proxies)")
+                         "(known: country, mmdb, trusted_proxies, forwarded_header)")
     values: dict[str, object] = {}
     if "country" in section:
         if not isinstance(section["country"], bool):
@@ -425,6 +435,11 @@ def config_geo(document: dict, path: Path) -> dict[str, object]:
             raise ValueError(f"configuration file {path}: geo.trusted_proxies must be a list of addresses or "
                              'networks, such as ["10.0.0.0/8", "127.0.0.1"]')
         values["geo_trusted_proxies"] = tuple(proxies)
+    if "forwarded_header" in section:
+        if section["forwarded_header"] not in FORWARDED_HEADERS:
+            raise ValueError(f"configuration file {path}: geo.forwarded_header must be "
+                             f"{' or '.join(repr(h) for h in FORWARDED_HEADERS)}")
+        values["geo_forwarded_header"] = section["forwarded_header"]
     return values
 
 

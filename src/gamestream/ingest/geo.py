@@ -36,6 +36,7 @@ start, with the path and the reason.
 from __future__ import annotations
 
 import ipaddress
+import re
 import logging
 import os
 import socket
@@ -67,7 +68,6 @@ real chain of proxies is a handful long, and a header of thousands of trusted-lo
 parse each."""
 RELOAD_CHECK_S = 60.0
 """How often an opened MaxMind DB file is looked at (its mtime, size and inode) to open it again when replaced."""
-_FORWARDED_FOR = b"x-forwarded-for"
 # MaxMind DB types that hold no country (a GeoLite2-ASN file configured by mistake would stamp nothing, silently)
 _NO_COUNTRY_TYPES = ("ASN", "ISP", "Domain", "Connection-Type", "Anonymous", "IP-Risk")
 
@@ -265,16 +265,38 @@ def trusted_proxies(entries: tuple[str, ...] = ()) -> TrustedProxies:
     return TrustedProxies(entries)
 
 
-def client_address(peer: str | None, forwarded_for: str | None, trusted: TrustedProxies) -> IPAddress | None:
+def _hops(forwarded: str, header: str) -> list[str | None]:
+    """The client-side hops a forwarding header lists, in order: X-Forwarded-For's comma-separated entries, or
+    the `for=` value of each element of RFC 7239's `Forwarded` (`for=192.0.2.60;proto=http, for="[2001:db8::1]"`,
+    quotes and backslash escapes removed); None for an element that names no `for`."""
+    if header == "x-forwarded-for":
+        return list(forwarded.split(","))
+    hops: list[str | None] = []
+    for element in forwarded.split(","):
+        value = None
+        for pair in element.split(";"):
+            name, equals, raw = pair.strip().partition("=")
+            if equals and name.strip().lower() == "for":
+                raw = raw.strip()
+                if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+                    raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+                value = raw
+        hops.append(value)
+    return hops
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: TrustedProxies,
+                   header: str = "x-forwarded-for") -> IPAddress | None:
     """The client's address: the `peer`'s, or — from a peer in `trusted` — the rightmost address of
-    `forwarded_for` (all of a request's X-Forwarded-For lines joined by commas, in order) not in `trusted`; the
-    peer's when that header is absent or cannot be read. None without a readable peer address."""
+    `forwarded_for` (all of a request's lines of the forwarding `header` joined by commas, in order: X-Forwarded-For
+    or RFC 7239's Forwarded, `_hops`) not in `trusted`; the peer's when that header is absent or cannot be read.
+    None without a readable peer address."""
     address = parse_address(peer) if peer else None
     if address is None or not forwarded_for or not trusted or address not in trusted:
         return address
-    hops = forwarded_for.split(",")
+    hops = _hops(forwarded_for, header)
     for walked, entry in enumerate(reversed(hops)):
-        hop = _forwarded_hop(entry)
+        hop = _forwarded_hop(entry) if entry is not None else None
         if hop is None or walked >= MAX_FORWARDED_HOPS:
             return address  # a header we cannot read: the proxy we trust is all we know
         if hop not in trusted or walked == len(hops) - 1:
@@ -282,21 +304,25 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Trusted
     return address
 
 
-def _scope_peer(scope: Mapping[str, Any], trusted: TrustedProxies) -> tuple[str | None, str | None]:
-    """An ASGI HTTP request's peer address and, when proxies are trusted, its X-Forwarded-For lines joined."""
+def _scope_peer(scope: Mapping[str, Any], trusted: TrustedProxies,
+                header: str = "x-forwarded-for") -> tuple[str | None, str | None]:
+    """An ASGI HTTP request's peer address and, when proxies are trusted, its lines of the forwarding `header`
+    joined (ASGI header names are lower case)."""
     client = scope.get("client")
     peer = client[0] if client else None
     forwarded_for = None
     if trusted and peer:
-        values = [value for name, value in scope.get("headers", ()) if name == _FORWARDED_FOR]
+        wanted = header.encode()
+        values = [value for name, value in scope.get("headers", ()) if name == wanted]
         if values:
             forwarded_for = b",".join(values).decode("latin-1")
     return peer, forwarded_for
 
 
-def client_address_of_scope(scope: Mapping[str, Any], trusted: TrustedProxies) -> IPAddress | None:
+def client_address_of_scope(scope: Mapping[str, Any], trusted: TrustedProxies,
+                            header: str = "x-forwarded-for") -> IPAddress | None:
     """`client_address` for an ASGI HTTP request (the forget audit's "from where")."""
-    return client_address(*_scope_peer(scope, trusted), trusted)
+    return client_address(*_scope_peer(scope, trusted, header), trusted, header)
 
 
 # ------------------------------------------------------------------------------------------- the resolver
@@ -306,10 +332,11 @@ class CountryResolver:
 
     lookup: CountryLookup
     trusted: TrustedProxies = field(default_factory=TrustedProxies)
+    header: str = "x-forwarded-for"  # the forwarding header the trusted proxies write (`Settings.geo_forwarded_header`)
 
     def client_address(self, peer: str | None, forwarded_for: str | None = None) -> IPAddress | None:
-        """`client_address` with this resolver's trusted proxies."""
-        return client_address(peer, forwarded_for, self.trusted)
+        """`client_address` with this resolver's trusted proxies and forwarding header."""
+        return client_address(peer, forwarded_for, self.trusted, self.header)
 
     def country(self, peer: str | None, forwarded_for: str | None = None) -> str | None:
         """The client's country (`client_address`), or None for no address, one that is not globally routable,
@@ -323,9 +350,9 @@ class CountryResolver:
         return self.lookup.country(address)
 
     def country_of_scope(self, scope: Mapping[str, Any]) -> str | None:
-        """`country` for an ASGI HTTP request: its `client` and, from a trusted peer only, its X-Forwarded-For
+        """`country` for an ASGI HTTP request: its `client` and, from a trusted peer only, its forwarding header's
         lines (the headers are not read otherwise)."""
-        return self.country(*_scope_peer(scope, self.trusted))
+        return self.country(*_scope_peer(scope, self.trusted, self.header))
 
 
 def resolver_for(settings: Settings) -> CountryResolver | None:
@@ -334,13 +361,14 @@ def resolver_for(settings: Settings) -> CountryResolver | None:
     trusted proxy that is not an address or network."""
     if not settings.geo_country:
         return None
-    return _resolver(settings.geo_mmdb and Path(settings.geo_mmdb).absolute(), tuple(settings.geo_trusted_proxies))
+    return _resolver(settings.geo_mmdb and Path(settings.geo_mmdb).absolute(), tuple(settings.geo_trusted_proxies),
+                     settings.geo_forwarded_header)
 
 
 @lru_cache(maxsize=8)
-def _resolver(mmdb: Path | None, trusted: tuple[str, ...]) -> CountryResolver:
+def _resolver(mmdb: Path | None, trusted: tuple[str, ...], header: str) -> CountryResolver:
     lookup: CountryLookup = MmdbLookup(mmdb) if mmdb is not None else BundledLookup()
-    return CountryResolver(lookup, trusted_proxies(trusted))
+    return CountryResolver(lookup, trusted_proxies(trusted), header)
 
 
 def describe(settings: Settings) -> str:
@@ -348,5 +376,6 @@ def describe(settings: Settings) -> str:
     resolver = resolver_for(settings)
     if resolver is None:
         return "country lookup off (geo_country stays null)"
-    proxies = f"X-Forwarded-For trusted from {resolver.trusted}" if resolver.trusted else "X-Forwarded-For not trusted"
+    name = "X-Forwarded-For" if resolver.header == "x-forwarded-for" else "Forwarded"
+    proxies = f"{name} trusted from {resolver.trusted}" if resolver.trusted else f"{name} not trusted"
     return f"country from the client's address: {resolver.lookup.description}; {proxies}"

@@ -223,12 +223,13 @@ def source_ip(event: dict) -> str | None:
 
 def request_country(event: dict, settings: Settings) -> str | None:
     """The client's country for a proxy event, as the collector finds it for a connection (`geo`): the source
-    IP, or from a trusted proxy its X-Forwarded-For; None when the lookup is off or places no country."""
+    IP, or from a trusted proxy its X-Forwarded-For (or `Forwarded`, `geo_forwarded_header`); None when the lookup
+    is off or places no country."""
     resolver = geo.resolver_for(settings)
     if resolver is None:
         return None
     peer = source_ip(event)
-    forwarded_for = envelope.header(event, "x-forwarded-for") if resolver.trusted and peer else None
+    forwarded_for = envelope.header(event, resolver.header) if resolver.trusted and peer else None
     return resolver.country(peer, forwarded_for)
 
 

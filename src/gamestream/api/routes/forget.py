@@ -87,5 +87,6 @@ def _requested_by(request: Request) -> str:
     who = (forgetting.key_fingerprint(presented_key(request) or "") if settings.keys_configured
            else "open server (no keys configured)")
     # from where: the peer, or the client a trusted proxy names (`geo_trusted_proxies`, as for geo_country)
-    address = geo.client_address_of_scope(request.scope, geo.trusted_proxies(tuple(settings.geo_trusted_proxies)))
+    address = geo.client_address_of_scope(request.scope, geo.trusted_proxies(tuple(settings.geo_trusted_proxies)),
+                                          settings.geo_forwarded_header)
     return who + f" from {address or 'unknown'}"
