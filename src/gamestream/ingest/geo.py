@@ -36,9 +36,9 @@ start, with the path and the reason.
 from __future__ import annotations
 
 import ipaddress
-import re
 import logging
 import os
+import re
 import socket
 import threading
 import time
