@@ -10,7 +10,9 @@ Which address is the client's (`CountryResolver.client_address`):
 
 1. the direct peer (the TCP connection's address; the Lambda's `requestContext` source IP);
 2. when, and only when, the peer is one of the configured trusted proxies (`Settings.geo_trusted_proxies`:
-   addresses or networks), `X-Forwarded-For` is walked from the right — the end a trusted proxy appended to —
+   addresses or networks), `X-Forwarded-For` (or, with `Settings.geo_forwarded_header = "forwarded"`, the `for=`
+   values of RFC 7239's `Forwarded`, and then only those) is walked from the right — the end a trusted proxy
+   appended to —
    skipping addresses that are trusted proxies too; the first one that is not is the client. Everything to its
    left was written by the client itself (or by proxies we do not know) and is never believed. A header that
    holds every hop trusted gives its leftmost address;
