@@ -26,6 +26,29 @@ def gamestream(*args: str, data_dir: Path, check: bool = True, timeout: float = 
     return completed
 
 
+def kill_catch_ups(data_dir: Path, runs: int, pause: tuple[float, float], seed: int, env: dict) -> int:
+    """Starts `gamestream process --until-idle` on `data_dir` `runs` times, SIGKILLs each after its first line
+    and a random pause in `pause` (seconds) if it is still running; returns how many it killed."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(seed)
+    kills = 0
+    for _ in range(runs):
+        child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--data-dir",
+                                  str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **env})
+        child.stderr.readline()
+        time.sleep(rng.uniform(*pause))
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.wait()
+        child.stderr.close()
+    return kills
+
+
 def write_ndjson(path: Path, events: list) -> Path:
     """Writes events (dicts, or raw strings taken as lines) as NDJSON."""
     with open(path, "w") as handle:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from conftest import gamestream, table_rows, write_ndjson
+from conftest import gamestream, kill_catch_ups, table_rows, write_ndjson
 from kpi_reference import daily_and_cohorts
 from gamestream.demo.generator import simulate
 from gamestream.log import partition_for
@@ -171,19 +166,7 @@ def test_kpi_stage_killed_during_catch_up_ends_with_the_same_tables(tmp_path: Pa
     env = {"GAMESTREAM_KPI_VERSIONS_PER_FOLD": "1"}
     gamestream("process", "--until-idle", data_dir=reference, env=env)
 
-    rng = random.Random(4)
-    kills = 0
-    for _ in range(8):
-        child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--data-dir",
-                                  str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 env={**os.environ, **env})
-        child.stderr.readline()
-        time.sleep(rng.uniform(0.1, 0.8))
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            kills += 1
-        child.wait()
-        child.stderr.close()
+    kills = kill_catch_ups(killed, runs=8, pause=(0.1, 0.8), seed=4, env=env)
     assert kills >= 5
     from deltalake import DeltaTable
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gamestream, table_rows, write_ndjson
+from conftest import gamestream, kill_catch_ups, table_rows, write_ndjson
 from kpi_reference import OTHER, NOT_SET, segments
 from gamestream.demo.generator import simulate
 from test_kpi_partitioned import PARTITIONED, process_with
@@ -233,31 +233,13 @@ above = 1000
 def test_a_kpi_stage_killed_mid_catch_up_ends_with_the_reference_breakdowns(tmp_path: Path) -> None:
     """SIGKILLs while the stage catches up one events version per fold (so between any two of a fold's ten
     commits): the breakdown tables end equal to the plain-Python reference."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     data = tmp_path / "data"
     events = play(61, events=6000, users=200, start=START, days=3) + earlier_firsts(
         play(61, events=6000, users=200, start=START, days=3))
     # ~130 small events versions, no KPI yet: far more one-version folds than the killed runs live to finish
     gamestream("load", str(write_ndjson(tmp_path / "e.ndjson", events)), "--chunk-lines", "100", data_dir=data)
     gamestream("process", "--until-idle", "--no-kpi", "--max-batch-events", "100", data_dir=data)
-    env = {**os.environ, "GAMESTREAM_KPI_VERSIONS_PER_FOLD": "1"}
-    rng = random.Random(6)
-    kills = 0
-    for _ in range(6):
-        child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--until-idle", "--data-dir",
-                                  str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        child.stderr.readline()
-        time.sleep(rng.uniform(0.2, 1.0))
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            kills += 1
-        child.wait()
-        child.stderr.close()
+    kills = kill_catch_ups(data, runs=6, pause=(0.2, 1.0), seed=6, env={"GAMESTREAM_KPI_VERSIONS_PER_FOLD": "1"})
     assert kills >= 4
     from deltalake import DeltaTable
 
