@@ -159,7 +159,7 @@ def test_the_lambda_handler_reads_the_configured_forwarding_header_from_a_truste
     assert forwarded.geo_forwarded_header == "forwarded"  # names are not case-sensitive
     assert aws.request_country(both, forwarded) == "JP"
     assert aws.request_country(both, Settings(geo_trusted_proxies=("10.0.0.0/8",))) == "GB"
-    with pytest.raises(ValueError, match="forwarded_header must be x-forwarded-for or forwarded"):
+    with pytest.raises(ValueError, match="forwarded_header must be 'x-forwarded-for' or 'forwarded'"):
         Settings(geo_forwarded_header="x-real-ip")
 
 

@@ -197,7 +197,7 @@ class Settings:
         trusted_networks(self.geo_trusted_proxies)  # a ValueError naming the entry, at start
         object.__setattr__(self, "geo_forwarded_header", self.geo_forwarded_header.strip().lower())
         if self.geo_forwarded_header not in FORWARDED_HEADERS:
-            raise ValueError(f"geo forwarded_header must be {' or '.join(FORWARDED_HEADERS)}, not "
+            raise ValueError(f"geo.forwarded_header must be {' or '.join(repr(h) for h in FORWARDED_HEADERS)}, not "
                              f"{self.geo_forwarded_header!r}")
         check_dimensions(self.kpi_dimensions, self.schema_params)
         if self.kpi_top_values < 1:
@@ -435,10 +435,9 @@ def config_geo(document: dict, path: Path) -> dict[str, object]:
             raise ValueError(f"configuration file {path}: geo.trusted_proxies must be a list of addresses or "
                              'networks, such as ["10.0.0.0/8", "127.0.0.1"]')
         values["geo_trusted_proxies"] = tuple(proxies)
-    if "forwarded_header" in section:
-        if section["forwarded_header"] not in FORWARDED_HEADERS:
-            raise ValueError(f"configuration file {path}: geo.forwarded_header must be "
-                             f"{' or '.join(repr(h) for h in FORWARDED_HEADERS)}")
+    if "forwarded_header" in section:  # its value is checked with the environment's (`Settings.__post_init__`)
+        if not isinstance(section["forwarded_header"], str):
+            raise ValueError(f"configuration file {path}: geo.forwarded_header must be the name of a header")
         values["geo_forwarded_header"] = section["forwarded_header"]
     return values
 

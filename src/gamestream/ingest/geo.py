@@ -272,7 +272,7 @@ def _hops(forwarded: str, header: str) -> list[str | None]:
     the `for=` value of each element of RFC 7239's `Forwarded` (`for=192.0.2.60;proto=http, for="[2001:db8::1]"`,
     quotes and backslash escapes removed); None for an element that names no `for`."""
     if header == "x-forwarded-for":
-        return list(forwarded.split(","))
+        return forwarded.split(",")
     hops: list[str | None] = []
     for element in forwarded.split(","):
         value = None
