@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -46,40 +47,55 @@ class DayState:
     def add(self, rows: pa.Table) -> set[str]:
         """Folds rows of this day (columns device_id, t (µs), purchase (bool), amount, and each breakdown's
         `d:<dimension>` values); returns the devices that had no event this day before (new (day, device)
-        pairs)."""
-        values = [c for c in rows.column_names if c.startswith("d:")]
-        if values:
-            base = rows.select(["device_id", "t", "purchase", "amount"])
-            for column in values:
-                for value, part in _by_value(base, rows[column]):
-                    key = (column[2:], value)
-                    state = self.segments.get(key)
-                    if state is None:
-                        state = self.segments[key] = DayState(own_sessions=False)
-                    state.add(part)
-            rows = base
-        devices = rows["device_id"]
-        purchase = rows["purchase"]
-        distinct = set(pc.unique(devices).to_pylist()) - {None}
+        pairs).
+
+        The devices are encoded once (`_Devices`): the day's sets, its sessions and every breakdown work on their
+        codes and take the device ids, each made a Python string once, only for the distinct devices."""
+        devices = _Devices(rows["device_id"])
+        purchase = pc.fill_null(rows["purchase"], False)
+        paid = pc.if_else(purchase, pc.fill_null(rows["amount"], 0.0), 0.0)
+        purchase_np, paid_np = purchase.to_numpy(), paid.to_numpy()
+        for column in (c for c in rows.column_names if c.startswith("d:")):
+            self._add_values(column[2:], rows[column], devices, purchase_np, paid_np)
+        distinct = set(devices.names)
         new = distinct - self.devices
         self.devices |= distinct
-        self.payers.update(pc.unique(devices.filter(purchase)).to_pylist())
-        self.payers.discard(None)
+        self.payers.update(devices.distinct(purchase_np))
         self.events += rows.num_rows
-        self.bookings += pc.sum(pc.if_else(purchase, rows["amount"], 0.0)).as_py() or 0.0
+        self.bookings += float(paid_np.sum())
         if self.own_sessions:
             self._add_sessions(devices, rows["t"])
         return new
 
-    def _add_sessions(self, devices: pa.ChunkedArray | pa.Array, times: pa.ChunkedArray | pa.Array) -> None:
-        if len(devices) == 0:
-            return
-        encoded = pc.dictionary_encode(devices)
+    def _add_values(self, dimension: str, values: pa.ChunkedArray | pa.Array, devices: "_Devices",
+                    purchase: np.ndarray, paid: np.ndarray) -> None:
+        """The states of `dimension`'s values (strings, no nulls) gain what `add` of each value's rows alone would
+        give a value's state (devices, payers, events, bookings): counted per value code over all the rows at
+        once, not by splitting the rows by value (a sort and a copy of every row per dimension)."""
+        encoded = pc.dictionary_encode(values)
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()
-        names = encoded.dictionary.to_pylist()
-        # sorted by device (its dictionary index: integers sort faster than strings), then time
-        ordered = pa.table({"d": encoded.indices, "t": times}).sort_by([("d", "ascending"), ("t", "ascending")])
+        labels = encoded.dictionary.to_pylist()
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        events = np.bincount(codes, minlength=len(labels))
+        bookings = np.bincount(codes, weights=paid, minlength=len(labels))
+        players = devices.by_group(codes, len(labels))
+        payers = devices.by_group(codes, len(labels), purchase)
+        for code in sorted(range(len(labels)), key=labels.__getitem__):
+            state = self.segments.get((dimension, labels[code]))
+            if state is None:
+                state = self.segments[(dimension, labels[code])] = DayState(own_sessions=False)
+            state.devices.update(players[code])
+            state.payers.update(payers[code])
+            state.events += int(events[code])
+            state.bookings += float(bookings[code])
+
+    def _add_sessions(self, devices: "_Devices", times: pa.ChunkedArray | pa.Array) -> None:
+        if not len(devices.codes):
+            return
+        names = devices.names
+        # sorted by device (its code: integers sort faster than strings), then time
+        ordered = pa.table({"d": devices.indices, "t": times}).sort_by([("d", "ascending"), ("t", "ascending")])
         d = ordered["d"].combine_chunks()
         t = ordered["t"].combine_chunks()
         # runs of this batch: a new run at each device change or gap of 30 minutes or more
@@ -149,15 +165,34 @@ class DayState:
 
 
 
-def _by_value(rows: pa.Table, values: pa.ChunkedArray | pa.Array) -> list[tuple[str, pa.Table]]:
-    """The rows split by their value (strings, no nulls): one slice per value, from one stable sort."""
-    counts = pc.value_counts(values)
-    found = counts.field("values").to_pylist()
-    if len(found) == 1:
-        return [(found[0], rows)]
-    ordered = rows.take(pc.sort_indices(values))
-    slices, offset = [], 0
-    for value, count in sorted(zip(found, counts.field("counts").to_pylist())):
-        slices.append((value, ordered.slice(offset, count)))
-        offset += count
-    return slices
+class _Devices:
+    """A batch's device ids, encoded once: `codes` (numpy, -1 for a null id), `indices` (Arrow, null for a null
+    id) and `names`, the distinct ids as Python strings, in code order."""
+
+    def __init__(self, ids: pa.ChunkedArray | pa.Array) -> None:
+        encoded = pc.dictionary_encode(ids)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        self.indices = encoded.indices
+        self.codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+        self.names: list[str] = encoded.dictionary.to_pylist()
+
+    def distinct(self, mask: np.ndarray) -> list[str]:
+        """The distinct ids of the rows where `mask` holds."""
+        codes = np.unique(self.codes[mask])
+        return [self.names[c] for c in codes[codes >= 0].tolist()]
+
+    def by_group(self, groups: np.ndarray, count: int, mask: np.ndarray | None = None) -> list[list[str]]:
+        """Per group code (0 … count-1), the distinct ids of its rows (where `mask` holds)."""
+        keep = self.codes >= 0 if mask is None else (self.codes >= 0) & mask
+        pairs = groups[keep].astype(np.int64) * len(self.names) + self.codes[keep]
+        if count * len(self.names) <= 8 * len(self.codes):  # a bitmap of the (group, id) pairs: no sort
+            seen = np.zeros(count * len(self.names), dtype=bool)
+            seen[pairs] = True
+            pairs = np.flatnonzero(seen)
+        else:  # many groups (values) and ids: sorted
+            pairs = np.unique(pairs)
+        bounds = np.searchsorted(pairs, np.arange(count + 1, dtype=np.int64) * len(self.names))
+        devices = (pairs % max(len(self.names), 1)).tolist()
+        names = self.names
+        return [[names[c] for c in devices[bounds[g]:bounds[g + 1]]] for g in range(count)]

@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 from gamestream.alerts.evaluator import for_pipeline as alert_evaluator
 from gamestream.kpi import KpiStage, KpiStageSuperseded
 from gamestream.kpi.merge import KpiMerge, merged_up_to
-from gamestream.kpi.tables import TABLES as KPI_TABLES
 from gamestream.kpi.parts import kpi_partitioned, routes_of
 from gamestream.kpi.rows import event_columns, normalise
+from gamestream.kpi.tables import TABLES as KPI_TABLES
 from gamestream.log import EventLog, LogUnavailable
 from gamestream.log.ownership import KPI_ROLE, Ownership, open_ownership
 from gamestream.process.processor import Processor, ProcessorStats
@@ -63,6 +63,8 @@ class Pipeline:
             self._folded_at: dict[int, float] = {}  # partition → when its part stage last folded (monotonic)
             self._commits_seen = -1  # the processor's commits at the last round
             self._last_part_fold = 0.0  # when any part stage last folded (monotonic)
+            self._busy = False  # the processor committed since the last round and has more to read
+            self._last_merge = 0.0  # when this process last merged (monotonic)
             self.merger: KpiMerge | None = None
             self.fold_soon = threading.Event()  # wakes the folding thread before its interval is up
             if self.partitioned and settings.kpi_part_backlog_events > 0:
@@ -154,9 +156,9 @@ class Pipeline:
             owned = set(self.ownership.owned()) - self.ownership.surplus()
         self._start_part_stages(owned, final=final)
         commits = self.processor.stats.commits
+        self._busy = not final and commits != self._commits_seen and not self.processor.caught_up()
         # nothing committed here since the last round, or the processor waits for these folds
-        quiet = final or commits == self._commits_seen or self.processor.caught_up() or (
-            self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
+        quiet = not self._busy or (self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
         self._commits_seen = commits
         now = time.monotonic()
         due = list(self.part_stages.items())
@@ -212,6 +214,18 @@ class Pipeline:
             self._drop_merger(str(error))
             return False
         return True
+
+    def _merge_round(self) -> None:
+        """The folding thread's merge: every round, except while this process's processor is busy (committed
+        since the last round, more to read), when at most every `kpi_part_interval_s`. A merge round costs
+        the process holding the role a MERGE per KPI table, and while a backlog is read every other process's
+        part folds move something each round: merging them all at once every few seconds keeps that process
+        reading at the others' pace. Its last commit of a backlog (caught up) makes the next round merge."""
+        now = time.monotonic()
+        if self._busy and now - self._last_merge < self.settings.kpi_part_interval_s:
+            return
+        self._last_merge = now
+        self._merge()
 
     def _drop_merger(self, why: str) -> None:
         logger.warning("KPI merge stops here: %s", why)
@@ -289,7 +303,7 @@ class Pipeline:
         if self.partitioned:
             try:
                 self._fold_parts()
-                self._merge()
+                self._merge_round()
             except Exception as error:
                 # a log or object store out of reach: start afresh from the tables once it answers
                 if not (isinstance(error, LogUnavailable) or lake.is_store_unreachable(error)):
