@@ -21,7 +21,9 @@ With `--quota CORES` (as root) every processor runs in a cgroup of its own limit
 (`--nats-quota`, 1 core), so that M processors behave like M small machines on this 2-core box instead of
 sharing its cores: only section 4 runs, on one node, and it adds each processor's CPU seconds, the throttled
 periods, how long after the events table the KPI tables were complete, and the efficiency rate(M) / (M ×
-rate(1)), both for the events table alone and counted to the moment the KPI tables are complete.
+rate(1)), both for the events table alone and counted to the moment the KPI tables are complete. The
+processors start as on a machine installed from the runtime pins (`installed_like_a_machine`): gamestream's
+bytecode compiled, and the test pins this venv adds (pandas) hidden from them.
 
     .venv/bin/python benchmarks/scale.py --quota 0.2 --events 3000000 --partitions 8 --processors 1,2,4
 
