@@ -211,3 +211,34 @@ def test_a_processor_reads_no_further_while_its_part_folds_are_a_backlog_behind(
     assert sum(row["events"] for row in daily) == len(events)
     assert {name: kpi_txn(data, name) for name in MERGED} == {
         name: DeltaTable(str(data / "tables" / "events")).version() for name in MERGED}
+
+
+def test_a_busy_processor_merges_at_most_every_part_interval_then_at_once_when_it_has_read_everything(
+        tmp_path: Path) -> None:
+    """While its processor commits and has more to read, the process holding the KPI role merges at most every
+    `kpi_part_interval_s` (here an hour), however often its part folds move a copy (here often: the backlog bound
+    is 1,000 events a partition, the batches 500 events); once it has read everything it merges at once, and the
+    KPI tables equal the reference."""
+    data = tmp_path / "data"
+    start = dt.datetime(2026, 10, 1, tzinfo=UTC)
+    events = list(simulate(events=30_000, users=300, seed=7, start=start, days=3))
+    write_ndjson(tmp_path / "events.ndjson", events)
+    gamestream("load", str(tmp_path / "events.ndjson"), "--partitions", "2", "--chunk-lines", "500", data_dir=data,
+               env=PARTITIONED)
+    env = {"GAMESTREAM_KPI_PART_INTERVAL_S": "3600", "GAMESTREAM_KPI_PART_BACKLOG_EVENTS": "1000",
+           "GAMESTREAM_KPI_INTERVAL_S": "0.1"}
+    gamestream("process", "--until-idle", "--max-batch-events", "500", data_dir=data, env={**PARTITIONED, **env})
+
+    tables = data / "tables"
+    events_version = DeltaTable(str(tables / "events")).version()
+    part_folds = sum(DeltaTable(str(tables / "kpi_parts" / f"p{p}" / "kpi_retention")).version() for p in (0, 1))
+    merges = DeltaTable(str(tables / "kpi_daily")).version()  # one commit a merge round that changed something
+    assert events_version >= 40 and part_folds >= 20, (events_version, part_folds)  # busy for many rounds
+    # at most one merge while busy (the first round, on a host up for more than the interval), then the rounds
+    # after the last commit and the final fold's
+    assert merges <= 4, f"{merges} merges for {part_folds} part folds"
+    assert kpi_txn(data, "kpi_daily") == events_version
+    want_hourly, _, want_daily, _, _ = expected_kpis([events])
+    got_hourly, _, got_daily, _, _ = kpi_tables(data)
+    assert got_hourly == want_hourly
+    assert rounded_rows(got_daily) == rounded_rows(want_daily)

@@ -63,7 +63,7 @@ class Pipeline:
             self._folded_at: dict[int, float] = {}  # partition → when its part stage last folded (monotonic)
             self._commits_seen = -1  # the processor's commits at the last round
             self._last_part_fold = 0.0  # when any part stage last folded (monotonic)
-            self._busy = False  # the processor committed since the last round and has more to read
+            self._backlog = False  # the processor was reading a backlog at the last round
             self._last_merge = 0.0  # when this process last merged (monotonic)
             self.merger: KpiMerge | None = None
             self.fold_soon = threading.Event()  # wakes the folding thread before its interval is up
@@ -156,9 +156,10 @@ class Pipeline:
             owned = set(self.ownership.owned()) - self.ownership.surplus()
         self._start_part_stages(owned, final=final)
         commits = self.processor.stats.commits
-        self._busy = not final and commits != self._commits_seen and not self.processor.caught_up()
+        self._backlog = not final and self.processor.reading_backlog()
         # nothing committed here since the last round, or the processor waits for these folds
-        quiet = not self._busy or (self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
+        quiet = final or commits == self._commits_seen or self.processor.caught_up() or (
+            self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
         self._commits_seen = commits
         now = time.monotonic()
         due = list(self.part_stages.items())
@@ -216,13 +217,14 @@ class Pipeline:
         return True
 
     def _merge_round(self) -> None:
-        """The folding thread's merge: every round, except while this process's processor is busy (committed
-        since the last round, more to read), when at most every `kpi_part_interval_s`. A merge round costs
-        the process holding the role a MERGE per KPI table, and while a backlog is read every other process's
-        part folds move something each round: merging them all at once every few seconds keeps that process
-        reading at the others' pace. Its last commit of a backlog (caught up) makes the next round merge."""
+        """The folding thread's merge: every round, except while this process's processor reads a backlog
+        (`Processor.reading_backlog`: its reads take all they ask for), when at most every `kpi_part_interval_s`.
+        A merge round costs the process holding the role a MERGE per KPI table, and while a backlog is read every
+        process's part folds move something each round: merging them all at once every few seconds keeps that
+        process reading at the others' pace. A live log's reads find less than they ask for: merged every round.
+        The read that finds the end of the backlog makes the next round merge."""
         now = time.monotonic()
-        if self._busy and now - self._last_merge < self.settings.kpi_part_interval_s:
+        if self._backlog and now - self._last_merge < self.settings.kpi_part_interval_s:
             return
         self._last_merge = now
         self._merge()

@@ -296,6 +296,7 @@ class Processor:
         self._quarantine_write, self._events_write = self._table_writes()
         self._drained_parents: set[int] = set()  # closed partitions read to their end (a resharded Kinesis stream)
         self._read_to_end: set[int] = set()  # owned partitions whose latest read found nothing after what was read
+        self._full_reads: set[int] = set()  # owned partitions whose latest read took all it asked for (a backlog)
         self._observer_table: DeltaTable | None = None
         self._observed_at = 0.0
         self._parent_checked_at: dict[int, float] = {}
@@ -410,6 +411,7 @@ class Processor:
             records = self._pending.pop(partition, [])
             self._decoded.pop(partition, None)
             self._read_to_end.discard(partition)
+            self._full_reads.discard(partition)
             self._pending_events -= sum(r.events for r in records)
             dropped[partition] = sum(r.events for r in records)
             self._terms.pop(partition, None)
@@ -537,6 +539,7 @@ class Processor:
                 records = self.log.read(partition, after, limit)
                 if not records:
                     self._read_to_end.add(partition)
+                    self._full_reads.discard(partition)
                     break
                 self._read_to_end.discard(partition)
                 read_any = True
@@ -551,7 +554,9 @@ class Processor:
                 if self._pending_since is None:
                     self._pending_since = time.monotonic()
                 if len(records) < limit:
+                    self._full_reads.discard(partition)
                     break
+                self._full_reads.add(partition)
         return read_any
 
     @property
@@ -612,6 +617,11 @@ class Processor:
         (a flush may still be landing): what the log held is in, or about to be in, the events table."""
         owned = set(self.partitions)
         return bool(owned) and not self._pending_events and owned <= self._read_to_end
+
+    def reading_backlog(self) -> bool:
+        """Some partition it owns gave, at its latest read, all that read asked for: there is more to read than
+        one read takes (a backlog), as opposed to a live log whose reads find what arrived since the last."""
+        return bool(self._full_reads & set(self.partitions))
 
     def flush(self) -> None:
         """Commits every pending record of the partitions still owned, and returns once it is committed:
