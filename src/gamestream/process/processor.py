@@ -655,7 +655,8 @@ class Processor:
         """The commit thread's part of a flush: both commits. Touches no processor state but `flush`.
 
         1. quarantine (only when there is something to quarantine), then
-        2. events (always: the position moves)."""
+        2. events (always: the position moves); then the committed rows are offered to the KPI stage
+        (`on_commit`, called on this thread) and the ids that landed join the deduplication state."""
         decoder = _BatchDecoder(records, decoded_as_read, self.params, self._identity, self.events_table)
         # Step 1
         started = time.perf_counter()
@@ -667,7 +668,12 @@ class Processor:
         flush.events_seconds = time.perf_counter() - started
         if flush.events_version is not None:
             self._quarantine_late_conflicts(flush)
-        # Step 3: the ids that landed join the deduplication state (and, now and then, the event_ids table)
+            # Step 3: the rows go to the KPI stage at once, before it can see the new version in the table and
+            # read it back from the change data feed (the ids' bookkeeping below, and the read loop's thread that
+            # would otherwise hand them over, can take longer than the folding thread's next look)
+            if self.on_commit:
+                self.on_commit(flush.events_version, flush.built_rows["events"], flush.greatest_times)
+        # Step 4: the ids that landed join the deduplication state (and, now and then, the event_ids table)
         if self._identity is not None:
             ids = self._identity.ids
             if flush.events_version is None:  # it was all in the table already: reload the state when next used
@@ -794,8 +800,6 @@ class Processor:
                 metrics.events_duplicates.inc(flush.duplicates)
             metrics.commits.labels("events").inc()
             metrics.commit_seconds.labels("events").observe(flush.events_seconds)
-            if self.on_commit:
-                self.on_commit(flush.events_version, flush.built_rows["events"], flush.greatest_times)
         metrics.batch_events.observe(flush.events_read)
         for partition, offset in flush.last_offsets.items():
             if partition not in self._terms:  # dropped while in flight: its next owner starts from the table

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import stamina
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from gamestream import metrics, schema
@@ -666,9 +666,11 @@ def commit_exactly_once(
     stage: str = "processor",
     stop: threading.Event | None = None,
     context: Mapping[str, object] | None = None,
+    writer_properties: WriterProperties | None = None,
 ) -> int | None:
     """Appends what `build` makes of the not-yet-committed input, once, and returns the new table version
-    (None when everything was already committed).
+    (None when everything was already committed). `writer_properties`: the Parquet writer's (delta-rs'
+    defaults when None).
 
     Steps, in order, on every attempt:
     1. Read `transaction_version(appId)` from `table`, the same DeltaTable object that writes in step 3.
@@ -691,12 +693,13 @@ def commit_exactly_once(
         with attempt:
             if attempt.num > 1:
                 table.update_incremental()  # step 4
-            made = _attempt_commit(table, app_ids, build, partition_by)
+            made = _attempt_commit(table, app_ids, build, partition_by, writer_properties)
     return made
 
 
 def _attempt_commit(table: DeltaTable, app_ids: list[str], build: Callable[[dict[str, int]], Batch | None],
-                    partition_by: list[str] | None) -> int | None:
+                    partition_by: list[str] | None, writer_properties: WriterProperties | None = None
+                    ) -> int | None:
     """Steps 1 to 3 of `commit_exactly_once`, once."""
     versions = committed_versions(table, app_ids)  # step 1
     batch = build(versions)  # step 2
@@ -715,5 +718,6 @@ def _attempt_commit(table: DeltaTable, app_ids: list[str], build: Callable[[dict
             app_transactions=[Transaction(app_id, version) for app_id, version in batch.versions.items()],
             custom_metadata=batch.metadata or None,
         ),
+        writer_properties=writer_properties,
     )
     return table.version()
