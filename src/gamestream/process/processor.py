@@ -652,7 +652,8 @@ class Processor:
         flush.future = self._committer.submit(self._commit, flush, records, decoded_as_read)
 
     def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]]) -> None:
-        """The commit thread's part of a flush: both commits. Touches no processor state but `flush`.
+        """The commit thread's part of a flush: both commits. Touches no processor state but `flush` (`on_commit`,
+        the KPI stage's `offer`, takes the rows under the stage's own lock).
 
         1. quarantine (only when there is something to quarantine), then
         2. events (always: the position moves); then the committed rows are offered to the KPI stage
