@@ -242,3 +242,44 @@ def test_a_busy_processor_merges_at_most_every_part_interval_then_at_once_when_i
     got_hourly, _, got_daily, _, _ = kpi_tables(data)
     assert got_hourly == want_hourly
     assert rounded_rows(got_daily) == rounded_rows(want_daily)
+
+
+def test_a_live_processor_merges_every_round_whatever_the_part_interval(tmp_path: Path) -> None:
+    """The other side of the merge's cadence: a processor on a live log (each read finds what arrived since the
+    last, less than it asks for) merges every round, so the KPI tables follow each `load` within a few rounds,
+    with `kpi_part_interval_s` at an hour."""
+    data = tmp_path / "data"
+    start = dt.datetime(2026, 10, 1, tzinfo=UTC)
+    env = {**PARTITIONED, "GAMESTREAM_KPI_PART_INTERVAL_S": "3600", "GAMESTREAM_KPI_INTERVAL_S": "0.2",
+           "GAMESTREAM_BATCH_MAX_WAIT_S": "0.2"}
+    gamestream("load", str(write_ndjson(tmp_path / "first.ndjson", list(simulate(
+        events=300, users=50, seed=31, start=start, days=1)))), "--partitions", "2", data_dir=data, env=env)
+    child = subprocess.Popen([sys.executable, "-m", "gamestream", "process", "--data-dir", str(data)],
+                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    events_table = data / "tables" / "events"
+    lags = []
+    try:
+        for round_ in range(3):
+            batch = list(simulate(events=300, users=50, seed=40 + round_, start=start + dt.timedelta(days=round_),
+                                  days=1))
+            gamestream("load", str(write_ndjson(tmp_path / f"live{round_}.ndjson", batch)), data_dir=data, env=env)
+            wanted = 300 * (round_ + 2)
+            deadline = time.monotonic() + 60
+            while not (events_table / "_delta_log").exists() or len(table_rows(events_table, ["eventId"])) < wanted:
+                assert child.poll() is None, child.stderr.read()
+                assert time.monotonic() < deadline, f"the events table never held {wanted} rows"
+                time.sleep(0.05)
+            landed = time.monotonic()
+            version = DeltaTable(str(events_table)).version()
+            while not (data / "tables" / "kpi_daily").exists() or kpi_txn(data, "kpi_daily") < version:
+                assert time.monotonic() - landed < 30, "the KPI tables did not follow the live log"
+                time.sleep(0.05)
+            lags.append(time.monotonic() - landed)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    # every round's events were merged within a few rounds of landing, not after the hour a backlog would wait
+    assert max(lags) < 10, lags
