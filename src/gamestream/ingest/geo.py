@@ -68,6 +68,8 @@ MAX_FORWARDED_HOPS = 32
 """Trusted hops walked in one X-Forwarded-For before the header is given up (the peer is the client then): a
 real chain of proxies is a handful long, and a header of thousands of trusted-looking entries must not cost a
 parse each."""
+X_FORWARDED_FOR = "x-forwarded-for"
+"""The default forwarding header (`Settings.geo_forwarded_header`; the other is RFC 7239's `forwarded`)."""
 RELOAD_CHECK_S = 60.0
 """How often an opened MaxMind DB file is looked at (its mtime, size and inode) to open it again when replaced."""
 # MaxMind DB types that hold no country (a GeoLite2-ASN file configured by mistake would stamp nothing, silently)
@@ -271,7 +273,7 @@ def _hops(forwarded: str, header: str) -> list[str | None]:
     """The client-side hops a forwarding header lists, in order: X-Forwarded-For's comma-separated entries, or
     the `for=` value of each element of RFC 7239's `Forwarded` (`for=192.0.2.60;proto=http, for="[2001:db8::1]"`,
     quotes and backslash escapes removed); None for an element that names no `for`."""
-    if header == "x-forwarded-for":
+    if header == X_FORWARDED_FOR:
         return forwarded.split(",")
     hops: list[str | None] = []
     for element in forwarded.split(","):
@@ -288,7 +290,7 @@ def _hops(forwarded: str, header: str) -> list[str | None]:
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: TrustedProxies,
-                   header: str = "x-forwarded-for") -> IPAddress | None:
+                   header: str = X_FORWARDED_FOR) -> IPAddress | None:
     """The client's address: the `peer`'s, or — from a peer in `trusted` — the rightmost address of
     `forwarded_for` (all of a request's lines of the forwarding `header` joined by commas, in order: X-Forwarded-For
     or RFC 7239's Forwarded, `_hops`) not in `trusted`; the peer's when that header is absent or cannot be read.
@@ -307,7 +309,7 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Trusted
 
 
 def _scope_peer(scope: Mapping[str, Any], trusted: TrustedProxies,
-                header: str = "x-forwarded-for") -> tuple[str | None, str | None]:
+                header: str = X_FORWARDED_FOR) -> tuple[str | None, str | None]:
     """An ASGI HTTP request's peer address and, when proxies are trusted, its lines of the forwarding `header`
     joined (ASGI header names are lower case)."""
     client = scope.get("client")
@@ -322,7 +324,7 @@ def _scope_peer(scope: Mapping[str, Any], trusted: TrustedProxies,
 
 
 def client_address_of_scope(scope: Mapping[str, Any], trusted: TrustedProxies,
-                            header: str = "x-forwarded-for") -> IPAddress | None:
+                            header: str = X_FORWARDED_FOR) -> IPAddress | None:
     """`client_address` for an ASGI HTTP request (the forget audit's "from where")."""
     return client_address(*_scope_peer(scope, trusted, header), trusted, header)
 
@@ -334,7 +336,7 @@ class CountryResolver:
 
     lookup: CountryLookup
     trusted: TrustedProxies = field(default_factory=TrustedProxies)
-    header: str = "x-forwarded-for"  # the forwarding header the trusted proxies write (`Settings.geo_forwarded_header`)
+    header: str = X_FORWARDED_FOR  # the forwarding header the trusted proxies write (`Settings.geo_forwarded_header`)
 
     def client_address(self, peer: str | None, forwarded_for: str | None = None) -> IPAddress | None:
         """`client_address` with this resolver's trusted proxies and forwarding header."""
@@ -378,6 +380,6 @@ def describe(settings: Settings) -> str:
     resolver = resolver_for(settings)
     if resolver is None:
         return "country lookup off (geo_country stays null)"
-    name = "X-Forwarded-For" if resolver.header == "x-forwarded-for" else "Forwarded"
+    name = "X-Forwarded-For" if resolver.header == X_FORWARDED_FOR else "Forwarded"
     proxies = f"{name} trusted from {resolver.trusted}" if resolver.trusted else f"{name} not trusted"
     return f"country from the client's address: {resolver.lookup.description}; {proxies}"

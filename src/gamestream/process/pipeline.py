@@ -63,7 +63,6 @@ class Pipeline:
             self._folded_at: dict[int, float] = {}  # partition → when its part stage last folded (monotonic)
             self._commits_seen = -1  # the processor's commits at the last round
             self._last_part_fold = 0.0  # when any part stage last folded (monotonic)
-            self._backlog = False  # the processor was reading a backlog at the last round
             self._last_merge = 0.0  # when this process last merged (monotonic)
             self.merger: KpiMerge | None = None
             self.fold_soon = threading.Event()  # wakes the folding thread before its interval is up
@@ -156,7 +155,6 @@ class Pipeline:
             owned = set(self.ownership.owned()) - self.ownership.surplus()
         self._start_part_stages(owned, final=final)
         commits = self.processor.stats.commits
-        self._backlog = not final and self.processor.reading_backlog()
         # nothing committed here since the last round, or the processor waits for these folds
         quiet = final or commits == self._commits_seen or self.processor.caught_up() or (
             self.settings.kpi_part_backlog_events > 0 and self._backlog_full())
@@ -224,7 +222,7 @@ class Pipeline:
         process reading at the others' pace. A live log's reads find less than they ask for: merged every round.
         The read that finds the end of the backlog makes the next round merge."""
         now = time.monotonic()
-        if self._backlog and now - self._last_merge < self.settings.kpi_part_interval_s:
+        if self.processor.reading_backlog() and now - self._last_merge < self.settings.kpi_part_interval_s:
             return
         self._last_merge = now
         self._merge()
