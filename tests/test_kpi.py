@@ -298,6 +298,35 @@ def test_a_data_directory_from_before_the_game_kpis_gains_them_without_replaying
     assert rounded_rows(got[3]) == rounded_rows(want[3]) and got[4] == want[4]
 
 
+def test_a_busy_processor_folds_its_kpis_at_most_every_backlog_interval_then_at_once_when_it_has_read_everything(
+        tmp_path: Path) -> None:
+    """While the processor reads a backlog (its reads take all they ask for), the KPI stage folds at most every
+    `kpi_backlog_interval_s` (here an hour), however short its rounds (here 0.05 s): a fold costs a commit per KPI
+    table whatever its size. Once the processor has read everything, the stage folds at once, and the KPI tables
+    equal the reference. (The other side, a live log folded every round: test_kpi_partitioned's
+    `test_a_live_processor_folds_and_merges_every_round_whatever_the_backlog_interval`.)"""
+    from deltalake import DeltaTable
+
+    data = tmp_path / "data"
+    events = list(simulate(events=30_000, users=300, seed=7, start=dt.datetime(2026, 10, 1, tzinfo=UTC), days=3))
+    write_ndjson(tmp_path / "events.ndjson", events)
+    gamestream("load", str(tmp_path / "events.ndjson"), "--partitions", "2", "--chunk-lines", "250", data_dir=data)
+    env = {"GAMESTREAM_KPI_BACKLOG_INTERVAL_S": "3600", "GAMESTREAM_KPI_INTERVAL_S": "0.05"}
+    gamestream("process", "--until-idle", "--max-batch-events", "250", data_dir=data, env=env)
+
+    tables = data / "tables"
+    events_version = DeltaTable(str(tables / "events")).version()
+    assert events_version >= 80, events_version  # busy for many rounds of 0.05 s
+    last_events_commit = max(c["timestamp"] for c in DeltaTable(str(tables / "events")).history())
+    folds = [c for c in DeltaTable(str(tables / "kpi_daily")).history() if c["version"] > 0]  # 0 created it
+    while_busy = [c for c in folds if c["timestamp"] < last_events_commit]
+    assert folds and not while_busy, f"{len(while_busy)} folds while the processor committed {events_version} times"
+    assert DeltaTable(str(tables / "kpi_daily")).transaction_version("gamestream-kpi") == events_version
+    want, got = expected_kpis([events]), kpi_tables(data)
+    assert got[0] == want[0]
+    assert rounded_rows(got[2]) == rounded_rows(want[2])
+
+
 def test_a_kpi_stage_behind_its_processor_reads_back_what_it_was_not_handed(tmp_path: Path) -> None:
     """The processor hands its commits' rows to the KPI stage up to `kpi_offered_max_bytes` held (memory stays
     bounded however far behind the stage falls); the rest comes from the change data feed. A small bound and

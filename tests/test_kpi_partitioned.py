@@ -225,7 +225,8 @@ def test_a_busy_processor_merges_at_most_every_part_interval_then_at_once_when_i
     write_ndjson(tmp_path / "events.ndjson", events)
     gamestream("load", str(tmp_path / "events.ndjson"), "--partitions", "2", "--chunk-lines", "500", data_dir=data,
                env=PARTITIONED)
-    env = {"GAMESTREAM_KPI_PART_INTERVAL_S": "3600", "GAMESTREAM_KPI_PART_BACKLOG_EVENTS": "1000",
+    env = {"GAMESTREAM_KPI_PART_INTERVAL_S": "3600", "GAMESTREAM_KPI_BACKLOG_INTERVAL_S": "3600",
+           "GAMESTREAM_KPI_PART_BACKLOG_EVENTS": "1000",
            "GAMESTREAM_KPI_INTERVAL_S": "0.1"}
     gamestream("process", "--until-idle", "--max-batch-events", "500", data_dir=data, env={**PARTITIONED, **env})
 
@@ -244,13 +245,16 @@ def test_a_busy_processor_merges_at_most_every_part_interval_then_at_once_when_i
     assert rounded_rows(got_daily) == rounded_rows(want_daily)
 
 
-def test_a_live_processor_merges_every_round_whatever_the_part_interval(tmp_path: Path) -> None:
-    """The other side of the merge's cadence: a processor on a live log (each read finds what arrived since the
-    last, less than it asks for) merges every round, so the KPI tables follow each `load` within a few rounds,
-    with `kpi_part_interval_s` at an hour."""
+@pytest.mark.parametrize("mode", ["partitioned", "global"])
+def test_a_live_processor_folds_and_merges_every_round_whatever_the_backlog_interval(tmp_path: Path, mode: str
+                                                                                     ) -> None:
+    """The other side of the KPIs' cadence: a processor on a live log (each read finds what arrived since the
+    last, less than it asks for) merges (partitioned) or folds (global) every round, so the KPI tables follow
+    each `load` within a few rounds, with `kpi_backlog_interval_s` (and `kpi_part_interval_s`) at an hour."""
     data = tmp_path / "data"
     start = dt.datetime(2026, 10, 1, tzinfo=UTC)
-    env = {**PARTITIONED, "GAMESTREAM_KPI_PART_INTERVAL_S": "3600", "GAMESTREAM_KPI_INTERVAL_S": "0.2",
+    env = {"GAMESTREAM_KPI_MODE": mode, "GAMESTREAM_KPI_PART_INTERVAL_S": "3600",
+           "GAMESTREAM_KPI_BACKLOG_INTERVAL_S": "3600", "GAMESTREAM_KPI_INTERVAL_S": "0.2",
            "GAMESTREAM_BATCH_MAX_WAIT_S": "0.2"}
     gamestream("load", str(write_ndjson(tmp_path / "first.ndjson", list(simulate(
         events=300, users=50, seed=31, start=start, days=1)))), "--partitions", "2", data_dir=data, env=env)

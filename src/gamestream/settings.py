@@ -78,6 +78,11 @@ class Settings:
     """KPI, partitioned: while its processor keeps committing, a partition's part stage folds at most this often
     (its fixed cost per fold — a handful of Delta commits — is spread over more rows); once the processor has
     committed nothing for a round, at once."""
+    kpi_backlog_interval_s: float = 5.0
+    """KPI: while the processor's reads take all they ask for (a backlog), the KPI stage folds (global) or the
+    process holding the KPI role merges (partitioned) at most this often, not every `kpi_interval_s`: each fold
+    or merge has a fixed cost (a commit per KPI table) that a catch-up would otherwise pay every second. Once a
+    read finds the end of the log, every round again."""
     kpi_part_backlog_events: int = 50_000
     """KPI, partitioned: a processor reads no further while the part stages in its process hold this many
     committed events not folded yet per partition it owns; it waits for their folds (which then run at once), so

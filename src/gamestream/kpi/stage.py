@@ -199,6 +199,11 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             return sum(rows.num_rows for version, rows in self._committed_here.items()
                        if version > self.state.version)
 
+    def backlog_bytes(self) -> int:
+        """The bytes of the rows `backlog_rows` counts."""
+        with self._committed_here_lock:
+            return sum(rows.nbytes for version, rows in self._committed_here.items() if version > self.state.version)
+
     def _offered(self, first: int, last: int) -> pa.Table | None:
         """The rows offered for versions first..last, with `_commit_version`; None unless every one was offered."""
         table, versions = self._offered_some(first, last)

@@ -64,6 +64,7 @@ class Pipeline:
             self._commits_seen = -1  # the processor's commits at the last round
             self._last_part_fold = 0.0  # when any part stage last folded (monotonic)
             self._last_merge = 0.0  # when this process last merged (monotonic)
+            self._last_fold = time.monotonic()  # when the (global) KPI stage last folded, or the pipeline started
             self.merger: KpiMerge | None = None
             self.fold_soon = threading.Event()  # wakes the folding thread before its interval is up
             if self.partitioned and settings.kpi_part_backlog_events > 0:
@@ -216,16 +217,32 @@ class Pipeline:
 
     def _merge_round(self) -> None:
         """The folding thread's merge: every round, except while this process's processor reads a backlog
-        (`Processor.reading_backlog`: its reads take all they ask for), when at most every `kpi_part_interval_s`.
+        (`Processor.reading_backlog`: its reads take all they ask for), when at most every `kpi_backlog_interval_s`.
         A merge round costs the process holding the role a MERGE per KPI table, and while a backlog is read every
         process's part folds move something each round: merging them all at once every few seconds keeps that
         process reading at the others' pace. A live log's reads find less than they ask for: merged every round.
         The read that finds the end of the backlog makes the next round merge."""
         now = time.monotonic()
-        if self.processor.reading_backlog() and now - self._last_merge < self.settings.kpi_part_interval_s:
+        if self.processor.reading_backlog() and now - self._last_merge < self.settings.kpi_backlog_interval_s:
             return
         self._last_merge = now
         self._merge()
+
+    def _fold_due(self) -> bool:
+        """The global KPI stage's cadence: every round, except while the processor reads a backlog, when at most
+        every `kpi_backlog_interval_s` (counted from the pipeline's start) — unless the rows handed to the stage
+        fill half its bound (`kpi_offered_max_bytes`), past which it would read them back from the change data
+        feed. A fold costs a commit per KPI table whatever its size: a catch-up folded every second pays that
+        for KPIs that are behind anyway, and a backlog read within the interval is folded once, at its end."""
+        now = time.monotonic()
+        if self.processor.reading_backlog() and now - self._last_fold < self.settings.kpi_backlog_interval_s \
+                and 2 * self.kpi.backlog_bytes() < self.settings.kpi_offered_max_bytes:  # type: ignore[union-attr]
+            return False
+        # the processor's commit under way is waited for (up to a round): its rows would be the next fold's
+        # (a backlog's last commit, a live log's latest) — a fold now would be followed by another at once
+        self.processor.wait_for_landing(self.settings.kpi_interval_s)
+        self._last_fold = time.monotonic()
+        return True
 
     def _drop_merger(self, why: str) -> None:
         logger.warning("KPI merge stops here: %s", why)
@@ -320,7 +337,8 @@ class Pipeline:
             if not self.ownership.holds(KPI_ROLE):
                 self._drop_kpi("its lease lapsed (this process was paused or cut off from NATS)")
                 return
-            self.kpi.fold()  # type: ignore[union-attr]
+            if self._fold_due():
+                self.kpi.fold()  # type: ignore[union-attr]
         except KpiStageSuperseded as error:
             self._drop_kpi(str(error))
         except LogUnavailable as error:

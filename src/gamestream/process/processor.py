@@ -45,6 +45,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -402,6 +403,23 @@ class Processor:
         if not initial:
             logger.info("partitions gained", extra={
                 "partitions": gained, "positions": {p: self.stats.positions[p] for p in gained}})
+        if self._identity is not None and self._identity.ids.shared_state is None:
+            self._load_ids(gained)
+
+    def _load_ids(self, partitions: list[int]) -> None:
+        """The deduplication state of partitions just gained, loaded together now (no flush is in flight): one
+        scan of `event_ids`, and one commit marking where the window starts for those it never covered, instead
+        of one of each per partition as each first commits. A store out of reach leaves it to those commits (the
+        state of a partition is loaded whenever a commit finds it missing or stale)."""
+        assert self._identity is not None
+        try:
+            self._identity.ids.load({p: self.stats.positions[p] for p in partitions}, self._identity.events_uri,
+                                    {p: self._app_ids[p] for p in partitions})
+        except Exception as error:
+            if not lake.is_store_unreachable(error):
+                raise
+            logger.warning("event ids not loaded ahead: the object store is unreachable; each partition's first "
+                           "commit loads them", extra={"partitions": partitions})
 
     def _drop(self, partitions: Iterable[int], why: str) -> None:
         """Forgets partitions this processor no longer owns, with what it read of them and did not commit: the
@@ -623,6 +641,13 @@ class Processor:
         one read takes (a backlog), as opposed to a live log whose reads find what arrived since the last."""
         return bool(self._full_reads & set(self.partitions))
 
+    def wait_for_landing(self, timeout: float) -> None:
+        """Waits (up to `timeout` seconds) for the flush in flight, if any, to land or fail; its outcome is the
+        read loop's to apply. For another thread that wants to see this processor's latest commit."""
+        flush = self._in_flight
+        if flush is not None:
+            futures.wait([flush.future], timeout=timeout)
+
     def flush(self) -> None:
         """Commits every pending record of the partitions still owned, and returns once it is committed:
         quarantine first, then events (see the module docstring)."""
@@ -724,12 +749,12 @@ class Processor:
         """One table's commit of the flush, exactly once (`lake.commit_exactly_once`); the version committed, or
         None when the table had everything already (or nothing was to be committed)."""
         last_offsets = flush.last_offsets
-        counters = [lake.duplicates_app_id(write.counts_duplicates, p) for p in last_offsets] if (
-            write.counts_duplicates and decoder.identity is not None) else []
-        if counters and decoder.identity.ids.shared_state is not None:  # type: ignore[union-attr]
-            counters.append(write.serial_app_id)  # type: ignore[arg-type]
+        # a stream sharing one identity state: every events commit moves the serial txn (read with the others);
+        # the copies-dropped counters are read in `_build`, only when the batch has copies
+        serial = [write.serial_app_id] if write.counts_duplicates and decoder.identity is not None and \
+            decoder.identity.ids.shared_state is not None else []
         version = lake.commit_exactly_once(
-            write.table, [write.app_ids[p] for p in last_offsets] + counters,
+            write.table, [write.app_ids[p] for p in last_offsets] + serial,  # type: ignore[list-item]
             lambda versions: self._build(write, flush, decoder, versions),
             partition_by=write.partition_by, retries=self.settings.commit_retries, name=write.name,
             stop=self.stop_requested, context={"partitions": sorted(last_offsets), "offsets": dict(last_offsets)},
@@ -768,10 +793,13 @@ class Processor:
             txn_versions = {**txn_versions, serial: versions[serial] + 1}
         if flush.duplicates and write.counts_duplicates:  # per partition, in the same commit (`status` reads it)
             txn_versions = dict(txn_versions)
-            for partition, verdict in flush.verdicts.items():
-                if verdict.copies:
-                    counter = lake.duplicates_app_id(write.counts_duplicates, partition)
-                    txn_versions[counter] = versions.get(counter, 0) + verdict.copies
+            # read here, from the same snapshot as `versions`, and only for a batch with copies: each txn read
+            # costs delta-rs a look through the table's log (about 1 ms)
+            counters = {p: lake.duplicates_app_id(write.counts_duplicates, p)
+                        for p, verdict in flush.verdicts.items() if verdict.copies}
+            counted = lake.committed_versions(write.table, list(counters.values()))
+            for partition, counter in counters.items():
+                txn_versions[counter] = counted[counter] + flush.verdicts[partition].copies
         if write.stamps_greatest_times:
             flush.greatest_times = decoder.greatest_times(after)
             metadata = {**metadata, **lake.stamp_greatest_times(flush.greatest_times)}
