@@ -143,3 +143,41 @@ def test_buffers_shorter_than_the_rows_are_refused_not_read_past() -> None:
         native.fingerprints([("eventId", 0, None, 0, offsets, data)], out.view(np.uint8))
     with pytest.raises(ValueError, match="fewer rows"):
         native.fingerprints([("n", 1, None, 0, None, np.zeros(32, np.uint8))], out.view(np.uint8))
+
+
+@pytest.mark.parametrize("shape", ["random", "uuid-variant", "one-bucket", "extremes", "empty"])
+def test_runs_merge_and_lookups_agree_with_numpy(shape: str) -> None:
+    """`merge_runs`, `bucket_starts` and `find_in_run` (the deduplication state's runs) against numpy: random
+    keys; UUID keys (their top two bits fixed by the variant, so a quarter of the buckets hold them all); a
+    crafted set that fills one bucket (a binary search inside it, not a scan); the int64 extremes; empty runs.
+    Lookups for keys held and not held, in sorted and in random order."""
+    rng = np.random.default_rng(11)
+    if shape == "random":
+        a, b = (rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64) for n in (5000, 3000))
+    elif shape == "uuid-variant":
+        a, b = ((rng.integers(0, 2**62, size=n, dtype=np.int64) | np.int64(-(2**63))) for n in (5000, 3000))
+    elif shape == "one-bucket":
+        a, b = ((np.int64(2**40) + rng.integers(0, 2**20, size=n, dtype=np.int64)) for n in (5000, 3000))
+    elif shape == "extremes":
+        a = np.array([-(2**63), -1, 0, 1, 2**63 - 1], dtype=np.int64)
+        b = np.array([-(2**63) + 1, 2**62, 2**63 - 2], dtype=np.int64)
+    else:
+        a, b = np.empty(0, np.int64), rng.integers(-(2**63), 2**63 - 1, size=100, dtype=np.int64)
+    a, b = np.unique(a), np.setdiff1d(np.unique(b), a)
+    runs = [identity._run(keys, keys ^ 7, np.arange(len(keys), dtype=np.int32)) for keys in (a, b)]
+    merged = identity._merged(*runs)
+    order = np.argsort(np.concatenate([a, b]), kind="stable")
+    assert np.array_equal(merged[0], np.concatenate([a, b])[order])
+    assert np.array_equal(merged[1], merged[0] ^ 7)  # each key kept its fingerprint
+    assert np.array_equal(merged[2], np.concatenate([np.arange(len(a)), np.arange(len(b))])[order])
+    starts, bits = merged[4], merged[3]
+    buckets = ((merged[0] >> np.int64(64 - bits)) + (1 << (bits - 1))).astype(np.int64)
+    assert np.array_equal(starts, np.searchsorted(buckets, np.arange((1 << bits) + 1)))
+    assert merged[5] == int(np.diff(starts).max())
+    if shape == "one-bucket":
+        assert merged[5] == len(merged[0])  # every key in one bucket
+    missing = rng.integers(-(2**63), 2**63 - 1, size=2000, dtype=np.int64)
+    for keys in (np.sort(np.concatenate([merged[0][::3], missing])), np.concatenate([missing, merged[0][::2]])):
+        at, hit = identity._search(merged, keys)
+        assert np.array_equal(at, np.searchsorted(merged[0], keys))
+        assert np.array_equal(hit, np.isin(keys, merged[0]))

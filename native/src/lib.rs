@@ -7,6 +7,7 @@
 //!   value hashed with a seed made of the hash so far and the column's name); a null adds nothing, so a column
 //!   added to the schema later (null in older events) leaves fingerprints as they were. XXH3 is specified and
 //!   stable: fingerprints stored in `event_ids` stay comparable across versions.
+//! - `merge_runs`, `bucket_starts`, `find_in_run` (runs.rs): the deduplication state's sorted runs of keys.
 //! - `Validator` (validate.rs): the collector's per-event validation, "prove valid, or hand back" — for each
 //!   raw JSON event, the canonical line `schema.EventValidator` would write and its partition, or None.
 
@@ -15,20 +16,21 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+mod runs;
 mod validate;
 
 /// A read-only view of a Python buffer's bytes that may cross into a thread without the GIL (the caller keeps
 /// the objects alive for the whole call).
 #[derive(Clone, Copy)]
-struct Bytes {
-    ptr: *const u8,
-    len: usize,
+pub(crate) struct Bytes {
+    pub(crate) ptr: *const u8,
+    pub(crate) len: usize,
 }
 
 unsafe impl Send for Bytes {}
 
 impl Bytes {
-    fn of(buffer: &PyBuffer<u8>) -> PyResult<Bytes> {
+    pub(crate) fn of(buffer: &PyBuffer<u8>) -> PyResult<Bytes> {
         if !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err("a buffer handed to gamestream_native must be contiguous"));
         }
@@ -44,15 +46,15 @@ impl Bytes {
 }
 
 /// A writable view (numpy arrays the caller allocated for the results).
-struct Out {
-    ptr: *mut u8,
-    len: usize,
+pub(crate) struct Out {
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
 }
 
 unsafe impl Send for Out {}
 
 impl Out {
-    fn of(buffer: &PyBuffer<u8>) -> PyResult<Out> {
+    pub(crate) fn of(buffer: &PyBuffer<u8>) -> PyResult<Out> {
         if buffer.readonly() || !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err("an output buffer must be writable and contiguous"));
         }
@@ -246,6 +248,9 @@ fn fingerprints(py: Python<'_>, columns: Vec<Column>, out: PyBuffer<u8>) -> PyRe
 fn gamestream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(uuid_keys, module)?)?;
     module.add_function(wrap_pyfunction!(fingerprints, module)?)?;
+    module.add_function(wrap_pyfunction!(runs::merge_runs, module)?)?;
+    module.add_function(wrap_pyfunction!(runs::bucket_starts, module)?)?;
+    module.add_function(wrap_pyfunction!(runs::find_in_run, module)?)?;
     module.add_class::<validate::Validator>()?;
     Ok(())
 }

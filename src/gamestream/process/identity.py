@@ -208,9 +208,10 @@ def _md5_keys(ids: pa.StringArray) -> np.ndarray:
 @dataclass
 class PartitionIds:
     """One partition's ids in the window: sorted runs of keys with their fingerprints and days of arrival, largest
-    first, merged like a counter in base 4 (a run is merged into the one before it once it is at least a quarter
-    of its size, a linear merge of two sorted runs), so adding a batch costs O(log n) amortized per id and a
-    lookup searches O(log n) runs."""
+    first, merged like a binary counter (a run is merged into the one before it once it is as large, in one pass
+    over both: `gamestream_native.merge_runs`), so adding a batch costs O(log n) amortized per id and a lookup
+    searches O(log n) runs, each in one bucket of its index. (Merged once a quarter of the size, as before, a
+    million ids added in batches of 50,000 cost 45 ms of merging instead of 28.)"""
 
     events_offset: int | None = None  # the events table's offset of this partition these ids reflect
     events_version: int = 0  # the events table version they reflect
@@ -246,7 +247,7 @@ class PartitionIds:
         else:
             keys, first = np.unique(keys, return_index=True)
             self.runs.append(_run(keys, prints[first], days[first]))
-        while len(self.runs) > 1 and 4 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+        while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
             newer = self.runs.pop()
             self.runs[-1] = _merged(self.runs[-1], newer)
 
@@ -259,58 +260,33 @@ class PartitionIds:
 _BUCKET_FILL = 8  # keys per bucket of a run's index, on average
 
 
-def _bucket_index(keys: np.ndarray) -> tuple[int, np.ndarray, int]:
-    """For a sorted run of (uniformly spread) keys: 2**bits buckets by the keys' top bits, where each starts in
-    the run, and the most keys one holds — so a lookup searches a handful of neighbouring keys, not the whole run
-    (a binary search over millions of keys misses the cache ~20 times a key)."""
-    bits = max(1, min(30, int(np.log2(max(len(keys), 1) / _BUCKET_FILL) + 1)))
-    counts = np.bincount(_bucket_of(keys, bits), minlength=1 << bits)
-    return bits, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(counts.max(initial=0))
-
-
-def _bucket_of(keys: np.ndarray, bits: int) -> np.ndarray:
-    return ((keys >> np.int64(64 - bits)) + (1 << (bits - 1))).astype(np.int64)
-
-
-def _search(run: tuple, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each key would be in `run` (keys, prints, days, bits, bucket starts, fullest bucket), and whether it
-    is there. A run at most `_MERGE_RATIO` times the batch: numpy's binary search, quick for sorted keys (each
-    search starts where the last one ended); a larger run: a branch-free lower bound inside every key's bucket at
-    once, a few numpy steps for all the keys."""
-    run_keys, bits, starts, fullest = run[0], run[3], run[4], int(run[5])
-    if not len(run_keys):
-        return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
-    last = len(run_keys) - 1
-    if len(run_keys) <= _MERGE_RATIO * len(keys):
-        at = np.searchsorted(run_keys, keys)
-        return at, run_keys[np.minimum(at, last)] == keys
-    bucket = _bucket_of(keys, bits)
-    base = starts[bucket]
-    count = starts[bucket + 1] - base  # the answer lies in [base, base + count]
-    while fullest > 1:  # halves every key's range; ~log2(fullest bucket) rounds
-        half = count >> 1
-        probe = base + half  # inside the run whenever half > 0
-        step = (half > 0) & (run_keys[np.where(half > 0, probe, 0)] < keys)
-        base = np.where(step, probe, base)
-        count -= half
-        fullest -= fullest >> 1
-    at = base + ((count > 0) & (run_keys[np.minimum(base, last)] < keys))
-    hit = (at <= last) & (run_keys[np.minimum(at, last)] == keys)
-    return at, hit
-
-
-_MERGE_RATIO = 32  # measured: for sorted keys, searchsorted wins up to runs ~30 times the batch
-
-
 def _run(keys: np.ndarray, prints: np.ndarray, days: np.ndarray) -> tuple:
-    bits, starts, fullest = _bucket_index(keys)
+    """A run (keys, prints, days, bits, bucket starts, fullest bucket) of sorted distinct keys, indexed by 2**bits
+    buckets of the keys' top bits: a lookup searches a handful of neighbouring keys, not the whole run (a binary
+    search over millions of keys misses the cache ~20 times a key). `gamestream_native` builds the index."""
+    keys, prints, days = (np.ascontiguousarray(a) for a in (keys, prints, days.astype(np.int32, copy=False)))
+    bits = max(1, min(30, int(np.log2(max(len(keys), 1) / _BUCKET_FILL) + 1)))
+    starts = np.empty((1 << bits) + 1, dtype=np.int64)
+    fullest = native.bucket_starts(keys.view(np.uint8), bits, starts.view(np.uint8))
     return keys, prints, days, bits, starts, fullest
 
 
-def _merged(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    keys = np.concatenate([a[0], b[0]])
-    order = np.argsort(keys, kind="stable")  # two sorted runs: timsort merges them in linear time
-    return _run(keys[order], np.concatenate([a[1], b[1]])[order], np.concatenate([a[2], b[2]])[order])
+def _search(run: tuple, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each key would be in `run` and whether it is there (`gamestream_native.find_in_run`: a binary
+    search inside each key's bucket)."""
+    at = np.empty(len(keys), dtype=np.int64)
+    hit = np.empty(len(keys), dtype=np.uint8)
+    native.find_in_run(run[0].view(np.uint8), run[3], run[4].view(np.uint8),
+                       np.ascontiguousarray(keys, dtype=np.int64).view(np.uint8), at.view(np.uint8), hit)
+    return at, hit.view(bool)
+
+
+def _merged(a: tuple, b: tuple) -> tuple:
+    """Runs a and b as one run (`gamestream_native.merge_runs`: one pass over both)."""
+    n = len(a[0]) + len(b[0])
+    keys, prints, days = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int32)
+    native.merge_runs(*(x.view(np.uint8) for x in (a[0], a[1], a[2], b[0], b[1], b[2], keys, prints, days)))
+    return _run(keys, prints, days)
 
 
 @dataclass
