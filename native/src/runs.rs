@@ -15,26 +15,23 @@ use pyo3::prelude::*;
 
 use crate::{Bytes, Out};
 
-fn typed<'a, T>(view: &Bytes, what: &str) -> PyResult<&'a [T]> {
+/// The element count of a view of `len` bytes at `ptr` as an array of T, if it is one (whole and aligned).
+fn elements<T>(ptr: usize, len: usize, what: &str) -> PyResult<usize> {
     let size = std::mem::size_of::<T>();
-    if view.len % size != 0 || (view.ptr as usize) % std::mem::align_of::<T>() != 0 {
+    if len % size != 0 || ptr % std::mem::align_of::<T>() != 0 {
         return Err(PyValueError::new_err(format!("{what}: not an aligned array of {size}-byte values")));
     }
-    if view.len == 0 {
-        return Ok(&[]);
-    }
-    Ok(unsafe { std::slice::from_raw_parts(view.ptr as *const T, view.len / size) })
+    Ok(len / size)
+}
+
+fn typed<'a, T>(view: &Bytes, what: &str) -> PyResult<&'a [T]> {
+    let n = elements::<T>(view.ptr as usize, view.len, what)?;
+    Ok(if n == 0 { &[] } else { unsafe { std::slice::from_raw_parts(view.ptr as *const T, n) } })
 }
 
 fn typed_mut<'a, T>(view: &mut Out, what: &str) -> PyResult<&'a mut [T]> {
-    let size = std::mem::size_of::<T>();
-    if view.len % size != 0 || (view.ptr as usize) % std::mem::align_of::<T>() != 0 {
-        return Err(PyValueError::new_err(format!("{what}: not an aligned array of {size}-byte values")));
-    }
-    if view.len == 0 {
-        return Ok(&mut []);
-    }
-    Ok(unsafe { std::slice::from_raw_parts_mut(view.ptr as *mut T, view.len / size) })
+    let n = elements::<T>(view.ptr as usize, view.len, what)?;
+    Ok(if n == 0 { &mut [] } else { unsafe { std::slice::from_raw_parts_mut(view.ptr as *mut T, n) } })
 }
 
 fn bucket(key: i64, bits: u32) -> usize {
