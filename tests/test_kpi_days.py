@@ -27,8 +27,21 @@ def sessions_at_once(events: list[tuple[str | None, int]]) -> tuple[int, int]:
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.lists(st.lists(event, min_size=1, max_size=15), min_size=1, max_size=8))
-def test_sessions_kept_batch_by_batch_equal_the_sessions_of_all_events(batches) -> None:
+@given(st.lists(st.lists(event, min_size=1, max_size=15), min_size=1, max_size=8), st.booleans())
+def test_sessions_kept_batch_by_batch_equal_the_sessions_of_all_events(batches, one_device_a_pass: bool) -> None:
+    """`one_device_a_pass`: the sort keys' limit lowered so that each device is cut into sessions in a pass of
+    its own (as a day of more than ~50M devices in one batch would be)."""
+    import gamestream.kpi.days as days
+
+    if one_device_a_pass:
+        days._KEY_LIMIT = 1  # one device a pass whatever the width
+    try:
+        _check_batches(batches)
+    finally:
+        days._KEY_LIMIT = 2**62
+
+
+def _check_batches(batches) -> None:
     day = DayState()
     for batch in batches:
         day.add(pa.table({"device_id": pa.array([d for d, _ in batch], pa.string()),

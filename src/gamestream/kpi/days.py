@@ -7,8 +7,9 @@ folded; a final day leaves memory, and a late event for it recomputes it from th
 Sessions: a device's session ends after 30 minutes without events (`SESSION_GAP_US`), and at midnight UTC — as
 Google Analytics ends sessions at midnight — so a day's sessions depend on that day's events only and a late
 event never revises another day. A session's length is its last event's time minus its first (a single event is
-a session of length 0). Events may arrive in any order: each device's sessions of the day are kept as sorted
-[start, end] intervals and an arrival merges every interval it comes within 30 minutes of.
+a session of length 0). Events may arrive in any order: the day's sessions are kept as [start, end] intervals
+(numpy arrays: device, start, end), and a batch's events are joined with the intervals of the devices they
+belong to and cut into sessions again at every gap of 30 minutes, all devices at once (`_add_sessions`).
 
 Breakdowns (`kpi_daily_segments`): rows with value columns (`rows.segment_column`) also fold into one `DayState`
 per (dimension, value) (`segments`), over that value's events alone: a device counts under every value it sent
@@ -20,7 +21,6 @@ per dimension.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from gamestream.schema import PURCHASE as PURCHASE  # the KPI modules' name for it
 
 SESSION_GAP_US = 30 * 60 * 1_000_000
+_KEY_LIMIT = 2**62  # `_add_sessions`' sort keys stay below it
 
 
 @dataclass
@@ -38,7 +39,11 @@ class DayState:
     payers: set[str] = field(default_factory=set)
     events: int = 0
     bookings: float = 0.0
-    sessions: dict[str, list[list[int]]] = field(default_factory=dict)  # device → sorted [start_us, end_us]
+    session_ids: dict[str, int] = field(default_factory=dict)  # device → its number in the day's intervals
+    # the day's sessions, one interval each (in no particular order): the device's number, first and last µs
+    session_device: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    session_start: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    session_end: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     session_count: int = 0
     session_us: int = 0
     segments: dict[tuple[str, str], "DayState"] = field(default_factory=dict)  # (dimension, value) → its state
@@ -91,70 +96,63 @@ class DayState:
             state.bookings += float(bookings[code])
 
     def _add_sessions(self, devices: "_Devices", times: pa.ChunkedArray | pa.Array) -> None:
-        if not len(devices.codes):
+        """The batch's events joined with the day's sessions of their devices, and cut into sessions again:
+        sorted by (device, time) as one integer key — the device's rank in the batch times a width wider than
+        the times' span plus 30 minutes, plus the time — so that a running maximum of the ends never crosses from
+        one device to the next, and a session starts wherever a start is 30 minutes or more past the ends before
+        it. The day's totals follow the difference (those devices' sessions before, and after)."""
+        keep = devices.codes >= 0
+        if not keep.any():
             return
-        names = devices.names
-        # sorted by device (its code: integers sort faster than strings), then time
-        ordered = pa.table({"d": devices.indices, "t": times}).sort_by([("d", "ascending"), ("t", "ascending")])
-        d = ordered["d"].combine_chunks()
-        t = ordered["t"].combine_chunks()
-        # runs of this batch: a new run at each device change or gap of 30 minutes or more
-        breaks = pc.or_(pc.not_equal(d[1:], d[:-1]), pc.greater_equal(pc.subtract(t[1:], t[:-1]), SESSION_GAP_US))
-        starts = pa.concat_arrays([pa.array([True]), pc.fill_null(breaks, True)])
-        first = pc.cast(pc.indices_nonzero(starts), pa.int64())
-        last = pa.concat_arrays([pc.subtract(first[1:], 1), pa.array([len(t) - 1], pa.int64())])
-        sessions = self.sessions
-        added_count = added_us = 0
-        for index, start, end in zip(d.take(first).to_pylist(), t.take(first).to_pylist(), t.take(last).to_pylist()):
-            name = names[index] if index is not None else None
-            if name is None:
-                continue
-            intervals = sessions.get(name)
-            if intervals is None:  # the device's first session of the day: nothing to merge with
-                sessions[name] = [[start, end]]
-                added_count += 1
-                added_us += end - start
-                continue
-            latest = intervals[-1]
-            if start >= latest[0]:  # in order, the usual case: after (or inside) the device's latest session
-                if start - latest[1] >= SESSION_GAP_US:
-                    intervals.append([start, end])
-                    added_count += 1
-                    added_us += end - start
-                    continue
-                if end > latest[1]:
-                    added_us += end - latest[1]
-                    latest[1] = end
-                continue
-            self._merge(intervals, start, end)
-        self.session_count += added_count
-        self.session_us += added_us
-
-    def _merge(self, intervals: list[list[int]], start: int, end: int) -> None:
-        """Merges the run [start, end] into a device's sorted, disjoint intervals (each 30 minutes or more from
-        the next): the intervals less than 30 minutes from the run join it (their events and the run's then
-        have no 30-minute gap between them); the day's totals follow the difference."""
-        at = bisect.bisect_left(intervals, start, key=lambda interval: interval[0])
-        low = at
-        while low > 0 and start - intervals[low - 1][1] < SESSION_GAP_US:
-            low -= 1
-        high = at
-        while high < len(intervals) and intervals[high][0] - end < SESSION_GAP_US:
-            high += 1
-        joined = intervals[low:high]
-        merged = [min([start, *(i[0] for i in joined)]), max([end, *(i[1] for i in joined)])]
-        intervals[low:high] = [merged]
-        self.session_count += 1 - len(joined)
-        self.session_us += (merged[1] - merged[0]) - sum(b - a for a, b in joined)
+        ids = self.session_ids
+        batch_ids = np.fromiter((ids.setdefault(name, len(ids)) for name in devices.names), np.int64,
+                                len(devices.names))
+        rank = np.full(len(ids), -1, dtype=np.int64)
+        rank[batch_ids] = np.arange(len(batch_ids))  # each device of the batch, by its code
+        times_np = pc.cast(times, pa.int64()).to_numpy() if isinstance(times, pa.Array) else \
+            pc.cast(times, pa.int64()).combine_chunks().to_numpy(zero_copy_only=False)
+        event_times = times_np[keep]
+        held = rank[self.session_device] >= 0  # the day's sessions of the batch's devices: joined again
+        old_start, old_end = self.session_start[held], self.session_end[held]
+        ranks = np.concatenate([rank[self.session_device[held]], devices.codes[keep]])
+        starts = np.concatenate([old_start, event_times])
+        ends = np.concatenate([old_end, event_times])
+        low = int(starts.min())
+        width = int(ends.max()) - low + SESSION_GAP_US + 1
+        chunk = max(1, _KEY_LIMIT // width)  # devices a pass, so that rank × width fits in an int64 (all, for a day)
+        new_device, new_start, new_end = [], [], []
+        for first in range(0, len(batch_ids), chunk):
+            part = slice(None) if chunk >= len(batch_ids) else (ranks >= first) & (ranks < first + chunk)
+            offset = (ranks[part] - first) * width - low
+            order = np.argsort(starts[part] + offset)
+            key_start = (starts[part] + offset)[order]
+            key_end = np.maximum.accumulate((ends[part] + offset)[order])
+            opens = np.empty(len(order), dtype=bool)
+            opens[0] = True
+            np.greater_equal(key_start[1:] - key_end[:-1], SESSION_GAP_US, out=opens[1:])
+            begin = np.flatnonzero(opens)
+            finish = np.append(begin[1:] - 1, len(order) - 1)
+            session_rank = key_start[begin] // width
+            new_device.append(batch_ids[session_rank + first])
+            new_start.append(key_start[begin] - session_rank * width + low)
+            new_end.append(key_end[finish] - session_rank * width + low)
+        added_start, added_end = np.concatenate(new_start), np.concatenate(new_end)
+        self.session_count += len(added_start) - len(old_start)
+        self.session_us += int((added_end - added_start).sum()) - int((old_end - old_start).sum())
+        rest = ~held
+        self.session_device = np.concatenate([self.session_device[rest], *new_device])
+        self.session_start = np.concatenate([self.session_start[rest], added_start])
+        self.session_end = np.concatenate([self.session_end[rest], added_end])
 
     def segment_rows(self) -> dict[tuple[str, str], dict]:
         """(dimension, value) → that value's own figures of the day (`base_row`), its sessions those of its
         devices."""
         rows = {}
-        sessions = self.sessions
+        per_device = np.bincount(self.session_device, minlength=len(self.session_ids)).tolist()
+        ids = self.session_ids
         for key, state in self.segments.items():
             row = state.base_row()
-            row["sessions"] = sum(len(sessions.get(device, ())) for device in state.devices)
+            row["sessions"] = sum(per_device[ids[device]] for device in state.devices if device in ids)
             rows[key] = row
         return rows
 
