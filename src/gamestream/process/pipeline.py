@@ -233,14 +233,15 @@ class Pipeline:
         every `kpi_backlog_interval_s` (counted from the pipeline's start) — unless the rows handed to the stage
         fill half its bound (`kpi_offered_max_bytes`), past which it would read them back from the change data
         feed. A fold costs a commit per KPI table whatever its size: a catch-up folded every second pays that
-        for KPIs that are behind anyway, and a backlog read within the interval is folded once, at its end."""
+        for KPIs that are behind anyway, and a backlog read within the interval is folded once, at its end.
+        A fold waits (up to a round) for what the processor has read to be committed."""
         now = time.monotonic()
         if self.processor.reading_backlog() and now - self._last_fold < self.settings.kpi_backlog_interval_s \
                 and 2 * self.kpi.backlog_bytes() < self.settings.kpi_offered_max_bytes:  # type: ignore[union-attr]
             return False
-        # the processor's commit under way is waited for (up to a round): its rows would be the next fold's
-        # (a backlog's last commit, a live log's latest) — a fold now would be followed by another at once
-        self.processor.wait_for_landing(self.settings.kpi_interval_s)
+        # what the processor has read is waited for (up to a round): the commits under way and next would be the
+        # next fold's (a backlog's last, a live log's latest) — a fold now would be followed by another at once
+        self.processor.wait_until_read_is_committed(self.settings.kpi_interval_s)
         self._last_fold = time.monotonic()
         return True
 

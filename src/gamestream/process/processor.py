@@ -45,7 +45,6 @@ import datetime as dt
 import logging
 import threading
 import time
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -306,6 +305,8 @@ class Processor:
         self._pending: dict[int, list[LogRecord]] = {}
         self._decoded: dict[int, list[Decoded]] = {}  # per partition: its pending records, decoded as read
         self._in_flight: _Flush | None = None
+        self._landed: dict[int, int] = {}  # partition → the last offset in the events table (the commit thread's)
+        self._landing = threading.Condition()  # notified when `_landed` moves
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gamestream-commit")
         self._pending_events = 0
         self._pending_since: float | None = None
@@ -641,12 +642,18 @@ class Processor:
         one read takes (a backlog), as opposed to a live log whose reads find what arrived since the last."""
         return bool(self._full_reads & set(self.partitions))
 
-    def wait_for_landing(self, timeout: float) -> None:
-        """Waits (up to `timeout` seconds) for the flush in flight, if any, to land or fail; its outcome is the
-        read loop's to apply. For another thread that wants to see this processor's latest commit."""
+    def wait_until_read_is_committed(self, timeout: float) -> None:
+        """Waits (up to `timeout` seconds) until the records this processor has read by now are in the events
+        table: the flush in flight and the records pending for the next. For another thread that wants this
+        processor's latest commits (records read later do not extend the wait)."""
+        targets = {p: records[-1].offset for p, records in list(self._pending.items()) if records}
         flush = self._in_flight
         if flush is not None:
-            futures.wait([flush.future], timeout=timeout)
+            for partition, offset in flush.last_offsets.items():
+                targets[partition] = max(offset, targets.get(partition, offset))
+        with self._landing:
+            self._landing.wait_for(lambda: all(self._landed.get(p, -1) >= o for p, o in targets.items()),
+                                   timeout=timeout)
 
     def flush(self) -> None:
         """Commits every pending record of the partitions still owned, and returns once it is committed:
@@ -699,6 +706,9 @@ class Processor:
             # would otherwise hand them over, can take longer than the folding thread's next look)
             if self.on_commit:
                 self.on_commit(flush.events_version, flush.built_rows["events"], flush.greatest_times)
+        with self._landing:  # (the records were in the table already when no version was made)
+            self._landed.update(flush.last_offsets)
+            self._landing.notify_all()
         # Step 4: the ids that landed join the deduplication state (and, now and then, the event_ids table)
         if self._identity is not None:
             ids = self._identity.ids
