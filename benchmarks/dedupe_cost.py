@@ -4,12 +4,10 @@ its throughput, peak memory within 20%).
 `benchmarks/run.py`'s workload (1M generated events by default) is loaded into a fresh data directory, then
 `gamestream process --until-idle` drains it, without deduplication (`GAMESTREAM_DEDUPE_DAYS=0`, the peer) and
 with it (the default), alternating, `--rounds` times: wall time, CPU time (the child's user + system) and peak
-RSS of each, and the ratios. With `--folds-at-end` the KPI stage's folding thread is kept from folding during
-the run in both (`GAMESTREAM_KPI_INTERVAL_S=1000`): a processor that finishes sooner leaves its KPI folds to the
-end and makes fewer of them, each a commit to every KPI table, which a comparison at the default schedule counts
-against the slower one.
+RSS of each, and the ratios; the figure is their median (one run on a 2-core machine differs from the next by up
+to a fifth).
 
-    .venv/bin/python benchmarks/dedupe_cost.py [--events 1000000] [--rounds 6] [--folds-at-end]
+    .venv/bin/python benchmarks/dedupe_cost.py [--events 1000000] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -51,19 +49,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6,
                         help="alternating pairs; the ratios' median is the figure (a 2-core machine's runs vary by "
                              "up to a fifth from one to the next)")
-    parser.add_argument("--folds-at-end", action="store_true",
-                        help="keep the KPI stage from folding during the run in both (GAMESTREAM_KPI_INTERVAL_S)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gamestream-dedupe-"))
     try:
         files, _ = make_workload(work / "workload", args.events)
-        schedule = {"GAMESTREAM_KPI_INTERVAL_S": "1000"} if args.folds_at_end else {}
-        print(f"{args.events:,} events, {args.rounds} rounds, KPI folds "
-              f"{'held to the end' if args.folds_at_end else 'at the default schedule'}", flush=True)
+        print(f"{args.events:,} events, {args.rounds} rounds", flush=True)
         walls, cpus = [], []
         for round_ in range(1, args.rounds + 1):
-            off = drain(files, work / "off", {**schedule, "GAMESTREAM_DEDUPE_DAYS": "0"})
-            on = drain(files, work / "on", schedule)
+            off = drain(files, work / "off", {"GAMESTREAM_DEDUPE_DAYS": "0"})
+            on = drain(files, work / "on", {})
             walls.append(on[0] / off[0])
             cpus.append(on[1] / off[1])
             print(f"round {round_}: without {off[0]:.2f} s wall, {off[1]:.2f} s CPU, {off[2]:.2f} GB | with "
