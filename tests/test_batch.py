@@ -676,3 +676,80 @@ def test_load_gives_the_same_table_as_the_per_event_path(tmp_path: Path, monkeyp
     for rows in tables.values():  # each load's own time of arrival
         assert all(row.pop("receivedAt") is not None for row in rows)
     assert tables["fast"] == tables["slow"]
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain: byte ranges read by the workers", "gzip: blocks"])
+@pytest.mark.parametrize("lines_per_chunk", [1, 7, 50, 1000])
+def test_a_file_loaded_in_byte_ranges_or_blocks_equals_it_loaded_line_by_line(
+        tmp_path: Path, gzipped: bool, lines_per_chunk: int) -> None:
+    """`load_file` reads a plain file as byte ranges of `lines_per_chunk` lines (found natively, read by each
+    chunk's worker) and a gzip file as blocks: the same report (counts, rejections and their line numbers) and
+    the same records as `load_lines` over the same lines, with blank lines, CRLF, padding, bad JSON and no final
+    newline in the file; and with a pool of worker processes too."""
+    import gzip
+    import random
+
+    from gamestream.ingest import loader
+    from gamestream.log.sqlite import SqliteEventLog
+
+    rng = random.Random(lines_per_chunk)
+    lines = []
+    for event in simulate(events=300, seed=3):
+        line, odd = json.dumps(event).encode(), rng.random()
+        lines.append(b"" if odd < 0.03 else b"{bad json" if odd < 0.05 else line + b"\r" if odd < 0.06
+                     else b"  " + line if odd < 0.07 else line)
+    text = b"\n".join(lines)  # no newline after the last line
+    path = tmp_path / ("events.ndjson.gz" if gzipped else "events.ndjson")
+    path.write_bytes(gzip.compress(text) if gzipped else text)
+
+    def loaded(name: str, load) -> tuple:
+        log = SqliteEventLog(tmp_path / name, partitions=3)
+        try:
+            report = load(log)
+            records = [(p, r.events, r.payload) for p in range(3) for r in log.read(p, 0, 10_000)]
+        finally:
+            log.close()
+        return (report.lines, report.accepted, report.rejected, report.first_rejections, report.records), records
+
+    want = loaded("lines", lambda log: load_lines(io.BytesIO(text), log, max_event_bytes=MAX,
+                                                  lines_per_chunk=lines_per_chunk))
+    assert want[0][2] > 0 and want[0][0] < len(lines)  # some lines rejected, blank ones not counted
+    got = loaded("file", lambda log: loader.load_file(path, log, max_event_bytes=MAX,
+                                                      lines_per_chunk=lines_per_chunk))
+    pool = loader.load_pool(2)
+    try:
+        pooled = loaded("pooled", lambda log: loader.load_file(path, log, max_event_bytes=MAX,
+                                                               lines_per_chunk=lines_per_chunk, pool=pool))
+    finally:
+        pool.shutdown()
+    def events_of(records: list) -> list:  # each record's events, without the time they were loaded at
+        rows = lambda data: payload.decode(data).to_pylist() if payload.is_arrow(data) else [  # noqa: E731
+            json.loads(line) for line in data.splitlines()]
+        return [(p, n, [{k: v for k, v in row.items() if k != schema.RECEIVED_AT} for row in rows(data)])
+                for p, n, data in records]
+
+    for result in (got, pooled):
+        assert result[0] == want[0]
+        assert events_of(result[1]) == events_of(want[1])  # the same events in the same records
+
+
+def test_newline_cuts_find_every_nth_newline_across_pieces() -> None:
+    """`gamestream_native.newline_cuts`, which `load` finds its chunks' byte ranges with, against Python: pieces
+    of every size, the count carried from one piece to the next."""
+    import random
+
+    import gamestream_native
+
+    rng = random.Random(2)
+    data = bytes(rng.choice(b"ab\n") for _ in range(20_000))
+    for every in (1, 2, 5, 300):
+        newlines = [j for j, b in enumerate(data) if b == 10]
+        want = [newlines[k - 1] + 1 for k in range(every, len(newlines) + 1, every)]
+        for piece in (1, 7, 4096, 5000, len(data)):
+            got, counted, at = [], 0, 0
+            while at < len(data):
+                cuts, counted = gamestream_native.newline_cuts(data[at:at + piece], every, counted)
+                got += [at + c for c in cuts]
+                at += piece
+            assert got == want
+            assert counted == data.count(b"\n") % every

@@ -52,6 +52,7 @@ from functools import lru_cache
 from typing import Callable, Literal, Sequence
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
@@ -194,19 +195,18 @@ def _partition_of(device_id: pa.Array, partitions: int, route: Callable[[str], i
     return pc.take(pa.array(crcs, pa.int32()), encoded.indices)
 
 
-def _framed(events: Sequence[bytes], joined: bytes, max_event_bytes: int) -> bool:
+def _framed(lengths: pa.Array, joined: bytes, max_event_bytes: int) -> bool:
     """Whether every event is within `max_event_bytes`, starts with ``{`` and ends with ``}``, and the buffer
     is UTF-8. With the separators being newlines, a ``}`` then ``{`` across a separator means the event before
     it closed all its values (inside a value, ``}`` is followed by ``,``, ``}`` or ``]``; a string cannot hold
     a raw newline) and the one after starts with an object: each event then yields at least one row, so n rows
     means exactly one object per event, row i being event i. This also keeps a leading ``null`` (which crashes
     pyarrow's reader) and a UTF-8 BOM away from the reader."""
-    lengths = pa.array(list(map(len, events)), pa.int64())
     shortest, longest = pc.min_max(lengths).values()
     if shortest.as_py() < 2 or longest.as_py() > max_event_bytes:
         return False
     data = pa.Array.from_buffers(pa.uint8(), len(joined), [None, pa.py_buffer(joined)])
-    ends = pc.add(pc.cumulative_sum(lengths), pa.array(range(len(events)), pa.int64()))  # exclusive, in joined
+    ends = pc.add(pc.cumulative_sum(lengths), pa.array(range(len(lengths)), pa.int64()))  # exclusive, in joined
     first = data.take(pc.subtract(ends, lengths))
     last = data.take(pc.subtract(ends, 1))
     if not (pc.all(pc.equal(first, ord("{"))).as_py() and pc.all(pc.equal(last, ord("}"))).as_py()):
@@ -240,6 +240,27 @@ def _stamp_absent(event_time: pa.Array, events: Sequence[bytes | str], now: dt.d
     return pc.if_else(mask, pa.scalar(now, _TS), event_time)
 
 
+class Lines(Sequence[bytes]):
+    """The lines of a block of NDJSON (one event per line, the last newline optional) as `validate_batch`'s
+    events, without a Python object per line: their lengths come from the newlines' positions, and a line is
+    made a bytes object only when asked for (`_stamp_absent` probes a few). A blank line, a CR or any padding
+    makes `validate_batch` None, as for the lines as they are."""
+
+    def __init__(self, block: bytes) -> None:
+        self.joined = block[:-1] if block.endswith(b"\n") else block
+        self.ends = np.append(np.flatnonzero(np.frombuffer(self.joined, dtype=np.uint8) == 10), len(self.joined))
+        lengths = np.diff(self.ends, prepend=-1) - 1
+        # (from the buffer: `pa.array` of a numpy array would import pandas, when installed, in every worker)
+        self.lengths = pa.Array.from_buffers(pa.int64(), len(lengths), [None, pa.py_buffer(lengths)])
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        start = int(self.ends[index - 1]) + 1 if index > 0 else 0
+        return self.joined[start:int(self.ends[index])]
+
+
 def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mode: Literal["server", "input"],
                    partitions: int, max_event_bytes: int, route: Callable[[str], int] | None = None,
                    params: schema.Params = (), sent_at: dt.datetime | None = None,
@@ -248,9 +269,15 @@ def validate_batch(events: Sequence[bytes | str], *, now: dt.datetime | None, mo
     rows in input order within a partition; None unless every event is provably valid (see the module
     docstring). `sent_at` is the sentAt of the events that give none (the request's Sent-At); `country`, in
     "server" mode, every event's geo_country (the client's, `ingest.geo`)."""
-    count = len(events)
-    joined = _joined(events)
-    if joined is None or not _framed(events, joined, max_event_bytes):
+    if isinstance(events, Lines):  # a block of NDJSON: joined already
+        joined, lengths = events.joined, events.lengths
+    else:
+        joined = _joined(events)
+        if joined is None:
+            return None
+        lengths = pa.array(list(map(len, events)), pa.int64())
+    count = len(lengths)
+    if not _framed(lengths, joined, max_event_bytes):
         return None
     layout = _layout(params)
     table = _read(joined, count, params)
