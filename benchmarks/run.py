@@ -39,8 +39,12 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
+from machine import installed_like_a_machine  # benchmarks/machine.py, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# what gamestream's processes start with (`main` sets it): as on a machine installed from the runtime pins
+GAMESTREAM_ENV: dict[str, str] = {}
 UTC = dt.timezone.utc
 
 
@@ -193,7 +197,7 @@ class Serving:
     """`gamestream serve` and `gamestream process` as a user runs them, with their peak memory."""
 
     def __init__(self, data: Path, env: dict | None = None) -> None:
-        environment = {**os.environ, **(env or {})}
+        environment = {**os.environ, **GAMESTREAM_ENV, **(env or {})}
         self.serve = subprocess.Popen(gamestream("serve", "--data-dir", str(data), "--port", "0"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
         self.url = None
@@ -344,10 +348,10 @@ def profile_process(work: Path, files: list[Path], top: int = 12) -> list[str]:
     if not spy.exists():
         return ["(py-spy not installed: `bash benchmarks/setup` installs it)"]
     data = work / "profiled"
-    run_measured(gamestream("load", *map(str, files), "--data-dir", str(data)))
+    run_measured(gamestream("load", *map(str, files), "--data-dir", str(data)), env=GAMESTREAM_ENV)
     raw = work / "process.prof"
     run_measured([str(spy), "record", "--rate", "200", "--format", "raw", "--output", str(raw), "--",
-                  *gamestream("process", "--until-idle", "--data-dir", str(data))])
+                  *gamestream("process", "--until-idle", "--data-dir", str(data))], env=GAMESTREAM_ENV)
     own: Counter = Counter()
     inclusive: Counter = Counter()
     total = 0
@@ -391,7 +395,8 @@ def write_limit(work: Path, data: Path) -> dict:
     with pa.OSFile(str(source), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     del table
-    _, _, out = run_measured([PYTHON, str(ROOT / "benchmarks" / "limit.py"), str(source), str(work / "limit")])
+    _, _, out = run_measured([PYTHON, str(ROOT / "benchmarks" / "limit.py"), str(source), str(work / "limit")],
+                             env=GAMESTREAM_ENV)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -428,6 +433,7 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None, help="work in this directory and keep it")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="gamestream-bench-"))
+    GAMESTREAM_ENV.update(installed_like_a_machine(work))
     n = args.events
     try:
         print(f"workload: {n:,} events …", flush=True)
@@ -442,10 +448,11 @@ def main() -> int:
 
         print("gamestream: load → process --until-idle …", flush=True)
         data = work / "gamestream"
-        load_wall, load_peak, load_out = run_measured(gamestream("load", *map(str, files), "--data-dir", str(data)))
+        load_wall, load_peak, load_out = run_measured(gamestream("load", *map(str, files), "--data-dir", str(data)),
+                                                      env=GAMESTREAM_ENV)
         load_work = sum(float(s) for s in re.findall(r"events read in ([\d.]+)s", load_out))
         process_wall, process_peak, process_out = run_measured(
-            gamestream("process", "--until-idle", "--data-dir", str(data)))
+            gamestream("process", "--until-idle", "--data-dir", str(data)), env=GAMESTREAM_ENV)
         process_work = float(re.search(r"over ([\d.]+)s", process_out)[1])
         print("limit: the same events as Arrow → one write_deltalake call …", flush=True)
         limit = write_limit(work, data)
@@ -519,7 +526,9 @@ def main() -> int:
             "Spark runs the seed's pipeline in local[2] with spark.sql.shuffle.partitions=4, writing Parquet "
             "(Delta's Spark jars cannot be downloaded here). Work time excludes process start-up (Spark's JVM, "
             "gamestream's imports); wall time includes it. Peak memory is the peak of the processes' summed PSS "
-            "(sampled every 0.1 s; a shared page counts once).",
+            "(sampled every 0.1 s; a shared page counts once). gamestream's processes (and the limit's) run as "
+            "installed from the runtime pins (benchmarks/machine.py: bytecode compiled, the test pin pandas "
+            "hidden, which pyarrow would otherwise import in each of them).",
             "",
             *table,
             "",

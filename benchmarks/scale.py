@@ -76,6 +76,7 @@ import urllib.request
 from pathlib import Path
 
 import cpu_quota  # noqa: E402  (benchmarks/cpu_quota.py, beside this file)
+from machine import installed_like_a_machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -87,41 +88,6 @@ STARTED_LINES = {"nats": "leases started", "kafka": "consumer group joined"}
 
 def gamestream(*args: str) -> list[str]:
     return [PYTHON, "-m", "gamestream", *args]
-
-
-# Hides the test pins from a child process: imported as `sitecustomize` at its start (PYTHONPATH).
-_RUNTIME_ONLY = '''"""Written by benchmarks/scale.py: the test pins are not importable here, as on a machine with the runtime
-pins only (pyarrow.dataset imports pandas whenever it is installed: 0.15 s of CPU at every start)."""
-import sys
-
-
-class _TestPinsHidden:
-    names = {TEST_ONLY!r}
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (a test pin; hidden by benchmarks/scale.py)")
-        return None
-
-
-sys.meta_path.insert(0, _TestPinsHidden())
-'''
-TEST_ONLY = ("pandas",)  # test pins that runtime modules import when present (`requirements.lock` has neither)
-
-
-def installed_like_a_machine(work: Path) -> dict[str, str]:
-    """The environment a quota run's processors start in, so that their start costs what it costs on a machine
-    installed from the runtime pins: gamestream's bytecode compiled (pip compiles a wheel's modules when it
-    installs it; this checkout is an editable install, and PYTHONDONTWRITEBYTECODE would have every process
-    compile it again: 0.08 s of CPU each), and the test pins hidden (`TEST_ONLY`). At 0.2 core, each 0.1 s of CPU
-    is 0.5 s of wall time at every start, which M processors pay each."""
-    import compileall
-
-    compileall.compile_dir(str(ROOT / "src" / "gamestream"), quiet=1)
-    site = work / "runtime-site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(_RUNTIME_ONLY.format(TEST_ONLY=set(TEST_ONLY)))
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 def run(command: list[str], env: dict | None = None) -> tuple[float, str]:
