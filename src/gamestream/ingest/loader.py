@@ -319,12 +319,13 @@ def _prepare_chunk(chunk: list[bytes] | bytes | _Range, first_number: int, now: 
     if isinstance(chunk, tuple):  # a byte range of the file: read here
         chunk = _read_range(*chunk)
     if isinstance(chunk, bytes):
-        physical_lines = chunk.count(b"\n") + (not chunk.endswith(b"\n") and len(chunk) > 0)
+        lines = Lines(chunk)
+        physical_lines = len(lines) if chunk else 0
         raw_bytes = len(chunk)
-        tables = validate_batch(Lines(chunk), now=now, mode="input", partitions=partitions, route=route,
+        tables = validate_batch(lines, now=now, mode="input", partitions=partitions, route=route,
                                 max_event_bytes=max_event_bytes, params=params)
-        if tables is not None:
-            validated = chunk.count(b"\n") + (not chunk.endswith(b"\n")), tables
+        if tables is not None:  # then every line is an event
+            validated = physical_lines, tables
         chunk = _lines_of(chunk) if tables is None else []
     else:
         raw_bytes = sum(map(len, chunk))
