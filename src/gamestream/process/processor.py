@@ -416,6 +416,8 @@ class Processor:
         try:
             self._identity.ids.load({p: self.stats.positions[p] for p in partitions}, self._identity.events_uri,
                                     {p: self._app_ids[p] for p in partitions})
+        except lake.RetryInterrupted:  # a stop requested while its commit waited for disk space
+            logger.info("event ids not loaded ahead: stopping", extra={"partitions": partitions})
         except Exception as error:
             if not lake.is_store_unreachable(error):
                 raise
