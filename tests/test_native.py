@@ -181,3 +181,18 @@ def test_runs_merge_and_lookups_agree_with_numpy(shape: str) -> None:
         at, hit = identity._search(merged, keys)
         assert np.array_equal(at, np.searchsorted(merged[0], keys))
         assert np.array_equal(hit, np.isin(keys, merged[0]))
+
+
+def test_crc32_partitions_are_log_partition_for() -> None:
+    """`crc32_partitions` (the whole-batch validator's routing) against `log.partition_for` (zlib's CRC-32 of the
+    device id modulo the partitions): empty, ASCII and multi-byte ids, a sliced array, 1 and 7 partitions."""
+    from gamestream.log import partition_for
+
+    ids = pa.array(["", "d", "device-1", "é水🎮", *(str(uuid.UUID(int=random.Random(1).getrandbits(128)))
+                                                    for _ in range(50))]).slice(1)
+    _, offsets, data = ids.buffers()
+    for partitions in (1, 7):
+        out = np.empty(len(ids), dtype=np.int32)
+        native.crc32_partitions(np.frombuffer(offsets, dtype=np.int32)[ids.offset:ids.offset + len(ids) + 1]
+                                .view(np.uint8), np.frombuffer(data, dtype=np.uint8), partitions, out.view(np.uint8))
+        assert out.tolist() == [partition_for(d, partitions) for d in ids.to_pylist()]

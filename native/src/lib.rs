@@ -8,6 +8,7 @@
 //!   added to the schema later (null in older events) leaves fingerprints as they were. XXH3 is specified and
 //!   stable: fingerprints stored in `event_ids` stay comparable across versions.
 //! - `newline_cuts`: where chunks of a given number of lines end in a file, for `gamestream load`.
+//! - `crc32_partitions`: the log partition of each device id of an Arrow string array (zlib's CRC-32).
 //! - `merge_runs`, `bucket_starts`, `find_in_run` (runs.rs): the deduplication state's sorted runs of keys.
 //! - `Validator` (validate.rs): the collector's per-event validation, "prove valid, or hand back" — for each
 //!   raw JSON event, the canonical line `schema.EventValidator` would write and its partition, or None.
@@ -250,6 +251,7 @@ fn gamestream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(uuid_keys, module)?)?;
     module.add_function(wrap_pyfunction!(fingerprints, module)?)?;
     module.add_function(wrap_pyfunction!(newline_cuts, module)?)?;
+    module.add_function(wrap_pyfunction!(crc32_partitions, module)?)?;
     module.add_function(wrap_pyfunction!(runs::merge_runs, module)?)?;
     module.add_function(wrap_pyfunction!(runs::bucket_starts, module)?)?;
     module.add_function(wrap_pyfunction!(runs::find_in_run, module)?)?;
@@ -292,4 +294,35 @@ fn newline_cuts(py: Python<'_>, data: PyBuffer<u8>, every: usize, counted: usize
         }
         (cuts, seen)
     }))
+}
+
+/// `crc32_partitions(offsets, data, partitions, out)`: for the n strings of an Arrow string array (`offsets`:
+/// its n + 1 int32 offsets from the array's own offset on; `data`: its value buffer), zlib's CRC-32 of each
+/// string's bytes modulo `partitions` (the log partition of a device id, `gamestream.log.partition_for`),
+/// written as int32 into `out` (n × 4 bytes).
+#[pyfunction]
+fn crc32_partitions(
+    py: Python<'_>,
+    offsets: PyBuffer<u8>,
+    data: PyBuffer<u8>,
+    partitions: u32,
+    out: PyBuffer<u8>,
+) -> PyResult<()> {
+    let (offsets_view, data_view) = (Bytes::of(&offsets)?, Bytes::of(&data)?);
+    let mut out_view = Out::of(&out)?;
+    let n = (offsets_view.len / 4).saturating_sub(1);
+    if partitions == 0 || out_view.len != 4 * n {
+        return Err(PyValueError::new_err("crc32_partitions: partitions must be at least 1, out hold n int32"));
+    }
+    let done = py.detach(move || {
+        let (offsets, data, out) = (offsets_view.slice(), data_view.slice(), out_view.slice());
+        for i in 0..n {
+            let (start, end) = (offset_at(offsets, i), offset_at(offsets, i + 1));
+            let value = data.get(start..end)?;
+            let partition = (crc32fast::hash(value) % partitions) as i32;
+            out[4 * i..4 * i + 4].copy_from_slice(&partition.to_le_bytes());
+        }
+        Some(())
+    });
+    done.ok_or_else(|| PyValueError::new_err("crc32_partitions: an offset lies outside the data"))
 }

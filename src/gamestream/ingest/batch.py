@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Literal, Sequence
 
+import gamestream_native
 import msgspec
 import numpy as np
 import pyarrow as pa
@@ -189,10 +189,15 @@ def _partition_of(device_id: pa.Array, partitions: int, route: Callable[[str], i
     lookup."""
     encoded = device_id.dictionary_encode()
     if route is not None:
-        crcs = [route(d) for d in encoded.dictionary.to_pylist()]
-    else:
-        crcs = [zlib.crc32(d) % partitions for d in encoded.dictionary.cast(pa.binary()).to_pylist()]
-    return pc.take(pa.array(crcs, pa.int32()), encoded.indices)
+        return pc.take(pa.array([route(d) for d in encoded.dictionary.to_pylist()], pa.int32()), encoded.indices)
+    names = encoded.dictionary.cast(pa.string())
+    _, offsets, data = names.buffers()
+    crcs = np.empty(len(names), dtype=np.int32)  # zlib's CRC-32, natively (a Python call per device before)
+    gamestream_native.crc32_partitions(
+        np.frombuffer(offsets, dtype=np.int32)[names.offset:names.offset + len(names) + 1].view(np.uint8),
+        np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8), partitions,
+        crcs.view(np.uint8))
+    return pc.take(pa.Array.from_buffers(pa.int32(), len(crcs), [None, pa.py_buffer(crcs)]), encoded.indices)
 
 
 def _framed(lengths: pa.Array, joined: bytes, max_event_bytes: int) -> bool:
@@ -248,7 +253,8 @@ class Lines(Sequence[bytes]):
 
     def __init__(self, block: bytes) -> None:
         self.joined = block[:-1] if block.endswith(b"\n") else block
-        self.ends = np.append(np.flatnonzero(np.frombuffer(self.joined, dtype=np.uint8) == 10), len(self.joined))
+        after_newlines, _ = gamestream_native.newline_cuts(self.joined, 1, 0)  # natively: numpy's scan is 5× slower
+        self.ends = np.append(np.array(after_newlines, dtype=np.int64) - 1, len(self.joined))
         lengths = np.diff(self.ends, prepend=-1) - 1
         # (from the buffer: `pa.array` of a numpy array would import pandas, when installed, in every worker)
         self.lengths = pa.Array.from_buffers(pa.int64(), len(lengths), [None, pa.py_buffer(lengths)])
