@@ -22,6 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
+import gamestream_native
 import pyarrow as pa
 
 from gamestream import schema
@@ -51,57 +52,30 @@ def open_events_file(path: Path) -> BinaryIO:
     return handle
 
 
-def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[tuple[int, list[bytes]]]:
-    """(number of the chunk's first line, its lines), `lines_per_chunk` lines at a time."""
+def _chunks(handle: Iterable[bytes], lines_per_chunk: int) -> Iterator[list[bytes]]:
+    """The lines, `lines_per_chunk` at a time."""
     lines = iter(handle)
-    first = 1
     while chunk := list(islice(lines, lines_per_chunk)):
-        yield first, chunk
-        first += len(chunk)
+        yield chunk
 
 
 READ_BYTES = 4 << 20
 """`_blocks` reads the file this much at a time."""
 
 
-def _blocks(handle: BinaryIO, lines_per_chunk: int) -> Iterator[tuple[int, bytes]]:
-    """(number of the block's first line, the block): `lines_per_chunk` lines of the file at a time as one bytes
-    object, each line with its newline (the file's last may have none) — `_chunks` without a Python object per
-    line, so a worker process is handed one buffer, not tens of thousands of lines to pickle."""
-    first, pending, line_bytes = 1, b"", 256  # line_bytes: the lines' average length so far
-    while True:
-        piece = handle.read(READ_BYTES)
-        pending = pending + piece if pending else piece
+def _blocks(handle: BinaryIO, lines_per_chunk: int) -> Iterator[bytes]:
+    """`lines_per_chunk` lines of the file at a time as one bytes object, each line with its newline (the file's
+    last may have none): `_chunks` without a Python object per line (a gzip file, read here)."""
+    pending, counted = b"", 0
+    while piece := handle.read(READ_BYTES):
+        cuts, counted = gamestream_native.newline_cuts(piece, lines_per_chunk, counted)
         start = 0
-        while (cut := _after_newlines(pending, start, lines_per_chunk, line_bytes)) is not None:
-            yield first, pending[start:cut]
-            line_bytes = max(1, (cut - start) // lines_per_chunk)
-            first += lines_per_chunk
-            start = cut
-        pending = pending[start:]
-        if not piece:
-            if pending:
-                yield first, pending
-            return
-
-
-def _after_newlines(buffer: bytes, start: int, count: int, line_bytes: int) -> int | None:
-    """The position just after the `count`-th newline from `start` in `buffer`, or None when there are fewer:
-    the newlines up to a guess (`count` lines of `line_bytes`) counted at memchr's speed, then the few between
-    the guess and the answer stepped over one `find` at a time."""
-    guess = min(len(buffer), start + count * line_bytes)
-    seen = buffer.count(b"\n", start, guess)
-    if seen >= count:  # back from the guess to the count-th newline
-        at = guess
-        for _ in range(seen - count + 1):
-            at = buffer.rfind(b"\n", start, at)
-        return at + 1
-    at = guess - 1
-    for _ in range(count - seen):  # on from the guess
-        at = buffer.find(b"\n", at + 1)
-        if at < 0:
-            return None
-    return at + 1
+        for cut in cuts:
+            yield pending + piece[start:cut]
+            pending, start = b"", cut
+        pending += piece[start:]
+    if pending:
+        yield pending
 
 
 def _lines_of(block: bytes) -> list[bytes]:
@@ -117,8 +91,6 @@ def _ranges(path: Path, handle: BinaryIO, lines_per_chunk: int) -> Iterator[_Ran
     """A plain file as byte ranges of `lines_per_chunk` lines each (the last may hold fewer), found by counting
     newlines natively (`gamestream_native.newline_cuts`, ~9 GB/s); each range is read and validated by a worker
     process (`_read_range`), and this process only appends what comes back."""
-    import gamestream_native
-
     offset = start = counted = 0
     while piece := handle.read(READ_BYTES):
         cuts, counted = gamestream_native.newline_cuts(piece, lines_per_chunk, counted)
@@ -210,7 +182,7 @@ def load_file(
     with open_events_file(path) as handle:
         # a plain file: each chunk's worker reads its own byte range (`_ranges`); gzip: read here, in blocks
         chunks = _blocks(handle, lines_per_chunk) if isinstance(handle, gzip.GzipFile) else \
-            ((0, part) for part in _ranges(path, handle, lines_per_chunk))
+            _ranges(path, handle, lines_per_chunk)
         return _load_chunks(chunks, log, max_event_bytes=max_event_bytes, compression=compression, params=params,
                             on_progress=on_progress, pool=pool)
 
@@ -248,8 +220,7 @@ def load_lines(
                         compression=compression, params=params, on_progress=on_progress, pool=pool)
 
 
-def _load_chunks(numbered: Iterable[tuple[int, list[bytes] | bytes | _Range]], log: EventLog, *,
-                 max_event_bytes: int,
+def _load_chunks(chunks: Iterable[list[bytes] | bytes | _Range], log: EventLog, *, max_event_bytes: int,
                  on_progress: Callable[[int], None] | None, compression: payload.Compression, params: schema.Params,
                  pool: Executor | None) -> LoadReport:
     """`load_lines` of chunks: lists of lines, blocks of the file (`_blocks`) or byte ranges of it (`_ranges`).
@@ -260,11 +231,11 @@ def _load_chunks(numbered: Iterable[tuple[int, list[bytes] | bytes | _Range]], l
     prepare = functools.partial(_prepare_chunk, partitions=log.partitions, route=own_route,
                                 max_event_bytes=max_event_bytes, params=params, limit=limit,
                                 compression=compression)
-    chunks = ((1, chunk, dt.datetime.now(dt.timezone.utc)) for _, chunk in numbered)
+    stamped = ((chunk, dt.datetime.now(dt.timezone.utc)) for chunk in chunks)
     if pool is None or own_route is not None:
-        prepared: Iterable[_Chunk] = (prepare(chunk, first, now) for first, chunk, now in chunks)
+        prepared: Iterable[_Chunk] = (prepare(chunk, now) for chunk, now in stamped)
     else:
-        prepared = _ahead(pool, prepare, chunks, LOAD_AHEAD)
+        prepared = _ahead(pool, prepare, stamped, LOAD_AHEAD)
     before = 0  # the lines of the chunks before this one
     for chunk in prepared:
         log.append(chunk.appends)
@@ -294,26 +265,27 @@ def load_pool(workers: int) -> Executor:
     return pool
 
 
-def _ahead(pool: Executor, prepare: Callable[..., _Chunk], chunks: Iterable[tuple[int, list[bytes], dt.datetime]],
+def _ahead(pool: Executor, prepare: Callable[..., _Chunk], chunks: Iterable[tuple[object, dt.datetime]],
            per_worker: int) -> Iterator[_Chunk]:
-    """`prepare(chunk, first, now)` of every chunk, run in `pool`, yielded in the chunks' order, at most
-    `per_worker` × workers submitted and not yet yielded."""
+    """`prepare(chunk, now)` of every chunk, run in `pool`, yielded in the chunks' order, at most `per_worker` ×
+    workers submitted and not yet yielded."""
     in_flight: deque[Future[_Chunk]] = deque()
     depth = per_worker * max(1, getattr(pool, "_max_workers", 1))
-    for first, chunk, now in chunks:
-        in_flight.append(pool.submit(prepare, chunk, first, now))
+    for chunk, now in chunks:
+        in_flight.append(pool.submit(prepare, chunk, now))
         if len(in_flight) >= depth:
             yield in_flight.popleft().result()
     while in_flight:
         yield in_flight.popleft().result()
 
 
-def _prepare_chunk(chunk: list[bytes] | bytes | _Range, first_number: int, now: dt.datetime, *, partitions: int,
+def _prepare_chunk(chunk: list[bytes] | bytes | _Range, now: dt.datetime, *, partitions: int,
                    route: Callable[[str], int] | None, max_event_bytes: int, params: schema.Params,
                    limit: int | None, compression: payload.Compression) -> _Chunk:
     """One chunk's appends: Arrow records per partition when every line is valid (`validate_batch`), else the
-    per-event path's NDJSON records and the rejections with their line numbers. `chunk`: its lines, or a block
-    of the file (`_blocks`: validated as it is first, `batch.Lines`). `route` None: crc32 of the device over
+    per-event path's NDJSON records and the rejections with their line numbers within the chunk (from 1; the
+    caller renumbers them). `chunk`: its lines, a block of the file (`_blocks`), or a byte range to read
+    (`_ranges`); a block is validated as one buffer first (`batch.Lines`). `route` None: crc32 of the device over
     `partitions` (what a worker process computes)."""
     validated = None
     if isinstance(chunk, tuple):  # a byte range of the file: read here
@@ -340,7 +312,7 @@ def _prepare_chunk(chunk: list[bytes] | bytes | _Range, first_number: int, now: 
                    for data, rows in arrow_records(table, limit, compression)]
         return _Chunk(appends, count, count, 0, [], raw_bytes, physical_lines)
     report = LoadReport()
-    appends = _validate_each(chunk, first_number, now, _input_validator(params),
+    appends = _validate_each(chunk, 1, now, _input_validator(params),
                              route or functools.partial(partition_for, partitions=partitions), max_event_bytes,
                              limit, report)
     return _Chunk(appends, report.lines, report.accepted, report.rejected, report.first_rejections, raw_bytes,
