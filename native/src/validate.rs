@@ -207,8 +207,11 @@ fn build(rows: Vec<FieldRow>) -> Result<(Vec<FieldSpec>, Places), String> {
 
 // ------------------------------------------------------------------------------------------------- reading
 
-/// A field's value as read (and checked).
+/// A field's value as read (and checked). The tag is a whole word (`repr(u64)`): with a one-byte tag a `bool`
+/// sat in the bytes after it, and every move of a value copied those bytes with loads that straddled two
+/// stores (a stall of a dozen cycles, several per field).
 #[derive(Clone, Debug)]
+#[repr(u64)]
 enum Slot<'de> {
     Absent,
     Null,
@@ -440,6 +443,25 @@ fn field_index(fields: &[FieldSpec], key: &str) -> Option<usize> {
     fields.iter().position(|f| f.name.len() == length && f.prefix == prefix && f.name == key)
 }
 
+/// The scanner's error: which rule refused does not matter (the event goes to serde_json, then to Python), and
+/// a zero-sized error keeps a checked value as small to move as the value itself.
+#[derive(Debug)]
+struct Refused;
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("refused")
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl de::Error for Refused {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        Refused
+    }
+}
+
 impl<'de> Scanner<'de> {
     fn read_event(text: &'de str, fields: &[FieldSpec], rules: &Rules) -> Option<Vec<Slot<'de>>> {
         let bytes = text.as_bytes();
@@ -460,7 +482,7 @@ impl<'de> Scanner<'de> {
     /// After the opening quote: the string up to its closing one, if it holds no escape.
     fn string(&mut self) -> Option<&'de str> {
         let rest = &self.text[self.at..];
-        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
         if rest[end] != b'"' {
             return None;
         }
@@ -510,7 +532,9 @@ impl<'de> Scanner<'de> {
                 if self.next()? != b':' || !matches!(slots[i], Slot::Absent) {
                     return None;
                 }
-                slots[i] = self.value(&fields[i], rules)?;
+                let value = self.value(&fields[i], rules)?;
+                // slots[i] is Absent (checked above): nothing to drop, so none of the drop's code runs here
+                std::mem::forget(std::mem::replace(&mut slots[i], value));
                 match self.next()? {
                     b',' => continue,
                     b'}' => break,
@@ -529,7 +553,7 @@ impl<'de> Scanner<'de> {
     fn value(&mut self, field: &FieldSpec, rules: &Rules) -> Option<Slot<'de>> {
         let seed = ValueSeed { field, rules };
         let first = self.next()?;
-        let slot: Result<Slot<'de>, serde_json::Error> = match first {
+        let slot: Result<Slot<'de>, Refused> = match first {
             b'"' => seed.string(Cow::Borrowed(self.string()?)),
             b'-' | b'0'..=b'9' => seed.integer(self.integer(first)?),
             b't' => self.literal(b"rue").and(Some(Visitor::visit_bool(seed, true)))?,
@@ -696,36 +720,36 @@ fn write_str(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
 }
 
-fn two(out: &mut Vec<u8>, value: i64) {
-    out.extend_from_slice(&[b'0' + (value / 10) as u8, b'0' + (value % 10) as u8]);
+fn two(buffer: &mut [u8], at: usize, value: i64) {
+    buffer[at] = b'0' + (value / 10) as u8;
+    buffer[at + 1] = b'0' + (value % 10) as u8;
 }
 
 /// A UTC time as msgspec writes one: `"YYYY-MM-DDTHH:MM:SS[.ffffff]Z"`, six fractional digits when the µs
-/// are not zero, none otherwise.
+/// are not zero, none otherwise. Written into a buffer on the stack, then appended at once.
 fn write_time(out: &mut Vec<u8>, micros: i64) {
     let (days, rest) = (micros.div_euclid(US_PER_DAY), micros.rem_euclid(US_PER_DAY));
     let (year, month, day) = civil_from_days(days);
-    let (seconds, fraction) = (rest / 1_000_000, rest % 1_000_000);
-    out.push(b'"');
-    two(out, year / 100);
-    two(out, year % 100);
-    out.push(b'-');
-    two(out, month);
-    out.push(b'-');
-    two(out, day);
-    out.push(b'T');
-    two(out, seconds / 3600);
-    out.push(b':');
-    two(out, seconds / 60 % 60);
-    out.push(b':');
-    two(out, seconds % 60);
-    if fraction != 0 {
-        out.push(b'.');
-        let mut buffer = itoa::Buffer::new();
-        let text = buffer.format(fraction + 1_000_000);
-        out.extend_from_slice(&text.as_bytes()[1..]);
+    let (seconds, mut fraction) = (rest / 1_000_000, rest % 1_000_000);
+    let mut buffer = *b"\"0000-00-00T00:00:00.000000Z\"";
+    two(&mut buffer, 1, year / 100);
+    two(&mut buffer, 3, year % 100);
+    two(&mut buffer, 6, month);
+    two(&mut buffer, 9, day);
+    two(&mut buffer, 12, seconds / 3600);
+    two(&mut buffer, 15, seconds / 60 % 60);
+    two(&mut buffer, 18, seconds % 60);
+    if fraction == 0 {
+        buffer[20] = b'Z';
+        buffer[21] = b'"';
+        out.extend_from_slice(&buffer[..22]);
+        return;
     }
-    out.extend_from_slice(b"Z\"");
+    for at in (21..27).rev() {
+        buffer[at] = b'0' + (fraction % 10) as u8;
+        fraction /= 10;
+    }
+    out.extend_from_slice(&buffer);
 }
 
 /// A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, version 7, 12 random bits, variant 10, 62 random bits;
@@ -789,6 +813,65 @@ struct Request {
     partitions: Option<u32>,
     /// Every event's country, looked up once for the request.
     country: Option<String>,
+    /// `received` as written (`write_time`), once for the request.
+    received_text: Vec<u8>,
+}
+
+impl Request {
+    /// The request's constants, refused (ValueError) when out of range.
+    fn checked(received: i64, sent_at: Option<i64>, partitions: Option<u32>, country: Option<String>)
+               -> PyResult<Self> {
+        if partitions == Some(0) {
+            return Err(PyValueError::new_err("partitions must be at least 1"));
+        }
+        if country.as_ref().is_some_and(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase())) {
+            return Err(PyValueError::new_err("country must be two capital letters (ISO 3166-1 alpha-2)"));
+        }
+        if !(0..=MAX_US).contains(&received) || sent_at.is_some_and(|s| !(MIN_US..=MAX_US).contains(&s)) {
+            return Err(PyValueError::new_err("received_us or sent_at_us out of range"));
+        }
+        let mut received_text = Vec::with_capacity(32);
+        write_time(&mut received_text, received);
+        Ok(Request { received, sent_at, partitions, country, received_text })
+    }
+}
+
+/// Whitespace as Python's `bytes.strip` takes it: space, \t, \n, \r, \x0b, \x0c.
+fn is_py_space(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+fn py_strip(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| !is_py_space(b)).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|&b| !is_py_space(b)).map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+/// The events of a body as `envelope.split` cuts them (`lines`: NDJSON, one event a non-blank line, each
+/// stripped; else the whole stripped body is one event), or None for a body it does not cut here (empty, a
+/// JSON array, or more than `max_events` events).
+fn body_events(body: &[u8], lines: bool, max_events: usize) -> Option<Vec<&[u8]>> {
+    let stripped = py_strip(body);
+    if stripped.is_empty() || stripped[0] == b'[' {
+        return None;
+    }
+    if !lines {
+        return (max_events >= 1).then(|| vec![stripped]);
+    }
+    let mut events = Vec::with_capacity(stripped.len() / 256 + 1);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', stripped).chain(std::iter::once(stripped.len())) {
+        let line = &stripped[start..end];
+        start = end + 1;
+        let line = py_strip(line);
+        if !line.is_empty() {
+            if events.len() == max_events {
+                return None;
+            }
+            events.push(line);
+        }
+    }
+    Some(events)
 }
 
 /// A Python bytes object's data, readable without the GIL (the caller holds a reference to the object).
@@ -867,7 +950,11 @@ impl Validator {
                 }
                 Role::EventTime => {
                     write_key(&mut out, field, &mut first);
-                    write_time(&mut out, event_time);
+                    if event_time == received {
+                        out.extend_from_slice(&request.received_text);
+                    } else {
+                        write_time(&mut out, event_time);
+                    }
                 }
                 Role::SentAt => {
                     if let Some(sent) = sent_at {
@@ -877,7 +964,7 @@ impl Validator {
                 }
                 Role::ReceivedAt => {
                     write_key(&mut out, field, &mut first);
-                    write_time(&mut out, received);
+                    out.extend_from_slice(&request.received_text);
                 }
                 Role::Country => {
                     if let Some(country) = &request.country {
@@ -938,15 +1025,7 @@ impl Validator {
     fn validate<'py>(&self, py: Python<'py>, events: &Bound<'py, PyList>, received_us: i64,
                      sent_at_us: Option<i64>, partitions: Option<u32>, country: Option<String>)
                      -> PyResult<Bound<'py, PyList>> {
-        if partitions == Some(0) {
-            return Err(PyValueError::new_err("partitions must be at least 1"));
-        }
-        if country.as_ref().is_some_and(|c| c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase())) {
-            return Err(PyValueError::new_err("country must be two capital letters (ISO 3166-1 alpha-2)"));
-        }
-        if !(0..=MAX_US).contains(&received_us) || sent_at_us.is_some_and(|s| !(MIN_US..=MAX_US).contains(&s)) {
-            return Err(PyValueError::new_err("received_us or sent_at_us out of range"));
-        }
+        let request = Request::checked(received_us, sent_at_us, partitions, country)?;
         // hold every item: the list may change while the GIL is released, its items must not go away
         let items: Vec<Bound<'py, PyAny>> = events.iter().collect();
         let raws: Vec<Option<Raw>> = items.iter().map(|item| {
@@ -955,7 +1034,6 @@ impl Validator {
                 Raw { ptr: data.as_ptr(), len: data.len() }
             })
         }).collect();
-        let request = Request { received: received_us, sent_at: sent_at_us, partitions, country };
         let bytes: usize = raws.iter().map(|raw| raw.map_or(0, |r| r.len)).sum();
         let work = move || -> Vec<Option<(Vec<u8>, Route)>> {
             let mut random = || {
@@ -988,6 +1066,57 @@ impl Validator {
             }
         }
         Ok(out)
+    }
+
+    /// `validate_body(body, lines, received_us, sent_at_us, partitions, country=None, *, max_events)`: a
+    /// whole request body at once, when every event in it is taken: `(events, [(partition, record, count),
+    /// ...])`, the canonical lines of each partition joined by newlines in the order sent, partitions in order of
+    /// first appearance — what `validate` and the caller's grouping make of `envelope.split(body)`, without an
+    /// object per event. None when any event is handed back, the body is not cut here (empty, a JSON array:
+    /// `body_events`), it holds more than `max_events` events, or the log routes by key (`partitions` None):
+    /// the caller then takes the per-event path. The body is read with the GIL released when it is large.
+    #[pyo3(signature = (body, lines, received_us, sent_at_us, partitions, country=None, *, max_events))]
+    #[allow(clippy::too_many_arguments)]
+    fn validate_body<'py>(&self, py: Python<'py>, body: &Bound<'py, PyBytes>, lines: bool, received_us: i64,
+                          sent_at_us: Option<i64>, partitions: Option<u32>, country: Option<String>,
+                          max_events: usize) -> PyResult<Option<(usize, Bound<'py, PyList>)>> {
+        if partitions.is_none() {
+            return Ok(None);
+        }
+        let request = Request::checked(received_us, sent_at_us, partitions, country)?;
+        let data = body.as_bytes();
+        let raw = Raw { ptr: data.as_ptr(), len: data.len() };
+        let work = move || -> Option<(usize, Vec<(u32, Vec<u8>, usize)>)> {
+            let raw = raw; // the whole of it (a `*const u8` alone is not Send)
+            // SAFETY: the bytes object is immutable and kept alive by `body` for the whole call
+            let data = unsafe { std::slice::from_raw_parts(raw.ptr, raw.len) };
+            let events = body_events(data, lines, max_events)?;
+            let mut random = || {
+                let mut bits = [0u8; 10];
+                getrandom::fill(&mut bits).ok().map(|_| bits)
+            };
+            let mut groups: Vec<(u32, Vec<u8>, usize)> = Vec::new();
+            for event in &events {
+                let (line, route) = self.check(event, &request, &mut random)?;
+                let Route::Partition(partition) = route else { return None };
+                match groups.iter_mut().find(|(p, _, _)| *p == partition) {
+                    Some((_, record, count)) => {
+                        record.push(b'\n');
+                        record.extend_from_slice(&line);
+                        *count += 1;
+                    }
+                    None => groups.push((partition, line, 1)),
+                }
+            }
+            Some((events.len(), groups))
+        };
+        let result = if data.len() >= DETACH_BYTES { py.detach(work) } else { work() };
+        let Some((events, groups)) = result else { return Ok(None) };
+        let out = PyList::empty(py);
+        for (partition, record, count) in groups {
+            out.append((partition, PyBytes::new(py, &record), count))?;
+        }
+        Ok(Some((events, out)))
     }
 }
 
