@@ -135,3 +135,43 @@ def test_reopening_without_a_partition_count_takes_the_logs_own(tmp_path: Path) 
         assert fresh.partitions == 4
     finally:
         fresh.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE heads (partition INTEGER PRIMARY KEY, last_offset INTEGER NOT NULL);
+CREATE TABLE records (partition INTEGER NOT NULL, offset INTEGER NOT NULL, appended_at REAL NOT NULL,
+                      events INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (partition, offset));
+CREATE TABLE idempotency (key TEXT PRIMARY KEY, response BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE consumers (consumer TEXT NOT NULL, partition INTEGER NOT NULL, committed_offset INTEGER NOT NULL,
+                        PRIMARY KEY (consumer, partition));
+INSERT INTO meta VALUES ('partitions', '2');
+INSERT INTO heads VALUES (0, 2), (1, 0);
+INSERT INTO records VALUES (0, 1, 0, 3, x'7b7d'), (0, 2, 0, 4, x'7b7d');
+"""
+
+
+def test_the_backlog_of_a_log_written_before_totals_were_kept_counts_its_old_and_new_records(tmp_path: Path) -> None:
+    """The backlog comes from running totals (two lookups, not a sum over the backlog's records); a log from an
+    older gamestream gains the columns when opened, and its records without a total are summed."""
+    import sqlite3
+
+    (tmp_path / "log").mkdir()
+    sqlite3.connect(tmp_path / "log" / "events.sqlite").executescript(OLD_SCHEMA)
+    log = SqliteEventLog(tmp_path / "log", partitions=2)
+    try:
+        assert log.pending_events("c") == 7  # the old records alone
+        log.append([Append(0, b"{}", 5), Append(1, b"{}", 6), Append(0, b"{}", 1)])
+        assert [log.events_after(0, offset) for offset in range(6)] == [13, 10, 6, 1, 0, 0]
+        assert log.pending_events("c") == 19
+        log.commit("c", 0, 2)  # the old records read: totals alone from here on
+        assert log.pending_events("c") == 12
+        log.trim(0.0, now=time.time() + 10)  # committed records deleted: the backlog is unchanged
+        assert log.pending_events("c") == 12
+        log.commit("c", 0, 4)
+        log.commit("c", 1, 1)
+        assert log.pending_events("c") == 0
+        totals = log._connection().execute("SELECT partition, offset, total FROM records ORDER BY 1, 2").fetchall()
+        assert totals[-1] == (1, 1, 6)
+    finally:
+        log.close()

@@ -26,7 +26,7 @@ from gamestream import schema
 from gamestream.demo.generator import live_events, simulate
 from gamestream.ingest import native_validate
 from gamestream.ingest.native_validate import describe, validate_native
-from gamestream.log import partition_for
+from gamestream.log import envelope, partition_for
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 12, 5, 12, 0, 0, 123456, tzinfo=UTC)
@@ -426,3 +426,104 @@ def test_times_not_in_utc_leave_every_event_to_python() -> None:
     paris = dt.timezone(dt.timedelta(hours=1))
     assert validate_native([GOOD], NOW.astimezone(paris), None, 4, max_event_bytes=MAX) is None
     assert validate_native([GOOD], NOW, NOW.astimezone(paris), 4, max_event_bytes=MAX) is None
+
+
+# ------------------------------------------------------------------------------------------ a whole body at once
+SEPARATORS = [b"\n", b"\r\n", b"\n\n", b" \n\t", b"\n \x0b", b"\n\x0c\n"]
+
+
+@st.composite
+def bodies(draw) -> tuple[bytes, str]:
+    """A request body of corpus events (NDJSON with odd separators and padding, a JSON array, or one event) and
+    the kind its Content-Type gives (`envelope.body_kind`)."""
+    events = [e for e in draw(corpus) if isinstance(e, bytes)] or [b"{}"]
+    form = draw(st.sampled_from(["lines", "lines", "lines", "array", "one"]))
+    if form == "array":
+        body = b"[" + b",".join(events) + b"]"
+    elif form == "one":
+        body = events[0]
+    else:
+        body = events[0]
+        for event in events[1:]:
+            body += draw(st.sampled_from(SEPARATORS)) + event
+    pad = st.sampled_from([b"", b" ", b"\n", b"\r\n", b"\t \n"])
+    return draw(pad) + body + draw(pad), draw(st.sampled_from(["ndjson", "sniff", "json"]))
+
+
+def expected_groups(events: list[bytes | str], sent_at: dt.datetime | None, params: schema.Params,
+                    country: str | None) -> list[tuple[int, list[bytes], list[bool]]] | None:
+    """What the collector's per-event path makes of a body's events, grouped by partition in order of first
+    appearance (each line, and whether its eventId was given); None when it rejects any."""
+    results = python_results(events, sent_at, params, country)
+    if not events or any(result is None for result in results):
+        return None
+    groups: dict[int, tuple[list[bytes], list[bool]]] = {}
+    for event, result in zip(events, results):
+        lines, given = groups.setdefault(partition_for(result.device_id, PARTITIONS), ([], []))
+        lines.append(result.line)
+        given.append(given_id(event))  # type: ignore[arg-type]
+    return [(partition, lines, given) for partition, (lines, given) in groups.items()]
+
+
+@pytest.mark.parametrize("params", [(), PROMOTED], ids=["default", "promoted"])
+@PROPERTY
+@given(body=bodies(), sent_at=request_sent_at, country=st.sampled_from([None, "DE"]))
+def test_a_whole_body_is_taken_only_when_every_event_in_it_is_and_gives_the_per_event_paths_records(
+        params: schema.Params, body: tuple[bytes, str], sent_at: dt.datetime | None, country: str | None) -> None:
+    """`native_validate.validate_body` (the collector's `plan_body`) against `envelope.split` and the Python
+    validator, grouped as the collector's per-event path groups the lines: the body is taken only when the
+    validator accepts every event `split` gives, and then its records are those lines, joined by newlines in
+    the order sent, per partition in order of first appearance, with the count."""
+    raw, kind = body
+    try:
+        events = envelope.split(raw, kind)
+    except envelope.BodyError:
+        events = []
+    taken = native_validate.validate_body(raw, kind, NOW, sent_at, PARTITIONS, max_event_bytes=MAX,
+                                          max_events=999, params=params, country=country)
+    expected = expected_groups(events, sent_at, params, country)
+    if taken is None:
+        return  # the per-event path decides (a body it takes is checked by the property test above)
+    assert expected is not None, f"the kernel took a body with an event the validator rejects: {raw!r}"
+    count, groups = taken
+    assert count == len(events)
+    assert [p for p, _, _ in groups] == [p for p, _, _ in expected]
+    for (_, record, n), (_, lines, given) in zip(groups, expected):
+        mine = record.split(b"\n")
+        assert n == len(mine) == len(lines)
+        for line, theirs, was_given in zip(mine, lines, given):
+            if was_given:
+                assert line == theirs
+            else:
+                new_id = json.loads(line)["eventId"]
+                assert UUID7.match(new_id), new_id
+                assert ordered(line) == ordered(with_id(theirs, new_id))
+
+
+def test_the_body_property_test_does_reach_the_kernels_acceptance() -> None:
+    """Guards the body test against a corpus the kernel never takes whole."""
+    taken = 0
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(events=st.lists(mutated(weird=0.0, promote=False), min_size=1, max_size=4),
+           separator=st.sampled_from(SEPARATORS))
+    def run(events: list[bytes | str], separator: bytes) -> None:
+        nonlocal taken
+        raw = separator.join(e for e in events if isinstance(e, bytes))
+        taken += native_validate.validate_body(raw, "ndjson", NOW, None, PARTITIONS, max_event_bytes=MAX,
+                                               max_events=999) is not None
+
+    run()
+    assert taken > 50, taken
+
+
+def test_a_body_over_its_event_limit_or_routed_by_key_is_left_to_the_per_event_path() -> None:
+    lines = [json.dumps(e, separators=(",", ":")).encode() for e in simulate(events=20, seed=5)]
+    raw = b"\n".join(lines)
+    args = dict(max_event_bytes=MAX, params=())
+    assert native_validate.validate_body(raw, "ndjson", NOW, None, 4, max_events=20, **args)[0] == 20
+    assert native_validate.validate_body(raw, "ndjson", NOW, None, 4, max_events=19, **args) is None
+    assert native_validate.validate_body(raw, "ndjson", NOW, None, None, max_events=20, **args) is None
+    assert native_validate.validate_body(b" \n ", "ndjson", NOW, None, 4, max_events=20, **args) is None
+    assert native_validate.validate_body(raw, "json", NOW, None, 4, max_events=20, **args) is None  # one event
+    assert native_validate.validate_body(lines[0], "json", NOW, None, 4, max_events=20, **args)[0] == 1

@@ -1,7 +1,9 @@
 """From a request's events to the log's appends and the answer: the part of `POST /v1/events` that needs no HTTP.
 
-The route (`gamestream.api.routes.events`) reads and splits the body (`gamestream.log.envelope`); here the events
-are validated and grouped by log partition, in one of two ways that give the same answer:
+The route (`gamestream.api.routes.events`) reads the body; `plan_body` first offers it whole to the native kernel,
+which takes it when every event in it is provably valid (most requests: the common case costs no Python object
+per event). Otherwise the route splits it (`gamestream.log.envelope`), and here the events are validated and
+grouped by log partition, in one of two ways that give the same answer:
 
 1. the whole batch at once into Arrow records (`batch.validate_batch`), when it is big enough to repay the call
    (`should_validate_as_batch`) and every event in it is provably valid;
@@ -77,6 +79,26 @@ def plan_appends(events: Sequence[bytes | str], received: dt.datetime, *, settin
         if plan is not None:
             return plan
     return _plan_event_by_event(events, received, settings, log, validator, sent_at, country)
+
+
+def plan_body(body: bytes, kind: str, received: dt.datetime, *, settings: Settings, log: EventLog,
+              sent_at: dt.datetime | None = None, country: str | None = None) -> IngestPlan | None:
+    """The plan for a whole body in one native call (`native_validate.validate_body`) when every event in it is
+    provably valid and there are fewer than the whole-batch path's `batch.MIN_BATCH_EVENTS` (and no more than
+    the request limit): the same appends and answer as `plan_appends` over `envelope.split(body, kind)`, without
+    splitting the body into objects. None: split the body and `plan_appends` (rejections, their reasons, the
+    body's own refusals and the limits are decided there)."""
+    if log.own_routing:
+        return None
+    taken = native_validate.validate_body(
+        body, kind, received, sent_at, log.partitions, max_event_bytes=settings.max_event_bytes,
+        max_events=min(settings.max_events_per_request, batch.MIN_BATCH_EVENTS - 1), params=settings.schema_params,
+        country=country)
+    if taken is None:
+        return None
+    events, groups = taken
+    return IngestPlan([Append(partition, record, count) for partition, record, count in groups],
+                      IngestAnswer(accepted=events, rejected=0, errors=[]))
 
 
 def _plan_as_arrow(events: Sequence[bytes | str], received: dt.datetime, settings: Settings,

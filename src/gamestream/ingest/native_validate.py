@@ -149,6 +149,17 @@ class NativeValidator:
         return self._kernel.validate(events if isinstance(events, list) else list(events), received_us,
                                      sent_at_us, partitions, country)
 
+    def validate_body(self, body: bytes, kind: str, received: dt.datetime, sent_at: dt.datetime | None,
+                      partitions: int | None, country: str | None, *, max_events: int
+                      ) -> tuple[int, list[tuple[int, bytes, int]]] | None:
+        """See `validate_body`."""
+        received_us = _utc_micros(received)
+        sent_at_us = _utc_micros(sent_at) if sent_at is not None else None
+        if received_us is None or received_us < 0 or (sent_at is not None and sent_at_us is None):
+            return None
+        return self._kernel.validate_body(body, kind != "json", received_us, sent_at_us, partitions, country,
+                                          max_events=max_events)
+
 
 def _utc_micros(moment: dt.datetime) -> int | None:
     """µs since 1970 of a UTC datetime; None for another zone or none (the validator would write its offset,
@@ -189,3 +200,24 @@ def validate_native(events: Sequence[bytes | str], received: dt.datetime, sent_a
     if validator is None:
         return None
     return validator.validate(events, received, sent_at, partitions, country)
+
+
+def validate_body(body: bytes, kind: str, received: dt.datetime, sent_at: dt.datetime | None,
+                  partitions: int | None, *, max_event_bytes: int, max_events: int, params: schema.Params = (),
+                  country: str | None = None) -> tuple[int, list[tuple[int, bytes, int]]] | None:
+    """A whole request body (`kind` as `envelope.body_kind` gives it), when the kernel takes every event in it:
+    ``(events, [(partition, record, count), ...])`` — each partition's canonical lines joined by newlines in the
+    order sent, partitions in order of first appearance: what `validate_native` over `envelope.split(body, kind)`
+    gives, grouped as the collector groups it, with no Python object per event. None when any event is handed
+    back, the body is one `envelope.split` gives a reason for or cuts as a JSON array, it holds more than
+    `max_events` events, the log routes by key (`partitions` None) or there is no kernel: then split the body
+    and take the per-event path, which decides as before.
+
+    >>> validate_body(b'{"eventName":"x","eventId":"e","eventParams":{"device_id":"d1"}}\\n\\n', "ndjson",
+    ...               dt.datetime(2026, 12, 5, tzinfo=dt.timezone.utc), None, 4, max_event_bytes=1024, max_events=10)
+    (1, [(2, b'{"eventName":"x","eventParams":{"device_id":"d1"},"eventId":"e","eventTime":"2026-12-05T00:00:00Z","receivedAt":"2026-12-05T00:00:00Z"}', 1)])
+    """
+    validator = native_validator(params, max_event_bytes)
+    if validator is None:
+        return None
+    return validator.validate_body(body, kind, received, sent_at, partitions, country, max_events=max_events)

@@ -28,13 +28,18 @@ from gamestream.log.base import Append, AppendResult, Idempotency, LogFeatures, 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS heads (partition INTEGER PRIMARY KEY, last_offset INTEGER NOT NULL);
+-- total: events ever appended to the partition (a record's total counts its own events too). The backlog past an
+-- offset is the head's total less the total before the first record past it: two lookups, not a sum over every
+-- record of the backlog (each a page or more of payload), which every collector reads twice a second.
+CREATE TABLE IF NOT EXISTS heads (partition INTEGER PRIMARY KEY, last_offset INTEGER NOT NULL,
+                                  total INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS records (
     partition INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     appended_at REAL NOT NULL,
     events INTEGER NOT NULL,
     payload BLOB NOT NULL,
+    total INTEGER,  -- NULL in a record appended before totals were kept
     PRIMARY KEY (partition, offset)
 );
 CREATE TABLE IF NOT EXISTS idempotency (key TEXT PRIMARY KEY, response BLOB NOT NULL, created_at REAL NOT NULL);
@@ -46,11 +51,26 @@ CREATE TABLE IF NOT EXISTS consumers (
 );
 """
 
+_INSERT_RECORDS = "INSERT INTO records (partition, offset, appended_at, events, payload, total) VALUES "
+_ROW = "(?, ?, ?, ?, ?, ?)"
+_ROWS_PER_INSERT = 150  # 900 parameters a statement: under the 999 of SQLite builds before 3.32
+_UPDATE_HEADS = "INSERT INTO heads (partition, last_offset, total) VALUES "
+_ON_HEAD = " ON CONFLICT (partition) DO UPDATE SET last_offset = excluded.last_offset, total = excluded.total"
+
 _BUSY_TIMEOUT_MS = 60_000
 _MAX_GROUP = 512  # appends per group commit
 IDEMPOTENCY_MIN_SECONDS = 24 * 3600  # keys are kept at least this long
 
 logger = logging.getLogger(__name__)
+
+
+def _add_totals(connection: sqlite3.Connection) -> None:
+    """Adds the `total` columns to a log created before they were kept (inside the opening transaction): its
+    heads count from 0 and its older records have none (`events_after` sums those)."""
+    if "total" not in {row[1] for row in connection.execute("PRAGMA table_info(heads)")}:
+        connection.execute("ALTER TABLE heads ADD COLUMN total INTEGER NOT NULL DEFAULT 0")
+    if "total" not in {row[1] for row in connection.execute("PRAGMA table_info(records)")}:
+        connection.execute("ALTER TABLE records ADD COLUMN total INTEGER")
 
 
 class LogPartitionsMismatch(ValueError):
@@ -99,6 +119,7 @@ class SqliteEventLog(LogFeatures):
         try:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 connection.execute(statement)
+            _add_totals(connection)
             row = connection.execute("SELECT value FROM meta WHERE key='partitions'").fetchone()
             if row is None:
                 from gamestream.log.base import DEFAULT_PARTITIONS
@@ -106,7 +127,7 @@ class SqliteEventLog(LogFeatures):
                 partitions = partitions or DEFAULT_PARTITIONS
                 connection.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(partitions),))
                 connection.executemany(
-                    "INSERT OR IGNORE INTO heads VALUES (?, 0)", [(p,) for p in range(partitions)]
+                    "INSERT OR IGNORE INTO heads (partition, last_offset) VALUES (?, 0)", [(p,) for p in range(partitions)]
                 )
                 existing = partitions
             else:
@@ -193,8 +214,10 @@ class SqliteEventLog(LogFeatures):
         now = time.time()
         connection.execute("BEGIN IMMEDIATE")
         try:
-            heads = dict(connection.execute("SELECT partition, last_offset FROM heads").fetchall())
+            heads = {partition: [offset, total] for partition, offset, total
+                     in connection.execute("SELECT partition, last_offset, total FROM heads")}
             rows, keys, results = [], [], []
+            appended: set[int] = set()
             seen_keys: dict[str, bytes] = {}
             for records, idempotency in group:
                 if idempotency is not None:
@@ -210,17 +233,27 @@ class SqliteEventLog(LogFeatures):
                     keys.append((idempotency.key, idempotency.response, now))
                 assigned = []
                 for record in records:
-                    offset = heads[record.partition] + 1
-                    heads[record.partition] = offset
-                    rows.append((record.partition, offset, now, record.events, record.payload))
-                    assigned.append(offset)
+                    appended.add(record.partition)
+                    head = heads[record.partition]
+                    head[0] += 1
+                    head[1] += record.events
+                    rows.append((record.partition, head[0], now, record.events, record.payload, head[1]))
+                    assigned.append(head[0])
                 results.append(AppendResult(assigned))
-            connection.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
-            connection.executemany("INSERT INTO idempotency VALUES (?, ?, ?)", keys)
-            connection.executemany(
-                "UPDATE heads SET last_offset = ? WHERE partition = ?",
-                [(offset, partition) for partition, offset in heads.items()],
-            )
+            # Few statements, each for many rows: the sqlite3 module lets go of the GIL for every step, and an
+            # event loop waiting for it takes it each time (two context switches), so a step per row cost more
+            # than the rows themselves.
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start:start + _ROWS_PER_INSERT]
+                connection.execute(_INSERT_RECORDS + ", ".join([_ROW] * len(chunk)),
+                                   [value for row in chunk for value in row])
+            if keys:
+                connection.executemany("INSERT INTO idempotency VALUES (?, ?, ?)", keys)
+            moved = [(partition, offset, total) for partition, (offset, total) in heads.items()
+                     if partition in appended]
+            if moved:
+                connection.execute(_UPDATE_HEADS + ", ".join(["(?, ?, ?)"] * len(moved)) + _ON_HEAD,
+                                   [value for head in moved for value in head])
             connection.execute("COMMIT")  # synchronous=FULL: durable when this returns
         except BaseException:
             # On SQLITE_FULL, SQLite may already have rolled the transaction back itself; a second ROLLBACK would
@@ -251,8 +284,20 @@ class SqliteEventLog(LogFeatures):
         return row[0] if row else None
 
     def events_after(self, partition: int, after_offset: int) -> int:
-        """How many events partition `partition` holds past `after_offset` (the backlog)."""
-        row = self._connection().execute(
+        """How many events partition `partition` holds past `after_offset` (the backlog): the head's total less
+        the total before the first record past it, in one statement (one snapshot); summed record by record only
+        while that record was appended before totals were kept."""
+        connection = self._connection()
+        row = connection.execute(
+            "SELECT (SELECT total FROM heads WHERE partition = ?1) - (total - events) FROM records "
+            "WHERE partition = ?1 AND offset > ?2 ORDER BY offset LIMIT 1",
+            (partition, after_offset),
+        ).fetchone()
+        if row is None:
+            return 0
+        if row[0] is not None:
+            return int(row[0])
+        row = connection.execute(
             "SELECT COALESCE(SUM(events), 0) FROM records WHERE partition = ? AND offset > ?",
             (partition, after_offset),
         ).fetchone()

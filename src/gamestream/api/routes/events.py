@@ -16,7 +16,8 @@ Answers:
   key gets that answer again and appends nothing.
 
 The steps of `post_events`, in order: 1. the key, 2. the backlog, 3. the Idempotency-Key, 4. the body (kind,
-size, gzip, split into events), 5. the event count, 6. validation into appends (`ingest.collector`), with the
+size, gzip, split into events), 5. the event count, 6. validation into appends (`ingest.collector`: the whole
+body in one native call when every event in it is provably valid, else split and event by event), with the
 client's country looked up once (`ingest.geo`: the address is not kept), 7. the durable append, 8. the answer.
 """
 
@@ -33,7 +34,7 @@ from starlette.responses import Response
 from gamestream.api.access import BEARER
 from gamestream.api.collector import Collector
 from gamestream.api.refusals import CLOSE, Refuse, answer_refusal
-from gamestream.ingest.collector import IngestAnswer, encode, plan_appends
+from gamestream.ingest.collector import IngestAnswer, encode, plan_appends, plan_body
 from gamestream import schema
 from gamestream.log import AppendResult, Idempotency, envelope
 from gamestream.settings import Settings
@@ -63,10 +64,13 @@ async def _ingest(request: Request, collector: Collector) -> Response:
     sent_at = _sent_at(request)
     kind = body_kind(request)  # 4.
     body = await read_body(request, settings.max_body_bytes)
-    events = split_events(body, kind)
-    refuse_too_many(events, settings)  # 5.
-    plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
-                        validator=collector.validator, sent_at=sent_at, country=collector.country_of(request))
+    country = collector.country_of(request)
+    plan = plan_body(body, kind, received, settings=settings, log=collector.log, sent_at=sent_at, country=country)
+    if plan is None:  # an event the native kernel is not sure of, or a body it does not cut: event by event
+        events = split_events(body, kind)
+        refuse_too_many(events, settings)  # 5.
+        plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
+                            validator=collector.validator, sent_at=sent_at, country=country)
     collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid():
         return _nothing_valid(events, plan.answer)
