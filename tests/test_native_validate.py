@@ -488,10 +488,10 @@ def test_a_whole_body_is_taken_only_when_every_event_in_it_is_and_gives_the_per_
     count, groups = taken
     assert count == len(events)
     assert [p for p, _, _ in groups] == [p for p, _, _ in expected]
-    for (_, record, n), (_, lines, given) in zip(groups, expected):
+    for (_, record, n), (_, lines, ids_given) in zip(groups, expected):
         mine = record.split(b"\n")
         assert n == len(mine) == len(lines)
-        for line, theirs, was_given in zip(mine, lines, given):
+        for line, theirs, was_given in zip(mine, lines, ids_given):
             if was_given:
                 assert line == theirs
             else:
