@@ -341,3 +341,27 @@ def test_a_kpi_stage_behind_its_processor_reads_back_what_it_was_not_handed(tmp_
     assert got[0] == want[0]
     assert rounded_rows(got[2]) == rounded_rows(want[2]) and rounded_rows(got[3]) == rounded_rows(want[3])
     assert got[4] == want[4]
+
+
+@pytest.mark.parametrize("layout", ["in order", "runs out of order", "interleaved row by row"])
+def test_rows_by_version_gives_each_versions_rows_in_their_order(layout: str) -> None:
+    """The fold's split of a range's rows by commit version (`kpi.stage.rows_by_version`): runs of a version
+    put together without copying, rows interleaved finely filtered; either way each version's rows in order."""
+    import numpy as np
+    import pyarrow as pa
+
+    from gamestream.kpi.stage import rows_by_version
+
+    versions = np.repeat(np.arange(5, 10), 600)  # 5 versions of 600 rows, in order
+    if layout == "runs out of order":
+        runs = np.split(versions, 10)  # runs of 300, shuffled
+        random.Random(1).shuffle(runs)
+        versions = np.concatenate(runs)
+    elif layout == "interleaved row by row":
+        versions = np.tile(np.arange(5, 10), 600)
+    rows = pa.table({"_commit_version": versions, "n": np.arange(len(versions))})
+    split = rows_by_version(rows)
+    assert sorted(split) == [5, 6, 7, 8, 9]
+    for version, table in split.items():
+        assert table["n"].to_pylist() == np.flatnonzero(versions == version).tolist()
+    assert rows_by_version(rows.slice(0, 0)) == {}

@@ -49,6 +49,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -85,6 +86,24 @@ __all__ = ["STATE_KEY", "KpiStage", "KpiStageSuperseded", "StageState", "fold_on
 logger = logging.getLogger(__name__)
 
 LATE_DAYS_KEPT = 4  # final days a fold touched that stay in memory for the late rows of the next folds
+
+
+def rows_by_version(changes: pa.Table) -> dict[int, pa.Table]:
+    """The rows of each `_commit_version` of `changes`, in their order. The change data feed gives a version's
+    rows in runs (a file's rows together, the files in no set order): each version's runs, sliced and put
+    together without copying, instead of a filter over every row per version; rows interleaved more finely than
+    that are filtered. (A `take` in version order cost ~0.4 s for a million rows, ten filters' worth.)"""
+    if not changes.num_rows:
+        return {}
+    versions = changes["_commit_version"].to_numpy()
+    cuts = [0, *(np.flatnonzero(np.diff(versions)) + 1).tolist(), len(versions)]
+    runs: dict[int, list[pa.Table]] = {}
+    for start, end in zip(cuts, cuts[1:]):
+        runs.setdefault(int(versions[start]), []).append(changes.slice(start, end - start))
+    if (len(cuts) - 1) * 256 > len(versions):  # finely interleaved (runs of under 256 rows on average)
+        column = changes["_commit_version"]
+        return {version: changes.filter(pc.equal(column, version)) for version in runs}
+    return {version: parts[0] if len(parts) == 1 else pa.concat_tables(parts) for version, parts in runs.items()}
 
 
 class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommits, SegmentCommits):
@@ -241,7 +260,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         deletes = sorted(pc.unique(changes["_commit_version"].filter(pc.equal(kinds, "delete"))).to_pylist())
         # delta-rs 1.6.3 lists every row of a file a DELETE rewrote as deleted, not only the rows it removed:
         # a delete is folded from its own metadata (`_fold_forget`), never from these rows
-        return changes.filter(pc.equal(kinds, "insert")), deletes
+        inserts = pc.equal(kinds, "insert")
+        if pc.all(inserts).as_py():  # the usual case: no copy of every row
+            return changes, deletes
+        return changes.filter(inserts), deletes
 
     def _part_changes(self, first: int, last: int) -> tuple[pa.Table, list[int]]:
         """`_changes` for a part stage: the rows of its devices versions first..last inserted — offered, or read
@@ -319,10 +341,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
     def _fold_range(self, first: int, last: int, changes: pa.Table) -> None:
         self._rows_per_version = max(1, changes.num_rows // (last - first + 1))
         fold = Fold()
-        versions = set(pc.unique(changes["_commit_version"]).to_pylist()) if changes.num_rows else set()
+        by_version = rows_by_version(changes)
         for version in range(first, last + 1):
-            if version in versions:
-                self._fold_version(version, changes.filter(pc.equal(changes["_commit_version"], version)), fold)
+            if version in by_version:
+                self._fold_version(version, by_version[version], fold)
             elif self._greatest_times.get(version):
                 # a version that added none of this stage's rows (a part stage: other partitions' devices): the
                 # greatest eventTimes its commit recorded still move the watermark, in version order
