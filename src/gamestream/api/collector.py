@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from typing import Any
 
 from starlette.requests import Request
 
@@ -20,6 +22,9 @@ from gamestream.log import EventLog, describe
 from gamestream.settings import Settings
 
 BACKLOG_EVERY_S = 0.5
+COUNTRIES_KEPT = 4096  # clients' countries remembered at most (`Collector.country_of`)
+COUNTRIES_KEPT_S = 1.0  # … and for at most this long
+_UNKNOWN = object()
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +37,9 @@ class Collector:
         self.keys = [key.encode() for key in settings.api_keys]
         self.validator = schema.EventValidator(event_time="server", params=settings.schema_params)
         self.geo = geo.resolver_for(settings)  # GeoDataError here, at start, for a MaxMind DB file that won't open
+        self._countries: dict[tuple[str | None, str | None], str | None] = {}
+        self._countries_until = 0.0
+        self._request_counters: dict[int, Any] = {}
         self.log_description = describe(settings)
         self.metrics = HttpMetrics.create(self.log_description)
         if hasattr(log, "group_commits"):  # the embedded log: its fsync'd group commits
@@ -93,11 +101,31 @@ class Collector:
 
     def country_of(self, request: Request) -> str | None:
         """The request's client's country (`geo.CountryResolver`), None when the lookup is off or finds none.
-        The address is read here and dropped: only the country goes on."""
-        return self.geo.country_of_scope(request.scope) if self.geo is not None else None
+        Only the country goes on; the answers of the last second are kept in memory (a phone sends request after
+        request from one address: parsing it and looking it up cost more than the rest of a small request's
+        routing), never written anywhere, and forgotten each second, so a replaced MaxMind DB file counts within
+        a second of being opened again."""
+        if self.geo is None:
+            return None
+        peer = self.geo.peer_of_scope(request.scope)
+        now = time.monotonic()
+        if now >= self._countries_until or len(self._countries) >= COUNTRIES_KEPT:
+            self._countries.clear()
+            self._countries_until = now + COUNTRIES_KEPT_S
+        country = self._countries.get(peer, _UNKNOWN)
+        if country is _UNKNOWN:
+            country = self._countries[peer] = self.geo.country(*peer)
+        return country  # type: ignore[return-value]
 
     def backlog_over_bound(self) -> bool:
         return self.backlog > self.settings.max_backlog_events
+
+    def count_request(self, status: int) -> None:
+        """A `POST /v1/events` answered with `status` (`gamestream_http_requests`; each status's child kept)."""
+        counter = self._request_counters.get(status)
+        if counter is None:
+            counter = self._request_counters[status] = self.metrics.requests.labels("/v1/events", str(status))
+        counter.inc()
 
     def count_accepted(self, events: int) -> None:
         self.metrics.accepted.inc(events)

@@ -356,7 +356,12 @@ class CountryResolver:
     def country_of_scope(self, scope: Mapping[str, Any]) -> str | None:
         """`country` for an ASGI HTTP request: its `client` and, from a trusted peer only, its forwarding header's
         lines (the headers are not read otherwise)."""
-        return self.country(*_scope_peer(scope, self.trusted, self.header))
+        return self.country(*self.peer_of_scope(scope))
+
+    def peer_of_scope(self, scope: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """What `country` of an ASGI HTTP request depends on: its peer address and, from a trusted peer only, its
+        forwarding header's lines joined."""
+        return _scope_peer(scope, self.trusted, self.header)
 
 
 def resolver_for(settings: Settings) -> CountryResolver | None:

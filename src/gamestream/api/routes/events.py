@@ -50,7 +50,7 @@ async def post_events(request: Request) -> Response:
         response = await _ingest(request, collector)
     except (Refuse, ClientDisconnect) as error:
         response = answer_refusal(error)
-    collector.metrics.requests.labels("/v1/events", str(response.status_code)).inc()
+    collector.count_request(response.status_code)
     collector.metrics.latency.observe(time.perf_counter() - started)
     return response
 
@@ -71,7 +71,8 @@ async def _ingest(request: Request, collector: Collector) -> Response:
         refuse_too_many(events, settings)  # 5.
         plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
                             validator=collector.validator, sent_at=sent_at, country=country)
-    collector.metrics.rejected.inc(plan.answer.rejected)
+    if plan.answer.rejected:
+        collector.metrics.rejected.inc(plan.answer.rejected)
     if plan.nothing_valid():
         return _nothing_valid(events, plan.answer)
     encoded = encode(plan.answer)
