@@ -148,7 +148,9 @@ def start(name: str, work: Path) -> tuple[subprocess.Popen, str]:
         "stubbed": [sys.executable, "-c", STUBBED, str(work / name)],
         "collector": [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(work / name), "--port", "0"],
     }[name]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # no processor drains the log here: at the default bound (5M events) the later runs would be answered 503
+    env = {**os.environ, "GAMESTREAM_MAX_BACKLOG_EVENTS": str(10**12)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     while True:
         line = process.stderr.readline()
         if not line:

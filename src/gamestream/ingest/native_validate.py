@@ -38,7 +38,10 @@ digits, true/false/null, no whitespace), and serde_json for every other event; b
 Why: per-event validation in Python (~2-5 µs an event) was the largest single cost of the collector at small
 requests (issue 25). Measured on the 2-core development machine while other jobs ran (generator events, ~290
 bytes): the kernel ~2.1 µs of CPU an event in 100-event lists and ~2.4 in 10-event lists, against ~4.3 for
-`EventValidator.validate` alone and ~5.2-5.4 with `log.partition_for`.
+`EventValidator.validate` alone and ~5.2-5.4 with `log.partition_for`. On a quiet machine (2026-12-05): 0.75 µs an
+event in 100-event lists, then 0.52 once moving a checked value no longer stalled (a word-sized tag for `Slot`),
+and 0.49 for a whole 100-event body through `validate_body` (split, checked, grouped and joined, no Python object
+per event).
 """
 
 from __future__ import annotations
