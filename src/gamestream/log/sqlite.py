@@ -126,9 +126,8 @@ class SqliteEventLog(LogFeatures):
 
                 partitions = partitions or DEFAULT_PARTITIONS
                 connection.execute("INSERT INTO meta VALUES ('partitions', ?)", (str(partitions),))
-                connection.executemany(
-                    "INSERT OR IGNORE INTO heads (partition, last_offset) VALUES (?, 0)", [(p,) for p in range(partitions)]
-                )
+                connection.executemany("INSERT OR IGNORE INTO heads (partition, last_offset) VALUES (?, 0)",
+                                       [(p,) for p in range(partitions)])
                 existing = partitions
             else:
                 existing = int(row[0])

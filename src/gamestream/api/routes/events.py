@@ -71,10 +71,9 @@ async def _ingest(request: Request, collector: Collector) -> Response:
         refuse_too_many(events, settings)  # 5.
         plan = plan_appends(events, received, settings=settings, log=collector.log,  # 6.
                             validator=collector.validator, sent_at=sent_at, country=country)
-    if plan.answer.rejected:
         collector.metrics.rejected.inc(plan.answer.rejected)
-    if plan.nothing_valid():
-        return _nothing_valid(events, plan.answer)
+        if plan.nothing_valid():
+            return _nothing_valid(events, plan.answer)
     encoded = encode(plan.answer)
     result = await append(collector, plan.appends, idempotency_key and Idempotency(idempotency_key, encoded))  # 7.
     if was_replayed(result):  # 8.
