@@ -240,6 +240,10 @@ def test_records_that_are_no_proxy_event_are_read_as_before() -> None:
     assert envelope.unwrap(record(own)) is None and envelope.unwrap(record(ndjson)) is None and envelope.unwrap(record(evented)) is None
     decoded = decode_records([record(own, 0, 1), record(ndjson, 0, 2)])
     assert decoded.events_table()["eventId"].to_pylist() == ["own-1", "own-1", "own-2"]
+    # a record that starts as a canonical line does (its first event's eventName) is told apart by that alone
+    canonical = b'{"eventName":"x","body":"y","requestContext":{},"eventParams":{"device_id":"d"}}'
+    assert not envelope.looks_like_envelope(canonical) and envelope.unwrap(record(canonical)) is None
+    assert envelope.looks_like_envelope(b'{"httpMethod":"POST","body":"{}","eventName":"x"}')  # eventName later
 
 
 # ------------------------------------------------------------------------------------------ through the processor
