@@ -874,6 +874,12 @@ fn body_events(body: &[u8], lines: bool, max_events: usize) -> Option<Vec<&[u8]>
     Some(events)
 }
 
+/// The random bits of a new eventId (`write_uuid7`); None when the system has no randomness to give.
+fn random_bits() -> Option<[u8; 10]> {
+    let mut bits = [0u8; 10];
+    getrandom::fill(&mut bits).ok().map(|_| bits)
+}
+
 /// A Python bytes object's data, readable without the GIL (the caller holds a reference to the object).
 #[derive(Clone, Copy)]
 struct Raw {
@@ -894,9 +900,9 @@ pub struct Validator {
 }
 
 impl Validator {
-    /// The canonical line of one event and its route, or None (hand back). `random` supplies the bits of a new
-    /// eventId.
-    fn check(&self, raw: &[u8], request: &Request, random: &mut dyn FnMut() -> Option<[u8; 10]>)
+    /// The canonical line of one event and its route, or None (hand back; also when no random bits can be had
+    /// for a new eventId).
+    fn check(&self, raw: &[u8], request: &Request)
              -> Option<(Vec<u8>, Route)> {
         if raw.len() > self.max_event_bytes {
             return None;
@@ -945,7 +951,7 @@ impl Validator {
                     write_key(&mut out, field, &mut first);
                     match slot {
                         Slot::Str(_) => write_value(&mut out, slot),
-                        _ => write_uuid7(&mut out, received.div_euclid(1000) as u64, &random()?),
+                        _ => write_uuid7(&mut out, received.div_euclid(1000) as u64, &random_bits()?),
                     }
                 }
                 Role::EventTime => {
@@ -1036,15 +1042,11 @@ impl Validator {
         }).collect();
         let bytes: usize = raws.iter().map(|raw| raw.map_or(0, |r| r.len)).sum();
         let work = move || -> Vec<Option<(Vec<u8>, Route)>> {
-            let mut random = || {
-                let mut bits = [0u8; 10];
-                getrandom::fill(&mut bits).ok().map(|_| bits)
-            };
             raws.iter().map(|raw| {
                 let raw = (*raw)?;
                 // SAFETY: the bytes object is immutable and kept alive by `items` for the whole call
                 let data = unsafe { std::slice::from_raw_parts(raw.ptr, raw.len) };
-                self.check(data, &request, &mut random)
+                self.check(data, &request)
             }).collect()
         };
         // The GIL is released only for work that repays it: a small request's events take a few µs, less than
@@ -1091,13 +1093,9 @@ impl Validator {
             // SAFETY: the bytes object is immutable and kept alive by `body` for the whole call
             let data = unsafe { std::slice::from_raw_parts(raw.ptr, raw.len) };
             let events = body_events(data, lines, max_events)?;
-            let mut random = || {
-                let mut bits = [0u8; 10];
-                getrandom::fill(&mut bits).ok().map(|_| bits)
-            };
             let mut groups: Vec<(u32, Vec<u8>, usize)> = Vec::new();
             for event in &events {
-                let (line, route) = self.check(event, &request, &mut random)?;
+                let (line, route) = self.check(event, &request)?;
                 let Route::Partition(partition) = route else { return None };
                 match groups.iter_mut().find(|(p, _, _)| *p == partition) {
                     Some((_, record, count)) => {

@@ -297,7 +297,7 @@ def _prepare_chunk(chunk: list[bytes] | bytes | _Range, now: dt.datetime, *, par
         tables = validate_batch(lines, now=now, mode="input", partitions=partitions, route=route,
                                 max_event_bytes=max_event_bytes, params=params)
         if tables is not None:  # then every line is an event
-            validated = physical_lines, tables
+            validated = lines, tables
         chunk = _lines_of(chunk) if tables is None else []
     else:
         raw_bytes = sum(map(len, chunk))
@@ -307,7 +307,7 @@ def _prepare_chunk(chunk: list[bytes] | bytes | _Range, now: dt.datetime, *, par
                                     max_event_bytes=max_event_bytes, params=params)
     if validated is not None:  # every line valid: Arrow records, no per-event work
         events, tables = validated
-        count = events if isinstance(events, int) else len(events)
+        count = len(events)
         appends = [Append(p, data, rows) for p, table in sorted(tables.items())
                    for data, rows in arrow_records(table, limit, compression)]
         return _Chunk(appends, count, count, 0, [], raw_bytes, physical_lines)

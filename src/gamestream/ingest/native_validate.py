@@ -143,12 +143,10 @@ class NativeValidator:
                  partitions: int | None, country: str | None = None
                  ) -> list[tuple[bytes, int] | tuple[bytes, str] | None] | None:
         """See `validate_native`."""
-        received_us = _utc_micros(received)
-        sent_at_us = _utc_micros(sent_at) if sent_at is not None else None
-        if received_us is None or (sent_at is not None and sent_at_us is None):
+        times = _request_micros(received, sent_at)
+        if times is None:
             return None
-        if received_us < 0:
-            return None
+        received_us, sent_at_us = times
         return self._kernel.validate(events if isinstance(events, list) else list(events), received_us,
                                      sent_at_us, partitions, country)
 
@@ -156,12 +154,22 @@ class NativeValidator:
                       partitions: int | None, country: str | None, *, max_events: int
                       ) -> tuple[int, list[tuple[int, bytes, int]]] | None:
         """See `validate_body`."""
-        received_us = _utc_micros(received)
-        sent_at_us = _utc_micros(sent_at) if sent_at is not None else None
-        if received_us is None or received_us < 0 or (sent_at is not None and sent_at_us is None):
+        times = _request_micros(received, sent_at)
+        if times is None:
             return None
+        received_us, sent_at_us = times
         return self._kernel.validate_body(body, kind != "json", received_us, sent_at_us, partitions, country,
                                           max_events=max_events)
+
+
+def _request_micros(received: dt.datetime, sent_at: dt.datetime | None) -> tuple[int, int | None] | None:
+    """A request's receive time and Sent-At as the kernel takes them (µs since 1970, UTC); None when either is
+    not a UTC datetime, or the receive time is before 1970: then every event goes to the Python validator."""
+    received_us = _utc_micros(received)
+    sent_at_us = _utc_micros(sent_at) if sent_at is not None else None
+    if received_us is None or received_us < 0 or (sent_at is not None and sent_at_us is None):
+        return None
+    return received_us, sent_at_us
 
 
 def _utc_micros(moment: dt.datetime) -> int | None:

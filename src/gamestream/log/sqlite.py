@@ -216,7 +216,6 @@ class SqliteEventLog(LogFeatures):
             heads = {partition: [offset, total] for partition, offset, total
                      in connection.execute("SELECT partition, last_offset, total FROM heads")}
             rows, keys, results = [], [], []
-            appended: set[int] = set()
             seen_keys: dict[str, bytes] = {}
             for records, idempotency in group:
                 if idempotency is not None:
@@ -232,7 +231,6 @@ class SqliteEventLog(LogFeatures):
                     keys.append((idempotency.key, idempotency.response, now))
                 assigned = []
                 for record in records:
-                    appended.add(record.partition)
                     head = heads[record.partition]
                     head[0] += 1
                     head[1] += record.events
@@ -248,6 +246,7 @@ class SqliteEventLog(LogFeatures):
                                    [value for row in chunk for value in row])
             if keys:
                 connection.executemany("INSERT INTO idempotency VALUES (?, ?, ?)", keys)
+            appended = {row[0] for row in rows}
             moved = [(partition, offset, total) for partition, (offset, total) in heads.items()
                      if partition in appended]
             if moved:
