@@ -147,6 +147,8 @@ def start(name: str, work: Path) -> tuple[subprocess.Popen, str]:
         "noop-granian-asgi": [sys.executable, "-c", NOOP_GRANIAN, port, "asgi"],
         "stubbed": [sys.executable, "-c", STUBBED, str(work / name)],
         "collector": [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(work / name), "--port", "0"],
+        "collector-native": [sys.executable, "-m", "gamestream", "serve", "--front", "native", "--data-dir",
+                             str(work / name), "--port", "0"],
     }[name]
     # no processor drains the log here: at the default bound (5M events) the later runs would be answered 503
     env = {**os.environ, "GAMESTREAM_MAX_BACKLOG_EVENTS": str(10**12)}
@@ -260,13 +262,13 @@ def main() -> None:
                         if enc == "gzip":
                             headers += "Content-Encoding: gzip\r\n"
                         for conns in connections:
-                            commits_before = group_commits(url) if name == "collector" else None
+                            commits_before = group_commits(url) if name.startswith("collector") else None
                             server_before, client_before = cpu_seconds(process.pid), time.process_time()
                             latencies, statuses, seconds = asyncio.run(
                                 load(url, bodies[size, enc], headers, args.seconds, conns))
                             server_cpu = cpu_seconds(process.pid) - server_before
                             client_cpu = time.process_time() - client_before
-                            commits_after = group_commits(url) if name == "collector" else None
+                            commits_after = group_commits(url) if name.startswith("collector") else None
                             assert set(statuses) == {200}, (name, size, enc, statuses)
                             events = len(latencies) * size
                             rows.append({

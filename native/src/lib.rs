@@ -18,6 +18,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+mod front;
 mod runs;
 mod validate;
 
@@ -256,6 +257,7 @@ fn gamestream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(runs::bucket_starts, module)?)?;
     module.add_function(wrap_pyfunction!(runs::find_in_run, module)?)?;
     module.add_class::<validate::Validator>()?;
+    module.add_class::<front::Front>()?;
     Ok(())
 }
 

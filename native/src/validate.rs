@@ -807,7 +807,7 @@ enum Route {
 }
 
 /// What stays the same for all the events of one request.
-struct Request {
+pub(crate) struct Request {
     received: i64,
     sent_at: Option<i64>,
     partitions: Option<u32>,
@@ -819,8 +819,8 @@ struct Request {
 
 impl Request {
     /// The request's constants, refused (ValueError) when out of range.
-    fn checked(received: i64, sent_at: Option<i64>, partitions: Option<u32>, country: Option<String>)
-               -> PyResult<Self> {
+    pub(crate) fn checked(received: i64, sent_at: Option<i64>, partitions: Option<u32>, country: Option<String>)
+                          -> PyResult<Self> {
         if partitions == Some(0) {
             return Err(PyValueError::new_err("partitions must be at least 1"));
         }
@@ -900,6 +900,28 @@ pub struct Validator {
 }
 
 impl Validator {
+    /// A whole body's events (`body_events`) checked and grouped by partition, in the order sent: `(events,
+    /// [(partition, record, count)])`, or None when any event is handed back or the body is not cut here (see
+    /// `validate_body`). Needs no GIL: the native front (`front.rs`) calls it from its own threads.
+    pub(crate) fn plan_body(&self, data: &[u8], lines: bool, request: &Request, max_events: usize)
+                            -> Option<(usize, Vec<(u32, Vec<u8>, usize)>)> {
+        let events = body_events(data, lines, max_events)?;
+        let mut groups: Vec<(u32, Vec<u8>, usize)> = Vec::new();
+        for event in &events {
+            let (line, route) = self.check(event, request)?;
+            let Route::Partition(partition) = route else { return None };
+            match groups.iter_mut().find(|(p, _, _)| *p == partition) {
+                Some((_, record, count)) => {
+                    record.push(b'\n');
+                    record.extend_from_slice(&line);
+                    *count += 1;
+                }
+                None => groups.push((partition, line, 1)),
+            }
+        }
+        Some((events.len(), groups))
+    }
+
     /// The canonical line of one event and its route, or None (hand back; also when no random bits can be had
     /// for a new eventId).
     fn check(&self, raw: &[u8], request: &Request)
@@ -1092,21 +1114,7 @@ impl Validator {
             let raw = raw; // the whole of it (a `*const u8` alone is not Send)
             // SAFETY: the bytes object is immutable and kept alive by `body` for the whole call
             let data = unsafe { std::slice::from_raw_parts(raw.ptr, raw.len) };
-            let events = body_events(data, lines, max_events)?;
-            let mut groups: Vec<(u32, Vec<u8>, usize)> = Vec::new();
-            for event in &events {
-                let (line, route) = self.check(event, &request)?;
-                let Route::Partition(partition) = route else { return None };
-                match groups.iter_mut().find(|(p, _, _)| *p == partition) {
-                    Some((_, record, count)) => {
-                        record.push(b'\n');
-                        record.extend_from_slice(&line);
-                        *count += 1;
-                    }
-                    None => groups.push((partition, line, 1)),
-                }
-            }
-            Some((events.len(), groups))
+            self.plan_body(data, lines, &request, max_events)
         };
         let result = if data.len() >= DETACH_BYTES { py.detach(work) } else { work() };
         let Some((events, groups)) = result else { return Ok(None) };

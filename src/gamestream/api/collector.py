@@ -50,6 +50,7 @@ class Collector:
         self.accepted_total = 0
         self.ingest_rate = IngestRate()
         self._backlog_task: asyncio.Task | None = None
+        self.front: Any = None  # the native front serving this app (`api.front`), if any
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -74,6 +75,8 @@ class Collector:
             self.metrics.log_reachable.set(1)
             return
         self.backlog = await asyncio.to_thread(self.log.pending_events, self.settings.pipeline)
+        if self.front is not None:  # over the bound, the native front takes nothing: the route answers 503
+            self.front.set_refusing(self.backlog_over_bound())
         self.metrics.backlog.set(self.backlog)
         self.metrics.log_reachable.set(1)
 
@@ -117,15 +120,24 @@ class Collector:
             country = self._countries[peer] = self.geo.country(*peer)
         return country  # type: ignore[return-value]
 
+    def country_for(self, address: str, forwarded: bytes | None) -> str | None:
+        """`country_of` for a client the native front serves: its address and its forwarding header's values
+        joined (None without one)."""
+        if self.geo is None:
+            return None
+        headers = [] if forwarded is None else [(self.geo.header.encode(), forwarded)]
+        return self.geo.country(*self.geo.peer_of_scope({"client": (address, 0), "headers": headers}))
+
     def backlog_over_bound(self) -> bool:
         return self.backlog > self.settings.max_backlog_events
 
-    def count_request(self, status: int) -> None:
-        """A `POST /v1/events` answered with `status` (`gamestream_http_requests`; each status's child kept)."""
+    def count_request(self, status: int, requests: int = 1) -> None:
+        """`requests` of `POST /v1/events` answered with `status` (`gamestream_http_requests`; each status's child
+        kept)."""
         counter = self._request_counters.get(status)
         if counter is None:
             counter = self._request_counters[status] = self.metrics.requests.labels("/v1/events", str(status))
-        counter.inc()
+        counter.inc(requests)
 
     def count_accepted(self, events: int) -> None:
         self.metrics.accepted.inc(events)

@@ -57,17 +57,22 @@ async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settin
     """Serves `app` on `sock` until `stop` is set; in-flight requests finish before it returns.
 
     Connections go through `http_guard` (head and body timers, head limits, draining before a close, the
-    connection limit); `settings` carries those limits."""
+    connection limit); `settings` carries those limits. With `settings.front == "native"` the socket is served
+    by the native front, with `app` behind it (`api.front`)."""
     sock.listen(listen_backlog(settings))  # listening already (see `bind`); this sets the backlog
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            http=protocol_for(settings), ws="none",
-                            # the peer as it is: X-Forwarded-For is believed only from the configured proxies, by
-                            # `ingest.geo` (uvicorn's own default believes it from loopback, FORWARDED_ALLOW_IPS)
-                            proxy_headers=False,
-                            # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
-                            timeout_keep_alive=settings.header_timeout_s,  # type: ignore[arg-type]
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    server = _Server(config)
+    config: dict = dict(log_level="warning", access_log=False, lifespan="on", ws="none",
+                        # the peer as it is: X-Forwarded-For is believed only from the configured proxies, by
+                        # `ingest.geo` (uvicorn's own default believes it from loopback, FORWARDED_ALLOW_IPS)
+                        proxy_headers=False,
+                        # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
+                        timeout_keep_alive=settings.header_timeout_s,
+                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    if settings.front == "native":
+        from gamestream.api.front import serve_fronted
+
+        await serve_fronted(app, sock, stop, settings, config, _Server)
+        return
+    server = _Server(uvicorn.Config(app, http=protocol_for(settings), **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -48,14 +48,17 @@ from gamestream.settings import Settings
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Collector processes serving the same port (default 1, or GAMESTREAM_WORKERS).")
+@click.option("--front", type=click.Choice(["python", "native"]), default=None,
+              help="What serves the socket: python (uvicorn; the default, or GAMESTREAM_FRONT) or native (plain "
+                   "accepted event requests answered in Rust, everything else by the same app behind it).")
 @with_options(api_key_options)
 def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None,
           unsafe_no_conditional_writes: bool | None, port: int | None,
-          workers: int | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
+          workers: int | None, front: str | None, api_key: tuple[str, ...], admin_key: tuple[str, ...], api_keys_file: Path | None,
           host: str | None, insecure_no_auth: bool | None) -> None:
     """Runs the HTTP collector (POST /v1/events, /healthz, /metrics, /openapi.json)."""
     settings = command_settings(data_dir=data_dir, partitions=partitions, log=log_url, port=port, host=host,
-                                workers=workers, api_keys=api_keys_from(api_key, api_keys_file),
+                                workers=workers, front=front, api_keys=api_keys_from(api_key, api_keys_file),
                                 admin_keys=tuple(admin_key) or None, insecure_no_auth=insecure_no_auth,
                                 tables_uri=tables_uri, unsafe_no_conditional_writes=unsafe_no_conditional_writes)
     refuse_open_exposure(settings)

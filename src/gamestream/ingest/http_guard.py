@@ -134,6 +134,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; a half-closed client gets no more answers anyway
 
+    def connections_open(self) -> int:
+        """Connections open on the server now, this one included (the connection limit counts these)."""
+        return len(self.connections)
+
     # ------------------------------------------------------------------------------------------------ head
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -170,8 +174,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body, self._body_bytes, self._close_after_body = True, 0, False
         self._declared_length = next((int(value) for name, value in self.headers if name == b"content-length"),
                                      None)
-        # `self.connections` holds this connection too: the (max_connections + 1)th one is refused.
-        over_limit = len(self.connections) > self.settings.max_connections
+        # the count holds this connection too: the (max_connections + 1)th one is refused.
+        over_limit = self.connections_open() > self.settings.max_connections
         app = self.app
         if over_limit:
             self.app = self._over_connection_limit

@@ -106,6 +106,12 @@ class LogFeatures:
     supports_trim: bool = True
     idempotency_scope: Literal["log", "process"] = "log"
 
+    def append_now(self, records: Sequence[Append]) -> list[int]:
+        """`append` for a caller that groups appends itself (the native front's committer, `api.front`): durable
+        when it returns, written from the calling thread where the log can (the embedded log: no hand-off to its
+        writer thread); through `append` otherwise."""
+        return self.append(records)  # type: ignore[attr-defined]
+
     def route(self, device_id: str) -> int:
         """The partition of a device's events (`partition_for` unless `own_routing`)."""
         return partition_for(device_id, self.partitions)  # type: ignore[attr-defined]

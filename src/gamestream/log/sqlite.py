@@ -163,6 +163,18 @@ class SqliteEventLog(LogFeatures):
         self._queue.put((records, idempotency, done))
         return done
 
+    def append_now(self, records: Sequence[Append]) -> list[int]:
+        """One transaction on the calling thread's connection (SQLite's write lock orders it with the writer
+        thread's groups and other processes), fsync'd before it returns."""
+        if not records:
+            return []
+        check_records(records, self._partitions)
+        if self._closed:
+            raise RuntimeError("the log is closed")
+        [result] = self._commit_group(self._connection(), [(records, None)])
+        self.group_commits += 1
+        return result.offsets
+
     def _ensure_writer(self) -> None:
         if self._writer is None:
             with self._writer_lock:

@@ -1,0 +1,164 @@
+"""The collector's native front (`serve --front native`, GAMESTREAM_FRONT=native): the listening socket served by
+`gamestream_native.Front` (native/src/front.rs), the whole app behind it as before.
+
+The front answers `POST /v1/events` itself when the answer is a plain 200: an ordinary request (no
+Idempotency-Key, Sent-At or Expect; a content type, encoding and key the route takes; the backlog under its
+bound) whose events are all provably valid (the validator's kernel, the one the route uses). HTTP, the body
+timer, gunzip and validation run in Rust with no GIL; the accepted requests of a moment are made durable in one
+log submit, with one call into Python (`_Appender`), and each is answered only once that submit is durable.
+
+Every other request — a refusal of any kind, a rejected event, another route, a head it cannot read, the
+connection limit — is not decided there: the connection, with the bytes read so far, is handed whole to this
+app on a Unix socket in a private directory (uvicorn with `http_guard`, as `serve` runs it), after one line that
+names the client's address (`GSPEER <ip> <port>`, read by `FrontedProtocol`). So refusals, their words and their
+metrics come from the route as before, and geo and the audit see the real client. The connection limit counts
+the front's connections (`FrontedProtocol.connections_open`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import uvicorn
+from starlette.applications import Starlette
+
+from gamestream.api.collector import Collector
+from gamestream.ingest import batch
+from gamestream.ingest.http_guard import GuardedHttpToolsProtocol
+from gamestream.ingest.native_validate import native_validator
+from gamestream.log import Append
+from gamestream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_PEER = b"GSPEER "
+_PEER_LINE_MAX = 128
+
+
+class FrontUnavailable(RuntimeError):
+    """`--front native` without a native kernel that has the front (native/ not built)."""
+
+
+class FrontedProtocol(GuardedHttpToolsProtocol):
+    """`http_guard`'s protocol for a connection the front hands on: the first line names the client (`GSPEER
+    <ip> <port>`), and the connection limit counts the front's connections."""
+
+    front: ClassVar[Any]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._peer_line: bytearray | None = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        if self._peer_line is not None:
+            self._peer_line += data
+            end = self._peer_line.find(b"\r\n")
+            if end < 0:
+                if len(self._peer_line) > _PEER_LINE_MAX:
+                    self.transport.close()
+                return
+            line, data = bytes(self._peer_line[:end]), bytes(self._peer_line[end + 2:])
+            self._peer_line = None
+            address, _, port = line.removeprefix(_PEER).decode("ascii", "replace").rpartition(" ")
+            if not line.startswith(_PEER) or not port.isdigit():
+                self.transport.close()
+                return
+            self.client = (address, int(port))
+            if not data:
+                return
+        super().data_received(data)
+
+    def connections_open(self) -> int:
+        return self.front.open_connections()
+
+
+class _Appender:
+    """The front's one call per group (on its committer thread): the group's records durable in the log, and the
+    route's metrics for its requests (requests by status, accepted events, latency, log submits)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def __call__(self, records: list[tuple[int, bytes, int]], ages: list[float], events: int) -> None:
+        collector = self.collector
+        started = time.perf_counter()
+        try:
+            collector.log.append_now([Append(p, record, n) for p, record, n in records])
+        except Exception:  # nothing was stored: the front answers each request 503 with Retry-After
+            collector.count_request(503, len(ages))
+            raise
+        elapsed = time.perf_counter() - started
+        for age in ages:
+            collector.metrics.latency.observe(age + elapsed)
+        collector.count_request(200, len(ages))
+        collector.count_accepted(events)
+        collector.coalescer.groups += 1
+        collector.coalescer.requests += len(ages)
+
+
+def native_front(settings: Settings, collector: Collector, sock: socket.socket, upstream: Path) -> Any:
+    """A `gamestream_native.Front` on `sock` (not started) for `collector`, handing what it does not take to
+    `upstream`; `FrontUnavailable` without the native module's front or kernel."""
+    try:
+        from gamestream_native import Front
+    except ImportError:
+        raise FrontUnavailable("--front native needs the native module (native/, built by ./dev) with its "
+                               "front; rebuild it, or serve with --front python") from None
+    kernel = native_validator(settings.schema_params, settings.max_event_bytes)
+    if kernel is None:
+        raise FrontUnavailable("--front native needs the native validator for this schema; serve with --front "
+                               "python")
+    log, geo = collector.log, collector.geo
+    return Front(
+        sock.fileno(), str(upstream), kernel._kernel, _Appender(collector),
+        collector.country_for if geo is not None else None,
+        keys=collector.keys, max_body_bytes=settings.max_body_bytes,
+        max_events=min(settings.max_events_per_request, batch.MIN_BATCH_EVENTS - 1),
+        max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections,
+        drain_max_bytes=settings.drain_max_bytes, retry_after_s=settings.retry_after_s,
+        partitions=None if log.own_routing else log.partitions, record_limit=log.max_record_bytes,
+        forwarded_header=geo.header if geo is not None and geo.trusted else None)
+
+
+async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event, settings: Settings,
+                        config: dict[str, Any], server_class: type[uvicorn.Server]) -> None:
+    """`api.server.serve` with the native front on `sock` and `app` behind it on a private Unix socket."""
+    collector: Collector = app.state.collector
+    private = Path(tempfile.mkdtemp(prefix="gamestream-front-"))  # 0700: only this user reaches the app
+    upstream = private / "app.sock"
+    inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        inner.bind(str(upstream))
+        inner.listen(4096)
+        inner.setblocking(False)
+        front = native_front(settings, collector, sock, upstream)
+        protocol = type("FrontedProtocol", (FrontedProtocol,), {"settings": settings, "front": front})
+        server = server_class(uvicorn.Config(app, **{**config, "http": protocol}))
+        collector.front = front
+        task = asyncio.create_task(server.serve(sockets=[inner]))
+        while not server.started and not task.done():  # the app's lifespan first: the log, the backlog
+            await asyncio.sleep(0.01)
+        if task.done():
+            await task
+            return
+        front.start()
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+        from gamestream.api.server import GRACEFUL_SHUTDOWN_S
+
+        # requests taken by the front are answered first (their log submits need the app's log open)
+        await asyncio.to_thread(front.stop, GRACEFUL_SHUTDOWN_S)
+        server.should_exit = True
+        await task
+        stopper.cancel()
+    finally:
+        inner.close()
+        shutil.rmtree(private, ignore_errors=True)
