@@ -155,10 +155,11 @@ class Settings:
     """Log lines on stderr: `text` or `json` (one JSON object per line)."""
     workers: int = 1
     """Collector: processes serving the same port (`serve --workers N`)."""
-    front: str = "python"
-    """Collector: what serves its socket (`serve --front`, GAMESTREAM_FRONT): `python` (uvicorn) or `native`
-    (the native front answers plain accepted `POST /v1/events` requests in Rust and hands every other request to
-    the same app: `api.front`, docs/collector.md)."""
+    front: str = "auto"
+    """Collector: what serves its socket (`serve --front`, GAMESTREAM_FRONT): `native` (the native front answers
+    plain accepted `POST /v1/events` requests in Rust and hands every other request to the app behind it:
+    `api.front`, docs/collector.md), `python` (uvicorn alone), or `auto`: native when the native module has it
+    (./dev builds it), else python."""
     host: str = "127.0.0.1"
     port: int = 8000
     tables_uri: str | None = None
@@ -200,8 +201,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.log_compression not in ("auto", "none", "lz4", "zstd"):
             raise ValueError(f"log_compression must be auto, zstd, lz4 or none, not {self.log_compression!r}")
-        if self.front not in ("python", "native"):
-            raise ValueError(f"front must be python or native, not {self.front!r}")
+        if self.front not in ("auto", "python", "native"):
+            raise ValueError(f"front must be auto, native or python, not {self.front!r}")
         from gamestream import schema
 
         object.__setattr__(self, "schema_params", schema.check_params(self.schema_params))

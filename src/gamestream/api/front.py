@@ -103,18 +103,40 @@ class _Appender:
         collector.coalescer.requests += len(ages)
 
 
+def front_of(settings: Settings) -> str:
+    """What serves the collector's socket for `settings`: "native" or "python" (`Settings.front`; auto: native
+    when the native module has the front and a validator for the schema). `FrontUnavailable` when native is
+    asked for and cannot be had."""
+    if settings.front == "python":
+        return "python"
+    missing = _missing(settings)
+    if missing is None:
+        return "native"
+    if settings.front == "native":
+        raise FrontUnavailable(missing)
+    return "python"
+
+
+def _missing(settings: Settings) -> str | None:
+    """Why the native front cannot serve `settings`, or None."""
+    try:
+        import gamestream_native
+    except ImportError:
+        gamestream_native = None
+    if not hasattr(gamestream_native, "Front"):
+        return ("--front native needs the native module with its front (native/, built by ./dev); rebuild it, or "
+                "serve with --front python")
+    if native_validator(settings.schema_params, settings.max_event_bytes) is None:
+        return "--front native needs the native validator for this schema; serve with --front python"
+    return None
+
+
 def native_front(settings: Settings, collector: Collector, sock: socket.socket, upstream: Path) -> Any:
     """A `gamestream_native.Front` on `sock` (not started) for `collector`, handing what it does not take to
-    `upstream`; `FrontUnavailable` without the native module's front or kernel."""
-    try:
-        from gamestream_native import Front
-    except ImportError:
-        raise FrontUnavailable("--front native needs the native module (native/, built by ./dev) with its "
-                               "front; rebuild it, or serve with --front python") from None
+    `upstream` (`front_of` has said it can be had)."""
+    from gamestream_native import Front
+
     kernel = native_validator(settings.schema_params, settings.max_event_bytes)
-    if kernel is None:
-        raise FrontUnavailable("--front native needs the native validator for this schema; serve with --front "
-                               "python")
     log, geo = collector.log, collector.geo
     return Front(
         sock.fileno(), str(upstream), kernel._kernel, _Appender(collector),
@@ -130,7 +152,8 @@ def native_front(settings: Settings, collector: Collector, sock: socket.socket, 
 
 async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event, settings: Settings,
                         config: dict[str, Any], server_class: type[uvicorn.Server]) -> None:
-    """`api.server.serve` with the native front on `sock` and `app` behind it on a private Unix socket."""
+    """`api.server.serve` with the native front on `sock` and `app` behind it on a private Unix socket (its
+    directory removed on the way out)."""
     collector: Collector = app.state.collector
     private = Path(tempfile.mkdtemp(prefix="gamestream-front-"))  # 0700: only this user reaches the app
     upstream = private / "app.sock"
@@ -140,6 +163,8 @@ async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event
         inner.listen(4096)
         inner.setblocking(False)
         front = native_front(settings, collector, sock, upstream)
+        collector.metrics.front_requests.labels("taken").set_function(lambda: front.counts()[0])
+        collector.metrics.front_requests.labels("spliced").set_function(lambda: front.counts()[1])
         protocol = type("FrontedProtocol", (FrontedProtocol,), {"settings": settings, "front": front})
         server = server_class(uvicorn.Config(app, **{**config, "http": protocol}))
         collector.front = front

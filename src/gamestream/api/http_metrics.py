@@ -20,6 +20,7 @@ class HttpMetrics:
     log_reachable: Gauge
     group_commits: Gauge
     log_submits: Gauge
+    front_requests: Gauge
 
     @classmethod
     def create(cls, log_description: str) -> HttpMetrics:
@@ -44,4 +45,7 @@ class HttpMetrics:
             log_submits=Gauge("gamestream_log_submits", "Log submits of requests without an Idempotency-Key since "
                               "this process started: one per event-loop turn for all such requests in it",
                               registry=registry),
+            front_requests=Gauge("gamestream_front_requests", "With the native front: `POST /v1/events` requests "
+                                 "it answered itself (taken), and connections it handed to the app (spliced), since "
+                                 "this process started", ["kind"], registry=registry),
         )

@@ -57,8 +57,8 @@ async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settin
     """Serves `app` on `sock` until `stop` is set; in-flight requests finish before it returns.
 
     Connections go through `http_guard` (head and body timers, head limits, draining before a close, the
-    connection limit); `settings` carries those limits. With `settings.front == "native"` the socket is served
-    by the native front, with `app` behind it (`api.front`)."""
+    connection limit); `settings` carries those limits. With the native front (`api.front.front_of`) the
+    socket is served by it, with `app` behind it."""
     sock.listen(listen_backlog(settings))  # listening already (see `bind`); this sets the backlog
     config: dict = dict(log_level="warning", access_log=False, lifespan="on", ws="none",
                         # the peer as it is: X-Forwarded-For is believed only from the configured proxies, by
@@ -67,9 +67,9 @@ async def serve(app: Starlette, sock: socket.socket, stop: asyncio.Event, settin
                         # idle keep-alive connections: closed by the head timer, and by uvicorn's at the same time
                         timeout_keep_alive=settings.header_timeout_s,
                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    if settings.front == "native":
-        from gamestream.api.front import serve_fronted
+    from gamestream.api.front import front_of, serve_fronted
 
+    if front_of(settings) == "native":
         await serve_fronted(app, sock, stop, settings, config, _Server)
         return
     server = _Server(uvicorn.Config(app, http=protocol_for(settings), **config))

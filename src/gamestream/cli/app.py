@@ -86,6 +86,7 @@ def _explain(error: Exception) -> str | None:
     """The one line for an error the user can act on (a busy partition, an unusable data directory, a missing
     table, an object store without conditional writes…); None for an error we cannot explain."""
     from gamestream.alerts import AlertConfigError
+    from gamestream.api.front import FrontUnavailable
     from gamestream.ingest.geo import GeoDataError
     from gamestream.log.ownership import OwnershipUnavailable
     from gamestream.log.sqlite import LogPartitionsMismatch
@@ -97,6 +98,6 @@ def _explain(error: Exception) -> str | None:
         unusable = f"{error}; run `gamestream process` first"
     if isinstance(error, (LogPartitionsMismatch, PartitionBusy, DataDirUnusable, LogUnreachable,
                           OwnershipUnavailable, ConditionalWritesUnsupported, StoreUnreachable,
-                          GeoDataError, AlertConfigError)) or unusable:
+                          GeoDataError, AlertConfigError, FrontUnavailable)) or unusable:
         return unusable or str(error)
     return None

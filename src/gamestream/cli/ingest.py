@@ -48,9 +48,10 @@ from gamestream.settings import Settings
 @click.option("--port", type=int, default=None, help="Port (default 8000; 0 picks a free one).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Collector processes serving the same port (default 1, or GAMESTREAM_WORKERS).")
-@click.option("--front", type=click.Choice(["python", "native"]), default=None,
-              help="What serves the socket: python (uvicorn; the default, or GAMESTREAM_FRONT) or native (plain "
-                   "accepted event requests answered in Rust, everything else by the same app behind it).")
+@click.option("--front", type=click.Choice(["auto", "native", "python"]), default=None,
+              help="What serves the socket: native (plain accepted event requests answered in Rust, everything "
+                   "else by the app behind it), python (uvicorn alone), or auto (the default, or GAMESTREAM_FRONT): "
+                   "native when the native module has it.")
 @with_options(api_key_options)
 def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, tables_uri: str | None,
           unsafe_no_conditional_writes: bool | None, port: int | None,
@@ -66,6 +67,9 @@ def serve(data_dir: Path | None, partitions: int | None, log_url: str | None, ta
     from gamestream.ingest import geo
 
     geo.resolver_for(settings)  # a MaxMind DB file that cannot be opened: one line (GeoDataError), before binding
+    from gamestream.api.front import front_of
+
+    front_of(settings)  # --front native that cannot be had: one line (FrontUnavailable), before binding
     announce = partial(_announce_collector, settings)
     if settings.workers > 1:
         _serve_with_workers(settings, announce)
@@ -78,10 +82,12 @@ def _announce_collector(settings: Settings, url: str) -> None:
     from gamestream.log import describe
 
     announce_keys(settings)
+    from gamestream.api.front import front_of
+
     processes = f"{settings.workers} worker processes" if settings.workers > 1 else "one process"
     console.print(f"collector listening on {url}/v1/events  (dashboard {url}/, health {url}/healthz, "
-                  f"metrics {url}/metrics, API {url}/openapi.json); log {describe(settings)}; {processes}; "
-                  "Ctrl-C stops", highlight=False)
+                  f"metrics {url}/metrics, API {url}/openapi.json); log {describe(settings)}; {processes}, "
+                  f"{front_of(settings)} front; Ctrl-C stops", highlight=False)
     console.print(geo.describe(settings), highlight=False)
 
 

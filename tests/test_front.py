@@ -1,0 +1,167 @@
+"""The native front (`api.front`, native/src/front.rs) on a real `gamestream serve`: it is what `serve` runs by
+default, it answers plain accepted requests itself, and every request (taken or handed to the app behind it)
+gets the answer, and leaves the log, exactly as the Python front does. The connection-level limits, the crash,
+disk-full, shutdown, geo and worker tests run on it too, being `serve`'s default."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from collector_server import ServeProcess
+from gamestream.log.sqlite import SqliteEventLog
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+SERVER_TIMES = ("receivedAt", "eventTime")  # stamped at the moment a server takes the request
+
+
+def line(i: int, **params) -> bytes:
+    return json.dumps({"eventName": "levelStart", "eventId": f"id-{i}",
+                       "eventParams": {"device_id": f"d{i % 7}", **params}}).encode()
+
+
+def front_counts(server: ServeProcess) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    return {kind: float(value) for kind, value in
+            re.findall(r'^gamestream_front_requests\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def logged_events(data_dir: Path) -> list[dict]:
+    """Every event in the embedded log of `data_dir`, without the times its server stamped, sorted."""
+    log = SqliteEventLog(data_dir / "log", partitions=4)
+    try:
+        events = [json.loads(text) for p in range(4) for record in log.read(p, 0, 10**6)
+                  for text in record.payload.decode().splitlines()]
+    finally:
+        log.close()
+    for event in events:
+        for name in SERVER_TIMES:
+            event.pop(name, None)
+    return sorted(events, key=lambda e: json.dumps(e, sort_keys=True))
+
+
+def test_serve_runs_the_native_front_by_default_and_it_takes_plain_requests_itself(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path / "data")
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for request in range(20):
+                body = b"\n".join(line(request * 10 + i) for i in range(10))
+                answer = client.post("/v1/events", content=body, headers=NDJSON)
+                assert answer.status_code == 200 and answer.json() == {"accepted": 10, "rejected": 0, "errors": []}
+                assert answer.headers["server"] == "gamestream"  # answered by the front, not uvicorn
+        counts = front_counts(server)
+    finally:
+        assert server.stop() == 0
+    assert counts["taken"] == 20
+    assert len(logged_events(server.data_dir)) == 200
+
+
+def test_a_python_front_is_served_when_asked_for(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path / "data", "--front", "python")
+    try:
+        answer = httpx.post(server.url + "/v1/events", content=line(1), headers=NDJSON)
+        assert answer.status_code == 200 and answer.headers["server"] == "uvicorn"
+        assert front_counts(server) == {}
+    finally:
+        assert server.stop() == 0
+
+
+# (method, path, headers, body): what a client may send, taken by the front or not
+GZIPPED = gzip.compress(b"\n".join(line(i) for i in range(300, 305)))
+CASES = [
+    ("POST", "/v1/events", NDJSON, b"\n".join(line(i) for i in range(3))),
+    ("POST", "/v1/events", {"Content-Type": "application/json"}, line(10)),
+    ("POST", "/v1/events", {}, b"  \n" + line(11) + b"\r\n\n" + line(12) + b"\n"),
+    ("POST", "/v1/events", {**NDJSON, "Content-Encoding": "gzip"}, GZIPPED),
+    ("POST", "/v1/events", NDJSON, line(20) + b"\n{not json\n" + line(21)),
+    ("POST", "/v1/events", NDJSON, json.dumps({"eventName": "x", "eventParams": {}}).encode()),
+    ("POST", "/v1/events", NDJSON, json.dumps({"eventName": "noId", "eventParams": {"device_id": "d"}}).encode()),
+    ("POST", "/v1/events", {"Content-Type": "application/json"}, b"[" + line(30) + b"," + line(31) + b"]"),
+    ("POST", "/v1/events", {"Content-Type": "text/html"}, line(40)),
+    ("POST", "/v1/events", {**NDJSON, "Content-Encoding": "br"}, line(41)),
+    ("POST", "/v1/events", {**NDJSON, "Content-Encoding": "gzip"}, b"not gzip at all"),
+    ("POST", "/v1/events", {**NDJSON, "Content-Encoding": "gzip"}, GZIPPED + b"trailing"),
+    ("POST", "/v1/events", {**NDJSON, "Content-Encoding": "gzip"}, GZIPPED[:-6]),
+    ("POST", "/v1/events", NDJSON, b"   \n"),
+    ("POST", "/v1/events", NDJSON, b"\n".join(line(i) for i in range(500, 1001))),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k1"}, line(50)),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k1"}, line(51)),
+    ("POST", "/v1/events", {**NDJSON, "Sent-At": "2026-12-06T00:00:00Z"}, line(60)),
+    ("POST", "/v1/events", {**NDJSON, "Sent-At": "yesterday"}, line(61)),
+    ("POST", "/v1/events", {**NDJSON, "Connection": "close"}, line(70)),
+    ("POST", "/v1/events?x=1", NDJSON, line(71)),
+    ("POST", "/v1/events/", NDJSON, line(72)),
+    ("GET", "/v1/events", {}, b""),
+    ("POST", "/v1/events", NDJSON, line(80, score=1.5, level=3, name="caf\\u00e9")),
+    ("POST", "/v1/events", NDJSON, line(81)[:-1] + b', "extra": 1}'),
+]
+
+
+def exchange(url: str, method: str, path: str, headers: dict, body: bytes) -> tuple[int, object, str | None]:
+    """One request on its own connection: status, JSON answer (or the raw text), Retry-After."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request(method, path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        raw = response.read()
+        try:
+            answer: object = json.loads(raw)
+        except ValueError:
+            answer = raw.decode(errors="replace")
+        return response.status, answer, response.getheader("retry-after")
+    finally:
+        connection.close()
+
+
+def test_every_request_gets_the_answer_and_leaves_the_log_as_with_the_python_front(tmp_path: Path) -> None:
+    fronts = {front: ServeProcess(tmp_path / front, "--front", front) for front in ("python", "native")}
+    try:
+        answers = {front: [exchange(server.url, *case) for case in CASES] for front, server in fronts.items()}
+        # the same again on one keep-alive connection: requests taken by the front, then handed on mid-connection
+        for front, server in fronts.items():
+            with httpx.Client(base_url=server.url) as client:
+                for i in range(3):
+                    assert client.post("/v1/events", content=line(900 + i), headers=NDJSON).status_code == 200
+                assert client.post("/v1/events", content=b"{bad", headers=NDJSON).status_code == 400
+                assert client.post("/v1/events", content=line(910), headers=NDJSON).status_code == 200
+        counts = front_counts(fronts["native"])
+    finally:
+        for server in fronts.values():
+            assert server.stop() == 0
+    for case, python, native in zip(CASES, answers["python"], answers["native"]):
+        assert native == python, case
+    assert {status for status, _, _ in answers["native"]} >= {200, 400, 405, 413, 415}
+    assert counts["taken"] >= 8 and counts["spliced"] >= 10  # both paths were really taken
+    python_events, native_events = (logged_events(server.data_dir) for server in fronts.values())
+    assert len(native_events) > 20
+    # an event sent without an eventId gets a new one from each server
+    generated = [e.pop("eventId") for events in (python_events, native_events) for e in events
+                 if e["eventName"] == "noId"]
+    assert len(generated) == 2 and generated[0] != generated[1]
+    assert native_events == python_events
+
+
+def test_write_keys_are_checked_by_the_front_and_a_wrong_one_is_answered_by_the_app(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path / "data", env={"GAMESTREAM_API_KEYS": "k-write", "GAMESTREAM_ADMIN_KEYS": "k-admin"})
+    try:
+        for headers in ({"X-API-Key": "k-write"}, {"Authorization": "Bearer k-write"},
+                        {"Authorization": "bearer   k-write"}):
+            answer = httpx.post(server.url + "/v1/events", content=line(1), headers={**NDJSON, **headers})
+            assert answer.status_code == 200 and answer.headers["server"] == "gamestream", headers
+        for headers in ({}, {"X-API-Key": "k-wrong"}, {"X-API-Key": "k-write!"}, {"X-API-Key": "k-writ"},
+                        {"Authorization": "Basic k-write"}, {"X-API-Key": "k-wrong", "Authorization": "Bearer k-write"}):
+            answer = httpx.post(server.url + "/v1/events", content=line(2), headers={**NDJSON, **headers})
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", headers
+        counts = httpx.get(server.url + "/metrics", headers={"X-API-Key": "k-admin"}).text
+    finally:
+        assert server.stop() == 0
+    assert 'gamestream_front_requests{kind="taken"} 3.0' in counts
+    assert len(logged_events(server.data_dir)) == 3
