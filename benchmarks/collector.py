@@ -2,15 +2,18 @@
 connections (issue "the ingest tier at a fraction of its cost").
 
     .venv/bin/python benchmarks/collector.py [--seconds 5] [--sizes 1,10,100,500] [--connections 8]
-        [--encodings plain,gzip] [--servers noop-starlette,noop-asgi,stubbed,collector]
+        [--encodings plain,gzip] [--servers noop-starlette,noop-asgi,stubbed-python,collector-python,stubbed,collector]
 
-Servers, each its own process on the same uvicorn/uvloop/httptools stack, one worker:
-- `noop-starlette`: a Starlette route that reads the body and answers 200 without looking at it (the HTTP stack
-  with Starlette's routing: the ceiling of the current design);
+Servers, each its own process, one worker:
+- `noop-starlette`: a Starlette route on uvicorn (uvloop, httptools) that reads the body and answers 200 without
+  looking at it (the HTTP stack with Starlette's routing);
 - `noop-asgi`: the same as a raw ASGI callable (the HTTP stack alone);
-- `stubbed`: gamestream's whole collector app (`create_app`, served by `api.server.serve`, guard and all) with a
-  log whose appends are acknowledged at once and stored nowhere: everything but the durable append;
-- `collector`: `gamestream serve` on the embedded log (group-committed, fsync'd before each answer).
+- `stubbed-python`: gamestream's whole collector app on uvicorn (`create_app`, served by `api.server.serve` with
+  `--front python`, guard and all) with a log whose appends are acknowledged at once and stored nowhere:
+  everything but the durable append;
+- `collector-python`: `gamestream serve --front python` on the embedded log (group-committed, fsync'd before
+  each answer);
+- `stubbed` and `collector`: the same two with the native front (`serve`'s default, `api.front`).
 
 A small asyncio HTTP/1.1 client in this process keeps `--connections` keep-alive connections busy with bodies of
 `size` events (NDJSON; one JSON object for 1), plain or gzip'd, each event with a fresh eventId. Per run: the
@@ -124,7 +127,7 @@ STUBBED = textwrap.dedent("""
             done.set_result(AppendResult(offsets=[0] * len(records)))
             return done
 
-    settings = Settings.from_env(data_dir=Path(sys.argv[1]))
+    settings = Settings.from_env(data_dir=Path(sys.argv[1]), front=sys.argv[2])
     app = create_app(settings, log=AcknowledgingLog(settings.data_dir / "log", partitions=4))
     sock = server.bind("127.0.0.1", 0)
     print(f"listening on http://127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
@@ -145,10 +148,12 @@ def start(name: str, work: Path) -> tuple[subprocess.Popen, str]:
         "noop-asgi": [sys.executable, "-c", NOOP_ASGI, port],
         "noop-granian-rsgi": [sys.executable, "-c", NOOP_GRANIAN, port, "rsgi"],
         "noop-granian-asgi": [sys.executable, "-c", NOOP_GRANIAN, port, "asgi"],
-        "stubbed": [sys.executable, "-c", STUBBED, str(work / name)],
-        "collector": [sys.executable, "-m", "gamestream", "serve", "--data-dir", str(work / name), "--port", "0"],
-        "collector-native": [sys.executable, "-m", "gamestream", "serve", "--front", "native", "--data-dir",
+        "stubbed-python": [sys.executable, "-c", STUBBED, str(work / name), "python"],
+        "collector-python": [sys.executable, "-m", "gamestream", "serve", "--front", "python", "--data-dir",
                              str(work / name), "--port", "0"],
+        "stubbed": [sys.executable, "-c", STUBBED, str(work / name), "native"],
+        "collector": [sys.executable, "-m", "gamestream", "serve", "--front", "native", "--data-dir",
+                      str(work / name), "--port", "0"],
     }[name]
     # no processor drains the log here: at the default bound (5M events) the later runs would be answered 503
     env = {**os.environ, "GAMESTREAM_MAX_BACKLOG_EVENTS": str(10**12)}
@@ -241,7 +246,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,100,500")
     parser.add_argument("--connections", default="8", help="comma-separated, e.g. 8,32,128")
     parser.add_argument("--encodings", default="plain,gzip")
-    parser.add_argument("--servers", default="noop-starlette,noop-asgi,stubbed,collector")
+    parser.add_argument("--servers", default="noop-starlette,noop-asgi,stubbed-python,collector-python,stubbed,"
+                                             "collector")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("COLLECTOR_RESULTS.md"),
                         help="where to write the Markdown table ('-' to skip)")
     args = parser.parse_args()
@@ -309,8 +315,9 @@ def write_results(path: Path, rows: list[dict], args: argparse.Namespace) -> Non
         f"{args.connections} --encodings {args.encodings}` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC; {os.cpu_count()} cores shared by the client and the server, {platform.python_version()}.", "",
         "Server CPU is utime + stime of every thread of the server process (/proc), over the acknowledged "
-        "events; the client's CPU is apart. `stubbed` is the whole collector with its log append acknowledged "
-        "at once; `collector` is `gamestream serve` on the embedded log (fsync'd before each answer).", "",
+        "events; the client's CPU is apart. `collector` is `gamestream serve` on the embedded log (fsync'd before "
+        "each answer) with its native front, `collector-python` with `--front python`; `stubbed` and "
+        "`stubbed-python` are the same with the log append acknowledged at once.", "",
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         fsync = f"{r['fsync_per_s']:,.0f}" if r["fsync_per_s"] is not None else "—"
@@ -320,13 +327,13 @@ def write_results(path: Path, rows: list[dict], args: argparse.Namespace) -> Non
     path.write_text("\n".join(lines) + "\n")
 
 
-HEADER = (f"{'server':<15}{'events':>7}{'enc':>6}{'conns':>6}{'events/s':>11}{'req/s':>9}{'srv µs/ev':>10}"
+HEADER = (f"{'server':<17}{'events':>7}{'enc':>6}{'conns':>6}{'events/s':>11}{'req/s':>9}{'srv µs/ev':>10}"
           f"{'srv µs/req':>11}{'cli µs/ev':>10}{'p50 ms':>8}{'p99 ms':>8}{'fsync/s':>9}")
 
 
 def _line(row: dict) -> str:
     fsync = f"{row['fsync_per_s']:>9,.0f}" if row["fsync_per_s"] is not None else f"{'-':>9}"
-    return (f"{row['server']:<15}{row['size']:>7}{row['encoding']:>6}{row['connections']:>6}{row['eps']:>11,.0f}"
+    return (f"{row['server']:<17}{row['size']:>7}{row['encoding']:>6}{row['connections']:>6}{row['eps']:>11,.0f}"
             f"{row['rps']:>9,.0f}{row['server_us_event']:>10.2f}{row['server_us_request']:>11.1f}"
             f"{row['client_us_event']:>10.2f}{row['p50_ms']:>8.2f}{row['p99_ms']:>8.2f}{fsync}")
 

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from gamestream.log.sqlite import SqliteEventLog
 
 
@@ -51,6 +53,14 @@ class ServeProcess:
         if self.process.stderr:
             self.process.stderr.close()
         return code
+
+
+def front_counts(url: str, headers: dict | None = None) -> dict[str, float]:
+    """The native front's counts on a collector's /metrics: requests it answered ("taken"), connections it
+    handed to the app ("spliced"); empty without the front."""
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return {kind: float(value) for kind, value in
+            re.findall(r'^gamestream_front_requests\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)}
 
 
 def stored_events(data_dir: Path) -> int:

@@ -36,7 +36,9 @@ def test_the_collector_breakdown_runs_every_layer_and_counts_the_collectors_fsyn
     assert re.fullmatch(r"RESULT collector_us_per_event_1=[\d.]+ collector_us_per_event_10=[\d.]+",
                         run.stdout.strip().splitlines()[-1])
     rows = [line.split(" | ") for line in results.read_text().splitlines() if line.startswith("| ")][1:]
-    assert {row[0].lstrip("| ") for row in rows} == {"noop-starlette", "noop-asgi", "stubbed", "collector"}
-    assert len(rows) == 4 * 2 * 2
-    collector_fsyncs = [float(row[-1].rstrip(" |").replace(",", "")) for row in rows if row[0] == "| collector"]
-    assert collector_fsyncs and all(f > 0 for f in collector_fsyncs)  # every answer waited for a group commit
+    servers = {"noop-starlette", "noop-asgi", "stubbed-python", "collector-python", "stubbed", "collector"}
+    assert {row[0].lstrip("| ") for row in rows} == servers
+    assert len(rows) == len(servers) * 2 * 2
+    collector_fsyncs = [float(row[-1].rstrip(" |").replace(",", "")) for row in rows
+                        if row[0] in ("| collector", "| collector-python")]
+    assert len(collector_fsyncs) == 8 and all(f > 0 for f in collector_fsyncs)  # every answer waited for a commit

@@ -39,6 +39,7 @@ use crate::validate::{Request, Validator};
 
 const MAX_HEADER_LINES: usize = 100; // `http_guard.MAX_HEADER_LINES`
 const LINGER: Duration = Duration::from_secs(2); // `http_guard.LINGER_S`
+const KEPT_BUFFER: usize = 64 * 1024;
 const COUNTRIES_KEPT: usize = 4096; // `api.collector.COUNTRIES_KEPT`
 const COUNTRIES_KEPT_FOR: Duration = Duration::from_secs(1);
 const JSON_TYPES: &[&str] = &["application/json"]; // `log.envelope.JSON_TYPES`, `NDJSON_TYPES`
@@ -356,6 +357,7 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         let _busy = Busy(&shared.busy);
         // 2. the body, under the body timer
         let end = taken.head_len + taken.body_len;
+        buf.reserve(end.saturating_sub(buf.len())); // the body in as few reads as the socket allows
         let deadline = tokio::time::Instant::now() + config.body_timeout;
         while buf.len() < end {
             match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
@@ -412,6 +414,9 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             return;
         }
         buf.drain(..end);
+        if buf.capacity() > KEPT_BUFFER && buf.len() <= KEPT_BUFFER {
+            buf.shrink_to(KEPT_BUFFER); // an idle connection holds no more than this after a large body
+        }
     };
     if let Next::Splice = next {
         splice(&shared, stream, peer, &buf).await;

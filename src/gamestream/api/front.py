@@ -85,15 +85,23 @@ class _Appender:
 
     def __init__(self, collector: Collector) -> None:
         self.collector = collector
+        self.failing = False  # an episode of failed appends: warned about once, its end logged once
 
     def __call__(self, records: list[tuple[int, bytes, int]], ages: list[float], events: int) -> None:
         collector = self.collector
         started = time.perf_counter()
         try:
             collector.log.append_now([Append(p, record, n) for p, record, n in records])
-        except Exception:  # nothing was stored: the front answers each request 503 with Retry-After
+        except Exception as error:  # nothing was stored: the front answers each request 503 with Retry-After
             collector.count_request(503, len(ages))
+            if not self.failing:
+                logger.warning("log append failed; answering 503 until it works again",
+                               extra={"requests": len(ages), "error": type(error).__name__, "reason": str(error)})
+            self.failing = True
             raise
+        if self.failing:
+            logger.info("log appends succeed again", extra={"requests": len(ages)})
+            self.failing = False
         elapsed = time.perf_counter() - started
         for age in ages:
             collector.metrics.latency.observe(age + elapsed)
