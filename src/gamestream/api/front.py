@@ -185,10 +185,9 @@ async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event
         front.start()
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-        from gamestream.api.server import GRACEFUL_SHUTDOWN_S
-
-        # requests taken by the front are answered first (their log submits need the app's log open)
-        await asyncio.to_thread(front.stop, GRACEFUL_SHUTDOWN_S)
+        # requests taken by the front are answered first (their log appends need the app's log open), within
+        # the graceful shutdown the app's own requests get
+        await asyncio.to_thread(front.stop, config["timeout_graceful_shutdown"])
         server.should_exit = True
         await task
         stopper.cancel()
