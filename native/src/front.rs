@@ -125,8 +125,11 @@ fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a [u8
     headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
 }
 
+/// `value` without ASCII whitespace at either end (`<[u8]>::trim_ascii`, which needs Rust 1.80).
 fn trimmed(value: &[u8]) -> &[u8] {
-    value.trim_ascii()
+    let start = value.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    &value[start..end]
 }
 
 /// `api.access.presented_key`: X-API-Key, else `Authorization: Bearer <key>`; ASCII only (else not taken here).
