@@ -85,6 +85,10 @@ CASES = [
     ("POST", "/v1/events", NDJSON, b"\n".join(line(i) for i in range(500, 1001))),
     ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k1"}, line(50)),
     ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k1"}, line(51)),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k2"}, line(52) + b"\nnot json"),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k2"}, line(53)),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k" * 201}, line(54)),
+    ("POST", "/v1/events", {**NDJSON, "Idempotency-Key": "k" * 200}, line(55)),
     ("POST", "/v1/events", {**NDJSON, "Sent-At": "2026-12-06T00:00:00Z"}, line(60)),
     ("POST", "/v1/events", {**NDJSON, "Sent-At": "yesterday"}, line(61)),
     ("POST", "/v1/events", {**NDJSON, "Connection": "close"}, line(70)),
@@ -96,8 +100,10 @@ CASES = [
 ]
 
 
-def exchange(url: str, method: str, path: str, headers: dict, body: bytes) -> tuple[int, object, str | None]:
-    """One request on its own connection: status, JSON answer (or the raw text), Retry-After."""
+def exchange(url: str, method: str, path: str, headers: dict, body: bytes
+             ) -> tuple[int, object, str | None, str | None]:
+    """One request on its own connection: status, JSON answer (or the raw text), Retry-After,
+    Idempotent-Replayed."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
@@ -108,7 +114,7 @@ def exchange(url: str, method: str, path: str, headers: dict, body: bytes) -> tu
             answer: object = json.loads(raw)
         except ValueError:
             answer = raw.decode(errors="replace")
-        return response.status, answer, response.getheader("retry-after")
+        return response.status, answer, response.getheader("retry-after"), response.getheader("idempotent-replayed")
     finally:
         connection.close()
 
@@ -130,7 +136,8 @@ def test_every_request_gets_the_answer_and_leaves_the_log_as_with_the_python_fro
             assert server.stop() == 0
     for case, python, native in zip(CASES, answers["python"], answers["native"]):
         assert native == python, case
-    assert {status for status, _, _ in answers["native"]} >= {200, 400, 405, 413, 415}
+    assert {status for status, *_ in answers["native"]} >= {200, 400, 405, 413, 415}
+    assert sum(replayed == "true" for *_, replayed in answers["native"]) == 2
     assert counts["taken"] >= 8 and counts["spliced"] >= 10  # both paths were really taken
     python_events, native_events = (logged_events(server.data_dir) for server in fronts.values())
     assert len(native_events) > 20
@@ -157,3 +164,36 @@ def test_write_keys_are_checked_by_the_front_and_a_wrong_one_is_answered_by_the_
         assert server.stop() == 0
     assert counts["taken"] == 3
     assert len(logged_events(server.data_dir)) == 3
+
+
+def test_requests_with_idempotency_keys_sent_at_once_store_each_key_once(tmp_path: Path) -> None:
+    """Eight clients send the same 25 keyed requests at the same moment, so the front's groups hold several keyed
+    requests (and may hold one key twice): each key's events are stored once, its first answer is the one every
+    copy gets, and the copies say they are replays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServeProcess(tmp_path / "data")
+    bodies = {f"key-{k}": b"\n".join(line(k * 10 + i) for i in range(1 + k % 4)) for k in range(25)}
+
+    def client(_: int) -> list[tuple[str, int, dict, str | None]]:
+        with httpx.Client(base_url=server.url) as http:
+            answers = []
+            for key, body in bodies.items():
+                answer = http.post("/v1/events", content=body, headers={**NDJSON, "Idempotency-Key": key})
+                answers.append((key, answer.status_code, answer.json(), answer.headers.get("idempotent-replayed")))
+            return answers
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = [a for answers in pool.map(client, range(8)) for a in answers]
+        counts = front_counts(server.url)
+    finally:
+        assert server.stop() == 0
+    assert counts["taken"] == 8 * 25
+    for key, body in bodies.items():
+        mine = [(status, answer, replayed) for k, status, answer, replayed in answers if k == key]
+        events = body.count(b"\n") + 1
+        assert all(status == 200 and answer == {"accepted": events, "rejected": 0, "errors": []}
+                   for status, answer, _ in mine)
+        assert sorted(replayed or "" for *_, replayed in mine) == [""] + ["true"] * 7, key
+    assert len(logged_events(server.data_dir)) == sum(body.count(b"\n") + 1 for body in bodies.values())

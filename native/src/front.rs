@@ -6,14 +6,16 @@
 //! 1. A request head is read under the head timer (`header_timeout_s`, from the connection's opening or its
 //!    previous answer; an idle or trickling connection is closed, as `http_guard` closes it) and parsed.
 //! 2. The **fast path** takes it only when every answer but 200 is ruled out up front: `POST /v1/events` over
-//!    HTTP/1.1, a Content-Length within the body limit, no Transfer-Encoding, Expect, Idempotency-Key, Sent-At or
-//!    Upgrade, a content type and encoding the collector takes, a write key that matches (or none configured),
+//!    HTTP/1.1, a Content-Length within the body limit, no Transfer-Encoding, Expect, Sent-At or Upgrade, an
+//!    Idempotency-Key (if any) of 1 to 200 ASCII characters, a content type and encoding the collector takes, a write key that matches (or none configured),
 //!    the backlog under its bound (`set_refusing`), and the connection limit not passed. The body is read under
 //!    the body timer (408 and a lingering close when it is late, as `http_guard` answers), gunzipped within the
 //!    limit, and checked by the validator's kernel (`Validator::plan_body`): every event provably valid, or the
 //!    request is not taken here. A taken request's records join the next group; one call into Python per group
 //!    (`append`) makes the group durable in the log, and each request of it is then answered 200 with the
-//!    answer the Python route gives, or 503 with Retry-After when the log refused the group (nothing stored).
+//!    answer the Python route gives, or 503 with Retry-After when the log refused the group (nothing stored). A
+//!    request with an Idempotency-Key has its own item in the group, its key and answer stored with its records
+//!    in the same transaction; a key used before gets the first answer back and stores nothing.
 //! 3. Anything else — any refusal, any rejected event, another route, a head it cannot parse, over a limit — is
 //!    **spliced**: the bytes read so far and the rest of the connection, both ways, go to the Python app (uvicorn
 //!    with `http_guard`, on a Unix socket only this process can open), preceded by one line naming the client's
@@ -59,6 +61,7 @@ struct Config {
     retry_after: u64,
     partitions: Option<u32>,
     record_limit: Option<usize>,
+    max_idempotency_key: usize,
     /// the forwarding header the trusted proxies write, lower case (None: no proxy is trusted)
     forwarded_header: Option<String>,
 }
@@ -67,9 +70,16 @@ struct Config {
 struct Pending {
     records: Vec<(u32, Vec<u8>, usize)>,
     events: usize,
+    /// its Idempotency-Key, stored with its records and `answer` in the group's transaction
+    key: Option<String>,
+    answer: Vec<u8>,
     started: Instant,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Reply>,
 }
+
+/// A taken request's outcome: durable (None), or its key's first answer (Some: nothing stored); Err: the log
+/// refused the group (the error's type name).
+type Reply = Result<Option<Vec<u8>>, String>;
 
 #[derive(Default)]
 struct Queue {
@@ -119,6 +129,7 @@ struct Taken {
     gzip: bool,
     lines: bool,
     forwarded: Vec<u8>,
+    key: Option<String>,
 }
 
 fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a [u8]> {
@@ -177,11 +188,19 @@ impl Shared {
         if body_len > config.max_body {
             return None;
         }
-        for refused in ["transfer-encoding", "expect", "idempotency-key", "sent-at", "upgrade"] {
+        for refused in ["transfer-encoding", "expect", "sent-at", "upgrade"] {
             if header(headers, refused).is_some() {
                 return None;
             }
         }
+        // `routes.events._idempotency_key`: 1 to the limit's characters (ASCII here; anything else: the app)
+        let key = match header(headers, "idempotency-key") {
+            None => None,
+            Some(key) if !key.is_empty() && key.len() <= config.max_idempotency_key && key.is_ascii() => {
+                Some(String::from_utf8(key.to_vec()).ok()?)
+            }
+            Some(_) => return None,
+        };
         if let Some(connection) = header(headers, "connection") {
             if !trimmed(connection).eq_ignore_ascii_case(b"keep-alive") {
                 return None;
@@ -221,7 +240,7 @@ impl Shared {
                 forwarded.extend_from_slice(value);
             }
         }
-        Some(Taken { head_len, body_len, gzip, lines, forwarded })
+        Some(Taken { head_len, body_len, gzip, lines, forwarded, key })
     }
 
     /// The client's country, looked up in Python (`Collector.country_for`) once a second per address.
@@ -397,17 +416,20 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             break Next::Splice;
         };
         let (reply, answered) = oneshot::channel();
+        // the route's answer (`ingest.collector.encode`), stored under the key when there is one
+        let accepted = format!("{{\"accepted\":{events},\"rejected\":0,\"errors\":[]}}").into_bytes();
         {
             let mut queue = shared.queue.lock().unwrap();
             if queue.closed {
                 break Next::Splice;
             }
-            queue.items.push(Pending { records, events, started, reply });
+            queue.items.push(Pending { records, events, key: taken.key, answer: accepted.clone(), started, reply });
         }
         shared.wake.notify_one();
         shared.taken.fetch_add(1, Ordering::Relaxed);
         let out = match answered.await {
-            Ok(Ok(())) => answer("200 OK", format!("{{\"accepted\":{events},\"rejected\":0,\"errors\":[]}}").as_bytes(), ""),
+            Ok(Ok(None)) => answer("200 OK", &accepted, ""),
+            Ok(Ok(Some(first))) => answer("200 OK", &first, "idempotent-replayed: true\r\n"),
             Ok(Err(name)) => answer("503 Service Unavailable", &refusal(&format!(
                 "the event log cannot take writes right now ({name}); nothing was stored, retry later")),
                 &format!("retry-after: {}\r\n", config.retry_after)),
@@ -433,9 +455,9 @@ fn format_seconds(duration: Duration) -> String {
 }
 
 // ----------------------------------------------------------------------------------------------- the groups
-/// The records of a group's requests as few records: a partition's records joined by newlines within
-/// `limit` bytes (`api.coalesce.merge`), partitions in order of first appearance.
-fn merge(group: &[Pending], limit: Option<usize>) -> Vec<(u32, Vec<u8>, usize)> {
+/// The records of requests as few records: a partition's records joined by newlines within `limit` bytes
+/// (`api.coalesce.merge`), partitions in order of first appearance.
+fn merge<'a>(group: impl Iterator<Item = &'a Pending>, limit: Option<usize>) -> Vec<(u32, Vec<u8>, usize)> {
     let mut order: Vec<u32> = Vec::new();
     let mut by_partition: HashMap<u32, Vec<(&[u8], usize)>> = HashMap::new();
     for pending in group {
@@ -481,20 +503,43 @@ fn commit_groups(shared: Arc<Shared>) {
         if group.is_empty() {
             return;
         }
-        let records = merge(&group, shared.config.record_limit);
+        // one item for the requests without a key (their records joined), one for each request with one (its key
+        // and answer stored with its records, or its records not stored at all when the key was used before)
+        let unkeyed = group.iter().filter(|p| p.key.is_none());
+        let merged = merge(unkeyed.clone(), shared.config.record_limit);
         let ages: Vec<f64> = group.iter().map(|p| p.started.elapsed().as_secs_f64()).collect();
-        let events: usize = group.iter().map(|p| p.events).sum();
-        let result = (|| -> Result<(), String> {
-            let appends = PyList::empty(py);
-            for (partition, record, count) in &records {
-                appends.append((*partition, PyBytes::new(py, record), *count)).map_err(|e| e.to_string())?;
+        let result = (|| -> PyResult<Vec<Option<Vec<u8>>>> {
+            let items = PyList::empty(py);
+            let records_of = |records: &[(u32, Vec<u8>, usize)]| -> PyResult<Bound<'_, PyList>> {
+                let list = PyList::empty(py);
+                for (partition, record, count) in records {
+                    list.append((*partition, PyBytes::new(py, record), *count))?;
+                }
+                Ok(list)
+            };
+            if !merged.is_empty() {
+                let events: usize = unkeyed.map(|p| p.events).sum();
+                items.append((py.None(), py.None(), records_of(&merged)?, events))?;
             }
-            shared.append.call1(py, (appends, ages, events)).map(|_| ()).map_err(|error| {
-                error.get_type(py).name().map(|name| name.to_string()).unwrap_or_else(|_| "Exception".into())
-            })
+            for pending in group.iter().filter(|p| p.key.is_some()) {
+                items.append((pending.key.as_deref(), PyBytes::new(py, &pending.answer), records_of(&pending.records)?,
+                              pending.events))?;
+            }
+            shared.append.call1(py, (items, ages))?.extract(py)
         })();
+        let result: Result<Vec<Option<Vec<u8>>>, String> = result.map_err(|error| {
+            error.get_type(py).name().map(|name| name.to_string()).unwrap_or_else(|_| "Exception".into())
+        });
+        let outcomes: &[Option<Vec<u8>>] = result.as_deref().unwrap_or(&[]);
+        // the keyed requests' outcomes, after the unkeyed requests' item (stored) when there is one
+        let mut replies = outcomes.iter().skip(usize::from(!merged.is_empty())).cloned();
         for pending in group {
-            let _ = pending.reply.send(result.clone());
+            let reply = match &result {
+                Err(name) => Err(name.clone()),
+                Ok(_) if pending.key.is_none() => Ok(None),
+                Ok(_) => Ok(replies.next().flatten()),
+            };
+            let _ = pending.reply.send(reply);
         }
     })
 }
@@ -502,9 +547,11 @@ fn commit_groups(shared: Arc<Shared>) {
 // ----------------------------------------------------------------------------------------------- Python API
 /// `Front(listener_fd, upstream, validator, append, country, *, keys, max_body_bytes, max_events,
 /// max_header_bytes, header_timeout_s, body_timeout_s, max_connections, drain_max_bytes, retry_after_s,
-/// partitions, record_limit, forwarded_header)`: see the module's doc. `append(records, ages, events)` makes
-/// `[(partition, record, events)]` durable (raising when the log refuses them); `country(ip, forwarded)` gives
-/// the client's country or None.
+/// partitions, record_limit, max_idempotency_key, forwarded_header)`: see the module's doc. `append(items, ages)`
+/// makes a group durable in one go — each item `(key, answer, [(partition, record, events)], events)`, key and
+/// answer None for the requests without an Idempotency-Key — and gives back, item by item, None (stored) or
+/// the answer stored under the key before (nothing stored), raising when the log refuses the group; `ages` are
+/// the seconds each request has waited. `country(ip, forwarded)` gives the client's country or None.
 #[pyclass(module = "gamestream_native")]
 pub struct Front {
     shared: Arc<Shared>,
@@ -518,12 +565,12 @@ impl Front {
     #[new]
     #[pyo3(signature = (listener_fd, upstream, validator, append, country, *, keys, max_body_bytes, max_events,
                         max_header_bytes, header_timeout_s, body_timeout_s, max_connections, drain_max_bytes,
-                        retry_after_s, partitions, record_limit, forwarded_header))]
+                        retry_after_s, partitions, record_limit, max_idempotency_key, forwarded_header))]
     #[allow(clippy::too_many_arguments)]
     fn new(listener_fd: i32, upstream: String, validator: Py<Validator>, append: Py<PyAny>, country: Option<Py<PyAny>>,
            keys: Vec<Vec<u8>>, max_body_bytes: usize, max_events: usize, max_header_bytes: usize,
            header_timeout_s: f64, body_timeout_s: f64, max_connections: usize, drain_max_bytes: usize,
-           retry_after_s: u64, partitions: Option<u32>, record_limit: Option<usize>,
+           retry_after_s: u64, partitions: Option<u32>, record_limit: Option<usize>, max_idempotency_key: usize,
            forwarded_header: Option<String>) -> PyResult<Self> {
         if !(header_timeout_s > 0.0 && body_timeout_s > 0.0) {
             return Err(PyValueError::new_err("timeouts must be positive"));
@@ -536,7 +583,7 @@ impl Front {
             upstream, keys, max_body: max_body_bytes, max_events, max_header: max_header_bytes,
             header_timeout: Duration::from_secs_f64(header_timeout_s),
             body_timeout: Duration::from_secs_f64(body_timeout_s), max_connections, drain_max: drain_max_bytes,
-            retry_after: retry_after_s, partitions, record_limit,
+            retry_after: retry_after_s, partitions, record_limit, max_idempotency_key,
             forwarded_header: forwarded_header.map(|h| h.to_ascii_lowercase()),
         };
         let shared = Arc::new(Shared {

@@ -1,11 +1,13 @@
 """The collector's native front (`serve --front native`, GAMESTREAM_FRONT=native): the listening socket served by
 `gamestream_native.Front` (native/src/front.rs), the whole app behind it as before.
 
-The front answers `POST /v1/events` itself when the answer is a plain 200: an ordinary request (no
-Idempotency-Key, Sent-At or Expect; a content type, encoding and key the route takes; the backlog under its
-bound) whose events are all provably valid (the validator's kernel, the one the route uses). HTTP, the body
-timer, gunzip and validation run in Rust with no GIL; the accepted requests of a moment are made durable in one
-log submit, with one call into Python (`_Appender`), and each is answered only once that submit is durable.
+The front answers `POST /v1/events` itself when the answer is a plain 200: an ordinary request (no Sent-At or
+Expect; a content type, encoding and write key the route takes; the backlog under its bound) whose events are
+all provably valid (the validator's kernel, the one the route uses). HTTP, the body timer, gunzip and
+validation run in Rust with no GIL; the accepted requests of a moment are made durable together, with one call
+into Python (`_Appender`), and each is answered only once that is durable. A request with an Idempotency-Key
+keeps its own records, stored with its key and answer in the same transaction, as the route stores them; a key
+used before gets the first answer (`Idempotent-Replayed: true`) and stores nothing.
 
 Every other request — a refusal of any kind, a rejected event, another route, a head it cannot read, the
 connection limit — is not decided there: the connection, with the bytes read so far, is handed whole to this
@@ -33,7 +35,7 @@ from gamestream.api.collector import Collector
 from gamestream.ingest import batch
 from gamestream.ingest.http_guard import GuardedHttpToolsProtocol
 from gamestream.ingest.native_validate import native_validator
-from gamestream.log import Append
+from gamestream.log import Append, Idempotency, envelope
 from gamestream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -87,11 +89,18 @@ class _Appender:
         self.collector = collector
         self.failing = False  # an episode of failed appends: warned about once, its end logged once
 
-    def __call__(self, records: list[tuple[int, bytes, int]], ages: list[float], events: int) -> None:
+    def __call__(self, items: list[tuple[str | None, bytes | None, list[tuple[int, bytes, int]], int]],
+                 ages: list[float]) -> list[bytes | None]:
+        """`items`: `(key, answer, records, events)` — one for the requests without an Idempotency-Key (key and
+        answer None), one per request with one; `ages`: how long each request of the group has waited. Gives
+        back, item by item, None (stored) or the answer stored under its key before (nothing stored)."""
         collector = self.collector
         started = time.perf_counter()
+        group = [([Append(p, record, n) for p, record, n in records],
+                  None if key is None else Idempotency(key, answer))  # type: ignore[arg-type]
+                 for key, answer, records, _ in items]
         try:
-            collector.log.append_now([Append(p, record, n) for p, record, n in records])
+            results = collector.log.append_group_now(group)
         except Exception as error:  # nothing was stored: the front answers each request 503 with Retry-After
             collector.count_request(503, len(ages))
             if not self.failing:
@@ -106,9 +115,12 @@ class _Appender:
         for age in ages:
             collector.metrics.latency.observe(age + elapsed)
         collector.count_request(200, len(ages))
-        collector.count_accepted(events)
-        collector.coalescer.groups += 1
-        collector.coalescer.requests += len(ages)
+        collector.count_accepted(sum(item[3] for item, result in zip(items, results) if result.replayed is None))
+        unkeyed = len(ages) - sum(item[0] is not None for item in items)
+        if unkeyed:  # `gamestream_log_submits` counts the submits of requests without a key, as the route does
+            collector.coalescer.groups += 1
+            collector.coalescer.requests += unkeyed
+        return [result.replayed for result in results]
 
 
 def front_of(settings: Settings) -> str:
@@ -155,6 +167,7 @@ def native_front(settings: Settings, collector: Collector, sock: socket.socket, 
         body_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections,
         drain_max_bytes=settings.drain_max_bytes, retry_after_s=settings.retry_after_s,
         partitions=None if log.own_routing else log.partitions, record_limit=log.max_record_bytes,
+        max_idempotency_key=envelope.MAX_IDEMPOTENCY_KEY,
         forwarded_header=geo.header if geo is not None and geo.trusted else None)
 
 

@@ -106,11 +106,14 @@ class LogFeatures:
     supports_trim: bool = True
     idempotency_scope: Literal["log", "process"] = "log"
 
-    def append_now(self, records: Sequence[Append]) -> list[int]:
-        """`append` for a caller that groups appends itself (the native front's committer, `api.front`): durable
-        when it returns, written from the calling thread where the log can (the embedded log: no hand-off to its
-        writer thread); through `append` otherwise."""
-        return self.append(records)  # type: ignore[attr-defined]
+    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]) -> list[AppendResult]:
+        """The appends of `group` durable when it returns, each as `submit` makes it (its key, if any, stored
+        with its records; a key used before: nothing stored, the first response given back), for a caller that
+        groups appends itself (the native front's committer, `api.front`). Written from the calling thread in
+        one transaction where the log can (the embedded log: no hand-off to its writer thread); else one submit
+        per item, all in flight at once."""
+        submitted = [self.submit(records, idempotency) for records, idempotency in group]  # type: ignore[attr-defined]
+        return [done.result() for done in submitted]
 
     def route(self, device_id: str) -> int:
         """The partition of a device's events (`partition_for` unless `own_routing`)."""

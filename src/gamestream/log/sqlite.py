@@ -163,17 +163,18 @@ class SqliteEventLog(LogFeatures):
         self._queue.put((records, idempotency, done))
         return done
 
-    def append_now(self, records: Sequence[Append]) -> list[int]:
+    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]) -> list[AppendResult]:
         """One transaction on the calling thread's connection (SQLite's write lock orders it with the writer
         thread's groups and other processes), fsync'd before it returns."""
-        if not records:
-            return []
-        check_records(records, self._partitions)
+        for records, _ in group:
+            check_records(records, self._partitions)
         if self._closed:
             raise RuntimeError("the log is closed")
-        [result] = self._commit_group(self._connection(), [(records, None)])
+        if not group:
+            return []
+        results = self._commit_group(self._connection(), list(group))
         self.group_commits += 1
-        return result.offsets
+        return results
 
     def _ensure_writer(self) -> None:
         if self._writer is None:
