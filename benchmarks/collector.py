@@ -127,8 +127,8 @@ STUBBED = textwrap.dedent("""
             done.set_result(AppendResult(offsets=[0] * len(records)))
             return done
 
-        def append_now(self, records):  # the native front's appends
-            return [0] * len(records)
+        def append_group_now(self, group):  # the native front's appends
+            return [AppendResult(offsets=[0] * len(records)) for records, _ in group]
 
     settings = Settings.from_env(data_dir=Path(sys.argv[1]), front=sys.argv[2])
     app = create_app(settings, log=AcknowledgingLog(settings.data_dir / "log", partitions=4))
