@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import re
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -197,3 +199,141 @@ def test_requests_with_idempotency_keys_sent_at_once_store_each_key_once(tmp_pat
                    for status, answer, _ in mine)
         assert sorted(replayed or "" for *_, replayed in mine) == [""] + ["true"] * 7, key
     assert len(logged_events(server.data_dir)) == sum(body.count(b"\n") + 1 for body in bodies.values())
+
+
+class AnswerDroppingProxy:
+    """A TCP proxy in front of a collector that passes every request on and drops every `every`-th answer: it
+    closes the client's connection instead of passing the answer back (the request did land)."""
+
+    def __init__(self, upstream: str, every: int) -> None:
+        import socket
+        import threading
+
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.every, self.seen, self.dropped = every, 0, 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client) -> None:
+        import socket
+
+        with client, socket.create_connection(self.upstream) as upstream:
+            client.settimeout(30)
+            upstream.settimeout(30)
+            while True:
+                request = read_message(client)
+                if request is None:
+                    return
+                upstream.sendall(request)
+                answer = read_message(upstream)
+                with self.lock:
+                    self.seen += 1
+                    drop = self.seen % self.every == 0
+                    self.dropped += drop
+                if drop or answer is None:
+                    return  # the request landed; its client never hears how
+                client.sendall(answer)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def read_message(sock) -> bytes | None:
+    """One HTTP/1.1 message with a Content-Length (head and body) from `sock`, or None at its end."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_answers_lost_on_the_way_back_are_retried_with_their_keys_and_each_event_lands_once(tmp_path: Path) -> None:
+    """A proxy drops every third answer after the front has made its request durable; the clients retry with the
+    same Idempotency-Key until they hear back. Every event is in the log once, and the retries of a request that
+    had landed are answered from the log (`Idempotent-Replayed`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServeProcess(tmp_path / "data")
+    proxy = AnswerDroppingProxy(server.url, every=3)
+    requests = {f"lost-{k}": b"\n".join(line(k * 10 + i) for i in range(5)) for k in range(60)}
+
+    def post_until_answered(key: str) -> tuple[int, int]:
+        """(attempts, replayed answers) for one request."""
+        attempts = 0
+        while True:
+            attempts += 1
+            assert attempts <= 10, f"{key} never answered"
+            try:
+                answer = httpx.post(proxy.url + "/v1/events", content=requests[key],
+                                    headers={**NDJSON, "Idempotency-Key": key}, timeout=30)
+            except httpx.TransportError:  # the answer was lost: retry with the same key
+                continue
+            assert answer.status_code == 200 and answer.json()["accepted"] == 5, answer.text
+            return attempts, answer.headers.get("idempotent-replayed") == "true"
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(post_until_answered, requests))
+        counts = front_counts(server.url)
+    finally:
+        proxy.close()
+        assert server.stop() == 0
+    assert proxy.dropped >= 20  # the fault happened
+    assert sum(attempts - 1 for attempts, _ in outcomes) == proxy.dropped  # each lost answer, one retry
+    retried = sum(attempts > 1 for attempts, _ in outcomes)
+    assert retried >= 10 and sum(replayed for _, replayed in outcomes) == retried
+    assert counts["taken"] == sum(attempts for attempts, _ in outcomes)  # every attempt answered by the front
+    stored = logged_events(server.data_dir)
+    assert len(stored) == 60 * 5 and len({e["eventId"] for e in stored}) == 60 * 5
+
+
+def test_a_paused_collector_answers_every_waiting_request_once_it_runs_again(tmp_path: Path) -> None:
+    """SIGSTOP while clients post: nothing is answered while it is stopped; after SIGCONT every request is
+    answered 200 and its events are in the log once."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServeProcess(tmp_path / "data")
+    bodies = [b"\n".join(line(k * 10 + i) for i in range(10)) for k in range(40)]
+    try:
+        httpx.post(server.url + "/v1/events", content=line(999), headers=NDJSON)  # warm: the log is open
+        os.kill(server.process.pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(8) as pool:
+            pending = [pool.submit(httpx.post, server.url + "/v1/events", content=body, headers=NDJSON, timeout=60)
+                       for body in bodies]
+            time.sleep(1.5)
+            assert not any(p.done() for p in pending)  # the fault happened: nobody was answered meanwhile
+            assert open(f"/proc/{server.process.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+            os.kill(server.process.pid, signal.SIGCONT)
+            answers = [p.result() for p in pending]
+        counts = front_counts(server.url)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+        assert server.stop() == 0
+    assert all(a.status_code == 200 and a.json()["accepted"] == 10 for a in answers)
+    assert counts["taken"] == 41
+    stored = logged_events(server.data_dir)
+    assert len(stored) == 401 and len({e["eventId"] for e in stored}) == 401
