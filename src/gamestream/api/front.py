@@ -1,5 +1,6 @@
-"""The collector's native front (`serve --front native`, GAMESTREAM_FRONT=native): the listening socket served by
-`gamestream_native.Front` (native/src/front.rs), the whole app behind it as before.
+"""The collector's native front (`serve`'s default when the native module has it; `--front python`, or
+GAMESTREAM_FRONT=python, serves with uvicorn alone): the listening socket served by `gamestream_native.Front`
+(native/src/front.rs), the whole app behind it as before.
 
 The front answers `POST /v1/events` itself when the answer is a plain 200: an ordinary request (no Sent-At or
 Expect; a content type, encoding and write key the route takes; the backlog under its bound) whose events are
