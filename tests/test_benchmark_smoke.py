@@ -42,3 +42,14 @@ def test_the_collector_breakdown_runs_every_layer_and_counts_the_collectors_fsyn
     collector_fsyncs = [float(row[-1].rstrip(" |").replace(",", "")) for row in rows
                         if row[0] in ("| collector", "| collector-python")]
     assert len(collector_fsyncs) == 8 and all(f > 0 for f in collector_fsyncs)  # every answer waited for a commit
+
+
+@pytest.mark.slow
+def test_the_fronts_benchmark_runs_both_fronts_to_the_table(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fronts.py"), "--events", "3000",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith(("python ", "native "))]
+    assert [row[0] for row in rows] == ["python", "native"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
+    assert re.fullmatch(r"RESULT end_to_end_ratio=[\d.]+ serve_cpu_ratio=[\d.]+", run.stdout.strip().splitlines()[-1])
