@@ -175,3 +175,27 @@ def test_the_backlog_of_a_log_written_before_totals_were_kept_counts_its_old_and
         assert totals[-1] == (1, 1, 6)
     finally:
         log.close()
+
+
+def test_a_group_appended_now_is_one_transaction_here_and_item_by_item_through_submit(tmp_path: Path) -> None:
+    """`append_group_now` (the native front's appends): on the embedded log one transaction, its keys stored
+    with their records and a used key replayed; the generic way (one submit per item, as on NATS or Kafka) gives
+    an item the log refused its error, and stores the others."""
+    from gamestream.log import Append, AppendResult, Idempotency
+    from gamestream.log.base import LogFeatures
+
+    log = SqliteEventLog(tmp_path / "log", partitions=2)
+    try:
+        first = log.append_group_now([([Append(0, b'{"a":1}', 1)], None),
+                                      ([Append(1, b'{"b":1}', 1)], Idempotency("k", b"answer-1"))])
+        assert first == [AppendResult([1]), AppendResult([1])]
+        again = log.append_group_now([([Append(1, b'{"b":2}', 1)], Idempotency("k", b"answer-2")),
+                                      ([Append(1, b'{"c":1}', 1)], None)])
+        assert again == [AppendResult([], replayed=b"answer-1"), AppendResult([2])]
+        generic = LogFeatures.append_group_now(log, [([Append(0, b'{"d":1}', 1)], None),
+                                                     ([Append(5, b'{"e":1}', 1)], None)])  # no partition 5
+        assert generic[0] == AppendResult([2]) and isinstance(generic[1], ValueError)
+        assert [r.payload for p in (0, 1) for r in log.read(p, 0, 10)] == [b'{"a":1}', b'{"d":1}', b'{"b":1}',
+                                                                           b'{"c":1}']
+    finally:
+        log.close()

@@ -508,7 +508,7 @@ fn commit_groups(shared: Arc<Shared>) {
         let unkeyed = group.iter().filter(|p| p.key.is_none());
         let merged = merge(unkeyed.clone(), shared.config.record_limit);
         let ages: Vec<f64> = group.iter().map(|p| p.started.elapsed().as_secs_f64()).collect();
-        let result = (|| -> PyResult<Vec<Option<Vec<u8>>>> {
+        let result = (|| -> PyResult<Vec<Reply>> {
             let items = PyList::empty(py);
             let records_of = |records: &[(u32, Vec<u8>, usize)]| -> PyResult<Bound<'_, PyList>> {
                 let list = PyList::empty(py);
@@ -525,21 +525,29 @@ fn commit_groups(shared: Arc<Shared>) {
                 items.append((pending.key.as_deref(), PyBytes::new(py, &pending.answer), records_of(&pending.records)?,
                               pending.events))?;
             }
-            shared.append.call1(py, (items, ages))?.extract(py)
+            // per item: None (stored), bytes (the key's first answer), str (the error that refused it)
+            let outcomes: Vec<Bound<'_, PyAny>> = shared.append.call1(py, (items, ages))?.extract(py)?;
+            outcomes.iter().map(|outcome| -> PyResult<Reply> {
+                Ok(if outcome.is_none() {
+                    Ok(None)
+                } else if let Ok(first) = outcome.cast::<PyBytes>() {
+                    Ok(Some(first.as_bytes().to_vec()))
+                } else {
+                    Err(outcome.extract::<String>()?)
+                })
+            }).collect()
         })();
-        let result: Result<Vec<Option<Vec<u8>>>, String> = result.map_err(|error| {
-            error.get_type(py).name().map(|name| name.to_string()).unwrap_or_else(|_| "Exception".into())
+        let outcomes: Vec<Reply> = result.unwrap_or_else(|error| {
+            // the whole group refused (or the call failed): every item gets the error's type name
+            let name = error.get_type(py).name().map(|name| name.to_string()).unwrap_or_else(|_| "Exception".into());
+            vec![Err(name); usize::from(!merged.is_empty()) + group.iter().filter(|p| p.key.is_some()).count()]
         });
-        let outcomes: &[Option<Vec<u8>>] = result.as_deref().unwrap_or(&[]);
-        // the keyed requests' outcomes, after the unkeyed requests' item (stored) when there is one
-        let mut replies = outcomes.iter().skip(usize::from(!merged.is_empty())).cloned();
+        let mut outcomes = outcomes.into_iter();
+        let unkeyed_outcome = if merged.is_empty() { None } else { outcomes.next() };
         for pending in group {
-            let reply = match &result {
-                Err(name) => Err(name.clone()),
-                Ok(_) if pending.key.is_none() => Ok(None),
-                Ok(_) => Ok(replies.next().flatten()),
-            };
-            let _ = pending.reply.send(reply);
+            let reply = if pending.key.is_none() { unkeyed_outcome.clone() } else { outcomes.next() };
+            // an item Python gave no outcome for is not known to be stored: 503, and the client retries
+            let _ = pending.reply.send(reply.unwrap_or_else(|| Err("Exception".into())));
         }
     })
 }
@@ -549,9 +557,10 @@ fn commit_groups(shared: Arc<Shared>) {
 /// max_header_bytes, header_timeout_s, body_timeout_s, max_connections, drain_max_bytes, retry_after_s,
 /// partitions, record_limit, max_idempotency_key, forwarded_header)`: see the module's doc. `append(items, ages)`
 /// makes a group durable in one go — each item `(key, answer, [(partition, record, events)], events)`, key and
-/// answer None for the requests without an Idempotency-Key — and gives back, item by item, None (stored) or
-/// the answer stored under the key before (nothing stored), raising when the log refuses the group; `ages` are
-/// the seconds each request has waited. `country(ip, forwarded)` gives the client's country or None.
+/// answer None for the requests without an Idempotency-Key — and gives back, item by item, None (stored), the
+/// answer stored under the key before (bytes: nothing stored) or the type name of the error that refused it
+/// (str: nothing of it stored), raising when the log refuses the whole group; `ages` are the seconds each
+/// request has waited. `country(ip, forwarded)` gives the client's country or None.
 #[pyclass(module = "gamestream_native")]
 pub struct Front {
     shared: Arc<Shared>,

@@ -36,7 +36,7 @@ from gamestream.api.collector import Collector
 from gamestream.ingest import batch
 from gamestream.ingest.http_guard import GuardedHttpToolsProtocol
 from gamestream.ingest.native_validate import native_validator
-from gamestream.log import Append, Idempotency, envelope
+from gamestream.log import Append, AppendResult, Idempotency, envelope
 from gamestream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,37 +91,49 @@ class _Appender:
         self.failing = False  # an episode of failed appends: warned about once, its end logged once
 
     def __call__(self, items: list[tuple[str | None, bytes | None, list[tuple[int, bytes, int]], int]],
-                 ages: list[float]) -> list[bytes | None]:
+                 ages: list[float]) -> list[bytes | str | None]:
         """`items`: `(key, answer, records, events)` — one for the requests without an Idempotency-Key (key and
         answer None), one per request with one; `ages`: how long each request of the group has waited. Gives
-        back, item by item, None (stored) or the answer stored under its key before (nothing stored)."""
+        back, item by item, None (stored), the answer stored under its key before (nothing stored), or the type
+        name of the error that refused it (nothing of it stored: the front answers 503); raises when the log
+        refused the whole group."""
         collector = self.collector
         started = time.perf_counter()
         group = [([Append(p, record, n) for p, record, n in records],
                   None if key is None else Idempotency(key, answer))  # type: ignore[arg-type]
                  for key, answer, records, _ in items]
+        unkeyed = len(ages) - sum(item[0] is not None for item in items)  # requests in the item without a key
         try:
-            results = collector.log.append_group_now(group)
+            outcomes = collector.log.append_group_now(group)
         except Exception as error:  # nothing was stored: the front answers each request 503 with Retry-After
-            collector.count_request(503, len(ages))
-            if not self.failing:
-                logger.warning("log append failed; answering 503 until it works again",
-                               extra={"requests": len(ages), "error": type(error).__name__, "reason": str(error)})
-            self.failing = True
+            self._failed(error, len(ages))
             raise
-        if self.failing:
+        requests = [unkeyed if key is None else 1 for key, *_ in items]
+        refused = [(outcome, n) for outcome, n in zip(outcomes, requests) if isinstance(outcome, Exception)]
+        if refused:
+            self._failed(refused[0][0], sum(n for _, n in refused))
+        elif self.failing:
             logger.info("log appends succeed again", extra={"requests": len(ages)})
             self.failing = False
         elapsed = time.perf_counter() - started
         for age in ages:
             collector.metrics.latency.observe(age + elapsed)
-        collector.count_request(200, len(ages))
-        collector.count_accepted(sum(item[3] for item, result in zip(items, results) if result.replayed is None))
-        unkeyed = len(ages) - sum(item[0] is not None for item in items)
+        collector.count_request(200, len(ages) - sum(n for _, n in refused))
+        collector.count_accepted(sum(item[3] for item, outcome in zip(items, outcomes)
+                                     if isinstance(outcome, AppendResult) and outcome.replayed is None))
         if unkeyed:  # `gamestream_log_submits` counts the submits of requests without a key, as the route does
             collector.coalescer.groups += 1
             collector.coalescer.requests += unkeyed
-        return [result.replayed for result in results]
+        return [type(outcome).__name__ if isinstance(outcome, Exception) else outcome.replayed
+                for outcome in outcomes]
+
+    def _failed(self, error: Exception, requests: int) -> None:
+        """`requests` answered 503: counted, and warned about once per episode of failures."""
+        self.collector.count_request(503, requests)
+        if not self.failing:
+            logger.warning("log append failed; answering 503 until it works again",
+                           extra={"requests": requests, "error": type(error).__name__, "reason": str(error)})
+        self.failing = True
 
 
 def front_of(settings: Settings) -> str:

@@ -106,14 +106,30 @@ class LogFeatures:
     supports_trim: bool = True
     idempotency_scope: Literal["log", "process"] = "log"
 
-    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]) -> list[AppendResult]:
+    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]
+                         ) -> list[AppendResult | Exception]:
         """The appends of `group` durable when it returns, each as `submit` makes it (its key, if any, stored
         with its records; a key used before: nothing stored, the first response given back), for a caller that
         groups appends itself (the native front's committer, `api.front`). Written from the calling thread in
-        one transaction where the log can (the embedded log: no hand-off to its writer thread); else one submit
-        per item, all in flight at once."""
-        submitted = [self.submit(records, idempotency) for records, idempotency in group]  # type: ignore[attr-defined]
-        return [done.result() for done in submitted]
+        one transaction where the log can (the embedded log: no hand-off to its writer thread; all stored or,
+        raised, none); else one submit per item, all in flight at once, and an item the log refused gets its
+        error in its place (nothing of that item stored, the others as they went)."""
+        outcomes: list[AppendResult | Exception] = []
+        submitted = []
+        for records, idempotency in group:
+            try:
+                submitted.append(self.submit(records, idempotency))  # type: ignore[attr-defined]
+            except Exception as error:  # refused before anything was sent (closed, a partition out of range)
+                submitted.append(error)
+        for done in submitted:
+            if isinstance(done, Exception):
+                outcomes.append(done)
+                continue
+            try:
+                outcomes.append(done.result())
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
     def route(self, device_id: str) -> int:
         """The partition of a device's events (`partition_for` unless `own_routing`)."""

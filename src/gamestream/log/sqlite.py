@@ -163,7 +163,8 @@ class SqliteEventLog(LogFeatures):
         self._queue.put((records, idempotency, done))
         return done
 
-    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]) -> list[AppendResult]:
+    def append_group_now(self, group: Sequence[tuple[Sequence[Append], Idempotency | None]]
+                         ) -> list[AppendResult | Exception]:
         """One transaction on the calling thread's connection (SQLite's write lock orders it with the writer
         thread's groups and other processes), fsync'd before it returns."""
         for records, _ in group:
