@@ -370,9 +370,11 @@ def background_alpha(color: str) -> float:
 
 
 def shown_cohorts(page) -> list[dict]:
-    return page.eval_on_selector_all(
-        "[data-testid=cohorts] tr",
-        """rows => rows.map(r => ({day: r.dataset.cohort, cells: Object.fromEntries(
+    """The cohort table's rows, read in one synchronous evaluation: rows found and their styles read apart could
+    straddle a refresh, and a row it has replaced has no computed style ('')."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('[data-testid=cohorts] tr')).map(r => ({
+             day: r.dataset.cohort, cells: Object.fromEntries(
              Array.from(r.querySelectorAll('[data-field]')).map(td => [td.dataset.field,
                {text: td.textContent, background: getComputedStyle(td).backgroundColor}]))}))""")
 
