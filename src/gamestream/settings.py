@@ -114,8 +114,8 @@ class Settings:
     log_compression: str = "auto"
     """Arrow log records (what `load` and the collector's batch fast path write): `zstd`, `lz4`, `none`, or
     `auto`: none on the embedded log (local disk: bytes are cheap, the processor's CPU is not — decompressing
-    ZSTD was ~20 % of `process`), zstd on a NATS or Kinesis log (3.5x fewer bytes over the network and in
-    Kinesis' 25 KB payload units)."""
+    ZSTD was ~20 % of `process`; that log stores every payload LZ4-compressed itself), zstd on a NATS or Kinesis
+    log (3.5x fewer bytes over the network and in Kinesis' 25 KB payload units)."""
     max_event_bytes: int = 32 * 1024
     """An event over this size is rejected (a whole body may hold many)."""
     max_body_bytes: int = 1024 * 1024
