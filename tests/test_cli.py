@@ -23,6 +23,35 @@ def test_version_is_printed() -> None:
     assert completed.stdout.startswith("gamestream, version ")
 
 
+POOL_PROBE = """
+import sys
+import click
+from gamestream.cli import app
+
+@app.cli.command("pool-probe")
+def pool_probe():
+    import pyarrow
+    click.echo(pyarrow.default_memory_pool().backend_name)
+
+sys.argv = ["gamestream", "pool-probe"]
+app.main()
+"""
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "system"), ("jemalloc", "jemalloc")])
+def test_commands_give_arrow_the_system_allocator_unless_the_user_chose_one(given: str | None,
+                                                                              expected: str) -> None:
+    """`main` sets ARROW_DEFAULT_MEMORY_POOL=system before pyarrow is imported (less memory and CPU for the
+    processor than Arrow's mimalloc, docs/configuration.md); a pool the user chose is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if given is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = given
+    completed = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True, timeout=60,
+                               env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == expected
+
+
 @contextlib.contextmanager
 def read_only_view(source: Path, view: Path):
     """A read-only bind mount of `source` at `view` (root only): nothing under it can be written, not even by
