@@ -24,9 +24,9 @@ Compression = Literal["none", "lz4", "zstd"]
 COMPRESSIONS: tuple[str, ...] = ("none", "lz4", "zstd")
 
 _OPTIONS = {name: ipc.IpcWriteOptions(compression=None if name == "none" else name) for name in COMPRESSIONS}
-# The stream starts 4 bytes into the payload, so its buffers, 8-aligned within it, are not aligned in memory:
-# copied to aligned memory as they are read (Acero, which the processor's grouping runs on, warned once per
-# buffer otherwise: 318 lines for 1M events).
+# The stream starts 4 bytes into the payload, so its buffers, 8-aligned within it, lie 4 bytes off in memory:
+# those not aligned for their type (int64, timestamps, doubles) are copied as they are read (Acero, which the
+# processor's grouping runs on, printed a warning per buffer otherwise: 318 lines for 1M events).
 _READ = ipc.IpcReadOptions(ensure_alignment=ipc.Alignment.DataTypeSpecific)
 
 
