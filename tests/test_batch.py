@@ -609,17 +609,24 @@ def _misaligned(array: pa.Array) -> list[str]:
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 def test_arrow_records_are_read_back_into_buffers_aligned_for_their_types(compression: str) -> None:
     """The IPC stream starts 4 bytes into a record (after MAGIC): read as it lies, an uncompressed record's
-    int64 and timestamp buffers were 4 bytes off their alignment, and Acero (the processor's grouping) printed a
-    warning per buffer (318 lines for 1M events). Decoded, every buffer is aligned for its type, and a group_by
-    over it says nothing on stderr (in a child process, where the warning would go)."""
+    int64 and timestamp buffers were 4 bytes off their alignment, Acero (the processor's grouping) printed a
+    warning per buffer (318 lines for 1M events), and every column was a view of the record. Decoded, every
+    buffer is aligned for its type and none lies in the record, and a group_by over it says nothing on stderr
+    (in a child process, where the warning would go)."""
     import subprocess
     import sys
 
     lines = [msgspec.json.encode(e) for e in simulate(events=300)]
     table = validate_batch(lines, now=None, mode="input", partitions=1, max_event_bytes=MAX)[0]  # type: ignore[index]
-    decoded = payload.decode(payload.encode(table, compression))  # type: ignore[arg-type]
+    record = payload.encode(table, compression)  # type: ignore[arg-type]
+    decoded = payload.decode(record)
     assert decoded.num_rows == 300
     assert [bad for column in decoded.columns for chunk in column.chunks for bad in _misaligned(chunk)] == []
+    # and none is a view of the record: the columns a caller keeps do not keep the whole record alive
+    start = pa.py_buffer(record).address
+    addresses = [buffer.address for column in decoded.columns for chunk in column.chunks
+                 for buffer in chunk.buffers() if buffer is not None and buffer.size]
+    assert addresses and not [a for a in addresses if start <= a < start + len(record)]
     probe = ("import msgspec\n"
              "from gamestream.demo.generator import simulate\n"
              "from gamestream.ingest.batch import validate_batch\n"
