@@ -9,6 +9,7 @@ import gzip
 import http.client
 import json
 import re
+import signal
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -55,6 +56,36 @@ def test_serve_runs_the_native_front_by_default_and_it_takes_plain_requests_itse
         assert server.stop() == 0
     assert counts["taken"] == 20
     assert len(logged_events(server.data_dir)) == 200
+
+
+def test_a_killed_serves_private_directory_is_removed_by_the_next_serve_and_live_ones_are_kept(
+        tmp_path: Path) -> None:
+    """The app behind the front listens on a Unix socket in a private directory named for the serve's pid; a
+    `serve` killed outright (SIGKILL) cannot remove it. The next `serve` removes the directories of pids that no
+    process has, and keeps those of live ones (and anything not named for a pid)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}  # this test's temporary directory: other tests' serves are not ours to count
+    killed, alive = ServeProcess(tmp_path / "a", env=env), ServeProcess(tmp_path / "b", env=env)
+    try:
+        left = list(tmp.glob(f"gamestream-front-{killed.process.pid}-*"))
+        assert len(left) == 1 and (left[0] / "app.sock").is_socket()
+        killed.kill()
+        assert killed.process.returncode == -signal.SIGKILL and left[0].is_dir()  # killed, its directory stayed
+        (tmp / "gamestream-front-other").mkdir()
+        following = ServeProcess(tmp_path / "c", env=env)
+        try:
+            deadline = time.monotonic() + 30  # "listening" is said before the front starts: its directory tells
+            while not list(tmp.glob(f"gamestream-front-{following.process.pid}-*")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not left[0].exists()  # removed before the new directory was made
+            assert sorted(p.name.split("-")[2] for p in tmp.glob("gamestream-front-*")) == sorted(
+                [str(alive.process.pid), str(following.process.pid), "other"])
+            assert httpx.get(alive.url + "/healthz", timeout=10).status_code == 200  # through its private socket
+        finally:
+            following.stop()
+    finally:
+        alive.stop()
 
 
 def test_a_python_front_is_served_when_asked_for(tmp_path: Path) -> None:

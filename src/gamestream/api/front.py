@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -184,12 +186,35 @@ def native_front(settings: Settings, collector: Collector, sock: socket.socket, 
         forwarded_header=geo.header if geo is not None and geo.trusted else None)
 
 
+_PRIVATE_PREFIX = "gamestream-front-"
+
+
+def _remove_stale_private_directories() -> None:
+    """Removes the private directories (`gamestream-front-<pid>-*`) of fronts whose process is gone: a `serve`
+    killed outright (SIGKILL, a crash) could not remove its own. Only directories of this user, named for a pid
+    that no process has now, are touched."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+        pid = path.name.removeprefix(_PRIVATE_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            status = path.lstat()
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # nobody has that pid: the directory's front is gone
+            if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone already, or another user's process has that pid: not ours to judge
+            continue
+
+
 async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event, settings: Settings,
                         config: dict[str, Any], server_class: type[uvicorn.Server]) -> None:
     """`api.server.serve` with the native front on `sock` and `app` behind it on a private Unix socket (its
     directory removed on the way out)."""
     collector: Collector = app.state.collector
-    private = Path(tempfile.mkdtemp(prefix="gamestream-front-"))  # 0700: only this user reaches the app
+    _remove_stale_private_directories()
+    # 0700: only this user reaches the app
+    private = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
     upstream = private / "app.sock"
     inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
