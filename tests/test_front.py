@@ -9,7 +9,9 @@ import gzip
 import http.client
 import json
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -58,26 +60,35 @@ def test_serve_runs_the_native_front_by_default_and_it_takes_plain_requests_itse
     assert len(logged_events(server.data_dir)) == 200
 
 
+def private_directories(tmp: Path, pid: int, wait: bool = True) -> list[Path]:
+    """The front's private directories of `serve` `pid` under `tmp`; with `wait`, once there is one (within 30 s):
+    "listening" is said before the front starts and makes its directory."""
+    deadline = time.monotonic() + (30 if wait else 0)
+    while not (found := list(tmp.glob(f"gamestream-front-{pid}-*"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def test_a_killed_serves_private_directory_is_removed_by_the_next_serve_and_live_ones_are_kept(
         tmp_path: Path) -> None:
     """The app behind the front listens on a Unix socket in a private directory named for the serve's pid; a
     `serve` killed outright (SIGKILL) cannot remove it. The next `serve` removes the directories of pids that no
     process has, and keeps those of live ones (and anything not named for a pid)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {"TMPDIR": str(tmp)}  # this test's temporary directory: other tests' serves are not ours to count
+    # a temporary directory of this test's own (other tests' serves are not ours to count), short enough for the
+    # socket's path
+    tmp = Path(tempfile.mkdtemp(prefix="gs-", dir="/tmp"))
+    env = {"TMPDIR": str(tmp)}
     killed, alive = ServeProcess(tmp_path / "a", env=env), ServeProcess(tmp_path / "b", env=env)
     try:
-        left = list(tmp.glob(f"gamestream-front-{killed.process.pid}-*"))
+        left = private_directories(tmp, killed.process.pid)
         assert len(left) == 1 and (left[0] / "app.sock").is_socket()
+        assert private_directories(tmp, alive.process.pid)
         killed.kill()
         assert killed.process.returncode == -signal.SIGKILL and left[0].is_dir()  # killed, its directory stayed
         (tmp / "gamestream-front-other").mkdir()
         following = ServeProcess(tmp_path / "c", env=env)
         try:
-            deadline = time.monotonic() + 30  # "listening" is said before the front starts: its directory tells
-            while not list(tmp.glob(f"gamestream-front-{following.process.pid}-*")) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            assert private_directories(tmp, following.process.pid)
             assert not left[0].exists()  # removed before the new directory was made
             assert sorted(p.name.split("-")[2] for p in tmp.glob("gamestream-front-*")) == sorted(
                 [str(alive.process.pid), str(following.process.pid), "other"])
@@ -86,6 +97,23 @@ def test_a_killed_serves_private_directory_is_removed_by_the_next_serve_and_live
             following.stop()
     finally:
         alive.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_temporary_directory_too_deep_for_a_unix_socket_puts_the_private_directory_in_tmp(tmp_path: Path) -> None:
+    """A Unix socket's path holds at most 107 bytes: with a deeper TMPDIR, `serve` failed to start ("AF_UNIX path
+    too long", a traceback). The private directory then goes under /tmp, and the front serves."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    server = ServeProcess(tmp_path / "data", env={"TMPDIR": str(deep)})
+    try:
+        assert private_directories(Path("/tmp"), server.process.pid) and not list(deep.iterdir())
+        answer = httpx.post(server.url + "/v1/events", content=line(1), headers=NDJSON, timeout=10)
+        assert answer.status_code == 200 and answer.json()["accepted"] == 1
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200  # the app, over the socket
+    finally:
+        assert server.stop() == 0
+    assert not private_directories(Path("/tmp"), server.process.pid, wait=False)
 
 
 def test_a_python_front_is_served_when_asked_for(tmp_path: Path) -> None:

@@ -187,13 +187,22 @@ def native_front(settings: Settings, collector: Collector, sock: socket.socket, 
 
 
 _PRIVATE_PREFIX = "gamestream-front-"
+_SOCKET_PATH_MAX = 107  # bytes in a Unix socket's path (sun_path, less its final NUL)
 
 
-def _remove_stale_private_directories() -> None:
-    """Removes the private directories (`gamestream-front-<pid>-*`) of fronts whose process is gone: a `serve`
-    killed outright (SIGKILL, a crash) could not remove its own. Only directories of this user, named for a pid
-    that no process has now, are touched."""
-    for path in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+def _private_base() -> Path:
+    """Where the private directories go: the temporary directory (TMPDIR), unless the app's socket path in it
+    would be too long for a Unix socket (a deep TMPDIR); then /tmp."""
+    base = Path(tempfile.gettempdir())
+    longest = len(os.fsencode(base / f"{_PRIVATE_PREFIX}{2**22}-xxxxxxxx" / "app.sock"))
+    return base if longest <= _SOCKET_PATH_MAX else Path("/tmp")
+
+
+def _remove_stale_private_directories(base: Path) -> None:
+    """Removes the private directories (`gamestream-front-<pid>-*`) under `base` of fronts whose process is gone:
+    a `serve` killed outright (SIGKILL, a crash) could not remove its own. Only directories of this user, named for
+    a pid that no process has now, are touched."""
+    for path in base.glob(f"{_PRIVATE_PREFIX}*-*"):
         pid = path.name.removeprefix(_PRIVATE_PREFIX).split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -212,9 +221,10 @@ async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event
     """`api.server.serve` with the native front on `sock` and `app` behind it on a private Unix socket (its
     directory removed on the way out)."""
     collector: Collector = app.state.collector
-    _remove_stale_private_directories()
+    base = _private_base()
+    _remove_stale_private_directories(base)
     # 0700: only this user reaches the app
-    private = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
+    private = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-", dir=base))
     upstream = private / "app.sock"
     inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
