@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +75,8 @@ def test_a_killed_serves_private_directory_is_removed_by_the_next_serve_and_live
         tmp_path: Path) -> None:
     """The app behind the front listens on a Unix socket in a private directory named for the serve's pid; a
     `serve` killed outright (SIGKILL) cannot remove it. The next `serve` removes the directories of pids that no
-    process has, and keeps those of live ones (and anything not named for a pid)."""
+    process has and whose socket nobody listens on, and keeps those of live ones, one whose socket listens (a
+    front in another pid namespace) and anything not named for a pid."""
     # a temporary directory of this test's own (other tests' serves are not ours to count), short enough for the
     # socket's path
     tmp = Path(tempfile.mkdtemp(prefix="gs-", dir="/tmp"))
@@ -86,15 +89,24 @@ def test_a_killed_serves_private_directory_is_removed_by_the_next_serve_and_live
         killed.kill()
         assert killed.process.returncode == -signal.SIGKILL and left[0].is_dir()  # killed, its directory stayed
         (tmp / "gamestream-front-other").mkdir()
+        # a front in another pid namespace sharing the directory: its pid is none here, but its socket listens
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        elsewhere = tmp / f"gamestream-front-{gone.pid}-elsewhere"
+        elsewhere.mkdir()
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(str(elsewhere / "app.sock"))
+        listening.listen(8)
         following = ServeProcess(tmp_path / "c", env=env)
         try:
             assert private_directories(tmp, following.process.pid)
             assert not left[0].exists()  # removed before the new directory was made
             assert sorted(p.name.split("-")[2] for p in tmp.glob("gamestream-front-*")) == sorted(
-                [str(alive.process.pid), str(following.process.pid), "other"])
+                [str(alive.process.pid), str(following.process.pid), "other", str(gone.pid)])
             assert httpx.get(alive.url + "/healthz", timeout=10).status_code == 200  # through its private socket
         finally:
             following.stop()
+            listening.close()
     finally:
         alive.stop()
         shutil.rmtree(tmp, ignore_errors=True)

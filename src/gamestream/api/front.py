@@ -199,21 +199,41 @@ def _private_base() -> Path:
 
 
 def _remove_stale_private_directories(base: Path) -> None:
-    """Removes the private directories (`gamestream-front-<pid>-*`) under `base` of fronts whose process is gone:
-    a `serve` killed outright (SIGKILL, a crash) could not remove its own. Only directories of this user, named for
-    a pid that no process has now, are touched."""
+    """Removes the private directories (`gamestream-front-<pid>-*`) under `base` of fronts that are gone: a
+    `serve` killed outright (SIGKILL, a crash) could not remove its own. Only directories of this user, named for
+    a pid that no process has now, whose socket nobody listens on (a front in another pid namespace sharing this
+    /tmp keeps its own), are touched."""
     for path in base.glob(f"{_PRIVATE_PREFIX}*-*"):
         pid = path.name.removeprefix(_PRIVATE_PREFIX).split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             status = path.lstat()
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # nobody has that pid: the directory's front is gone
-            if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # gone already, or another user's process has that pid: not ours to judge
+        except OSError:  # gone already
             continue
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its process lives
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process has that pid: not ours to judge
+            continue
+        if not _listened_on(path / "app.sock"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _listened_on(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:  # refused (nobody listens), or no socket there
+        return False
+    finally:
+        probe.close()
 
 
 async def serve_fronted(app: Starlette, sock: socket.socket, stop: asyncio.Event, settings: Settings,
