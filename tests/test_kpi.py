@@ -330,6 +330,55 @@ def test_a_busy_processor_folds_its_kpis_at_most_every_backlog_interval_then_at_
     assert rounded_rows(got[2]) == rounded_rows(want[2])
 
 
+def test_a_backlog_is_folded_ahead_as_it_is_committed_and_committed_by_one_fold_at_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the processor reads a backlog and no fold is due, the KPI stage folds each version handed over to
+    it as it lands (`KpiStage.prefold`) and commits nothing: at the backlog's end, one fold commits them all,
+    with the few versions not folded yet. The tables equal the reference, as when the fold comes at the end."""
+    from gamestream.kpi.stage import KpiStage
+    from gamestream.log import open_log
+    from gamestream.process.pipeline import Pipeline
+    from gamestream.settings import Settings
+
+    data = tmp_path / "data"
+    events = list(simulate(events=12_000, users=300, seed=11, start=dt.datetime(2026, 10, 1, tzinfo=UTC), days=3))
+    write_ndjson(tmp_path / "events.ndjson", events)
+    gamestream("load", str(tmp_path / "events.ndjson"), "--chunk-lines", "250", data_dir=data)
+
+    folded: list[tuple[int, int]] = []  # (version folded, events-table versions committed by then)
+    commits: list[int] = []  # the versions the folds committed
+    pipelines: list[Pipeline] = []
+    fold_version, commit_fold = KpiStage._fold_version, KpiStage._commit_fold
+
+    def spy_fold_version(stage: KpiStage, version: int, rows, fold) -> None:
+        folded.append((version, pipelines[0].processor.stats.commits))
+        fold_version(stage, version, rows, fold)
+
+    def spy_commit_fold(stage: KpiStage, fold, version: int) -> None:
+        commits.append(version)
+        commit_fold(stage, fold, version)
+
+    monkeypatch.setattr(KpiStage, "_fold_version", spy_fold_version)
+    monkeypatch.setattr(KpiStage, "_commit_fold", spy_commit_fold)
+    settings = Settings(data_dir=data, batch_max_events=250, kpi_interval_s=0.05, kpi_backlog_interval_s=3600)
+    log = open_log(settings.data_dir, partitions=4)
+    try:
+        pipelines.append(Pipeline(settings, log))
+        pipelines[0].run(until_idle=True)
+    finally:
+        log.close()
+    last = pipelines[0].processor.stats.commits
+    assert last >= 30, last  # a backlog of many versions
+    assert [v for v, _ in folded] == list(range(1, last + 1))  # each version once, in order
+    ahead = [v for v, committed in folded if committed < last]
+    assert len(ahead) >= last // 2, f"{len(ahead)} of {last} versions folded while the processor committed"
+    assert commits == [last]  # one fold committed the whole backlog
+    want, got = expected_kpis([events]), kpi_tables(data)
+    assert got[0] == want[0] and got[1] == want[1]
+    assert rounded_rows(got[2]) == rounded_rows(want[2]) and rounded_rows(got[3]) == rounded_rows(want[3])
+    assert got[4] == want[4]
+
+
 def test_a_kpi_stage_behind_its_processor_reads_back_what_it_was_not_handed(tmp_path: Path) -> None:
     """The processor hands its commits' rows to the KPI stage up to `kpi_offered_max_bytes` held (memory stays
     bounded however far behind the stage falls); the rest comes from the change data feed. A small bound and

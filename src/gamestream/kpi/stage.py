@@ -20,10 +20,13 @@ A fold, in order:
 2. Per version: hourly window deltas, the greatest eventTime per partition (→ watermark), events per (day, name),
    and the days' exact state (`days.DayState`: devices, payers, bookings, sessions) for the days not final yet;
    a final day a late event touches is recomputed from the events table.
+   While the processor reads a backlog, step 2 runs ahead for the versions it hands over, as they land
+   (`prefold`); the next fold commits them with its own.
 3. Commit, each table with txn `<pipeline>-kpi` = `last` and the stage's state in its commit metadata:
    hourly and top-event deltas (additive MERGEs taking only the versions above the table's own txn), the
    (day, device) pairs and first days (idempotent upserts), then the daily and cohort rows the fold affected,
-   computed as absolute values from the state tables just committed.
+   computed as absolute values from the state tables just committed. Commits that nothing orders run at once
+   (`_commit_fold`).
 
 Exactly once: every commit first re-reads the table's txn and does nothing when `last` is in already. A restart
 resumes from the least advanced table, with that table's state; the idempotent and absolute tables give the same
@@ -48,6 +51,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import pyarrow as pa
@@ -106,6 +110,13 @@ def rows_by_version(changes: pa.Table) -> dict[int, pa.Table]:
     return {version: parts[0] if len(parts) == 1 else pa.concat_tables(parts) for version, parts in runs.items()}
 
 
+def _all_of(futures: list[Future]) -> None:
+    """Waits for every one of `futures`, then raises the first one's failure, if any."""
+    wait(futures)
+    for future in futures:
+        future.result()
+
+
 class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommits, SegmentCommits):
     """The KPI stage (see the module docstring). Its parts are the classes it is made of, one module each:
     recovery at start-up, forget revisions, the commits of the additive and state tables and of the derived
@@ -151,6 +162,7 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         if bootstrap:
             self._bootstrap(bootstrap, start)
         self._rows_per_version = 1
+        self._ahead: tuple[Fold, int, int] | None = None  # `prefold`'s fold: (fold, last version in it, rows)
         self._committed_here: dict[int, pa.Table] = {}  # version → rows it added, offered by our processor
         self._offered_times: dict[int, dict[int, int] | None] = {}  # version → greatest eventTime per partition
         self._committed_here_lock = threading.Lock()
@@ -320,6 +332,13 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
         self.events.update_incremental()
         latest = self.events.version()
         folded = 0
+        if self._ahead is not None:  # `prefold` began this fold: the versions handed over since join it
+            self._fold_ahead(latest)
+            fold, last, rows = self._ahead
+            self._ahead = None
+            self._finish_fold(fold, self.state.version + 1, last, rows)
+            folded += last - self.state.version
+            self.state.version = last
         while self.state.version < latest:
             first = self.state.version + 1
             # about `kpi_rows_per_fold` rows per fold (bounded memory), judged by the versions seen so far
@@ -338,8 +357,45 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             self.state.version = upto
         return folded
 
+    def prefold(self) -> int:
+        """Folds the versions our processor handed over (`offer`) after those folded, in version order, into the
+        next fold without committing it: for the pipeline while its processor reads a backlog and a fold — a
+        commit to every KPI table, ~0.4 s whatever its size — is not due. Each version's rows leave memory once
+        folded, and the next `fold` commits them with the versions after them, so a backlog's KPIs are folded
+        as it is read rather than all at its end. Stops at the first version not handed over (another
+        process's commit, a DELETE, an OPTIMIZE; `fold` reads those) and at `kpi_versions_per_fold`. Returns
+        how many versions it folded. As with `fold`, the state in memory runs ahead of the tables until that
+        commit: after either raised, this stage must not fold again. A part stage does not fold ahead."""
+        if self.part is not None:
+            return 0
+        self.events.update_incremental()
+        return self._fold_ahead(self.events.version())
+
+    @property
+    def folding_ahead(self) -> bool:
+        """`prefold` has folded versions that no fold has committed yet."""
+        return self._ahead is not None
+
+    def _fold_ahead(self, latest: int) -> int:
+        """`prefold` up to events version `latest`, also for `fold` to take the versions handed over since."""
+        fold, last, rows = self._ahead or (Fold(), self.state.version, 0)
+        bound = min(latest, self.state.version + self.settings.kpi_versions_per_fold)
+        started = last
+        while last < bound:
+            with self._committed_here_lock:
+                offered = self._committed_here.pop(last + 1, None)
+                times = self._offered_times.pop(last + 1, None)
+            if offered is None:
+                break
+            last += 1
+            self._greatest_times = {last: times}
+            self._fold_version(last, offered, fold)
+            rows += offered.num_rows
+        if last > started:
+            self._ahead = (fold, last, rows)
+        return last - started
+
     def _fold_range(self, first: int, last: int, changes: pa.Table) -> None:
-        self._rows_per_version = max(1, changes.num_rows // (last - first + 1))
         fold = Fold()
         by_version = rows_by_version(changes)
         for version in range(first, last + 1):
@@ -350,10 +406,15 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
                 # greatest eventTimes its commit recorded still move the watermark, in version order
                 note_recorded_times(self.state.max_seen, self._greatest_times[version])
                 self._advance_watermark()
+        self._finish_fold(fold, first, last, changes.num_rows)
+
+    def _finish_fold(self, fold: Fold, first: int, last: int, rows: int) -> None:
+        """Commits `fold`, which holds versions first..last (`rows` rows)."""
+        self._rows_per_version = max(1, rows // (last - first + 1))
         self._advance_watermark()  # partitions may have gone idle meanwhile
         self._commit_fold(fold, last)
         metrics.late_events.inc(sum(d.late for windows in fold.windows.values() for d in windows.values()))
-        logger.debug("KPI fold committed", extra={"version": last, "rows": changes.num_rows})
+        logger.debug("KPI fold committed", extra={"version": last, "rows": rows})
 
     def _partitions_of(self, devices: pa.Array) -> pa.Array:
         """The log partition of each row, from its device id (the rule of gamestream's producers on SQLite and
@@ -420,17 +481,38 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
 
     # --------------------------------------------------------------------------------------------- commits
     def _commit_fold(self, fold: Fold, version: int) -> None:
+        """The fold's commits, a MERGE or append per table, several at once where nothing orders them (delta-rs
+        releases the GIL while it plans and writes; ~0.4 s of commits one after another for a fold of
+        `benchmarks/run.py`). What orders them: `kpi_activity` reads `kpi_devices` as it was before this fold;
+        `kpi_devices` sets the fold's new devices, which the breakdowns and the derived tables read; the derived
+        tables read the state tables (and `kpi_daily_segments` and `kpi_retention` read `kpi_daily`); and
+        `kpi_retention` comes last, alone, because recovery judges a fold's derived commits complete by it
+        (`_derive_all`). The hourly and top-event deltas depend on nothing of it: they run beside the rest.
+        Each step's commits touch their own tables and fold fields; every commit is waited for before a failure
+        is raised, so none is left running behind a stage that stops."""
         state_json = StageState(version, dict(self.state.max_seen), self.state.watermark).to_json()
-        for name in ("kpi_events_hourly", "kpi_bookings_hourly"):
-            self._commit_hourly(name, fold.windows, version, state_json)
-        self._commit_names(fold.names, version, state_json)
-        self._commit_activity(fold, version, state_json)
-        self._commit_devices(fold, version, state_json)
-        self._commit_device_segments(fold, version, state_json)
-        self._commit_daily(fold, version, state_json)
-        self._commit_daily_segments(fold, version, state_json)
-        self._commit_retention_segments(fold, version, state_json)
-        self._commit_retention(fold, version, state_json)
+        steps = [
+            [lambda: self._commit_activity(fold, version, state_json)],
+            [lambda: self._commit_devices(fold, version, state_json)],
+            [lambda: self._commit_device_segments(fold, version, state_json),
+             lambda: self._commit_daily(fold, version, state_json)],
+            [lambda: self._commit_daily_segments(fold, version, state_json),
+             lambda: self._commit_retention_segments(fold, version, state_json)],
+            [lambda: self._commit_retention(fold, version, state_json)],
+        ]
+
+        def additive() -> None:
+            for name in ("kpi_events_hourly", "kpi_bookings_hourly"):
+                self._commit_hourly(name, fold.windows, version, state_json)
+            self._commit_names(fold.names, version, state_json)
+
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="kpi-commit") as pool:
+            beside = pool.submit(additive)
+            try:
+                for step in steps:
+                    _all_of([pool.submit(commit) for commit in step])
+            finally:
+                _all_of([beside])
         if self.part is not None:
             # A part's retention table always takes the version (an empty commit when nothing changed): its txn
             # and state are where the merge reads how far the part has folded, and its watermark.

@@ -98,6 +98,8 @@ class Pipeline:
         stage = self.kpi
         if stage is not None:
             stage.offer(version, rows, greatest_times)
+            if self.processor.reading_backlog():
+                self.fold_soon.set()  # folded ahead at once (`KpiStage.prefold`), while the processor reads on
         stages = dict(self.part_stages)
         if stages:  # each part stage is handed its devices' rows, routed once here
             dimensions = self.settings.segment_dimensions
@@ -236,7 +238,11 @@ class Pipeline:
         for KPIs that are behind anyway, and a backlog read within the interval is folded once, at its end.
         A fold waits (up to a round) for what the processor has read to be committed."""
         now = time.monotonic()
-        if self.processor.reading_backlog() and now - self._last_fold < self.settings.kpi_backlog_interval_s \
+        # the end of a backlog folded ahead (`KpiStage.prefold`): until its last commit has landed, not a fold
+        # now and another for the last versions at once
+        backlog = self.processor.reading_backlog() or (
+            self.kpi.folding_ahead and not self.processor.caught_up())  # type: ignore[union-attr]
+        if backlog and now - self._last_fold < self.settings.kpi_backlog_interval_s \
                 and 2 * self.kpi.backlog_bytes() < self.settings.kpi_offered_max_bytes:  # type: ignore[union-attr]
             return False
         # what the processor has read is waited for (up to a round): the commits under way and next would be the
@@ -340,6 +346,8 @@ class Pipeline:
                 return
             if self._fold_due():
                 self.kpi.fold()  # type: ignore[union-attr]
+            else:  # a backlog: its versions folded as they are committed, their commits made by the next fold
+                self.kpi.prefold()  # type: ignore[union-attr]
         except KpiStageSuperseded as error:
             self._drop_kpi(str(error))
         except LogUnavailable as error:
