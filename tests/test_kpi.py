@@ -379,6 +379,74 @@ def test_a_backlog_is_folded_ahead_as_it_is_committed_and_committed_by_one_fold_
     assert got[4] == want[4]
 
 
+def test_a_folds_commits_run_at_once_where_nothing_orders_them_and_in_order_where_something_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`KpiStage._commit_fold`: activity before devices (it reads kpi_devices as it was), devices before the
+    breakdowns and the derived rows (they read its new devices), kpi_daily before what reads it, kpi_retention
+    last and alone (recovery's sign that a fold's derived commits are in); the hourly and top-event deltas
+    beside the rest. Checked on when each commit ran, and the tables equal the reference."""
+    import threading
+    import time
+
+    from gamestream.kpi.stage import KpiStage
+
+    data = tmp_path / "data"
+    events = list(simulate(events=6_000, users=200, seed=13, start=dt.datetime(2026, 10, 1, tzinfo=UTC), days=3))
+    write_ndjson(tmp_path / "events.ndjson", events)
+    gamestream("load", str(tmp_path / "events.ndjson"), data_dir=data)
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def spied(name: str):
+        method = getattr(KpiStage, name)
+
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with lock:
+                    spans[name.removeprefix("_commit_")].append((started, time.perf_counter()))
+        return run
+
+    for name in ("_commit_hourly", "_commit_names", "_commit_activity", "_commit_devices", "_commit_device_segments",
+                 "_commit_daily", "_commit_daily_segments", "_commit_retention_segments", "_commit_retention"):
+        monkeypatch.setattr(KpiStage, name, spied(name))
+    from gamestream.log import open_log
+    from gamestream.process.pipeline import Pipeline
+    from gamestream.settings import Settings
+
+    settings = Settings(data_dir=data)
+    log = open_log(settings.data_dir, partitions=4)
+    try:
+        Pipeline(settings, log).run(until_idle=True)
+    finally:
+        log.close()
+    assert len(spans["retention"]) == 1  # one fold
+    span = {name: runs[0] if name != "hourly" else (runs[0][0], runs[1][1]) for name, runs in spans.items()}
+
+    def before(first: str, then: str) -> bool:
+        return span[first][1] <= span[then][0]
+
+    def overlap(one: str, other: str) -> bool:
+        return span[one][0] < span[other][1] and span[other][0] < span[one][1]
+
+    assert before("activity", "devices")
+    for then in ("device_segments", "daily", "daily_segments", "retention_segments"):
+        assert before("devices", then), then
+    assert before("daily", "daily_segments") and before("device_segments", "daily_segments")
+    assert before("device_segments", "retention_segments") and before("daily", "retention_segments")
+    for first in ("hourly", "names", "activity", "devices", "device_segments", "daily", "daily_segments",
+                  "retention_segments"):
+        assert before(first, "retention"), first
+    assert overlap("hourly", "activity") or overlap("hourly", "devices")  # beside the rest
+    assert overlap("device_segments", "daily") and overlap("daily_segments", "retention_segments")
+    want, got = expected_kpis([events]), kpi_tables(data)
+    assert got[0] == want[0] and got[1] == want[1]
+    assert rounded_rows(got[2]) == rounded_rows(want[2]) and rounded_rows(got[3]) == rounded_rows(want[3])
+    assert got[4] == want[4]
+
+
 def test_a_kpi_stage_behind_its_processor_reads_back_what_it_was_not_handed(tmp_path: Path) -> None:
     """The processor hands its commits' rows to the KPI stage up to `kpi_offered_max_bytes` held (memory stays
     bounded however far behind the stage falls); the rest comes from the change data feed. A small bound and
