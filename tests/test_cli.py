@@ -30,8 +30,14 @@ from gamestream.cli import app
 
 @app.cli.command("pool-probe")
 def pool_probe():
+    import os
+    threads = len(os.listdir("/proc/self/task"))
+    import numpy
+    started = len(os.listdir("/proc/self/task")) - threads  # by numpy's import
     import pyarrow
     click.echo(pyarrow.default_memory_pool().backend_name)
+    click.echo(os.environ["OPENBLAS_NUM_THREADS"])
+    click.echo(started)
 
 sys.argv = ["gamestream", "pool-probe"]
 app.main()
@@ -43,13 +49,33 @@ def test_commands_give_arrow_the_system_allocator_unless_the_user_chose_one(give
                                                                               expected: str) -> None:
     """`main` sets ARROW_DEFAULT_MEMORY_POOL=system before pyarrow is imported (less memory and CPU for the
     processor than Arrow's mimalloc, docs/configuration.md); a pool the user chose is kept."""
-    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "OPENBLAS_NUM_THREADS")}
     if given is not None:
         env["ARROW_DEFAULT_MEMORY_POOL"] = given
     completed = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True, timeout=60,
                                env=env)
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == expected
+    assert completed.stdout.split()[0] == expected
+
+
+@pytest.mark.parametrize("given", [None, "2"])
+def test_commands_keep_numpys_openblas_from_starting_threads_unless_the_user_chose_a_number(
+        given: str | None) -> None:
+    """`main` sets OPENBLAS_NUM_THREADS=1 before numpy is imported: OpenBLAS's threads, started at import, spin
+    idle (~0.09 s of CPU a process, docs/configuration.md). Here importing numpy starts no thread; a number the
+    user chose is kept (and, on a machine of 2 cores or more, gives OpenBLAS its threads)."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    completed = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True, timeout=60,
+                               env=env)
+    assert completed.returncode == 0, completed.stderr
+    _, setting, started = completed.stdout.split()
+    assert setting == (given or "1")
+    if given is None:
+        assert started == "0"
+    elif (os.cpu_count() or 1) >= 2:
+        assert int(started) >= 1  # the probe sees OpenBLAS's threads when they exist
 
 
 @contextlib.contextmanager

@@ -51,6 +51,10 @@ def main() -> None:
     # 2.70-2.80 s, against 685-722 MB and 2.95-3.19 s on mimalloc, whose fresh regions the kernel zeroed as huge
     # pages (14 % of the live processor's CPU, perf); `load` 140 against 191-197 MB at the same speed.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    # numpy's OpenBLAS without threads of its own (before numpy is imported; a user's setting wins): gamestream
+    # does no linear algebra, and OpenBLAS's threads, started at import, spin idle for a while — ~0.09 s of CPU
+    # in every process (each of `load`'s workers too), 3 % of `process --until-idle`'s CPU on 1M events (perf).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
