@@ -787,6 +787,73 @@ def test_a_file_loaded_in_byte_ranges_or_blocks_equals_it_loaded_line_by_line(
         assert events_of(result[1]) == events_of(want[1])  # the same events in the same records
 
 
+def _reader_threads() -> bool:  # run in a `load_pool` worker
+    from gamestream.ingest import batch
+    return batch.READER_THREADS
+
+
+def test_several_files_load_as_one_stream_each_reported_once_appended_and_a_bad_file_stops_after_the_ones_before(
+        tmp_path: Path) -> None:
+    """`load_files`: the files' chunks go through the pool as one stream, each file's report comes once its last
+    chunk is appended (its own counts and line numbers, as `load_file` of it alone gives), and the records are
+    those of loading the files one by one, in order. A file that cannot be read (a broken gzip) stops the load
+    after every chunk of the files before it is appended. The pool's workers parse on their own threads only."""
+    import gzip
+
+    from gamestream.ingest import batch as batch_module
+    from gamestream.ingest import loader
+    from gamestream.log.sqlite import SqliteEventLog
+
+    paths = []
+    for index in range(3):
+        lines = [json.dumps(event).encode() for event in simulate(events=700, seed=index)]
+        lines[100 + index] = b'{"eventName":"x","eventParams":{"device_id":""}}'  # one rejected line a file
+        paths.append(tmp_path / f"part-{index}.ndjson")
+        paths[-1].write_bytes(b"\n".join(lines) + b"\n")
+
+    def records(log: SqliteEventLog) -> list:
+        return [(p, r.events, r.payload) for p in range(2) for r in log.read(p, 0, 10_000)]
+
+    one_by_one = SqliteEventLog(tmp_path / "one-by-one", partitions=2)
+    try:
+        want = [loader.load_file(path, one_by_one, max_event_bytes=MAX, lines_per_chunk=200) for path in paths]
+        want_records = records(one_by_one)
+    finally:
+        one_by_one.close()
+    pool = loader.load_pool(2)
+    try:
+        assert pool.submit(_reader_threads).result() is False
+        streamed = SqliteEventLog(tmp_path / "streamed", partitions=2)
+        seen: list[tuple[Path, int]] = []
+        try:
+            reports = loader.load_files(paths, streamed, max_event_bytes=MAX, lines_per_chunk=200, pool=pool,
+                                        on_file=lambda path, report: seen.append((path, len(records(streamed)))))
+            got_records = records(streamed)
+        finally:
+            streamed.close()
+        broken = tmp_path / "broken.ndjson.gz"
+        broken.write_bytes(gzip.compress(paths[0].read_bytes())[:-40])  # cut short
+        stopped = SqliteEventLog(tmp_path / "stopped", partitions=2)
+        done: list[Path] = []
+        try:
+            with pytest.raises(EOFError):
+                loader.load_files([paths[1], broken, paths[2]], stopped, max_event_bytes=MAX, lines_per_chunk=200,
+                                  pool=pool, on_file=lambda path, report: done.append(path))
+            stopped_events = sum(events for _, events, _ in records(stopped))
+        finally:
+            stopped.close()
+    finally:
+        pool.shutdown()
+    assert [(r.lines, r.accepted, r.rejected, r.first_rejections) for r in reports] == [
+        (r.lines, r.accepted, r.rejected, r.first_rejections) for r in want]
+    assert [r.first_rejections[0][0] for r in reports] == [101, 102, 103]  # numbered within each file
+    assert [path for path, _ in seen] == paths and seen[-1][1] == len(want_records)
+    assert seen[0][1] < seen[1][1] < seen[2][1]  # each file's records were in the log when it was reported
+    assert [(p, n) for p, n, _ in got_records] == [(p, n) for p, n, _ in want_records]
+    assert done == [paths[1]] and stopped_events == 699  # the file before the broken one: all of it appended
+    assert batch_module.READER_THREADS is True  # this process (no pool worker) keeps the reader's threads
+
+
 def test_newline_cuts_find_every_nth_newline_across_pieces() -> None:
     """`gamestream_native.newline_cuts`, which `load` finds its chunks' byte ranges with, against Python: pieces
     of every size, the count carried from one piece to the next."""

@@ -145,8 +145,7 @@ def load(files: tuple[Path, ...], data_dir: Path | None, partitions: int | None,
     check_writable_for_log(settings)
     pool = _load_pool(jobs, files)
     try:
-        for file in files:
-            _load(settings, file, chunk_lines, pool)
+        _load(settings, list(files), chunk_lines, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -168,27 +167,33 @@ def _load_pool(jobs: int, files: tuple[Path, ...]):
     return load_pool(jobs) if jobs > 1 else None
 
 
-def _load(settings: Settings, path: Path, chunk_lines: int = 20000, pool=None):
-    from gamestream.ingest.loader import load_file
+def _load(settings: Settings, paths: list[Path], chunk_lines: int = 20000, pool=None) -> None:
+    """Loads the files, one stream of chunks (`load_files`), and reports each once it is appended: its time is
+    counted from the end of the file before (the first's from the start), so the times add up to the load's."""
+    from gamestream.ingest.loader import load_files
 
     log = open_log(settings)
-    size = path.stat().st_size
+    size = sum(path.stat().st_size for path in paths)
     with Progress(
         TextColumn("loading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=size < (4 << 20),
     ) as progress:
         task = progress.add_task("load", total=size)
-        started = time.monotonic()
+        last_end = [time.monotonic()]
+
+        def loaded(path: Path, report) -> None:
+            now = time.monotonic()
+            print_load_report(report, path, now - last_end[0])
+            last_end[0] = now
+
         try:
-            report = load_file(path, log, max_event_bytes=settings.max_event_bytes, lines_per_chunk=chunk_lines,
-                               compression=settings.record_compression,  # type: ignore[arg-type]
-                               params=settings.schema_params, pool=pool,
-                               on_progress=lambda n: progress.advance(task, n))
+            load_files(paths, log, max_event_bytes=settings.max_event_bytes, lines_per_chunk=chunk_lines,
+                       compression=settings.record_compression,  # type: ignore[arg-type]
+                       params=settings.schema_params, pool=pool, on_file=loaded,
+                       on_progress=lambda n: progress.advance(task, n))
         finally:
             log.close()
     # the progress counts raw bytes; a gzip file's are more than its size, which is fine for a bar
-    print_load_report(report, path, time.monotonic() - started)
-    return report
 
 
 def print_load_report(report, path: Path, seconds: float) -> None:

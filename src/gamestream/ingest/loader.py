@@ -18,7 +18,7 @@ import gzip
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -26,6 +26,7 @@ import gamestream_native
 import pyarrow as pa
 
 from gamestream import schema
+from gamestream.ingest import batch
 from gamestream.ingest.batch import Lines, validate_batch
 from gamestream.log import Append, EventLog, partition_for, payload
 from gamestream.schema import EventValidator, Rejection
@@ -187,6 +188,38 @@ def load_file(
                             on_progress=on_progress, pool=pool)
 
 
+def load_files(
+    paths: list[Path],
+    log: EventLog,
+    *,
+    max_event_bytes: int,
+    lines_per_chunk: int = 20000,
+    on_progress: Callable[[int], None] | None = None,
+    compression: payload.Compression = "zstd",
+    params: schema.Params = (),
+    pool: Executor | None = None,
+    on_file: Callable[[Path, LoadReport], None] | None = None,
+) -> list[LoadReport]:
+    """`load_file` of each of `paths`, in order, their chunks one stream: with a `pool`, the workers validate a
+    file's first chunks while this process appends the last ones of the file before, instead of the pool
+    draining and filling again at every file (8 files of 125k events: ~0.25 s of ~2.1 s). `on_file(path,
+    report)` is called once every chunk of that file is appended, in the files' order. A file that cannot be
+    read stops the load there, after every chunk before it is appended."""
+    def chunks() -> Iterator[bytes | _Range | None]:
+        for path in paths:
+            with open_events_file(path) as handle:
+                yield from (_blocks(handle, lines_per_chunk) if isinstance(handle, gzip.GzipFile) else
+                            _ranges(path, handle, lines_per_chunk))
+            yield None  # the file's end
+    reports: list[LoadReport] = []
+    for report in _load_stream(chunks(), log, max_event_bytes=max_event_bytes, compression=compression,
+                               params=params, on_progress=on_progress, pool=pool):
+        if on_file:
+            on_file(paths[len(reports)], report)
+        reports.append(report)
+    return reports
+
+
 @dataclass
 class _Chunk:
     """One chunk, validated and encoded: its appends and its share of the report."""
@@ -223,9 +256,17 @@ def load_lines(
 def _load_chunks(chunks: Iterable[list[bytes] | bytes | _Range], log: EventLog, *, max_event_bytes: int,
                  on_progress: Callable[[int], None] | None, compression: payload.Compression, params: schema.Params,
                  pool: Executor | None) -> LoadReport:
-    """`load_lines` of chunks: lists of lines, blocks of the file (`_blocks`) or byte ranges of it (`_ranges`).
-    Each chunk's rejections are numbered within it and renumbered here, in the file's order."""
-    report = LoadReport()
+    """`load_lines` of chunks: lists of lines, blocks of the file (`_blocks`) or byte ranges of it (`_ranges`)."""
+    return next(_load_stream(chain(chunks, [None]), log, max_event_bytes=max_event_bytes, on_progress=on_progress,
+                             compression=compression, params=params, pool=pool))
+
+
+def _load_stream(chunks: Iterable[list[bytes] | bytes | _Range | None], log: EventLog, *, max_event_bytes: int,
+                 on_progress: Callable[[int], None] | None, compression: payload.Compression, params: schema.Params,
+                 pool: Executor | None) -> Iterator[LoadReport]:
+    """Appends the chunks in order and yields a file's report at each None among them (the file's end, once its
+    chunks are appended). Each chunk's rejections are numbered within it and renumbered here, in its file's
+    order."""
     limit = log.max_record_bytes  # a log of messages (NATS, Kinesis) caps a record's size
     own_route = log.route if log.own_routing else None  # Kinesis routes itself; else crc32 of the device
     prepare = functools.partial(_prepare_chunk, partitions=log.partitions, route=own_route,
@@ -233,11 +274,16 @@ def _load_chunks(chunks: Iterable[list[bytes] | bytes | _Range], log: EventLog, 
                                 compression=compression)
     stamped = ((chunk, dt.datetime.now(dt.timezone.utc)) for chunk in chunks)
     if pool is None or own_route is not None:
-        prepared: Iterable[_Chunk] = (prepare(chunk, now) for chunk, now in stamped)
+        prepared: Iterable[_Chunk | None] = (None if chunk is None else prepare(chunk, now) for chunk, now in stamped)
     else:
         prepared = _ahead(pool, prepare, stamped, LOAD_AHEAD)
-    before = 0  # the lines of the chunks before this one
+    report = LoadReport()
+    before = 0  # the lines of the file's chunks before this one
     for chunk in prepared:
+        if chunk is None:
+            yield report
+            report, before = LoadReport(), 0
+            continue
         log.append(chunk.appends)
         report.lines += chunk.lines
         report.accepted += chunk.accepted
@@ -248,7 +294,6 @@ def _load_chunks(chunks: Iterable[list[bytes] | bytes | _Range], log: EventLog, 
         report.records += len(chunk.appends)
         if on_progress:
             on_progress(chunk.raw_bytes)
-    return report
 
 
 LOAD_AHEAD = 2
@@ -260,21 +305,37 @@ def load_pool(workers: int) -> Executor:
     imported — create the pool before the log is opened (before this process has threads)."""
     import multiprocessing
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_in_worker)
     pool.submit(int).result()  # a pool that forks starts every worker at its first task: now, not later
     return pool
 
 
+def _in_worker() -> None:
+    """A `load_pool` worker validates beside the others: its JSON reader keeps to its own thread."""
+    batch.READER_THREADS = False
+
+
 def _ahead(pool: Executor, prepare: Callable[..., _Chunk], chunks: Iterable[tuple[object, dt.datetime]],
-           per_worker: int) -> Iterator[_Chunk]:
+           per_worker: int) -> Iterator[_Chunk | None]:
     """`prepare(chunk, now)` of every chunk, run in `pool`, yielded in the chunks' order, at most `per_worker` ×
-    workers submitted and not yet yielded."""
-    in_flight: deque[Future[_Chunk]] = deque()
+    workers submitted and not yet yielded; a None chunk (a file's end) is yielded as None in its place. When the
+    chunks fail (a file that cannot be read), what was submitted before is yielded first."""
+    in_flight: deque[Future[_Chunk | None]] = deque()
     depth = per_worker * max(1, getattr(pool, "_max_workers", 1))
-    for chunk, now in chunks:
-        in_flight.append(pool.submit(prepare, chunk, now))
-        if len(in_flight) >= depth:
+    try:
+        for chunk, now in chunks:
+            if chunk is None:
+                marker: Future[_Chunk | None] = Future()
+                marker.set_result(None)
+                in_flight.append(marker)
+            else:
+                in_flight.append(pool.submit(prepare, chunk, now))
+            if len(in_flight) >= depth:
+                yield in_flight.popleft().result()
+    except Exception:
+        while in_flight:
             yield in_flight.popleft().result()
+        raise
     while in_flight:
         yield in_flight.popleft().result()
 
