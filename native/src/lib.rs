@@ -10,6 +10,7 @@
 //! - `newline_cuts`: where chunks of a given number of lines end in a file, for `gamestream load`.
 //! - `crc32_partitions`: the log partition of each device id of an Arrow string array (zlib's CRC-32).
 //! - `merge_runs`, `bucket_starts`, `find_in_run` (runs.rs): the deduplication state's sorted runs of keys.
+//! - `decode_lines` (decode.rs): the processor's NDJSON records as Arrow columns, or None (pyarrow reads them).
 //! - `Validator` (validate.rs): the collector's per-event validation, "prove valid, or hand back" — for each
 //!   raw JSON event, the canonical line `schema.EventValidator` would write and its partition, or None.
 
@@ -18,6 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+mod decode;
 mod front;
 mod runs;
 mod validate;
@@ -40,7 +42,7 @@ impl Bytes {
         Ok(Bytes { ptr: buffer.buf_ptr() as *const u8, len: buffer.len_bytes() })
     }
 
-    fn slice<'a>(&self) -> &'a [u8] {
+    pub(crate) fn slice<'a>(&self) -> &'a [u8] {
         if self.len == 0 {
             return &[];
         }
@@ -256,6 +258,7 @@ fn gamestream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(runs::merge_runs, module)?)?;
     module.add_function(wrap_pyfunction!(runs::bucket_starts, module)?)?;
     module.add_function(wrap_pyfunction!(runs::find_in_run, module)?)?;
+    module.add_function(wrap_pyfunction!(decode::decode_lines, module)?)?;
     module.add_class::<validate::Validator>()?;
     module.add_class::<front::Front>()?;
     Ok(())
