@@ -32,8 +32,8 @@ def pyarrow_read(data: bytes, codec) -> pa.Table | None:
         return None
 
 
-def native_read(data: bytes, codec) -> pa.Table | None:
-    decoded = gamestream_native.decode_lines(data, codec.native_fields)
+def native_read(data: bytes | list[bytes], codec) -> pa.Table | None:
+    decoded = gamestream_native.decode_lines(data if isinstance(data, list) else [data], codec.native_fields)
     if decoded is None:
         return None
     rows, columns = decoded
@@ -74,13 +74,14 @@ def test_what_it_reads_it_reads_as_pyarrow_does(events: list[bytes | str], param
     if lines:  # the canonical lines of those the validator takes: always read natively
         codec = decode._codec(params)
         assert assert_same(b"\n".join(lines), params) is not None, [
-            line for line in lines if gamestream_native.decode_lines(line, codec.native_fields) is None]
+            line for line in lines if gamestream_native.decode_lines([line], codec.native_fields) is None]
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=["default", "promoted"])
 def test_the_collectors_canonical_lines_are_read_natively(params: schema.Params) -> None:
     """Generator events with every parameter type, Unicode and escapes, through the validator (as the
-    collectors write them): read natively, equal to pyarrow's, with the records' empty lines between them."""
+    collectors write them): read natively, equal to pyarrow's, with empty lines between them, and as several
+    records' payloads."""
     events = [e for e in simulate(events=300, users=20, seed=9)] + list(live_events(users=10, seed=2, limit=100))
     for i, event in enumerate(events):
         event["eventParams"]["note"] = ["é😀", 'quote " and \\ back', "tab\there", "\u2028"][i % 4]
@@ -93,6 +94,9 @@ def test_the_collectors_canonical_lines_are_read_natively(params: schema.Params)
     data = b"\n".join(lines[:200]) + b"\n\n" + b"\n".join(lines[200:]) + b"\n"
     table = assert_same(data, params)
     assert table is not None and table.num_rows == len(events)
+    # records' payloads, read as if joined by newlines (one ends with a newline, one without)
+    parts = [b"\n".join(lines[:150]) + b"\n", b"\n".join(lines[150:320]), b"\n".join(lines[320:])]
+    assert strict(native_read(parts, decode._codec(params))) == strict(table)
 
 
 @pytest.mark.parametrize(("line", "why"), [
@@ -116,7 +120,7 @@ def test_the_collectors_canonical_lines_are_read_natively(params: schema.Params)
     (b"", "no line at all"),
 ])
 def test_what_it_hands_back_to_pyarrow(line: bytes, why: str) -> None:
-    assert gamestream_native.decode_lines(line, decode._codec(()).native_fields) is None, why
+    assert gamestream_native.decode_lines([line], decode._codec(()).native_fields) is None, why
 
 
 def test_the_processor_reads_canonical_records_natively(monkeypatch: pytest.MonkeyPatch) -> None:

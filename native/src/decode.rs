@@ -439,41 +439,48 @@ fn to_python<'py>(py: Python<'py>, column: &Column) -> PyResult<Bound<'py, PyTup
     PyTuple::new(py, items)
 }
 
-/// `decode_lines(data, fields)`: the NDJSON lines of `data` as columns, one per field of `fields` — a list of
+/// `decode_lines(data, fields)`: the NDJSON lines of the buffers `data` (as if joined by newlines: each holds
+/// whole lines, a record's payload) as columns, one per field of `fields` — a list of
 /// (JSON key, kind, children) with kinds 0 string, 1 int32, 2 int64, 3 double, 4 boolean, 5 timestamp (µs, UTC),
 /// 6 struct (children: the same list) — as (row count, [column, ...]) where a column is (validity bitmap or
 /// None, buffers...) in Arrow's layout; or None when a line is not one this reads exactly as pyarrow's JSON
 /// reader would (see the module's documentation).
 #[pyfunction]
-pub(crate) fn decode_lines<'py>(py: Python<'py>, data: PyBuffer<u8>, fields: Bound<'py, PyList>)
+pub(crate) fn decode_lines<'py>(py: Python<'py>, data: Vec<PyBuffer<u8>>, fields: Bound<'py, PyList>)
                                 -> PyResult<Option<(usize, Bound<'py, PyList>)>> {
     let specs = specs_of(&fields)?;
-    let view = Bytes::of(&data)?;
+    let views = data.iter().map(Bytes::of).collect::<PyResult<Vec<Bytes>>>()?;
     let decoded = py.detach(move || -> Option<(usize, Vec<Column>)> {
-        let text = view.slice();
-        std::str::from_utf8(text).ok()?;
-        let newlines = memchr::memchr_iter(b'\n', text).count();
-        if control_bytes(text) != newlines {
-            return None; // whitespace, or a raw control character in a string: pyarrow's to judge
+        let texts: Vec<&[u8]> = views.iter().map(Bytes::slice).collect();
+        let mut newlines = 0;
+        for text in &texts {
+            std::str::from_utf8(text).ok()?;
+            let here = memchr::memchr_iter(b'\n', text).count();
+            if control_bytes(text) != here {
+                return None; // whitespace, or a raw control character in a string: pyarrow's to judge
+            }
+            newlines += here + 1;
         }
-        let mut columns: Vec<Column> = specs.iter().map(|spec| Column::new(spec, newlines + 1)).collect();
+        let mut columns: Vec<Column> = specs.iter().map(|spec| Column::new(spec, newlines)).collect();
         let mut seen = Vec::with_capacity(specs.len());
         let mut reader = Reader { text: &[], at: 0, scratch: Vec::new(), nested: Vec::new() };
         let mut rows = 0;
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', text).chain(std::iter::once(text.len())) {
-            let line = &text[start..end];
-            start = end + 1;
-            if line.is_empty() {
-                continue;
+        for text in texts {
+            let mut start = 0;
+            for end in memchr::memchr_iter(b'\n', text).chain(std::iter::once(text.len())) {
+                let line = &text[start..end];
+                start = end + 1;
+                if line.is_empty() {
+                    continue;
+                }
+                reader.text = line;
+                reader.at = 0;
+                reader.object(&specs, &mut columns, &mut seen)?;
+                if reader.at != line.len() {
+                    return None;
+                }
+                rows += 1;
             }
-            reader.text = line;
-            reader.at = 0;
-            reader.object(&specs, &mut columns, &mut seen)?;
-            if reader.at != line.len() {
-                return None;
-            }
-            rows += 1;
         }
         (rows > 0).then_some((rows, columns))
     });

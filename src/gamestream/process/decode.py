@@ -117,18 +117,19 @@ class Decoded:
         return pa.Table.from_pylist(self.quarantine, schema=schema.QUARANTINE_SCHEMA)
 
 
-def _read_json(payload: bytes, codec: _Codec) -> pa.Table:
-    """The lines as a table of `codec.decode_schema`: read natively when `gamestream_native.decode_lines` proves
-    it reads them as pyarrow's JSON reader would (canonical lines: ~3x faster), else by that reader, whose errors
-    (`pa.ArrowInvalid`) the callers act on."""
+def _read_json(payloads: list[bytes], codec: _Codec) -> pa.Table:
+    """The payloads' lines (as if joined by newlines) as a table of `codec.decode_schema`: read natively when
+    `gamestream_native.decode_lines` proves it reads them as pyarrow's JSON reader would (canonical lines: ~2.5x
+    less CPU, and no joined copy), else by that reader, whose errors (`pa.ArrowInvalid`) the callers act on."""
     if codec.native_fields is not None:
-        decoded = gamestream_native.decode_lines(payload, codec.native_fields)
+        decoded = gamestream_native.decode_lines(payloads, codec.native_fields)
         if decoded is not None:
             rows, columns = decoded
             return pa.Table.from_arrays([_native_array(f.type, rows, c) for f, c in zip(codec.decode_schema, columns)],
                                         schema=codec.decode_schema)
     # the bytes as an Arrow buffer, not a Python file object (io.BytesIO), which the reader copied out of in
     # pieces: `process --until-idle` over the HTTP path's million events peaked at 530-546 MB against 727-782 MB
+    payload = payloads[0] if len(payloads) == 1 else b"\n".join(payloads)
     return pj.read_json(pa.BufferReader(payload), read_options=_READ_OPTIONS, parse_options=codec.parse_options)
 
 
@@ -203,7 +204,7 @@ def _decode_json(records: list[LogRecord], out: Decoded, now: dt.datetime, codec
     """The records in one read when the reader takes them all; else each record alone, and a record the reader
     refuses (an unknown field, a foreign producer's line) line by line through the validator."""
     try:
-        table = _read_json(b"\n".join(r.payload for r in records), codec)
+        table = _read_json([r.payload for r in records], codec)
         line_counts = [len(_lines(r.payload)) for r in records] if _needs_line_map(table) else None
         if line_counts is not None and sum(line_counts) != table.num_rows:
             raise ValueError("lines and rows disagree")
@@ -266,7 +267,7 @@ def _decode_record_slowly(record: LogRecord, out: Decoded, now: dt.datetime, cod
             good.append(result.line)
     if good:
         canonical = LogRecord(record.partition, record.offset, b"\n".join(good), len(good), record.appended_at)
-        table = _read_json(canonical.payload, codec)
+        table = _read_json([canonical.payload], codec)
         _check_and_split(table, [canonical], [len(good)] if _needs_line_map(table) else None, out, now, codec)
 
 
