@@ -53,7 +53,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
+from deltalake import ColumnProperties, DeltaTable, WriterProperties
 
 from gamestream import metrics, schema
 from gamestream.errors import OffsetsWentBack, is_out_of_space
@@ -127,6 +127,14 @@ class _AppIds(dict):
         return app_id
 
 
+EVENTS_WRITER = WriterProperties(column_properties={
+    "eventId": ColumnProperties(dictionary_enabled=False, encoding="DELTA_LENGTH_BYTE_ARRAY")})
+"""The events table's Parquet writer: eventIds (unique, random) without a dictionary, which never pays for them
+(the writer builds one up to its page limit, then falls back): a commit of 100,000 events took ~25 % less CPU
+(0.16-0.17 s against 0.22-0.27 s for 300,000 rows in three commits) for files 2.7 % larger, with lengths
+delta-encoded (plain: 10.5 % larger). Every Parquet reader here reads the encoding (DuckDB, pyarrow, Spark 3.3+)."""
+
+
 @dataclass(frozen=True)
 class _TableWrite:
     """How a flush writes one of its two tables (quarantine, events): which table and txn appIds, which rows of
@@ -143,6 +151,7 @@ class _TableWrite:
     commits_when_empty: bool  # a commit even with no row: the position moves
     stamps_greatest_times: bool = False  # the commit records each partition's greatest eventTime (the watermark's)
     counts_duplicates: str | None = None  # the pipeline whose copies-dropped counters the commit moves
+    writer_properties: WriterProperties | None = None  # the Parquet writer's (None: delta-rs' defaults)
 
     @property
     def serial_app_id(self) -> str | None:
@@ -358,7 +367,7 @@ class Processor:
             "events", "events", self.events_table, self._app_ids, self._positions,
             lambda d: self._forgotten.drop_events(d.events_table()),
             partition_by=[PARTITION_COLUMN], conforms_rows=True, commits_when_empty=True, stamps_greatest_times=True,
-            counts_duplicates=self.settings.pipeline)
+            counts_duplicates=self.settings.pipeline, writer_properties=EVENTS_WRITER)
         return quarantine, events
 
     @property
@@ -770,6 +779,7 @@ class Processor:
             lambda versions: self._build(write, flush, decoder, versions),
             partition_by=write.partition_by, retries=self.settings.commit_retries, name=write.name,
             stop=self.stop_requested, context={"partitions": sorted(last_offsets), "offsets": dict(last_offsets)},
+            writer_properties=write.writer_properties,
         )
         if version is not None:
             write.positions.remember(flush.metadata.get(write.key))
