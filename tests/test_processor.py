@@ -272,3 +272,31 @@ def test_a_conflicting_commit_is_retried_from_the_txn_check_and_given_up_past_th
     with pytest.raises(lake.CommitGaveUp):
         lake.commit_exactly_once(table, ["app"], conflicting(99), partition_by=None, retries=4)
     assert seen == [{"app": 1}] * 4  # the budget is attempts in all, each starting from the committed version
+
+
+@pytest.mark.parametrize(("events", "committed_early"), [(250, True), (240, False)])
+def test_a_live_processor_read_to_the_end_commits_a_quarter_batch_at_once_and_less_after_the_wait(
+        settings: Settings, events: int, committed_early: bool) -> None:
+    """Live (not draining), `batch_max_events` 1,000, `batch_max_wait_s` an hour: a quarter batch (250 events)
+    read to the log's end is committed at once — a burst's tail — while fewer events wait for the timer."""
+    import threading
+    import time
+
+    log = open_log(settings.data_dir, partitions=2)
+    try:
+        log.append([Append(p, b"\n".join(line(f"q{p}-{i}") for i in range(events // 2)), events // 2)
+                    for p in (0, 1)])
+        processor = Processor(settings.with_(batch_max_events=1000, batch_max_wait_s=3600.0), log)
+        running = threading.Thread(target=processor.run, kwargs={"until_idle": False})
+        running.start()
+        deadline = time.monotonic() + (20.0 if committed_early else 1.5)  # (the other case: 1.5 s of rounds)
+        while processor.stats.events_committed < events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        committed = processor.stats.events_committed
+        processor.stop(drain=False)  # commits what it has read, then returns
+        running.join(timeout=60)
+        assert not running.is_alive()
+    finally:
+        log.close()
+    assert committed == (events if committed_early else 0)
+    assert processor.stats.events_committed == events  # the rest at the stop
