@@ -23,6 +23,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
+use crate::validate::{digits, parse_rfc3339};
 use crate::Bytes;
 
 const STRING: u8 = 0;
@@ -281,12 +282,12 @@ impl<'a> Reader<'a> {
                 let value: f64 = std::str::from_utf8(text).ok()?.parse().ok()?;
                 if let Some(at) = text.iter().position(|b| matches!(b, b'e' | b'E')) {
                     let exponent = &text[at + 1..];
-                    let (negative, digits) = match exponent {
+                    let (negative, figures) = match exponent {
                         [b'-', rest @ ..] => (true, rest),
                         [b'+', rest @ ..] => (false, rest),
                         rest => (false, rest),
                     };
-                    if digits.len() > 4 || (!negative && self::digits(digits)? > 308) {
+                    if figures.len() > 4 || (!negative && digits(figures)? > 308) {
                         return None;
                     }
                 }
@@ -330,48 +331,13 @@ fn integer(text: &[u8]) -> Option<i64> {
     std::str::from_utf8(text).ok()?.parse().ok()
 }
 
-fn digits(text: &[u8]) -> Option<i64> {
-    text.iter().try_fold(0i64, |v, &c| c.is_ascii_digit().then(|| v * 10 + (c - b'0') as i64))
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` (years 1 to 9999) as µs since 1970, or None.
+/// `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` (years 1 to 9999) as µs since 1970, or None: the validator's parser, with
+/// `Z` only (an offset is pyarrow's to judge).
 fn utc_micros(text: &[u8]) -> Option<i64> {
-    if text.len() < 20 || text[4] != b'-' || text[7] != b'-' || text[10] != b'T' || text[13] != b':'
-        || text[16] != b':' || text.last() != Some(&b'Z') {
+    if text.last() != Some(&b'Z') {
         return None;
     }
-    let (year, month, day) = (digits(&text[0..4])?, digits(&text[5..7])?, digits(&text[8..10])?);
-    let (hour, minute, second) = (digits(&text[11..13])?, digits(&text[14..16])?, digits(&text[17..19])?);
-    if year < 1 || !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23
-        || minute > 59 || second > 59 {
-        return None;
-    }
-    let fraction = &text[19..text.len() - 1];
-    let micros = match fraction {
-        [] => 0,
-        [b'.', rest @ ..] if (1..=6).contains(&rest.len()) => digits(rest)? * 10i64.pow(6 - rest.len() as u32),
-        _ => return None,
-    };
-    Some((days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000 + micros)
+    parse_rfc3339(text)
 }
 
 /// How many bytes of `text` are below 0x20 (counted in byte lanes, 255 bytes at a time: vectorised).

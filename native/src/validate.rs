@@ -604,7 +604,7 @@ fn days_in_month(year: i64, month: i64) -> i64 {
     }
 }
 
-fn digits(text: &[u8]) -> Option<i64> {
+pub(crate) fn digits(text: &[u8]) -> Option<i64> {
     let mut value = 0i64;
     for &c in text {
         if !c.is_ascii_digit() {
@@ -619,7 +619,7 @@ fn digits(text: &[u8]) -> Option<i64> {
 /// takes a space or a lower-case `t`, `+HHMM`, more fractional digits, which it rounds — those are handed
 /// back), an impossible date or time (months, days of the month, hours to 23, seconds to 59, year 0), and a
 /// time outside years 1 to 9999 once in UTC (the validator rejects it).
-fn parse_rfc3339(text: &[u8]) -> Option<i64> {
+pub(crate) fn parse_rfc3339(text: &[u8]) -> Option<i64> {
     if text.len() < 20 || text[4] != b'-' || text[7] != b'-' || text[10] != b'T' || text[13] != b':'
         || text[16] != b':' {
         return None;

@@ -180,12 +180,8 @@ def load_file(
     configuration promotes (`Settings.schema_params`), validated with their types. `pool`: worker processes
     that validate and encode chunks while this one appends (`load_lines`).
     """
-    with open_events_file(path) as handle:
-        # a plain file: each chunk's worker reads its own byte range (`_ranges`); gzip: read here, in blocks
-        chunks = _blocks(handle, lines_per_chunk) if isinstance(handle, gzip.GzipFile) else \
-            _ranges(path, handle, lines_per_chunk)
-        return _load_chunks(chunks, log, max_event_bytes=max_event_bytes, compression=compression, params=params,
-                            on_progress=on_progress, pool=pool)
+    return load_files([path], log, max_event_bytes=max_event_bytes, lines_per_chunk=lines_per_chunk,
+                      on_progress=on_progress, compression=compression, params=params, pool=pool)[0]
 
 
 def load_files(
@@ -208,6 +204,7 @@ def load_files(
     def chunks() -> Iterator[bytes | _Range | None]:
         for path in paths:
             with open_events_file(path) as handle:
+                # a plain file: each chunk's worker reads its own byte range (`_ranges`); gzip: read here, in blocks
                 yield from (_blocks(handle, lines_per_chunk) if isinstance(handle, gzip.GzipFile) else
                             _ranges(path, handle, lines_per_chunk))
             yield None  # the file's end
