@@ -8,15 +8,18 @@
 //!
 //! - one JSON object per line, no whitespace around or inside it (a canonical line); empty lines are skipped;
 //! - keys of the schema only, each at most once; the struct column (`eventParams`) as an object or null;
-//! - strings as strings (escapes decoded; a lone surrogate escape is handed back), integers for integer
-//!   columns (no fraction, no exponent, within the type), any JSON number for a double (parsed correctly
-//!   rounded, as pyarrow's reader does; an infinite result, an exponent over 308 or of over 4 digits are
-//!   handed back), true/false for a boolean, and
-//!   timestamps as `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` strings (any other form, an impossible date or time, is
-//!   handed back); null anywhere; an absent key is null.
+//! - strings as strings (escapes decoded; a lone surrogate escape is handed back);
+//! - integers for integer columns (no fraction, no exponent, within the type);
+//! - any JSON number for a double, parsed correctly rounded as pyarrow's reader does (an infinite result, an
+//!   exponent over 308 or of over 4 digits are handed back);
+//! - true/false for a boolean;
+//! - timestamps as `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` strings (any other form, an impossible date or time, is
+//!   handed back);
+//! - null anywhere; an absent key is null.
 //!
 //! Anything else (another value type, whitespace or a control character, invalid UTF-8, a string column past
-//! 2 GiB, no line at all) gives None for the whole buffer. `gamestream.process.decode` checks the result against pyarrow in its tests (hypothesis).
+//! 2 GiB, no line at all) gives None for the whole buffer. tests/test_native_decode.py holds the result equal to
+//! pyarrow's (hypothesis).
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;

@@ -511,8 +511,10 @@ class KpiStage(StageRecovery, ForgetRevisions, IncrementalCommits, DerivedCommit
             try:
                 for step in steps:
                     _all_of([pool.submit(commit) for commit in step])
-            finally:
-                _all_of([beside])
+            except BaseException:
+                wait([beside])  # the first failure is the one raised
+                raise
+            _all_of([beside])
         if self.part is not None:
             # A part's retention table always takes the version (an empty commit when nothing changed): its txn
             # and state are where the merge reads how far the part has folded, and its watermark.
