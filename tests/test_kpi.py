@@ -334,7 +334,8 @@ def test_a_backlog_is_folded_ahead_as_it_is_committed_and_committed_by_one_fold_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the processor reads a backlog and no fold is due, the KPI stage folds each version handed over to
     it as it lands (`KpiStage.prefold`) and commits nothing: at the backlog's end, one fold commits them all,
-    with the few versions not folded yet. The tables equal the reference, as when the fold comes at the end."""
+    with the few versions not folded yet (or two, around the last commit). The tables equal the reference, as
+    when the fold comes at the end."""
     from gamestream.kpi.stage import KpiStage
     from gamestream.log import open_log
     from gamestream.process.pipeline import Pipeline
@@ -372,7 +373,9 @@ def test_a_backlog_is_folded_ahead_as_it_is_committed_and_committed_by_one_fold_
     assert [v for v, _ in folded] == list(range(1, last + 1))  # each version once, in order
     ahead = [v for v, committed in folded if committed < last]
     assert len(ahead) >= last // 2, f"{len(ahead)} of {last} versions folded while the processor committed"
-    assert commits == [last]  # one fold committed the whole backlog
+    # one fold committed the backlog; the read that finds the end comes while the last commits are under way,
+    # and a fold then may land just before the last one (as in the test above): never while the processor was busy
+    assert commits[-1] == last and len(commits) <= 2 and commits[0] >= last - 2, commits
     want, got = expected_kpis([events]), kpi_tables(data)
     assert got[0] == want[0] and got[1] == want[1]
     assert rounded_rows(got[2]) == rounded_rows(want[2]) and rounded_rows(got[3]) == rounded_rows(want[3])

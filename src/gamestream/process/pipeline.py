@@ -241,7 +241,7 @@ class Pipeline:
         # the end of a backlog folded ahead (`KpiStage.prefold`): until its last commit has landed, not a fold
         # now and another for the last versions at once
         backlog = self.processor.reading_backlog() or (
-            self.kpi.folding_ahead and not self.processor.caught_up())  # type: ignore[union-attr]
+            self.kpi.folding_ahead and not self.processor.landed_all_read())  # type: ignore[union-attr]
         if backlog and now - self._last_fold < self.settings.kpi_backlog_interval_s \
                 and 2 * self.kpi.backlog_bytes() < self.settings.kpi_offered_max_bytes:  # type: ignore[union-attr]
             return False

@@ -653,6 +653,12 @@ class Processor:
         owned = set(self.partitions)
         return bool(owned) and not self._pending_events and owned <= self._read_to_end
 
+    def landed_all_read(self) -> bool:
+        """`caught_up`, and the flush in flight (if any) has landed: everything read is in the events table, and
+        handed to `on_commit`."""
+        flush = self._in_flight
+        return self.caught_up() and (flush is None or flush.future.done())
+
     def reading_backlog(self) -> bool:
         """Some partition it owns gave, at its latest read, all that read asked for: there is more to read than
         one read takes (a backlog), as opposed to a live log whose reads find what arrived since the last."""
@@ -691,12 +697,14 @@ class Processor:
         decoded_as_read = {p: list(self._decoded[p]) for p in self.partitions if self._pending[p]}
         flush = _Flush(Future(), last_offsets, self._pending_events,
                        committed_before={p: self.stats.positions[p] for p in last_offsets})
+        # in flight before the records leave `_pending`: another thread asking (`landed_all_read`,
+        # `wait_until_read_is_committed`) never finds them in neither
+        self._in_flight = flush
         for partition in last_offsets:
             self._pending[partition] = []
             self._decoded[partition] = []
         self._pending_events = 0
         self._pending_since = None
-        self._in_flight = flush
         flush.future = self._committer.submit(self._commit, flush, records, decoded_as_read)
 
     def _commit(self, flush: _Flush, records: list[LogRecord], decoded_as_read: dict[int, list[Decoded]]) -> None:
