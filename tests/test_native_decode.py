@@ -33,12 +33,7 @@ def pyarrow_read(data: bytes, codec) -> pa.Table | None:
 
 
 def native_read(data: bytes | list[bytes], codec) -> pa.Table | None:
-    decoded = gamestream_native.decode_lines(data if isinstance(data, list) else [data], codec.native_fields)
-    if decoded is None:
-        return None
-    rows, columns = decoded
-    return pa.Table.from_arrays([decode._native_array(f.type, rows, c) for f, c in zip(codec.decode_schema, columns)],
-                                schema=codec.decode_schema)
+    return decode._native_table(data if isinstance(data, list) else [data], codec)
 
 
 def strict(table: pa.Table) -> list[dict]:

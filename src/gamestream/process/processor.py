@@ -637,7 +637,7 @@ class Processor:
             drained
             or self._pending_events >= self.settings.batch_max_events
             or time.monotonic() - self._pending_since >= self.settings.batch_max_wait_s
-            or (4 * self._pending_events >= self.settings.batch_max_events and set(self.partitions) <= self._read_to_end)
+            or (4 * self._pending_events >= self.settings.batch_max_events and self._all_read_to_end())
         )
 
     # ------------------------------------------------------------------------------------------------ flush
@@ -650,8 +650,12 @@ class Processor:
     def caught_up(self) -> bool:
         """Every partition it owns was read to its end at the last look, and nothing read is left uncommitted
         (a flush may still be landing): what the log held is in, or about to be in, the events table."""
+        return not self._pending_events and self._all_read_to_end()
+
+    def _all_read_to_end(self) -> bool:
+        """Every partition it owns (one at least) was read to its end at the last look."""
         owned = set(self.partitions)
-        return bool(owned) and not self._pending_events and owned <= self._read_to_end
+        return bool(owned) and owned <= self._read_to_end
 
     def landed_all_read(self) -> bool:
         """`caught_up`, and the flush in flight (if any) has landed: everything read is in the events table, and
